@@ -1,0 +1,140 @@
+"""Frames to bytes and back, without I/O (sans-IO, in the manner of h11).
+
+``encode`` turns a message into one frame. ``Decoder`` takes bytes in whatever chunks
+the network delivers (``receive_data``) and hands out whole frames (``next_frame``),
+returning None when it needs more bytes. Every problem with the bytes raises
+``WireError`` and nothing else; after a fatal one the decoder refuses to go on.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from wire.errors import WireError
+from wire.layout import CRC_BYTES, FAST_CRC, FAST_HEADER, HEADER_BYTES
+from wire.limits import MAGIC, PAYLOAD_BYTES_MAX, PROTOCOL_VERSION
+from wire.messages import MESSAGE_TYPES, Message, Sender
+from wire.status import Status
+
+_MAGIC_BYTES = len(MAGIC)
+_VERSION_END = _MAGIC_BYTES + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A decoded frame: the request id from its header and the message it carried."""
+
+    request_id: int
+    message: Message
+
+
+def encode(message: Message, request_id: int = 0) -> bytes:
+    """One whole frame for ``message``. Raises ``WireError`` if anything does not fit."""
+    if type(request_id) is not int or request_id not in message.REQUEST_IDS:
+        raise WireError(
+            Status.FORMAT_ERROR,
+            f"request id {request_id!r} not allowed for {message.OPCODE.name}",
+        )
+    payload = message.FAST.pack(message.wire_values())
+    if len(payload) > PAYLOAD_BYTES_MAX:
+        raise WireError(Status.FORMAT_ERROR, f"payload of {len(payload)} bytes is over the limit")
+    header = FAST_HEADER.pack((MAGIC, PROTOCOL_VERSION, message.OPCODE, request_id, len(payload)))
+    body = header + payload
+    return body + FAST_CRC.pack(zlib.crc32(body))
+
+
+class Decoder:
+    """Incremental decoder for the frames one side receives.
+
+    ``Decoder(Sender.CLIENT)`` is the server's: it accepts what clients send
+    (requests). ``Decoder(Sender.SERVER)`` is the client's: replies and notices.
+    A frame of the other direction is treated as an unknown opcode.
+    """
+
+    def __init__(self, sender: Sender, *, payload_bytes_max: int = PAYLOAD_BYTES_MAX) -> None:
+        self._sender = sender
+        self._payload_bytes_max = payload_bytes_max
+        self._buffer = bytearray()
+        self._failure: WireError | None = None
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet consumed: non-zero means a frame has begun."""
+        return len(self._buffer)
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes as they arrived. Call ``next_frame`` until it returns None."""
+        self._buffer += data
+
+    def next_frame(self) -> Frame | None:
+        """The next whole frame, or None if more bytes are needed.
+
+        Raises ``WireError``. A non-fatal one consumed its frame and decoding may go
+        on; after a fatal one every call raises it again.
+        """
+        if self._failure is not None:
+            raise self._failure
+        try:
+            return self._next_frame()
+        except WireError as error:
+            if error.fatal:
+                self._failure = error
+            raise
+
+    def _next_frame(self) -> Frame | None:
+        buffer = self._buffer
+        # Refuse garbage as soon as the bytes that prove it have arrived.
+        if buffer[:_MAGIC_BYTES] != MAGIC[: len(buffer)]:
+            raise WireError(Status.FORMAT_ERROR, "bad magic")
+        if len(buffer) >= _VERSION_END and buffer[_MAGIC_BYTES] != PROTOCOL_VERSION:
+            raise WireError(
+                Status.UNSUPPORTED_VERSION, f"protocol version {buffer[_MAGIC_BYTES]}"
+            )
+        if len(buffer) < HEADER_BYTES:
+            return None
+        _magic, _version, opcode, request_id, length = FAST_HEADER.head.unpack_from(buffer)
+        if length > self._payload_bytes_max:
+            raise WireError(
+                Status.FORMAT_ERROR,
+                f"payload of {length} bytes announced, limit {self._payload_bytes_max}",
+                request_id=request_id,
+            )
+        frame_end = HEADER_BYTES + length + CRC_BYTES
+        if len(buffer) < frame_end:
+            return None
+        crc_start = frame_end - CRC_BYTES
+        (crc,) = FAST_CRC.unpack_from(buffer, crc_start)
+        if zlib.crc32(memoryview(buffer)[:crc_start]) != crc:
+            raise WireError(Status.FORMAT_ERROR, "CRC mismatch", request_id=request_id)
+        payload = bytes(buffer[HEADER_BYTES:crc_start])
+        del buffer[:frame_end]
+        return Frame(request_id, self._message(opcode, request_id, payload))
+
+    def _message(self, opcode: int, request_id: int, payload: bytes) -> Message:
+        cls = MESSAGE_TYPES.get(opcode)
+        if cls is None or cls.SENDER is not self._sender:
+            raise WireError(
+                Status.INVALID_TRANSACTION,
+                f"opcode 0x{opcode:02X} is not one a {self._sender.value} sends",
+                fatal=False,
+                request_id=request_id,
+            )
+        if request_id not in cls.REQUEST_IDS:
+            raise WireError(
+                Status.FORMAT_ERROR,
+                f"request id {request_id} not allowed for {cls.OPCODE.name}",
+                request_id=request_id,
+            )
+        try:
+            return cls.from_wire(cls.FAST.unpack(payload))
+        except WireError as error:
+            error.request_id = request_id
+            raise
+        except (struct.error, ValueError) as error:
+            raise WireError(
+                Status.FORMAT_ERROR,
+                f"{cls.OPCODE.name} payload does not match its layout: {error}",
+                request_id=request_id,
+            ) from error

@@ -1,0 +1,450 @@
+"""The protocol's messages as frozen dataclasses, one per opcode.
+
+A message validates itself on construction, so one that exists can be encoded: the
+encoder never truncates, and the decoder builds messages through the same checks.
+Field order follows the wire layout in ``wire.layout`` (checked at import).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from enum import Enum, IntEnum
+from typing import ClassVar
+
+from construct import Struct
+
+from wire import layout
+from wire.errors import WireError
+from wire.limits import (
+    AMOUNT_CENTS_MAX,
+    BALANCE_CENTS_MAX,
+    HISTORY_ENTRIES_MAX,
+    REQUEST_ID_MAX,
+    SECONDS_MAX,
+    TXN_ID_BYTES,
+)
+from wire.status import Status
+
+
+class Opcode(IntEnum):
+    """Byte 3 of a frame. A reply's opcode is its request's with the high bit set."""
+
+    LOGIN = 0x01
+    LOGOUT = 0x02
+    BALANCE = 0x03
+    DEPOSIT = 0x04
+    WITHDRAW = 0x05
+    HISTORY = 0x06
+    PING = 0x07
+    LOGIN_REPLY = 0x81
+    LOGOUT_REPLY = 0x82
+    BALANCE_REPLY = 0x83
+    DEPOSIT_REPLY = 0x84
+    WITHDRAW_REPLY = 0x85
+    HISTORY_REPLY = 0x86
+    PING_REPLY = 0x87
+    HELLO = 0xC0
+    SHUTDOWN = 0xC1
+    SESSION_EXPIRED = 0xC2
+    ERROR = 0xFF
+
+
+REPLY_BIT = 0x80
+
+
+class Sender(Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class EntryKind(IntEnum):
+    """What a ledger entry in a HISTORY reply did to the balance."""
+
+    DEPOSIT = 1
+    WITHDRAWAL = 2
+
+
+ACCOUNT_PATTERN = re.compile(r"[A-Za-z]{2}-[0-9]{5}", re.ASCII)
+PIN_PATTERN = re.compile(r"[0-9]{4}", re.ASCII)
+
+ANY_REQUEST_ID = range(0, REQUEST_ID_MAX + 1)
+NONZERO_REQUEST_ID = range(1, REQUEST_ID_MAX + 1)
+NOTICE_REQUEST_ID = range(0, 1)
+
+
+def _check_int(
+    name: str, value: object, valid: range, status: Status = Status.FORMAT_ERROR, *,
+    fatal: bool = True,
+) -> None:
+    if type(value) is not int:  # bool and float are refused: money is int cents.
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value not in valid:
+        raise WireError(
+            status, f"{name}={value} outside {valid.start}..{valid.stop - 1}", fatal=fatal
+        )
+
+
+def _check_bytes(name: str, value: object, size: int) -> None:
+    if not isinstance(value, bytes):
+        raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
+    if len(value) != size:
+        raise WireError(Status.FORMAT_ERROR, f"{name} is {len(value)} bytes, not {size}")
+
+
+def _as_enum(enum: type[IntEnum], name: str, value: object) -> IntEnum:
+    if type(value) is not int and not isinstance(value, enum):
+        raise TypeError(f"{name} must be an int or {enum.__name__}")
+    try:
+        return enum(value)
+    except ValueError:
+        raise WireError(Status.FORMAT_ERROR, f"{name}={value} is not a {enum.__name__}") from None
+
+
+AMOUNT_CENTS = range(1, AMOUNT_CENTS_MAX + 1)
+BALANCE_CENTS = range(0, BALANCE_CENTS_MAX + 1)
+ENTRY_ID = range(1, BALANCE_CENTS_MAX + 1)
+TIME_MS = range(0, BALANCE_CENTS_MAX + 1)
+SECONDS = range(1, SECONDS_MAX + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of all messages. Subclasses set the class variables below."""
+
+    OPCODE: ClassVar[Opcode]
+    LAYOUT: ClassVar[Struct]
+    FAST: ClassVar[layout.FastLayout]
+    SENDER: ClassVar[Sender]
+    REQUEST_IDS: ClassVar[range]
+
+    def wire_values(self) -> tuple:
+        """Field values in wire order, as the layout packs them."""
+        return tuple(getattr(self, name) for name in self.FAST.names)
+
+    @classmethod
+    def from_wire(cls, values: tuple) -> Message:
+        return cls(*values)
+
+
+# -- Requests (client to server) -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Message):
+    SENDER = Sender.CLIENT
+    REQUEST_IDS = NONZERO_REQUEST_ID
+
+
+@dataclass(frozen=True, slots=True)
+class Login(Request):
+    """Open a session: account number (any letter case, kept upper) and PIN."""
+
+    OPCODE = Opcode.LOGIN
+    LAYOUT = layout.LOGIN
+
+    account: str
+    pin: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.account, str) or not isinstance(self.pin, str):
+            raise TypeError("account and pin must be str")
+        if not ACCOUNT_PATTERN.fullmatch(self.account):
+            raise WireError(Status.FORMAT_ERROR, "account is not AA-NNNNN")
+        if not PIN_PATTERN.fullmatch(self.pin):
+            raise WireError(Status.FORMAT_ERROR, "PIN is not four digits")
+        object.__setattr__(self, "account", self.account.upper())
+
+    def wire_values(self) -> tuple:
+        return self.account.encode("ascii"), self.pin.encode("ascii")
+
+    @classmethod
+    def from_wire(cls, values: tuple) -> Login:
+        account, pin = values
+        return cls(account.decode("ascii"), pin.decode("ascii"))
+
+
+@dataclass(frozen=True, slots=True)
+class Logout(Request):
+    OPCODE = Opcode.LOGOUT
+    LAYOUT = layout.EMPTY
+
+
+@dataclass(frozen=True, slots=True)
+class Balance(Request):
+    OPCODE = Opcode.BALANCE
+    LAYOUT = layout.EMPTY
+
+
+@dataclass(frozen=True, slots=True)
+class MoneyRequest(Request):
+    """A deposit or withdrawal: a client-chosen idempotency key and an amount."""
+
+    LAYOUT = layout.MONEY_REQUEST
+
+    txn_id: bytes
+    amount_cents: int
+
+    def __post_init__(self) -> None:
+        _check_bytes("txn_id", self.txn_id, TXN_ID_BYTES)
+        # An amount out of range is a refused request, not a broken peer: not fatal.
+        _check_int("amount_cents", self.amount_cents, AMOUNT_CENTS, Status.INVALID_AMOUNT,
+                   fatal=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Deposit(MoneyRequest):
+    OPCODE = Opcode.DEPOSIT
+
+
+@dataclass(frozen=True, slots=True)
+class Withdraw(MoneyRequest):
+    OPCODE = Opcode.WITHDRAW
+
+
+@dataclass(frozen=True, slots=True)
+class History(Request):
+    """Ask for the ``count`` most recent ledger entries of the session's account."""
+
+    OPCODE = Opcode.HISTORY
+    LAYOUT = layout.HISTORY
+
+    count: int
+
+    def __post_init__(self) -> None:
+        _check_int("count", self.count, range(1, HISTORY_ENTRIES_MAX + 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Request):
+    OPCODE = Opcode.PING
+    LAYOUT = layout.EMPTY
+
+
+# -- Replies (server to client, echoing the request id) ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Message):
+    """A reply starts with a status; its other fields are zero unless APPROVED."""
+
+    SENDER = Sender.SERVER
+    REQUEST_IDS = NONZERO_REQUEST_ID
+    LAYOUT = layout.STATUS_ONLY
+
+    status: Status
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", _as_enum(Status, "status", self.status))
+        if self.status is not Status.APPROVED:
+            for f in fields(self)[1:]:
+                if getattr(self, f.name) != f.default:
+                    raise WireError(
+                        Status.FORMAT_ERROR, f"{f.name} must be empty in a refused reply"
+                    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoginReply(Reply):
+    OPCODE = Opcode.LOGIN_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class LogoutReply(Reply):
+    OPCODE = Opcode.LOGOUT_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class PingReply(Reply):
+    OPCODE = Opcode.PING_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceReply(Reply):
+    OPCODE = Opcode.BALANCE_REPLY
+    LAYOUT = layout.BALANCE_REPLY
+
+    balance_cents: int = 0
+
+    def __post_init__(self) -> None:
+        Reply.__post_init__(self)
+        _check_int("balance_cents", self.balance_cents, BALANCE_CENTS)
+
+
+@dataclass(frozen=True, slots=True)
+class MoneyReply(Reply):
+    """The outcome of a deposit or withdrawal; when approved, a receipt's data."""
+
+    LAYOUT = layout.MONEY_REPLY
+
+    balance_cents: int = 0
+    entry_id: int = 0
+    time_ms: int = 0
+
+    def __post_init__(self) -> None:
+        Reply.__post_init__(self)
+        _check_int("balance_cents", self.balance_cents, BALANCE_CENTS)
+        _check_int("time_ms", self.time_ms, TIME_MS)
+        if self.status is Status.APPROVED:
+            _check_int("entry_id", self.entry_id, ENTRY_ID)
+
+
+@dataclass(frozen=True, slots=True)
+class DepositReply(MoneyReply):
+    OPCODE = Opcode.DEPOSIT_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawReply(MoneyReply):
+    OPCODE = Opcode.WITHDRAW_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One ledger entry: what moved, when, and the balance right after it."""
+
+    entry_id: int
+    time_ms: int
+    kind: EntryKind
+    amount_cents: int
+    balance_cents: int
+
+    def __post_init__(self) -> None:
+        _check_int("entry_id", self.entry_id, ENTRY_ID)
+        _check_int("time_ms", self.time_ms, TIME_MS)
+        object.__setattr__(self, "kind", _as_enum(EntryKind, "kind", self.kind))
+        _check_int("amount_cents", self.amount_cents, AMOUNT_CENTS)
+        _check_int("balance_cents", self.balance_cents, BALANCE_CENTS)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryReply(Reply):
+    """The most recent entries, newest first."""
+
+    OPCODE = Opcode.HISTORY_REPLY
+    LAYOUT = layout.HISTORY_REPLY
+
+    entries: tuple[HistoryEntry, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.entries, tuple):
+            raise TypeError("entries must be a tuple")
+        Reply.__post_init__(self)
+        if len(self.entries) > HISTORY_ENTRIES_MAX:
+            raise WireError(
+                Status.FORMAT_ERROR,
+                f"{len(self.entries)} entries, at most {HISTORY_ENTRIES_MAX} allowed",
+            )
+        if not all(isinstance(e, HistoryEntry) for e in self.entries):
+            raise TypeError("entries must be HistoryEntry values")
+
+    def wire_values(self) -> tuple:
+        rows = tuple(
+            (e.entry_id, e.time_ms, e.kind, e.amount_cents, e.balance_cents)
+            for e in self.entries
+        )
+        return self.status, rows
+
+    @classmethod
+    def from_wire(cls, values: tuple) -> HistoryReply:
+        status, rows = values
+        return cls(status, tuple(HistoryEntry(*row) for row in rows))
+
+
+# -- Server messages that answer no request ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Notice(Message):
+    SENDER = Sender.SERVER
+    REQUEST_IDS = NOTICE_REQUEST_ID
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Notice):
+    """First frame on every connection: the server's limits. Its header carries the version."""
+
+    OPCODE = Opcode.HELLO
+    LAYOUT = layout.HELLO
+
+    payload_bytes_max: int
+    history_entries_max: int
+    amount_cents_max: int
+    frame_timeout_s: int
+    login_timeout_s: int
+    idle_timeout_s: int
+
+    def __post_init__(self) -> None:
+        _check_int("payload_bytes_max", self.payload_bytes_max, range(1, 2**16))
+        _check_int(
+            "history_entries_max", self.history_entries_max, range(1, HISTORY_ENTRIES_MAX + 1)
+        )
+        _check_int("amount_cents_max", self.amount_cents_max, AMOUNT_CENTS)
+        _check_int("frame_timeout_s", self.frame_timeout_s, SECONDS)
+        _check_int("login_timeout_s", self.login_timeout_s, SECONDS)
+        _check_int("idle_timeout_s", self.idle_timeout_s, SECONDS)
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Notice):
+    """The server is stopping: finish up, the connection closes in ``grace_s`` seconds."""
+
+    OPCODE = Opcode.SHUTDOWN
+    LAYOUT = layout.SHUTDOWN
+
+    grace_s: int
+
+    def __post_init__(self) -> None:
+        _check_int("grace_s", self.grace_s, range(0, SECONDS_MAX + 1))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionExpired(Notice):
+    """The session was idle too long: the lease is released and the connection closes."""
+
+    OPCODE = Opcode.SESSION_EXPIRED
+    LAYOUT = layout.EMPTY
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """Answers a frame that could not be decoded, or refuses a connection (id 0)."""
+
+    SENDER = Sender.SERVER
+    REQUEST_IDS = ANY_REQUEST_ID
+    OPCODE = Opcode.ERROR
+    LAYOUT = layout.STATUS_ONLY
+
+    status: Status
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", _as_enum(Status, "status", self.status))
+        if self.status is Status.APPROVED:
+            raise WireError(Status.FORMAT_ERROR, "an ERROR cannot carry APPROVED")
+
+
+# -- Registry ------------------------------------------------------------------------
+
+
+def _leaf_classes(base: type[Message]) -> list[type[Message]]:
+    leaves = []
+    for sub in base.__subclasses__():
+        leaves.extend(_leaf_classes(sub) if "OPCODE" not in sub.__dict__ else [sub])
+    return leaves
+
+
+def _register() -> dict[Opcode, type[Message]]:
+    by_opcode: dict[Opcode, type[Message]] = {}
+    for cls in _leaf_classes(Message):
+        names = tuple(sub.name for sub in cls.LAYOUT.subcons)
+        if names != tuple(f.name for f in fields(cls)):
+            raise TypeError(f"{cls.__name__} fields do not follow its layout {names}")
+        cls.FAST = layout.FastLayout.derive(cls.LAYOUT)
+        by_opcode[cls.OPCODE] = cls
+    if set(by_opcode) != set(Opcode):
+        raise TypeError(f"opcodes without a message: {set(Opcode) - set(by_opcode)}")
+    return by_opcode
+
+
+MESSAGE_TYPES: dict[Opcode, type[Message]] = _register()
+"""Every opcode's message class; ``MESSAGE_TYPES[op].LAYOUT`` is its payload layout."""
