@@ -13,6 +13,13 @@ from typing import Protocol
 from wire import EntryKind, HistoryEntry, Status
 
 
+class StorageError(Exception):
+    """The store could not do its work (disk, lock, corruption): the bank is unavailable.
+
+    Sessions answer it with ISSUER_UNAVAILABLE and carry on; no money moved.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class Posting:
     """The outcome of a deposit or withdrawal.

@@ -1,0 +1,499 @@
+"""The bank's SQLite store: all SQL lives here, behind plain synchronous methods.
+
+One ``Store`` owns one connection. It is not safe for concurrent use; the async
+``bank.sqlite_ledger.SqliteLedger`` runs it in one worker thread at a time. Every write
+happens inside ``BEGIN IMMEDIATE ... COMMIT``: the write lock is taken up front, so a
+read-then-write (the idempotency check, the PIN failure counter) cannot interleave with
+another writer, and a method returns only after its commit. With ``synchronous=FULL``
+in WAL mode that commit is on disk.
+
+The schema states the money rules a second time, as CHECK constraints: a bug (or a hand
+edit) that tries to make a balance negative is refused by the database itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bank.accounts_file import AccountRecord, read_accounts
+from bank.ledger import Posting
+from bank.pins import (
+    PIN_HMAC_BYTES,
+    canonical_account,
+    check_pin_format,
+    hash_pin,
+    new_salt,
+    verify,
+)
+from wire import EntryKind, HistoryEntry, Status
+from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX, TXN_ID_BYTES
+
+SCHEMA_VERSION = 1
+"""Stored in ``PRAGMA user_version``; 0 means a new database, to be created and seeded."""
+
+PIN_TRIES_MAX = 3
+"""Consecutive wrong PINs that lock an account."""
+
+LOCKOUT_MS = 15 * 60 * 1000
+"""How long a lock lasts; an operator can lift it earlier with ``unlock``."""
+
+BUSY_TIMEOUT_MS = 5_000
+"""How long to wait for another process's write lock before failing with an error."""
+
+DEMO_ACCOUNTS: tuple[tuple[str, str, int], ...] = (
+    ("AC-12345", "1324", 102_432),
+    ("WF-14351", "9834", 542_822),
+    ("TN-13731", "2435", 646_275),
+    ("FE-63912", "5338", 249_912),
+    ("KH-10406", "6732", 1_532_789),
+    ("BC-01373", "2947", 4_572),
+    ("ZZ-99999", "9999", 65_535),
+)
+"""The course's demo accounts (account, PIN, balance in cents), seeded into a new database."""
+
+_SCHEMA = """
+CREATE TABLE accounts (
+    account TEXT PRIMARY KEY CHECK (account = upper(account) AND length(account) = 8),
+    pin_salt BLOB NOT NULL CHECK (length(pin_salt) = 16),
+    pin_hmac BLOB NOT NULL CHECK (length(pin_hmac) = 32),
+    opening_cents INTEGER NOT NULL CHECK (opening_cents >= 0),
+    balance_cents INTEGER NOT NULL CHECK (balance_cents >= 0)
+) STRICT;
+
+CREATE TABLE entries (
+    entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account TEXT NOT NULL REFERENCES accounts (account),
+    txn_id BLOB NOT NULL UNIQUE CHECK (length(txn_id) = 16),
+    kind INTEGER NOT NULL CHECK (kind IN (1, 2)),
+    amount_cents INTEGER NOT NULL CHECK (amount_cents > 0),
+    balance_cents INTEGER NOT NULL CHECK (balance_cents >= 0),
+    time_ms INTEGER NOT NULL CHECK (time_ms >= 0)
+) STRICT;
+
+CREATE INDEX entries_by_account ON entries (account, entry_id);
+
+-- Keyed by the account string whether or not such an account exists, so an unknown
+-- account locks exactly like a real one and the two cannot be told apart.
+CREATE TABLE pin_failures (
+    account TEXT PRIMARY KEY,
+    failures INTEGER NOT NULL CHECK (failures > 0),
+    locked_until_ms INTEGER
+) STRICT;
+"""
+
+
+class StoreError(Exception):
+    """Base of the store's own errors: operator mistakes, not storage failures."""
+
+
+class UnknownAccount(StoreError, LookupError):
+    """No such account."""
+
+
+class AccountExists(StoreError):
+    """An account with that number already exists; it is never overwritten."""
+
+
+class SchemaError(StoreError):
+    """The database was written by a newer version of this program."""
+
+
+class Store:
+    """The bank's accounts, ledger entries and PIN failure counters in one SQLite file."""
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str],
+        key: bytes,
+        *,
+        pin_tries_max: int = PIN_TRIES_MAX,
+        lockout_ms: int = LOCKOUT_MS,
+        seed_demo: bool = True,
+    ) -> None:
+        if pin_tries_max < 1 or lockout_ms < 0:
+            raise ValueError("pin_tries_max must be >= 1 and lockout_ms >= 0")
+        self._key = key
+        self._pin_tries_max = pin_tries_max
+        self._lockout_ms = lockout_ms
+        # An unknown account is checked against this, so it costs one HMAC like a real one.
+        self._dummy_salt = new_salt()
+        self._dummy_hmac = bytes(PIN_HMAC_BYTES)
+        self._conn = _connect(Path(db_path))
+        try:
+            self._create_schema_if_new(seed_demo=seed_demo)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- customer operations -------------------------------------------------------------
+
+    def verify_pin(self, account: str, pin: str, now_ms: int) -> Status:
+        """APPROVED, INCORRECT_PIN or PIN_TRIES_EXCEEDED; unknown accounts behave alike.
+
+        While locked (``locked_until_ms > now_ms``) the PIN is not even checked. The
+        failure that reaches ``pin_tries_max`` sets the lock and already answers
+        PIN_TRIES_EXCEEDED, so the customer learns at once that retrying is pointless.
+        A success clears the count; an expired lock is cleared by the next attempt.
+        A malformed account or PIN is a ValueError (and counts nothing): the wire layer
+        has already refused those.
+        """
+        account = canonical_account(account)
+        with self._transaction():
+            failures, locked_until_ms = self._pin_failures(account)
+            if locked_until_ms is not None and locked_until_ms > now_ms:
+                return Status.PIN_TRIES_EXCEEDED
+            if locked_until_ms is not None:
+                failures = 0  # The lock expired: a fresh start.
+            if self._pin_matches(account, pin):
+                self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
+                return Status.APPROVED
+            return self._record_pin_failure(account, failures + 1, now_ms)
+
+    def balance(self, account: str) -> int:
+        """The balance in cents; UnknownAccount if there is no such account."""
+        account = canonical_account(account)
+        row = self._conn.execute(
+            "SELECT balance_cents FROM accounts WHERE account = ?", (account,)
+        ).fetchone()
+        if row is None:
+            raise UnknownAccount(account)
+        return int(row[0])
+
+    def post(
+        self,
+        *,
+        account: str,
+        txn_id: bytes,
+        kind: EntryKind,
+        amount_cents: int,
+        now_ms: int,
+    ) -> Posting:
+        """Apply a deposit or withdrawal once, in one committed transaction.
+
+        A known ``txn_id`` replays the original outcome if account, kind and amount match
+        and is DUPLICATE_TRANSMISSION otherwise. Refusals (INSUFFICIENT_FUNDS, or
+        INVALID_AMOUNT for an amount out of range or a deposit past the largest balance)
+        record nothing, so a retry with the same id is judged afresh.
+        """
+        account = canonical_account(account)
+        kind = EntryKind(kind)
+        _check_txn_id(txn_id)
+        if type(amount_cents) is not int or not 1 <= amount_cents <= AMOUNT_CENTS_MAX:
+            return Posting(Status.INVALID_AMOUNT)
+        with self._transaction():
+            prior = self._entry_by_txn_id(txn_id)
+            if prior is not None:
+                return _replay(prior, account=account, kind=kind, amount_cents=amount_cents)
+            self._require_account(account)
+            if not self._move_money(account, kind, amount_cents):
+                refusal = (
+                    Status.INSUFFICIENT_FUNDS
+                    if kind is EntryKind.WITHDRAWAL
+                    else Status.INVALID_AMOUNT
+                )
+                return Posting(refusal)
+            balance_cents = self.balance(account)
+            entry_id = self._insert_entry(
+                account=account,
+                txn_id=txn_id,
+                kind=kind,
+                amount_cents=amount_cents,
+                balance_cents=balance_cents,
+                now_ms=now_ms,
+            )
+        return Posting(Status.APPROVED, balance_cents, entry_id, now_ms)
+
+    def history(self, account: str, count: int) -> list[HistoryEntry]:
+        """The ``count`` most recent entries, newest first."""
+        account = canonical_account(account)
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        self._require_account(account)
+        rows = self._conn.execute(
+            "SELECT entry_id, time_ms, kind, amount_cents, balance_cents FROM entries"
+            " WHERE account = ? ORDER BY entry_id DESC LIMIT ?",
+            (account, count),
+        ).fetchall()
+        return [HistoryEntry(e, t, EntryKind(k), a, b) for e, t, k, a, b in rows]
+
+    # -- operator operations -------------------------------------------------------------
+
+    def add_account(self, account: str, pin: str, opening_cents: int) -> None:
+        """Open an account; AccountExists if the number is taken (never overwritten)."""
+        with self._transaction():
+            self._insert_account(canonical_account(account), pin, opening_cents)
+
+    def import_accounts(self, path: str | os.PathLike[str]) -> int:
+        """Add every account in an accounts file, all or nothing; returns how many.
+
+        The file is fully validated first (AccountsFileError lists bad lines), and an
+        account that already exists aborts the whole import with AccountExists.
+        """
+        records = read_accounts(path)
+        with self._transaction():
+            for record in records:
+                self._insert_record(record)
+        return len(records)
+
+    def reset_pin(self, account: str, pin: str) -> None:
+        """Set a new PIN (with a new salt) and lift any lock on the account."""
+        account = canonical_account(account)
+        salt = new_salt()
+        pin_hmac = hash_pin(self._key, salt, account, pin)
+        with self._transaction():
+            self._require_account(account)
+            self._conn.execute(
+                "UPDATE accounts SET pin_salt = ?, pin_hmac = ? WHERE account = ?",
+                (salt, pin_hmac, account),
+            )
+            self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
+
+    def unlock(self, account: str) -> bool:
+        """Clear the account's PIN failures and lock; whether there was anything to clear."""
+        account = canonical_account(account)
+        with self._transaction():
+            self._require_account(account)
+            cursor = self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
+            return cursor.rowcount > 0
+
+    def close(self) -> None:
+        """Fold the WAL back into the database file and close; safe to call twice.
+
+        A clean close leaves a single self-contained file, which is what a backup or a
+        copy to another machine expects.
+        """
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.ProgrammingError:
+            return  # Already closed.
+        finally:
+            self._conn.close()  # A no-op when already closed.
+
+    # -- checks for tests and tools --------------------------------------------------------
+
+    def integrity_ok(self) -> bool:
+        """SQLite's own page-level check plus the foreign keys."""
+        result = self._conn.execute("PRAGMA integrity_check").fetchall()
+        dangling = self._conn.execute("PRAGMA foreign_key_check").fetchall()
+        return result == [("ok",)] and not dangling
+
+    def check_invariants(self) -> list[str]:
+        """Every broken money rule, as text; empty when the books balance.
+
+        Per account: replaying its entries in order from the opening balance must give
+        each entry's recorded balance and end at the stored balance (so balance ==
+        opening + deposits - withdrawals), and no balance may be negative.
+        """
+        problems: list[str] = []
+        with self._read_snapshot():
+            accounts = self._conn.execute(
+                "SELECT account, opening_cents, balance_cents FROM accounts ORDER BY account"
+            ).fetchall()
+            for account, opening_cents, balance_cents in accounts:
+                problems += self._account_problems(account, opening_cents, balance_cents)
+        return problems
+
+    # -- internals -----------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT (also on an early return), ROLLBACK on any exception."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _read_snapshot(self) -> Iterator[None]:
+        """A deferred transaction: several SELECTs see one consistent state."""
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
+
+    def _create_schema_if_new(self, *, seed_demo: bool) -> None:
+        with self._transaction():
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"database schema version {version} is newer than {SCHEMA_VERSION}"
+                )
+            if version == SCHEMA_VERSION:
+                return
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._conn.execute(statement)
+            if seed_demo:
+                for account, pin, balance_cents in DEMO_ACCOUNTS:
+                    self._insert_account(account, pin, balance_cents)
+            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _insert_record(self, record: AccountRecord) -> None:
+        self._insert_account(record.account, record.pin, record.balance_cents)
+
+    def _insert_account(self, account: str, pin: str, opening_cents: int) -> None:
+        check_pin_format(pin)
+        if type(opening_cents) is not int or not 0 <= opening_cents <= BALANCE_CENTS_MAX:
+            raise ValueError(f"opening balance out of range: {opening_cents!r}")
+        if self._account_exists(account):
+            raise AccountExists(account)
+        salt = new_salt()
+        self._conn.execute(
+            "INSERT INTO accounts (account, pin_salt, pin_hmac, opening_cents, balance_cents)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (account, salt, hash_pin(self._key, salt, account, pin), opening_cents, opening_cents),
+        )
+
+    def _account_exists(self, account: str) -> bool:
+        row = self._conn.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone()
+        return row is not None
+
+    def _require_account(self, account: str) -> None:
+        if not self._account_exists(account):
+            raise UnknownAccount(account)
+
+    def _pin_failures(self, account: str) -> tuple[int, int | None]:
+        row = self._conn.execute(
+            "SELECT failures, locked_until_ms FROM pin_failures WHERE account = ?",
+            (account,),
+        ).fetchone()
+        return (0, None) if row is None else (int(row[0]), row[1])
+
+    def _pin_matches(self, account: str, pin: str) -> bool:
+        """One HMAC and one compare whether or not the account exists."""
+        row = self._conn.execute(
+            "SELECT pin_salt, pin_hmac FROM accounts WHERE account = ?", (account,)
+        ).fetchone()
+        salt, expected = (self._dummy_salt, self._dummy_hmac) if row is None else row
+        matches = verify(self._key, salt, account, pin, expected)
+        return matches and row is not None
+
+    def _record_pin_failure(self, account: str, failures: int, now_ms: int) -> Status:
+        locked = failures >= self._pin_tries_max
+        self._conn.execute(
+            "INSERT INTO pin_failures (account, failures, locked_until_ms) VALUES (?, ?, ?)"
+            " ON CONFLICT (account) DO UPDATE"
+            " SET failures = excluded.failures, locked_until_ms = excluded.locked_until_ms",
+            (account, failures, now_ms + self._lockout_ms if locked else None),
+        )
+        return Status.PIN_TRIES_EXCEEDED if locked else Status.INCORRECT_PIN
+
+    def _entry_by_txn_id(self, txn_id: bytes) -> tuple[str, int, int, int, int, int] | None:
+        return self._conn.execute(
+            "SELECT account, kind, amount_cents, entry_id, balance_cents, time_ms"
+            " FROM entries WHERE txn_id = ?",
+            (txn_id,),
+        ).fetchone()
+
+    def _move_money(self, account: str, kind: EntryKind, amount_cents: int) -> bool:
+        """Change the balance if the rule allows; whether a row changed.
+
+        The rule is in the UPDATE's WHERE clause, so check and change are one statement:
+        no overdraft for a withdrawal, no passing BALANCE_CENTS_MAX for a deposit (written
+        as a subtraction so the SQL arithmetic itself never overflows).
+        """
+        if kind is EntryKind.WITHDRAWAL:
+            sql = (
+                "UPDATE accounts SET balance_cents = balance_cents - :amount"
+                " WHERE account = :account AND balance_cents >= :amount"
+            )
+        else:
+            sql = (
+                "UPDATE accounts SET balance_cents = balance_cents + :amount"
+                " WHERE account = :account AND balance_cents <= :max - :amount"
+            )
+        params = {"amount": amount_cents, "account": account, "max": BALANCE_CENTS_MAX}
+        return self._conn.execute(sql, params).rowcount == 1
+
+    def _insert_entry(
+        self,
+        *,
+        account: str,
+        txn_id: bytes,
+        kind: EntryKind,
+        amount_cents: int,
+        balance_cents: int,
+        now_ms: int,
+    ) -> int:
+        cursor = self._conn.execute(
+            "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (account, txn_id, int(kind), amount_cents, balance_cents, now_ms),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def _account_problems(self, account: str, opening_cents: int, balance_cents: int) -> list[str]:
+        problems: list[str] = []
+        running = opening_cents
+        entries = self._conn.execute(
+            "SELECT entry_id, kind, amount_cents, balance_cents FROM entries"
+            " WHERE account = ? ORDER BY entry_id",
+            (account,),
+        )
+        for entry_id, kind, amount_cents, recorded_cents in entries:
+            running += amount_cents if kind == EntryKind.DEPOSIT else -amount_cents
+            if running != recorded_cents:
+                problems.append(
+                    f"{account}: entry {entry_id} records {recorded_cents}, replay gives {running}"
+                )
+            if running < 0:
+                problems.append(f"{account}: negative balance {running} after {entry_id}")
+        if running != balance_cents:
+            problems.append(
+                f"{account}: balance {balance_cents} != opening + deposits - withdrawals"
+                f" = {running}"
+            )
+        if balance_cents < 0:
+            problems.append(f"{account}: negative balance {balance_cents}")
+        return problems
+
+
+def _connect(db_path: Path) -> sqlite3.Connection:
+    """Autocommit mode (we issue BEGIN ourselves), usable from whichever worker thread."""
+    conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise sqlite3.OperationalError(f"could not enable WAL (journal_mode={mode})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_txn_id(txn_id: bytes) -> None:
+    if not isinstance(txn_id, bytes) or len(txn_id) != TXN_ID_BYTES:
+        raise ValueError(f"txn_id must be {TXN_ID_BYTES} bytes")
+
+
+def _replay(
+    prior: tuple[str, int, int, int, int, int],
+    *,
+    account: str,
+    kind: EntryKind,
+    amount_cents: int,
+) -> Posting:
+    """The original outcome if the retry asks for the same thing, else 94."""
+    prior_account, prior_kind, prior_amount, entry_id, balance_cents, time_ms = prior
+    if (prior_account, prior_kind, prior_amount) != (account, kind, amount_cents):
+        return Posting(Status.DUPLICATE_TRANSMISSION)
+    return Posting(Status.APPROVED, balance_cents, entry_id, time_ms)

@@ -1,0 +1,202 @@
+"""SqliteLedger: the Ledger protocol over the Store, off the event loop.
+
+Covers first start (key and database created), the protocol's methods, lock expiry
+through an injected clock, storage failures surfacing as StorageError, and many trio
+tasks posting at once without breaking the money invariants.
+"""
+
+import inspect
+import random
+import sqlite3
+import stat
+import threading
+from collections.abc import AsyncIterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+import trio
+
+from bank.ledger import Ledger, Posting, StorageError
+from bank.pins import KEY_BYTES
+from bank.sqlite_ledger import LOCKOUT_S, SqliteLedger, open_ledger
+from bank.store import Store
+from wire import EntryKind, Status
+
+T0 = 1_700_000_000_000
+
+
+class FakeClock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now_ms = T0
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path, clock: FakeClock) -> AsyncIterator[SqliteLedger]:
+    opened = await open_ledger(tmp_path / "bank.db", tmp_path / "pin.key", clock_ms=clock)
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+def txn(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+def test_sqlite_ledger_has_the_ledger_protocol_signatures():
+    for name, member in inspect.getmembers(Ledger, inspect.isfunction):
+        if not name.startswith("_"):
+            ours = getattr(SqliteLedger, name)
+            assert inspect.iscoroutinefunction(ours), name
+            assert inspect.signature(ours) == inspect.signature(member), name
+
+
+async def test_first_start_creates_key_and_database(tmp_path: Path):
+    ledger = await open_ledger(tmp_path / "bank.db", tmp_path / "pin.key")
+    await ledger.aclose()
+    key_path = tmp_path / "pin.key"
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert key_path.stat().st_size == KEY_BYTES
+    key = key_path.read_bytes()
+    ledger = await open_ledger(tmp_path / "bank.db", key_path)
+    try:
+        assert await ledger.verify_pin("ac-12345", "1324") is Status.APPROVED
+    finally:
+        await ledger.aclose()
+    assert key_path.read_bytes() == key
+
+
+async def test_protocol_methods(ledger: SqliteLedger, clock: FakeClock):
+    assert await ledger.verify_pin("AC-12345", "1324") is Status.APPROVED
+    assert await ledger.balance("ac-12345") == 102_432
+    deposit = await ledger.post(
+        account="AC-12345", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=568
+    )
+    assert deposit == Posting(Status.APPROVED, 103_000, deposit.entry_id, T0)
+    clock.now_ms += 1_000
+    overdraft = await ledger.post(
+        account="BC-01373", txn_id=txn(2), kind=EntryKind.WITHDRAWAL, amount_cents=4_573
+    )
+    assert overdraft == Posting(Status.INSUFFICIENT_FUNDS)
+    replay = await ledger.post(
+        account="AC-12345", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=568
+    )
+    assert replay == deposit
+    history = await ledger.history("AC-12345", 5)
+    assert [(e.entry_id, e.time_ms, e.amount_cents) for e in history] == [
+        (deposit.entry_id, T0, 568)
+    ]
+
+
+async def test_lock_expiry_follows_the_injected_clock(ledger: SqliteLedger, clock: FakeClock):
+    for expected in (Status.INCORRECT_PIN, Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED):
+        assert await ledger.verify_pin("AC-12345", "0000") is expected
+    clock.now_ms += LOCKOUT_S * 1000 - 1
+    assert await ledger.verify_pin("AC-12345", "1324") is Status.PIN_TRIES_EXCEEDED
+    clock.now_ms += 1
+    assert await ledger.verify_pin("AC-12345", "1324") is Status.APPROVED
+
+
+async def test_open_ledger_passes_lockout_settings(tmp_path: Path, clock: FakeClock):
+    ledger = await open_ledger(
+        tmp_path / "bank.db", tmp_path / "pin.key", pin_tries_max=1, lockout_s=2, clock_ms=clock
+    )
+    try:
+        assert await ledger.verify_pin("QQ-00000", "0000") is Status.PIN_TRIES_EXCEEDED
+        clock.now_ms += 2_000
+        assert await ledger.verify_pin("QQ-00000", "0000") is Status.PIN_TRIES_EXCEEDED
+        assert await ledger.verify_pin("AC-12345", "1324") is Status.APPROVED
+    finally:
+        await ledger.aclose()
+
+
+async def test_store_runs_in_a_worker_thread(tmp_path: Path):
+    threads: list[int] = []
+
+    class RecordingStore(Store):
+        def balance(self, account: str) -> int:
+            threads.append(threading.get_ident())
+            return super().balance(account)
+
+    ledger = SqliteLedger(RecordingStore(tmp_path / "bank.db", bytes(KEY_BYTES)))
+    try:
+        assert await ledger.balance("AC-12345") == 102_432
+    finally:
+        await ledger.aclose()
+    assert threads and threading.get_ident() not in threads
+
+
+async def test_sqlite_error_becomes_storage_error(ledger: SqliteLedger, tmp_path: Path):
+    with closing(sqlite3.connect(tmp_path / "bank.db", isolation_level=None)) as conn:
+        conn.execute("DROP TABLE pin_failures")
+    with pytest.raises(StorageError) as caught:
+        await ledger.verify_pin("AC-12345", "1324")
+    assert isinstance(caught.value.__cause__, sqlite3.Error)
+    assert await ledger.balance("AC-12345") == 102_432  # the ledger still serves the rest
+
+
+async def test_closed_ledger_raises_storage_error(tmp_path: Path):
+    ledger = await open_ledger(tmp_path / "bank.db", tmp_path / "pin.key")
+    await ledger.aclose()
+    await ledger.aclose()
+    with pytest.raises(StorageError):
+        await ledger.balance("AC-12345")
+
+
+async def test_unopenable_database_is_a_storage_error(tmp_path: Path):
+    (tmp_path / "bank.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError):
+        await open_ledger(tmp_path / "bank.db", tmp_path / "pin.key")
+
+
+async def test_concurrent_posts_keep_the_invariants(ledger: SqliteLedger):
+    accounts = {"AC-12345": 102_432, "BC-01373": 4_572}
+    rng = random.Random(1)
+    requests = [
+        (rng.choice(list(accounts)), rng.choice(list(EntryKind)), rng.randint(1, 50_000))
+        for _ in range(300)
+    ]
+    # Tasks draw from one pool of (id -> request), so the same id often arrives several
+    # times at once: each must apply once. Every fifth send alters the amount: a 94.
+    plans = [[rng.randrange(len(requests)) for _ in range(25)] for _ in range(40)]
+    approved: dict[int, set[tuple[str, EntryKind, int, Posting]]] = {}
+    statuses: list[Status] = []
+
+    async def worker(task: int, plan: list[int]) -> None:
+        for step, n in enumerate(plan):
+            account, kind, amount_cents = requests[n]
+            if (task + step) % 5 == 0:
+                amount_cents += 1
+            posting = await ledger.post(
+                account=account, txn_id=txn(n), kind=kind, amount_cents=amount_cents
+            )
+            statuses.append(posting.status)
+            if posting.status is Status.APPROVED:
+                approved.setdefault(posting.entry_id, set()).add(
+                    (account, kind, amount_cents, posting)
+                )
+
+    async with trio.open_nursery() as nursery:
+        for task, plan in enumerate(plans):
+            nursery.start_soon(worker, task, plan)
+
+    assert await ledger.check_invariants() == []
+    assert all(len(outcomes) == 1 for outcomes in approved.values())  # replays agree
+    entries = [next(iter(outcomes)) for outcomes in approved.values()]
+    for account, opening_cents in accounts.items():
+        moved = sum(c if k is EntryKind.DEPOSIT else -c for a, k, c, _ in entries if a == account)
+        assert await ledger.balance(account) == opening_cents + moved
+    assert statuses.count(Status.APPROVED) > len(approved)  # some replays happened
+    assert Status.DUPLICATE_TRANSMISSION in statuses
+    assert Status.INSUFFICIENT_FUNDS in statuses

@@ -1,0 +1,474 @@
+"""The synchronous SQLite store: schema, seeding, PINs, lockout, postings, invariants.
+
+Each test gets a fresh database in tmp_path. Times are plain integers passed as
+``now_ms``, so lock expiry is tested without waiting.
+"""
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from bank.accounts_file import AccountsFileError
+from bank.ledger import Posting
+from bank.pins import KEY_BYTES, PIN_HMAC_BYTES, SALT_BYTES, hash_pin
+from bank.store import (
+    DEMO_ACCOUNTS,
+    LOCKOUT_MS,
+    SCHEMA_VERSION,
+    AccountExists,
+    SchemaError,
+    Store,
+    UnknownAccount,
+)
+from wire import EntryKind, HistoryEntry, Status
+from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
+
+KEY = bytes(range(KEY_BYTES))
+OTHER_KEY = bytes(KEY_BYTES)
+T0 = 1_700_000_000_000
+DEPOSIT = EntryKind.DEPOSIT
+WITHDRAWAL = EntryKind.WITHDRAWAL
+
+
+def txn(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "bank.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    with Store(db_path, KEY) as opened:
+        yield opened
+
+
+def raw(db_path: Path) -> closing[sqlite3.Connection]:
+    """A second connection, as a hand edit or another tool would use; closed on exit."""
+    return closing(sqlite3.connect(db_path, isolation_level=None))
+
+
+def post(
+    store: Store,
+    n: int,
+    kind: EntryKind,
+    amount_cents: int,
+    *,
+    account: str = "AC-12345",
+    now_ms: int = T0,
+) -> Posting:
+    return store.post(
+        account=account, txn_id=txn(n), kind=kind, amount_cents=amount_cents, now_ms=now_ms
+    )
+
+
+def entry_count(store: Store) -> int:
+    return store._conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+
+
+# -- schema, pragmas, seeding -------------------------------------------------------------
+
+
+def test_pragmas(store: Store):
+    conn = store._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+def test_schema_tables(store: Store):
+    tables = {
+        name for (name,) in store._conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")
+    }
+    assert {"accounts", "entries", "pin_failures"} <= tables
+    assert store.integrity_ok()
+
+
+def test_demo_accounts_are_seeded(store: Store):
+    assert len(DEMO_ACCOUNTS) == 7
+    for account, pin, balance_cents in DEMO_ACCOUNTS:
+        assert store.balance(account) == balance_cents
+        assert store.balance(account.lower()) == balance_cents
+        assert store.verify_pin(account.lower(), pin, T0) is Status.APPROVED
+    assert store.balance("AC-12345") == 102_432
+    assert store.balance("ZZ-99999") == 65_535
+    assert store.check_invariants() == []
+
+
+def test_reopening_keeps_data_and_does_not_reseed(db_path: Path):
+    with Store(db_path, KEY) as store:
+        assert post(store, 1, WITHDRAWAL, 432).status is Status.APPROVED
+        store.reset_pin("AC-12345", "0000")
+    with Store(db_path, KEY) as store:
+        assert store.balance("AC-12345") == 102_000
+        assert store.verify_pin("AC-12345", "0000", T0) is Status.APPROVED
+        assert store.history("AC-12345", 10)[0].amount_cents == 432
+
+
+def test_empty_database_without_demo_accounts(db_path: Path):
+    with Store(db_path, KEY, seed_demo=False) as store:
+        with pytest.raises(UnknownAccount):
+            store.balance("AC-12345")
+        assert store.check_invariants() == []
+
+
+def test_newer_schema_is_refused(db_path: Path):
+    Store(db_path, KEY).close()
+    with raw(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaError):
+        Store(db_path, KEY)
+
+
+def test_close_checkpoints_the_wal_and_is_idempotent(db_path: Path):
+    store = Store(db_path, KEY)
+    post(store, 1, DEPOSIT, 100)
+    store.close()
+    store.close()
+    wal = db_path.with_name(db_path.name + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.balance("AC-12345")
+
+
+# -- PINs are never stored in plaintext ---------------------------------------------------
+
+
+def test_pin_columns_hold_salt_and_hmac(store: Store):
+    rows = store._conn.execute("SELECT account, pin_salt, pin_hmac FROM accounts").fetchall()
+    pins = {account: pin for account, pin, _ in DEMO_ACCOUNTS}
+    salts = set()
+    for account, salt, pin_hmac in rows:
+        assert isinstance(salt, bytes) and len(salt) == SALT_BYTES
+        assert isinstance(pin_hmac, bytes) and len(pin_hmac) == PIN_HMAC_BYTES
+        assert pin_hmac == hash_pin(KEY, salt, account, pins[account])
+        salts.add(salt)
+    assert len(salts) == len(rows)  # one random salt per account
+
+
+def test_no_cell_and_no_file_byte_holds_a_plaintext_pin(db_path: Path):
+    store = Store(db_path, KEY)
+    for account, pin, _ in DEMO_ACCOUNTS:
+        store.verify_pin(account, pin, T0)
+        store.verify_pin(account, "0000", T0)  # failures are recorded too
+    tables = ["accounts", "entries", "pin_failures"]
+    cells = [
+        cell
+        for table in tables
+        for row in store._conn.execute(f"SELECT * FROM {table}")
+        for cell in row
+    ]
+    store.close()
+    contents = b"".join(p.read_bytes() for p in db_path.parent.iterdir())
+    for account, _, _ in DEMO_ACCOUNTS:  # "ZZ-99999" contains the PIN "9999"
+        contents = contents.replace(account.encode(), b"")
+    for _, pin, _ in DEMO_ACCOUNTS:
+        assert pin not in cells and pin.encode() not in cells and int(pin) not in cells
+        assert pin.encode() not in contents
+
+
+def test_a_different_key_fails_every_pin(db_path: Path):
+    Store(db_path, KEY).close()
+    with Store(db_path, OTHER_KEY) as store:
+        for account, pin, _ in DEMO_ACCOUNTS:
+            assert store.verify_pin(account, pin, T0) is Status.INCORRECT_PIN
+
+
+# -- PIN failures and lockout --------------------------------------------------------------
+
+
+def test_third_failure_locks_and_even_the_right_pin_is_refused(store: Store):
+    assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
+    assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
+    assert store.verify_pin("AC-12345", "0000", T0) is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS - 1) is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("WF-14351", "9834", T0) is Status.APPROVED  # others unaffected
+
+
+def test_success_resets_the_count(store: Store):
+    for _ in range(3):
+        assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
+        assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
+        assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+
+
+def test_lock_expires(store: Store):
+    for _ in range(3):
+        store.verify_pin("AC-12345", "0000", T0)
+    assert store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS) is Status.APPROVED
+
+
+def test_an_expired_lock_starts_a_fresh_count(store: Store):
+    for _ in range(3):
+        store.verify_pin("AC-12345", "0000", T0)
+    later = T0 + LOCKOUT_MS
+    assert store.verify_pin("AC-12345", "0000", later) is Status.INCORRECT_PIN
+    assert store.verify_pin("AC-12345", "0000", later) is Status.INCORRECT_PIN
+    assert store.verify_pin("AC-12345", "0000", later) is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("AC-12345", "1324", later + 1) is Status.PIN_TRIES_EXCEEDED
+
+
+def test_configurable_tries_and_lockout(db_path: Path):
+    with Store(db_path, KEY, pin_tries_max=1, lockout_ms=10) as store:
+        assert store.verify_pin("AC-12345", "0000", T0) is Status.PIN_TRIES_EXCEEDED
+        assert store.verify_pin("AC-12345", "1324", T0 + 9) is Status.PIN_TRIES_EXCEEDED
+        assert store.verify_pin("AC-12345", "1324", T0 + 10) is Status.APPROVED
+
+
+def test_operator_unlock(store: Store):
+    for _ in range(3):
+        store.verify_pin("ac-12345", "0000", T0)
+    assert store.unlock("ac-12345") is True
+    assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+    assert store.unlock("AC-12345") is False
+    with pytest.raises(UnknownAccount):
+        store.unlock("QQ-00000")
+
+
+def test_reset_pin_replaces_the_pin_and_lifts_the_lock(store: Store):
+    for _ in range(3):
+        store.verify_pin("AC-12345", "0000", T0)
+    store.reset_pin("ac-12345", "4321")
+    assert store.verify_pin("AC-12345", "1324", T0) is Status.INCORRECT_PIN
+    assert store.verify_pin("AC-12345", "4321", T0) is Status.APPROVED
+    with pytest.raises(UnknownAccount):
+        store.reset_pin("QQ-00000", "4321")
+    with pytest.raises(ValueError):
+        store.reset_pin("AC-12345", "43210")
+
+
+def test_unknown_account_locks_like_a_real_one(store: Store):
+    real = [store.verify_pin("AC-12345", "0000", T0) for _ in range(4)]
+    unknown = [store.verify_pin("qq-00000", "0000", T0) for _ in range(4)]
+    assert (
+        real
+        == unknown
+        == [
+            Status.INCORRECT_PIN,
+            Status.INCORRECT_PIN,
+            Status.PIN_TRIES_EXCEEDED,
+            Status.PIN_TRIES_EXCEEDED,
+        ]
+    )
+    rows = dict(
+        (account, (failures, locked))
+        for account, failures, locked in store._conn.execute("SELECT * FROM pin_failures")
+    )
+    assert rows == {"AC-12345": (3, T0 + LOCKOUT_MS), "QQ-00000": (3, T0 + LOCKOUT_MS)}
+    assert store.verify_pin("QQ-00000", "0000", T0 + LOCKOUT_MS) is Status.INCORRECT_PIN
+
+
+# -- postings ---------------------------------------------------------------------------
+
+
+def test_deposit_withdraw_balance_history(store: Store):
+    first = post(store, 1, DEPOSIT, 1_000, now_ms=T0)
+    second = post(store, 2, WITHDRAWAL, 2_432, account="ac-12345", now_ms=T0 + 5)
+    assert first == Posting(Status.APPROVED, 103_432, first.entry_id, T0)
+    assert second == Posting(Status.APPROVED, 101_000, second.entry_id, T0 + 5)
+    assert second.entry_id > first.entry_id > 0
+    assert store.balance("AC-12345") == 101_000
+    assert store.history("ac-12345", 10) == [
+        HistoryEntry(second.entry_id, T0 + 5, WITHDRAWAL, 2_432, 101_000),
+        HistoryEntry(first.entry_id, T0, DEPOSIT, 1_000, 103_432),
+    ]
+    assert store.history("AC-12345", 1) == store.history("AC-12345", 10)[:1]
+    assert store.history("AC-12345", 0) == []
+    assert store.history("WF-14351", 10) == []
+
+
+def test_history_is_newest_first_and_per_account(store: Store):
+    for n in range(30):
+        post(store, n, DEPOSIT, n + 1, account="AC-12345" if n % 2 else "WF-14351")
+    history = store.history("AC-12345", 20)
+    assert [e.amount_cents for e in history] == list(range(30, 0, -2))
+    assert [e.entry_id for e in history] == sorted((e.entry_id for e in history), reverse=True)
+
+
+def test_withdraw_the_whole_balance(store: Store):
+    assert post(store, 1, WITHDRAWAL, 4_572, account="BC-01373").balance_cents == 0
+    assert store.balance("BC-01373") == 0
+
+
+def test_overdraft_is_refused_and_nothing_is_recorded(store: Store):
+    before = entry_count(store)
+    assert post(store, 1, WITHDRAWAL, 4_573, account="BC-01373") == Posting(
+        Status.INSUFFICIENT_FUNDS
+    )
+    assert store.balance("BC-01373") == 4_572
+    assert entry_count(store) == before
+    # A refused id was not recorded, so the same id is judged afresh once funds arrive.
+    post(store, 2, DEPOSIT, 1, account="BC-01373")
+    assert post(store, 1, WITHDRAWAL, 4_573, account="BC-01373").status is Status.APPROVED
+
+
+def test_replay_returns_the_original_outcome_and_moves_no_money(store: Store):
+    original = post(store, 1, WITHDRAWAL, 2_432, now_ms=T0)
+    post(store, 2, DEPOSIT, 5_000, now_ms=T0 + 1)
+    before = (store.balance("AC-12345"), entry_count(store))
+    replay = post(store, 1, WITHDRAWAL, 2_432, account="ac-12345", now_ms=T0 + 99)
+    assert replay == original  # original entry id, time and balance after that entry
+    assert (store.balance("AC-12345"), entry_count(store)) == before
+
+
+@pytest.mark.parametrize(
+    ("account", "kind", "amount_cents"),
+    [("AC-12345", DEPOSIT, 100), ("AC-12345", WITHDRAWAL, 101), ("WF-14351", WITHDRAWAL, 100)],
+)
+def test_same_id_different_content_is_a_duplicate(
+    store: Store, account: str, kind: EntryKind, amount_cents: int
+):
+    post(store, 1, WITHDRAWAL, 100)
+    before = (store.balance("AC-12345"), store.balance("WF-14351"), entry_count(store))
+    duplicate = post(store, 1, kind, amount_cents, account=account)
+    assert duplicate == Posting(Status.DUPLICATE_TRANSMISSION)
+    assert duplicate.status == 94
+    assert (store.balance("AC-12345"), store.balance("WF-14351"), entry_count(store)) == before
+
+
+@pytest.mark.parametrize("amount_cents", [0, -1, AMOUNT_CENTS_MAX + 1, True])
+def test_amount_out_of_range_is_invalid(store: Store, amount_cents: int):
+    for kind in EntryKind:
+        assert post(store, 1, kind, amount_cents) == Posting(Status.INVALID_AMOUNT)
+    assert entry_count(store) == 0
+
+
+def test_largest_amount_is_accepted(store: Store):
+    assert post(store, 1, DEPOSIT, AMOUNT_CENTS_MAX).status is Status.APPROVED
+
+
+def test_deposit_past_the_largest_balance_is_refused(store: Store):
+    store.add_account("RR-00001", "1111", BALANCE_CENTS_MAX - 5)
+    refused = post(store, 1, DEPOSIT, 6, account="RR-00001")
+    assert refused == Posting(Status.INVALID_AMOUNT)
+    assert post(store, 2, DEPOSIT, 5, account="RR-00001").balance_cents == BALANCE_CENTS_MAX
+    assert store.check_invariants() == []
+
+
+def test_unknown_account_and_bad_txn_id(store: Store):
+    with pytest.raises(UnknownAccount):
+        post(store, 1, DEPOSIT, 100, account="QQ-00000")
+    with pytest.raises(UnknownAccount):
+        store.balance("QQ-00000")
+    with pytest.raises(UnknownAccount):
+        store.history("QQ-00000", 5)
+    with pytest.raises(ValueError, match="16 bytes"):
+        store.post(account="AC-12345", txn_id=b"short", kind=DEPOSIT, amount_cents=1, now_ms=T0)
+    assert entry_count(store) == 0
+
+
+# -- the database's own last line -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE accounts SET balance_cents = -1 WHERE account = 'AC-12345'",
+        "UPDATE accounts SET balance_cents = balance_cents - 200000 WHERE account = 'AC-12345'",
+        "UPDATE accounts SET balance_cents = 1.5 WHERE account = 'AC-12345'",
+        "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
+        " VALUES ('AC-12345', zeroblob(16), 1, 0, 1, 0)",
+        "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
+        " VALUES ('AC-12345', zeroblob(16), 3, 1, 1, 0)",
+        "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
+        " VALUES ('AC-12345', zeroblob(15), 1, 1, 1, 0)",
+    ],
+)
+def test_constraints_refuse_direct_writes(store: Store, db_path: Path, statement: str):
+    with raw(db_path) as conn, pytest.raises(sqlite3.IntegrityError):
+        conn.execute(statement)
+    assert store.balance("AC-12345") == 102_432
+
+
+def test_foreign_key_refuses_an_entry_for_no_account(store: Store):
+    with pytest.raises(sqlite3.IntegrityError):
+        store._conn.execute(
+            "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
+            " VALUES ('QQ-00000', zeroblob(16), 1, 1, 1, 0)"
+        )
+
+
+# -- invariants ---------------------------------------------------------------------------
+
+
+def test_invariants_hold_after_a_mix_of_operations(store: Store):
+    accounts = [account for account, _, _ in DEMO_ACCOUNTS]
+    outcomes = set()
+    for n in range(300):
+        account = accounts[n % len(accounts)]
+        kind = DEPOSIT if n % 3 == 0 else WITHDRAWAL
+        amount_cents = (n * 7919) % 400_000 + 1
+        outcomes.add(post(store, n % 250, kind, amount_cents, account=account).status)
+    assert {Status.APPROVED, Status.INSUFFICIENT_FUNDS, Status.DUPLICATE_TRANSMISSION} <= outcomes
+    assert store.check_invariants() == []
+    assert store.integrity_ok()
+
+
+def test_invariants_report_a_tampered_balance(store: Store, db_path: Path):
+    post(store, 1, DEPOSIT, 100)
+    with raw(db_path) as conn:
+        conn.execute(
+            "UPDATE accounts SET balance_cents = balance_cents + 1 WHERE account = 'AC-12345'"
+        )
+        conn.execute("UPDATE entries SET balance_cents = 7")
+    problems = store.check_invariants()
+    assert len(problems) == 2
+    assert all(problem.startswith("AC-12345:") for problem in problems)
+
+
+# -- operator operations --------------------------------------------------------------------
+
+
+def test_add_account(store: Store):
+    store.add_account("rr-00001", "1111", 0)
+    assert store.balance("RR-00001") == 0
+    assert store.verify_pin("RR-00001", "1111", T0) is Status.APPROVED
+    with pytest.raises(AccountExists):
+        store.add_account("RR-00001", "2222", 5)
+    with pytest.raises(AccountExists):
+        store.add_account("ac-12345", "2222", 5)
+    assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+
+
+@pytest.mark.parametrize(
+    ("account", "pin", "opening_cents"),
+    [
+        ("RR-0001", "1111", 0),
+        ("RR-00001", "111", 0),
+        ("RR-00001", "1111", -1),
+        ("RR-00001", "1111", 1.5),
+        ("RR-00001", "1111", BALANCE_CENTS_MAX + 1),
+    ],
+)
+def test_add_account_validates(store: Store, account: str, pin: str, opening_cents: int):
+    with pytest.raises(ValueError):
+        store.add_account(account, pin, opening_cents)
+    with pytest.raises(UnknownAccount):
+        store.balance("RR-00001")
+
+
+def test_import_accounts(store: Store, tmp_path: Path):
+    path = tmp_path / "accounts.txt"
+    path.write_text("# new branch\nrr-00001, 1111, 10.00\nRR-00002, 2222, 0.5\n")
+    assert store.import_accounts(path) == 2
+    assert store.balance("RR-00001") == 1_000
+    assert store.balance("RR-00002") == 50
+    assert store.verify_pin("RR-00002", "2222", T0) is Status.APPROVED
+
+
+def test_import_is_all_or_nothing(store: Store, tmp_path: Path):
+    path = tmp_path / "accounts.txt"
+    path.write_text("RR-00001, 1111, 10.00\nAC-12345, 2222, 0.5\n")
+    with pytest.raises(AccountExists):
+        store.import_accounts(path)
+    path.write_text("RR-00001, 1111, 10.00\nRR-00002, 22, 0.5\n")
+    with pytest.raises(AccountsFileError):
+        store.import_accounts(path)
+    with pytest.raises(UnknownAccount):
+        store.balance("RR-00001")
