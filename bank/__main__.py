@@ -1,0 +1,194 @@
+"""``python -m bank``: serve ATMs, or manage accounts as an operator.
+
+With no subcommand the server runs until SIGINT or SIGTERM, then shuts down gracefully.
+Operator subcommands work on the database directly (stop the server first or not:
+SQLite's locking keeps both safe) and never print or take a PIN on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+
+import trio
+
+from bank import config as settings
+from bank.accounts_file import AccountsFileError
+from bank.config import ServerConfig
+from bank.pins import KeyFileError, load_or_create_key
+from bank.server import BankServer
+from bank.session import mask_account
+from bank.sqlite_ledger import open_ledger
+from bank.store import SchemaError, Store, StoreError
+from wire.messages import ACCOUNT_PATTERN, PIN_PATTERN
+from wire.money import format_cents, parse_dollars
+
+log = logging.getLogger("bank")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+SHARED_SETTINGS = ["db", "key_file", "log_level", "pin_tries_max", "pin_lockout_s"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = settings.from_arguments(args)
+    except ValueError as error:
+        print(f"bank: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    command: Callable[[ServerConfig, argparse.Namespace], int] = args.run
+    try:
+        return command(config, args)
+    except (StoreError, KeyFileError, AccountsFileError, SchemaError) as error:
+        print(f"bank: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bank",
+        description="The bank server: serves ATMs over TCP until SIGINT or SIGTERM. "
+        "Subcommands manage accounts in the same database.",
+        epilog="Every flag can also be set by its environment variable; a flag wins. "
+        "Run 'python -m bank COMMAND --help' for an operator command's flags.",
+    )
+    settings.add_arguments(parser)
+    parser.set_defaults(run=serve)
+    commands = parser.add_subparsers(title="operator commands", metavar="COMMAND")
+
+    def command(name: str, run: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        settings.add_arguments(sub, SHARED_SETTINGS)
+        sub.set_defaults(run=run)
+        return sub
+
+    add = command("add-account", add_account, "add an account; the PIN is asked for")
+    add.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
+    add.add_argument("--balance", default="0", help="opening balance in dollars, e.g. 25.00")
+    reset = command("reset-pin", reset_pin, "set a new PIN for an account (asked for)")
+    reset.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
+    unlock = command("unlock", unlock_account, "unlock an account locked by wrong PINs")
+    unlock.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
+    load = command(
+        "import", import_accounts, "add accounts from a course accounts.txt file"
+    )
+    load.add_argument("path", help="file of 'account, pin, balance' lines; # comments")
+    return parser
+
+
+def account_argument(text: str) -> str:
+    if not ACCOUNT_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an account number like AC-12345")
+    return text.upper()
+
+
+# -- Serving ---------------------------------------------------------------------------
+
+
+def serve(config: ServerConfig, _args: argparse.Namespace) -> int:
+    try:
+        trio.run(run_server, config)
+    except OSError as error:
+        print(f"bank: cannot serve on {config.host}:{config.port}: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def run_server(config: ServerConfig) -> None:
+    """Serve until a signal, then shut down gracefully and close the database."""
+    ledger = await open_ledger(
+        config.db,
+        config.key_file,
+        pin_tries_max=config.pin_tries_max,
+        lockout_s=config.pin_lockout_s,
+    )
+    try:
+        server = BankServer(config, ledger)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_shutdown_on_signal, signals, server)
+                await server.serve()
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await ledger.aclose()
+        log.info("database closed")
+
+
+async def _shutdown_on_signal(signals: AsyncIterator[int], server: BankServer) -> None:
+    async for signum in signals:
+        log.info("%s received", signal.Signals(signum).name)
+        server.shutdown()
+        return
+
+
+# -- Operator commands -------------------------------------------------------------------
+
+
+def open_store(config: ServerConfig) -> Store:
+    return Store(
+        config.db,
+        load_or_create_key(config.key_file),
+        pin_tries_max=config.pin_tries_max,
+        lockout_ms=config.pin_lockout_s * 1000,
+    )
+
+
+def read_new_pin() -> str:
+    """A PIN from the terminal (hidden, asked twice) or one line of piped input."""
+    if sys.stdin.isatty():
+        pin = getpass.getpass("New PIN (4 digits): ")
+        if getpass.getpass("Repeat the PIN: ") != pin:
+            raise StoreError("the two PINs differ")
+    else:
+        pin = sys.stdin.readline().strip()
+    if not PIN_PATTERN.fullmatch(pin):
+        raise StoreError("a PIN is exactly four digits")
+    return pin
+
+
+def add_account(config: ServerConfig, args: argparse.Namespace) -> int:
+    try:
+        opening_cents = parse_dollars(args.balance)
+    except ValueError as error:
+        raise StoreError(str(error)) from None
+    pin = read_new_pin()
+    with open_store(config) as store:
+        store.add_account(args.account, pin, opening_cents)
+    print(f"added {args.account} with {format_cents(opening_cents)}")
+    return EXIT_OK
+
+
+def reset_pin(config: ServerConfig, args: argparse.Namespace) -> int:
+    pin = read_new_pin()
+    with open_store(config) as store:
+        store.reset_pin(args.account, pin)
+    print(f"PIN reset for {mask_account(args.account)}")
+    return EXIT_OK
+
+
+def unlock_account(config: ServerConfig, args: argparse.Namespace) -> int:
+    with open_store(config) as store:
+        was_locked = store.unlock(args.account)
+    print(f"{args.account} {'unlocked' if was_locked else 'was not locked'}")
+    return EXIT_OK
+
+
+def import_accounts(config: ServerConfig, args: argparse.Namespace) -> int:
+    with open_store(config) as store:
+        count = store.import_accounts(args.path)
+    print(f"imported {count} accounts from {args.path}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The server's settings: one dataclass from which flags, env vars and --help are made.
+
+Every field is a command-line flag (``--idle-timeout-s``) and an environment variable
+(``BANK_IDLE_TIMEOUT_S``); the flag wins over the variable, the variable over the default.
+Limits carry their unit as the last word of their name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from wire.limits import AMOUNT_CENTS_MAX, SECONDS_MAX
+
+ENV_PREFIX = "BANK_"
+
+
+def _setting(default: object, help_text: str) -> object:
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = _setting(65432, "TCP port to listen on (0 picks a free one)")
+    db: Path = _setting(Path("bank.db"), "SQLite database file, created and seeded if missing")
+    key_file: Path = _setting(
+        Path("bank.key"), "secret PIN key file, created with mode 0600 if missing"
+    )
+    log_level: str = _setting("INFO", "operator log level: DEBUG, INFO, WARNING or ERROR")
+    connections_max: int = _setting(
+        1000, "connections served at once; beyond it a client gets SERVER_BUSY and is closed"
+    )
+    frame_timeout_s: int = _setting(
+        10, "seconds a frame may take from its first byte to its last (and a reply to send)"
+    )
+    login_timeout_s: int = _setting(30, "seconds a connection may wait before logging in")
+    idle_timeout_s: int = _setting(
+        120, "seconds a logged-in session may stay silent before SESSION_EXPIRED"
+    )
+    shutdown_grace_s: int = _setting(
+        10, "seconds connections get to finish after SHUTDOWN on SIGINT or SIGTERM"
+    )
+    login_attempts_max: int = _setting(3, "failed logins one connection may make before close")
+    pin_tries_max: int = _setting(3, "consecutive wrong PINs that lock an account")
+    pin_lockout_s: int = _setting(900, "seconds an account stays locked unless unlocked sooner")
+    amount_cents_max: int = _setting(
+        AMOUNT_CENTS_MAX, "largest deposit or withdrawal in one transaction, in cents"
+    )
+    withdrawal_cents_max: int = _setting(
+        100_000, "largest withdrawal in one transaction, in cents (EXCEEDS_WITHDRAWAL_LIMIT)"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("frame_timeout_s", "login_timeout_s", "idle_timeout_s"):
+            if not 1 <= getattr(self, name) <= SECONDS_MAX:
+                raise ValueError(f"{name} must be 1..{SECONDS_MAX} seconds")
+        if not 0 <= self.shutdown_grace_s <= SECONDS_MAX:
+            raise ValueError(f"shutdown_grace_s must be 0..{SECONDS_MAX} seconds")
+        if not 1 <= self.amount_cents_max <= AMOUNT_CENTS_MAX:
+            raise ValueError(f"amount_cents_max must be 1..{AMOUNT_CENTS_MAX} cents")
+        if not 1 <= self.withdrawal_cents_max <= self.amount_cents_max:
+            raise ValueError("withdrawal_cents_max must be 1..amount_cents_max cents")
+        for name in ("connections_max", "login_attempts_max", "pin_tries_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be 0..65535")
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
+    """Add a flag per setting (or the named ones), defaulting to its env var, then default."""
+    for f in fields(ServerConfig):
+        if names is not None and f.name not in names:
+            continue
+        env = ENV_PREFIX + f.name.upper()
+        default = os.environ.get(env, f.default)
+        kind = type(f.default)
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind,
+            default=kind(default),
+            help=f"{f.metadata['help']} (env {env}; now %(default)s)",
+        )
+
+
+def from_arguments(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})

@@ -1,0 +1,280 @@
+"""The bank server: one Trio task per connection, around the sans-IO wire decoder.
+
+``Connection`` is the thin I/O shell of one session: it reads bytes under the
+configured deadlines, feeds the decoder, asks the ``Session`` for each reply and
+writes it back. ``BankServer`` accepts connections up to a limit (refusing, never
+queueing, beyond it) and shuts down gracefully: stop accepting, SHUTDOWN to every
+connection, a grace period, then a backstop cancel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import itertools
+import logging
+
+import trio
+
+from bank.config import ServerConfig
+from bank.leases import Leases
+from bank.ledger import Ledger
+from bank.session import Session, State
+from wire import (
+    HISTORY_ENTRIES_MAX,
+    PAYLOAD_BYTES_MAX,
+    Decoder,
+    Error,
+    Frame,
+    Hello,
+    Message,
+    Sender,
+    SessionExpired,
+    Shutdown,
+    Status,
+    WireError,
+    encode,
+)
+
+log = logging.getLogger("bank.server")
+
+RECEIVE_BYTES_MAX = 4096
+"""Bytes asked of the socket per read: bounds what one read can add to the buffer."""
+
+CLOSE_LINGER_S = 1.0
+"""Seconds spent draining a peer's unread bytes before closing, so that our last frame
+is not destroyed by a TCP reset (closing a socket with unread input sends RST)."""
+
+CLOSE_DRAIN_BYTES_MAX = 64 * 1024
+"""Most bytes read and discarded while lingering before close."""
+
+SHUTDOWN_BACKSTOP_S = CLOSE_LINGER_S + 1.0
+"""Seconds after the grace period at which connections still open are cancelled."""
+
+
+class Ending(enum.Enum):
+    """Why a connection stops reading; the value is for the operator log."""
+
+    PEER_CLOSED = "peer closed the connection"
+    IDLE = "idle timeout"
+    FRAME_TIMEOUT = "frame not completed in time"
+    GRACE_OVER = "shutdown grace period over"
+
+
+class ConnectionEnded(Exception):
+    def __init__(self, ending: Ending) -> None:
+        super().__init__(ending.value)
+        self.ending = ending
+
+
+def hello_for(config: ServerConfig) -> Hello:
+    return Hello(
+        payload_bytes_max=PAYLOAD_BYTES_MAX,
+        history_entries_max=HISTORY_ENTRIES_MAX,
+        amount_cents_max=config.amount_cents_max,
+        frame_timeout_s=config.frame_timeout_s,
+        login_timeout_s=config.login_timeout_s,
+        idle_timeout_s=config.idle_timeout_s,
+    )
+
+
+class Connection:
+    def __init__(
+        self, stream: trio.SocketStream, *, session: Session, config: ServerConfig, name: str
+    ) -> None:
+        self.name = name
+        self.session = session
+        self._stream = stream
+        self._config = config
+        self._decoder = Decoder(Sender.CLIENT)
+        self._wait_scope: trio.CancelScope | None = None
+        self._frame_started_at = 0.0
+        self._last_reply_at = trio.current_time()
+        self._shutdown_at: float | None = None
+        self._shutdown_notified = False
+
+    def begin_shutdown(self, close_at: float) -> None:
+        """Called by the server: send SHUTDOWN soon, serve only LOGOUT, close at ``close_at``."""
+        self._shutdown_at = close_at
+        self.session.shutting_down = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()  # wake the read so the notice goes out now
+
+    async def run(self) -> None:
+        """Serve until the session closes or the connection ends; always release the lease."""
+        try:
+            await self._send(hello_for(self._config))
+            await self._serve()
+        except ConnectionEnded as end:
+            log.info("%s: %s", self.name, end.ending.value)
+        except trio.TooSlowError:
+            log.info("%s: peer did not read a reply in time", self.name)
+        except (trio.BrokenResourceError, OSError) as error:
+            log.info("%s: connection lost: %s", self.name, error)
+        finally:
+            self.session.end()
+        await self._close_gracefully()
+
+    async def _serve(self) -> None:
+        while self.session.state is not State.CLOSED:
+            try:
+                frame = await self._receive_frame()
+            except WireError as error:
+                log.info("%s: bad frame: %s", self.name, error)
+                await self._send(Error(error.status), error.request_id)
+                if error.fatal:
+                    return
+                continue
+            reply = await self.session.handle(frame.message)
+            await self._send(reply, frame.request_id)
+            self._last_reply_at = trio.current_time()
+
+    async def _receive_frame(self) -> Frame:
+        """The next whole frame; raises ``ConnectionEnded`` or ``WireError`` instead."""
+        while (frame := self._decoder.next_frame()) is None:
+            if self._shutdown_at is not None and not self._shutdown_notified:
+                self._shutdown_notified = True
+                grace_s = max(0, round(self._shutdown_at - trio.current_time()))
+                await self._send(Shutdown(grace_s))
+            deadline, ending = self._read_deadline()
+            data: bytes | None = None
+            with trio.CancelScope(deadline=deadline) as self._wait_scope:
+                data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+            self._wait_scope = None
+            if data is None:  # the deadline passed, or begin_shutdown woke us
+                if self._shutdown_at is not None and not self._shutdown_notified:
+                    continue
+                await self._end_read(ending)
+            if not data:
+                raise ConnectionEnded(Ending.PEER_CLOSED)
+            if self._decoder.buffered_bytes == 0:
+                self._frame_started_at = trio.current_time()
+            self._decoder.receive_data(data)
+        if self._decoder.buffered_bytes:  # a pipelined frame has begun behind this one
+            self._frame_started_at = trio.current_time()
+        return frame
+
+    def _read_deadline(self) -> tuple[float, Ending]:
+        """When the current read gives up, and why."""
+        if self._decoder.buffered_bytes:
+            deadline = self._frame_started_at + self._config.frame_timeout_s
+            ending = Ending.FRAME_TIMEOUT
+        else:
+            idle_s = (
+                self._config.idle_timeout_s
+                if self.session.state is State.AUTHENTICATED
+                else self._config.login_timeout_s
+            )
+            deadline, ending = self._last_reply_at + idle_s, Ending.IDLE
+        if self._shutdown_at is not None and self._shutdown_at < deadline:
+            deadline, ending = self._shutdown_at, Ending.GRACE_OVER
+        return deadline, ending
+
+    async def _end_read(self, ending: Ending) -> None:
+        """Tell the peer why, where the protocol has a word for it, then end."""
+        if ending is Ending.IDLE:
+            await self._send(SessionExpired())
+        elif ending is Ending.FRAME_TIMEOUT:
+            await self._send(Error(Status.FORMAT_ERROR))
+        raise ConnectionEnded(ending)
+
+    async def _send(self, message: Message, request_id: int = 0) -> None:
+        with trio.fail_after(self._config.frame_timeout_s):
+            await self._stream.send_all(encode(message, request_id))
+
+    async def _close_gracefully(self) -> None:
+        with (
+            trio.move_on_after(CLOSE_LINGER_S),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
+            await self._stream.send_eof()
+            drained = 0
+            while drained < CLOSE_DRAIN_BYTES_MAX:
+                data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+                if not data:
+                    break
+                drained += len(data)
+        await self._stream.aclose()
+
+
+class BankServer:
+    """Accepts ATM connections and runs one ``Connection`` task for each."""
+
+    def __init__(self, config: ServerConfig, ledger: Ledger) -> None:
+        self.config = config
+        self.leases = Leases()
+        self._ledger = ledger
+        self._slots = trio.CapacityLimiter(config.connections_max)
+        self._connections: set[Connection] = set()
+        self._numbers = itertools.count(1)
+        self._stop = trio.Event()
+        self._shutdown_at: float | None = None
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown; ``serve`` returns when it is complete."""
+        self._stop.set()
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        for listener in listeners:
+            log.info("listening on %s", _address(listener.socket.getsockname()))
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as acceptors:
+                acceptors.start_soon(
+                    functools.partial(
+                        trio.serve_listeners, self._handle, listeners, handler_nursery=handlers
+                    )
+                )
+                task_status.started(listeners)
+                await self._stop.wait()
+                acceptors.cancel_scope.cancel()  # stop accepting; closes the listeners
+            self._shutdown_at = trio.current_time() + self.config.shutdown_grace_s
+            log.info(
+                "shutting down: %d connections get %d s",
+                len(self._connections), self.config.shutdown_grace_s,
+            )
+            for connection in self._connections:
+                connection.begin_shutdown(self._shutdown_at)
+            handlers.cancel_scope.deadline = self._shutdown_at + SHUTDOWN_BACKSTOP_S
+        log.info("all connections closed")
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        name = f"conn {next(self._numbers)} {_address(stream.socket.getpeername())}"
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            log.warning("%s: refused, %d connections open", name, len(self._connections))
+            await self._refuse_busy(stream)
+            return
+        session = Session(ledger=self._ledger, leases=self.leases, config=self.config, name=name)
+        connection = Connection(stream, session=session, config=self.config, name=name)
+        self._connections.add(connection)
+        if self._shutdown_at is not None:
+            connection.begin_shutdown(self._shutdown_at)
+        log.info("%s: connected", name)
+        try:
+            await connection.run()
+        except Exception:
+            log.exception("%s: unexpected error", name)
+        finally:
+            self._connections.discard(connection)
+            self._slots.release()
+            log.info("%s: closed", name)
+
+    async def _refuse_busy(self, stream: trio.SocketStream) -> None:
+        with trio.move_on_after(CLOSE_LINGER_S):
+            with contextlib.suppress(trio.BrokenResourceError, OSError):
+                await stream.send_all(encode(Error(Status.SERVER_BUSY)))
+        await stream.aclose()
+
+
+def _address(sockaddr: tuple) -> str:
+    host, port = sockaddr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,114 @@
+"""``python -m bank``: settings from flags and env vars, the operator commands, and the real
+server process (it serves, logs no PIN, and exits 0 after SIGTERM with a SHUTDOWN notice)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from bank.__main__ import build_parser, main
+from bank.config import ServerConfig, from_arguments
+from bank.store import Store
+from tests.conftest import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
+from wire import Balance, BalanceReply, Shutdown, Status
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_flags_override_env_vars_which_override_defaults(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("BANK_PORT", "7000")
+    monkeypatch.setenv("BANK_IDLE_TIMEOUT_S", "45")
+    config = from_arguments(build_parser().parse_args(["--idle-timeout-s", "60"]))
+    assert (config.port, config.idle_timeout_s) == (7000, 60)
+    assert config.login_timeout_s == ServerConfig().login_timeout_s
+
+
+def test_an_impossible_setting_is_refused(capsys: pytest.CaptureFixture[str]):
+    assert main(["--withdrawal-cents-max", "0"]) == 2
+    assert "withdrawal_cents_max" in capsys.readouterr().err
+
+
+def operator(tmp_path: Path, *args: str, stdin: str = "") -> int:
+    db, key = str(tmp_path / "bank.db"), str(tmp_path / "bank.key")
+    sys.stdin = io.StringIO(stdin)
+    try:
+        return main([args[0], "--db", db, "--key-file", key, *args[1:]])
+    finally:
+        sys.stdin = sys.__stdin__
+
+
+def open_store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "bank.db", (tmp_path / "bank.key").read_bytes())
+
+
+def test_add_account_reads_the_pin_from_input_not_the_command_line(tmp_path: Path):
+    assert operator(tmp_path, "add-account", "xy-00001", "--balance", "$12.34", stdin="4321\n") == 0
+    with open_store(tmp_path) as store:
+        assert store.balance("XY-00001") == 12_34
+        assert store.verify_pin("XY-00001", "4321", now_ms=0) is Status.APPROVED
+
+
+def test_add_account_refuses_a_bad_pin_and_a_duplicate(tmp_path: Path):
+    assert operator(tmp_path, "add-account", "XY-00001", stdin="12\n") == 1
+    assert operator(tmp_path, "add-account", DEMO_ACCOUNT, stdin="1111\n") == 1
+
+
+def test_reset_pin_and_unlock(tmp_path: Path):
+    assert operator(tmp_path, "reset-pin", DEMO_ACCOUNT, stdin="8888\n") == 0
+    with open_store(tmp_path) as store:
+        for _ in range(3):
+            store.verify_pin(DEMO_ACCOUNT, "0000", now_ms=0)
+        assert store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0) is Status.PIN_TRIES_EXCEEDED
+    assert operator(tmp_path, "unlock", DEMO_ACCOUNT) == 0
+    with open_store(tmp_path) as store:
+        assert store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0) is Status.APPROVED
+
+
+def test_import_of_a_course_accounts_file(tmp_path: Path):
+    accounts = tmp_path / "accounts.txt"
+    accounts.write_text("# course accounts\nqq-11111, 1111, 10.50\n\nqq-22222,2222,0\n")
+    assert operator(tmp_path, "import", str(accounts)) == 0
+    with open_store(tmp_path) as store:
+        assert store.balance("QQ-11111") == 10_50
+        assert store.verify_pin("QQ-22222", "2222", now_ms=0) is Status.APPROVED
+
+
+async def test_the_server_process_serves_and_exits_cleanly_on_sigterm(tmp_path: Path):
+    command = [sys.executable, "-m", "bank", "--port", "0", "--log-level", "INFO",
+               "--db", str(tmp_path / "bank.db"), "--key-file", str(tmp_path / "bank.key")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = await trio.lowlevel.open_process(
+        command, cwd=ROOT, env=env, stderr=subprocess.PIPE
+    )
+    try:
+        with trio.fail_after(RECEIVE_TIMEOUT_S):
+            log = b""
+            while not (match := re.search(rb"listening on 127\.0\.0\.1:(\d+)", log)):
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, log.decode()
+                log += chunk
+            client = await WireClient.connect(int(match[1]))
+            await client.hello()
+            assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+            assert (await client.request(Balance())).status is Status.APPROVED
+            process.send_signal(signal.SIGTERM)
+            frame = await client.receive()
+            assert frame is not None and isinstance(frame.message, Shutdown)
+            assert await client.request(Balance()) == BalanceReply(Status.ISSUER_UNAVAILABLE)
+            await client.aclose()
+            while chunk := await process.stderr.receive_some(4096):
+                log += chunk
+            assert await process.wait() == 0
+    finally:
+        process.kill()
+    text = log.decode()
+    assert "SIGTERM received" in text and "database closed" in text
+    assert DEMO_PIN not in text and DEMO_ACCOUNT not in text  # masked, never a PIN

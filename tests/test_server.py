@@ -1,0 +1,412 @@
+"""The bank server end to end over loopback TCP, speaking the wire protocol directly.
+
+Covers the session state table (login first, one login per connection, logout), PIN
+checks and lockout, leases (one ATM per account, released on logout, disconnect and
+errors), money (deposit, withdraw, overdraft, limits, idempotent retries, history),
+bad frames, pipelining, the connection limit, timeouts and graceful shutdown.
+Timeouts use ``mock_clock`` with explicit jumps: autojump would leap past deadlines
+while SQLite works in its thread.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import trio
+import trio.testing
+
+from bank.config import ServerConfig
+from bank.sqlite_ledger import SqliteLedger
+from tests.conftest import (
+    DEMO_ACCOUNT,
+    DEMO_BALANCE_CENTS,
+    DEMO_PIN,
+    OTHER_ACCOUNT,
+    OTHER_PIN,
+    RECEIVE_TIMEOUT_S,
+    RunningServer,
+    WireClient,
+    start_server,
+    txn_id,
+)
+from wire import (
+    Balance,
+    BalanceReply,
+    Deposit,
+    DepositReply,
+    EntryKind,
+    Error,
+    History,
+    HistoryReply,
+    Logout,
+    LogoutReply,
+    Ping,
+    PingReply,
+    SessionExpired,
+    Shutdown,
+    Status,
+    Withdraw,
+    WithdrawReply,
+    encode,
+)
+from wire.layout import FAST_CRC, FAST_HEADER
+from wire.limits import MAGIC, PROTOCOL_VERSION
+
+
+def raw_frame(opcode: int, request_id: int, payload: bytes) -> bytes:
+    """A well-framed frame (valid CRC) around any payload, for hostile inputs."""
+    body = FAST_HEADER.pack((MAGIC, PROTOCOL_VERSION, opcode, request_id, len(payload)))
+    body += payload
+    return body + FAST_CRC.pack(zlib.crc32(body))
+
+
+async def logged_in(bank: RunningServer, account: str = DEMO_ACCOUNT, pin: str = DEMO_PIN):
+    client = await bank.client()
+    assert await client.login(account, pin) is Status.APPROVED
+    return client
+
+
+# -- Connect, login, state table ------------------------------------------------------
+
+
+async def test_hello_announces_the_servers_limits(bank: RunningServer, config: ServerConfig):
+    client = await WireClient.connect(bank.port)
+    hello = await client.hello()
+    assert hello.idle_timeout_s == config.idle_timeout_s
+    assert hello.login_timeout_s == config.login_timeout_s
+    assert hello.frame_timeout_s == config.frame_timeout_s
+    assert hello.amount_cents_max == config.amount_cents_max
+
+
+async def test_requests_before_login_are_refused_and_the_connection_stays(bank: RunningServer):
+    client = await bank.client()
+    for request in (Balance(), Deposit(txn_id(), 100), Withdraw(txn_id(), 100), History(5)):
+        reply = await client.request(request)
+        assert reply.status is Status.NOT_LOGGED_IN
+    assert isinstance(await client.request(Ping()), PingReply)
+    assert await client.login() is Status.APPROVED
+    assert await client.request(Balance()) == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)
+
+
+async def test_account_number_is_case_insensitive(bank: RunningServer):
+    client = await bank.client()
+    assert await client.login(DEMO_ACCOUNT.lower(), DEMO_PIN) is Status.APPROVED
+
+
+async def test_wrong_pin_and_unknown_account_get_the_same_status(bank: RunningServer):
+    client = await bank.client()
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
+    assert await client.login("QQ-00000", "1234") is Status.INCORRECT_PIN
+
+
+async def test_a_second_login_on_one_connection_is_refused(bank: RunningServer):
+    client = await logged_in(bank)
+    assert await client.login(OTHER_ACCOUNT, OTHER_PIN) is Status.ALREADY_LOGGED_IN
+    assert bank.server.leases.held() == {DEMO_ACCOUNT}
+
+
+async def test_logout_releases_the_lease_and_closes(bank: RunningServer):
+    client = await logged_in(bank)
+    assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+    assert await client.closed()
+    assert bank.server.leases.held() == frozenset()
+
+
+async def test_failed_logins_close_the_connection_at_the_limit(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+):
+    bank = await start_server(nursery, config, ledger, login_attempts_max=2, pin_tries_max=5)
+    client = await bank.client()
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
+    assert await client.closed()
+
+
+async def test_three_wrong_pins_lock_the_account_even_with_the_right_pin(bank: RunningServer):
+    statuses = []
+    for _ in range(3):
+        client = await bank.client()
+        statuses.append(await client.login(DEMO_ACCOUNT, "0000"))
+        await client.aclose()
+    assert statuses[:2] == [Status.INCORRECT_PIN, Status.INCORRECT_PIN]
+    assert statuses[2] in {Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED}
+    client = await bank.client()
+    assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.PIN_TRIES_EXCEEDED
+    assert bank.server.leases.held() == frozenset()
+
+
+# -- Leases: one ATM per account -------------------------------------------------------
+
+
+async def test_second_atm_is_refused_while_the_first_holds_the_account(bank: RunningServer):
+    first = await logged_in(bank)
+    second = await bank.client()
+    assert await second.login() is Status.ACCOUNT_IN_USE
+    assert await first.request(Logout()) == LogoutReply(Status.APPROVED)
+    assert await first.closed()
+    assert await second.login() is Status.APPROVED
+
+
+async def test_the_pin_is_checked_before_the_lease(bank: RunningServer):
+    await logged_in(bank)
+    intruder = await bank.client()
+    # Without the PIN nobody learns that the account is in use.
+    assert await intruder.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
+
+
+async def test_disconnect_releases_the_lease(bank: RunningServer):
+    first = await logged_in(bank)
+    await first.aclose()
+    await trio.testing.wait_all_tasks_blocked()  # the server has seen the disconnect
+    second = await bank.client()
+    assert await second.login() is Status.APPROVED
+
+
+async def test_a_fatal_frame_error_releases_the_lease(bank: RunningServer):
+    client = await logged_in(bank)
+    await client.stream.send_all(b"garbage!!!!!!!!")
+    frame = await client.receive()
+    assert frame is not None and frame.message == Error(Status.FORMAT_ERROR)
+    assert await client.closed()
+    assert bank.server.leases.held() == frozenset()
+
+
+async def test_different_accounts_are_served_at_once(bank: RunningServer):
+    first = await logged_in(bank)
+    second = await logged_in(bank, OTHER_ACCOUNT, OTHER_PIN)
+    assert bank.server.leases.held() == {DEMO_ACCOUNT, OTHER_ACCOUNT}
+    assert (await first.request(Balance())).status is Status.APPROVED
+    assert (await second.request(Balance())).status is Status.APPROVED
+
+
+# -- Money ------------------------------------------------------------------------------
+
+
+async def test_deposit_and_withdraw_move_money_and_give_receipts(bank: RunningServer):
+    client = await logged_in(bank)
+    deposit = await client.request(Deposit(txn_id(), 500_00))
+    assert isinstance(deposit, DepositReply) and deposit.status is Status.APPROVED
+    assert deposit.balance_cents == DEMO_BALANCE_CENTS + 500_00
+    assert deposit.entry_id > 0 and deposit.time_ms > 0
+    withdraw = await client.request(Withdraw(txn_id(), 24_32))
+    assert isinstance(withdraw, WithdrawReply) and withdraw.status is Status.APPROVED
+    assert withdraw.balance_cents == DEMO_BALANCE_CENTS + 500_00 - 24_32
+    assert withdraw.entry_id > deposit.entry_id
+    balance = await client.request(Balance())
+    assert balance == BalanceReply(Status.APPROVED, withdraw.balance_cents)
+
+
+async def test_overdraft_is_refused_and_moves_nothing(bank: RunningServer):
+    client = await logged_in(bank, OTHER_ACCOUNT, OTHER_PIN)
+    balance = await client.request(Balance())
+    reply = await client.request(Withdraw(txn_id(), balance.balance_cents + 1))
+    assert reply == WithdrawReply(Status.INSUFFICIENT_FUNDS)
+    assert await client.request(Balance()) == balance
+    assert (await client.request(Withdraw(txn_id(), balance.balance_cents))).balance_cents == 0
+
+
+async def test_withdrawal_over_the_servers_limit_is_refused(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+):
+    bank = await start_server(nursery, config, ledger, withdrawal_cents_max=100_00)
+    client = await logged_in(bank)
+    assert await client.request(Withdraw(txn_id(), 100_01)) == WithdrawReply(
+        Status.EXCEEDS_WITHDRAWAL_LIMIT
+    )
+    assert (await client.request(Withdraw(txn_id(), 100_00))).status is Status.APPROVED
+
+
+async def test_retry_with_the_same_txn_id_returns_the_original_outcome(bank: RunningServer):
+    client = await logged_in(bank)
+    key = txn_id()
+    first = await client.request(Deposit(key, 10_00))
+    await client.request(Logout())
+    again = await logged_in(bank)
+    assert await again.request(Deposit(key, 10_00)) == first
+    assert await again.request(Balance()) == BalanceReply(
+        Status.APPROVED, DEMO_BALANCE_CENTS + 10_00
+    )
+
+
+async def test_same_txn_id_with_different_content_is_a_duplicate(bank: RunningServer):
+    client = await logged_in(bank)
+    key = txn_id()
+    await client.request(Deposit(key, 10_00))
+    assert await client.request(Deposit(key, 11_00)) == DepositReply(
+        Status.DUPLICATE_TRANSMISSION
+    )
+    assert await client.request(Withdraw(key, 10_00)) == WithdrawReply(
+        Status.DUPLICATE_TRANSMISSION
+    )
+
+
+async def test_history_lists_recent_entries_newest_first(bank: RunningServer):
+    client = await logged_in(bank)
+    for cents in (1_00, 2_00, 3_00):
+        await client.request(Deposit(txn_id(), cents))
+    await client.request(Withdraw(txn_id(), 4_00))
+    reply = await client.request(History(3))
+    assert isinstance(reply, HistoryReply) and reply.status is Status.APPROVED
+    assert [(e.kind, e.amount_cents) for e in reply.entries] == [
+        (EntryKind.WITHDRAWAL, 4_00),
+        (EntryKind.DEPOSIT, 3_00),
+        (EntryKind.DEPOSIT, 2_00),
+    ]
+    assert reply.entries[0].balance_cents == DEMO_BALANCE_CENTS + 2_00
+
+
+# -- Bad input --------------------------------------------------------------------------
+
+
+async def test_unknown_opcode_is_answered_and_the_connection_goes_on(bank: RunningServer):
+    client = await logged_in(bank)
+    await client.stream.send_all(raw_frame(0x3E, 77, b""))
+    frame = await client.receive()
+    assert frame is not None and frame.request_id == 77
+    assert frame.message == Error(Status.INVALID_TRANSACTION)
+    assert (await client.request(Balance())).status is Status.APPROVED
+
+
+async def test_amount_out_of_range_is_answered_and_the_connection_goes_on(bank: RunningServer):
+    client = await logged_in(bank)
+    zero_amount = txn_id() + (0).to_bytes(8, "big")
+    await client.stream.send_all(raw_frame(Deposit.OPCODE, 5, zero_amount))
+    frame = await client.receive()
+    assert frame is not None and (frame.request_id, frame.message) == (
+        5, Error(Status.INVALID_AMOUNT)
+    )
+    assert await client.request(Balance()) == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)
+
+
+async def test_bad_crc_gets_a_format_error_and_close(bank: RunningServer):
+    client = await bank.client()
+    frame = bytearray(encode(Balance(), 9))
+    frame[-1] ^= 0xFF
+    await client.stream.send_all(bytes(frame))
+    reply = await client.receive()
+    assert reply is not None and (reply.request_id, reply.message) == (
+        9, Error(Status.FORMAT_ERROR)
+    )
+    assert await client.closed()
+
+
+async def test_unsupported_version_is_named_in_the_answer(bank: RunningServer):
+    client = await bank.client()
+    await client.stream.send_all(b"AT\x09" + bytes(20))
+    reply = await client.receive()
+    assert reply is not None and reply.message == Error(Status.UNSUPPORTED_VERSION)
+    assert await client.closed()
+
+
+async def test_pipelined_requests_are_answered_in_order(bank: RunningServer):
+    client = await logged_in(bank)
+    requests = [Deposit(txn_id(), 1_00) for _ in range(20)] + [Balance()]
+    await client.stream.send_all(b"".join(encode(r, 100 + i) for i, r in enumerate(requests)))
+    replies = [await client.receive() for _ in requests]
+    assert [f.request_id for f in replies] == [100 + i for i in range(len(requests))]
+    assert replies[-1].message == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS + 20_00)
+
+
+async def test_random_bytes_do_not_hurt_other_sessions(bank: RunningServer):
+    honest = await logged_in(bank)
+    for seed in range(20):
+        attacker = await WireClient.connect(bank.port)
+        await attacker.stream.send_all(bytes((seed * 37 + i * 11) % 256 for i in range(300)))
+        await attacker.aclose()
+    assert (await honest.request(Balance())).status is Status.APPROVED
+
+
+# -- Capacity, timeouts, shutdown -----------------------------------------------------
+
+
+async def test_beyond_the_connection_limit_a_client_is_told_busy(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+):
+    bank = await start_server(nursery, config, ledger, connections_max=1)
+    first = await bank.client()
+    second = await WireClient.connect(bank.port)
+    frame = await second.receive()
+    assert frame is not None and (frame.request_id, frame.message) == (
+        0, Error(Status.SERVER_BUSY)
+    )
+    assert await second.closed()
+    assert isinstance(await first.request(Ping()), PingReply)
+
+
+async def test_idle_session_expires_and_releases_its_lease(
+    mock_clock: trio.testing.MockClock, bank: RunningServer, config: ServerConfig
+):
+    client = await logged_in(bank)
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(config.idle_timeout_s - 1)
+    assert isinstance(await client.request(Ping()), PingReply)  # activity restarts the timer
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(config.idle_timeout_s)
+    frame = await client.receive()
+    assert frame is not None and (frame.request_id, frame.message) == (0, SessionExpired())
+    assert await client.closed()
+    assert bank.server.leases.held() == frozenset()
+
+
+async def test_a_connection_that_never_logs_in_is_closed(
+    mock_clock: trio.testing.MockClock, bank: RunningServer, config: ServerConfig
+):
+    client = await bank.client()
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(config.login_timeout_s)
+    frame = await client.receive()
+    assert frame is not None and frame.message == SessionExpired()
+    assert await client.closed()
+
+
+async def test_a_frame_that_never_completes_is_dropped_and_others_are_served(
+    mock_clock: trio.testing.MockClock, bank: RunningServer, config: ServerConfig
+):
+    honest = await logged_in(bank)
+    slow = await bank.client()
+    await slow.stream.send_all(encode(Balance(), 1)[:5])
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(config.frame_timeout_s)
+    frame = await slow.receive()
+    assert frame is not None and frame.message == Error(Status.FORMAT_ERROR)
+    assert await slow.closed()
+    assert (await honest.request(Balance())).status is Status.APPROVED
+
+
+async def test_shutdown_notifies_refuses_new_work_and_lets_clients_log_out(
+    config: ServerConfig, ledger: SqliteLedger
+):
+    with trio.fail_after(RECEIVE_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            bank = await start_server(nursery, config, ledger)
+            client = await logged_in(bank)
+            bank.server.shutdown()
+            frame = await client.receive()
+            assert frame is not None and frame.request_id == 0
+            assert frame.message == Shutdown(config.shutdown_grace_s)
+            assert (await client.request(Deposit(txn_id(), 1_00))).status is (
+                Status.ISSUER_UNAVAILABLE
+            )
+            assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+            assert await client.closed()
+            await client.aclose()
+        # serve() returned by itself: the nursery closed without a cancel.
+    assert bank.server.leases.held() == frozenset()
+    assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS
+
+
+async def test_shutdown_closes_lingering_sessions_after_the_grace_period(
+    mock_clock: trio.testing.MockClock, config: ServerConfig, ledger: SqliteLedger
+):
+    async with trio.open_nursery() as nursery:
+        bank = await start_server(nursery, config, ledger)
+        client = await logged_in(bank)
+        bank.server.shutdown()
+        frame = await client.receive()
+        assert frame is not None and isinstance(frame.message, Shutdown)
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(config.shutdown_grace_s)
+        assert await client.closed()
+        await client.aclose()
+    assert bank.server.leases.held() == frozenset()
+    assert bank.server.connection_count == 0
