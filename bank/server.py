@@ -114,7 +114,7 @@ class Connection:
             log.info("%s: connection lost: %s", self.name, error)
         finally:
             self.session.end()
-        await self._close_gracefully()
+        await close_gracefully(self._stream)
 
     async def _serve(self) -> None:
         while self.session.state is not State.CLOSED:
@@ -182,20 +182,6 @@ class Connection:
     async def _send(self, message: Message, request_id: int = 0) -> None:
         with trio.fail_after(self._config.frame_timeout_s):
             await self._stream.send_all(encode(message, request_id))
-
-    async def _close_gracefully(self) -> None:
-        with (
-            trio.move_on_after(CLOSE_LINGER_S),
-            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
-        ):
-            await self._stream.send_eof()
-            drained = 0
-            while drained < CLOSE_DRAIN_BYTES_MAX:
-                data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
-                if not data:
-                    break
-                drained += len(data)
-        await self._stream.aclose()
 
 
 class BankServer:
@@ -269,10 +255,34 @@ class BankServer:
             log.info("%s: closed", name)
 
     async def _refuse_busy(self, stream: trio.SocketStream) -> None:
-        with trio.move_on_after(CLOSE_LINGER_S):
-            with contextlib.suppress(trio.BrokenResourceError, OSError):
-                await stream.send_all(encode(Error(Status.SERVER_BUSY)))
-        await stream.aclose()
+        with (
+            trio.move_on_after(CLOSE_LINGER_S),
+            contextlib.suppress(trio.BrokenResourceError, OSError),
+        ):
+            await stream.send_all(encode(Error(Status.SERVER_BUSY)))
+        await close_gracefully(stream)
+
+
+async def close_gracefully(stream: trio.SocketStream) -> None:
+    """Send EOF, drain what the peer still sends (bounded), then close.
+
+    Closing a socket with unread input makes the kernel send RST, which can destroy
+    the last frame we sent before the peer reads it.
+    """
+    try:
+        with (
+            trio.move_on_after(CLOSE_LINGER_S),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
+            await stream.send_eof()
+            drained = 0
+            while drained < CLOSE_DRAIN_BYTES_MAX:
+                data = await stream.receive_some(RECEIVE_BYTES_MAX)
+                if not data:
+                    break
+                drained += len(data)
+    finally:
+        await stream.aclose()  # closes even when cancelled
 
 
 def _address(sockaddr: tuple) -> str:
