@@ -1,0 +1,112 @@
+"""``python -m atm``: the ATM client's command line.
+
+Only argument handling and process concerns live here (exit status, Ctrl-C, restoring
+the terminal); the session itself is ``atm.session.run_atm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+import trio
+
+from atm import text
+from atm.connection import CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, Connection
+from atm.console import TerminalConsole
+from atm.errors import ExitCode
+from atm.session import run_atm
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 65432
+PORT_MAX = 65535
+
+DESCRIPTION = """\
+A thin ATM: log in with an account number (AA-NNNNN) and a 4-digit PIN, then
+  b  balance      d  deposit      w  withdraw      h  history      x  exit (log out)
+Amounts are dollars with at most two decimals: 20, 20.5, 20.50, $1,000.00.
+
+Input may be piped: answers are read one per line in the order a person types them,
+and the end of input logs out cleanly. A deposit or withdrawal whose reply is lost is
+confirmed by reconnecting and resending it under the same transaction id, so it
+happens once."""
+
+
+def port_number(value: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 1 <= port <= PORT_MAX:
+        raise argparse.ArgumentTypeError(f"port must be 1..{PORT_MAX}, not {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m atm",
+        description=DESCRIPTION,
+        epilog=text.exit_code_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--host",
+        help=f"bank server address (env ATM_HOST; default {DEFAULT_HOST})",
+    )
+    parser.add_argument(
+        "--port",
+        type=port_number,
+        help=f"bank server TCP port (env ATM_PORT; default {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--reply-timeout-s",
+        type=int,
+        default=REPLY_TIMEOUT_S,
+        help=(f"seconds to wait for the bank's reply before reconnecting "
+              f"(default {REPLY_TIMEOUT_S}); connecting may take {CONNECT_TIMEOUT_S} s"),
+    )
+    return parser
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ
+) -> argparse.Namespace:
+    """Flags win over ATM_HOST / ATM_PORT, which win over the defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.host is None:
+        args.host = environ.get("ATM_HOST", DEFAULT_HOST)
+    if args.port is None:
+        try:
+            args.port = port_number(environ.get("ATM_PORT", str(DEFAULT_PORT)))
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"ATM_PORT: {error}")
+    if args.reply_timeout_s < 1:
+        parser.error("--reply-timeout-s must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = TerminalConsole()
+    connect = functools.partial(
+        Connection.open, args.host, args.port, reply_timeout_s=args.reply_timeout_s
+    )
+    try:
+        with console.terminal_restored():
+            return trio.run(run_atm, console, connect)
+    except KeyboardInterrupt:
+        pass
+    except BaseExceptionGroup as group:
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
+    console.write("\n" + text.INTERRUPTED)
+    return ExitCode.INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

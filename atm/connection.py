@@ -1,0 +1,252 @@
+"""One TCP connection to the bank: the Trio shell around the sans-IO ``wire`` codec.
+
+Everything the network can do wrong comes out of here as an ``atm.errors.SessionEnded``
+subclass, never as a Trio or OS exception, and every wait is bounded, so the session
+above can print one clear sentence and exit with a meaningful status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NoReturn, TypeVar
+
+import trio
+
+from atm.errors import (
+    ConnectFailed,
+    ConnectionLost,
+    IncompatibleVersion,
+    ReplyTimeout,
+    ServerBusy,
+    ServerShutdown,
+    SessionExpired,
+)
+from wire import (
+    REQUEST_ID_MAX,
+    Decoder,
+    Error,
+    Frame,
+    Hello,
+    Reply,
+    Request,
+    Sender,
+    Shutdown,
+    Status,
+    WireError,
+    encode,
+)
+from wire import SessionExpired as SessionExpiredNotice
+
+CONNECT_TIMEOUT_S = 10
+"""How long a TCP connect may take before we tell the customer the bank is unreachable."""
+
+HELLO_TIMEOUT_S = 10
+"""How long the bank may take to greet us after the TCP connect."""
+
+REPLY_TIMEOUT_S = 15
+"""How long one request may wait for its reply; longer than the bank's usual frame timeout."""
+
+CLOSE_TIMEOUT_S = 2
+"""How long closing may take; closing runs shielded, so it needs its own bound."""
+
+RECEIVE_BYTES_MAX = 4096
+"""Bytes asked of the socket per read; a whole frame is at most about 1 KiB."""
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+ReplyT = TypeVar("ReplyT", bound=Reply)
+
+
+class Connection:
+    """A greeted connection: ``hello`` holds the bank's limits.
+
+    Build one with ``open`` (TCP) or ``handshake`` (any Trio stream, which is how the
+    tests use memory streams). After any ``SessionEnded`` the connection is unusable
+    and should be closed.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, *, reply_timeout_s: float) -> None:
+        self._stream = stream
+        self._decoder = Decoder(Sender.SERVER)
+        self._reply_timeout_s = reply_timeout_s
+        self._last_request_id = 0
+        self.hello: Hello | None = None
+        self.shutdown: Shutdown | None = None
+        """A SHUTDOWN that arrived while we waited for a reply; the session ends after it."""
+
+    @classmethod
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        hello_timeout_s: float = HELLO_TIMEOUT_S,
+        reply_timeout_s: float = REPLY_TIMEOUT_S,
+    ) -> Connection:
+        """Connect over TCP and read the bank's HELLO."""
+        with trio.move_on_after(connect_timeout_s) as scope:
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError as error:
+                reason = _describe(_root_cause(error))
+                raise ConnectFailed(f"could not reach {host}:{port}: {reason}") from None
+        if scope.cancelled_caught:
+            raise ConnectFailed(f"could not reach {host}:{port} within {connect_timeout_s} s")
+        return await cls.handshake(
+            stream, hello_timeout_s=hello_timeout_s, reply_timeout_s=reply_timeout_s
+        )
+
+    @classmethod
+    async def handshake(
+        cls,
+        stream: trio.abc.Stream,
+        *,
+        hello_timeout_s: float = HELLO_TIMEOUT_S,
+        reply_timeout_s: float = REPLY_TIMEOUT_S,
+    ) -> Connection:
+        """Wrap ``stream`` and wait for HELLO; the stream is closed if that fails."""
+        connection = cls(stream, reply_timeout_s=reply_timeout_s)
+        try:
+            connection.hello = await connection._receive_hello(hello_timeout_s)
+        except BaseException:
+            await connection.aclose()
+            raise
+        return connection
+
+    async def _receive_hello(self, timeout_s: float) -> Hello:
+        with trio.move_on_after(timeout_s):
+            message = (await self._receive_frame()).message
+            if isinstance(message, Hello):
+                return message
+            if isinstance(message, Error) and message.status is Status.SERVER_BUSY:
+                raise ServerBusy("the bank is busy")
+            if isinstance(message, Error):
+                raise ConnectFailed("the bank refused the connection", status=message.status)
+            raise ConnectFailed(f"the bank greeted us with {message.OPCODE.name}, not HELLO")
+        raise ConnectFailed(f"the bank sent no greeting within {timeout_s} s")
+
+    @property
+    def amount_cents_max(self) -> int:
+        """The largest amount the bank accepts, from its HELLO."""
+        assert self.hello is not None, "a Connection is only handed out after HELLO"
+        return self.hello.amount_cents_max
+
+    @property
+    def history_entries_max(self) -> int:
+        """The most history entries one request may ask for, from the bank's HELLO."""
+        assert self.hello is not None, "a Connection is only handed out after HELLO"
+        return self.hello.history_entries_max
+
+    async def request(self, message: Request, reply_type: type[ReplyT]) -> ReplyT | Error:
+        """Send ``message`` under a fresh request id and return the bank's answer to it.
+
+        The answer is the matching reply, or an ERROR frame when the bank could not
+        decode the request (its status is never APPROVED, so checking ``status`` covers
+        both). A SHUTDOWN met on the way is kept in ``self.shutdown``: the bank still
+        answers requests during its grace period, so the reply is worth waiting for.
+        """
+        request_id = self._next_request_id()
+        with trio.move_on_after(self._reply_timeout_s):
+            await self._send(encode(message, request_id))
+            return await self._receive_reply(request_id, reply_type)
+        raise ReplyTimeout(f"no reply within {self._reply_timeout_s} s")
+
+    def _next_request_id(self) -> int:
+        """1, 2, ... wrapping before 2**32 so an id is never 0 (reserved for notices)."""
+        self._last_request_id = self._last_request_id % REQUEST_ID_MAX + 1
+        return self._last_request_id
+
+    async def _receive_reply(self, request_id: int, reply_type: type[ReplyT]) -> ReplyT | Error:
+        while True:
+            frame = await self._receive_frame()
+            message = frame.message
+            if frame.request_id == 0:
+                self._take_notice(message)
+            elif frame.request_id != request_id:
+                continue  # Not ours (a peer bug); the matching reply may still come.
+            elif isinstance(message, (reply_type, Error)):
+                return message
+            else:
+                raise ConnectionLost(
+                    f"the bank answered {reply_type.__name__} with {message.OPCODE.name}"
+                )
+
+    def _take_notice(self, message: object) -> None:
+        """Remember a SHUTDOWN; raise for a notice that ends the session now."""
+        if isinstance(message, Shutdown):
+            self.shutdown = message
+        elif isinstance(message, SessionExpiredNotice):
+            raise SessionExpired("idle timeout")
+        elif isinstance(message, Error):
+            raise ConnectionLost("the bank reported an error", status=message.status)
+        # Anything else with id 0 (a second HELLO) carries nothing we act on.
+
+    def raise_if_shutting_down(self) -> None:
+        """End the session if a SHUTDOWN arrived while we were busy with a request."""
+        if self.shutdown is not None:
+            raise ServerShutdown(self.shutdown.grace_s)
+
+    async def watch(self) -> NoReturn:
+        """Wait for a notice while the customer thinks; raises when the session must end.
+
+        Cancelling this is safe: a cancelled read loses no bytes, and a partly received
+        frame stays in the decoder for the next read.
+        """
+        while True:
+            self.raise_if_shutting_down()
+            frame = await self._receive_frame()
+            if frame.request_id == 0:
+                self._take_notice(frame.message)
+
+    async def _receive_frame(self) -> Frame:
+        while True:
+            try:
+                frame = self._decoder.next_frame()
+            except WireError as error:
+                if error.status is Status.UNSUPPORTED_VERSION:
+                    raise IncompatibleVersion(error.detail) from None
+                if not error.fatal:
+                    continue  # One intact frame we do not know (a newer peer's): skip it.
+                raise ConnectionLost(f"unreadable data from the bank ({error.detail})") from None
+            if frame is not None:
+                return frame
+            await self._receive_some()
+
+    async def _receive_some(self) -> None:
+        try:
+            data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+        except _STREAM_ERRORS as error:
+            raise ConnectionLost(f"the connection broke ({_describe(error)})") from None
+        if not data:
+            raise ConnectionLost("the bank closed the connection")
+        self._decoder.receive_data(data)
+
+    async def _send(self, frame: bytes) -> None:
+        try:
+            await self._stream.send_all(frame)
+        except _STREAM_ERRORS as error:
+            raise ConnectionLost(f"the connection broke ({_describe(error)})") from None
+
+    async def aclose(self) -> None:
+        """Close the stream; never raises, never hangs, and runs even while cancelled."""
+        with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            with contextlib.suppress(*_STREAM_ERRORS):
+                await self._stream.aclose()
+
+
+def _root_cause(error: OSError) -> BaseException:
+    """The first underlying error: trio reports a failed connect as "all attempts to
+    connect failed" caused by a group holding each address's own error."""
+    cause = error.__cause__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    return cause if cause is not None else error
+
+
+def _describe(error: BaseException) -> str:
+    """A short phrase for a stream error: the OS's words if there are any."""
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    return str(error) or type(error).__name__

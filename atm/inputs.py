@@ -1,0 +1,72 @@
+"""What a customer typed, checked and converted: pure functions, no I/O.
+
+These catch typos before they cost a round trip; the bank still decides whether an
+account, PIN or amount is acceptable. A rejected input raises ``InputError`` whose text
+is the sentence to show before asking again.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from atm import text
+from wire.messages import ACCOUNT_PATTERN, PIN_PATTERN
+from wire.money import parse_dollars
+
+
+class InputError(ValueError):
+    """A typo the customer can fix; ``str(error)`` is the sentence to show."""
+
+
+def parse_account(line: str) -> str:
+    """``ac-12345`` -> ``AC-12345``; the wire accepts any case, receipts show upper."""
+    account = line.strip()
+    if not ACCOUNT_PATTERN.fullmatch(account):
+        raise InputError(text.ACCOUNT_FORMAT_HINT)
+    return account.upper()
+
+
+def parse_pin(line: str) -> str:
+    pin = line.strip()
+    if not PIN_PATTERN.fullmatch(pin):
+        raise InputError(text.PIN_FORMAT_HINT)
+    return pin
+
+
+def parse_amount(line: str, *, amount_cents_max: int) -> int:
+    """Dollars typed by a person to integer cents, within ``1..amount_cents_max``."""
+    try:
+        amount_cents = parse_dollars(line)
+    except ValueError:
+        if line.strip().startswith("-"):
+            raise InputError(text.AMOUNT_NOT_POSITIVE) from None
+        raise InputError(text.AMOUNT_HINT) from None
+    if amount_cents <= 0:
+        raise InputError(text.AMOUNT_NOT_POSITIVE)
+    if amount_cents > amount_cents_max:
+        raise InputError(text.amount_too_large(amount_cents_max))
+    return amount_cents
+
+
+class Choice(Enum):
+    """A menu key. Whole words work too ("balance"), in any case."""
+
+    BALANCE = "b"
+    DEPOSIT = "d"
+    WITHDRAW = "w"
+    HISTORY = "h"
+    EXIT = "x"
+
+
+_WORDS = {"balance": Choice.BALANCE, "deposit": Choice.DEPOSIT, "withdraw": Choice.WITHDRAW,
+          "history": Choice.HISTORY, "exit": Choice.EXIT, "quit": Choice.EXIT,
+          "q": Choice.EXIT, "logout": Choice.EXIT}
+
+
+def parse_choice(line: str) -> Choice | None:
+    """The menu choice typed, or None for anything unknown (the caller shows help)."""
+    key = line.strip().lower()
+    try:
+        return Choice(key)
+    except ValueError:
+        return _WORDS.get(key)

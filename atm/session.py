@@ -1,0 +1,330 @@
+"""The customer flow: log in, serve menu choices until exit, then log out.
+
+States follow the bank's: connected -> logged in -> closed. Control flow lives here and
+the leaves are pure (``atm.inputs`` parses, ``atm.text`` words); the network is behind
+``atm.connection`` and the keyboard behind ``atm.console``, both injectable, so the
+whole flow runs in tests against a fake bank on memory streams.
+
+A deposit or withdrawal whose reply is lost is not guessed at: the ATM reconnects, logs
+in again and resends it with the same transaction id, which the bank answers with the
+original outcome, so the money moves exactly once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import tzinfo
+from typing import TypeVar
+
+import trio
+
+from atm import text
+from atm.connection import Connection
+from atm.console import Console
+from atm.errors import (
+    ConnectionLost,
+    ExitCode,
+    LoginRefused,
+    ServerBusy,
+    SessionEnded,
+    SessionExpired,
+    TransactionUnconfirmed,
+)
+from atm.inputs import Choice, InputError, parse_account, parse_amount, parse_choice, parse_pin
+from atm.text import Receipt, TransactionKind
+from wire import (
+    Balance,
+    BalanceReply,
+    Deposit,
+    DepositReply,
+    Error,
+    History,
+    HistoryReply,
+    Login,
+    LoginReply,
+    Logout,
+    LogoutReply,
+    Status,
+    Withdraw,
+    WithdrawReply,
+)
+from wire.messages import MoneyReply, MoneyRequest
+
+LOGIN_ATTEMPTS_MAX = 3
+"""Wrong PINs the ATM lets a customer retry; the bank closes the connection after three."""
+
+CONFIRM_ATTEMPTS_MAX = 3
+"""Reconnects tried to confirm a deposit or withdrawal whose reply was lost."""
+
+CONFIRM_BACKOFF_S = 1
+"""Wait before the second reconnect, doubled each time: lets the bank notice the old
+connection closed and release the account before we log in again."""
+
+HISTORY_ENTRIES_SHOWN = 10
+"""Entries shown by ``h``; fewer if the bank's HELLO allows fewer."""
+
+T = TypeVar("T")
+
+Connector = Callable[[], Awaitable[Connection]]
+
+_MONEY_MESSAGES: dict[TransactionKind, tuple[type[MoneyRequest], type[MoneyReply]]] = {
+    TransactionKind.DEPOSIT: (Deposit, DepositReply),
+    TransactionKind.WITHDRAWAL: (Withdraw, WithdrawReply),
+}
+
+
+class EndOfInput(Exception):
+    """Input ended (Ctrl-D, or the end of a pipe): the customer has walked away."""
+
+
+class _AccountStillLeased(ConnectionLost):
+    """On reconnect the bank still holds our old session's lease: worth another try."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Kept for one session only, to log in again when confirming a lost reply."""
+
+    account: str
+    pin: str = field(repr=False)
+
+
+async def run_atm(console: Console, connect: Connector, *, tz: tzinfo | None = None) -> ExitCode:
+    """Run one customer session from greeting to goodbye; returns the exit status."""
+    session = AtmSession(console, connect, tz=tz)
+    try:
+        await session.run()
+    except SessionEnded as ended:
+        console.write(text.ending(ended))
+        return ended.exit_code
+    return ExitCode.OK
+
+
+class AtmSession:
+    """One customer's visit: at most one live connection, replaced when a reply is lost."""
+
+    def __init__(self, console: Console, connect: Connector, *, tz: tzinfo | None = None) -> None:
+        self._console = console
+        self._connect = connect
+        self._tz = tz
+        self._connection: Connection | None = None
+        self._credentials: Credentials | None = None
+
+    @property
+    def _conn(self) -> Connection:
+        assert self._connection is not None, "only used between connect and close"
+        return self._connection
+
+    async def run(self) -> None:
+        try:
+            self._connection = await self._connect()
+            self._console.write(text.WELCOME)
+            if await self._log_in():
+                await self._serve_menu()
+        finally:
+            self._credentials = None
+            await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await connection.aclose()
+
+    # -- Input ------------------------------------------------------------------------
+
+    async def _ask(self, prompt: str, *, secret: bool = False) -> str:
+        line = await self._console.read_line(prompt, secret=secret)
+        if line is None:
+            raise EndOfInput
+        return line
+
+    async def _ask_watching(self, prompt: str) -> str:
+        """Ask, while also watching the bank: a notice ends the wait and the session."""
+        notice: SessionEnded | None = None
+        line: str | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal notice
+                try:
+                    await self._conn.watch()
+                except SessionEnded as ended:
+                    notice = ended
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            line = await self._console.read_line(prompt)
+            nursery.cancel_scope.cancel()
+        if notice is not None:
+            raise notice
+        if line is None:
+            raise EndOfInput
+        return line
+
+    async def _ask_parsed(self, prompt: str, parse: Callable[[str], T], *,
+                          secret: bool = False) -> T:
+        """Ask until the answer parses; each refusal explains the expected format."""
+        while True:
+            try:
+                return parse(await self._ask(prompt, secret=secret))
+            except InputError as error:
+                self._console.write(str(error))
+
+    # -- Login ------------------------------------------------------------------------
+
+    async def _log_in(self) -> bool:
+        """True once logged in; False if input ended first. Raises LoginRefused."""
+        for attempt in range(1, LOGIN_ATTEMPTS_MAX + 1):
+            try:
+                credentials = await self._ask_credentials()
+            except EndOfInput:
+                return False
+            status = await self._send_login(credentials)
+            if status is Status.APPROVED:
+                self._credentials = credentials
+                self._console.write(text.logged_in(credentials.account))
+                return True
+            if status is not Status.INCORRECT_PIN or attempt == LOGIN_ATTEMPTS_MAX:
+                raise LoginRefused(status)
+            self._console.write(f"{text.status_sentence(status)}. {text.TRY_AGAIN}")
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _ask_credentials(self) -> Credentials:
+        account = await self._ask_parsed(text.ACCOUNT_PROMPT, parse_account)
+        pin = await self._ask_parsed(text.PIN_PROMPT, parse_pin, secret=True)
+        return Credentials(account, pin)
+
+    async def _send_login(self, credentials: Credentials) -> Status:
+        reply = await self._conn.request(Login(credentials.account, credentials.pin), LoginReply)
+        return reply.status
+
+    # -- Menu -------------------------------------------------------------------------
+
+    async def _serve_menu(self) -> None:
+        actions = {
+            Choice.BALANCE: self._show_balance,
+            Choice.DEPOSIT: self._deposit,
+            Choice.WITHDRAW: self._withdraw,
+            Choice.HISTORY: self._show_history,
+        }
+        try:
+            while True:
+                self._conn.raise_if_shutting_down()
+                choice = parse_choice(await self._ask_watching(text.MENU_PROMPT))
+                if choice is Choice.EXIT:
+                    break
+                if choice is None:
+                    self._console.write(text.MENU_HELP)
+                    continue
+                await actions[choice]()
+        except EndOfInput:
+            pass
+        await self._log_out()
+
+    async def _log_out(self) -> None:
+        """Say goodbye to the bank; the customer is leaving, so a failure here is not one."""
+        try:
+            reply = await self._conn.request(Logout(), LogoutReply)
+        except SessionEnded:
+            self._console.write(text.LOGOUT_UNCONFIRMED)
+            return
+        self._console.write(text.GOODBYE if reply.status is Status.APPROVED
+                            else text.LOGOUT_UNCONFIRMED)
+
+    async def _show_balance(self) -> None:
+        reply = await self._conn.request(Balance(), BalanceReply)
+        if isinstance(reply, BalanceReply) and reply.status is Status.APPROVED:
+            self._console.write(text.balance(reply.balance_cents))
+        else:
+            self._console.write(text.request_failed(reply.status))
+
+    async def _show_history(self) -> None:
+        count = min(HISTORY_ENTRIES_SHOWN, self._conn.history_entries_max)
+        reply = await self._conn.request(History(count), HistoryReply)
+        if isinstance(reply, HistoryReply) and reply.status is Status.APPROVED:
+            self._console.write(text.format_history(reply.entries, self._tz))
+        else:
+            self._console.write(text.request_failed(reply.status))
+
+    # -- Moving money -----------------------------------------------------------------
+
+    async def _deposit(self) -> None:
+        await self._move_money(TransactionKind.DEPOSIT)
+
+    async def _withdraw(self) -> None:
+        await self._move_money(TransactionKind.WITHDRAWAL)
+
+    async def _ask_amount(self, kind: TransactionKind) -> int | None:
+        """Cents to move, or None if the customer cancelled with an empty line."""
+        amount_cents_max = self._conn.amount_cents_max
+        while True:
+            line = await self._ask_watching(text.amount_prompt(kind))
+            if not line.strip():
+                return None
+            try:
+                return parse_amount(line, amount_cents_max=amount_cents_max)
+            except InputError as error:
+                self._console.write(str(error))
+
+    async def _move_money(self, kind: TransactionKind) -> None:
+        amount_cents = await self._ask_amount(kind)
+        if amount_cents is None:
+            self._console.write(text.CANCELLED)
+            return
+        request_type, reply_type = _MONEY_MESSAGES[kind]
+        # A fresh random id per transaction; retries of this one reuse it.
+        request = request_type(uuid.uuid4().bytes, amount_cents)
+        reply = await self._send_money(kind, request, reply_type)
+        if not isinstance(reply, MoneyReply) or reply.status is not Status.APPROVED:
+            self._console.write(text.refused(kind, reply.status))
+            return
+        assert self._credentials is not None, "money moves only after login"
+        receipt = Receipt(kind=kind, account=self._credentials.account,
+                          amount_cents=amount_cents, balance_cents=reply.balance_cents,
+                          entry_id=reply.entry_id, time_ms=reply.time_ms)
+        self._console.write(text.format_receipt(receipt, self._tz))
+
+    async def _send_money(self, kind: TransactionKind, request: MoneyRequest,
+                          reply_type: type[MoneyReply]) -> MoneyReply | Error:
+        try:
+            return await self._conn.request(request, reply_type)
+        except (ConnectionLost, SessionExpired) as lost:
+            self._console.write(text.reconnecting(kind, lost))
+        return await self._confirm(kind, request, reply_type)
+
+    async def _confirm(self, kind: TransactionKind, request: MoneyRequest,
+                       reply_type: type[MoneyReply]) -> MoneyReply | Error:
+        """Resend ``request`` (same txn id) on a new connection until the bank answers."""
+        for attempt in range(1, CONFIRM_ATTEMPTS_MAX + 1):
+            await self._drop_connection()
+            if attempt > 1:
+                await trio.sleep(CONFIRM_BACKOFF_S * 2 ** (attempt - 2))
+            try:
+                reply = await self._resend(request, reply_type)
+            except (ConnectionLost, SessionExpired, ServerBusy) as failure:
+                self._console.write(text.retry_failed(attempt, CONFIRM_ATTEMPTS_MAX, failure))
+                continue
+            except LoginRefused as refusal:  # Retrying cannot help, but say what is at stake.
+                self._console.write(text.retry_failed(attempt, CONFIRM_ATTEMPTS_MAX, refusal))
+                break
+            if reply.status is Status.APPROVED and isinstance(reply, MoneyReply):
+                self._console.write(text.confirmed(kind, reply.entry_id))
+            else:
+                self._console.write(text.confirmed_refused(kind, reply.status))
+            return reply
+        raise TransactionUnconfirmed(kind=kind.noun, amount_cents=request.amount_cents,
+                                     txn_id=request.txn_id)
+
+    async def _resend(self, request: MoneyRequest,
+                      reply_type: type[MoneyReply]) -> MoneyReply | Error:
+        assert self._credentials is not None, "money moves only after login"
+        self._connection = await self._connect()
+        status = await self._send_login(self._credentials)
+        if status is Status.ACCOUNT_IN_USE:
+            raise _AccountStillLeased("the bank still holds the old session",
+                                      status=Status.ACCOUNT_IN_USE)
+        if status is not Status.APPROVED:
+            raise LoginRefused(status)
+        return await self._conn.request(request, reply_type)

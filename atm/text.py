@@ -1,0 +1,271 @@
+"""Every sentence the ATM shows a customer, in one place.
+
+Keeping the words apart from the flow means a test can check that every wire status has a
+sentence, a translator has one file to work on, and the flow code reads as control flow.
+Statuses are always shown with their numeric code ("Insufficient funds (51)") so a
+customer reading one out to the bank is understood; the codes follow ISO 8583.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
+from enum import Enum
+
+from atm.errors import (
+    ConnectFailed,
+    ConnectionLost,
+    ExitCode,
+    IncompatibleVersion,
+    LoginRefused,
+    ReplyTimeout,
+    ServerBusy,
+    ServerShutdown,
+    SessionEnded,
+    SessionExpired,
+    TransactionUnconfirmed,
+)
+from wire import EntryKind, HistoryEntry, Status
+from wire.money import format_cents
+
+STATUS_SENTENCES: dict[Status, str] = {
+    Status.APPROVED: "Approved",
+    Status.INVALID_TRANSACTION: "The bank does not offer that transaction",
+    Status.INVALID_AMOUNT: "Invalid amount",
+    Status.FORMAT_ERROR: "The bank could not read the request",
+    Status.INSUFFICIENT_FUNDS: "Insufficient funds",
+    Status.INCORRECT_PIN: "Incorrect PIN",
+    Status.EXCEEDS_WITHDRAWAL_LIMIT: "Exceeds the withdrawal limit",
+    Status.PIN_TRIES_EXCEEDED: "Too many incorrect PINs: the account is locked",
+    Status.ISSUER_UNAVAILABLE: "The bank is unavailable; please try again later",
+    Status.DUPLICATE_TRANSMISSION: "Duplicate transaction",
+    Status.SYSTEM_MALFUNCTION: "The bank had a system malfunction; please try again later",
+    Status.ACCOUNT_IN_USE: "This account is in use at another ATM",
+    Status.NOT_LOGGED_IN: "Not logged in",
+    Status.ALREADY_LOGGED_IN: "Already logged in",
+    Status.SERVER_BUSY: "The bank is busy; please try again in a moment",
+    Status.UNSUPPORTED_VERSION: "The bank does not support this ATM's protocol version",
+}
+
+
+def status_sentence(status: Status) -> str:
+    """``Insufficient funds (51)``: the sentence with the code a bank clerk can look up."""
+    return f"{STATUS_SENTENCES[status]} ({status.value})"
+
+
+# -- Prompts and short lines ----------------------------------------------------------
+
+WELCOME = "Welcome to the ATM."
+ACCOUNT_PROMPT = "Account number (AA-NNNNN): "
+PIN_PROMPT = "PIN (4 digits): "
+ACCOUNT_FORMAT_HINT = "An account number is two letters, a hyphen and five digits, like AC-12345."
+PIN_FORMAT_HINT = "A PIN is exactly four digits."
+TRY_AGAIN = "Please try again."
+MENU_PROMPT = "[b]alance  [d]eposit  [w]ithdraw  [h]istory  e[x]it: "
+MENU_HELP = "Type b for balance, d to deposit, w to withdraw, h for history or x to exit."
+AMOUNT_HINT = "Type an amount in dollars with at most two decimals, like 20, 20.50 or $1,000.00."
+AMOUNT_NOT_POSITIVE = "The amount must be more than $0.00."
+CANCELLED = "Cancelled."
+GOODBYE = "Logged out. Thank you, goodbye."
+LOGOUT_UNCONFIRMED = "The bank did not confirm the logout, but your session has ended. Goodbye."
+INTERRUPTED = "Interrupted; the session has ended."
+NO_HISTORY = "No transactions yet."
+
+
+def logged_in(account: str) -> str:
+    return f"Logged in to {mask_account(account)}."
+
+
+def amount_prompt(kind: TransactionKind) -> str:
+    return f"Amount to {kind.verb} in dollars (empty line to cancel): "
+
+
+def amount_too_large(amount_cents_max: int) -> str:
+    return f"The most one transaction can move is {format_cents(amount_cents_max)}."
+
+
+def balance(balance_cents: int) -> str:
+    return f"Your balance is {format_cents(balance_cents)}."
+
+
+def refused(kind: TransactionKind, status: Status) -> str:
+    """A transaction the bank declined: no money moved."""
+    return f"Your {kind.noun} was declined: {status_sentence(status)}."
+
+
+def request_failed(status: Status) -> str:
+    return f"The bank declined the request: {status_sentence(status)}."
+
+
+# -- Receipts and history -------------------------------------------------------------
+
+
+class TransactionKind(Enum):
+    """The two ways money moves, with the words used for each."""
+
+    DEPOSIT = ("deposit", "deposit", "Deposit")
+    WITHDRAWAL = ("withdrawal", "withdraw", "Withdrawal")
+
+    def __init__(self, noun: str, verb: str, title: str) -> None:
+        self.noun = noun
+        self.verb = verb
+        self.title = title
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a receipt shows; built from an approved deposit or withdrawal reply."""
+
+    kind: TransactionKind
+    account: str
+    amount_cents: int
+    balance_cents: int
+    entry_id: int
+    time_ms: int
+
+
+RECEIPT_WIDTH = 36
+ACCOUNT_DIGITS_SHOWN = 2
+
+
+def mask_account(account: str) -> str:
+    """``AC-12345`` -> ``AC-***45``: enough to recognise, not enough to reuse."""
+    prefix, _, digits = account.upper().partition("-")
+    hidden = len(digits) - ACCOUNT_DIGITS_SHOWN
+    return f"{prefix}-{'*' * hidden}{digits[hidden:]}"
+
+
+def local_time(time_ms: int, tz: tzinfo | None = None) -> datetime:
+    """The bank's Unix milliseconds as an aware datetime in ``tz`` (default: local time).
+
+    Built from integer milliseconds with timedelta so no float rounding creeps in.
+    """
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=time_ms)).astimezone(tz)
+
+
+def format_time(time_ms: int, tz: tzinfo | None = None) -> str:
+    return local_time(time_ms, tz).strftime("%Y-%m-%d %H:%M:%S %Z").rstrip()
+
+
+def format_receipt(receipt: Receipt, tz: tzinfo | None = None) -> str:
+    """A fixed-width receipt, one labelled value per line."""
+    rows = [
+        (receipt.kind.title, format_cents(receipt.amount_cents)),
+        ("Account", mask_account(receipt.account)),
+        ("New balance", format_cents(receipt.balance_cents)),
+        ("Reference", str(receipt.entry_id)),
+        ("Time", format_time(receipt.time_ms, tz)),
+    ]
+    lines = [" RECEIPT ".center(RECEIPT_WIDTH, "-")]
+    lines += [f"{label:<12}{value:>{RECEIPT_WIDTH - 12}}" for label, value in rows]
+    lines.append("-" * RECEIPT_WIDTH)
+    return "\n".join(lines)
+
+
+_ENTRY_TITLES = {EntryKind.DEPOSIT: "Deposit", EntryKind.WITHDRAWAL: "Withdrawal"}
+
+
+def format_history(entries: tuple[HistoryEntry, ...], tz: tzinfo | None = None) -> str:
+    """Recent entries newest first, as the bank sends them; withdrawals shown negative."""
+    if not entries:
+        return NO_HISTORY
+    lines = [f"{'Time':<20}{'Type':<12}{'Amount':>14}{'Balance':>16}  Reference"]
+    for entry in entries:
+        sign = -1 if entry.kind is EntryKind.WITHDRAWAL else 1
+        lines.append(
+            f"{local_time(entry.time_ms, tz):%Y-%m-%d %H:%M:%S} "
+            f"{_ENTRY_TITLES[entry.kind]:<12}{format_cents(sign * entry.amount_cents):>14}"
+            f"{format_cents(entry.balance_cents):>16}  {entry.entry_id}"
+        )
+    return "\n".join(lines)
+
+
+# -- Retrying a transaction whose reply was lost --------------------------------------
+
+
+def reconnecting(kind: TransactionKind, cause: SessionEnded) -> str:
+    opening = (
+        "The bank did not answer in time"
+        if isinstance(cause, ReplyTimeout)
+        else "The connection dropped"
+    )
+    return f"{opening}; reconnecting to confirm your {kind.noun}..."
+
+
+def retry_failed(attempt: int, attempts_max: int, cause: SessionEnded) -> str:
+    return f"Attempt {attempt} of {attempts_max} failed: {ending_reason(cause)}."
+
+
+def confirmed(kind: TransactionKind, entry_id: int) -> str:
+    return f"...confirmed, your {kind.noun} went through once, reference {entry_id}."
+
+
+def confirmed_refused(kind: TransactionKind, status: Status) -> str:
+    return f"...confirmed: your {kind.noun} did not go through: {status_sentence(status)}."
+
+
+# -- How a session ended --------------------------------------------------------------
+
+
+def ending_reason(ended: SessionEnded) -> str:
+    """A short clause for why the session (or one retry) ended."""
+    match ended:
+        case ServerShutdown(grace_s=grace_s):
+            return f"the bank is shutting down (closing in {grace_s} s)"
+        case SessionExpired():
+            return "the session expired after being idle too long"
+        case ServerBusy():
+            return status_sentence(Status.SERVER_BUSY)
+        case IncompatibleVersion():
+            return status_sentence(Status.UNSUPPORTED_VERSION)
+        case LoginRefused(status=status):
+            return status_sentence(status)
+        case ConnectionLost(reason=reason, status=Status() as status):
+            return f"{reason}: {status_sentence(status)}"
+        case ConnectionLost(reason=reason):
+            return reason
+    return str(ended)
+
+
+def ending(ended: SessionEnded) -> str:
+    """The last thing a customer reads when a session ends in an error."""
+    match ended:
+        case TransactionUnconfirmed(kind=kind, amount_cents=amount_cents, txn_id=txn_id):
+            return (
+                f"We could not confirm your {kind} of {format_cents(amount_cents)}. "
+                f"It was made at most once; ask the bank about transaction {txn_id.hex()}."
+            )
+        case ConnectFailed():
+            return f"Could not connect to the bank: {ending_reason(ended)}."
+        case IncompatibleVersion():
+            return (
+                f"This ATM cannot talk to this bank: {ending_reason(ended)}. "
+                "The ATM software needs updating."
+            )
+        case LoginRefused():
+            return f"Login refused: {ending_reason(ended)}. Session ended."
+        case ConnectionLost():
+            return f"The connection to the bank was lost: {ending_reason(ended)}."
+    return f"Session ended: {ending_reason(ended)}."
+
+
+EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "logged out normally, or input ended",
+    ExitCode.CONNECTION_LOST: "could not connect, or the connection was lost",
+    ExitCode.USAGE: "bad command line",
+    ExitCode.LOGIN_REFUSED: "login refused (e.g. incorrect PIN three times)",
+    ExitCode.ACCOUNT_LOCKED: "account locked after too many incorrect PINs",
+    ExitCode.ACCOUNT_IN_USE: "account in use at another ATM",
+    ExitCode.SERVER_UNAVAILABLE: "bank busy or shutting down",
+    ExitCode.SESSION_EXPIRED: "session expired after being idle",
+    ExitCode.INCOMPATIBLE_VERSION: "the bank speaks another protocol version",
+    ExitCode.UNCONFIRMED_TRANSACTION: "a deposit or withdrawal could not be confirmed",
+    ExitCode.INTERRUPTED: "interrupted with Ctrl-C",
+}
+
+
+def exit_code_table() -> str:
+    """The exit codes for ``--help``."""
+    lines = ["exit status:"]
+    lines += [f"  {code.value:>3}  {meaning}" for code, meaning in EXIT_CODE_MEANINGS.items()]
+    return "\n".join(lines)

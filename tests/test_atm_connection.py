@@ -1,0 +1,199 @@
+"""``atm.connection`` on its own: greeting, request ids, replies, notices and faults.
+
+A hand-driven peer on a memory stream plays the bank so each fault can be produced
+exactly: silence (on ``autojump_clock``), garbage, an unknown opcode, a closed stream.
+Two tests use a real TCP socket on 127.0.0.1 to cover ``Connection.open``.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+import trio
+import trio.testing
+
+from atm.connection import HELLO_TIMEOUT_S, REPLY_TIMEOUT_S, Connection
+from atm.errors import (
+    ConnectFailed,
+    ConnectionLost,
+    IncompatibleVersion,
+    ReplyTimeout,
+    ServerBusy,
+    ServerShutdown,
+    SessionExpired,
+)
+from tests.test_atm_fakebank import HELLO, FakeBank, listen_on_loopback, with_version
+from wire import (
+    REQUEST_ID_MAX,
+    Balance,
+    BalanceReply,
+    Decoder,
+    Error,
+    Ping,
+    PingReply,
+    Sender,
+    Shutdown,
+    Status,
+    encode,
+)
+from wire import SessionExpired as SessionExpiredNotice
+
+
+class Peer:
+    """The bank's end of a memory stream, driven step by step by the test."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.decoder = Decoder(Sender.CLIENT)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive_request_id(self) -> int:
+        while (frame := self.decoder.next_frame()) is None:
+            self.decoder.receive_data(await self.stream.receive_some(4096))
+        return frame.request_id
+
+
+async def greeted() -> tuple[Connection, Peer]:
+    client, server = trio.testing.memory_stream_pair()
+    peer = Peer(server)
+    await peer.send(encode(HELLO))
+    return await Connection.handshake(client), peer
+
+
+def unknown_opcode_frame(opcode: int = 0x50) -> bytes:
+    body = b"AT" + struct.pack(">BBIH", 1, opcode, 0, 0)
+    return body + zlib.crc32(body).to_bytes(4, "big")
+
+
+async def test_handshake_keeps_the_banks_limits() -> None:
+    connection, _ = await greeted()
+    assert connection.hello == HELLO
+    assert connection.amount_cents_max == HELLO.amount_cents_max
+
+
+async def test_request_ids_are_fresh_and_nonzero() -> None:
+    connection, peer = await greeted()
+    seen = []
+    for _ in range(3):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.request, Ping(), PingReply)
+            request_id = await peer.receive_request_id()
+            seen.append(request_id)
+            await peer.send(encode(PingReply(Status.APPROVED), request_id))
+    assert seen == [1, 2, 3]
+    connection._last_request_id = REQUEST_ID_MAX
+    assert connection._next_request_id() == 1
+
+
+async def test_reply_is_matched_past_notices_and_unknown_frames() -> None:
+    connection, peer = await greeted()
+
+    async def answer() -> None:
+        request_id = await peer.receive_request_id()
+        await peer.send(unknown_opcode_frame())
+        await peer.send(encode(PingReply(Status.APPROVED), request_id + 1))  # Not ours.
+        await peer.send(encode(Shutdown(7)))
+        await peer.send(encode(BalanceReply(Status.APPROVED, 5), request_id))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        reply = await connection.request(Balance(), BalanceReply)
+    assert reply == BalanceReply(Status.APPROVED, 5)
+    with pytest.raises(ServerShutdown) as raised:
+        connection.raise_if_shutting_down()
+    assert raised.value.grace_s == 7
+
+
+async def test_error_frame_answers_the_request() -> None:
+    connection, peer = await greeted()
+
+    async def answer() -> None:
+        await peer.send(encode(Error(Status.FORMAT_ERROR), await peer.receive_request_id()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        assert await connection.request(Ping(), PingReply) == Error(Status.FORMAT_ERROR)
+
+
+async def test_session_expired_during_a_request_raises() -> None:
+    connection, peer = await greeted()
+
+    async def expire() -> None:
+        await peer.receive_request_id()
+        await peer.send(encode(SessionExpiredNotice()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(expire)
+        with pytest.raises(SessionExpired):
+            await connection.request(Ping(), PingReply)
+
+
+async def test_reply_timeout(autojump_clock: trio.abc.Clock) -> None:
+    connection, _ = await greeted()
+    start = trio.current_time()
+    with pytest.raises(ReplyTimeout):
+        await connection.request(Ping(), PingReply)
+    assert trio.current_time() - start == pytest.approx(REPLY_TIMEOUT_S)
+
+
+async def test_hello_timeout(autojump_clock: trio.abc.Clock) -> None:
+    client, _server = trio.testing.memory_stream_pair()
+    with pytest.raises(ConnectFailed, match="no greeting"):
+        await Connection.handshake(client)
+    assert trio.current_time() == pytest.approx(HELLO_TIMEOUT_S)
+
+
+async def test_busy_bank_refuses_the_connection() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    await server.send_all(encode(Error(Status.SERVER_BUSY)))
+    with pytest.raises(ServerBusy):
+        await Connection.handshake(client)
+
+
+async def test_other_protocol_version_is_refused() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    await server.send_all(with_version(encode(HELLO), 2))
+    with pytest.raises(IncompatibleVersion, match="version 2"):
+        await Connection.handshake(client)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [(b"", "closed the connection"), (b"HTTP/1.1 400\r\n", "unreadable")],
+)
+async def test_closed_or_garbled_connection_is_lost(data: bytes, match: str) -> None:
+    connection, peer = await greeted()
+    await peer.send(data)
+    await peer.stream.aclose()
+    with pytest.raises(ConnectionLost, match=match):
+        await connection.watch()
+
+
+async def test_watch_raises_on_notices() -> None:
+    connection, peer = await greeted()
+    await peer.send(encode(SessionExpiredNotice()))
+    with pytest.raises(SessionExpired):
+        await connection.watch()
+
+
+async def test_open_reports_a_refused_connect() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))  # Bound but not listening: connects are refused.
+        port = sock.getsockname()[1]
+        with pytest.raises(ConnectFailed, match="Connection refused"):
+            await Connection.open("127.0.0.1", port)
+
+
+async def test_open_over_tcp() -> None:
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        port = await listen_on_loopback(nursery, bank)
+        connection = await Connection.open("127.0.0.1", port)
+        assert connection.hello == HELLO
+        assert await connection.request(Ping(), PingReply) == PingReply(Status.APPROVED)
+        await connection.aclose()
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,163 @@
+"""``python -m atm`` as a process, and the real console it reads from.
+
+The ATM runs as a subprocess against the fake bank on 127.0.0.1 (port 0), with its
+input piped and, once, on a pseudo-terminal (pexpect) to check the PIN is not echoed.
+The console's line reader is tested on an ``os.pipe``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import trio
+
+from atm import text
+from atm.__main__ import DEFAULT_HOST, DEFAULT_PORT, parse_args
+from atm.console import LINE_BYTES_MAX, LineReader, TerminalConsole
+from atm.errors import ExitCode
+from tests.test_atm_fakebank import ACCOUNT, PIN, START_BALANCE_CENTS, FakeBank, listen_on_loopback
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def run_atm_process(port: int, stdin: bytes) -> trio.CompletedProcess:
+    return await trio.run_process(
+        [sys.executable, "-m", "atm", "--port", str(port)],
+        stdin=stdin, capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
+    )
+
+
+async def test_piped_session_prints_what_a_person_would_see() -> None:
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        port = await listen_on_loopback(nursery, bank)
+        answers = f"{ACCOUNT}\n{PIN}\nb\nd\n12.34\nx\n".encode()
+        done = await run_atm_process(port, answers)
+        nursery.cancel_scope.cancel()
+    out = done.stdout.decode()
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert done.stderr == b""
+    assert f"{text.ACCOUNT_PROMPT}{ACCOUNT}\n" in out
+    assert f"{text.PIN_PROMPT}****\n" in out
+    assert PIN not in out.replace(ACCOUNT, "")
+    assert text.balance(START_BALANCE_CENTS) in out
+    assert "$112.34" in out
+    assert out.endswith(text.GOODBYE + "\n")
+
+
+async def test_end_of_piped_input_logs_out_with_status_0() -> None:
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        port = await listen_on_loopback(nursery, bank)
+        done = await run_atm_process(port, f"{ACCOUNT}\n{PIN}\nb".encode())
+        nursery.cancel_scope.cancel()
+    assert done.returncode == ExitCode.OK
+    assert done.stdout.decode().endswith(text.GOODBYE + "\n")
+
+
+async def test_refused_login_exits_non_zero_without_a_traceback() -> None:
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        bank.accounts[ACCOUNT].locked = True
+        port = await listen_on_loopback(nursery, bank)
+        done = await run_atm_process(port, f"{ACCOUNT}\n{PIN}\n".encode())
+        nursery.cancel_scope.cancel()
+    assert done.returncode == ExitCode.ACCOUNT_LOCKED
+    assert done.stderr == b""
+
+
+async def test_unreachable_bank_exits_1() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))  # Bound, not listening: the connect is refused.
+        done = await run_atm_process(sock.getsockname()[1], b"")
+    assert done.returncode == ExitCode.CONNECTION_LOST
+    assert b"Could not connect to the bank" in done.stdout
+    assert done.stderr == b""
+
+
+async def test_pin_is_not_echoed_on_a_terminal() -> None:
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        port = await listen_on_loopback(nursery, bank)
+        output = await trio.to_thread.run_sync(drive_a_terminal, port)
+        nursery.cancel_scope.cancel()
+    assert PIN not in output.replace(ACCOUNT, "")
+    assert text.balance(START_BALANCE_CENTS) in output
+
+
+def drive_a_terminal(port: int) -> str:
+    """Type a session into a pseudo-terminal as a person would; returns the screen."""
+    child = pexpect.spawn(sys.executable, ["-m", "atm", "--port", str(port)], cwd=str(ROOT),
+                          encoding="utf-8", timeout=10)
+    screen = io.StringIO()
+    child.logfile_read = screen
+    child.expect_exact(text.ACCOUNT_PROMPT)
+    child.sendline(ACCOUNT)
+    child.expect_exact(text.PIN_PROMPT)
+    child.sendline(PIN)
+    child.expect_exact(text.MENU_PROMPT)
+    child.sendline("b")
+    child.expect_exact(text.MENU_PROMPT)
+    child.sendline("x")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == ExitCode.OK
+    return screen.getvalue()
+
+
+# -- Arguments and environment ------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    args = parse_args([], environ={})
+    assert (args.host, args.port) == (DEFAULT_HOST, DEFAULT_PORT)
+
+
+def test_environment_then_flags() -> None:
+    environ = {"ATM_HOST": "::1", "ATM_PORT": "4000"}
+    assert (parse_args([], environ).host, parse_args([], environ).port) == ("::1", 4000)
+    args = parse_args(["--host", "127.0.0.2", "--port", "5000"], environ)
+    assert (args.host, args.port) == ("127.0.0.2", 5000)
+
+
+@pytest.mark.parametrize(("argv", "environ"), [
+    (["--port", "0"], {}), (["--port", "http"], {}), ([], {"ATM_PORT": "70000"}),
+])
+def test_bad_ports_are_usage_errors(argv: list[str], environ: dict[str, str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        parse_args(argv, environ)
+    assert raised.value.code == ExitCode.USAGE
+
+
+# -- The console ------------------------------------------------------------------------
+
+
+def test_line_reader_splits_lines_and_ends() -> None:
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"one\r\ntwo\n" + b"x" * (LINE_BYTES_MAX + 5))
+    os.close(write_fd)
+    reader = LineReader(read_fd)
+    assert [reader.read_line(), reader.read_line()] == ["one", "two"]
+    assert reader.read_line() == "x" * LINE_BYTES_MAX
+    assert reader.read_line() == "x" * 5
+    assert reader.read_line() is None
+    os.close(read_fd)
+
+
+async def test_a_cancelled_read_is_not_lost() -> None:
+    read_fd, write_fd = os.pipe()
+    out = io.StringIO()
+    console = TerminalConsole(fd=read_fd, out=out)
+    with trio.move_on_after(0.01):  # The read is pending in its thread when cancelled.
+        await console.read_line("first? ")
+    os.write(write_fd, b"answer\n")
+    os.close(write_fd)
+    assert await console.read_line("again? ") == "answer"
+    assert await console.read_line("more? ") is None
+    assert out.getvalue() == "first? answer\nmore? \n"
+    os.close(read_fd)

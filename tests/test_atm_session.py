@@ -1,0 +1,336 @@
+"""The ATM's customer flow end to end against the fake bank, over memory streams.
+
+Covers login (typos, wrong PIN, lockout, account in use), the menu, amounts, receipts,
+refusals shown with their code, notices ending the session, lost connections, and the
+exactly-once retry of a deposit or withdrawal whose reply was lost. Timeouts and
+reconnect back-offs run on ``autojump_clock``; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+import trio
+import trio.testing
+
+from atm import text
+from atm.errors import ExitCode
+from atm.session import CONFIRM_ATTEMPTS_MAX, run_atm
+from tests.test_atm_fakebank import (
+    ACCOUNT,
+    HELLO,
+    PIN,
+    START_BALANCE_CENTS,
+    FakeBank,
+    ScriptedConsole,
+    with_version,
+)
+from wire import (
+    Balance,
+    Deposit,
+    Hello,
+    Login,
+    Logout,
+    SessionExpired,
+    Shutdown,
+    Withdraw,
+    encode,
+)
+
+LOGIN_LINES = [ACCOUNT, PIN]
+
+
+async def run(
+    lines: list[str], *, then_wait: bool = False, bank_setup=None, during=None,
+    hello: Hello = HELLO,
+) -> tuple[ExitCode, ScriptedConsole, FakeBank]:
+    """Run one ATM session; ``bank_setup(bank)`` first, ``during(bank)`` alongside it."""
+    console = ScriptedConsole(lines, then_wait=then_wait)
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery, hello=hello)
+        if bank_setup is not None:
+            bank_setup(bank)
+        if during is not None:
+            nursery.start_soon(during, bank)
+        code = await run_atm(console, bank.connect, tz=UTC)
+        nursery.cancel_scope.cancel()
+    return code, console, bank
+
+
+# -- Login ----------------------------------------------------------------------------
+
+
+async def test_balance_then_exit() -> None:
+    code, console, bank = await run(["ac-12345", PIN, "b", "x"])
+    assert code is ExitCode.OK
+    assert text.balance(START_BALANCE_CENTS) in console.output
+    assert console.output[-1] == text.GOODBYE
+    assert bank.sent(Login) == [Login(ACCOUNT, PIN)]
+    assert len(bank.sent(Logout)) == 1
+
+
+async def test_pin_is_asked_as_a_secret_and_the_account_is_not() -> None:
+    _, console, _ = await run([*LOGIN_LINES, "x"])
+    assert console.prompts[:2] == [(text.ACCOUNT_PROMPT, False), (text.PIN_PROMPT, True)]
+
+
+async def test_typos_are_caught_locally_and_asked_again() -> None:
+    code, console, bank = await run(["A-1", ACCOUNT, "12", "12345", PIN, "x"])
+    assert code is ExitCode.OK
+    assert console.output.count(text.ACCOUNT_FORMAT_HINT) == 1
+    assert console.output.count(text.PIN_FORMAT_HINT) == 2
+    assert len(bank.sent(Login)) == 1
+
+
+async def test_wrong_pin_may_be_retried() -> None:
+    code, console, bank = await run([ACCOUNT, "9999", ACCOUNT, PIN, "x"])
+    assert code is ExitCode.OK
+    assert "Incorrect PIN (55)" in console.text
+    assert len(bank.sent(Login)) == 2
+
+
+async def test_three_wrong_pins_end_the_session() -> None:
+    code, console, _ = await run([ACCOUNT, "9999"] * 3)
+    assert code is ExitCode.LOGIN_REFUSED
+    assert console.output[-1] == "Login refused: Incorrect PIN (55). Session ended."
+
+
+async def test_locked_account_is_refused() -> None:
+    def lock(bank: FakeBank) -> None:
+        bank.accounts[ACCOUNT].locked = True
+
+    code, console, _ = await run(LOGIN_LINES, bank_setup=lock)
+    assert code is ExitCode.ACCOUNT_LOCKED
+    assert "(75)" in console.output[-1]
+
+
+async def test_account_in_use_is_refused() -> None:
+    def lease(bank: FakeBank) -> None:
+        bank.leases.add(ACCOUNT)
+
+    code, console, _ = await run(LOGIN_LINES, bank_setup=lease)
+    assert code is ExitCode.ACCOUNT_IN_USE
+    assert "This account is in use at another ATM (160)" in console.output[-1]
+
+
+async def test_end_of_input_before_login_exits_cleanly() -> None:
+    code, _, bank = await run([])
+    assert code is ExitCode.OK
+    assert bank.requests == []
+
+
+# -- Menu and money ---------------------------------------------------------------------
+
+
+async def test_deposit_prints_a_receipt() -> None:
+    code, console, bank = await run([*LOGIN_LINES, "d", "20.50", "x"])
+    assert code is ExitCode.OK
+    receipt = next(line for line in console.output if "RECEIPT" in line)
+    assert "Deposit" in receipt and "$20.50" in receipt and "$120.50" in receipt
+    assert "AC-***45" in receipt
+    assert "Reference" in receipt and "2023-11-14 22:13:20 UTC" in receipt
+    assert [r.amount_cents for r in bank.sent(Deposit)] == [20_50]
+
+
+async def test_overdraft_is_refused_with_its_code() -> None:
+    code, console, bank = await run([*LOGIN_LINES, "w", "$1,000", "w", "30", "x"])
+    assert code is ExitCode.OK
+    assert "Your withdrawal was declined: Insufficient funds (51)." in console.output
+    assert bank.accounts[ACCOUNT].balance_cents == START_BALANCE_CENTS - 30_00
+
+
+async def test_bad_amounts_are_refused_locally_and_asked_again() -> None:
+    lines = [*LOGIN_LINES, "d", "0", "-5", "abc", "1.234", "100000.01", "5", "x"]
+    code, console, bank = await run(lines)
+    assert code is ExitCode.OK
+    assert console.output.count(text.AMOUNT_NOT_POSITIVE) == 2
+    assert console.output.count(text.AMOUNT_HINT) == 2
+    assert text.amount_too_large(HELLO.amount_cents_max) in console.output
+    assert [r.amount_cents for r in bank.sent(Deposit)] == [5_00]
+
+
+async def test_amount_limit_comes_from_the_banks_hello() -> None:
+    hello = Hello(1024, 20, 50_00, 10, 30, 120)
+    _, console, bank = await run([*LOGIN_LINES, "d", "50.01", "50", "x"], hello=hello)
+    assert "The most one transaction can move is $50.00." in console.output
+    assert [r.amount_cents for r in bank.sent(Deposit)] == [50_00]
+
+
+async def test_empty_amount_cancels() -> None:
+    _, console, bank = await run([*LOGIN_LINES, "w", "", "x"])
+    assert text.CANCELLED in console.output
+    assert bank.sent(Withdraw) == []
+
+
+async def test_unknown_key_gets_help_and_any_order_works() -> None:
+    lines = [*LOGIN_LINES, "?", "h", "d", "10", "w", "2.5", "B", "history", "x"]
+    code, console, _ = await run(lines)
+    assert code is ExitCode.OK
+    assert console.output.count(text.MENU_HELP) == 1
+    assert text.NO_HISTORY in console.output
+    assert text.balance(START_BALANCE_CENTS + 10_00 - 2_50) in console.output
+    history = console.output[-2]
+    assert history.index("-$2.50") < history.index("$10.00")  # Newest first.
+
+
+async def test_an_error_frame_is_shown_and_the_session_goes_on() -> None:
+    def break_balance(bank: FakeBank) -> None:
+        bank.error_instead_of.add(Balance)
+
+    code, console, _ = await run([*LOGIN_LINES, "b", "x"], bank_setup=break_balance)
+    assert code is ExitCode.OK
+    assert "The bank could not read the request (30)" in console.text
+    assert console.output[-1] == text.GOODBYE
+
+
+async def test_end_of_input_logs_out() -> None:
+    code, console, bank = await run([*LOGIN_LINES, "b"])
+    assert code is ExitCode.OK
+    assert len(bank.sent(Logout)) == 1
+    assert console.output[-1] == text.GOODBYE
+
+
+async def test_end_of_input_at_an_amount_prompt_logs_out() -> None:
+    code, _, bank = await run([*LOGIN_LINES, "d"])
+    assert code is ExitCode.OK
+    assert bank.sent(Deposit) == []
+    assert len(bank.sent(Logout)) == 1
+
+
+# -- Notices and faults -----------------------------------------------------------------
+
+
+async def notify_after_login(bank: FakeBank, notice) -> None:
+    await bank.logged_in.wait()
+    await bank.send_notice(notice)
+
+
+async def test_shutdown_notice_while_idle_ends_the_session() -> None:
+    async def shut_down(bank: FakeBank) -> None:
+        await notify_after_login(bank, Shutdown(5))
+
+    code, console, _ = await run(LOGIN_LINES, then_wait=True, during=shut_down)
+    assert code is ExitCode.SERVER_UNAVAILABLE
+    assert console.output[-1] == "Session ended: the bank is shutting down (closing in 5 s)."
+
+
+async def test_session_expired_notice_ends_the_session() -> None:
+    async def expire(bank: FakeBank) -> None:
+        await notify_after_login(bank, SessionExpired())
+
+    code, console, _ = await run(LOGIN_LINES, then_wait=True, during=expire)
+    assert code is ExitCode.SESSION_EXPIRED
+    assert "idle" in console.output[-1]
+
+
+async def test_shutdown_during_a_request_ends_the_session_after_its_reply() -> None:
+    def announce(bank: FakeBank) -> None:
+        bank.notice_before_reply[Balance] = Shutdown(3)
+
+    code, console, bank = await run([*LOGIN_LINES, "b", "b"], bank_setup=announce)
+    assert code is ExitCode.SERVER_UNAVAILABLE
+    assert console.output[-2:] == [
+        text.balance(START_BALANCE_CENTS),
+        "Session ended: the bank is shutting down (closing in 3 s).",
+    ]
+    assert len(bank.sent(Balance)) == 1
+
+
+async def test_connection_lost_while_idle_is_reported() -> None:
+    async def hang_up(bank: FakeBank) -> None:
+        await bank.logged_in.wait()
+        await bank.streams[-1].aclose()
+
+    code, console, _ = await run(LOGIN_LINES, then_wait=True, during=hang_up)
+    assert code is ExitCode.CONNECTION_LOST
+    assert console.output[-1] == (
+        "The connection to the bank was lost: the bank closed the connection."
+    )
+
+
+async def test_connection_lost_during_a_balance_is_reported() -> None:
+    def drop_balance(bank: FakeBank) -> None:
+        bank.close_instead_of.add(Balance)
+
+    code, console, _ = await run([*LOGIN_LINES, "b", "x"], bank_setup=drop_balance)
+    assert code is ExitCode.CONNECTION_LOST
+    assert console.output[-1].startswith("The connection to the bank was lost")
+
+
+async def test_lost_deposit_reply_is_confirmed_with_the_same_txn_id(autojump_clock) -> None:
+    def lose_one(bank: FakeBank) -> None:
+        bank.lose_replies = 1
+
+    code, console, bank = await run([*LOGIN_LINES, "d", "20", "b", "x"], bank_setup=lose_one)
+    assert code is ExitCode.OK
+    first, retry = bank.sent(Deposit)
+    assert first == retry  # Same txn_id and amount.
+    assert bank.accounts[ACCOUNT].balance_cents == START_BALANCE_CENTS + 20_00
+    assert "The connection dropped; reconnecting to confirm your deposit..." in console.output
+    assert "...confirmed, your deposit went through once, reference 1." in console.output
+    assert any("RECEIPT" in line and "$120.00" in line for line in console.output)
+    assert text.balance(START_BALANCE_CENTS + 20_00) in console.output
+    assert bank.connections == 2
+
+
+async def test_withdrawal_without_reply_is_confirmed_after_timeout(autojump_clock) -> None:
+    def hang_one(bank: FakeBank) -> None:
+        bank.hang_replies = 1
+
+    code, console, bank = await run([*LOGIN_LINES, "w", "30", "x"], bank_setup=hang_one)
+    assert code is ExitCode.OK
+    assert len(set(bank.sent(Withdraw))) == 1
+    assert len(bank.sent(Withdraw)) >= 2
+    assert bank.accounts[ACCOUNT].balance_cents == START_BALANCE_CENTS - 30_00
+    assert "The bank did not answer in time; reconnecting to confirm your withdrawal..." in (
+        console.output
+    )
+    assert any(line.startswith("...confirmed") for line in console.output)
+
+
+async def test_unconfirmed_deposit_ends_the_session_naming_its_txn_id(autojump_clock) -> None:
+    def lose_and_refuse(bank: FakeBank) -> None:
+        bank.lose_replies = 1
+        bank.busy_after_connections = 1
+
+    code, console, bank = await run([*LOGIN_LINES, "d", "20"], bank_setup=lose_and_refuse)
+    assert code is ExitCode.UNCONFIRMED_TRANSACTION
+    (deposit,) = bank.sent(Deposit)
+    assert sum("failed" in line for line in console.output) == CONFIRM_ATTEMPTS_MAX
+    assert deposit.txn_id.hex() in console.output[-1]
+    assert "$20.00" in console.output[-1]
+
+
+async def test_incompatible_version_is_refused_clearly() -> None:
+    def speak_version_2(bank: FakeBank) -> None:
+        bank.hello_frame = with_version(encode(HELLO), 2)
+
+    code, console, bank = await run(LOGIN_LINES, bank_setup=speak_version_2)
+    assert code is ExitCode.INCOMPATIBLE_VERSION
+    assert "(164)" in console.output[-1]
+    assert bank.requests == []
+
+
+async def test_busy_bank_is_reported() -> None:
+    def busy(bank: FakeBank) -> None:
+        bank.busy_after_connections = 0
+
+    code, console, _ = await run(LOGIN_LINES, bank_setup=busy)
+    assert code is ExitCode.SERVER_UNAVAILABLE
+    assert "The bank is busy; please try again in a moment (163)" in console.output[-1]
+
+
+async def test_refused_login_while_confirming_reports_the_unconfirmed_txn() -> None:
+    def lose_one(bank: FakeBank) -> None:
+        bank.lose_replies = 1
+
+    async def lock_after_login(bank: FakeBank) -> None:
+        await bank.logged_in.wait()
+        bank.accounts[ACCOUNT].locked = True
+
+    code, console, bank = await run(
+        [*LOGIN_LINES, "d", "20"], bank_setup=lose_one, during=lock_after_login
+    )
+    assert code is ExitCode.UNCONFIRMED_TRANSACTION
+    assert "(75)" in console.output[-2]
+    assert bank.sent(Deposit)[0].txn_id.hex() in console.output[-1]

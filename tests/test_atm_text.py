@@ -1,0 +1,121 @@
+"""The ATM's words: every wire status has a sentence, receipts, history, endings, --help.
+
+Times are rendered in an explicit time zone so the expected text does not depend on
+the machine running the tests.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, timedelta, timezone
+
+import pytest
+
+from atm import text
+from atm.__main__ import build_parser
+from atm.errors import (
+    ConnectFailed,
+    ConnectionLost,
+    ExitCode,
+    IncompatibleVersion,
+    LoginRefused,
+    ReplyTimeout,
+    ServerShutdown,
+    SessionExpired,
+    TransactionUnconfirmed,
+)
+from atm.text import Receipt, TransactionKind
+from wire import EntryKind, HistoryEntry, Status
+
+TIME_MS = 1_700_000_000_123  # 2023-11-14 22:13:20.123 UTC
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_every_status_has_a_sentence_with_its_code(status: Status) -> None:
+    sentence = text.status_sentence(status)
+    assert sentence.endswith(f" ({status.value})")
+    assert len(sentence) > len(f" ({status.value})") + 5
+
+
+def test_the_table_covers_exactly_the_wire_statuses() -> None:
+    assert set(text.STATUS_SENTENCES) == set(Status)
+
+
+def test_iso_codes_read_as_bank_staff_expect() -> None:
+    assert text.status_sentence(Status.INSUFFICIENT_FUNDS) == "Insufficient funds (51)"
+    assert text.status_sentence(Status.INCORRECT_PIN) == "Incorrect PIN (55)"
+
+
+@pytest.mark.parametrize(("account", "masked"), [
+    ("AC-12345", "AC-***45"), ("ac-00001", "AC-***01"),
+])
+def test_account_mask_keeps_only_the_last_digits(account: str, masked: str) -> None:
+    assert text.mask_account(account) == masked
+
+
+def test_receipt() -> None:
+    receipt = Receipt(kind=TransactionKind.WITHDRAWAL, account="AC-12345", amount_cents=20_50,
+                      balance_cents=1_234_56, entry_id=42, time_ms=TIME_MS)
+    assert text.format_receipt(receipt, UTC).splitlines() == [
+        "------------- RECEIPT --------------",
+        "Withdrawal                    $20.50",
+        "Account                     AC-***45",
+        "New balance                $1,234.56",
+        "Reference                         42",
+        "Time         2023-11-14 22:13:20 UTC",
+        "------------------------------------",
+    ]
+
+
+def test_receipt_time_is_local_time() -> None:
+    tz = timezone(timedelta(hours=2), "EET")
+    assert text.format_time(TIME_MS, tz) == "2023-11-15 00:13:20 EET"
+
+
+def test_history_is_newest_first_with_withdrawals_negative() -> None:
+    entries = (
+        HistoryEntry(2, TIME_MS + 1000, EntryKind.WITHDRAWAL, 5_00, 15_00),
+        HistoryEntry(1, TIME_MS, EntryKind.DEPOSIT, 20_00, 20_00),
+    )
+    lines = text.format_history(entries, UTC).splitlines()
+    assert lines[1].split() == ["2023-11-14", "22:13:21", "Withdrawal", "-$5.00", "$15.00", "2"]
+    assert lines[2].split() == ["2023-11-14", "22:13:20", "Deposit", "$20.00", "$20.00", "1"]
+    assert text.format_history((), UTC) == text.NO_HISTORY
+
+
+@pytest.mark.parametrize(("ended", "expected"), [
+    (ConnectionLost("the bank closed the connection"),
+     "The connection to the bank was lost: the bank closed the connection."),
+    (ConnectFailed("could not reach 127.0.0.1:1: Connection refused"),
+     "Could not connect to the bank: could not reach 127.0.0.1:1: Connection refused."),
+    (ServerShutdown(10), "Session ended: the bank is shutting down (closing in 10 s)."),
+    (SessionExpired("idle"), "Session ended: the session expired after being idle too long."),
+    (LoginRefused(Status.PIN_TRIES_EXCEEDED),
+     "Login refused: Too many incorrect PINs: the account is locked (75). Session ended."),
+    (IncompatibleVersion("protocol version 2"),
+     "This ATM cannot talk to this bank: The bank does not support this ATM's protocol "
+     "version (164). The ATM software needs updating."),
+    (TransactionUnconfirmed(kind="deposit", amount_cents=20_00, txn_id=bytes(range(16))),
+     "We could not confirm your deposit of $20.00. It was made at most once; ask the bank "
+     "about transaction 000102030405060708090a0b0c0d0e0f."),
+])
+def test_endings(ended: Exception, expected: str) -> None:
+    assert text.ending(ended) == expected
+
+
+def test_reconnecting_says_what_happened() -> None:
+    kind = TransactionKind.DEPOSIT
+    assert text.reconnecting(kind, ConnectionLost("x")).startswith("The connection dropped")
+    assert text.reconnecting(kind, ReplyTimeout("x")).startswith("The bank did not answer")
+
+
+@pytest.mark.parametrize("status", [Status.PIN_TRIES_EXCEEDED, Status.ACCOUNT_IN_USE])
+def test_login_refusals_have_their_own_exit_codes(status: Status) -> None:
+    assert LoginRefused(status).exit_code is not ExitCode.LOGIN_REFUSED
+
+
+def test_help_documents_every_exit_code() -> None:
+    help_text = build_parser().format_help()
+    for code in ExitCode:
+        assert f"{code.value:>3}  {text.EXIT_CODE_MEANINGS[code]}" in help_text
+    for key in ("ATM_HOST", "ATM_PORT", "balance", "deposit", "withdraw", "history"):
+        assert key in help_text
