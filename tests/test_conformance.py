@@ -1,0 +1,460 @@
+"""Conformance of ``wire`` to the specification: spec/vectors.json and spec/PROTOCOL.md.
+
+Covers: every golden vector decodes to its listed fields and encodes back to the same bytes,
+fed whole, one byte at a time, and glued with the others into one stream split at seeded
+random points; every negative vector raises WireError with the listed status, fatal flag and
+request id; the reference construct parse (FRAME and each LAYOUT, not compiled) agrees with
+the fast path; PROTOCOL.md's opcode, status, limit and payload tables and its ABNF agree with
+the code, and so does vectors.json; the generated files are up to date.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import random
+import re
+import sys
+import zlib
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from construct import Struct
+
+from wire import (
+    MESSAGE_TYPES,
+    Decoder,
+    EntryKind,
+    Frame,
+    HistoryEntry,
+    Message,
+    Opcode,
+    Sender,
+    Status,
+    WireError,
+    encode,
+    limits,
+)
+from wire import layout as wire_layout
+from wire.status import ISO8583_RESPONSE_CODE
+
+SPEC = Path(__file__).resolve().parent.parent / "spec"
+VECTORS = json.loads((SPEC / "vectors.json").read_text(encoding="utf-8"))
+GOLDEN: list[dict] = VECTORS["golden"]
+NEGATIVE: list[dict] = VECTORS["negative"]
+PROTOCOL = (SPEC / "PROTOCOL.md").read_text(encoding="utf-8")
+
+
+def by_name(vectors: list[dict]) -> dict:
+    return {"argvalues": vectors, "ids": [v["name"] for v in vectors]}
+
+
+def decoder_for(receiver: str) -> Decoder:
+    """The decoder of the side that receives: the server decodes what clients send."""
+    return Decoder({"server": Sender.CLIENT, "client": Sender.SERVER}[receiver])
+
+
+# -- Fields as JSON, read back independently of spec/generate.py ---------------------
+
+
+def field_value(type_name: str, value: object) -> object:
+    if type_name == "bytes":
+        return bytes.fromhex(value)
+    if type_name == "Status":
+        return Status[value]
+    if type_name == "EntryKind":
+        return EntryKind[value]
+    if type_name == "tuple[HistoryEntry, ...]":
+        return tuple(build(HistoryEntry, entry) for entry in value)
+    assert type_name in {"int", "str"}, type_name
+    return value
+
+
+def build(cls: type, json_fields: dict) -> object:
+    declared = {f.name: f.type for f in dataclasses.fields(cls)}
+    assert set(json_fields) == set(declared), f"{cls.__name__} fields differ"
+    return cls(**{name: field_value(declared[name], v) for name, v in json_fields.items()})
+
+
+def golden_message(vector: dict) -> Message:
+    return build(MESSAGE_TYPES[Opcode[vector["opcode"]]], vector["fields"])
+
+
+def golden_frame(vector: dict) -> Frame:
+    return Frame(vector["request_id"], golden_message(vector))
+
+
+def drain(decoder: Decoder) -> list[Frame]:
+    frames = []
+    while (frame := decoder.next_frame()) is not None:
+        frames.append(frame)
+    return frames
+
+
+# -- Golden vectors --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vector", **by_name(GOLDEN))
+def test_golden_decodes_to_its_fields(vector: dict) -> None:
+    decoder = decoder_for(vector["receiver"])
+    decoder.receive_data(bytes.fromhex(vector["hex"]))
+    frame = decoder.next_frame()
+    assert frame == golden_frame(vector)
+    assert frame.message.OPCODE.name == vector["opcode"]
+    assert frame.message.SENDER.value == vector["sender"]
+    assert decoder.next_frame() is None
+    assert decoder.buffered_bytes == 0
+
+
+@pytest.mark.parametrize("vector", **by_name(GOLDEN))
+def test_golden_encodes_to_its_bytes(vector: dict) -> None:
+    assert encode(golden_message(vector), vector["request_id"]).hex() == vector["hex"]
+
+
+@pytest.mark.parametrize("vector", **by_name(GOLDEN))
+def test_golden_fed_one_byte_at_a_time(vector: dict) -> None:
+    data = bytes.fromhex(vector["hex"])
+    decoder = decoder_for(vector["receiver"])
+    for byte in data[:-1]:
+        decoder.receive_data(bytes([byte]))
+        assert decoder.next_frame() is None
+    decoder.receive_data(data[-1:])
+    assert decoder.next_frame() == golden_frame(vector)
+
+
+@pytest.mark.parametrize("receiver", ["server", "client"])
+@pytest.mark.parametrize("seed", range(5))
+def test_golden_glued_into_one_stream(receiver: str, seed: int) -> None:
+    vectors = [v for v in GOLDEN if v["receiver"] == receiver]
+    stream = b"".join(bytes.fromhex(v["hex"]) for v in vectors)
+    expected = [golden_frame(v) for v in vectors]
+
+    whole = decoder_for(receiver)
+    whole.receive_data(stream)
+    assert drain(whole) == expected
+
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(stream)), 40))
+    chunked = decoder_for(receiver)
+    frames = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        chunked.receive_data(stream[start:end])
+        frames.extend(drain(chunked))
+    assert frames == expected
+    assert chunked.buffered_bytes == 0
+
+
+def test_golden_vectors_cover_every_opcode_and_status() -> None:
+    assert {v["opcode"] for v in GOLDEN} == {op.name for op in Opcode}
+    statuses = {v["fields"]["status"] for v in GOLDEN if "status" in v["fields"]}
+    assert statuses == {s.name for s in Status}
+    error_statuses = {v["fields"]["status"] for v in GOLDEN if v["opcode"] == "ERROR"}
+    assert error_statuses == {s.name for s in Status} - {"APPROVED"}
+
+
+def test_vectors_tables_match_the_code() -> None:
+    assert VECTORS["protocol_version"] == limits.PROTOCOL_VERSION
+    assert VECTORS["opcodes"] == {op.name: op.value for op in Opcode}
+    assert VECTORS["statuses"] == {
+        s.name: {"value": s.value, "iso8583": ISO8583_RESPONSE_CODE.get(s)} for s in Status
+    }
+
+
+# -- Reference parse with construct ---------------------------------------------------
+
+
+def reference_values(container: object, con: Struct) -> tuple:
+    """Field values of a construct parse in wire order, arrays as tuples of tuples."""
+    values = []
+    for sub in con.subcons:
+        value = container[sub.name]
+        if isinstance(value, list):
+            item = wire_layout._prefixed_array(sub.subcon)[1]
+            value = tuple(reference_values(entry, item) for entry in value)
+        values.append(value)
+    return tuple(values)
+
+
+@pytest.mark.parametrize("vector", **by_name(GOLDEN))
+def test_reference_construct_parse_agrees_with_fast_path(vector: dict) -> None:
+    data = bytes.fromhex(vector["hex"])
+    parsed = wire_layout.FRAME.parse(data)
+    header = parsed.header
+    assert header.magic == limits.MAGIC
+    assert header.version == limits.PROTOCOL_VERSION
+    assert header.opcode == Opcode[vector["opcode"]]
+    assert header.request_id == vector["request_id"]
+    assert header.length == len(parsed.payload) == len(data) - 14
+    assert parsed.crc32 == zlib.crc32(data[:-4])
+
+    cls = MESSAGE_TYPES[Opcode[vector["opcode"]]]
+    reference = reference_values(cls.LAYOUT.parse(parsed.payload), cls.LAYOUT)
+    assert reference == cls.FAST.unpack(parsed.payload)
+    assert reference == golden_message(vector).wire_values()
+    assert cls.LAYOUT.build(cls.LAYOUT.parse(parsed.payload)) == parsed.payload
+    assert wire_layout.FRAME.build(parsed) == data
+
+
+# -- Negative vectors -----------------------------------------------------------------
+
+
+def assert_listed_error(error: WireError, vector: dict) -> None:
+    assert (error.status.name, error.fatal, error.request_id) == (
+        vector["status"],
+        vector["fatal"],
+        vector["request_id"],
+    )
+
+
+@pytest.mark.parametrize("vector", **by_name(NEGATIVE))
+def test_negative_vector_fed_whole(vector: dict) -> None:
+    decoder = decoder_for(vector["receiver"])
+    decoder.receive_data(bytes.fromhex(vector["hex"]))
+    with pytest.raises(WireError) as caught:
+        decoder.next_frame()
+    assert_listed_error(caught.value, vector)
+
+
+@pytest.mark.parametrize("vector", **by_name(NEGATIVE))
+def test_negative_vector_fed_one_byte_at_a_time(vector: dict) -> None:
+    decoder = decoder_for(vector["receiver"])
+    with pytest.raises(WireError) as caught:
+        for byte in bytes.fromhex(vector["hex"]):
+            decoder.receive_data(bytes([byte]))
+            assert decoder.next_frame() is None
+    assert_listed_error(caught.value, vector)
+
+
+@pytest.mark.parametrize("vector", **by_name(NEGATIVE))
+def test_after_negative_vector_only_non_fatal_decoding_goes_on(vector: dict) -> None:
+    """A non-fatal error consumed its frame; a fatal one poisons the decoder for good."""
+    decoder = decoder_for(vector["receiver"])
+    follower = next(v for v in GOLDEN if v["receiver"] == vector["receiver"])
+    decoder.receive_data(bytes.fromhex(vector["hex"]) + bytes.fromhex(follower["hex"]))
+    with pytest.raises(WireError):
+        decoder.next_frame()
+    if vector["fatal"]:
+        with pytest.raises(WireError) as again:
+            decoder.next_frame()
+        assert_listed_error(again.value, vector)
+    else:
+        assert decoder.next_frame() == golden_frame(follower)
+        assert decoder.next_frame() is None
+
+
+def test_negative_vectors_cover_both_receivers_and_both_kinds() -> None:
+    kinds = {(v["receiver"], v["fatal"]) for v in NEGATIVE}
+    assert kinds == {("server", True), ("server", False), ("client", True), ("client", False)}
+    assert len({v["name"] for v in NEGATIVE}) == len(NEGATIVE)
+
+
+# -- PROTOCOL.md ----------------------------------------------------------------------
+
+
+def markdown_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every pipe table in ``text``: its header cells and its body rows' cells."""
+    tables = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|--"):
+            header = split_row(lines[i])
+            rows = []
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(split_row(lines[i]))
+                i += 1
+            tables.append((header, rows))
+        else:
+            i += 1
+    return tables
+
+
+def split_row(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def table_with(*columns: str) -> list[dict[str, str]]:
+    """The one table in PROTOCOL.md whose header has all ``columns``, as dicts by header cell."""
+    found = [
+        [dict(zip(header, row, strict=True)) for row in rows]
+        for header, rows in markdown_tables(PROTOCOL)
+        if all(c in header for c in columns)
+    ]
+    assert len(found) == 1, f"expected one table with columns {columns}, found {len(found)}"
+    return found[0]
+
+
+def test_opcode_table_matches_the_code() -> None:
+    rows = table_with("opcode", "hex", "dec", "direction")
+    assert [row["opcode"] for row in rows] == [op.name for op in Opcode]
+    for row in rows:
+        op = Opcode[row["opcode"]]
+        assert row["hex"] == f"0x{op.value:02X}"
+        assert row["dec"] == str(op.value)
+        sender = MESSAGE_TYPES[op].SENDER
+        receiver = Sender.SERVER if sender is Sender.CLIENT else Sender.CLIENT
+        assert row["direction"] == f"{sender.value} → {receiver.value}"
+
+
+def test_status_table_matches_the_code() -> None:
+    rows = table_with("hex", "dec", "name", "ISO 8583")
+    assert [row["name"] for row in rows] == [s.name for s in Status]
+    for row in rows:
+        status = Status[row["name"]]
+        assert row["hex"] == f"0x{status.value:02X}"
+        assert row["dec"] == str(status.value)
+        assert row["ISO 8583"] == ISO8583_RESPONSE_CODE.get(status, "—")
+
+
+def limit_constants() -> dict[str, int | bytes]:
+    return {
+        name: value
+        for name, value in vars(limits).items()
+        if name.isupper() and isinstance(value, int | bytes)
+    }
+
+
+def test_every_limit_appears_in_the_spec_with_its_value() -> None:
+    rows = {row["constant"]: row["value"] for row in table_with("constant", "value", "unit")}
+    constants = limit_constants()
+    assert set(rows) == {f"`{name}`" for name in constants}
+    for name, value in constants.items():
+        cell = rows[f"`{name}`"]
+        if isinstance(value, bytes):
+            assert f'"{value.decode("ascii")}"' in cell
+            assert " ".join(f"0x{b:02X}" for b in value) in cell
+        else:
+            assert re.split(r"\s", cell)[0] == str(value), name
+
+
+def test_server_settings_announced_in_hello_are_hello_fields() -> None:
+    rows = table_with("setting", "default", "in HELLO")
+    hello_fields = {f.name for f in dataclasses.fields(MESSAGE_TYPES[Opcode.HELLO])}
+    for row in rows:
+        name = row["setting"].strip("`")
+        assert (row["in HELLO"] == "yes") == (name in hello_fields), name
+    defaults = {r["setting"].strip("`"): r["default"] for r in rows}
+    documented = {"frame_timeout_s": "10", "login_timeout_s": "30", "idle_timeout_s": "120",
+                  "connections_max": "1000"}
+    assert documented.items() <= defaults.items()
+
+
+def abnf_rules() -> dict[str, str]:
+    block = re.search(r"```abnf\n(.*?)```", PROTOCOL, re.DOTALL)
+    assert block is not None, "PROTOCOL.md has no ```abnf block"
+    rules: dict[str, str] = {}
+    name = None
+    for line in block.group(1).splitlines():
+        text = line.split(";", 1)[0].rstrip()
+        if match := re.match(r"([a-z][a-z0-9-]*)\s*=\s*(.*)", text):
+            name = match.group(1)
+            rules[name] = match.group(2)
+        elif text.strip() and name is not None:
+            rules[name] += " " + text.strip()
+    return rules
+
+
+def test_every_opcode_has_an_abnf_rule_with_its_value_and_length() -> None:
+    rules = abnf_rules()
+    for op in Opcode:
+        rule = op.name.lower().replace("_", "-")
+        assert rule in rules, f"no ABNF rule {rule}"
+        tokens = rules[rule].split()
+        assert tokens[0] == f"%x{op.value:02X}", rule
+        fast = MESSAGE_TYPES[op].FAST
+        if fast.items is None:
+            assert tokens[2] == f"%x00.{fast.head.size:02X}", rule
+        else:
+            assert tokens[2] == "length", rule
+
+
+def test_every_abnf_rule_used_is_defined() -> None:
+    rules = abnf_rules()
+    core = {"OCTET", "ALPHA", "DIGIT"}
+    for name, body in rules.items():
+        unquoted = re.sub(r'"[^"]*"', "", body)
+        for token in re.findall(r"(?<![%\w-])([A-Za-z][A-Za-z0-9-]*)", unquoted):
+            assert token in rules or token in core, f"{name} uses undefined {token}"
+
+
+def expected_payload_rows(con: Struct) -> list[tuple[str, str, str]]:
+    """(offset, size, field) rows as the spec prints them, walked from the layout."""
+    rows = []
+    offset = 0
+    for sub in con.subcons:
+        array = wire_layout._prefixed_array(sub.subcon)
+        if array is None:
+            size = sub.subcon.sizeof()
+            rows.append((str(offset), str(size), sub.name))
+            offset += size
+            continue
+        count, item = array
+        rows.append((str(offset), str(count.sizeof()), f"{sub.name}.count"))
+        offset += count.sizeof()
+        item_offset = 0
+        for field in item.subcons:
+            size = field.subcon.sizeof()
+            position = f"{offset + item_offset} + {item.sizeof()}·i"
+            rows.append((position, str(size), f"{sub.name}[i].{field.name}"))
+            item_offset += size
+    return rows
+
+
+def section_for(op: Opcode) -> str:
+    """The text of the ``###`` section whose heading names ``op`` with its value."""
+    label = f"{op.name} (0x{op.value:02X})"
+    for section in re.split(r"\n(?=#{2,3} )", PROTOCOL):
+        heading = section.splitlines()[0]
+        if heading.startswith("### ") and re.search(rf"(?<![A-Z_]){re.escape(label)}", heading):
+            return section
+    raise AssertionError(f"no section for {label}")
+
+
+@pytest.mark.parametrize("op", list(Opcode), ids=lambda op: op.name)
+def test_payload_table_matches_the_layout(op: Opcode) -> None:
+    layout = MESSAGE_TYPES[op].LAYOUT
+    section = section_for(op)
+    if not layout.subcons:
+        assert "Payload: empty (length 0)" in section
+        return
+    header, rows = markdown_tables(section)[0]
+    assert header[:3] == ["offset", "size", "field"]
+    assert [tuple(row[:3]) for row in rows] == expected_payload_rows(layout)
+
+
+def test_spec_links_its_companion_files() -> None:
+    assert "(examples.md)" in PROTOCOL
+    assert "(vectors.json)" in PROTOCOL
+
+
+# -- Generated files ------------------------------------------------------------------
+
+
+def load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("spec_generate", SPEC / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_generated_files_are_up_to_date() -> None:
+    for path, text in load_generator().render().items():
+        assert path.read_text(encoding="utf-8") == text, (
+            f"{path.name} is stale: run .venv/bin/python spec/generate.py"
+        )
+
+
+def test_examples_show_every_golden_frame() -> None:
+    examples = (SPEC / "examples.md").read_text(encoding="utf-8")
+    for vector in GOLDEN:
+        spaced = bytes.fromhex(vector["hex"])[:16].hex(" ")
+        assert f"### {vector['name']}: {vector['opcode']} " in examples
+        assert spaced in examples
+

@@ -1,0 +1,372 @@
+"""Unit tests of the wire package's rules, one behaviour per test.
+
+Covers: the decoder's failure modes (a fatal error sticks, a non-fatal one consumes its frame
+and decoding goes on, the length limit is enforced from the header alone, garbage is refused
+on its first byte); request id rules on encode and decode; encode's refusal of out-of-range
+values, wrong types and floats (it never truncates); account case-insensitivity; the PIN
+kept out of repr; and wire.money's exact dollar parsing and formatting.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+
+from wire import (
+    AMOUNT_CENTS_MAX,
+    HISTORY_ENTRIES_MAX,
+    PAYLOAD_BYTES_MAX,
+    REQUEST_ID_MAX,
+    Balance,
+    BalanceReply,
+    Decoder,
+    Deposit,
+    EntryKind,
+    Error,
+    Frame,
+    Hello,
+    History,
+    HistoryEntry,
+    HistoryReply,
+    Login,
+    LoginReply,
+    Ping,
+    PingReply,
+    Sender,
+    SessionExpired,
+    Shutdown,
+    Status,
+    WireError,
+    Withdraw,
+    WithdrawReply,
+    encode,
+)
+from wire.money import format_cents, parse_dollars
+
+TXN = bytes(range(16))
+
+
+def server_decoder() -> Decoder:
+    """What the server runs: it decodes frames clients send."""
+    return Decoder(Sender.CLIENT)
+
+
+def client_decoder() -> Decoder:
+    return Decoder(Sender.SERVER)
+
+
+def frame_bytes(opcode: int, request_id: int, payload: bytes) -> bytes:
+    body = b"AT\x01" + bytes([opcode]) + request_id.to_bytes(4, "big")
+    body += len(payload).to_bytes(2, "big") + payload
+    return body + zlib.crc32(body).to_bytes(4, "big")
+
+
+# -- Decoder ----------------------------------------------------------------------------
+
+
+def test_needs_more_bytes_is_none_not_an_error() -> None:
+    decoder = server_decoder()
+    assert decoder.next_frame() is None
+    decoder.receive_data(encode(Ping(), 1)[:5])
+    assert decoder.next_frame() is None
+    assert decoder.buffered_bytes == 5
+
+
+def test_fatal_error_keeps_raising_even_after_good_bytes() -> None:
+    decoder = server_decoder()
+    decoder.receive_data(b"XX")
+    with pytest.raises(WireError) as first:
+        decoder.next_frame()
+    assert first.value.fatal
+    assert first.value.status is Status.FORMAT_ERROR
+    decoder.receive_data(encode(Ping(), 1))
+    for _ in range(3):
+        with pytest.raises(WireError) as again:
+            decoder.next_frame()
+        assert again.value is first.value
+
+
+def test_non_fatal_error_consumes_its_frame_and_decoding_goes_on() -> None:
+    decoder = server_decoder()
+    unknown = frame_bytes(0x08, 5, b"\x01\x02\x03")
+    decoder.receive_data(unknown + encode(Ping(), 6))
+    with pytest.raises(WireError) as caught:
+        decoder.next_frame()
+    assert (caught.value.status, caught.value.fatal, caught.value.request_id) == (
+        Status.INVALID_TRANSACTION, False, 5,
+    )
+    assert decoder.next_frame() == Frame(6, Ping())
+    assert decoder.buffered_bytes == 0
+
+
+def test_zero_amount_is_refused_but_not_fatal() -> None:
+    decoder = server_decoder()
+    zero = frame_bytes(0x04, 9, TXN + bytes(8))
+    decoder.receive_data(zero + encode(Balance(), 10))
+    with pytest.raises(WireError) as caught:
+        decoder.next_frame()
+    assert (caught.value.status, caught.value.fatal, caught.value.request_id) == (
+        Status.INVALID_AMOUNT, False, 9,
+    )
+    assert decoder.next_frame() == Frame(10, Balance())
+
+
+def test_length_limit_is_checked_from_the_header_alone() -> None:
+    decoder = server_decoder()
+    decoder.receive_data(b"AT\x01\x07" + (3).to_bytes(4, "big") + b"\xff\xff")
+    with pytest.raises(WireError) as caught:
+        decoder.next_frame()
+    assert (caught.value.status, caught.value.fatal, caught.value.request_id) == (
+        Status.FORMAT_ERROR, True, 3,
+    )
+
+
+def test_length_at_the_limit_waits_for_the_payload() -> None:
+    decoder = server_decoder()
+    decoder.receive_data(b"AT\x01\x07" + (3).to_bytes(4, "big") + PAYLOAD_BYTES_MAX.to_bytes(2))
+    assert decoder.next_frame() is None
+
+
+def test_a_smaller_configured_limit_is_enforced() -> None:
+    decoder = Decoder(Sender.CLIENT, payload_bytes_max=8)
+    decoder.receive_data(encode(Login("AB-12345", "1234"), 1))  # 12-byte payload
+    with pytest.raises(WireError, match="limit 8"):
+        decoder.next_frame()
+
+
+def test_garbage_is_refused_on_its_first_byte() -> None:
+    decoder = server_decoder()
+    decoder.receive_data(b"G")
+    with pytest.raises(WireError):
+        decoder.next_frame()
+
+
+def test_other_version_is_refused_on_its_third_byte() -> None:
+    decoder = server_decoder()
+    decoder.receive_data(b"AT\x02")
+    with pytest.raises(WireError) as caught:
+        decoder.next_frame()
+    assert caught.value.status is Status.UNSUPPORTED_VERSION
+
+
+def test_crc_mismatch_is_fatal_and_names_the_request() -> None:
+    data = bytearray(encode(Deposit(TXN, 500), 77))
+    data[-10] ^= 0x40  # one bit of the amount
+    decoder = server_decoder()
+    decoder.receive_data(bytes(data))
+    with pytest.raises(WireError) as caught:
+        decoder.next_frame()
+    assert (caught.value.status, caught.value.fatal, caught.value.request_id) == (
+        Status.FORMAT_ERROR, True, 77,
+    )
+
+
+def test_wrong_direction_is_an_unknown_opcode_for_each_side() -> None:
+    to_server = server_decoder()
+    to_server.receive_data(encode(PingReply(Status.APPROVED), 1))
+    to_client = client_decoder()
+    to_client.receive_data(encode(Ping(), 1))
+    for decoder in (to_server, to_client):
+        with pytest.raises(WireError) as caught:
+            decoder.next_frame()
+        assert (caught.value.status, caught.value.fatal) == (Status.INVALID_TRANSACTION, False)
+
+
+def test_several_frames_in_one_chunk_come_out_in_order() -> None:
+    decoder = client_decoder()
+    replies = [Frame(1, LoginReply(Status.APPROVED)), Frame(2, BalanceReply(Status.APPROVED, 5)),
+               Frame(0, SessionExpired())]
+    decoder.receive_data(b"".join(encode(f.message, f.request_id) for f in replies))
+    assert [decoder.next_frame() for _ in replies] == replies
+    assert decoder.next_frame() is None
+
+
+# -- Request ids ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("request_id", [0, -1, REQUEST_ID_MAX + 1, True, 1.0])
+def test_requests_and_replies_refuse_bad_request_ids(request_id: object) -> None:
+    for message in (Ping(), PingReply(Status.APPROVED)):
+        with pytest.raises(WireError):
+            encode(message, request_id)
+
+
+def test_request_ids_cover_the_whole_unsigned_range() -> None:
+    decoder = server_decoder()
+    decoder.receive_data(encode(Ping(), 1) + encode(Ping(), REQUEST_ID_MAX))
+    assert [decoder.next_frame().request_id for _ in range(2)] == [1, REQUEST_ID_MAX]
+
+
+def test_notices_carry_only_request_id_zero() -> None:
+    assert encode(Shutdown(5))[4:8] == bytes(4)
+    for request_id in (1, REQUEST_ID_MAX):
+        with pytest.raises(WireError):
+            encode(SessionExpired(), request_id)
+
+
+def test_error_may_carry_any_request_id() -> None:
+    decoder = client_decoder()
+    decoder.receive_data(encode(Error(Status.SERVER_BUSY), 0) + encode(Error(Status.FORMAT_ERROR),
+                                                                       REQUEST_ID_MAX))
+    assert decoder.next_frame() == Frame(0, Error(Status.SERVER_BUSY))
+    assert decoder.next_frame() == Frame(REQUEST_ID_MAX, Error(Status.FORMAT_ERROR))
+
+
+# -- Encode refuses rather than truncates ---------------------------------------------
+
+
+@pytest.mark.parametrize("amount", [0, -1, AMOUNT_CENTS_MAX + 1, 2**64])
+def test_amount_out_of_range_is_refused(amount: int) -> None:
+    with pytest.raises(WireError) as caught:
+        Withdraw(TXN, amount)
+    assert caught.value.status is Status.INVALID_AMOUNT
+
+
+@pytest.mark.parametrize("amount", [10.0, 10.5, True, "10"])
+def test_amount_must_be_an_int(amount: object) -> None:
+    with pytest.raises(TypeError):
+        Deposit(TXN, amount)
+
+
+@pytest.mark.parametrize("txn_id", [b"", bytes(15), bytes(17)])
+def test_txn_id_must_be_sixteen_bytes(txn_id: bytes) -> None:
+    with pytest.raises(WireError):
+        Deposit(txn_id, 100)
+
+
+def test_txn_id_must_be_bytes() -> None:
+    with pytest.raises(TypeError):
+        Deposit(bytearray(16), 100)
+
+
+@pytest.mark.parametrize("count", [0, HISTORY_ENTRIES_MAX + 1, 256])
+def test_history_count_out_of_range_is_refused(count: int) -> None:
+    with pytest.raises(WireError):
+        History(count)
+
+
+def test_balance_over_signed_64_bits_is_refused() -> None:
+    with pytest.raises(WireError):
+        BalanceReply(Status.APPROVED, 2**63)
+    assert BalanceReply(Status.APPROVED, 2**63 - 1).balance_cents == 2**63 - 1
+
+
+def test_balance_must_not_be_a_float() -> None:
+    with pytest.raises(TypeError):
+        BalanceReply(Status.APPROVED, 100.0)
+
+
+def test_refusing_reply_must_leave_other_fields_zero() -> None:
+    with pytest.raises(WireError):
+        WithdrawReply(Status.INSUFFICIENT_FUNDS, balance_cents=100)
+    with pytest.raises(WireError):
+        HistoryReply(Status.NOT_LOGGED_IN, (HistoryEntry(1, 0, EntryKind.DEPOSIT, 1, 1),))
+
+
+def test_approved_receipt_needs_an_entry_id() -> None:
+    with pytest.raises(WireError):
+        WithdrawReply(Status.APPROVED, balance_cents=100, entry_id=0, time_ms=1)
+
+
+def test_history_reply_holds_at_most_the_maximum() -> None:
+    entry = HistoryEntry(1, 0, EntryKind.WITHDRAWAL, 1, 0)
+    assert len(HistoryReply(Status.APPROVED, (entry,) * HISTORY_ENTRIES_MAX).entries) == 20
+    with pytest.raises(WireError):
+        HistoryReply(Status.APPROVED, (entry,) * (HISTORY_ENTRIES_MAX + 1))
+
+
+def test_unknown_status_and_kind_values_are_refused() -> None:
+    with pytest.raises(WireError):
+        LoginReply(1)
+    with pytest.raises(WireError):
+        HistoryEntry(1, 0, 3, 1, 1)
+
+
+def test_error_cannot_carry_approved() -> None:
+    with pytest.raises(WireError):
+        Error(Status.APPROVED)
+
+
+@pytest.mark.parametrize("field", ["frame_timeout_s", "login_timeout_s", "idle_timeout_s"])
+@pytest.mark.parametrize("value", [0, 2**16])
+def test_hello_timeouts_fit_u16_and_are_positive(field: str, value: int) -> None:
+    values = dict(payload_bytes_max=1024, history_entries_max=20, amount_cents_max=100,
+                  frame_timeout_s=10, login_timeout_s=30, idle_timeout_s=120)
+    values[field] = value
+    with pytest.raises(WireError):
+        Hello(**values)
+
+
+def test_shutdown_grace_fits_u16() -> None:
+    assert encode(Shutdown(0))[10:12] == b"\x00\x00"
+    assert encode(Shutdown(65535))[10:12] == b"\xff\xff"
+    with pytest.raises(WireError):
+        Shutdown(65536)
+
+
+# -- Account and PIN ------------------------------------------------------------------
+
+
+def test_lowercase_account_on_the_wire_decodes_to_uppercase() -> None:
+    decoder = server_decoder()
+    decoder.receive_data(frame_bytes(0x01, 1, b"ab-12345" + b"0042"))
+    assert decoder.next_frame() == Frame(1, Login("AB-12345", "0042"))
+
+
+def test_account_is_sent_in_uppercase() -> None:
+    assert encode(Login("xy-00001", "9999"), 1)[10:18] == b"XY-00001"
+
+
+@pytest.mark.parametrize("account", ["AB12345", "AB-1234", "AB-123456", "A1-12345", "ÄB-12345",
+                                     "AB-١٢٣٤٥", " AB-12345", "AB-12345\n"])
+def test_malformed_account_is_refused(account: str) -> None:
+    with pytest.raises(WireError):
+        Login(account, "1234")
+
+
+@pytest.mark.parametrize("pin", ["123", "12345", "12a4", "١٢٣٤", "123 "])
+def test_malformed_pin_is_refused(pin: str) -> None:
+    with pytest.raises(WireError):
+        Login("AB-12345", pin)
+
+
+def test_pin_is_not_in_repr() -> None:
+    login = Login("AB-12345", "8642")
+    assert "8642" not in repr(login)
+    assert "8642" not in repr(Frame(1, login))
+    assert "AB-12345" in repr(login)
+
+
+# -- Money ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "cents"),
+    [("20", 2000), ("20.5", 2050), ("20.05", 2005), ("$1,000.00", 100_000), (".75", 75),
+     ("$0", 0), (" 7 ", 700), ("1234567", 123_456_700), ("$1,234,567.89", 123_456_789)],
+)
+def test_parse_dollars(text: str, cents: int) -> None:
+    assert parse_dollars(text) == cents
+
+
+@pytest.mark.parametrize(
+    "text", ["", "$", ".", "-5", "+5", "1.234", "1,00", "12,34.00", "abc", "1e3", "5.", "\u0665"]
+)
+def test_parse_dollars_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_dollars(text)
+
+
+@pytest.mark.parametrize(
+    ("cents", "text"),
+    [(0, "$0.00"), (5, "$0.05"), (123_456, "$1,234.56"), (-250, "-$2.50"),
+     (AMOUNT_CENTS_MAX, "$100,000.00")],
+)
+def test_format_cents(cents: int, text: str) -> None:
+    assert format_cents(cents) == text
+
+
+@pytest.mark.parametrize("cents", [0, 1, 99, 100, 123_456, 10**15 + 7])
+def test_format_then_parse_is_exact(cents: int) -> None:
+    assert parse_dollars(format_cents(cents)) == cents

@@ -1,0 +1,173 @@
+"""Encode and decode cost per frame, for each message type: ``python -m wire.bench``.
+
+For every opcode a representative message (HISTORY_REPLY at 1 entry and at the maximum)
+is encoded and then decoded by a ``Decoder`` of the receiving side, as a peer would. Each
+figure is the best of several ``timeit`` repeats of a fixed number of iterations, in
+microseconds per frame; the best run is the one least disturbed by the rest of the machine.
+The last line printed is JSON, for scripts. ``--quick`` runs few iterations, to check that
+the benchmark works, not to measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import timeit
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from wire.codec import Decoder, encode
+from wire.limits import AMOUNT_CENTS_MAX, HISTORY_ENTRIES_MAX, PAYLOAD_BYTES_MAX
+from wire.messages import (
+    Balance,
+    BalanceReply,
+    Deposit,
+    DepositReply,
+    EntryKind,
+    Error,
+    Hello,
+    History,
+    HistoryEntry,
+    HistoryReply,
+    Login,
+    LoginReply,
+    Logout,
+    LogoutReply,
+    Message,
+    Ping,
+    PingReply,
+    SessionExpired,
+    Shutdown,
+    Withdraw,
+    WithdrawReply,
+)
+from wire.status import Status
+
+TARGET_US = 10.0
+"""The budget for encoding plus decoding one frame, in microseconds."""
+
+TXN_ID = bytes(range(16))
+TIME_MS = 1_700_000_000_000
+
+
+def _entries(count: int) -> tuple[HistoryEntry, ...]:
+    return tuple(
+        HistoryEntry(100 - i, TIME_MS - i * 60_000, EntryKind.WITHDRAWAL, 2_000, 500_000)
+        for i in range(count)
+    )
+
+
+def cases() -> list[tuple[str, Message, int]]:
+    """(label, message, request id): one or more representative frames per opcode."""
+    money = {"balance_cents": 273_456, "entry_id": 42, "time_ms": TIME_MS}
+    hello = Hello(PAYLOAD_BYTES_MAX, HISTORY_ENTRIES_MAX, AMOUNT_CENTS_MAX, 10, 30, 120)
+    return [
+        ("LOGIN", Login("AB-12345", "1234"), 1),
+        ("LOGOUT", Logout(), 2),
+        ("BALANCE", Balance(), 3),
+        ("DEPOSIT", Deposit(TXN_ID, 250_000), 4),
+        ("WITHDRAW", Withdraw(TXN_ID, 6_000), 5),
+        ("HISTORY", History(HISTORY_ENTRIES_MAX), 6),
+        ("PING", Ping(), 7),
+        ("LOGIN_REPLY", LoginReply(Status.APPROVED), 1),
+        ("LOGOUT_REPLY", LogoutReply(Status.APPROVED), 2),
+        ("BALANCE_REPLY", BalanceReply(Status.APPROVED, 123_456), 3),
+        ("DEPOSIT_REPLY", DepositReply(Status.APPROVED, **money), 4),
+        ("WITHDRAW_REPLY", WithdrawReply(Status.APPROVED, **money), 5),
+        ("HISTORY_REPLY[1]", HistoryReply(Status.APPROVED, _entries(1)), 6),
+        (f"HISTORY_REPLY[{HISTORY_ENTRIES_MAX}]",
+         HistoryReply(Status.APPROVED, _entries(HISTORY_ENTRIES_MAX)), 6),
+        ("PING_REPLY", PingReply(Status.APPROVED), 7),
+        ("HELLO", hello, 0),
+        ("SHUTDOWN", Shutdown(30), 0),
+        ("SESSION_EXPIRED", SessionExpired(), 0),
+        ("ERROR", Error(Status.FORMAT_ERROR), 9),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    label: str
+    opcode: str
+    frame_bytes: int
+    encode_us: float
+    decode_us: float
+    total_us: float
+
+
+def best_us(func: Callable[[], object], *, number: int, repeat: int) -> float:
+    return min(timeit.repeat(func, number=number, repeat=repeat)) / number * 1e6
+
+
+def measure(label: str, message: Message, request_id: int, *, number: int, repeat: int) -> Result:
+    data = encode(message, request_id)
+    decoder = Decoder(message.SENDER)
+
+    def encode_one() -> bytes:
+        return encode(message, request_id)
+
+    def decode_one() -> object:
+        decoder.receive_data(data)
+        return decoder.next_frame()
+
+    def round_trip() -> object:
+        decoder.receive_data(encode(message, request_id))
+        return decoder.next_frame()
+
+    frame = round_trip()
+    assert frame is not None and frame.message == message, label
+    return Result(
+        label=label,
+        opcode=message.OPCODE.name,
+        frame_bytes=len(data),
+        encode_us=best_us(encode_one, number=number, repeat=repeat),
+        decode_us=best_us(decode_one, number=number, repeat=repeat),
+        total_us=best_us(round_trip, number=number, repeat=repeat),
+    )
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        f"{'message':<20} {'bytes':>5} {'encode us':>10} {'decode us':>10} {'total us':>9}  "
+        f"target {TARGET_US:g} us",
+    ]
+    for r in results:
+        verdict = "ok" if r.total_us <= TARGET_US else "MISSED"
+        lines.append(
+            f"{r.label:<20} {r.frame_bytes:>5} {r.encode_us:>10.2f} {r.decode_us:>10.2f} "
+            f"{r.total_us:>9.2f}  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wire.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a short run, not a measurement")
+    args = parser.parse_args(argv)
+    number, repeat = (200, 2) if args.quick else (20_000, 7)
+
+    results = [measure(*case, number=number, repeat=repeat) for case in cases()]
+    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"{number} iterations, best of {repeat}")
+    print(table(results))
+    print(json.dumps({
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "iterations": number,
+        "repeats": repeat,
+        "target_us": TARGET_US,
+        "results": [
+            {"label": r.label, "opcode": r.opcode, "frame_bytes": r.frame_bytes,
+             "encode_us": round(r.encode_us, 3), "decode_us": round(r.decode_us, 3),
+             "total_us": round(r.total_us, 3)}
+            for r in results
+        ],
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
