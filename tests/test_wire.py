@@ -84,7 +84,10 @@ def test_fatal_error_keeps_raising_even_after_good_bytes() -> None:
     for _ in range(3):
         with pytest.raises(WireError) as again:
             decoder.next_frame()
-        assert again.value is first.value
+        assert again.value.fatal
+        assert (again.value.status, again.value.request_id) == (
+            first.value.status, first.value.request_id
+        )
 
 
 def test_non_fatal_error_consumes_its_frame_and_decoding_goes_on() -> None:

@@ -75,7 +75,11 @@ class Decoder:
         on; after a fatal one every call raises it again.
         """
         if self._failure is not None:
-            raise self._failure
+            failure = self._failure  # a fresh exception: re-raising one grows its traceback
+            raise WireError(
+                failure.status, f"decoder stopped: {failure.detail}",
+                request_id=failure.request_id,
+            )
         try:
             return self._next_frame()
         except WireError as error:
@@ -104,12 +108,13 @@ class Decoder:
         frame_end = HEADER_BYTES + length + CRC_BYTES
         if len(buffer) < frame_end:
             return None
-        crc_start = frame_end - CRC_BYTES
-        (crc,) = FAST_CRC.unpack_from(buffer, crc_start)
-        if zlib.crc32(memoryview(buffer)[:crc_start]) != crc:
-            raise WireError(Status.FORMAT_ERROR, "CRC mismatch", request_id=request_id)
-        payload = bytes(buffer[HEADER_BYTES:crc_start])
+        frame = bytes(buffer[:frame_end])  # immutable: views of it cannot pin the buffer
         del buffer[:frame_end]
+        crc_start = frame_end - CRC_BYTES
+        (crc,) = FAST_CRC.unpack_from(frame, crc_start)
+        if zlib.crc32(memoryview(frame)[:crc_start]) != crc:
+            raise WireError(Status.FORMAT_ERROR, "CRC mismatch", request_id=request_id)
+        payload = frame[HEADER_BYTES:crc_start]
         return Frame(request_id, self._message(opcode, request_id, payload))
 
     def _message(self, opcode: int, request_id: int, payload: bytes) -> Message:

@@ -231,16 +231,18 @@ class Reply(Message):
     SENDER = Sender.SERVER
     REQUEST_IDS = NONZERO_REQUEST_ID
     LAYOUT = layout.STATUS_ONLY
+    EMPTY_WHEN_REFUSED: ClassVar[tuple[tuple[str, object], ...]] = ()
+    """(field, default) pairs after the status; set per class at registration."""
 
     status: Status
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", _as_enum(Status, "status", self.status))
         if self.status is not Status.APPROVED:
-            for f in fields(self)[1:]:
-                if getattr(self, f.name) != f.default:
+            for name, default in self.EMPTY_WHEN_REFUSED:
+                if getattr(self, name) != default:
                     raise WireError(
-                        Status.FORMAT_ERROR, f"{f.name} must be empty in a refused reply"
+                        Status.FORMAT_ERROR, f"{name} must be empty in a refused reply"
                     )
 
 
@@ -440,6 +442,8 @@ def _register() -> dict[Opcode, type[Message]]:
         if names != tuple(f.name for f in fields(cls)):
             raise TypeError(f"{cls.__name__} fields do not follow its layout {names}")
         cls.FAST = layout.FastLayout.derive(cls.LAYOUT)
+        if issubclass(cls, Reply):
+            cls.EMPTY_WHEN_REFUSED = tuple((f.name, f.default) for f in fields(cls)[1:])
         by_opcode[cls.OPCODE] = cls
     if set(by_opcode) != set(Opcode):
         raise TypeError(f"opcodes without a message: {set(Opcode) - set(by_opcode)}")
