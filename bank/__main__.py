@@ -113,10 +113,11 @@ async def run_server(config: ServerConfig) -> None:
     )
     try:
         server = BankServer(config, ledger)
+        listeners = await server.listen()  # outside the nursery: a bind error stays plain
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_shutdown_on_signal, signals, server)
-                await server.serve()
+                await server.serve(listeners)
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

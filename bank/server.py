@@ -205,10 +205,19 @@ class BankServer:
         """Begin a graceful shutdown; ``serve`` returns when it is complete."""
         self._stop.set()
 
+    async def listen(self) -> list[trio.SocketListener]:
+        """Bind the configured address; raises OSError (e.g. the port is in use)."""
+        return await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+
     async def serve(
-        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+        self,
+        listeners: list[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        """Serve until ``shutdown`` has run its course; binds first unless given listeners."""
+        if listeners is None:
+            listeners = await self.listen()
         for listener in listeners:
             log.info("listening on %s", _address(listener.socket.getsockname()))
         async with trio.open_nursery() as handlers:

@@ -7,6 +7,7 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,18 @@ def test_flags_override_env_vars_which_override_defaults(monkeypatch: pytest.Mon
 def test_an_impossible_setting_is_refused(capsys: pytest.CaptureFixture[str]):
     assert main(["--withdrawal-cents-max", "0"]) == 2
     assert "withdrawal_cents_max" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_a_clear_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        status = main(["--port", str(port), "--db", str(tmp_path / "bank.db"),
+                       "--key-file", str(tmp_path / "bank.key")])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert f"cannot serve on 127.0.0.1:{port}" in err and "Traceback" not in err
 
 
 def operator(tmp_path: Path, *args: str, stdin: str = "") -> int:
