@@ -18,13 +18,14 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import trio
 
 from bank.ledger import Posting, StorageError
 from bank.pins import load_or_create_key
-from bank.store import LOCKOUT_MS, PIN_TRIES_MAX, Store
+from bank.store import LOCKOUT_MS, PIN_TRIES_MAX, PostRequest, Store, StoreError
 from wire import EntryKind, HistoryEntry, Status
 
 T = TypeVar("T")
@@ -39,6 +40,19 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclass(eq=False)
+class _Batch:
+    """Posts committed together; ``done`` is set once ``outcomes`` or ``failure`` is."""
+
+    requests: list[PostRequest] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+    outcomes: list[Posting | StoreError | ValueError] = field(default_factory=list)
+    failure: StorageError | None = None
+
+    def outcome(self, index: int) -> Posting | Exception:
+        return self.failure if self.failure is not None else self.outcomes[index]
+
+
 class SqliteLedger:
     """A Ledger backed by one Store; build it with ``open_ledger``."""
 
@@ -46,6 +60,8 @@ class SqliteLedger:
         self._store = store
         self._clock_ms = clock_ms
         self._limiter = trio.CapacityLimiter(1)
+        self._committer = trio.Lock()
+        self._open_batch: _Batch | None = None
         self._closed = False
 
     async def verify_pin(self, account: str, pin: str) -> Status:
@@ -58,18 +74,46 @@ class SqliteLedger:
     async def post(
         self, *, account: str, txn_id: bytes, kind: EntryKind, amount_cents: int
     ) -> Posting:
-        now_ms = self._clock_ms()
+        """See ``Ledger.post``. Posts that arrive together share one commit (group commit).
 
-        def post() -> Posting:
-            return self._store.post(
-                account=account,
-                txn_id=txn_id,
-                kind=kind,
-                amount_cents=amount_cents,
-                now_ms=now_ms,
-            )
+        With synchronous=FULL every commit waits for an fsync: measured here, about 6,400
+        single-row commits per second, but 180,000 rows per second at 100 rows a commit.
+        So a post joins the open batch; the first post of a batch is its leader, which
+        waits its turn for the committer, closes the batch and commits all of it in one
+        transaction, while posts arriving meanwhile gather in the next batch. Every
+        caller still returns only after its own post is durable.
+        """
+        if self._closed:
+            raise StorageError("ledger is closed")
+        batch = self._open_batch
+        if batch is None:
+            batch = self._open_batch = _Batch()
+        index = len(batch.requests)
+        batch.requests.append(PostRequest(account, txn_id, EntryKind(kind), amount_cents))
+        if index == 0:
+            await self._commit(batch)
+        else:
+            await batch.done.wait()
+        outcome = batch.outcome(index)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-        return await self._run(post)
+    async def _commit(self, batch: _Batch) -> None:
+        """Run ``batch`` as its leader. Shielded: followers wait on it, and a commit that
+        started must finish; every step is bounded (SQLite's busy timeout, one fsync)."""
+        with trio.CancelScope(shield=True):
+            async with self._committer:
+                if self._open_batch is batch:
+                    self._open_batch = None  # later posts start the next batch
+                try:
+                    batch.outcomes = await self._to_thread(
+                        self._store.post_many, batch.requests, self._clock_ms()
+                    )
+                except StorageError as error:
+                    batch.failure = error
+                finally:
+                    batch.done.set()
 
     async def history(self, account: str, count: int) -> list[HistoryEntry]:
         return await self._run(self._store.history, account, count)
@@ -83,7 +127,8 @@ class SqliteLedger:
         if self._closed:
             return
         self._closed = True
-        await self._to_thread(self._store.close)
+        async with self._committer:  # fair: batches already waiting commit first
+            await self._to_thread(self._store.close)
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         if self._closed:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from bank.accounts_file import AccountRecord, read_accounts
@@ -84,6 +85,16 @@ CREATE TABLE pin_failures (
     locked_until_ms INTEGER
 ) STRICT;
 """
+
+
+@dataclass(frozen=True, slots=True)
+class PostRequest:
+    """One deposit or withdrawal to apply, as ``Store.post_many`` takes them."""
+
+    account: str
+    txn_id: bytes
+    kind: EntryKind
+    amount_cents: int
 
 
 class StoreError(Exception):
@@ -185,32 +196,59 @@ class Store:
         INVALID_AMOUNT for an amount out of range or a deposit past the largest balance)
         record nothing, so a retry with the same id is judged afresh.
         """
-        account = canonical_account(account)
-        kind = EntryKind(kind)
-        _check_txn_id(txn_id)
+        request = PostRequest(account, txn_id, EntryKind(kind), amount_cents)
+        (outcome,) = self.post_many([request], now_ms)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def post_many(
+        self, requests: Sequence[PostRequest], now_ms: int
+    ) -> list[Posting | StoreError | ValueError]:
+        """Apply several posts in ONE transaction: one commit, one fsync, for all of them.
+
+        Each request gets exactly the outcome ``post`` would give it run alone in this
+        order (a later request sees the earlier ones, including the same txn_id twice).
+        A request refused by validation (an unknown account, a malformed id) gets its
+        exception as its outcome; those checks come before any write, so the others
+        are unaffected. A sqlite3.Error aborts and rolls back the whole batch.
+        """
+        outcomes: list[Posting | StoreError | ValueError] = []
+        with self._transaction():
+            for request in requests:
+                try:
+                    outcomes.append(self._post_one(request, now_ms))
+                except (StoreError, ValueError) as error:
+                    outcomes.append(error)
+        return outcomes
+
+    def _post_one(self, request: PostRequest, now_ms: int) -> Posting:
+        """One post inside the caller's transaction; validation happens before any write."""
+        account = canonical_account(request.account)
+        _check_txn_id(request.txn_id)
+        amount_cents = request.amount_cents
         if type(amount_cents) is not int or not 1 <= amount_cents <= AMOUNT_CENTS_MAX:
             return Posting(Status.INVALID_AMOUNT)
-        with self._transaction():
-            prior = self._entry_by_txn_id(txn_id)
-            if prior is not None:
-                return _replay(prior, account=account, kind=kind, amount_cents=amount_cents)
-            self._require_account(account)
-            if not self._move_money(account, kind, amount_cents):
-                refusal = (
-                    Status.INSUFFICIENT_FUNDS
-                    if kind is EntryKind.WITHDRAWAL
-                    else Status.INVALID_AMOUNT
-                )
-                return Posting(refusal)
-            balance_cents = self.balance(account)
-            entry_id = self._insert_entry(
-                account=account,
-                txn_id=txn_id,
-                kind=kind,
-                amount_cents=amount_cents,
-                balance_cents=balance_cents,
-                now_ms=now_ms,
+        prior = self._entry_by_txn_id(request.txn_id)
+        if prior is not None:
+            return _replay(prior, account=account, kind=request.kind, amount_cents=amount_cents)
+        self._require_account(account)
+        if not self._move_money(account, request.kind, amount_cents):
+            refusal = (
+                Status.INSUFFICIENT_FUNDS
+                if request.kind is EntryKind.WITHDRAWAL
+                else Status.INVALID_AMOUNT
             )
+            return Posting(refusal)
+        balance_cents = self.balance(account)
+        entry_id = self._insert_entry(
+            account=account,
+            txn_id=request.txn_id,
+            kind=request.kind,
+            amount_cents=amount_cents,
+            balance_cents=balance_cents,
+            now_ms=now_ms,
+        )
         return Posting(Status.APPROVED, balance_cents, entry_id, now_ms)
 
     def history(self, account: str, count: int) -> list[HistoryEntry]:

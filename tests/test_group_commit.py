@@ -1,0 +1,139 @@
+"""Group commit in SqliteLedger: posts that arrive together share one transaction, yet
+each gets exactly its own outcome, durably, and no caller can be stranded."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from bank.ledger import StorageError
+from bank.sqlite_ledger import SqliteLedger, open_ledger
+from bank.store import UnknownAccount
+from wire import EntryKind, Status
+
+ACCOUNT, OPENING_CENTS = "AC-12345", 1_024_32
+RELEASE_TIMEOUT_S = 10
+"""Bound on the gated commit's wait, so a broken test fails instead of hanging."""
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path):
+    ledger = await open_ledger(tmp_path / "bank.db", tmp_path / "bank.key")
+    yield ledger
+    await ledger.aclose()
+
+
+def count_batches(ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every batch the store is asked to commit."""
+    sizes: list[int] = []
+    post_many = ledger._store.post_many
+
+    def spy(requests, now_ms):
+        sizes.append(len(requests))
+        return post_many(requests, now_ms)
+
+    monkeypatch.setattr(ledger._store, "post_many", spy)
+    return sizes
+
+
+async def deposit(ledger: SqliteLedger, cents: int, results: list, account: str = ACCOUNT):
+    try:
+        results.append(await ledger.post(
+            account=account, txn_id=uuid.uuid4().bytes, kind=EntryKind.DEPOSIT,
+            amount_cents=cents,
+        ))
+    except Exception as error:  # the test inspects what each caller got
+        results.append(error)
+
+
+async def test_concurrent_posts_share_commits_and_each_gets_its_outcome(
+    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+):
+    sizes = count_batches(ledger, monkeypatch)
+    results: list = []
+    async with trio.open_nursery() as nursery:
+        for cents in range(1, 51):
+            nursery.start_soon(deposit, ledger, cents, results)
+    assert sum(sizes) == 50 and len(sizes) < 50  # fewer commits than posts
+    assert all(r.status is Status.APPROVED for r in results)
+    assert len({r.entry_id for r in results}) == 50
+    assert await ledger.balance(ACCOUNT) == OPENING_CENTS + sum(range(1, 51))
+    assert await ledger.check_invariants() == []
+
+
+async def test_one_bad_request_does_not_spoil_its_batch(ledger: SqliteLedger):
+    results: list = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(deposit, ledger, 1_00, results)
+        nursery.start_soon(deposit, ledger, 2_00, results, "QQ-00000")
+        nursery.start_soon(deposit, ledger, 3_00, results)
+    assert sum(isinstance(r, UnknownAccount) for r in results) == 1
+    assert await ledger.balance(ACCOUNT) == OPENING_CENTS + 4_00
+
+
+async def test_a_storage_failure_fails_the_whole_batch_and_moves_nothing(
+    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+):
+    real_insert = ledger._store._insert_entry
+    calls = 0
+
+    def insert_then_fail(**fields):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_insert(**fields)
+
+    monkeypatch.setattr(ledger._store, "_insert_entry", insert_then_fail)
+    results: list = []
+    async with trio.open_nursery() as nursery:
+        for cents in (1_00, 2_00, 3_00):
+            nursery.start_soon(deposit, ledger, cents, results)
+    monkeypatch.undo()
+    assert results and all(isinstance(r, StorageError) for r in results)
+    assert await ledger.balance(ACCOUNT) == OPENING_CENTS  # rolled back, all of it
+
+
+async def test_a_cancelled_leader_still_commits_for_its_followers(
+    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+):
+    gate = threading.Event()  # holds the first commit in its thread until the test says
+    real_post_many = ledger._store.post_many
+    calls = 0
+
+    def gated(requests, now_ms):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            gate.wait(timeout=RELEASE_TIMEOUT_S)
+        return real_post_many(requests, now_ms)
+
+    monkeypatch.setattr(ledger._store, "post_many", gated)
+    first: list = []
+    leader: list = []
+    follower: list = []
+    leader_scope = trio.CancelScope()
+
+    async def cancelled_leader() -> None:
+        with leader_scope:
+            await deposit(ledger, 2_00, leader)
+
+    with trio.fail_after(RELEASE_TIMEOUT_S):  # a stranded follower fails, not hangs
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deposit, ledger, 1_00, first)  # commits batch 1, held at gate
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(cancelled_leader)  # leads batch 2, waits for the committer
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(deposit, ledger, 3_00, follower)  # joins batch 2
+            await trio.testing.wait_all_tasks_blocked()
+            leader_scope.cancel()
+            gate.set()
+    assert calls == 2  # batch 2 = the cancelled leader's post and its follower's
+    assert [r.status for r in first + follower] == [Status.APPROVED, Status.APPROVED]
+    assert await ledger.balance(ACCOUNT) == OPENING_CENTS + 1_00 + 2_00 + 3_00
