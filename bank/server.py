@@ -90,7 +90,7 @@ class Connection:
         self._decoder = Decoder(Sender.CLIENT)
         self._wait_scope: trio.CancelScope | None = None
         self._frame_started_at = 0.0
-        self._last_reply_at = trio.current_time()
+        self._connected_at = self._last_reply_at = trio.current_time()
         self._shutdown_at: float | None = None
         self._shutdown_notified = False
 
@@ -125,9 +125,9 @@ class Connection:
                 await self._send(Error(error.status), error.request_id)
                 if error.fatal:
                     return
-                continue
-            reply = await self.session.handle(frame.message)
-            await self._send(reply, frame.request_id)
+            else:
+                reply = await self.session.handle(frame.message)
+                await self._send(reply, frame.request_id)
             self._last_reply_at = trio.current_time()
 
     async def _receive_frame(self) -> Frame:
@@ -160,13 +160,12 @@ class Connection:
         if self._decoder.buffered_bytes:
             deadline = self._frame_started_at + self._config.frame_timeout_s
             ending = Ending.FRAME_TIMEOUT
-        else:
-            idle_s = (
-                self._config.idle_timeout_s
-                if self.session.state is State.AUTHENTICATED
-                else self._config.login_timeout_s
-            )
-            deadline, ending = self._last_reply_at + idle_s, Ending.IDLE
+        elif self.session.state is State.AUTHENTICATED:
+            deadline = self._last_reply_at + self._config.idle_timeout_s
+            ending = Ending.IDLE
+        else:  # counted from connect, so pinging cannot hold a slot without logging in
+            deadline = self._connected_at + self._config.login_timeout_s
+            ending = Ending.IDLE
         if self._shutdown_at is not None and self._shutdown_at < deadline:
             deadline, ending = self._shutdown_at, Ending.GRACE_OVER
         return deadline, ending

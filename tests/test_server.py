@@ -60,6 +60,13 @@ def raw_frame(opcode: int, request_id: int, payload: bytes) -> bytes:
     return body + FAST_CRC.pack(zlib.crc32(body))
 
 
+def arm_receive_guard(mock_clock: trio.testing.MockClock) -> None:
+    """After the last explicit jump: let time run, so a frame the server failed to send
+    trips the client's receive timeout instead of hanging the test forever. Only where
+    no SQLite work follows: autojump would leap while the server waits on its thread."""
+    mock_clock.autojump_threshold = 0
+
+
 async def logged_in(bank: RunningServer, account: str = DEMO_ACCOUNT, pin: str = DEMO_PIN):
     client = await bank.client()
     assert await client.login(account, pin) is Status.APPROVED
@@ -342,6 +349,7 @@ async def test_idle_session_expires_and_releases_its_lease(
     assert isinstance(await client.request(Ping()), PingReply)  # activity restarts the timer
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.idle_timeout_s)
+    arm_receive_guard(mock_clock)
     frame = await client.receive()
     assert frame is not None and (frame.request_id, frame.message) == (0, SessionExpired())
     assert await client.closed()
@@ -354,9 +362,40 @@ async def test_a_connection_that_never_logs_in_is_closed(
     client = await bank.client()
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.login_timeout_s)
+    arm_receive_guard(mock_clock)
     frame = await client.receive()
     assert frame is not None and frame.message == SessionExpired()
     assert await client.closed()
+
+
+async def test_pinging_does_not_extend_the_login_deadline(
+    mock_clock: trio.testing.MockClock, bank: RunningServer, config: ServerConfig
+):
+    client = await bank.client()
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(config.login_timeout_s - 1)
+    assert isinstance(await client.request(Ping()), PingReply)
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(1)
+    arm_receive_guard(mock_clock)
+    frame = await client.receive()
+    assert frame is not None and frame.message == SessionExpired()
+    assert await client.closed()
+
+
+async def test_an_answered_bad_frame_counts_as_activity(
+    mock_clock: trio.testing.MockClock, bank: RunningServer, config: ServerConfig
+):
+    client = await logged_in(bank)
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(config.idle_timeout_s - 1)
+    await client.stream.send_all(raw_frame(0x3E, 8, b""))
+    frame = await client.receive()
+    assert frame is not None and frame.message == Error(Status.INVALID_TRANSACTION)
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(config.idle_timeout_s - 1)
+    arm_receive_guard(mock_clock)
+    assert isinstance(await client.request(Ping()), PingReply)  # still in session
 
 
 async def test_a_frame_that_never_completes_is_dropped_and_others_are_served(
@@ -365,12 +404,13 @@ async def test_a_frame_that_never_completes_is_dropped_and_others_are_served(
     honest = await logged_in(bank)
     slow = await bank.client()
     await slow.stream.send_all(encode(Balance(), 1)[:5])
+    assert (await honest.request(Balance())).status is Status.APPROVED  # served meanwhile
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.frame_timeout_s)
+    arm_receive_guard(mock_clock)  # no SQLite work after this: autojump cannot misfire
     frame = await slow.receive()
     assert frame is not None and frame.message == Error(Status.FORMAT_ERROR)
     assert await slow.closed()
-    assert (await honest.request(Balance())).status is Status.APPROVED
 
 
 async def test_shutdown_notifies_refuses_new_work_and_lets_clients_log_out(
@@ -406,6 +446,7 @@ async def test_shutdown_closes_lingering_sessions_after_the_grace_period(
         assert frame is not None and isinstance(frame.message, Shutdown)
         await trio.testing.wait_all_tasks_blocked()
         mock_clock.jump(config.shutdown_grace_s)
+        arm_receive_guard(mock_clock)
         assert await client.closed()
         await client.aclose()
     assert bank.server.leases.held() == frozenset()

@@ -1,0 +1,732 @@
+"""A hostile-client battery against a running bank server over loopback TCP.
+
+Every case attacks the server (random bytes, oversized or corrupted frames, slowloris,
+floods of connections, wrong PINs, requests out of state, hostile amounts, replayed
+transaction ids, pipelining, resets, a client that never reads) and then checks that
+the bank is unharmed: a legitimate ATM session (login, deposit, withdraw, balance,
+logout) succeeds, no lease is left behind, every connection is gone and the books
+balance. ``tests/test_server.py`` covers each feature once; this module pushes on the
+same places harder, so it reuses that module's helpers rather than its cases.
+
+Waiting is event-driven: ``settle`` lets the server finish what it can (worker threads
+included) before a check, and timeouts run on ``mock_clock`` with explicit jumps, as in
+``tests/test_server.py``. Random inputs come from fixed seeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import statistics
+import struct
+import time
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from bank.config import ServerConfig
+from bank.server import CLOSE_LINGER_S
+from bank.sqlite_ledger import SqliteLedger, open_ledger
+from tests.conftest import (
+    DEMO_ACCOUNT,
+    DEMO_BALANCE_CENTS,
+    DEMO_PIN,
+    OTHER_ACCOUNT,
+    OTHER_PIN,
+    RunningServer,
+    WireClient,
+    start_server,
+    txn_id,
+)
+from tests.test_server import logged_in, raw_frame
+from wire import (
+    AMOUNT_CENTS_MAX,
+    MESSAGE_TYPES,
+    PAYLOAD_BYTES_MAX,
+    Balance,
+    BalanceReply,
+    Deposit,
+    DepositReply,
+    Error,
+    Frame,
+    Hello,
+    History,
+    HistoryEntry,
+    HistoryReply,
+    Login,
+    LoginReply,
+    Logout,
+    LogoutReply,
+    Message,
+    Ping,
+    PingReply,
+    Request,
+    SessionExpired,
+    Shutdown,
+    Status,
+    Withdraw,
+    WithdrawReply,
+    encode,
+)
+from wire.layout import FAST_HEADER
+from wire.limits import MAGIC, PROTOCOL_VERSION
+
+UNKNOWN_ACCOUNT = "QQ-00000"
+WRONG_PIN = "0000"
+
+SETTLE_ROUNDS_MAX = 100
+"""Bound on settle's rounds; each round ends only when every task and thread is idle."""
+
+
+async def settle() -> None:
+    """Return once no server task can run and no worker thread is busy.
+
+    ``wait_all_tasks_blocked`` alone counts a task waiting for SQLite's thread as
+    blocked; this is trio's documented recipe that also waits for the threads.
+    """
+    for _ in range(SETTLE_ROUNDS_MAX):
+        await trio.testing.wait_all_threads_completed()
+        await trio.testing.wait_all_tasks_blocked()
+        if trio.testing.active_thread_count() == 0:
+            return
+    raise AssertionError("the server never settled")
+
+
+async def legit_session(
+    bank: RunningServer, account: str = DEMO_ACCOUNT, pin: str = DEMO_PIN
+) -> None:
+    """An honest ATM's whole visit; every step must be approved."""
+    client = await logged_in(bank, account, pin)
+    before = await client.request(Balance())
+    assert isinstance(before, BalanceReply) and before.status is Status.APPROVED
+    deposit = await client.request(Deposit(txn_id(), 12_34))
+    assert deposit.status is Status.APPROVED
+    assert deposit.balance_cents == before.balance_cents + 12_34
+    withdraw = await client.request(Withdraw(txn_id(), 5_67))
+    assert withdraw.status is Status.APPROVED
+    after = await client.request(Balance())
+    assert after == BalanceReply(Status.APPROVED, before.balance_cents + 12_34 - 5_67)
+    assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+    assert await client.closed()
+    await client.aclose()
+
+
+async def assert_unharmed(
+    bank: RunningServer,
+    ledger: SqliteLedger,
+    account: str = DEMO_ACCOUNT,
+    pin: str = DEMO_PIN,
+) -> None:
+    """The end of every case: served, no lease stuck, no connection left, books balance.
+
+    Call it after every attacker's stream is closed.
+    """
+    await legit_session(bank, account, pin)
+    await settle()
+    assert bank.server.leases.held() == frozenset()
+    assert bank.server.connection_count == 0
+    assert await ledger.check_invariants() == []
+
+
+async def frames_until_closed(client: WireClient, frames_max: int = 10) -> list[Frame]:
+    """Every frame the server still sends, until it closes (bounded)."""
+    frames = []
+    for _ in range(frames_max):
+        frame = await client.receive()
+        if frame is None:
+            return frames
+        frames.append(frame)
+    raise AssertionError(f"still open after {frames_max} frames: {frames}")
+
+
+def reset_on_close(client: WireClient) -> None:
+    """SO_LINGER 0: closing the socket sends RST instead of FIN."""
+    client.stream.socket.setsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+    )
+
+
+def money_payload(amount_cents: int, key: bytes | None = None) -> bytes:
+    """A DEPOSIT/WITHDRAW payload with any u64, which ``Deposit`` itself would refuse."""
+    return (key or txn_id()) + amount_cents.to_bytes(8, "big")
+
+
+# -- Bytes that are not frames ----------------------------------------------------------
+
+
+async def test_random_bytes_get_at_most_one_error_and_a_close(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    sizes = (1, 2, 3, 9, 10, 11, 64, PAYLOAD_BYTES_MAX + 14, 5000)
+    for seed in range(3):
+        rng = random.Random(seed)
+        for size in sizes:
+            for prefix in (b"", MAGIC + bytes([PROTOCOL_VERSION])):  # noise, or a header of it
+                attacker = await bank.client()
+                await attacker.stream.send_all(prefix + rng.randbytes(size))
+                await attacker.stream.send_eof()  # a frame left incomplete ends here
+                frames = await frames_until_closed(attacker)
+                assert len(frames) <= 1, frames
+                for frame in frames:
+                    assert isinstance(frame.message, Error)
+                    assert frame.message.status in {
+                        Status.FORMAT_ERROR, Status.UNSUPPORTED_VERSION
+                    }
+                await attacker.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+async def test_an_oversized_length_is_refused_from_the_header_alone(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    for length in (PAYLOAD_BYTES_MAX + 1, 2**16 - 1):
+        for opcode in (Deposit.OPCODE, Login.OPCODE, 0x3E):
+            attacker = await logged_in(bank)
+            header = FAST_HEADER.pack((MAGIC, PROTOCOL_VERSION, opcode, 4242, length))
+            await attacker.stream.send_all(header)  # the payload is never sent
+            frames = await frames_until_closed(attacker)
+            assert [(f.request_id, f.message) for f in frames] == [
+                (4242, Error(Status.FORMAT_ERROR))
+            ]
+            await attacker.aclose()
+            await settle()
+            assert bank.server.leases.held() == frozenset()
+    await assert_unharmed(bank, ledger)
+
+
+async def test_every_single_bit_flip_in_a_deposit_is_refused_and_moves_nothing(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    """CRC-32 catches every one-bit error: wherever it lands, no money moves."""
+    good = encode(Deposit(txn_id(), 100_00), 31)
+    rng = random.Random(7)
+    for position in range(len(good)):
+        corrupt = bytearray(good)
+        corrupt[position] ^= 1 << rng.randrange(8)
+        attacker = await logged_in(bank)
+        await attacker.stream.send_all(bytes(corrupt))
+        # A flip that makes the length larger leaves the server waiting for more bytes.
+        await attacker.stream.send_eof()
+        frames = await frames_until_closed(attacker)
+        assert len(frames) <= 1, (position, frames)
+        for frame in frames:
+            assert frame.message in {
+                Error(Status.FORMAT_ERROR), Error(Status.UNSUPPORTED_VERSION)
+            }, (position, frame)
+        await attacker.aclose()
+        await settle()
+        assert bank.server.leases.held() == frozenset()
+    assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS
+    await assert_unharmed(bank, ledger)
+
+
+async def test_an_unsupported_version_is_refused_at_its_third_byte(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    for version in (0, PROTOCOL_VERSION + 1, 0x7F, 0xFF):
+        attacker = await logged_in(bank)
+        await attacker.stream.send_all(MAGIC + bytes([version]))  # not even a header
+        frames = await frames_until_closed(attacker)
+        assert [(f.request_id, f.message) for f in frames] == [
+            (0, Error(Status.UNSUPPORTED_VERSION))
+        ]
+        await attacker.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+async def test_every_opcode_a_client_may_not_send_is_answered_and_the_session_goes_on(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    client_opcodes = {op for op, cls in MESSAGE_TYPES.items() if issubclass(cls, Request)}
+    foreign = [op for op in range(256) if op not in client_opcodes]
+    client = await logged_in(bank)
+    await client.stream.send_all(
+        b"".join(raw_frame(op, 1000 + op, b"") for op in foreign) + encode(Balance(), 1)
+    )
+    for op in foreign:
+        frame = await client.receive()
+        assert frame is not None
+        assert (frame.request_id, frame.message) == (1000 + op, Error(Status.INVALID_TRANSACTION))
+    frame = await client.receive()
+    assert frame is not None
+    assert frame.message == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)
+    await client.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+async def test_server_messages_sent_by_a_client_are_refused_and_grant_nothing(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    """Well-formed replies and notices from a client: no forged login, no forged money."""
+    rich = 10**12
+    forged: list[tuple[Message, int]] = [
+        (LoginReply(Status.APPROVED), 11),
+        (BalanceReply(Status.APPROVED, rich), 12),
+        (DepositReply(Status.APPROVED, rich, 1, 1), 13),
+        (WithdrawReply(Status.APPROVED, 0, 1, 1), 14),
+        (HistoryReply(Status.APPROVED, (HistoryEntry(1, 1, 1, 5, rich),)), 15),
+        (LogoutReply(Status.APPROVED), 16),
+        (PingReply(Status.APPROVED), 17),
+        (Hello(PAYLOAD_BYTES_MAX, 20, AMOUNT_CENTS_MAX, 1, 1, 1), 0),
+        (Shutdown(0), 0),
+        (SessionExpired(), 0),
+        (Error(Status.SERVER_BUSY), 18),
+    ]
+    attacker = await bank.client()
+    await attacker.stream.send_all(b"".join(encode(m, rid) for m, rid in forged))
+    for _message, request_id in forged:
+        frame = await attacker.receive()
+        assert frame is not None
+        assert (frame.request_id, frame.message) == (request_id, Error(Status.INVALID_TRANSACTION))
+    assert (await attacker.request(Balance())).status is Status.NOT_LOGGED_IN
+    assert await attacker.login() is Status.APPROVED
+    assert await attacker.request(Balance()) == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)
+    await attacker.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+# -- State: before login, a second login, leased accounts ------------------------------
+
+
+async def test_money_requests_before_login_move_nothing_and_consume_no_txn_id(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    keys = [txn_id() for _ in range(10)]
+    attacker = await bank.client()
+    requests: list[Request] = [Deposit(k, 1_00) for k in keys[:5]]
+    requests += [Withdraw(k, 1_00) for k in keys[5:]]
+    requests += [History(20), Balance()]
+    await attacker.stream.send_all(b"".join(encode(r, i + 1) for i, r in enumerate(requests)))
+    for i, _request in enumerate(requests):
+        frame = await attacker.receive()
+        assert frame is not None and frame.request_id == i + 1
+        assert frame.message.status is Status.NOT_LOGGED_IN
+    assert await attacker.login() is Status.APPROVED
+    assert await attacker.request(History(20)) == HistoryReply(Status.APPROVED, ())
+    reply = await attacker.request(Deposit(keys[0], 1_00))  # judged afresh, not a replay
+    assert reply.status is Status.APPROVED
+    assert reply.balance_cents == DEMO_BALANCE_CENTS + 1_00
+    await attacker.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+async def test_logins_on_an_authenticated_connection_are_refused_without_a_pin_check(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    client = await logged_in(bank)
+    attempts = [Login(DEMO_ACCOUNT, DEMO_PIN), Login(OTHER_ACCOUNT, OTHER_PIN)]
+    attempts += [Login(OTHER_ACCOUNT, WRONG_PIN)] * 6  # would lock OTHER if they counted
+    await client.stream.send_all(b"".join(encode(m, i + 1) for i, m in enumerate(attempts)))
+    for i, _attempt in enumerate(attempts):
+        frame = await client.receive()
+        assert frame is not None
+        assert (frame.request_id, frame.message) == (i + 1, LoginReply(Status.ALREADY_LOGGED_IN))
+    assert bank.server.leases.held() == {DEMO_ACCOUNT}
+    assert await client.request(Balance()) == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)
+    await legit_session(bank, OTHER_ACCOUNT, OTHER_PIN)  # not locked, not leased
+    await client.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+async def test_a_leased_account_refuses_intruders_and_exactly_one_contender_wins(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    holder = await logged_in(bank)
+    intruder = await bank.client()
+    assert await intruder.login(DEMO_ACCOUNT, WRONG_PIN) is Status.INCORRECT_PIN
+    assert await intruder.login(DEMO_ACCOUNT, DEMO_PIN) is Status.ACCOUNT_IN_USE
+    await intruder.aclose()
+
+    async def contend(results: list[Status]) -> None:
+        client = await bank.client()
+        results.append(await client.login())
+        contenders.append(client)
+
+    contenders: list[WireClient] = []
+    refused: list[Status] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(contend, refused)
+    assert refused == [Status.ACCOUNT_IN_USE] * 10
+    deposit = await holder.request(Deposit(txn_id(), 1_00))
+    assert deposit.balance_cents == DEMO_BALANCE_CENTS + 1_00
+    for client in contenders:
+        await client.aclose()
+    contenders.clear()
+
+    assert await holder.request(Logout()) == LogoutReply(Status.APPROVED)
+    assert await holder.closed()
+    await holder.aclose()
+    raced: list[Status] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(contend, raced)
+    assert sorted(raced) == [Status.APPROVED] + [Status.ACCOUNT_IN_USE] * 9
+    assert bank.server.leases.held() == {DEMO_ACCOUNT}
+    for client in contenders:
+        await client.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+# -- PINs -------------------------------------------------------------------------------
+
+
+async def pin_flood(
+    bank: RunningServer, account: str, *, attempts: int, per_connection: int
+) -> list[object]:
+    """Wrong PINs over as many connections as it takes; statuses and closes, in order."""
+    events: list[object] = []
+    client = await bank.client()
+    for attempt in range(1, attempts + 1):
+        events.append(await client.login(account, WRONG_PIN))
+        if attempt % per_connection == 0:  # the server closes here
+            events.append("closed" if await client.closed() else "open")
+            await client.aclose()
+            client = await bank.client()
+    await client.aclose()
+    return events
+
+
+async def test_a_wrong_pin_flood_locks_alike_for_known_and_unknown_accounts(
+    bank: RunningServer, ledger: SqliteLedger, config: ServerConfig
+):
+    assert config.login_attempts_max == 3
+    known = await pin_flood(bank, DEMO_ACCOUNT, attempts=12, per_connection=3)
+    unknown = await pin_flood(bank, UNKNOWN_ACCOUNT, attempts=12, per_connection=3)
+    assert known == unknown  # nothing in the status sequence tells them apart
+    locked = Status.PIN_TRIES_EXCEEDED  # the third wrong PIN locks, and says so
+    assert known == [Status.INCORRECT_PIN, Status.INCORRECT_PIN, locked, "closed"] + [
+        locked, locked, locked, "closed"
+    ] * 3
+    client = await bank.client()
+    assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.PIN_TRIES_EXCEEDED
+    assert await client.login(UNKNOWN_ACCOUNT, DEMO_PIN) is Status.PIN_TRIES_EXCEEDED
+    await client.aclose()
+    await assert_unharmed(bank, ledger, OTHER_ACCOUNT, OTHER_PIN)  # others unaffected
+
+
+LATENCY_TRIES = 40
+"""Logins timed per kind; interleaved, so drift in machine load hits both kinds alike."""
+
+LATENCY_RATIO_MAX = 3.0
+LATENCY_SLACK_S = 0.005
+"""Median login latencies for an unknown account and a wrong PIN must be within 3x or
+5 ms of each other, whichever is looser. Both paths do one HMAC and one committed write,
+so they are expected to be far closer (about 1 ms each here); the bound is generous
+because CI machines are noisy and the test must never flake. It catches a gross leak,
+such as one path skipping the durable write or the worker thread; a microsecond one (a
+skipped HMAC) is below what a loopback round trip can show."""
+
+
+async def test_unknown_account_and_wrong_pin_take_comparable_time(
+    nursery: trio.Nursery, config: ServerConfig, tmp_path: Path
+):
+    ledger = await open_ledger(
+        tmp_path / "timing.db", tmp_path / "timing.key", pin_tries_max=10 * LATENCY_TRIES
+    )
+    try:
+        bank = await start_server(
+            nursery, config, ledger, login_attempts_max=10 * LATENCY_TRIES
+        )
+        client = await bank.client()
+        timings: dict[str, list[float]] = {DEMO_ACCOUNT: [], UNKNOWN_ACCOUNT: []}
+        for _ in range(LATENCY_TRIES):
+            for account, samples in timings.items():
+                started = time.perf_counter()
+                assert await client.login(account, WRONG_PIN) is Status.INCORRECT_PIN
+                samples.append(time.perf_counter() - started)
+        await client.aclose()
+        wrong_pin_s = statistics.median(timings[DEMO_ACCOUNT])
+        unknown_s = statistics.median(timings[UNKNOWN_ACCOUNT])
+        fast, slow = sorted((wrong_pin_s, unknown_s))
+        assert slow <= max(fast * LATENCY_RATIO_MAX, fast + LATENCY_SLACK_S), (
+            f"wrong PIN {wrong_pin_s * 1e3:.2f} ms, unknown {unknown_s * 1e3:.2f} ms"
+        )
+        await assert_unharmed(bank, ledger)
+    finally:
+        await ledger.aclose()
+
+
+# -- Money ------------------------------------------------------------------------------
+
+
+async def test_hostile_amounts_are_refused_and_the_session_goes_on(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+):
+    amount_cents_max = 1000_00
+    bank = await start_server(
+        nursery, config, ledger, amount_cents_max=amount_cents_max, withdrawal_cents_max=500_00
+    )
+    client = await logged_in(bank)
+    wire_bad = [0, AMOUNT_CENTS_MAX + 1, 2**63, 2**64 - 100_00, 2**64 - 1]  # 2**64-1 is -1
+    frames, expected, request_id = [], [], 100
+    for opcode in (Deposit.OPCODE, Withdraw.OPCODE):
+        for amount in wire_bad:
+            request_id += 1
+            frames.append(raw_frame(opcode, request_id, money_payload(amount)))
+            expected.append((request_id, Error(Status.INVALID_AMOUNT)))
+    await client.stream.send_all(b"".join(frames) + encode(Ping(), 1))
+    for want in expected:
+        frame = await client.receive()
+        assert frame is not None and (frame.request_id, frame.message) == want
+    assert (await client.receive()).message == PingReply(Status.APPROVED)
+
+    # Within the wire's range but over this server's limit: refused by the session.
+    key = txn_id()
+    assert await client.request(Deposit(key, amount_cents_max + 1)) == DepositReply(
+        Status.INVALID_AMOUNT
+    )
+    assert await client.request(Withdraw(txn_id(), amount_cents_max + 1)) == WithdrawReply(
+        Status.INVALID_AMOUNT
+    )
+    assert await client.request(History(20)) == HistoryReply(Status.APPROVED, ())
+    assert await client.request(Balance()) == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)
+    reply = await client.request(Deposit(key, 1_00))  # the refused id was not consumed
+    assert reply.status is Status.APPROVED
+    await client.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+async def test_replays_and_conflicting_txn_ids_move_money_once(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    client = await logged_in(bank)
+    key = txn_id()
+    await client.stream.send_all(b"".join(encode(Deposit(key, 7_77), i + 1) for i in range(50)))
+    replies = [await client.receive() for _ in range(50)]
+    assert [f.request_id for f in replies] == list(range(1, 51))
+    assert len({f.message for f in replies}) == 1  # one receipt, fifty times
+    receipt = replies[0].message
+    assert receipt.status is Status.APPROVED
+    assert receipt.balance_cents == DEMO_BALANCE_CENTS + 7_77
+    assert len((await client.request(History(20))).entries) == 1
+
+    # The same id from another account is a conflict there, whatever it asks for.
+    other = await logged_in(bank, OTHER_ACCOUNT, OTHER_PIN)
+    other_balance = (await other.request(Balance())).balance_cents
+    assert await other.request(Deposit(key, 7_77)) == DepositReply(Status.DUPLICATE_TRANSMISSION)
+    assert await other.request(Withdraw(key, 1_00)) == WithdrawReply(
+        Status.DUPLICATE_TRANSMISSION
+    )
+    # A refused withdrawal records nothing: the same id is judged afresh later, and its
+    # receipt then stays the original one however the balance moves afterwards.
+    late = txn_id()
+    too_much = other_balance + 1
+    assert await other.request(Withdraw(late, too_much)) == WithdrawReply(
+        Status.INSUFFICIENT_FUNDS
+    )
+    assert (await other.request(Deposit(txn_id(), 10_00))).status is Status.APPROVED
+    approved = await other.request(Withdraw(late, too_much))
+    assert approved.status is Status.APPROVED
+    assert (await other.request(Deposit(txn_id(), 3_00))).status is Status.APPROVED
+    assert await other.request(Withdraw(late, too_much)) == approved
+    assert await other.request(Balance()) == BalanceReply(
+        Status.APPROVED, other_balance + 10_00 - too_much + 3_00
+    )
+    assert await client.request(Balance()) == BalanceReply(
+        Status.APPROVED, DEMO_BALANCE_CENTS + 7_77
+    )
+    for c in (client, other):
+        await c.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+async def test_two_hundred_pipelined_requests_are_answered_in_order(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    client = await logged_in(bank)
+    requests: list[Request] = []
+    for i in range(200):
+        requests.append(
+            (Deposit(txn_id(), 1_00), Withdraw(txn_id(), 40), Balance(), Ping(), History(5))[i % 5]
+        )
+    ids = [2**32 - 1 - i * 7919 for i in range(200)]  # large, unordered-looking ids
+    await client.stream.send_all(b"".join(encode(r, i) for r, i in zip(requests, ids, strict=True)))
+    balance = DEMO_BALANCE_CENTS
+    for request, request_id in zip(requests, ids, strict=True):
+        frame = await client.receive()
+        assert frame is not None and frame.request_id == request_id
+        reply = frame.message
+        assert reply.OPCODE == request.OPCODE | 0x80 and reply.status is Status.APPROVED
+        if isinstance(request, Deposit | Withdraw):
+            balance += request.amount_cents if isinstance(request, Deposit) else -40
+            assert reply.balance_cents == balance
+        elif isinstance(request, Balance):
+            assert reply.balance_cents == balance
+    await client.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+async def test_frames_pipelined_behind_a_fatal_error_or_a_logout_never_run(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    client = await logged_in(bank)
+    corrupt = bytearray(encode(Deposit(txn_id(), 1_00), 6))
+    corrupt[-1] ^= 0x01
+    before = [encode(Deposit(txn_id(), 1_00), i) for i in range(1, 6)]
+    after = [encode(Deposit(txn_id(), 1_00), i) for i in range(7, 12)]
+    await client.stream.send_all(b"".join([*before, bytes(corrupt), *after]))
+    frames = await frames_until_closed(client)
+    assert [f.request_id for f in frames] == [1, 2, 3, 4, 5, 6]
+    assert frames[-1].message == Error(Status.FORMAT_ERROR)
+    await client.aclose()
+
+    client = await logged_in(bank)
+    pipelined = [Deposit(txn_id(), 1_00), Logout(), Deposit(txn_id(), 1_00)]
+    await client.stream.send_all(b"".join(encode(m, i + 1) for i, m in enumerate(pipelined)))
+    frames = await frames_until_closed(client)
+    assert [type(f.message) for f in frames] == [DepositReply, LogoutReply]
+    await client.aclose()
+    await settle()
+    assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS + 6_00
+    await assert_unharmed(bank, ledger)
+
+
+# -- Connections: resets, floods, slow and deaf peers -----------------------------------
+
+
+async def test_resets_mid_frame_release_the_lease_and_move_nothing(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    frame = encode(Deposit(txn_id(), 50_00), 3)
+    for cut in (0, 1, 2, 3, 9, 10, 11, 20, len(frame) - 4, len(frame) - 1):
+        attacker = await logged_in(bank)  # fails if the last reset left the lease held
+        await attacker.stream.send_all(frame[:cut])
+        reset_on_close(attacker)
+        await attacker.aclose()
+        await settle()
+        assert bank.server.leases.held() == frozenset()
+    assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS
+    await assert_unharmed(bank, ledger)
+
+
+async def test_a_reset_after_a_whole_deposit_then_a_retry_moves_money_exactly_once(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    key = txn_id()
+    attacker = await logged_in(bank)
+    await attacker.stream.send_all(encode(Deposit(key, 25_00), 1))
+    reset_on_close(attacker)
+    await attacker.aclose()  # the reply, if any, is never read
+    await settle()
+    assert bank.server.leases.held() == frozenset()
+    assert await ledger.balance(DEMO_ACCOUNT) in {DEMO_BALANCE_CENTS, DEMO_BALANCE_CENTS + 25_00}
+    retry = await logged_in(bank)
+    first = await retry.request(Deposit(key, 25_00))
+    assert first.status is Status.APPROVED
+    assert first.balance_cents == DEMO_BALANCE_CENTS + 25_00
+    assert await retry.request(Deposit(key, 25_00)) == first
+    assert await retry.request(Balance()) == BalanceReply(
+        Status.APPROVED, DEMO_BALANCE_CENTS + 25_00
+    )
+    await retry.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+async def test_beyond_the_limit_clients_are_told_busy_at_once_and_never_queued(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+):
+    bank = await start_server(nursery, config, ledger, connections_max=3)
+    served = [await bank.client() for _ in range(3)]
+    # The served three stay open throughout: a queued client would wait forever here
+    # (and fail on the receive timeout) instead of being told at once.
+    for _ in range(8):
+        extra = await WireClient.connect(bank.port)
+        frames = await frames_until_closed(extra)
+        assert [(f.request_id, f.message) for f in frames] == [(0, Error(Status.SERVER_BUSY))]
+        await extra.aclose()
+    for client in served:
+        assert await client.request(Ping()) == PingReply(Status.APPROVED)
+    assert await served[0].login() is Status.APPROVED
+    for client in served:
+        await client.aclose()
+    await settle()
+    assert bank.server.connection_count == 0
+    await assert_unharmed(bank, ledger)  # the freed slots serve again
+
+
+SLOWLORIS_CONNECTIONS = 200
+
+
+async def test_slowloris_connections_are_dropped_at_the_frame_deadline(
+    mock_clock: trio.testing.MockClock, bank: RunningServer, ledger: SqliteLedger,
+    config: ServerConfig,
+):
+    frame = encode(Balance(), 1)
+    begun = (frame[:1], frame[:11], frame[:-1])  # one byte, a header and more, all but one
+    slow: list[WireClient] = []
+    for i in range(SLOWLORIS_CONNECTIONS):
+        client = await bank.client(hello=False)
+        await client.stream.send_all(begun[i % len(begun)])
+        slow.append(client)
+    await settle()
+    assert bank.server.connection_count == SLOWLORIS_CONNECTIONS
+    await legit_session(bank)  # served normally while they hang
+    mock_clock.jump(config.frame_timeout_s - 1)
+    await settle()
+    assert bank.server.connection_count == SLOWLORIS_CONNECTIONS  # not before the deadline
+    mock_clock.jump(1)
+    for client in slow:
+        frames = await frames_until_closed(client)
+        assert [type(f.message) for f in frames] == [Hello, Error]
+        assert (frames[1].request_id, frames[1].message) == (0, Error(Status.FORMAT_ERROR))
+        await client.aclose()
+    await settle()
+    assert bank.server.connection_count == 0
+    await assert_unharmed(bank, ledger)
+
+
+DEAF_RECEIVE_BUFFER_BYTES = 4096
+DEAF_REQUESTS = 4000
+"""History requests a deaf client pipelines: 15 bytes each ask for up to 676 bytes of
+reply, far more (about 2.7 MB) than the socket buffers between us can hold."""
+
+
+async def deaf_client(port: int) -> WireClient:
+    """A client with a small receive buffer (set before connecting, so the window is small)."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, DEAF_RECEIVE_BUFFER_BYTES)
+    await sock.connect(("127.0.0.1", port))
+    return WireClient(trio.SocketStream(sock))
+
+
+async def send_ignoring_breakage(client: WireClient, data: bytes, sent: trio.Event) -> None:
+    """The deaf client's writer: it stops when the server hangs up on it."""
+    with contextlib.suppress(trio.BrokenResourceError):
+        await client.stream.send_all(data)
+        sent.set()
+
+
+async def test_a_client_that_never_reads_is_dropped_without_blocking_others(
+    mock_clock: trio.testing.MockClock, bank: RunningServer, ledger: SqliteLedger,
+    config: ServerConfig,
+):
+    setup = await logged_in(bank)
+    for _ in range(20):  # twenty entries make every HISTORY reply a big one
+        assert (await setup.request(Deposit(txn_id(), 1_00))).status is Status.APPROVED
+    await setup.aclose()
+    await settle()
+
+    deaf = await deaf_client(bank.port)
+    await deaf.stream.send_all(encode(Login(DEMO_ACCOUNT, DEMO_PIN), 1))
+    async with trio.open_nursery() as nursery:
+        flood = b"".join(encode(History(20), i) for i in range(2, DEAF_REQUESTS + 2))
+        sent = trio.Event()
+        nursery.start_soon(send_ignoring_breakage, deaf, flood, sent)
+        await settle()
+        # Every request is in the server's buffers, so the server is not waiting for a
+        # frame: it is stuck writing replies that the deaf client never reads.
+        assert sent.is_set()
+        assert bank.server.leases.held() == {DEMO_ACCOUNT}
+        await legit_session(bank, OTHER_ACCOUNT, OTHER_PIN)  # others are served meanwhile
+        mock_clock.jump(config.frame_timeout_s)  # the send deadline
+        await settle()
+        assert bank.server.leases.held() == frozenset()
+        mock_clock.jump(CLOSE_LINGER_S)  # the server's bounded drain before closing
+        await settle()
+        assert bank.server.connection_count == 0
+        nursery.cancel_scope.cancel()  # the writer, if still blocked
+    await deaf.aclose()
+    await assert_unharmed(bank, ledger)
