@@ -1,0 +1,169 @@
+"""``python -m bank.chaos``: a short real run with kill -9 crashes, and the checker itself.
+
+The run starts the real server, crashes it twice under three concurrent ATM sessions and
+must find nothing lost or duplicated. The checker is then fed fabricated histories (a
+lost acknowledgement, a duplicate, a refused operation that was applied, an entry nobody
+issued) and a real database, to prove it can fail and not only pass.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import trio
+
+from bank.chaos import (
+    ROOT,
+    BankState,
+    LedgerEntry,
+    Operation,
+    Outcome,
+    check_history,
+    main,
+    read_bank_state,
+)
+from bank.pins import load_or_create_key
+from bank.store import Store
+from wire import EntryKind, Status
+
+RUN_TIMEOUT_S = 60
+"""Bound on the chaos subprocess: 4 s of load plus restarts; well under this when well."""
+
+ACCOUNT, OPENING_CENTS = "AC-12345", 1_000_00
+
+
+def txn(number: int) -> bytes:
+    return number.to_bytes(16, "big")
+
+
+def acked(number: int, kind: EntryKind, amount_cents: int, balance_cents: int) -> Operation:
+    return Operation(
+        txn(number), ACCOUNT, kind, amount_cents, Outcome.ACKNOWLEDGED, Status.APPROVED,
+        entry_id=number, balance_cents=balance_cents, attempts=1,
+    )
+
+
+def entry_for(op: Operation) -> LedgerEntry:
+    return LedgerEntry(
+        op.txn_id, op.account, op.kind, op.amount_cents, op.entry_id, op.balance_cents
+    )
+
+
+def state(*entries: LedgerEntry, balance_cents: int) -> BankState:
+    return BankState({ACCOUNT: OPENING_CENTS}, {ACCOUNT: balance_cents}, entries)
+
+
+def clean_history() -> list[Operation]:
+    return [
+        acked(1, EntryKind.DEPOSIT, 500, OPENING_CENTS + 500),
+        acked(2, EntryKind.WITHDRAWAL, 200, OPENING_CENTS + 300),
+    ]
+
+
+async def test_a_short_run_with_crashes_loses_and_duplicates_nothing(tmp_path: Path):
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "bank.chaos", "--seconds", "4", "--crashes", "2",
+        "--clients", "3", "--seed", "1", "--keep", str(workdir),
+    ]
+    with trio.fail_after(RUN_TIMEOUT_S):
+        result = await trio.run_process(
+            command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
+        )
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stdout + stderr
+    figures = json.loads(stdout.strip().splitlines()[-1])
+    assert figures["invariant_ok"] is True
+    assert figures["lost"] == 0 and figures["duplicated"] == 0
+    assert figures["crashes"] == 2
+    assert figures["acknowledged"] > 0
+    assert figures["unknown_unresolved"] == 0
+    assert figures["operations"] == (
+        figures["acknowledged"] + figures["refused"] + figures["unknown_unresolved"]
+    )
+    history = (workdir / "history.jsonl").read_text().splitlines()
+    assert len(history) == figures["operations"]
+    assert "crash 2: kill -9" in stderr
+
+
+def test_the_checker_passes_a_consistent_history():
+    ops = clean_history()
+    verdict = check_history(ops, state(*map(entry_for, ops), balance_cents=OPENING_CENTS + 300))
+    assert verdict.ok, verdict.problems
+
+
+def test_the_checker_reports_a_lost_acknowledgement_and_a_duplicate():
+    ops = clean_history()
+    deposit = ops[0]
+    entries = (entry_for(deposit), entry_for(deposit))  # applied twice; withdrawal lost
+    verdict = check_history(ops, state(*entries, balance_cents=OPENING_CENTS + 1000))
+    assert verdict.lost == 1
+    assert verdict.duplicated == 1
+    assert not verdict.ok
+    assert any("acknowledged but not in the ledger" in p for p in verdict.problems)
+    assert any("applied 2 times" in p for p in verdict.problems)
+    assert any("history says" in p for p in verdict.problems)  # the money is off too
+
+
+def test_the_checker_reports_refused_applied_unexpected_and_wrong_receipts():
+    ops = clean_history()
+    refused = Operation(txn(3), ACCOUNT, EntryKind.WITHDRAWAL, 50, Outcome.REFUSED,
+                        Status.INSUFFICIENT_FUNDS)
+    stranger = LedgerEntry(txn(4), ACCOUNT, EntryKind.DEPOSIT, 7, 4, OPENING_CENTS + 257)
+    wrong_receipt = LedgerEntry(txn(2), ACCOUNT, EntryKind.WITHDRAWAL, 200, 2, 1)
+    entries = (
+        entry_for(ops[0]), wrong_receipt,
+        LedgerEntry(txn(3), ACCOUNT, EntryKind.WITHDRAWAL, 50, 3, OPENING_CENTS + 250),
+        stranger,
+    )
+    verdict = check_history([*ops, refused], state(*entries, balance_cents=OPENING_CENTS + 257))
+    assert verdict.refused_applied == 1
+    assert verdict.unexpected == 1
+    assert verdict.mismatched == 1
+    assert not verdict.ok
+
+
+def test_the_checker_reports_store_invariants_integrity_and_negative_balances():
+    broken = BankState(
+        {ACCOUNT: 0}, {ACCOUNT: -5}, (), invariant_problems=("replay differs",),
+        integrity_ok=False,
+    )
+    verdict = check_history([], broken)
+    assert any("negative balance" in p for p in verdict.problems)
+    assert any("invariant: replay differs" in p for p in verdict.problems)
+    assert any("integrity_check" in p for p in verdict.problems)
+
+
+def test_an_unresolved_unknown_may_have_happened_or_not():
+    unknown = Operation(txn(5), ACCOUNT, EntryKind.DEPOSIT, 100, was_unknown=True, attempts=1)
+    applied = LedgerEntry(txn(5), ACCOUNT, EntryKind.DEPOSIT, 100, 1, OPENING_CENTS + 100)
+    assert check_history([unknown], state(balance_cents=OPENING_CENTS)).ok
+    assert check_history([unknown], state(applied, balance_cents=OPENING_CENTS + 100)).ok
+
+
+def test_the_checker_reads_a_real_database(tmp_path: Path):
+    """Through read_bank_state: an acknowledged op that was never posted is lost, and a
+    posted one nobody issued is unexpected, in a database the Store wrote."""
+    db, key_file = tmp_path / "bank.db", tmp_path / "bank.key"
+    with Store(db, load_or_create_key(key_file)) as store:
+        posted = store.post(account=ACCOUNT, txn_id=txn(1), kind=EntryKind.DEPOSIT,
+                            amount_cents=500, now_ms=1)
+        store.post(account=ACCOUNT, txn_id=txn(9), kind=EntryKind.DEPOSIT,
+                   amount_cents=1, now_ms=2)
+    ops = [
+        acked(1, EntryKind.DEPOSIT, 500, posted.balance_cents),
+        acked(2, EntryKind.DEPOSIT, 300, posted.balance_cents + 300),
+    ]
+    ops[0].entry_id = posted.entry_id
+    final = read_bank_state(db, key_file)
+    assert final.integrity_ok and final.invariant_problems == ()
+    verdict = check_history(ops, final)
+    assert (verdict.lost, verdict.unexpected, verdict.mismatched) == (1, 1, 0)
+
+
+def test_keep_refuses_a_directory_with_a_database(tmp_path: Path, capsys):
+    (tmp_path / "bank.db").write_bytes(b"")
+    assert main(["--keep", str(tmp_path), "--seconds", "1"]) == 2
+    assert "fresh database" in capsys.readouterr().err
