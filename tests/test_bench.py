@@ -1,0 +1,104 @@
+"""``python -m bank.bench`` runs end to end on a tiny configuration and reports JSON.
+
+Load mode against a real bank subprocess and the echo baseline, and idle mode: the keys
+and their types are checked, never the timings (a loaded CI machine may be slow). The
+pure parts (the mix, percentiles, the echo server's replies) are checked directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bank.bench import (
+    OPS,
+    TxnIds,
+    echo_reply,
+    expected_reply,
+    make_request,
+    parse_mix,
+    percentile_ns,
+)
+from wire import encode
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_TIMEOUT_S = 120
+"""Bound on one tiny bench run; it takes a few seconds when well."""
+
+
+def run_bench(*flags: str, tmp_path: Path) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-m", "bank.bench", *flags, "--dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S, check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def is_number(value: object) -> bool:
+    return type(value) in (int, float) and value >= 0
+
+
+def test_load_mode_reports_bank_echo_and_ratio(tmp_path: Path) -> None:
+    report = run_bench("--sessions", "2", "--seconds", "1", tmp_path=tmp_path)
+    assert report["sessions"] == 2 and report["seconds"] == 1
+    for key in ("bank_ops_per_s", "echo_ops_per_s", "ratio", "p99_ms", "echo_p99_ms",
+                "p50_ms", "p90_ms", "max_ms", "bank_logins_per_s", "echo_logins_per_s"):
+        assert is_number(report[key]), key
+    assert report["bank_ops_per_s"] > 0 and report["echo_ops_per_s"] > 0
+    assert set(report["ops"]) == {"balance", "deposit", "withdraw"}
+    for op, row in report["ops"].items():
+        assert type(row["count"]) is int and row["count"] > 0, op
+        assert all(is_number(row[k]) for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")), op
+        assert type(row["refused"]) is int, op
+    assert set(report["echo"]["ops"]) == set(report["ops"])
+    assert is_number(report["bank_cpu_percent"]) and is_number(report["echo_cpu_percent"])
+
+
+def test_idle_mode_reports_memory_and_latency(tmp_path: Path) -> None:
+    report = run_bench("--idle", "5", tmp_path=tmp_path)
+    assert report["sessions"] == 5
+    assert type(report["rss_kib_per_session"]) in (int, float)  # may be 0 or even negative
+    for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "logins_per_s"):
+        assert is_number(report[key]), key
+    assert report["count"] == report["probe_requests"] > 0
+
+
+def test_mix_parses_weights_and_drops_zeros() -> None:
+    mix = parse_mix("balance=2,deposit=0,withdraw=1")
+    assert mix.as_dict() == {"balance": 2, "withdraw": 1}
+    rng = random.Random(1)
+    assert {mix.pick(rng) for _ in range(200)} == {"balance", "withdraw"}
+
+
+@pytest.mark.parametrize("text", ["", "balance", "balance=x", "teleport=5", "balance=0"])
+def test_bad_mix_is_a_usage_error(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_mix(text)
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    data = list(range(1, 101))
+    assert [percentile_ns(data, p) for p in (50, 90, 99, 100)] == [50, 90, 99, 100]
+    assert percentile_ns([7], 99) == 7
+    assert percentile_ns([], 50) == 0
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_echo_answers_each_request_with_its_reply_type(op: str) -> None:
+    request = make_request(op, TxnIds())
+    reply = echo_reply(request)
+    assert type(reply) is expected_reply(request)
+    assert encode(reply, 1)  # a frame the wire codec accepts
+
+
+def test_transaction_ids_are_unique_across_runs() -> None:
+    first, second = TxnIds(), TxnIds()
+    ids = {first.next() for _ in range(100)} | {second.next() for _ in range(100)}
+    assert len(ids) == 200 and all(len(i) == 16 for i in ids)
