@@ -17,7 +17,7 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bank.accounts_file import AccountRecord, read_accounts
@@ -89,12 +89,34 @@ CREATE TABLE pin_failures (
 
 @dataclass(frozen=True, slots=True)
 class PostRequest:
-    """One deposit or withdrawal to apply, as ``Store.post_many`` takes them."""
+    """A deposit or withdrawal, as ``Store.execute_batch`` takes it (see ``Store.post``)."""
 
     account: str
     txn_id: bytes
     kind: EntryKind
     amount_cents: int
+
+
+@dataclass(frozen=True, slots=True)
+class PinCheck:
+    """See ``Store.verify_pin``."""
+
+    account: str
+    pin: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceQuery:
+    account: str
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    account: str
+    count: int
+
+
+BatchRequest = PostRequest | PinCheck | BalanceQuery | HistoryQuery
 
 
 class StoreError(Exception):
@@ -111,6 +133,10 @@ class AccountExists(StoreError):
 
 class SchemaError(StoreError):
     """The database was written by a newer version of this program."""
+
+
+Outcome = Posting | Status | int | list[HistoryEntry] | StoreError | ValueError
+"""What ``Store.execute_batch`` gives each request: its result, or its refusal."""
 
 
 class Store:
@@ -158,17 +184,21 @@ class Store:
         A malformed account or PIN is a ValueError (and counts nothing): the wire layer
         has already refused those.
         """
-        account = canonical_account(account)
         with self._transaction():
-            failures, locked_until_ms = self._pin_failures(account)
-            if locked_until_ms is not None and locked_until_ms > now_ms:
-                return Status.PIN_TRIES_EXCEEDED
-            if locked_until_ms is not None:
-                failures = 0  # The lock expired: a fresh start.
-            if self._pin_matches(account, pin):
-                self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
-                return Status.APPROVED
-            return self._record_pin_failure(account, failures + 1, now_ms)
+            return self._check_pin(account, pin, now_ms)
+
+    def _check_pin(self, account: str, pin: str, now_ms: int) -> Status:
+        """``verify_pin`` inside the caller's transaction."""
+        account = canonical_account(account)
+        failures, locked_until_ms = self._pin_failures(account)
+        if locked_until_ms is not None and locked_until_ms > now_ms:
+            return Status.PIN_TRIES_EXCEEDED
+        if locked_until_ms is not None:
+            failures = 0  # The lock expired: a fresh start.
+        if self._pin_matches(account, pin):
+            self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
+            return Status.APPROVED
+        return self._record_pin_failure(account, failures + 1, now_ms)
 
     def balance(self, account: str) -> int:
         """The balance in cents; UnknownAccount if there is no such account."""
@@ -197,30 +227,41 @@ class Store:
         record nothing, so a retry with the same id is judged afresh.
         """
         request = PostRequest(account, txn_id, EntryKind(kind), amount_cents)
-        (outcome,) = self.post_many([request], now_ms)
+        (outcome,) = self.execute_batch([request], now_ms)
         if isinstance(outcome, Exception):
             raise outcome
+        assert isinstance(outcome, Posting)
         return outcome
 
-    def post_many(
-        self, requests: Sequence[PostRequest], now_ms: int
-    ) -> list[Posting | StoreError | ValueError]:
-        """Apply several posts in ONE transaction: one commit, one fsync, for all of them.
+    def execute_batch(self, requests: Sequence[BatchRequest], now_ms: int) -> list[Outcome]:
+        """Run requests in order in ONE transaction: one commit, one fsync, for all.
 
-        Each request gets exactly the outcome ``post`` would give it run alone in this
-        order (a later request sees the earlier ones, including the same txn_id twice).
-        A request refused by validation (an unknown account, a malformed id) gets its
-        exception as its outcome; those checks come before any write, so the others
-        are unaffected. A sqlite3.Error aborts and rolls back the whole batch.
+        Each request gets exactly the outcome its own method would give it run alone in
+        this order (a later request sees the earlier ones, including the same txn_id
+        twice). A request refused by validation (an unknown account, a malformed id)
+        gets its exception as its outcome; those checks come before any write, so the
+        others are unaffected. A sqlite3.Error aborts and rolls back the whole batch.
         """
-        outcomes: list[Posting | StoreError | ValueError] = []
+        outcomes: list[Outcome] = []
         with self._transaction():
             for request in requests:
                 try:
-                    outcomes.append(self._post_one(request, now_ms))
+                    outcomes.append(self._execute(request, now_ms))
                 except (StoreError, ValueError) as error:
                     outcomes.append(error)
         return outcomes
+
+    def _execute(self, request: BatchRequest, now_ms: int) -> Outcome:
+        match request:
+            case PostRequest():
+                return self._post_one(request, now_ms)
+            case PinCheck(account, pin):
+                return self._check_pin(account, pin, now_ms)
+            case BalanceQuery(account):
+                return self.balance(account)
+            case HistoryQuery(account, count):
+                return self.history(account, count)
+        raise TypeError(f"not a batch request: {request!r}")
 
     def _post_one(self, request: PostRequest, now_ms: int) -> Posting:
         """One post inside the caller's transaction; validation happens before any write."""

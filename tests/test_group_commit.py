@@ -1,5 +1,6 @@
-"""Group commit in SqliteLedger: posts that arrive together share one transaction, yet
-each gets exactly its own outcome, durably, and no caller can be stranded."""
+"""Batching in SqliteLedger: requests that arrive together (posts, PIN checks, balances,
+history) share one transaction and one thread hop, yet each gets exactly its own
+outcome, durably, and no caller can be stranded."""
 
 from __future__ import annotations
 
@@ -32,13 +33,13 @@ async def ledger(tmp_path: Path):
 def count_batches(ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the size of every batch the store is asked to commit."""
     sizes: list[int] = []
-    post_many = ledger._store.post_many
+    execute_batch = ledger._store.execute_batch
 
     def spy(requests, now_ms):
         sizes.append(len(requests))
-        return post_many(requests, now_ms)
+        return execute_batch(requests, now_ms)
 
-    monkeypatch.setattr(ledger._store, "post_many", spy)
+    monkeypatch.setattr(ledger._store, "execute_batch", spy)
     return sizes
 
 
@@ -104,7 +105,7 @@ async def test_a_cancelled_leader_still_commits_for_its_followers(
     ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
 ):
     gate = threading.Event()  # holds the first commit in its thread until the test says
-    real_post_many = ledger._store.post_many
+    real_execute_batch = ledger._store.execute_batch
     calls = 0
 
     def gated(requests, now_ms):
@@ -112,9 +113,9 @@ async def test_a_cancelled_leader_still_commits_for_its_followers(
         calls += 1
         if calls == 1:
             gate.wait(timeout=RELEASE_TIMEOUT_S)
-        return real_post_many(requests, now_ms)
+        return real_execute_batch(requests, now_ms)
 
-    monkeypatch.setattr(ledger._store, "post_many", gated)
+    monkeypatch.setattr(ledger._store, "execute_batch", gated)
     first: list = []
     leader: list = []
     follower: list = []
@@ -137,3 +138,43 @@ async def test_a_cancelled_leader_still_commits_for_its_followers(
     assert calls == 2  # batch 2 = the cancelled leader's post and its follower's
     assert [r.status for r in first + follower] == [Status.APPROVED, Status.APPROVED]
     assert await ledger.balance(ACCOUNT) == OPENING_CENTS + 1_00 + 2_00 + 3_00
+
+
+async def test_reads_and_writes_share_one_batch_in_arrival_order(
+    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+):
+    gate = threading.Event()  # holds a first batch so the next one gathers behind it
+    real_execute_batch = ledger._store.execute_batch
+    sizes: list[int] = []
+
+    def gated(requests, now_ms):
+        sizes.append(len(requests))
+        if len(sizes) == 1:
+            gate.wait(timeout=RELEASE_TIMEOUT_S)
+        return real_execute_batch(requests, now_ms)
+
+    monkeypatch.setattr(ledger._store, "execute_batch", gated)
+    seen: dict[str, object] = {}
+
+    async def call(name: str, request) -> None:
+        seen[name] = await request()
+
+    arrivals = [
+        ("deposit", lambda: ledger.post(account=ACCOUNT, txn_id=uuid.uuid4().bytes,
+                                        kind=EntryKind.DEPOSIT, amount_cents=5_00)),
+        ("balance", lambda: ledger.balance(ACCOUNT)),
+        ("pin", lambda: ledger.verify_pin(ACCOUNT, "1324")),
+        ("history", lambda: ledger.history(ACCOUNT, 5)),
+    ]
+    with trio.fail_after(RELEASE_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "first", lambda: ledger.balance(ACCOUNT))
+            for name, request in arrivals:  # one at a time: arrival order is known
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(call, name, request)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert sizes == [1, 4]  # two thread hops for five requests
+    assert seen["balance"] == OPENING_CENTS + 5_00  # after the deposit it queued behind
+    assert seen["pin"] is Status.APPROVED
+    assert [e.amount_cents for e in seen["history"]] == [5_00]
