@@ -145,12 +145,13 @@ class Session:
 
     async def _post(self, request: MoneyRequest) -> Reply:
         posting = await self._posting(request)
-        log.info(
-            "%s: %s %s %s %s entry %d balance %s",
-            self._name, mask_account(self._account()), request.OPCODE.name,
-            format_cents(request.amount_cents), posting.status.name, posting.entry_id,
-            format_cents(posting.balance_cents),
-        )
+        if log.isEnabledFor(logging.INFO):  # the arguments cost more than the check
+            log.info(
+                "%s: %s %s %s %s entry %d balance %s",
+                self._name, mask_account(self._account()), request.OPCODE.name,
+                format_cents(request.amount_cents), posting.status.name, posting.entry_id,
+                format_cents(posting.balance_cents),
+            )
         return reply_type(request)(
             posting.status, posting.balance_cents, posting.entry_id, posting.time_ms
         )
