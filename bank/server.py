@@ -119,7 +119,7 @@ class Connection:
             log.info("%s: connection lost: %s", self.name, error)
         finally:
             self.session.end()
-        await close_gracefully(self._stream)
+            await close_gracefully(self._stream)  # also when cancelled: it always closes
 
     async def _serve(self) -> None:
         while self.session.state is not State.CLOSED:

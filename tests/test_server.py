@@ -16,6 +16,9 @@ import trio
 import trio.testing
 
 from bank.config import ServerConfig
+from bank.leases import Leases
+from bank.server import Connection
+from bank.session import Session
 from bank.sqlite_ledger import SqliteLedger
 from tests.conftest import (
     DEMO_ACCOUNT,
@@ -451,3 +454,21 @@ async def test_shutdown_closes_lingering_sessions_after_the_grace_period(
         await client.aclose()
     assert bank.server.leases.held() == frozenset()
     assert bank.server.connection_count == 0
+
+
+async def test_a_cancelled_connection_still_closes_its_socket(
+    config: ServerConfig, ledger: SqliteLedger
+):
+    """The shutdown backstop cancels connections still open after the grace period:
+    their sockets must close then too, not linger until garbage collection."""
+    server_socket, client_socket = trio.socket.socketpair()
+    session = Session(ledger=ledger, leases=Leases(), config=config, name="test")
+    connection = Connection(
+        trio.SocketStream(server_socket), session=session, config=config, name="test"
+    )
+    client = WireClient(trio.SocketStream(client_socket))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        await client.hello()
+        nursery.cancel_scope.cancel()
+    assert await client.closed()
