@@ -830,7 +830,8 @@ def latency_keys(result: LoadResult | None, prefix: str) -> dict[str, float | No
     """p50_ms .. max_ms over every operation, with ``prefix``; None without a result."""
     names = [f"p{percent}_ms" for percent in PERCENTILES] + ["max_ms"]
     return {
-        prefix + name: (float(result.overall[name]) if result else None) for name in names
+        prefix + name: (float(result.overall[name]) if result else None)  # latency, ms
+        for name in names
     }
 
 

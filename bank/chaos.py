@@ -893,7 +893,7 @@ def _bounded_int(low: int, high: int) -> type[int]:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = float(text)  # a duration in seconds, never money
     if not 0 < value <= SECONDS_MAX:
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most {SECONDS_MAX:.0f}")
     return value
