@@ -161,16 +161,20 @@ class Connection:
         return frame
 
     def _read_deadline(self) -> tuple[float, Ending]:
-        """When the current read gives up, and why."""
-        if self._decoder.buffered_bytes:
-            deadline = self._frame_started_at + self._config.frame_timeout_s
-            ending = Ending.FRAME_TIMEOUT
-        elif self.session.state is State.AUTHENTICATED:
+        """When the current read gives up, and why: the earliest deadline that applies.
+
+        The session's deadline always applies; a begun frame's deadline and shutdown can
+        only bring it forward, so trickling partial frames extends nothing.
+        """
+        if self.session.state is State.AUTHENTICATED:
             deadline = self._last_reply_at + self._config.idle_timeout_s
-            ending = Ending.IDLE
         else:  # counted from connect, so pinging cannot hold a slot without logging in
             deadline = self._connected_at + self._config.login_timeout_s
-            ending = Ending.IDLE
+        ending = Ending.IDLE
+        if self._decoder.buffered_bytes:
+            frame_deadline = self._frame_started_at + self._config.frame_timeout_s
+            if frame_deadline < deadline:
+                deadline, ending = frame_deadline, Ending.FRAME_TIMEOUT
         if self._shutdown_at is not None and self._shutdown_at < deadline:
             deadline, ending = self._shutdown_at, Ending.GRACE_OVER
         return deadline, ending

@@ -386,6 +386,23 @@ async def test_pinging_does_not_extend_the_login_deadline(
     assert await client.closed()
 
 
+async def test_trickled_partial_frames_do_not_extend_the_login_deadline(
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery, config: ServerConfig,
+    ledger: SqliteLedger,
+):
+    bank = await start_server(nursery, config, ledger, login_timeout_s=5, frame_timeout_s=10)
+    client = await bank.client()
+    ping = encode(Ping(), 1)
+    await client.stream.send_all(ping + ping[:5])  # a whole frame, then one begun
+    assert (await client.receive()).message == PingReply(Status.APPROVED)
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(5)
+    arm_receive_guard(mock_clock)
+    frame = await client.receive()
+    assert frame is not None and frame.message == SessionExpired()  # not the frame timeout
+    assert await client.closed()
+
+
 async def test_an_answered_bad_frame_counts_as_activity(
     mock_clock: trio.testing.MockClock, bank: RunningServer, config: ServerConfig
 ):
