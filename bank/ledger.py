@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from wire import EntryKind, HistoryEntry, Status
+from wire.limits import AMOUNT_CENTS_MAX
 
 
 class StorageError(Exception):
@@ -50,7 +51,13 @@ class Ledger(Protocol):
         ...
 
     async def post(
-        self, *, account: str, txn_id: bytes, kind: EntryKind, amount_cents: int
+        self,
+        *,
+        account: str,
+        txn_id: bytes,
+        kind: EntryKind,
+        amount_cents: int,
+        limit_cents: int = AMOUNT_CENTS_MAX,
     ) -> Posting:
         """Apply a deposit or withdrawal once, durably, before returning.
 
@@ -58,6 +65,10 @@ class Ledger(Protocol):
         withdrawal that would overdraw is refused (INSUFFICIENT_FUNDS). ``txn_id`` is
         unique: the same id with the same account, kind and amount returns the
         original outcome; with different content it is DUPLICATE_TRANSMISSION.
+        A new transaction over ``limit_cents`` (the server's own limit) is refused:
+        EXCEEDS_WITHDRAWAL_LIMIT for a withdrawal, INVALID_AMOUNT for a deposit. The
+        limit is checked after the transaction id, so a retry of an applied
+        transaction gets its original outcome even if the limit changed since.
         """
         ...
 

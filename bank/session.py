@@ -157,19 +157,16 @@ class Session:
         )
 
     async def _posting(self, request: MoneyRequest) -> Posting:
-        if request.amount_cents > self._config.amount_cents_max:
-            return Posting(Status.INVALID_AMOUNT)
         if isinstance(request, Withdraw):
-            if request.amount_cents > self._config.withdrawal_cents_max:
-                return Posting(Status.EXCEEDS_WITHDRAWAL_LIMIT)
-            kind = EntryKind.WITHDRAWAL
+            kind, limit_cents = EntryKind.WITHDRAWAL, self._config.withdrawal_cents_max
         else:
-            kind = EntryKind.DEPOSIT
+            kind, limit_cents = EntryKind.DEPOSIT, self._config.amount_cents_max
         return await self._ledger.post(
             account=self._account(),
             txn_id=request.txn_id,
             kind=kind,
             amount_cents=request.amount_cents,
+            limit_cents=limit_cents,
         )
 
     async def _history(self, request: History) -> Reply:

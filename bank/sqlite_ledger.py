@@ -38,6 +38,7 @@ from bank.store import (
     Store,
 )
 from wire import EntryKind, HistoryEntry, Status
+from wire.limits import AMOUNT_CENTS_MAX
 
 T = TypeVar("T")
 
@@ -82,9 +83,15 @@ class SqliteLedger:
         return cast(int, await self._submit(BalanceQuery(account)))
 
     async def post(
-        self, *, account: str, txn_id: bytes, kind: EntryKind, amount_cents: int
+        self,
+        *,
+        account: str,
+        txn_id: bytes,
+        kind: EntryKind,
+        amount_cents: int,
+        limit_cents: int = AMOUNT_CENTS_MAX,
     ) -> Posting:
-        request = PostRequest(account, txn_id, EntryKind(kind), amount_cents)
+        request = PostRequest(account, txn_id, EntryKind(kind), amount_cents, limit_cents)
         return cast(Posting, await self._submit(request))
 
     async def history(self, account: str, count: int) -> list[HistoryEntry]:

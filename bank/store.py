@@ -95,6 +95,8 @@ class PostRequest:
     txn_id: bytes
     kind: EntryKind
     amount_cents: int
+    limit_cents: int = AMOUNT_CENTS_MAX
+    """The server's own limit for a new transaction of this kind (see ``Store.post``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,15 +220,18 @@ class Store:
         kind: EntryKind,
         amount_cents: int,
         now_ms: int,
+        limit_cents: int = AMOUNT_CENTS_MAX,
     ) -> Posting:
         """Apply a deposit or withdrawal once, in one committed transaction.
 
         A known ``txn_id`` replays the original outcome if account, kind and amount match
-        and is DUPLICATE_TRANSMISSION otherwise. Refusals (INSUFFICIENT_FUNDS, or
-        INVALID_AMOUNT for an amount out of range or a deposit past the largest balance)
-        record nothing, so a retry with the same id is judged afresh.
+        and is DUPLICATE_TRANSMISSION otherwise. Only then is a new transaction held to
+        ``limit_cents``, so a retry's outcome cannot change with the server's settings.
+        Refusals (INSUFFICIENT_FUNDS, EXCEEDS_WITHDRAWAL_LIMIT, or INVALID_AMOUNT for an
+        amount out of range or a deposit past the largest balance) record nothing, so a
+        retry with the same id is judged afresh.
         """
-        request = PostRequest(account, txn_id, EntryKind(kind), amount_cents)
+        request = PostRequest(account, txn_id, EntryKind(kind), amount_cents, limit_cents)
         (outcome,) = self.execute_batch([request], now_ms)
         if isinstance(outcome, Exception):
             raise outcome
@@ -273,6 +278,12 @@ class Store:
         prior = self._entry_by_txn_id(request.txn_id)
         if prior is not None:
             return _replay(prior, account=account, kind=request.kind, amount_cents=amount_cents)
+        if amount_cents > request.limit_cents:
+            return Posting(
+                Status.EXCEEDS_WITHDRAWAL_LIMIT
+                if request.kind is EntryKind.WITHDRAWAL
+                else Status.INVALID_AMOUNT
+            )
         self._require_account(account)
         if not self._move_money(account, request.kind, amount_cents):
             refusal = (

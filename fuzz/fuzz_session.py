@@ -67,6 +67,7 @@ from wire import (
     Withdraw,
     encode,
 )
+from wire.limits import AMOUNT_CENTS_MAX
 from wire.messages import MoneyRequest
 
 OTHER_ATM_BIT = 0x01
@@ -137,7 +138,13 @@ class FakeLedger:
         return self.accounts[account].balance_cents
 
     async def post(
-        self, *, account: str, txn_id: bytes, kind: EntryKind, amount_cents: int
+        self,
+        *,
+        account: str,
+        txn_id: bytes,
+        kind: EntryKind,
+        amount_cents: int,
+        limit_cents: int = AMOUNT_CENTS_MAX,
     ) -> Posting:
         if txn_id[: len(STORAGE_FAILURE_TXN_PREFIX)] == STORAGE_FAILURE_TXN_PREFIX:
             raise StorageError("fake disk failure")
@@ -148,6 +155,9 @@ class FakeLedger:
             if original_content == content:
                 return original
             return Posting(Status.DUPLICATE_TRANSMISSION)
+        if amount_cents > limit_cents:
+            return Posting(Status.EXCEEDS_WITHDRAWAL_LIMIT if kind is EntryKind.WITHDRAWAL
+                           else Status.INVALID_AMOUNT)
         return self._apply(txn_id, content)
 
     def _apply(self, txn_id: bytes, content: tuple[str, EntryKind, int]) -> Posting:

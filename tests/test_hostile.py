@@ -473,13 +473,15 @@ async def test_hostile_amounts_are_refused_and_the_session_goes_on(
         assert frame is not None and (frame.request_id, frame.message) == want
     assert (await client.receive()).message == PingReply(Status.APPROVED)
 
-    # Within the wire's range but over this server's limit: refused by the session.
+    # Within the wire's range but over this server's limits: refused, nothing recorded.
     key = txn_id()
     assert await client.request(Deposit(key, amount_cents_max + 1)) == DepositReply(
         Status.INVALID_AMOUNT
     )
+    # The withdrawal limit is never above amount_cents_max, so it is the one a
+    # withdrawal over both meets.
     assert await client.request(Withdraw(txn_id(), amount_cents_max + 1)) == WithdrawReply(
-        Status.INVALID_AMOUNT
+        Status.EXCEEDS_WITHDRAWAL_LIMIT
     )
     assert await client.request(History(20)) == HistoryReply(Status.APPROVED, ())
     assert await client.request(Balance()) == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)

@@ -238,6 +238,24 @@ async def test_retry_with_the_same_txn_id_returns_the_original_outcome(bank: Run
     )
 
 
+async def test_a_retry_keeps_its_original_outcome_when_the_limit_changed(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+):
+    before = await start_server(nursery, config, ledger, withdrawal_cents_max=500_00)
+    client = await logged_in(before)
+    key = txn_id()
+    original = await client.request(Withdraw(key, 400_00))
+    assert original.status is Status.APPROVED
+    await client.aclose()
+    after = await start_server(nursery, config, ledger, withdrawal_cents_max=100_00)
+    again = await logged_in(after)
+    assert await again.request(Withdraw(key, 400_00)) == original  # not "over the limit"
+    assert await again.request(Withdraw(txn_id(), 400_00)) == WithdrawReply(
+        Status.EXCEEDS_WITHDRAWAL_LIMIT
+    )
+    assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS - 400_00
+
+
 async def test_same_txn_id_with_different_content_is_a_duplicate(bank: RunningServer):
     client = await logged_in(bank)
     key = txn_id()
