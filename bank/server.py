@@ -50,6 +50,9 @@ is not destroyed by a TCP reset (closing a socket with unread input sends RST)."
 CLOSE_DRAIN_BYTES_MAX = 64 * 1024
 """Most bytes read and discarded while lingering before close."""
 
+REFUSALS_MAX = 64
+"""SERVER_BUSY refusals in progress at once; beyond it a socket is closed at once."""
+
 SHUTDOWN_BACKSTOP_S = CLOSE_LINGER_S + 1.0
 """Seconds after the grace period at which connections still open are cancelled."""
 
@@ -207,6 +210,7 @@ class BankServer:
         self.leases = Leases()
         self._ledger = ledger
         self._slots = trio.CapacityLimiter(config.connections_max)
+        self._refusals = trio.CapacityLimiter(REFUSALS_MAX)
         self._connections: set[Connection] = set()
         self._numbers = itertools.count(1)
         self._stop = trio.Event()
@@ -256,13 +260,20 @@ class BankServer:
         log.info("all connections closed")
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        name = f"conn {next(self._numbers)} {_address(stream.socket.getpeername())}"
+        """One accepted socket. Nothing may escape: it would end serve() for everyone."""
+        name = f"conn {next(self._numbers)} {_peer_address(stream)}"
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             log.warning("%s: refused, %d connections open", name, len(self._connections))
             await self._refuse_busy(stream)
             return
+        try:
+            await self._serve_connection(stream, name)
+        finally:
+            self._slots.release()
+
+    async def _serve_connection(self, stream: trio.SocketStream, name: str) -> None:
         session = Session(ledger=self._ledger, leases=self.leases, config=self.config, name=name)
         connection = Connection(stream, session=session, config=self.config, name=name)
         self._connections.add(connection)
@@ -275,16 +286,25 @@ class BankServer:
             log.exception("%s: unexpected error", name)
         finally:
             self._connections.discard(connection)
-            self._slots.release()
             log.info("%s: closed", name)
 
     async def _refuse_busy(self, stream: trio.SocketStream) -> None:
-        with (
-            trio.move_on_after(CLOSE_LINGER_S),
-            contextlib.suppress(trio.BrokenResourceError, OSError),
-        ):
-            await stream.send_all(encode(Error(Status.SERVER_BUSY)))
-        await close_gracefully(stream)
+        """SERVER_BUSY, then close; past REFUSALS_MAX at once, close without a word, so
+        a connect flood cannot pile up refusals that each hold a socket for seconds."""
+        try:
+            self._refusals.acquire_nowait()
+        except trio.WouldBlock:
+            await stream.aclose()
+            return
+        try:
+            with (
+                trio.move_on_after(CLOSE_LINGER_S),
+                contextlib.suppress(trio.BrokenResourceError, OSError),
+            ):
+                await stream.send_all(encode(Error(Status.SERVER_BUSY)))
+            await close_gracefully(stream)
+        finally:
+            self._refusals.release()
 
 
 async def close_gracefully(stream: trio.SocketStream) -> None:
@@ -307,6 +327,14 @@ async def close_gracefully(stream: trio.SocketStream) -> None:
                 drained += len(data)
     finally:
         await stream.aclose()  # closes even when cancelled
+
+
+def _peer_address(stream: trio.SocketStream) -> str:
+    """The peer's address for the log; a peer that reset before we asked has none."""
+    try:
+        return _address(stream.socket.getpeername())
+    except OSError:
+        return "(peer gone)"
 
 
 def _address(sockaddr: tuple) -> str:

@@ -10,6 +10,8 @@ while SQLite works in its thread.
 
 from __future__ import annotations
 
+import socket
+import struct
 import zlib
 
 import trio
@@ -17,7 +19,7 @@ import trio.testing
 
 from bank.config import ServerConfig
 from bank.leases import Leases
-from bank.server import Connection
+from bank.server import REFUSALS_MAX, Connection
 from bank.session import Session
 from bank.sqlite_ledger import SqliteLedger
 from tests.conftest import (
@@ -359,6 +361,35 @@ async def test_beyond_the_connection_limit_a_client_is_told_busy(
     )
     assert await second.closed()
     assert isinstance(await first.request(Ping()), PingReply)
+
+
+async def test_a_peer_that_resets_before_it_is_accepted_hurts_nobody(bank: RunningServer):
+    honest = await logged_in(bank)
+    for _ in range(5):
+        # Connect and reset without yielding to trio, so the server accepts a dead socket.
+        doomed = socket.create_connection(("127.0.0.1", bank.port))
+        doomed.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        doomed.close()
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await honest.request(Balance())).status is Status.APPROVED
+    newcomer = await bank.client()
+    assert await newcomer.login(OTHER_ACCOUNT, OTHER_PIN) is Status.APPROVED
+
+
+async def test_refusals_in_progress_are_bounded(
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery, config: ServerConfig,
+    ledger: SqliteLedger,
+):
+    bank = await start_server(nursery, config, ledger, connections_max=1)
+    holder = await bank.client()  # holds the only slot (kept referenced: GC would close it)
+    lingering = [holder]
+    for _ in range(REFUSALS_MAX):  # each refusal waits (time is frozen) for our EOF
+        refused = await WireClient.connect(bank.port)
+        frame = await refused.receive()
+        assert frame is not None and frame.message == Error(Status.SERVER_BUSY)
+        lingering.append(refused)
+    beyond = await WireClient.connect(bank.port)
+    assert await beyond.closed()  # closed at once, without a frame
 
 
 async def test_idle_session_expires_and_releases_its_lease(
