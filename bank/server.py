@@ -199,6 +199,8 @@ class Connection:
         data = encode(message, request_id)
         self._send_scope.deadline = trio.current_time() + self._config.frame_timeout_s
         await self._stream.send_all(data)
+        if self._send_scope.cancel_called:  # the deadline fired as the send completed
+            raise trio.TooSlowError
         self._send_scope.deadline = math.inf
 
 

@@ -59,9 +59,10 @@ class _Batch:
     requests: list[BatchRequest] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
     outcomes: list[Outcome] = field(default_factory=list)
-    failure: StorageError | None = None
+    failure: Exception | None = None
+    """Why the whole batch failed: StorageError for the database, anything else a bug."""
 
-    def outcome(self, index: int) -> Outcome | StorageError:
+    def outcome(self, index: int) -> Outcome | Exception:
         return self.failure if self.failure is not None else self.outcomes[index]
 
 
@@ -138,7 +139,7 @@ class SqliteLedger:
                     batch.outcomes = await self._to_thread(
                         self._store.execute_batch, batch.requests, self._clock_ms()
                     )
-                except StorageError as error:
+                except Exception as error:  # every member must see it, not only the leader
                     batch.failure = error
                 finally:
                     batch.done.set()
@@ -148,12 +149,13 @@ class SqliteLedger:
         return await self._run(self._store.check_invariants)
 
     async def aclose(self) -> None:
-        """Refuse new work, let queued calls finish (the limiter is FIFO), then close."""
+        """Refuse new work, let queued batches finish (the committer lock is fair), then close."""
         if self._closed:
             return
         self._closed = True
-        async with self._committer:  # fair: batches already waiting commit first
-            await self._to_thread(self._store.close)
+        with trio.CancelScope(shield=True):  # bounded; a cancelled close would leave it open
+            async with self._committer:  # fair: batches already waiting commit first
+                await self._to_thread(self._store.close)
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         if self._closed:

@@ -7,27 +7,19 @@ from __future__ import annotations
 import sqlite3
 import threading
 import uuid
-from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
 from bank.ledger import StorageError
-from bank.sqlite_ledger import SqliteLedger, open_ledger
+from bank.sqlite_ledger import SqliteLedger
 from bank.store import UnknownAccount
 from wire import EntryKind, Status
 
 ACCOUNT, OPENING_CENTS = "AC-12345", 1_024_32
 RELEASE_TIMEOUT_S = 10
 """Bound on the gated commit's wait, so a broken test fails instead of hanging."""
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path):
-    ledger = await open_ledger(tmp_path / "bank.db", tmp_path / "bank.key")
-    yield ledger
-    await ledger.aclose()
 
 
 def count_batches(ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -178,3 +170,17 @@ async def test_reads_and_writes_share_one_batch_in_arrival_order(
     assert seen["balance"] == OPENING_CENTS + 5_00  # after the deposit it queued behind
     assert seen["pin"] is Status.APPROVED
     assert [e.amount_cents for e in seen["history"]] == [5_00]
+
+
+async def test_a_bug_in_a_batch_reaches_every_member_as_itself(
+    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+):
+    def broken(requests, now_ms):
+        raise OverflowError("a bug, not the database")
+
+    monkeypatch.setattr(ledger._store, "execute_batch", broken)
+    results: list = []
+    async with trio.open_nursery() as nursery:
+        for cents in (1_00, 2_00, 3_00):
+            nursery.start_soon(deposit, ledger, cents, results)
+    assert len(results) == 3 and all(isinstance(r, OverflowError) for r in results)

@@ -507,17 +507,18 @@ async def test_shutdown_notifies_refuses_new_work_and_lets_clients_log_out(
 async def test_shutdown_closes_lingering_sessions_after_the_grace_period(
     mock_clock: trio.testing.MockClock, config: ServerConfig, ledger: SqliteLedger
 ):
-    async with trio.open_nursery() as nursery:
-        bank = await start_server(nursery, config, ledger)
-        client = await logged_in(bank)
-        bank.server.shutdown()
-        frame = await client.receive()
-        assert frame is not None and isinstance(frame.message, Shutdown)
-        await trio.testing.wait_all_tasks_blocked()
-        mock_clock.jump(config.shutdown_grace_s)
-        arm_receive_guard(mock_clock)
-        assert await client.closed()
-        await client.aclose()
+    with trio.fail_after(RECEIVE_TIMEOUT_S):  # fires once autojump is armed: serve() must end
+        async with trio.open_nursery() as nursery:
+            bank = await start_server(nursery, config, ledger)
+            client = await logged_in(bank)
+            bank.server.shutdown()
+            frame = await client.receive()
+            assert frame is not None and isinstance(frame.message, Shutdown)
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(config.shutdown_grace_s)
+            arm_receive_guard(mock_clock)
+            assert await client.closed()
+            await client.aclose()
     assert bank.server.leases.held() == frozenset()
     assert bank.server.connection_count == 0
 
