@@ -507,7 +507,8 @@ async def test_shutdown_notifies_refuses_new_work_and_lets_clients_log_out(
 async def test_shutdown_closes_lingering_sessions_after_the_grace_period(
     mock_clock: trio.testing.MockClock, config: ServerConfig, ledger: SqliteLedger
 ):
-    with trio.fail_after(RECEIVE_TIMEOUT_S):  # fires once autojump is armed: serve() must end
+    # Beyond the jumped grace period; fires once autojump is armed if serve() never ends.
+    with trio.fail_after(config.shutdown_grace_s + RECEIVE_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             bank = await start_server(nursery, config, ledger)
             client = await logged_in(bank)
