@@ -62,6 +62,17 @@ CONFIRM_BACKOFF_S = 1
 """Wait before the second reconnect, doubled each time: lets the bank notice the old
 connection closed and release the account before we log in again."""
 
+SETTLED: frozenset[Status] = frozenset({
+    Status.APPROVED,
+    Status.INSUFFICIENT_FUNDS,
+    Status.INVALID_AMOUNT,
+    Status.EXCEEDS_WITHDRAWAL_LIMIT,
+    Status.DUPLICATE_TRANSMISSION,
+})
+"""Answers to a resent transaction that settle it: the bank looked its id up. Any other
+(ISSUER_UNAVAILABLE, SYSTEM_MALFUNCTION, an ERROR frame) leaves it unknown: the first
+attempt may have gone through, so it must not be reported as declined."""
+
 HISTORY_ENTRIES_SHOWN = 10
 """Entries shown by ``h``; fewer if the bank's HELLO allows fewer."""
 
@@ -309,11 +320,12 @@ class AtmSession:
             except LoginRefused as refusal:  # Retrying cannot help, but say what is at stake.
                 self._console.write(text.retry_failed(attempt, CONFIRM_ATTEMPTS_MAX, refusal))
                 break
-            if reply.status is Status.APPROVED and isinstance(reply, MoneyReply):
-                self._console.write(text.confirmed(kind, reply.entry_id))
-            else:
-                self._console.write(text.confirmed_refused(kind, reply.status))
-            return reply
+            if isinstance(reply, MoneyReply) and reply.status in SETTLED:
+                if reply.status is Status.APPROVED:
+                    self._console.write(text.confirmed(kind, reply.entry_id))
+                return reply  # a refusal is told once, by the caller
+            # 91, 96, an ERROR...: the bank did not look the id up; it may have gone through.
+            self._console.write(text.retry_unsettled(attempt, CONFIRM_ATTEMPTS_MAX, reply.status))
         raise TransactionUnconfirmed(kind=kind.noun, amount_cents=request.amount_cents,
                                      txn_id=request.txn_id)
 

@@ -200,8 +200,8 @@ def confirmed(kind: TransactionKind, entry_id: int) -> str:
     return f"...confirmed, your {kind.noun} went through once, reference {entry_id}."
 
 
-def confirmed_refused(kind: TransactionKind, status: Status) -> str:
-    return f"...confirmed: your {kind.noun} did not go through: {status_sentence(status)}."
+def retry_unsettled(attempt: int, attempts_max: int, status: Status) -> str:
+    return f"Attempt {attempt} of {attempts_max} was not settled: {status_sentence(status)}."
 
 
 # -- How a session ended --------------------------------------------------------------

@@ -99,6 +99,9 @@ class FakeBank:
         """Money requests whose reply is lost (connection closed) after the money moved."""
         self.hang_replies = 0
         """Money requests never answered (until the ATM hangs up) after the money moved."""
+        self.unavailable_replies = 0
+        """Money requests answered ISSUER_UNAVAILABLE without being looked up, as the real
+        bank answers during a storage failure."""
         self.close_instead_of: set[type[Request]] = set()
         self.error_instead_of: set[type[Request]] = set()
         self.notice_before_reply: dict[type[Request], Message] = {}
@@ -166,6 +169,9 @@ class FakeBank:
             self.hang_replies -= 1
             await _wait_for_hang_up(stream)
             return False
+        if isinstance(request, MoneyRequest) and self.unavailable_replies:
+            self.unavailable_replies -= 1
+            reply = type(reply)(Status.ISSUER_UNAVAILABLE)
         if type(request) in self.error_instead_of:
             reply = Error(Status.FORMAT_ERROR)
         notice = self.notice_before_reply.pop(type(request), None)
