@@ -192,7 +192,7 @@ class AtmSession:
                 credentials = await self._ask_credentials()
             except EndOfInput:
                 return False
-            status = await self._send_login(credentials)
+            status = await self._send_login_reconnecting(credentials)
             if status is Status.APPROVED:
                 self._credentials = credentials
                 self._console.write(text.logged_in(credentials.account))
@@ -206,6 +206,17 @@ class AtmSession:
         account = await self._ask_parsed(text.ACCOUNT_PROMPT, parse_account)
         pin = await self._ask_parsed(text.PIN_PROMPT, parse_pin, secret=True)
         return Credentials(account, pin)
+
+    async def _send_login_reconnecting(self, credentials: Credentials) -> Status:
+        """Log in; if the bank let the connection go while the customer was typing (its
+        login deadline runs from connect), connect once more: before login nothing can
+        have moved, so a fresh connection loses nothing."""
+        try:
+            return await self._send_login(credentials)
+        except (SessionExpired, ConnectionLost):
+            await self._drop_connection()
+            self._connection = await self._connect()
+            return await self._send_login(credentials)
 
     async def _send_login(self, credentials: Credentials) -> Status:
         reply = await self._conn.request(Login(credentials.account, credentials.pin), LoginReply)

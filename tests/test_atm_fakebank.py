@@ -48,6 +48,7 @@ from wire import (
     WithdrawReply,
     encode,
 )
+from wire import SessionExpired as SessionExpiredNotice
 from wire.messages import MoneyReply, MoneyRequest
 
 ACCOUNT = "AC-12345"
@@ -99,6 +100,8 @@ class FakeBank:
         """Money requests whose reply is lost (connection closed) after the money moved."""
         self.hang_replies = 0
         """Money requests never answered (until the ATM hangs up) after the money moved."""
+        self.expire_before_login = 0
+        """Connections whose first LOGIN finds the session expired (a slow typist)."""
         self.unavailable_replies = 0
         """Money requests answered ISSUER_UNAVAILABLE without being looked up, as the real
         bank answers during a storage failure."""
@@ -149,6 +152,10 @@ class FakeBank:
         decoder = Decoder(Sender.CLIENT)
         while (frame := await _receive_frame(stream, decoder)) is not None:
             self.requests.append(frame)
+            if isinstance(frame.message, Login) and self.expire_before_login:
+                self.expire_before_login -= 1  # as the real bank at its login deadline
+                await stream.send_all(encode(SessionExpiredNotice()))
+                return
             reply = self._answer(frame.message, session)
             if not await self._deliver(stream, frame, reply):
                 return

@@ -273,6 +273,16 @@ async def test_lost_deposit_reply_is_confirmed_with_the_same_txn_id(autojump_clo
     assert bank.connections == 2
 
 
+async def test_a_slow_typist_is_logged_in_on_a_fresh_connection() -> None:
+    def expire_first_login(bank: FakeBank) -> None:
+        bank.expire_before_login = 1
+
+    code, console, bank = await run([*LOGIN_LINES, "b", "x"], bank_setup=expire_first_login)
+    assert code is ExitCode.OK
+    assert bank.connections == 2 and len(bank.sent(Login)) == 2
+    assert text.balance(START_BALANCE_CENTS) in console.output
+
+
 async def test_an_unavailable_bank_while_confirming_is_not_a_refusal(autojump_clock) -> None:
     """A 91 to the resent deposit says nothing about the first attempt, which went
     through: the ATM must try again, never tell the customer it was declined."""
