@@ -8,7 +8,6 @@ above can print one clear sentence and exit with a meaningful status.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import NoReturn, TypeVar
 
 import trio
@@ -247,6 +246,6 @@ def _root_cause(error: OSError) -> BaseException:
 
 def _describe(error: BaseException) -> str:
     """A short phrase for a stream error: the OS's words if there are any."""
-    if isinstance(error, OSError) and error.errno:
-        return os.strerror(error.errno)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror  # also right for name lookups, whose errno is negative
     return str(error) or type(error).__name__

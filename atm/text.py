@@ -253,7 +253,7 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "logged out normally, or input ended",
     ExitCode.CONNECTION_LOST: "could not connect, or the connection was lost",
     ExitCode.USAGE: "bad command line",
-    ExitCode.LOGIN_REFUSED: "login refused (e.g. incorrect PIN three times)",
+    ExitCode.LOGIN_REFUSED: "login refused (e.g. too many incorrect PINs on one connection)",
     ExitCode.ACCOUNT_LOCKED: "account locked after too many incorrect PINs",
     ExitCode.ACCOUNT_IN_USE: "account in use at another ATM",
     ExitCode.SERVER_UNAVAILABLE: "bank busy or shutting down",

@@ -25,11 +25,16 @@ from tests.test_atm_fakebank import ACCOUNT, PIN, START_BALANCE_CENTS, FakeBank,
 ROOT = Path(__file__).resolve().parent.parent
 
 
+ATM_PROCESS_TIMEOUT_S = 60
+"""Bound on one ATM process, far above its usual second, so a hang fails the test."""
+
+
 async def run_atm_process(port: int, stdin: bytes) -> trio.CompletedProcess:
-    return await trio.run_process(
-        [sys.executable, "-m", "atm", "--port", str(port)],
-        stdin=stdin, capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
-    )
+    with trio.fail_after(ATM_PROCESS_TIMEOUT_S):
+        return await trio.run_process(
+            [sys.executable, "-m", "atm", "--port", str(port)],
+            stdin=stdin, capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
+        )
 
 
 async def test_piped_session_prints_what_a_person_would_see() -> None:
