@@ -26,6 +26,7 @@ from atm.errors import (
     TransactionUnconfirmed,
 )
 from wire import EntryKind, HistoryEntry, Status
+from wire.messages import mask_account
 from wire.money import format_cents
 
 STATUS_SENTENCES: dict[Status, str] = {
@@ -125,14 +126,6 @@ class Receipt:
 
 
 RECEIPT_WIDTH = 36
-ACCOUNT_DIGITS_SHOWN = 2
-
-
-def mask_account(account: str) -> str:
-    """``AC-12345`` -> ``AC-***45``: enough to recognise, not enough to reuse."""
-    prefix, _, digits = account.upper().partition("-")
-    hidden = len(digits) - ACCOUNT_DIGITS_SHOWN
-    return f"{prefix}-{'*' * hidden}{digits[hidden:]}"
 
 
 def local_time(time_ms: int, tz: tzinfo | None = None) -> datetime:

@@ -21,10 +21,9 @@ from bank.accounts_file import AccountsFileError
 from bank.config import ServerConfig
 from bank.pins import KeyFileError, load_or_create_key
 from bank.server import BankServer
-from bank.session import mask_account
 from bank.sqlite_ledger import open_ledger
 from bank.store import SchemaError, Store, StoreError
-from wire.messages import ACCOUNT_PATTERN, PIN_PATTERN
+from wire.messages import ACCOUNT_PATTERN, PIN_PATTERN, mask_account
 from wire.money import format_cents, parse_dollars
 
 log = logging.getLogger("bank")

@@ -35,7 +35,7 @@ from wire import (
     Status,
     Withdraw,
 )
-from wire.messages import REPLY_BIT, MoneyRequest
+from wire.messages import REPLY_BIT, MoneyRequest, mask_account
 from wire.money import format_cents
 
 log = logging.getLogger("bank.session")
@@ -65,11 +65,6 @@ REFUSAL: dict[State, Status] = {
 def reply_type(request: Request) -> type[Reply]:
     """A reply's opcode is its request's with the high bit set."""
     return MESSAGE_TYPES[Opcode(request.OPCODE | REPLY_BIT)]
-
-
-def mask_account(account: str) -> str:
-    """``AC-12345`` -> ``AC-***45``: enough for an operator to tell sessions apart."""
-    return f"{account[:3]}***{account[-2:]}"
 
 
 class Session:

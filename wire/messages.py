@@ -68,6 +68,16 @@ class EntryKind(IntEnum):
 ACCOUNT_PATTERN = re.compile(r"[A-Za-z]{2}-[0-9]{5}", re.ASCII)
 PIN_PATTERN = re.compile(r"[0-9]{4}", re.ASCII)
 
+ACCOUNT_DIGITS_SHOWN = 2
+"""Digits of an account number left visible on receipts and in operator logs."""
+
+
+def mask_account(account: str) -> str:
+    """``ac-12345`` -> ``AC-***45``: enough to recognise an account, not to use it."""
+    prefix, _, digits = account.upper().partition("-")
+    hidden = len(digits) - ACCOUNT_DIGITS_SHOWN
+    return f"{prefix}-{'*' * hidden}{digits[hidden:]}"
+
 ANY_REQUEST_ID = range(0, REQUEST_ID_MAX + 1)
 NONZERO_REQUEST_ID = range(1, REQUEST_ID_MAX + 1)
 NOTICE_REQUEST_ID = range(0, 1)
