@@ -19,6 +19,7 @@ import trio
 from bank import config as settings
 from bank.accounts_file import AccountsFileError
 from bank.config import ServerConfig
+from bank.ledger import StorageError
 from bank.pins import KeyFileError, load_or_create_key
 from bank.server import BankServer
 from bank.sqlite_ledger import open_ledger
@@ -34,20 +35,20 @@ SHARED_SETTINGS = ["db", "key_file", "log_level", "pin_tries_max", "pin_lockout_
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
         config = settings.from_arguments(args)
     except ValueError as error:
         print(f"bank: {error}", file=sys.stderr)
         return EXIT_USAGE
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     command: Callable[[ServerConfig, argparse.Namespace], int] = args.run
     try:
         return command(config, args)
-    except (StoreError, KeyFileError, AccountsFileError, SchemaError) as error:
+    except (StoreError, StorageError, KeyFileError, AccountsFileError, SchemaError) as error:
         print(f"bank: {error}", file=sys.stderr)
         return EXIT_FAILURE
 

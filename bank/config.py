@@ -15,6 +15,7 @@ from pathlib import Path
 from wire.limits import AMOUNT_CENTS_MAX, SECONDS_MAX
 
 ENV_PREFIX = "BANK_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _setting(default: object, help_text: str) -> object:
@@ -66,6 +67,10 @@ class ServerConfig:
         for name in ("connections_max", "login_attempts_max", "pin_tries_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.pin_lockout_s < 0:
+            raise ValueError("pin_lockout_s must be 0 or more seconds")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be 0..65535")
 
@@ -76,12 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = Non
         if names is not None and f.name not in names:
             continue
         env = ENV_PREFIX + f.name.upper()
-        default = os.environ.get(env, f.default)
         kind = type(f.default)
+        try:
+            default = kind(os.environ.get(env, f.default))
+        except ValueError:
+            parser.error(f"{env}={os.environ[env]!r} is not a valid {kind.__name__}")
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,
-            default=kind(default),
+            default=default,
             help=f"{f.metadata['help']} (env {env}; now %(default)s)",
         )
 

@@ -32,9 +32,40 @@ def test_flags_override_env_vars_which_override_defaults(monkeypatch: pytest.Mon
     assert config.login_timeout_s == ServerConfig().login_timeout_s
 
 
-def test_an_impossible_setting_is_refused(capsys: pytest.CaptureFixture[str]):
-    assert main(["--withdrawal-cents-max", "0"]) == 2
-    assert "withdrawal_cents_max" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--withdrawal-cents-max", "0"], "withdrawal_cents_max"),
+        (["--pin-lockout-s", "-5"], "pin_lockout_s"),
+        (["--log-level", "LOUD"], "log_level"),
+    ],
+)
+def test_an_impossible_setting_is_refused(
+    flags: list[str], named: str, capsys: pytest.CaptureFixture[str]
+):
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+
+
+def test_a_malformed_env_var_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setenv("BANK_PORT", "abc")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 2
+    assert "BANK_PORT='abc'" in capsys.readouterr().err
+
+
+def test_an_unopenable_database_is_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    status = main(["--port", "0", "--db", str(tmp_path / "missing" / "bank.db"),
+                   "--key-file", str(tmp_path / "bank.key")])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "cannot open" in err and "Traceback" not in err
 
 
 def test_a_port_in_use_is_a_clear_message_not_a_traceback(
