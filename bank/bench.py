@@ -55,7 +55,6 @@ from bank.store import AccountExists, Store
 from wire import (
     AMOUNT_CENTS_MAX,
     HISTORY_ENTRIES_MAX,
-    MESSAGE_TYPES,
     PAYLOAD_BYTES_MAX,
     Balance,
     BalanceReply,
@@ -72,7 +71,6 @@ from wire import (
     LoginReply,
     Logout,
     LogoutReply,
-    Opcode,
     Ping,
     PingReply,
     Reply,
@@ -84,7 +82,7 @@ from wire import (
     WithdrawReply,
     encode,
 )
-from wire.messages import REPLY_BIT
+from wire.messages import reply_type
 
 ROOT = Path(__file__).resolve().parent.parent
 """The directory holding the ``bank`` package: the subprocesses' working directory."""
@@ -234,11 +232,6 @@ def make_request(op: str, txn_ids: TxnIds) -> Request:
     return Balance()
 
 
-def expected_reply(request: Request) -> type[Reply]:
-    """A reply's opcode is its request's with the high bit set."""
-    return MESSAGE_TYPES[Opcode(request.OPCODE | REPLY_BIT)]
-
-
 # -- Latency statistics ------------------------------------------------------------------
 
 
@@ -328,7 +321,7 @@ class BenchSession:
                 frame = await self._receive()
         except trio.TooSlowError:
             raise BenchError(f"no reply to {message.OPCODE.name} in {REPLY_TIMEOUT_S} s") from None
-        if frame.request_id != request_id or type(frame.message) is not expected_reply(message):
+        if frame.request_id != request_id or type(frame.message) is not reply_type(message):
             raise BenchError(f"{message.OPCODE.name} answered with {frame.message!r}")
         assert isinstance(frame.message, Reply)
         return frame.message

@@ -16,7 +16,6 @@ from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger, Posting, StorageError
 from wire import (
-    MESSAGE_TYPES,
     Balance,
     BalanceReply,
     Deposit,
@@ -27,7 +26,6 @@ from wire import (
     LoginReply,
     Logout,
     LogoutReply,
-    Opcode,
     Ping,
     PingReply,
     Reply,
@@ -35,7 +33,7 @@ from wire import (
     Status,
     Withdraw,
 )
-from wire.messages import REPLY_BIT, MoneyRequest, mask_account
+from wire.messages import MoneyRequest, mask_account, reply_type
 from wire.money import format_cents
 
 log = logging.getLogger("bank.session")
@@ -60,11 +58,6 @@ REFUSAL: dict[State, Status] = {
     State.CLOSED: Status.NOT_LOGGED_IN,
 }
 """The status that answers a request its state does not permit."""
-
-
-def reply_type(request: Request) -> type[Reply]:
-    """A reply's opcode is its request's with the high bit set."""
-    return MESSAGE_TYPES[Opcode(request.OPCODE | REPLY_BIT)]
 
 
 class Session:

@@ -133,8 +133,8 @@ class SqliteLedger:
         started must finish; every step is bounded (SQLite's busy timeout, one fsync)."""
         with trio.CancelScope(shield=True):
             async with self._committer:
-                if self._open_batch is batch:
-                    self._open_batch = None  # later requests start the next batch
+                # Only a batch's leader closes it, so it is still the open one here.
+                self._open_batch = None  # later requests start the next batch
                 try:
                     batch.outcomes = await self._to_thread(
                         self._store.execute_batch, batch.requests, self._clock_ms()

@@ -462,3 +462,8 @@ def _register() -> dict[Opcode, type[Message]]:
 
 MESSAGE_TYPES: dict[Opcode, type[Message]] = _register()
 """Every opcode's message class; ``MESSAGE_TYPES[op].LAYOUT`` is its payload layout."""
+
+
+def reply_type(request: Request) -> type[Reply]:
+    """The reply class answering ``request``: its opcode with the high bit set."""
+    return MESSAGE_TYPES[Opcode(request.OPCODE | REPLY_BIT)]
