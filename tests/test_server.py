@@ -19,7 +19,7 @@ import trio.testing
 
 from bank.config import ServerConfig
 from bank.leases import Leases
-from bank.server import REFUSALS_MAX, Connection
+from bank.server import REFUSALS_MAX, Connection, DeadlineSweeper
 from bank.session import Session
 from bank.sqlite_ledger import SqliteLedger
 from tests.conftest import (
@@ -532,7 +532,8 @@ async def test_a_cancelled_connection_still_closes_its_socket(
     server_socket, client_socket = trio.socket.socketpair()
     session = Session(ledger=ledger, leases=Leases(), config=config, name="test")
     connection = Connection(
-        trio.SocketStream(server_socket), session=session, config=config, name="test"
+        trio.SocketStream(server_socket), session=session, config=config, name="test",
+        sweeper=DeadlineSweeper(),
     )
     client = WireClient(trio.SocketStream(client_socket))
     async with trio.open_nursery() as nursery:
