@@ -45,8 +45,12 @@ class ServerConfig:
         10, "seconds connections get to finish after SHUTDOWN on SIGINT or SIGTERM"
     )
     login_attempts_max: int = _setting(3, "failed logins one connection may make before close")
-    pin_tries_max: int = _setting(3, "consecutive wrong PINs that lock an account")
-    pin_lockout_s: int = _setting(900, "seconds an account stays locked unless unlocked sooner")
+    pin_tries_max: int = _setting(
+        3, "wrong PINs in a row, each within the lockout period of the last, that lock an account"
+    )
+    pin_lockout_s: int = _setting(
+        900, "seconds an account stays locked unless unlocked sooner, and a wrong PIN is remembered"
+    )
     amount_cents_max: int = _setting(
         AMOUNT_CENTS_MAX, "largest deposit or withdrawal in one transaction, in cents"
     )

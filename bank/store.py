@@ -33,14 +33,20 @@ from bank.pins import (
 from wire import EntryKind, HistoryEntry, Status
 from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX, TXN_ID_BYTES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version``; 0 means a new database, to be created and seeded."""
 
 PIN_TRIES_MAX = 3
-"""Consecutive wrong PINs that lock an account."""
+"""Wrong PINs in a row that lock an account, each within LOCKOUT_MS of the one before."""
 
 LOCKOUT_MS = 15 * 60 * 1000
-"""How long a lock lasts; an operator can lift it earlier with ``unlock``."""
+"""How long a lock lasts (an operator can lift it earlier with ``unlock``), and how long a
+wrong PIN is remembered."""
+
+PIN_FAILURES_PRUNED_MAX = 2
+"""Forgotten PIN-failure rows deleted with each new failure: more than the one row a
+failure can add, so the table holds about the failures of one lockout period, however
+many account numbers a guesser tries."""
 
 BUSY_TIMEOUT_MS = 5_000
 """How long to wait for another process's write lock before failing with an error."""
@@ -78,13 +84,29 @@ CREATE TABLE entries (
 CREATE INDEX entries_by_account ON entries (account, entry_id);
 
 -- Keyed by the account string whether or not such an account exists, so an unknown
--- account locks exactly like a real one and the two cannot be told apart.
+-- account locks exactly like a real one and the two cannot be told apart. A row is
+-- forgotten one lockout period after its last failure (see Store._check_pin).
 CREATE TABLE pin_failures (
     account TEXT PRIMARY KEY,
     failures INTEGER NOT NULL CHECK (failures > 0),
-    locked_until_ms INTEGER
+    locked_until_ms INTEGER,
+    last_failure_ms INTEGER NOT NULL DEFAULT 0 CHECK (last_failure_ms >= 0)
 ) STRICT;
+
+CREATE INDEX pin_failures_by_age ON pin_failures (last_failure_ms);
 """
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+ALTER TABLE pin_failures
+    ADD COLUMN last_failure_ms INTEGER NOT NULL DEFAULT 0 CHECK (last_failure_ms >= 0);
+CREATE INDEX pin_failures_by_age ON pin_failures (last_failure_ms);
+""",
+}
+"""Statements that take a database from version N to N + 1, run in one transaction.
+
+1 -> 2: PIN failures carry their time, so that old ones are forgotten and their rows
+deleted; rows from version 1 count as old, but a lock in force is kept until it ends."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,11 +214,11 @@ class Store:
     def _check_pin(self, account: str, pin: str, now_ms: int) -> Status:
         """``verify_pin`` inside the caller's transaction."""
         account = canonical_account(account)
-        failures, locked_until_ms = self._pin_failures(account)
+        failures, locked_until_ms, last_failure_ms = self._pin_failures(account)
         if locked_until_ms is not None and locked_until_ms > now_ms:
             return Status.PIN_TRIES_EXCEEDED
-        if locked_until_ms is not None:
-            failures = 0  # The lock expired: a fresh start.
+        if locked_until_ms is not None or last_failure_ms <= now_ms - self._lockout_ms:
+            failures = 0  # The lock expired, or the last failure is forgotten: a fresh start.
         if self._pin_matches(account, pin):
             self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
             return Status.APPROVED
@@ -425,13 +447,21 @@ class Store:
                 )
             if version == SCHEMA_VERSION:
                 return
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._conn.execute(statement)
-            if seed_demo:
-                for account, pin, balance_cents in DEMO_ACCOUNTS:
-                    self._insert_account(account, pin, balance_cents)
+            if version == 0:
+                self._execute_script(_SCHEMA)
+                if seed_demo:
+                    for account, pin, balance_cents in DEMO_ACCOUNTS:
+                        self._insert_account(account, pin, balance_cents)
+            else:
+                for step in range(version, SCHEMA_VERSION):
+                    self._execute_script(_MIGRATIONS[step])
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _execute_script(self, script: str) -> None:
+        """Each statement of ``script`` in the caller's transaction (executescript commits)."""
+        for statement in script.split(";"):
+            if statement.strip():
+                self._conn.execute(statement)
 
     def _insert_record(self, record: AccountRecord) -> None:
         self._insert_account(record.account, record.pin, record.balance_cents)
@@ -457,12 +487,14 @@ class Store:
         if not self._account_exists(account):
             raise UnknownAccount(account)
 
-    def _pin_failures(self, account: str) -> tuple[int, int | None]:
+    def _pin_failures(self, account: str) -> tuple[int, int | None, int]:
+        """(failures, locked_until_ms, last_failure_ms); (0, None, 0) if none are recorded."""
         row = self._conn.execute(
-            "SELECT failures, locked_until_ms FROM pin_failures WHERE account = ?",
+            "SELECT failures, locked_until_ms, last_failure_ms FROM pin_failures"
+            " WHERE account = ?",
             (account,),
         ).fetchone()
-        return (0, None) if row is None else (int(row[0]), row[1])
+        return (0, None, 0) if row is None else (int(row[0]), row[1], int(row[2]))
 
     def _pin_matches(self, account: str, pin: str) -> bool:
         """One HMAC and one compare whether or not the account exists."""
@@ -474,14 +506,35 @@ class Store:
         return matches and row is not None
 
     def _record_pin_failure(self, account: str, failures: int, now_ms: int) -> Status:
+        self._prune_pin_failures(now_ms)
         locked = failures >= self._pin_tries_max
         self._conn.execute(
-            "INSERT INTO pin_failures (account, failures, locked_until_ms) VALUES (?, ?, ?)"
+            "INSERT INTO pin_failures (account, failures, locked_until_ms, last_failure_ms)"
+            " VALUES (?, ?, ?, ?)"
             " ON CONFLICT (account) DO UPDATE"
-            " SET failures = excluded.failures, locked_until_ms = excluded.locked_until_ms",
-            (account, failures, now_ms + self._lockout_ms if locked else None),
+            " SET failures = excluded.failures, locked_until_ms = excluded.locked_until_ms,"
+            " last_failure_ms = excluded.last_failure_ms",
+            (account, failures, now_ms + self._lockout_ms if locked else None, now_ms),
         )
         return Status.PIN_TRIES_EXCEEDED if locked else Status.INCORRECT_PIN
+
+    def _prune_pin_failures(self, now_ms: int) -> None:
+        """Delete the oldest forgotten failure rows (no lock in force), a few at a time.
+
+        Every wrong PIN for any account string adds a row, so without this a guesser
+        trying account numbers would grow the table without bound.
+        """
+        self._conn.execute(
+            "DELETE FROM pin_failures WHERE account IN ("
+            " SELECT account FROM pin_failures"
+            " WHERE last_failure_ms <= :forgotten AND coalesce(locked_until_ms, 0) <= :now"
+            " ORDER BY last_failure_ms LIMIT :limit)",
+            {
+                "forgotten": now_ms - self._lockout_ms,
+                "now": now_ms,
+                "limit": PIN_FAILURES_PRUNED_MAX,
+            },
+        )
 
     def _entry_by_txn_id(self, txn_id: bytes) -> tuple[str, int, int, int, int, int] | None:
         return self._conn.execute(

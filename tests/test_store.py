@@ -17,6 +17,7 @@ from bank.pins import KEY_BYTES, PIN_HMAC_BYTES, SALT_BYTES, hash_pin
 from bank.store import (
     DEMO_ACCOUNTS,
     LOCKOUT_MS,
+    PIN_FAILURES_PRUNED_MAX,
     SCHEMA_VERSION,
     AccountExists,
     SchemaError,
@@ -124,6 +125,34 @@ def test_newer_schema_is_refused(db_path: Path):
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(SchemaError):
         Store(db_path, KEY)
+
+
+def test_a_version_1_database_is_migrated_and_its_locks_kept(db_path: Path):
+    Store(db_path, KEY).close()
+    with raw(db_path) as conn:  # back to version 1: pin_failures without its time column
+        conn.executescript(
+            """
+            DROP INDEX pin_failures_by_age;
+            DROP TABLE pin_failures;
+            CREATE TABLE pin_failures (
+                account TEXT PRIMARY KEY,
+                failures INTEGER NOT NULL CHECK (failures > 0),
+                locked_until_ms INTEGER
+            ) STRICT;
+            PRAGMA user_version = 1;
+            """
+        )
+        conn.execute("INSERT INTO pin_failures VALUES ('AC-12345', 3, ?)", (T0 + 60_000,))
+        conn.execute("INSERT INTO pin_failures VALUES ('BC-01373', 2, NULL)")
+    with Store(db_path, KEY) as store:
+        assert store._conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        for n in range(PIN_FAILURES_PRUNED_MAX * 3):  # prunes what is forgotten, not locks
+            store.verify_pin(f"QQ-{n:05d}", "0000", T0)
+        assert store.verify_pin("AC-12345", "1324", T0) is Status.PIN_TRIES_EXCEEDED
+        # A count from version 1 has no time: it is forgotten, so one more miss is only one.
+        assert store.verify_pin("BC-01373", "0000", T0) is Status.INCORRECT_PIN
+        assert store.verify_pin("BC-01373", "0000", T0) is Status.INCORRECT_PIN
+        assert store.integrity_ok()
 
 
 def test_close_checkpoints_the_wal_and_is_idempotent(db_path: Path):
@@ -256,12 +285,41 @@ def test_unknown_account_locks_like_a_real_one(store: Store):
             Status.PIN_TRIES_EXCEEDED,
         ]
     )
-    rows = dict(
-        (account, (failures, locked))
-        for account, failures, locked in store._conn.execute("SELECT * FROM pin_failures")
-    )
-    assert rows == {"AC-12345": (3, T0 + LOCKOUT_MS), "QQ-00000": (3, T0 + LOCKOUT_MS)}
+    rows = {
+        account: (failures, locked, last)
+        for account, failures, locked, last in store._conn.execute(
+            "SELECT account, failures, locked_until_ms, last_failure_ms FROM pin_failures"
+        )
+    }
+    assert rows == {
+        "AC-12345": (3, T0 + LOCKOUT_MS, T0),
+        "QQ-00000": (3, T0 + LOCKOUT_MS, T0),
+    }
     assert store.verify_pin("QQ-00000", "0000", T0 + LOCKOUT_MS) is Status.INCORRECT_PIN
+
+
+def test_wrong_pins_older_than_the_lockout_period_are_forgotten(store: Store):
+    for account in ("AC-12345", "BC-01373"):
+        assert store.verify_pin(account, "0000", T0) is Status.INCORRECT_PIN
+        assert store.verify_pin(account, "0000", T0 + 1) is Status.INCORRECT_PIN
+    # The third miss within the period locks; a period after the last miss, it is a first.
+    assert store.verify_pin("AC-12345", "0000", T0 + LOCKOUT_MS) is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("BC-01373", "0000", T0 + 1 + LOCKOUT_MS) is Status.INCORRECT_PIN
+
+
+def pin_failure_rows(store: Store) -> int:
+    return store._conn.execute("SELECT count(*) FROM pin_failures").fetchone()[0]
+
+
+def test_guessing_account_numbers_cannot_grow_the_failure_table_without_bound(store: Store):
+    guesses_per_period = 50
+    for period in range(5):
+        now_ms = T0 + period * (LOCKOUT_MS + 1)
+        for n in range(guesses_per_period):
+            account = f"QQ-{period * guesses_per_period + n:05d}"  # a new one every time
+            assert store.verify_pin(account, "0000", now_ms) is Status.INCORRECT_PIN
+        # Only the current period's misses are remembered; the earlier rows are gone.
+        assert pin_failure_rows(store) == guesses_per_period
 
 
 # -- postings ---------------------------------------------------------------------------
