@@ -101,11 +101,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(run_atm, console, connect)
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:
+        return output_closed()
     except BaseExceptionGroup as group:
+        if group.subgroup(BrokenPipeError) is not None:
+            return output_closed()
         if group.subgroup(KeyboardInterrupt) is None:
             raise
     console.write("\n" + text.INTERRUPTED)
     return ExitCode.INTERRUPTED
+
+
+def output_closed() -> ExitCode:
+    """Standard output was closed (``python -m atm | head``): nothing more can be shown.
+
+    The connection closed with the run, so the bank has ended the session. Python
+    flushes standard output at exit; pointing it at /dev/null keeps that from failing.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return ExitCode.OUTPUT_CLOSED
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import outcome
 import trio
 
 LINE_BYTES_MAX = 1024
-"""Longest line kept; a longer one is cut there (no valid answer is anywhere near it)."""
+"""Longest line kept; the rest of a longer one is skipped, up to its newline, so that it
+cannot become the answers to the next questions (no valid answer is anywhere near it)."""
 
 READ_BYTES = 1024
 
@@ -51,20 +52,32 @@ class LineReader:
 
     def read_line(self) -> str | None:
         while b"\n" not in self._buffer and not self._eof and len(self._buffer) < LINE_BYTES_MAX:
-            chunk = os.read(self._fd, READ_BYTES)
-            self._eof = not chunk
-            self._buffer += chunk
+            self._read_more()
         if not self._buffer:
             return None
         end = self._buffer.find(b"\n")
-        if end < 0:  # Input ended without a newline, or the line is too long: cut it.
-            end = min(LINE_BYTES_MAX, len(self._buffer))
-            line = bytes(self._buffer[:end])
-            del self._buffer[:end]
-        else:
+        if 0 <= end <= LINE_BYTES_MAX:
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
+        elif len(self._buffer) >= LINE_BYTES_MAX:  # too long: keep its start only
+            line = bytes(self._buffer[:LINE_BYTES_MAX])
+            self._skip_line()
+        else:  # input ended without a newline
+            line = bytes(self._buffer)
+            self._buffer.clear()
         return line.decode("utf-8", errors="replace").rstrip("\r")
+
+    def _read_more(self) -> None:
+        chunk = os.read(self._fd, READ_BYTES)
+        self._eof = not chunk
+        self._buffer += chunk
+
+    def _skip_line(self) -> None:
+        """Drop bytes up to and including the next newline, holding at most one read."""
+        while (end := self._buffer.find(b"\n")) < 0 and not self._eof:
+            self._buffer.clear()
+            self._read_more()
+        del self._buffer[: end + 1 if end >= 0 else len(self._buffer)]
 
 
 class _PendingRead:

@@ -26,6 +26,7 @@ class ExitCode(IntEnum):
     INCOMPATIBLE_VERSION = 8
     UNCONFIRMED_TRANSACTION = 9
     INTERRUPTED = 130  # The shell's convention for Ctrl-C (128 + SIGINT).
+    OUTPUT_CLOSED = 141  # The shell's convention for a closed pipe (128 + SIGPIPE).
 
 
 class SessionEnded(Exception):

@@ -254,6 +254,7 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.INCOMPATIBLE_VERSION: "the bank speaks another protocol version",
     ExitCode.UNCONFIRMED_TRANSACTION: "a deposit or withdrawal could not be confirmed",
     ExitCode.INTERRUPTED: "interrupted with Ctrl-C",
+    ExitCode.OUTPUT_CLOSED: "the screen went away (output was piped into a program that quit)",
 }
 
 

@@ -85,6 +85,24 @@ async def test_unreachable_bank_exits_1() -> None:
     assert done.stderr == b""
 
 
+async def test_a_closed_output_ends_the_session_without_a_traceback() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `python -m atm | head` after head has quit
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        port = await listen_on_loopback(nursery, bank)
+        with trio.fail_after(ATM_PROCESS_TIMEOUT_S):
+            done = await trio.run_process(
+                [sys.executable, "-m", "atm", "--port", str(port)],
+                stdin=f"{ACCOUNT}\n{PIN}\nb\n".encode(), stdout=write_end,
+                capture_stderr=True, check=False, cwd=ROOT,
+            )
+        nursery.cancel_scope.cancel()
+    os.close(write_end)
+    assert done.returncode == ExitCode.OUTPUT_CLOSED
+    assert done.stderr == b""
+
+
 async def test_pin_is_not_echoed_on_a_terminal() -> None:
     async with trio.open_nursery() as nursery:
         bank = FakeBank(nursery)
@@ -148,9 +166,29 @@ def test_line_reader_splits_lines_and_ends() -> None:
     os.close(write_fd)
     reader = LineReader(read_fd)
     assert [reader.read_line(), reader.read_line()] == ["one", "two"]
-    assert reader.read_line() == "x" * LINE_BYTES_MAX
-    assert reader.read_line() == "x" * 5
+    assert reader.read_line() == "x" * LINE_BYTES_MAX  # the rest of the line is dropped
     assert reader.read_line() is None
+    os.close(read_fd)
+
+
+@pytest.mark.parametrize("overflow_bytes", [1, 5, 3 * LINE_BYTES_MAX])
+def test_an_overlong_line_is_one_answer_not_several(overflow_bytes: int) -> None:
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"y" * (LINE_BYTES_MAX + overflow_bytes) + b"\nnext\n")
+    os.close(write_fd)
+    reader = LineReader(read_fd)
+    assert reader.read_line() == "y" * LINE_BYTES_MAX
+    assert reader.read_line() == "next"
+    assert reader.read_line() is None
+    os.close(read_fd)
+
+
+def test_a_line_of_exactly_the_limit_is_kept_whole() -> None:
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"z" * LINE_BYTES_MAX + b"\nnext\n")
+    os.close(write_fd)
+    reader = LineReader(read_fd)
+    assert [reader.read_line(), reader.read_line()] == ["z" * LINE_BYTES_MAX, "next"]
     os.close(read_fd)
 
 
