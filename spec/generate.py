@@ -23,6 +23,8 @@ from pathlib import Path
 
 from construct import Construct, Struct
 
+from bank.config import ServerConfig
+from bank.server import hello_for
 from wire import (
     Balance,
     BalanceReply,
@@ -125,14 +127,7 @@ ERROR_REQUEST_IDS: dict[Status, tuple[int, str]] = {
 
 def server_hello() -> Hello:
     """The HELLO of a server running with the default configuration."""
-    return Hello(
-        payload_bytes_max=PAYLOAD_BYTES_MAX,
-        history_entries_max=HISTORY_ENTRIES_MAX,
-        amount_cents_max=AMOUNT_CENTS_MAX,
-        frame_timeout_s=10,
-        login_timeout_s=30,
-        idle_timeout_s=120,
-    )
+    return hello_for(ServerConfig())
 
 
 def golden_frames() -> list[Golden]:
