@@ -372,6 +372,8 @@ def json_value(value: object) -> object:
         return value.hex()
     if isinstance(value, IntEnum):
         return value.name
+    if isinstance(value, HistoryEntry):  # a tuple underneath, written as an object
+        return {name: json_value(getattr(value, name)) for name in HistoryEntry.FIELDS}
     if isinstance(value, tuple):
         return [json_value(item) for item in value]
     if dataclasses.is_dataclass(value):

@@ -72,8 +72,15 @@ def field_value(type_name: str, value: object) -> object:
     return value
 
 
+def declared_types(cls: type) -> dict[str, str]:
+    """Each field's type as written in the class, which is what vectors.json follows."""
+    if cls is HistoryEntry:  # a validated tuple, not a dataclass: its fields are fixed
+        return {name: "EntryKind" if name == "kind" else "int" for name in HistoryEntry.FIELDS}
+    return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
 def build(cls: type, json_fields: dict) -> object:
-    declared = {f.name: f.type for f in dataclasses.fields(cls)}
+    declared = declared_types(cls)
     assert set(json_fields) == set(declared), f"{cls.__name__} fields differ"
     return cls(**{name: field_value(declared[name], v) for name, v in json_fields.items()})
 
@@ -192,7 +199,12 @@ def test_reference_construct_parse_agrees_with_fast_path(vector: dict) -> None:
     cls = MESSAGE_TYPES[Opcode[vector["opcode"]]]
     reference = reference_values(cls.LAYOUT.parse(parsed.payload), cls.LAYOUT)
     assert reference == cls.FAST.unpack(parsed.payload)
-    assert reference == golden_message(vector).wire_values()
+    # Values as plain ints and tuples: a HistoryEntry is its row, but equals only entries.
+    values = tuple(
+        tuple(map(tuple, value)) if isinstance(value, tuple) else value
+        for value in golden_message(vector).wire_values()
+    )
+    assert reference == values
     assert cls.LAYOUT.build(cls.LAYOUT.parse(parsed.payload)) == parsed.payload
     assert wire_layout.FRAME.build(parsed) == data
 

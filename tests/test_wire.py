@@ -9,6 +9,8 @@ kept out of repr; and wire.money's exact dollar parsing and formatting.
 
 from __future__ import annotations
 
+import copy
+import pickle
 import zlib
 
 import pytest
@@ -31,6 +33,7 @@ from wire import (
     HistoryReply,
     Login,
     LoginReply,
+    Opcode,
     Ping,
     PingReply,
     Sender,
@@ -284,6 +287,75 @@ def test_unknown_status_and_kind_values_are_refused() -> None:
         LoginReply(1)
     with pytest.raises(WireError):
         HistoryEntry(1, 0, 3, 1, 1)
+
+
+GOOD_ROW = {"entry_id": 7, "time_ms": 1_700_000_000_000, "kind": 1, "amount_cents": 2_500,
+            "balance_cents": 100_000}
+BAD_VALUES = [
+    ("entry_id", 0), ("entry_id", 2**63), ("entry_id", 2**64 - 1),
+    ("time_ms", 2**63),
+    ("kind", 0), ("kind", 3), ("kind", 255),
+    ("amount_cents", 0), ("amount_cents", AMOUNT_CENTS_MAX + 1), ("amount_cents", 2**64 - 1),
+    ("balance_cents", 2**63),
+]
+
+
+def history_reply_payload(rows: list[dict[str, int]]) -> bytes:
+    """A HISTORY_REPLY payload written byte by byte from the spec's field table."""
+    payload = bytes([Status.APPROVED, len(rows)])
+    for row in rows:
+        payload += row["entry_id"].to_bytes(8, "big") + row["time_ms"].to_bytes(8, "big")
+        payload += bytes([row["kind"]]) + row["amount_cents"].to_bytes(8, "big")
+        payload += row["balance_cents"].to_bytes(8, "big")
+    return payload
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_VALUES)
+@pytest.mark.parametrize("position", [0, 2, HISTORY_ENTRIES_MAX - 1])
+def test_a_bad_value_in_any_history_entry_is_refused(field: str, value: int, position: int):
+    rows = [dict(GOOD_ROW, entry_id=n + 1) for n in range(HISTORY_ENTRIES_MAX)]
+    rows[position][field] = value
+    decoder = client_decoder()
+    decoder.receive_data(frame_bytes(Opcode.HISTORY_REPLY, 9, history_reply_payload(rows)))
+    with pytest.raises(WireError) as refused:
+        decoder.next_frame()
+    assert refused.value.status is Status.FORMAT_ERROR
+    assert refused.value.fatal and refused.value.request_id == 9
+    assert field in refused.value.detail  # the column check falls back to naming it
+    with pytest.raises(WireError) as built:
+        HistoryEntry(**dict(GOOD_ROW, **{field: value}))
+    assert built.value.status is Status.FORMAT_ERROR
+
+
+def test_history_entries_decode_to_what_was_built() -> None:
+    built = tuple(
+        HistoryEntry(n + 1, n, EntryKind.WITHDRAWAL if n % 2 else EntryKind.DEPOSIT, n + 1, n)
+        for n in range(HISTORY_ENTRIES_MAX)
+    )
+    decoder = client_decoder()
+    decoder.receive_data(encode(HistoryReply(Status.APPROVED, built), 3))
+    frame = decoder.next_frame()
+    assert frame is not None and frame.message == HistoryReply(Status.APPROVED, built)
+    decoded = frame.message.entries
+    assert [entry.kind for entry in decoded] == [entry.kind for entry in built]
+    assert all(type(entry.kind) is EntryKind for entry in decoded)
+    assert decoded[1].amount_cents == 2 and decoded[1].balance_cents == 1
+
+
+def test_a_history_entry_is_a_value_of_its_own_type() -> None:
+    entry = HistoryEntry(1, 2, EntryKind.DEPOSIT, 3, 4)
+    assert entry == HistoryEntry(1, 2, 1, 3, 4) and hash(entry) == hash(HistoryEntry(1, 2, 1, 3, 4))
+    assert entry != (1, 2, 1, 3, 4)  # not equal to a bare tuple, as a dataclass would not be
+    assert entry != HistoryEntry(1, 2, EntryKind.WITHDRAWAL, 3, 4)
+    assert repr(entry) == (
+        "HistoryEntry(entry_id=1, time_ms=2, kind=<EntryKind.DEPOSIT: 1>,"
+        " amount_cents=3, balance_cents=4)"
+    )
+    assert copy.copy(entry) == entry and pickle.loads(pickle.dumps(entry)) == entry
+    with pytest.raises(AttributeError):
+        entry.amount_cents = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        HistoryEntry(1, 2, EntryKind.DEPOSIT, 3.0, 4)  # money is int cents
 
 
 def test_error_cannot_carry_approved() -> None:

