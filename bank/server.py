@@ -182,6 +182,7 @@ class Connection:
         self._ending = Ending.IDLE
         """What passing ``deadline`` means."""
         self._stream = stream
+        self._socket = stream.socket
         self._config = config
         self._sweeper = sweeper
         self._decoder = Decoder(Sender.CLIENT)
@@ -264,7 +265,7 @@ class Connection:
             self._wait_until(*self._read_deadline())
             self._reading = True
             try:
-                data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+                data = await self._socket.recv(RECEIVE_BYTES_MAX)  # see _send_bytes
             finally:
                 self._reading = False
             self.deadline = math.inf
@@ -328,8 +329,21 @@ class Connection:
         self._wait_until(
             trio.current_time() + self._config.frame_timeout_s, Ending.SEND_TIMEOUT
         )
-        await self._stream.send_all(data)
+        await self._send_bytes(data)
         self.deadline = math.inf
+
+    async def _send_bytes(self, data: bytes) -> None:
+        """``SocketStream.send_all``, on the socket itself, as reads are.
+
+        The stream's conflict checks and error translation cost 3.5 us per request (a
+        send and a read) on a socketpair; under bank.bench's 100 sessions, skipping
+        them took the server's CPU time per request from 71-77 us to 63-70 us. A socket
+        error is an OSError, which ``run`` handles as it does the stream's errors.
+        """
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(view):
+                sent += await self._socket.send(view[sent:])
 
 
 class BankServer:
