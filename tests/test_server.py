@@ -20,7 +20,7 @@ import trio.testing
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.server import REFUSALS_MAX, Connection, DeadlineSweeper
-from bank.session import Session
+from bank.session import Session, State
 from bank.sqlite_ledger import SqliteLedger
 from tests.conftest import (
     DEMO_ACCOUNT,
@@ -541,3 +541,43 @@ async def test_a_cancelled_connection_still_closes_its_socket(
         await client.hello()
         nursery.cancel_scope.cancel()
     assert await client.closed()
+
+
+class ShutdownOnRead:
+    """A socket whose read returns its bytes just as the server begins shutting down:
+    the interrupt and the request arrive together."""
+
+    def __init__(self, sock: trio.socket.SocketType, connection: Connection) -> None:
+        self._sock = sock
+        self._connection = connection
+        self.send = sock.send
+
+    async def recv(self, max_bytes: int) -> bytes:
+        data = await self._sock.recv(max_bytes)
+        if data and self._connection.session.state is State.AUTHENTICATED:
+            self._connection.begin_shutdown(trio.current_time() + 10)
+        return data
+
+
+async def test_a_request_read_as_shutdown_begins_is_answered_not_lost(
+    config: ServerConfig, ledger: SqliteLedger
+):
+    server_socket, client_socket = trio.socket.socketpair()
+    session = Session(ledger=ledger, leases=Leases(), config=config, name="test")
+    connection = Connection(
+        trio.SocketStream(server_socket), session=session, config=config, name="test",
+        sweeper=DeadlineSweeper(),
+    )
+    connection._socket = ShutdownOnRead(server_socket, connection)
+    client = WireClient(trio.SocketStream(client_socket))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        await client.hello()
+        assert await client.login() is Status.APPROVED
+        request_id = await client.send(Balance())
+        answer, notice = await client.receive(), await client.receive()
+        assert answer is not None and answer.request_id == request_id
+        assert answer.message == BalanceReply(Status.ISSUER_UNAVAILABLE)  # shutting down
+        assert notice is not None and isinstance(notice.message, Shutdown)
+        assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+        assert await client.closed()
