@@ -50,6 +50,7 @@ class ServerConfig:
     )
     pin_lockout_s: int = _setting(
         900, "seconds an account stays locked unless unlocked sooner, and a wrong PIN is remembered"
+        " (0: no locking)"
     )
     amount_cents_max: int = _setting(
         AMOUNT_CENTS_MAX, "largest deposit or withdrawal in one transaction, in cents"

@@ -307,6 +307,13 @@ def test_wrong_pins_older_than_the_lockout_period_are_forgotten(store: Store):
     assert store.verify_pin("BC-01373", "0000", T0 + 1 + LOCKOUT_MS) is Status.INCORRECT_PIN
 
 
+def test_a_lockout_of_zero_turns_locking_off(db_path: Path):
+    with Store(db_path, KEY, lockout_ms=0) as store:
+        statuses = {store.verify_pin("AC-12345", "0000", T0) for _ in range(5)}
+        assert statuses == {Status.INCORRECT_PIN}
+        assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+
+
 def pin_failure_rows(store: Store) -> int:
     return store._conn.execute("SELECT count(*) FROM pin_failures").fetchone()[0]
 
