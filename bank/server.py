@@ -320,7 +320,7 @@ class Connection:
             notice = Error(Status.FORMAT_ERROR)
         if notice is not None:
             with trio.move_on_after(self._config.frame_timeout_s):
-                await self._stream.send_all(encode(notice))
+                await self._send_bytes(encode(notice))
         raise ConnectionEnded(ending)
 
     async def _send(self, message: Message, request_id: int = 0) -> None:

@@ -185,7 +185,10 @@ class FastLayout:
 
 @functools.cache
 def _struct_with_items(head: str, count: str, item: str, n: int) -> struct.Struct:
-    """A payload of fixed fields, a count and ``n`` items, as one big-endian format."""
+    """A payload of fixed fields, a count and ``n`` items, as one big-endian format.
+
+    Cached per ``n``, which the count field bounds: one byte in HISTORY_REPLY, so at most
+    256 formats, and encode sees at most HISTORY_ENTRIES_MAX items."""
     return struct.Struct(">" + head.lstrip(">") + count.lstrip(">") + item.lstrip(">") * n)
 
 
