@@ -525,6 +525,11 @@ def _register() -> dict[Opcode, type[Message]]:
 MESSAGE_TYPES: dict[Opcode, type[Message]] = _register()
 """Every opcode's message class; ``MESSAGE_TYPES[op].LAYOUT`` is its payload layout."""
 
+# HistoryEntry.all_from_wire checks no lower end of zero: it relies on every entry field
+# being unsigned on the wire. Say so loudly if the layout ever changes.
+if HistoryReply.FAST.items is None or not HistoryReply.FAST.items.format.lstrip(">").isupper():
+    raise TypeError("HISTORY_REPLY entries must be unsigned fields for the column checks")
+
 
 def reply_type(request: Request) -> type[Reply]:
     """The reply class answering ``request``: its opcode with the high bit set."""
