@@ -209,6 +209,16 @@ def test_reference_construct_parse_agrees_with_fast_path(vector: dict) -> None:
     assert wire_layout.FRAME.build(parsed) == data
 
 
+@pytest.mark.parametrize("vector", **by_name(GOLDEN))
+def test_the_decoders_payload_path_agrees_with_the_layouts_values(vector: dict) -> None:
+    """``from_payload`` (HISTORY_REPLY's checks a column at a time) against ``from_wire``."""
+    payload = bytes.fromhex(vector["hex"])[10:-4]
+    cls = MESSAGE_TYPES[Opcode[vector["opcode"]]]
+    decoded = cls.from_payload(payload)
+    assert decoded == cls.from_wire(cls.FAST.unpack(payload)) == golden_message(vector)
+    assert cls.FAST.pack(decoded.wire_values()) == payload
+
+
 # -- Negative vectors -----------------------------------------------------------------
 
 

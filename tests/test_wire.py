@@ -327,6 +327,36 @@ def test_a_bad_value_in_any_history_entry_is_refused(field: str, value: int, pos
     assert built.value.status is Status.FORMAT_ERROR
 
 
+@pytest.mark.parametrize("claimed", [2, 3, 255])
+def test_an_entry_count_the_payload_does_not_hold_is_refused(claimed: int) -> None:
+    payload = bytearray(history_reply_payload([GOOD_ROW, GOOD_ROW]))
+    payload[1] = claimed
+    if claimed == 2:
+        payload += b"\x00"  # the count is right, one byte too many follows
+    decoder = client_decoder()
+    decoder.receive_data(frame_bytes(Opcode.HISTORY_REPLY, 4, bytes(payload)))
+    with pytest.raises(WireError) as refused:
+        decoder.next_frame()
+    assert refused.value.status is Status.FORMAT_ERROR and refused.value.request_id == 4
+
+
+def test_a_claimed_count_builds_no_struct_before_the_size_proves_it() -> None:
+    """The decoder keeps one struct per item count; only counts that fit a payload get one,
+    so a peer cannot make it compile one for every count a byte can hold."""
+    payload = bytearray(history_reply_payload([GOOD_ROW]))
+    decoder = client_decoder()
+    decoder.receive_data(frame_bytes(Opcode.HISTORY_REPLY, 1, bytes(payload)))
+    assert decoder.next_frame() is not None and 1 in HistoryReply.FAST._wholes
+    for claimed in range(2, 256):
+        payload[1] = claimed
+        decoder.receive_data(frame_bytes(Opcode.HISTORY_REPLY, claimed, bytes(payload)))
+        with pytest.raises(WireError):
+            decoder.next_frame()
+        decoder = client_decoder()  # a refusal ends a decoder: start a fresh one
+    fits = (PAYLOAD_BYTES_MAX - 2) // len(history_reply_payload([GOOD_ROW])[2:])
+    assert max(HistoryReply.FAST._wholes) <= fits
+
+
 def test_history_entries_decode_to_what_was_built() -> None:
     built = tuple(
         HistoryEntry(n + 1, n, EntryKind.WITHDRAWAL if n % 2 else EntryKind.DEPOSIT, n + 1, n)
@@ -404,6 +434,20 @@ def test_malformed_account_is_refused(account: str) -> None:
 def test_malformed_pin_is_refused(pin: str) -> None:
     with pytest.raises(WireError):
         Login("AB-12345", pin)
+
+
+@pytest.mark.parametrize(
+    ("account", "pin", "detail"),
+    [(b"AB-1234\xff", b"1234", "account"), (b"AB-12345", b"12\xe93", "PIN")],
+)
+def test_non_ascii_login_bytes_are_a_format_error(account: bytes, pin: bytes, detail: str):
+    decoder = server_decoder()
+    decoder.receive_data(frame_bytes(Opcode.LOGIN, 6, account + pin))
+    with pytest.raises(WireError) as refused:
+        decoder.next_frame()
+    assert refused.value.status is Status.FORMAT_ERROR and refused.value.request_id == 6
+    assert refused.value.detail.startswith(detail)
+    assert not isinstance(refused.value.__cause__, UnicodeDecodeError)
 
 
 def test_pin_is_not_in_repr() -> None:

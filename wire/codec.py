@@ -20,6 +20,7 @@ from wire.status import Status
 
 _MAGIC_BYTES = len(MAGIC)
 _VERSION_END = _MAGIC_BYTES + 1
+_HEADER = FAST_HEADER.head
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +41,8 @@ def encode(message: Message, request_id: int = 0) -> bytes:
     payload = message.FAST.pack(message.wire_values())
     if len(payload) > PAYLOAD_BYTES_MAX:
         raise WireError(Status.FORMAT_ERROR, f"payload of {len(payload)} bytes is over the limit")
-    header = FAST_HEADER.pack((MAGIC, PROTOCOL_VERSION, message.OPCODE, request_id, len(payload)))
-    body = header + payload
+    body = _HEADER.pack(MAGIC, PROTOCOL_VERSION, message.OPCODE, request_id, len(payload))
+    body += payload
     return body + FAST_CRC.pack(zlib.crc32(body))
 
 
@@ -58,6 +59,8 @@ class Decoder:
         self._payload_bytes_max = payload_bytes_max
         self._buffer = bytearray()
         self._failure: WireError | None = None
+        # The message class of each opcode this side receives: one lookup per frame.
+        self._types = {op: cls for op, cls in MESSAGE_TYPES.items() if cls.SENDER is sender}
 
     @property
     def buffered_bytes(self) -> int:
@@ -89,37 +92,34 @@ class Decoder:
 
     def _next_frame(self) -> Frame | None:
         buffer = self._buffer
-        # Refuse garbage as soon as the bytes that prove it have arrived.
-        if buffer[:_MAGIC_BYTES] != MAGIC[: len(buffer)]:
-            raise WireError(Status.FORMAT_ERROR, "bad magic")
-        if len(buffer) >= _VERSION_END and buffer[_MAGIC_BYTES] != PROTOCOL_VERSION:
-            raise WireError(
-                Status.UNSUPPORTED_VERSION, f"protocol version {buffer[_MAGIC_BYTES]}"
-            )
         if len(buffer) < HEADER_BYTES:
+            _check_header_start(buffer)
             return None
-        _magic, _version, opcode, request_id, length = FAST_HEADER.head.unpack_from(buffer)
+        magic, version, opcode, request_id, length = _HEADER.unpack_from(buffer)
+        if magic != MAGIC:
+            raise WireError(Status.FORMAT_ERROR, "bad magic")
+        if version != PROTOCOL_VERSION:
+            raise WireError(Status.UNSUPPORTED_VERSION, f"protocol version {version}")
         if length > self._payload_bytes_max:
             raise WireError(
                 Status.FORMAT_ERROR,
                 f"payload of {length} bytes announced, limit {self._payload_bytes_max}",
                 request_id=request_id,
             )
-        frame_end = HEADER_BYTES + length + CRC_BYTES
+        crc_start = HEADER_BYTES + length
+        frame_end = crc_start + CRC_BYTES
         if len(buffer) < frame_end:
             return None
-        frame = bytes(buffer[:frame_end])  # immutable: views of it cannot pin the buffer
+        (crc,) = FAST_CRC.unpack_from(buffer, crc_start)
+        body = bytes(buffer[:crc_start])  # immutable: views of it cannot pin the buffer
         del buffer[:frame_end]
-        crc_start = frame_end - CRC_BYTES
-        (crc,) = FAST_CRC.unpack_from(frame, crc_start)
-        if zlib.crc32(memoryview(frame)[:crc_start]) != crc:
+        if zlib.crc32(body) != crc:
             raise WireError(Status.FORMAT_ERROR, "CRC mismatch", request_id=request_id)
-        payload = frame[HEADER_BYTES:crc_start]
-        return Frame(request_id, self._message(opcode, request_id, payload))
+        return Frame(request_id, self._message(opcode, request_id, body[HEADER_BYTES:]))
 
     def _message(self, opcode: int, request_id: int, payload: bytes) -> Message:
-        cls = MESSAGE_TYPES.get(opcode)
-        if cls is None or cls.SENDER is not self._sender:
+        cls = self._types.get(opcode)
+        if cls is None:
             raise WireError(
                 Status.INVALID_TRANSACTION,
                 f"opcode 0x{opcode:02X} is not one a {self._sender.value} sends",
@@ -133,13 +133,22 @@ class Decoder:
                 request_id=request_id,
             )
         try:
-            return cls.from_wire(cls.FAST.unpack(payload))
+            return cls.from_payload(payload)
         except WireError as error:
             error.request_id = request_id
             raise
-        except (struct.error, ValueError) as error:
+        except struct.error as error:
             raise WireError(
                 Status.FORMAT_ERROR,
                 f"{cls.OPCODE.name} payload does not match its layout: {error}",
                 request_id=request_id,
             ) from error
+
+
+def _check_header_start(buffer: bytearray) -> None:
+    """Refuse garbage as soon as the bytes that prove it have arrived, before a whole
+    header has: a peer sending junk is stopped at its first wrong byte."""
+    if buffer[:_MAGIC_BYTES] != MAGIC[: len(buffer)]:
+        raise WireError(Status.FORMAT_ERROR, "bad magic")
+    if len(buffer) >= _VERSION_END and buffer[_MAGIC_BYTES] != PROTOCOL_VERSION:
+        raise WireError(Status.UNSUPPORTED_VERSION, f"protocol version {buffer[_MAGIC_BYTES]}")

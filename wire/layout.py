@@ -15,10 +15,10 @@ skips. Anything the derivation does not understand raises at import time.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import itemgetter
 
 from construct import (
     Array,
@@ -134,7 +134,13 @@ class FastLayout:
 
     ``names`` lists the fixed fields in wire order. When ``items`` is set, the payload
     continues with a count byte (``count``) and that many fixed-size items, whose
-    values are returned as one tuple per item in the last position.
+    values come last: one tuple per item (``unpack``) or one per item field
+    (``unpack_columns``).
+
+    An array payload is packed and unpacked with one struct for all of it, built for
+    its item count on first use (``whole``). Item by item, the 20 entries of a
+    HISTORY_REPLY took 5.2 us to pack and 2.2 us to unpack; as one struct, 2.7 and
+    1.2 us (timeit).
     """
 
     names: tuple[str, ...]
@@ -142,6 +148,9 @@ class FastLayout:
     array_name: str | None = None
     count: struct.Struct | None = None
     items: struct.Struct | None = None
+    columns: itemgetter | None = None
+    """From the flat values of a whole array payload, one tuple per item field."""
+    _wholes: dict[int, struct.Struct] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def derive(cls, con: Struct) -> FastLayout:
@@ -150,12 +159,16 @@ class FastLayout:
         if array is not None:
             count, item = array
             array_name = fields.pop().name
+            first, width = len(fields) + 1, len(item.subcons)  # items follow the count
+            if width < 2:  # itemgetter of one slice would return it bare, not in a tuple
+                raise TypeError(f"array {array_name!r} items need at least two fields")
             return cls(
                 names=tuple(f.name for f in fields),
                 head=_fixed_struct(fields),
                 array_name=array_name,
                 count=struct.Struct(">" + _format_of(count)),
                 items=_fixed_struct(list(item.subcons)),
+                columns=itemgetter(*(slice(first + i, None, width) for i in range(width))),
             )
         return cls(names=tuple(f.name for f in fields), head=_fixed_struct(fields))
 
@@ -163,33 +176,36 @@ class FastLayout:
         """Field values in wire order. Raises ``struct.error`` unless sizes match exactly."""
         if self.items is None:
             return self.head.unpack(payload)
+        *head, columns = self.unpack_columns(payload)
+        return (*head, tuple(zip(*columns, strict=True)))
+
+    def unpack_columns(self, payload: bytes) -> tuple:
+        """As ``unpack`` for an array layout, but the items come as one tuple per item
+        field, so that a receiver can check each field of all items with one C call."""
         head_end = self.head.size
         (n,) = self.count.unpack_from(payload, head_end)
-        items_start = head_end + self.count.size
-        if len(payload) != items_start + n * self.items.size:
+        if len(payload) != head_end + self.count.size + n * self.items.size:
             raise struct.error(f"payload is {len(payload)} bytes, layout says otherwise")
-        items = tuple(self.items.iter_unpack(payload[items_start:]))
-        return (*self.head.unpack_from(payload), items)
+        values = self.whole(n).unpack(payload)
+        return (*values[: len(self.names)], self.columns(values))
 
     def pack(self, values: tuple) -> bytes:
         """Bytes of field values given in wire order (the array, if any, last)."""
         if self.items is None:
             return self.head.pack(*values)
         *head, items = values
-        # One struct call for the whole payload: packing 20 items one by one measured
-        # 5.2 us, a quarter of the 20-entry HISTORY_REPLY's first encode + decode time.
-        whole = _struct_with_items(self.head.format, self.count.format, self.items.format,
-                                   len(items))
-        return whole.pack(*head, len(items), *itertools.chain.from_iterable(items))
+        return self.whole(len(items)).pack(*head, len(items), *itertools.chain.from_iterable(items))
 
+    def whole(self, n: int) -> struct.Struct:
+        """An array payload with ``n`` items as one big-endian struct, kept per ``n``.
 
-@functools.cache
-def _struct_with_items(head: str, count: str, item: str, n: int) -> struct.Struct:
-    """A payload of fixed fields, a count and ``n`` items, as one big-endian format.
-
-    Cached per ``n``, which the count field bounds: one byte in HISTORY_REPLY, so at most
-    256 formats, and encode sees at most HISTORY_ENTRIES_MAX items."""
-    return struct.Struct(">" + head.lstrip(">") + count.lstrip(">") + item.lstrip(">") * n)
+        Callers bound ``n``: ``unpack`` only once the payload's size proves it (a payload
+        is at most PAYLOAD_BYTES_MAX), ``pack`` by what a message may carry."""
+        whole = self._wholes.get(n)
+        if whole is None:
+            formats = (self.head.format, self.count.format, self.items.format * n)
+            whole = self._wholes[n] = struct.Struct(">" + "".join(formats).replace(">", ""))
+        return whole
 
 
 FAST_HEADER = FastLayout.derive(HEADER)

@@ -8,11 +8,12 @@ Field order follows the wire layout in ``wire.layout`` (checked at import).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import Enum, IntEnum
 from itertools import repeat
-from operator import itemgetter
-from typing import ClassVar
+from operator import attrgetter, itemgetter
+from typing import ClassVar, TypeVar
 
 from construct import Struct
 
@@ -104,13 +105,23 @@ def _check_bytes(name: str, value: object, size: int) -> None:
         raise WireError(Status.FORMAT_ERROR, f"{name} is {len(value)} bytes, not {size}")
 
 
-def _as_enum(enum: type[IntEnum], name: str, value: object) -> IntEnum:
+E = TypeVar("E", bound=IntEnum)
+
+
+def _as_enum(enum: type[E], name: str, value: object) -> E:
     if type(value) is not int and not isinstance(value, enum):
         raise TypeError(f"{name} must be an int or {enum.__name__}")
-    try:
-        return enum(value)
-    except ValueError:
-        raise WireError(Status.FORMAT_ERROR, f"{name}={value} is not a {enum.__name__}") from None
+    # A dict lookup, not ``enum(value)``: every reply's status comes through here, and
+    # the enum call costs 0.36 us against 0.04 us (timeit, CPython 3.11).
+    member = _MEMBERS[enum].get(value)
+    if member is None:
+        raise WireError(Status.FORMAT_ERROR, f"{name}={value} is not a {enum.__name__}")
+    return member
+
+
+_MEMBERS: dict[type[IntEnum], dict[int, IntEnum]] = {
+    enum: {member.value: member for member in enum} for enum in (Status, EntryKind)
+}
 
 
 AMOUNT_CENTS = range(1, AMOUNT_CENTS_MAX + 1)
@@ -129,14 +140,22 @@ class Message:
     FAST: ClassVar[layout.FastLayout]
     SENDER: ClassVar[Sender]
     REQUEST_IDS: ClassVar[range]
+    VALUES_OF: ClassVar[Callable[[Message], tuple]]
+    """Reads the fields ``FAST.names`` lists, as a tuple; set per class at registration."""
 
     def wire_values(self) -> tuple:
         """Field values in wire order, as the layout packs them."""
-        return tuple(getattr(self, name) for name in self.FAST.names)
+        return self.VALUES_OF(self)
 
     @classmethod
     def from_wire(cls, values: tuple) -> Message:
         return cls(*values)
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Message:
+        """The message a payload carries, checked as ``from_wire`` checks it: the decoder's
+        entry point. Raises ``struct.error`` if the payload does not fit the layout."""
+        return cls.from_wire(cls.FAST.unpack(payload))
 
 
 # -- Requests (client to server) -----------------------------------------------------
@@ -173,6 +192,12 @@ class Login(Request):
     @classmethod
     def from_wire(cls, values: tuple) -> Login:
         account, pin = values
+        # Checked before decoding, so that non-ASCII bytes get the same refusal as any
+        # other malformed account or PIN, not a UnicodeDecodeError.
+        if not account.isascii():
+            raise WireError(Status.FORMAT_ERROR, "account is not AA-NNNNN")
+        if not pin.isascii():
+            raise WireError(Status.FORMAT_ERROR, "PIN is not four digits")
         return cls(account.decode("ascii"), pin.decode("ascii"))
 
 
@@ -367,32 +392,35 @@ class HistoryEntry(tuple):
         return f"HistoryEntry({fields})"
 
     @classmethod
-    def all_from_wire(cls, rows: tuple[tuple[int, int, int, int, int], ...]) -> tuple:
-        """Entries from decoded rows, checked a column at a time; WireError as ``__new__``.
+    def all_from_columns(cls, columns: tuple[tuple[int, ...], ...]) -> tuple[HistoryEntry, ...]:
+        """Entries from decoded columns (one tuple per field, in wire order), checked a
+        column at a time; the same WireError as ``__new__`` for the first bad value.
 
-        A column is checked with one C call (min, max or set), and the rows become
+        A column is checked with one C call (min, max or a set), and the rows become
         entries without a Python call each. If a check fails the rows are built one by
         one, so the error names the first bad field just as building them singly does.
         """
-        if not rows:
+        entry_ids, times, kinds, amounts, balances = columns
+        if not entry_ids:
             return ()
-        entry_ids, times, kinds, amounts, balances = zip(*rows, strict=True)
         # Fields are unsigned on the wire: only the lower ends above zero need a min.
         valid = (
             min(entry_ids) >= ENTRY_ID.start
             and max(entry_ids) < ENTRY_ID.stop
             and max(times) < TIME_MS.stop
-            and set(kinds) <= _ENTRY_KINDS.keys()
+            and _ENTRY_KIND_VALUES.issuperset(kinds)
             and min(amounts) >= AMOUNT_CENTS.start
             and max(amounts) < AMOUNT_CENTS.stop
             and max(balances) < BALANCE_CENTS.stop
         )
+        rows = zip(*columns, strict=True)
         if not valid:
             return tuple(cls(*row) for row in rows)
         return tuple(map(tuple.__new__, repeat(cls), rows))
 
 
-_ENTRY_KINDS: dict[int, EntryKind] = {kind.value: kind for kind in EntryKind}
+_ENTRY_KINDS: dict[int, EntryKind] = _MEMBERS[EntryKind]
+_ENTRY_KIND_VALUES = frozenset(_ENTRY_KINDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,7 +450,13 @@ class HistoryReply(Reply):
     @classmethod
     def from_wire(cls, values: tuple) -> HistoryReply:
         status, rows = values
-        return cls(status, HistoryEntry.all_from_wire(rows))
+        return cls(status, tuple(HistoryEntry(*row) for row in rows))
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> HistoryReply:
+        """The decoder's path: the same checks as ``from_wire``, done a column at a time."""
+        status, columns = cls.FAST.unpack_columns(payload)
+        return cls(status, HistoryEntry.all_from_columns(columns))
 
 
 # -- Server messages that answer no request ------------------------------------------
@@ -507,6 +541,19 @@ def _leaf_classes(base: type[Message]) -> list[type[Message]]:
     return leaves
 
 
+def _values_getter(names: tuple[str, ...]) -> Callable[[Message], tuple]:
+    """A function returning the named attributes as a tuple, for any number of names.
+
+    ``attrgetter`` does it in C: 0.1 us for four fields, where a generator of ``getattr``
+    calls took 0.5 us (timeit), paid on every frame encoded."""
+    if len(names) > 1:
+        return attrgetter(*names)
+    if names:
+        value_of = attrgetter(*names)
+        return lambda message: (value_of(message),)
+    return lambda message: ()
+
+
 def _register() -> dict[Opcode, type[Message]]:
     by_opcode: dict[Opcode, type[Message]] = {}
     for cls in _leaf_classes(Message):
@@ -514,6 +561,7 @@ def _register() -> dict[Opcode, type[Message]]:
         if names != tuple(f.name for f in fields(cls)):
             raise TypeError(f"{cls.__name__} fields do not follow its layout {names}")
         cls.FAST = layout.FastLayout.derive(cls.LAYOUT)
+        cls.VALUES_OF = staticmethod(_values_getter(cls.FAST.names))
         if issubclass(cls, Reply):
             cls.EMPTY_WHEN_REFUSED = tuple((f.name, f.default) for f in fields(cls)[1:])
         by_opcode[cls.OPCODE] = cls
@@ -525,7 +573,7 @@ def _register() -> dict[Opcode, type[Message]]:
 MESSAGE_TYPES: dict[Opcode, type[Message]] = _register()
 """Every opcode's message class; ``MESSAGE_TYPES[op].LAYOUT`` is its payload layout."""
 
-# HistoryEntry.all_from_wire checks no lower end of zero: it relies on every entry field
+# HistoryEntry.all_from_columns checks no lower end of zero: it relies on every entry field
 # being unsigned on the wire. Say so loudly if the layout ever changes.
 if HistoryReply.FAST.items is None or not HistoryReply.FAST.items.format.lstrip(">").isupper():
     raise TypeError("HISTORY_REPLY entries must be unsigned fields for the column checks")
