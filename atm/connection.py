@@ -138,6 +138,12 @@ class Connection:
         assert self.hello is not None, "a Connection is only handed out after HELLO"
         return self.hello.history_entries_max
 
+    @property
+    def idle_timeout_s(self) -> int:
+        """How long the bank keeps an idle session (and its lease), from its HELLO."""
+        assert self.hello is not None, "a Connection is only handed out after HELLO"
+        return self.hello.idle_timeout_s
+
     async def request(self, message: Request, reply_type: type[ReplyT]) -> ReplyT | Error:
         """Send ``message`` under a fresh request id and return the bank's answer to it.
 

@@ -7,11 +7,18 @@ whole flow runs in tests against a fake bank on memory streams.
 
 A deposit or withdrawal whose reply is lost is not guessed at: the ATM reconnects, logs
 in again and resends it with the same transaction id, which the bank answers with the
-original outcome, so the money moves exactly once.
+original outcome, so the money moves exactly once. A balance or history request whose
+connection is lost is simply asked again on the new connection.
+
+A bank that never saw the old connection close (its last packets lost on the way) holds
+the account's lease until that session's idle timeout, answering ACCOUNT_IN_USE until
+then. So the ATM keeps reconnecting, with growing pauses, for the idle timeout its HELLO
+announced plus a margin (``RECONNECT_MARGIN_S``, at most ``RECONNECT_WAIT_S_MAX``).
 """
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,6 +53,8 @@ from wire import (
     LoginReply,
     Logout,
     LogoutReply,
+    Reply,
+    Request,
     Status,
     Withdraw,
     WithdrawReply,
@@ -55,12 +64,18 @@ from wire.messages import MoneyReply, MoneyRequest
 LOGIN_ATTEMPTS_MAX = 3
 """Wrong PINs the ATM lets a customer retry; the bank closes the connection after three."""
 
-CONFIRM_ATTEMPTS_MAX = 3
-"""Reconnects tried to confirm a deposit or withdrawal whose reply was lost."""
+RECONNECT_BACKOFF_S = 1
+"""Wait after the first failed reconnect, doubled after each further one: the bank needs a
+moment to notice the old connection closed and release the account."""
 
-CONFIRM_BACKOFF_S = 1
-"""Wait before the second reconnect, doubled each time: lets the bank notice the old
-connection closed and release the account before we log in again."""
+RECONNECT_BACKOFF_S_MAX = 8
+"""Longest wait between two reconnects."""
+
+RECONNECT_MARGIN_S = 5
+"""Added to the bank's idle timeout to get how long the ATM keeps reconnecting."""
+
+RECONNECT_WAIT_S_MAX = 300
+"""Longest the ATM keeps reconnecting, whatever idle timeout the bank's HELLO announces."""
 
 SETTLED: frozenset[Status] = frozenset({
     Status.APPROVED,
@@ -77,6 +92,7 @@ HISTORY_ENTRIES_SHOWN = 10
 """Entries shown by ``h``; fewer if the bank's HELLO allows fewer."""
 
 T = TypeVar("T")
+ReplyT = TypeVar("ReplyT", bound=Reply)
 
 Connector = Callable[[], Awaitable[Connection]]
 
@@ -256,7 +272,7 @@ class AtmSession:
                             else text.LOGOUT_UNCONFIRMED)
 
     async def _show_balance(self) -> None:
-        reply = await self._conn.request(Balance(), BalanceReply)
+        reply = await self._read(Balance(), BalanceReply, purpose="get your balance")
         if isinstance(reply, BalanceReply) and reply.status is Status.APPROVED:
             self._console.write(text.balance(reply.balance_cents))
         else:
@@ -264,7 +280,7 @@ class AtmSession:
 
     async def _show_history(self) -> None:
         count = min(HISTORY_ENTRIES_SHOWN, self._conn.history_entries_max)
-        reply = await self._conn.request(History(count), HistoryReply)
+        reply = await self._read(History(count), HistoryReply, purpose="get your history")
         if isinstance(reply, HistoryReply) and reply.status is Status.APPROVED:
             self._console.write(text.format_history(reply.entries, self._tz))
         else:
@@ -313,36 +329,71 @@ class AtmSession:
         try:
             return await self._conn.request(request, reply_type)
         except (ConnectionLost, SessionExpired) as lost:
-            self._console.write(text.reconnecting(kind, lost))
-        return await self._confirm(kind, request, reply_type)
+            self._console.write(text.reconnecting(f"confirm your {kind.noun}", lost))
+            window_s = self._reconnect_window_s()
+        try:
+            reply = await self._resend_until_settled(
+                request, reply_type, window_s, settles=lambda reply: reply.status in SETTLED
+            )
+        except SessionEnded:
+            raise TransactionUnconfirmed(kind=kind.noun, amount_cents=request.amount_cents,
+                                         txn_id=request.txn_id) from None
+        if reply.status is Status.APPROVED:
+            self._console.write(text.confirmed(kind, reply.entry_id))
+        return reply  # a refusal is told once, by the caller
 
-    async def _confirm(self, kind: TransactionKind, request: MoneyRequest,
-                       reply_type: type[MoneyReply]) -> MoneyReply | Error:
-        """Resend ``request`` (same txn id) on a new connection until the bank answers."""
-        for attempt in range(1, CONFIRM_ATTEMPTS_MAX + 1):
+    async def _read(self, request: Request, reply_type: type[ReplyT], *,
+                    purpose: str) -> ReplyT | Error:
+        """Send a request that changes nothing; if the connection is lost, ask again on a
+        new one. Raises the last failure if that cannot be done in time."""
+        try:
+            return await self._conn.request(request, reply_type)
+        except (ConnectionLost, SessionExpired) as lost:
+            self._console.write(text.reconnecting(purpose, lost))
+            window_s = self._reconnect_window_s()
+        return await self._resend_until_settled(request, reply_type, window_s)
+
+    def _reconnect_window_s(self) -> float:
+        """How long to keep reconnecting: as long as the bank may hold the old session."""
+        return min(self._conn.idle_timeout_s + RECONNECT_MARGIN_S, RECONNECT_WAIT_S_MAX)
+
+    async def _resend_until_settled(
+        self, request: Request, reply_type: type[ReplyT], window_s: float, *,
+        settles: Callable[[ReplyT | Error], bool] = lambda reply: True,
+    ) -> ReplyT | Error:
+        """Send ``request`` again (the same message: a money request keeps its
+        transaction id) on new connections, pausing longer each time, until an answer
+        ``settles`` it. Raises the last failure once ``window_s`` would be passed, and at
+        once for a refused login, which waiting cannot change.
+        """
+        deadline = trio.current_time() + window_s
+        backoff_s = RECONNECT_BACKOFF_S
+        for attempt in itertools.count(1):
             await self._drop_connection()
-            if attempt > 1:
-                await trio.sleep(CONFIRM_BACKOFF_S * 2 ** (attempt - 2))
             try:
                 reply = await self._resend(request, reply_type)
+            except LoginRefused as refusal:
+                self._console.write(text.retry_failed(attempt, refusal))
+                raise
             except (ConnectionLost, SessionExpired, ServerBusy) as failure:
-                self._console.write(text.retry_failed(attempt, CONFIRM_ATTEMPTS_MAX, failure))
-                continue
-            except LoginRefused as refusal:  # Retrying cannot help, but say what is at stake.
-                self._console.write(text.retry_failed(attempt, CONFIRM_ATTEMPTS_MAX, refusal))
-                break
-            if isinstance(reply, MoneyReply) and reply.status in SETTLED:
-                if reply.status is Status.APPROVED:
-                    self._console.write(text.confirmed(kind, reply.entry_id))
-                return reply  # a refusal is told once, by the caller
-            # 91, 96, an ERROR...: the bank did not look the id up; it may have gone through.
-            self._console.write(text.retry_unsettled(attempt, CONFIRM_ATTEMPTS_MAX, reply.status))
-        raise TransactionUnconfirmed(kind=kind.noun, amount_cents=request.amount_cents,
-                                     txn_id=request.txn_id)
+                problem: SessionEnded | Status = failure
+            else:
+                if settles(reply):
+                    return reply
+                # 91, 96, an ERROR...: the bank did not look the id up; it may have gone through.
+                problem = reply.status
+            if trio.current_time() + backoff_s > deadline:
+                self._console.write(text.retry_failed(attempt, problem))
+                if isinstance(problem, Status):
+                    raise ConnectionLost("the bank did not settle it", status=problem)
+                raise problem
+            self._console.write(text.retry_failed(attempt, problem, retry_in_s=backoff_s))
+            await trio.sleep(backoff_s)
+            backoff_s = min(2 * backoff_s, RECONNECT_BACKOFF_S_MAX)
+        raise AssertionError("unreachable: the loop returns or raises")
 
-    async def _resend(self, request: MoneyRequest,
-                      reply_type: type[MoneyReply]) -> MoneyReply | Error:
-        assert self._credentials is not None, "money moves only after login"
+    async def _resend(self, request: Request, reply_type: type[ReplyT]) -> ReplyT | Error:
+        assert self._credentials is not None, "requests are sent only after login"
         self._connection = await self._connect()
         status = await self._send_login(self._credentials)
         if status is Status.ACCOUNT_IN_USE:

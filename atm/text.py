@@ -176,25 +176,29 @@ def format_history(entries: tuple[HistoryEntry, ...], tz: tzinfo | None = None) 
 # -- Retrying a transaction whose reply was lost --------------------------------------
 
 
-def reconnecting(kind: TransactionKind, cause: SessionEnded) -> str:
+def reconnecting(purpose: str, cause: SessionEnded) -> str:
+    """Said when a request's connection is lost: ``purpose`` is "confirm your deposit"."""
     opening = (
         "The bank did not answer in time"
         if isinstance(cause, ReplyTimeout)
         else "The connection dropped"
     )
-    return f"{opening}; reconnecting to confirm your {kind.noun}..."
+    return f"{opening}; reconnecting to {purpose}..."
 
 
-def retry_failed(attempt: int, attempts_max: int, cause: SessionEnded) -> str:
-    return f"Attempt {attempt} of {attempts_max} failed: {ending_reason(cause)}."
+def retry_failed(attempt: int, problem: SessionEnded | Status, *,
+                 retry_in_s: int | None = None) -> str:
+    """One reconnect that did not settle the request: it failed, or the bank answered with
+    a status that says nothing about the first attempt (``problem``)."""
+    if isinstance(problem, Status):
+        sentence = f"Attempt {attempt} was not settled: {status_sentence(problem)}"
+    else:
+        sentence = f"Attempt {attempt} failed: {ending_reason(problem)}"
+    return f"{sentence}." if retry_in_s is None else f"{sentence}; trying again in {retry_in_s} s."
 
 
 def confirmed(kind: TransactionKind, entry_id: int) -> str:
     return f"...confirmed, your {kind.noun} went through once, reference {entry_id}."
-
-
-def retry_unsettled(attempt: int, attempts_max: int, status: Status) -> str:
-    return f"Attempt {attempt} of {attempts_max} was not settled: {status_sentence(status)}."
 
 
 # -- How a session ended --------------------------------------------------------------

@@ -1,9 +1,11 @@
 """A fake bank and a scripted keyboard for the ATM tests, and checks of the fake itself.
 
-The real server (``bank/``) is still being written, so the ATM is tested against this
-fake, which follows the server contract: HELLO on connect (or ERROR(SERVER_BUSY)),
-LOGIN with retries, one lease per account, money requests idempotent by txn_id, and
-notices with request id 0. Knobs let a test lose or delay a reply after the money moved.
+The ATM's flow is tested against this fake (quick, and able to misbehave on cue;
+``tests/test_e2e.py`` runs the real ATM against the real server), which follows the
+server contract: HELLO on connect (or ERROR(SERVER_BUSY)), LOGIN with retries, one lease
+per account, money requests idempotent by txn_id (refusals not recorded), and notices
+with request id 0. Knobs let a test lose or delay a reply after the money moved, or keep
+a lease after its connection closed.
 The other ``test_atm_*`` modules import ``FakeBank`` and ``ScriptedConsole`` from here.
 """
 
@@ -106,6 +108,11 @@ class FakeBank:
         """Money requests answered ISSUER_UNAVAILABLE without being looked up, as the real
         bank answers during a storage failure."""
         self.close_instead_of: set[type[Request]] = set()
+        self.close_once_instead_of: set[type[Request]] = set()
+        """Request types whose next request closes the connection instead of a reply."""
+        self.lease_kept_after_close_s = 0.0
+        """How long a session's lease outlives its connection, as at a real bank that did
+        not see the connection close and holds the lease until the idle timeout."""
         self.error_instead_of: set[type[Request]] = set()
         self.notice_before_reply: dict[type[Request], Message] = {}
         """A notice sent just before the reply to the next request of that type."""
@@ -139,9 +146,15 @@ class FakeBank:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            if session.account is not None:
+            if session.account is not None and self.lease_kept_after_close_s:
+                self._nursery.start_soon(self._release_later, session.account)
+            elif session.account is not None:
                 self.leases.discard(session.account)
             await trio.aclose_forcefully(stream)
+
+    async def _release_later(self, account: str) -> None:
+        await trio.sleep(self.lease_kept_after_close_s)
+        self.leases.discard(account)
 
     async def _serve(self, stream: trio.abc.Stream, session: _FakeSession) -> None:
         busy_after = self.busy_after_connections
@@ -168,6 +181,9 @@ class FakeBank:
         """Send ``reply`` unless a knob says otherwise; False when the connection ends."""
         request = frame.message
         if type(request) in self.close_instead_of:
+            return False
+        if type(request) in self.close_once_instead_of:
+            self.close_once_instead_of.discard(type(request))
             return False
         if isinstance(request, MoneyRequest) and self.lose_replies:
             self.lose_replies -= 1
@@ -230,7 +246,8 @@ class FakeBank:
             return self.outcomes[request.txn_id]
         reply_type = DepositReply if isinstance(request, Deposit) else WithdrawReply
         outcome = self._apply(request, account, reply_type)
-        self.outcomes[request.txn_id] = outcome
+        if outcome.status is Status.APPROVED:  # a refusal records nothing, as at the bank
+            self.outcomes[request.txn_id] = outcome
         return outcome
 
     def _apply(
@@ -318,6 +335,21 @@ async def test_fake_bank_answers_a_retried_deposit_with_the_original_outcome() -
         again = await connection.request(deposit, DepositReply)
         assert first == again
         assert bank.accounts[ACCOUNT].balance_cents == START_BALANCE_CENTS + 5_00
+        await connection.aclose()
+
+
+async def test_fake_bank_judges_a_retried_refusal_afresh() -> None:
+    """As the real bank (spec section 9): a refused transaction is not recorded."""
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        connection = await bank.connect()
+        assert (await connection.request(Login(ACCOUNT, PIN), LoginReply)).status is Status.APPROVED
+        withdraw = Withdraw(b"w" * 16, START_BALANCE_CENTS + 1)
+        refused = await connection.request(withdraw, WithdrawReply)
+        assert refused.status is Status.INSUFFICIENT_FUNDS
+        await connection.request(Deposit(b"d" * 16, 1), DepositReply)
+        approved = await connection.request(withdraw, WithdrawReply)
+        assert approved.status is Status.APPROVED and approved.balance_cents == 0
         await connection.aclose()
 
 

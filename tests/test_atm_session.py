@@ -8,14 +8,21 @@ reconnect back-offs run on ``autojump_clock``; nothing sleeps to synchronise.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC
 
+import pytest
 import trio
 import trio.testing
 
 from atm import text
 from atm.errors import ExitCode
-from atm.session import CONFIRM_ATTEMPTS_MAX, run_atm
+from atm.session import (
+    RECONNECT_BACKOFF_S_MAX,
+    RECONNECT_MARGIN_S,
+    RECONNECT_WAIT_S_MAX,
+    run_atm,
+)
 from tests.test_atm_fakebank import (
     ACCOUNT,
     HELLO,
@@ -29,6 +36,7 @@ from wire import (
     Balance,
     Deposit,
     Hello,
+    History,
     Login,
     Logout,
     SessionExpired,
@@ -248,13 +256,37 @@ async def test_connection_lost_while_idle_is_reported() -> None:
     )
 
 
-async def test_connection_lost_during_a_balance_is_reported() -> None:
+@pytest.mark.parametrize(("key", "request_type", "noun"),
+                         [("b", Balance, "balance"), ("h", History, "history")])
+async def test_a_read_whose_connection_is_lost_is_asked_again(
+    key: str, request_type: type, noun: str
+) -> None:
+    def drop_once(bank: FakeBank) -> None:
+        bank.close_once_instead_of.add(request_type)
+
+    code, console, bank = await run([*LOGIN_LINES, key, "x"], bank_setup=drop_once)
+    assert code is ExitCode.OK
+    assert f"The connection dropped; reconnecting to get your {noun}..." in console.output
+    assert len(bank.sent(request_type)) == 2 and bank.connections == 2
+    if request_type is Balance:
+        assert text.balance(START_BALANCE_CENTS) in console.output
+    assert console.output[-1] == text.GOODBYE
+
+
+async def test_a_balance_that_keeps_losing_its_connection_ends_the_session(
+    autojump_clock,
+) -> None:
     def drop_balance(bank: FakeBank) -> None:
         bank.close_instead_of.add(Balance)
 
-    code, console, _ = await run([*LOGIN_LINES, "b", "x"], bank_setup=drop_balance)
+    start = trio.current_time()
+    code, console, bank = await run([*LOGIN_LINES, "b", "x"], bank_setup=drop_balance)
+    waited_s = trio.current_time() - start
     assert code is ExitCode.CONNECTION_LOST
     assert console.output[-1].startswith("The connection to the bank was lost")
+    window_s = HELLO.idle_timeout_s + RECONNECT_MARGIN_S
+    assert window_s - RECONNECT_BACKOFF_S_MAX <= waited_s <= window_s
+    assert len(bank.sent(Balance)) == sum("failed" in line for line in console.output) + 1
 
 
 async def test_lost_deposit_reply_is_confirmed_with_the_same_txn_id(autojump_clock) -> None:
@@ -316,17 +348,54 @@ async def test_withdrawal_without_reply_is_confirmed_after_timeout(autojump_cloc
     assert any(line.startswith("...confirmed") for line in console.output)
 
 
-async def test_unconfirmed_deposit_ends_the_session_naming_its_txn_id(autojump_clock) -> None:
+@pytest.mark.parametrize(("idle_timeout_s", "window_s"), [
+    (HELLO.idle_timeout_s, HELLO.idle_timeout_s + RECONNECT_MARGIN_S),
+    (65_535, RECONNECT_WAIT_S_MAX),  # a HELLO's word does not keep an ATM waiting for hours
+])
+async def test_unconfirmed_deposit_ends_the_session_naming_its_txn_id(
+    autojump_clock, idle_timeout_s: int, window_s: int
+) -> None:
+    """Reconnecting goes on, with growing pauses, for as long as the bank may still hold
+    the old session (its idle timeout and a margin), then gives up and says so."""
+
     def lose_and_refuse(bank: FakeBank) -> None:
         bank.lose_replies = 1
         bank.busy_after_connections = 1
 
-    code, console, bank = await run([*LOGIN_LINES, "d", "20"], bank_setup=lose_and_refuse)
+    start = trio.current_time()
+    code, console, bank = await run(
+        [*LOGIN_LINES, "d", "20"], bank_setup=lose_and_refuse,
+        hello=dataclasses.replace(HELLO, idle_timeout_s=idle_timeout_s),
+    )
+    waited_s = trio.current_time() - start
     assert code is ExitCode.UNCONFIRMED_TRANSACTION
+    assert window_s - RECONNECT_BACKOFF_S_MAX <= waited_s <= window_s
     (deposit,) = bank.sent(Deposit)
-    assert sum("failed" in line for line in console.output) == CONFIRM_ATTEMPTS_MAX
+    failures = [line for line in console.output if "failed" in line]
+    assert len(failures) == bank.connections - 1 > 3
+    assert all("trying again" in line for line in failures[:-1])
+    assert "trying again" not in failures[-1]
     assert deposit.txn_id.hex() in console.output[-1]
     assert "$20.00" in console.output[-1]
+
+
+async def test_a_lease_the_bank_still_holds_is_waited_out(autojump_clock) -> None:
+    """The bank did not see the connection close and keeps the account until the idle
+    timeout: the ATM keeps logging in until it may, then confirms the deposit."""
+
+    def lose_and_keep_the_lease(bank: FakeBank) -> None:
+        bank.lose_replies = 1
+        bank.lease_kept_after_close_s = 40
+
+    code, console, bank = await run([*LOGIN_LINES, "d", "20", "x"],
+                                    bank_setup=lose_and_keep_the_lease)
+    assert code is ExitCode.OK
+    first, retry = bank.sent(Deposit)
+    assert first == retry
+    assert bank.accounts[ACCOUNT].balance_cents == START_BALANCE_CENTS + 20_00
+    assert sum("failed: the bank still holds the old session" in line
+               for line in console.output) >= 4
+    assert "...confirmed, your deposit went through once, reference 1." in console.output
 
 
 async def test_incompatible_version_is_refused_clearly() -> None:

@@ -103,9 +103,20 @@ def test_endings(ended: Exception, expected: str) -> None:
 
 
 def test_reconnecting_says_what_happened() -> None:
-    kind = TransactionKind.DEPOSIT
-    assert text.reconnecting(kind, ConnectionLost("x")).startswith("The connection dropped")
-    assert text.reconnecting(kind, ReplyTimeout("x")).startswith("The bank did not answer")
+    assert text.reconnecting("get your balance", ConnectionLost("x")) == (
+        "The connection dropped; reconnecting to get your balance..."
+    )
+    assert text.reconnecting("x", ReplyTimeout("x")).startswith("The bank did not answer")
+
+
+def test_a_failed_retry_says_whether_another_follows() -> None:
+    lost = ConnectionLost("the bank closed the connection")
+    assert text.retry_failed(2, lost, retry_in_s=4) == (
+        "Attempt 2 failed: the bank closed the connection; trying again in 4 s."
+    )
+    assert text.retry_failed(3, Status.ISSUER_UNAVAILABLE) == (
+        f"Attempt 3 was not settled: {text.status_sentence(Status.ISSUER_UNAVAILABLE)}."
+    )
 
 
 @pytest.mark.parametrize("status", [Status.PIN_TRIES_EXCEEDED, Status.ACCOUNT_IN_USE])
