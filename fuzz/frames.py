@@ -24,8 +24,9 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from wire.layout import CRC_BYTES, FAST_CRC, FAST_HEADER, HEADER_BYTES
-from wire.limits import MAGIC, PAYLOAD_BYTES_MAX, PROTOCOL_VERSION
+from wire.codec import frame_bytes
+from wire.layout import CRC_BYTES, FAST_CRC, HEADER_BYTES
+from wire.limits import PAYLOAD_BYTES_MAX
 from wire.messages import Opcode
 
 VECTORS_PATH = Path(__file__).resolve().parents[1] / "spec" / "vectors.json"
@@ -86,17 +87,6 @@ def chunks(stream: bytes, control: int) -> Iterator[bytes]:
 # -- Frames -------------------------------------------------------------------------------
 
 
-def build_frame(opcode: int, request_id: int, payload: bytes, *, version: int = PROTOCOL_VERSION
-                ) -> bytes:
-    """A frame with a correct length field and CRC around whatever payload is given.
-
-    Unlike ``wire.encode`` this accepts any opcode, request id and payload bytes: it is
-    how the mutator gets damaged content past the CRC check.
-    """
-    body = FAST_HEADER.pack((MAGIC, version, opcode, request_id, len(payload))) + payload
-    return body + FAST_CRC.pack(zlib.crc32(body))
-
-
 def split_frames(stream: bytes) -> list[bytes]:
     """Cut a stream where its length fields say frames end; the last piece may be short.
 
@@ -129,7 +119,7 @@ def repair(frame: bytes) -> bytes:
     opcode = frame[3]
     request_id = int.from_bytes(frame[4:8], "big")
     payload = frame[HEADER_BYTES:-CRC_BYTES][:PAYLOAD_BYTES_MAX]
-    return build_frame(opcode, request_id, payload)
+    return frame_bytes(opcode, request_id, payload)
 
 
 def crc_is_correct(frame: bytes) -> bool:
@@ -208,7 +198,7 @@ def random_byte_mutator(rng: random.Random) -> ByteMutator:
 
 def _mutate_payload(frame: bytes, rng: random.Random, mutate_bytes: ByteMutator) -> bytes:
     payload = frame[HEADER_BYTES:-CRC_BYTES] if len(frame) >= HEADER_BYTES + CRC_BYTES else b""
-    head = frame[:HEADER_BYTES] if len(frame) >= HEADER_BYTES else build_frame(
+    head = frame[:HEADER_BYTES] if len(frame) >= HEADER_BYTES else frame_bytes(
         rng.choice(list(Opcode)), 1, b"")[:HEADER_BYTES]
     return head + mutate_bytes(payload, PAYLOAD_BYTES_MAX) + bytes(CRC_BYTES)
 
@@ -216,7 +206,7 @@ def _mutate_payload(frame: bytes, rng: random.Random, mutate_bytes: ByteMutator)
 def _mutate_header(frame: bytes, rng: random.Random, mutate_bytes: ByteMutator) -> bytes:
     """Change the opcode or request id (mutated, or set to a boundary value)."""
     if len(frame) < HEADER_BYTES + CRC_BYTES:
-        frame = build_frame(rng.choice(list(Opcode)), 1, b"")
+        frame = frame_bytes(rng.choice(list(Opcode)), 1, b"")
     opcode, request_id = frame[3], int.from_bytes(frame[4:8], "big")
     choice = rng.randrange(3)
     if choice == 0:
@@ -226,7 +216,7 @@ def _mutate_header(frame: bytes, rng: random.Random, mutate_bytes: ByteMutator) 
     else:
         mutated = mutate_bytes(frame[3:8], 5).ljust(5, b"\x00")
         opcode, request_id = mutated[0], int.from_bytes(mutated[1:5], "big")
-    return build_frame(opcode, request_id, frame[HEADER_BYTES:-CRC_BYTES])
+    return frame_bytes(opcode, request_id, frame[HEADER_BYTES:-CRC_BYTES])
 
 
 def custom_mutator(

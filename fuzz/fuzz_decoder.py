@@ -31,13 +31,13 @@ if __package__ in {None, ""}:  # run as a script: make the ``fuzz`` package impo
 from fuzz.frames import (
     WHOLE_STREAM,
     Finding,
-    build_frame,
     chunks,
     golden_frames,
     negative_frames,
     split_input,
 )
 from wire import Decoder, Frame, Opcode, Sender, Status, WireError, encode
+from wire.codec import frame_bytes
 from wire.layout import CRC_BYTES, HEADER_BYTES
 from wire.limits import ACCOUNT_BYTES, REQUEST_ID_MAX
 
@@ -107,7 +107,7 @@ def check_error(error: WireError) -> None:
 
 def check_stays_stopped(decoder: Decoder) -> None:
     """After a fatal error the stream is unframed: the decoder must refuse, again, only so."""
-    decoder.receive_data(build_frame(Opcode.PING, 1, b""))
+    decoder.receive_data(frame_bytes(Opcode.PING, 1, b""))
     try:
         frame = decoder.next_frame()
     except WireError as error:
@@ -118,27 +118,27 @@ def check_stays_stopped(decoder: Decoder) -> None:
     raise Finding(f"stopped decoder yielded {frame!r} after a fatal error")
 
 
-def canonical(frame_bytes: bytes) -> bytes:
+def canonical(data: bytes) -> bytes:
     """The bytes ``encode`` gives for a frame the decoder accepted: LOGIN's account in upper case.
 
     The account is the one field with two spellings (§3.1: ``ab-12345`` is ``AB-12345``);
     every other field has exactly one encoding, so any other difference is a finding.
     """
-    if frame_bytes[3] != Opcode.LOGIN:
-        return frame_bytes
+    if data[3] != Opcode.LOGIN:
+        return data
     account_end = HEADER_BYTES + ACCOUNT_BYTES
-    payload = frame_bytes[HEADER_BYTES:account_end].upper() + frame_bytes[
+    payload = data[HEADER_BYTES:account_end].upper() + data[
         account_end:-CRC_BYTES]
-    return build_frame(Opcode.LOGIN, int.from_bytes(frame_bytes[4:8], "big"), payload)
+    return frame_bytes(Opcode.LOGIN, int.from_bytes(data[4:8], "big"), payload)
 
 
-def check_reencodes(frame: Frame, frame_bytes: bytes) -> None:
+def check_reencodes(frame: Frame, data: bytes) -> None:
     try:
         again = encode(frame.message, frame.request_id)
     except Exception as error:
         raise Finding(f"decoded {frame!r} does not encode: {error!r}") from error
-    if again != canonical(frame_bytes):
-        raise Finding(f"{frame!r} came from {frame_bytes.hex()} but encodes as {again.hex()}")
+    if again != canonical(data):
+        raise Finding(f"{frame!r} came from {data.hex()} but encodes as {again.hex()}")
 
 
 def check_directions_agree(by_server: list[Outcome], by_client: list[Outcome]) -> None:

@@ -21,7 +21,6 @@ from fuzz import fuzz_decoder, fuzz_session
 from fuzz.frames import (
     WHOLE_STREAM,
     Finding,
-    build_frame,
     chunks,
     crc_is_correct,
     custom_mutator,
@@ -45,6 +44,7 @@ from wire import (
     WireError,
     encode,
 )
+from wire.codec import frame_bytes
 from wire.layout import HEADER_BYTES
 
 RANDOM_INPUTS = 150
@@ -156,7 +156,7 @@ def test_the_mutator_is_deterministic_in_its_seed() -> None:
 
 # -- The checks can fail ------------------------------------------------------------------
 
-PING_INPUT = bytes([WHOLE_STREAM]) + build_frame(Opcode.PING, 7, b"")
+PING_INPUT = bytes([WHOLE_STREAM]) + frame_bytes(Opcode.PING, 7, b"")
 
 
 class ValueErrorDecoder(Decoder):
@@ -201,11 +201,11 @@ def test_both_directions_accepting_a_frame_is_a_finding() -> None:
 
 
 def test_lower_case_account_is_the_one_allowed_reencoding_difference() -> None:
-    lower = build_frame(Opcode.LOGIN, 1, b"ab-123451234")
+    lower = frame_bytes(Opcode.LOGIN, 1, b"ab-123451234")
     fuzz_decoder.test_one_input(bytes([0x00]) + lower)
-    upper = build_frame(Opcode.LOGIN, 1, b"AB-123451234")
+    upper = frame_bytes(Opcode.LOGIN, 1, b"AB-123451234")
     assert fuzz_decoder.canonical(lower) == upper
-    ping = build_frame(Opcode.PING, 1, b"")
+    ping = frame_bytes(Opcode.PING, 1, b"")
     assert fuzz_decoder.canonical(ping) == ping
 
 
@@ -214,7 +214,7 @@ def conversation(*frames: bytes, control: int = 0x00) -> bytes:
     return bytes([control]) + b"".join(frames)
 
 
-LOGIN = build_frame(Opcode.LOGIN, 1, b"AB-123451234")
+LOGIN = frame_bytes(Opcode.LOGIN, 1, b"AB-123451234")
 
 
 def deposit(amount_cents: int, request_id: int = 2) -> bytes:
@@ -223,7 +223,7 @@ def deposit(amount_cents: int, request_id: int = 2) -> bytes:
 
 
 def withdraw_frame(amount_cents: int) -> bytes:
-    return build_frame(Opcode.WITHDRAW, 3, bytes(16) + amount_cents.to_bytes(8, "big"))
+    return frame_bytes(Opcode.WITHDRAW, 3, bytes(16) + amount_cents.to_bytes(8, "big"))
 
 
 class OverdraftLedger(fuzz_session.FakeLedger):
@@ -273,13 +273,13 @@ def _drained(ledger: fuzz_session.FakeLedger) -> fuzz_session.FakeLedger:
 
 
 def test_an_internal_error_in_the_session_is_a_finding() -> None:
-    balance = build_frame(Opcode.BALANCE, 2, b"")
+    balance = frame_bytes(Opcode.BALANCE, 2, b"")
     with pytest.raises(Finding, match="SYSTEM_MALFUNCTION"):
         fuzz_session.check_conversation(conversation(LOGIN, balance), make_ledger=CrashingLedger)
 
 
 def test_a_lease_left_after_the_session_ends_is_a_finding() -> None:
-    logout = build_frame(Opcode.LOGOUT, 2, b"")
+    logout = frame_bytes(Opcode.LOGOUT, 2, b"")
     with pytest.raises(Finding, match="leases"):
         fuzz_session.check_conversation(conversation(LOGIN, logout), make_leases=LeakyLeases)
 

@@ -40,7 +40,7 @@ from tests.conftest import (
     start_server,
     txn_id,
 )
-from tests.test_server import logged_in, raw_frame
+from tests.test_server import logged_in
 from wire import (
     AMOUNT_CENTS_MAX,
     MESSAGE_TYPES,
@@ -70,6 +70,7 @@ from wire import (
     WithdrawReply,
     encode,
 )
+from wire.codec import frame_bytes
 from wire.layout import FAST_HEADER
 from wire.limits import MAGIC, PROTOCOL_VERSION
 
@@ -243,7 +244,7 @@ async def test_every_opcode_a_client_may_not_send_is_answered_and_the_session_go
     foreign = [op for op in range(256) if op not in client_opcodes]
     client = await logged_in(bank)
     await client.stream.send_all(
-        b"".join(raw_frame(op, 1000 + op, b"") for op in foreign) + encode(Balance(), 1)
+        b"".join(frame_bytes(op, 1000 + op, b"") for op in foreign) + encode(Balance(), 1)
     )
     for op in foreign:
         frame = await client.receive()
@@ -465,7 +466,7 @@ async def test_hostile_amounts_are_refused_and_the_session_goes_on(
     for opcode in (Deposit.OPCODE, Withdraw.OPCODE):
         for amount in wire_bad:
             request_id += 1
-            frames.append(raw_frame(opcode, request_id, money_payload(amount)))
+            frames.append(frame_bytes(opcode, request_id, money_payload(amount)))
             expected.append((request_id, Error(Status.INVALID_AMOUNT)))
     await client.stream.send_all(b"".join(frames) + encode(Ping(), 1))
     for want in expected:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import zlib
 
 import trio
 import trio.testing
@@ -54,15 +53,7 @@ from wire import (
     WithdrawReply,
     encode,
 )
-from wire.layout import FAST_CRC, FAST_HEADER
-from wire.limits import MAGIC, PROTOCOL_VERSION
-
-
-def raw_frame(opcode: int, request_id: int, payload: bytes) -> bytes:
-    """A well-framed frame (valid CRC) around any payload, for hostile inputs."""
-    body = FAST_HEADER.pack((MAGIC, PROTOCOL_VERSION, opcode, request_id, len(payload)))
-    body += payload
-    return body + FAST_CRC.pack(zlib.crc32(body))
+from wire.codec import frame_bytes
 
 
 def arm_receive_guard(mock_clock: trio.testing.MockClock) -> None:
@@ -290,7 +281,7 @@ async def test_history_lists_recent_entries_newest_first(bank: RunningServer):
 
 async def test_unknown_opcode_is_answered_and_the_connection_goes_on(bank: RunningServer):
     client = await logged_in(bank)
-    await client.stream.send_all(raw_frame(0x3E, 77, b""))
+    await client.stream.send_all(frame_bytes(0x3E, 77, b""))
     frame = await client.receive()
     assert frame is not None and frame.request_id == 77
     assert frame.message == Error(Status.INVALID_TRANSACTION)
@@ -300,7 +291,7 @@ async def test_unknown_opcode_is_answered_and_the_connection_goes_on(bank: Runni
 async def test_amount_out_of_range_is_answered_and_the_connection_goes_on(bank: RunningServer):
     client = await logged_in(bank)
     zero_amount = txn_id() + (0).to_bytes(8, "big")
-    await client.stream.send_all(raw_frame(Deposit.OPCODE, 5, zero_amount))
+    await client.stream.send_all(frame_bytes(Deposit.OPCODE, 5, zero_amount))
     frame = await client.receive()
     assert frame is not None and (frame.request_id, frame.message) == (
         5, Error(Status.INVALID_AMOUNT)
@@ -458,7 +449,7 @@ async def test_an_answered_bad_frame_counts_as_activity(
     client = await logged_in(bank)
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.idle_timeout_s - 1)
-    await client.stream.send_all(raw_frame(0x3E, 8, b""))
+    await client.stream.send_all(frame_bytes(0x3E, 8, b""))
     frame = await client.receive()
     assert frame is not None and frame.message == Error(Status.INVALID_TRANSACTION)
     await trio.testing.wait_all_tasks_blocked()

@@ -43,6 +43,7 @@ from wire import (
     WireError,
     Withdraw,
     WithdrawReply,
+    codec,
     encode,
 )
 from wire.money import format_cents, parse_dollars
@@ -59,10 +60,27 @@ def client_decoder() -> Decoder:
     return Decoder(Sender.SERVER)
 
 
-def frame_bytes(opcode: int, request_id: int, payload: bytes) -> bytes:
+def frame_from_spec(opcode: int, request_id: int, payload: bytes) -> bytes:
+    """A frame written from the spec's header table, independently of ``wire.codec``."""
     body = b"AT\x01" + bytes([opcode]) + request_id.to_bytes(4, "big")
     body += len(payload).to_bytes(2, "big") + payload
     return body + zlib.crc32(body).to_bytes(4, "big")
+
+
+# -- Framing ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("opcode", "request_id", "payload"), [
+    (Opcode.PING, 1, b""), (0x7E, REQUEST_ID_MAX, b"\xff" * 5), (Opcode.LOGIN, 0, b"ab"),
+])
+def test_frame_bytes_frames_any_payload_as_the_spec_says(
+    opcode: int, request_id: int, payload: bytes
+) -> None:
+    """The unchecked framing that encode, the tests and the fuzzer share."""
+    assert codec.frame_bytes(opcode, request_id, payload) == frame_from_spec(
+        opcode, request_id, payload
+    )
+    assert codec.frame_bytes(opcode, request_id, payload, version=2)[2] == 2
 
 
 # -- Decoder ----------------------------------------------------------------------------
@@ -95,7 +113,7 @@ def test_fatal_error_keeps_raising_even_after_good_bytes() -> None:
 
 def test_non_fatal_error_consumes_its_frame_and_decoding_goes_on() -> None:
     decoder = server_decoder()
-    unknown = frame_bytes(0x08, 5, b"\x01\x02\x03")
+    unknown = frame_from_spec(0x08, 5, b"\x01\x02\x03")
     decoder.receive_data(unknown + encode(Ping(), 6))
     with pytest.raises(WireError) as caught:
         decoder.next_frame()
@@ -108,7 +126,7 @@ def test_non_fatal_error_consumes_its_frame_and_decoding_goes_on() -> None:
 
 def test_zero_amount_is_refused_but_not_fatal() -> None:
     decoder = server_decoder()
-    zero = frame_bytes(0x04, 9, TXN + bytes(8))
+    zero = frame_from_spec(0x04, 9, TXN + bytes(8))
     decoder.receive_data(zero + encode(Balance(), 10))
     with pytest.raises(WireError) as caught:
         decoder.next_frame()
@@ -316,7 +334,7 @@ def test_a_bad_value_in_any_history_entry_is_refused(field: str, value: int, pos
     rows = [dict(GOOD_ROW, entry_id=n + 1) for n in range(HISTORY_ENTRIES_MAX)]
     rows[position][field] = value
     decoder = client_decoder()
-    decoder.receive_data(frame_bytes(Opcode.HISTORY_REPLY, 9, history_reply_payload(rows)))
+    decoder.receive_data(frame_from_spec(Opcode.HISTORY_REPLY, 9, history_reply_payload(rows)))
     with pytest.raises(WireError) as refused:
         decoder.next_frame()
     assert refused.value.status is Status.FORMAT_ERROR
@@ -334,7 +352,7 @@ def test_an_entry_count_the_payload_does_not_hold_is_refused(claimed: int) -> No
     if claimed == 2:
         payload += b"\x00"  # the count is right, one byte too many follows
     decoder = client_decoder()
-    decoder.receive_data(frame_bytes(Opcode.HISTORY_REPLY, 4, bytes(payload)))
+    decoder.receive_data(frame_from_spec(Opcode.HISTORY_REPLY, 4, bytes(payload)))
     with pytest.raises(WireError) as refused:
         decoder.next_frame()
     assert refused.value.status is Status.FORMAT_ERROR and refused.value.request_id == 4
@@ -345,11 +363,11 @@ def test_a_claimed_count_builds_no_struct_before_the_size_proves_it() -> None:
     so a peer cannot make it compile one for every count a byte can hold."""
     payload = bytearray(history_reply_payload([GOOD_ROW]))
     decoder = client_decoder()
-    decoder.receive_data(frame_bytes(Opcode.HISTORY_REPLY, 1, bytes(payload)))
+    decoder.receive_data(frame_from_spec(Opcode.HISTORY_REPLY, 1, bytes(payload)))
     assert decoder.next_frame() is not None and 1 in HistoryReply.FAST._wholes
     for claimed in range(2, 256):
         payload[1] = claimed
-        decoder.receive_data(frame_bytes(Opcode.HISTORY_REPLY, claimed, bytes(payload)))
+        decoder.receive_data(frame_from_spec(Opcode.HISTORY_REPLY, claimed, bytes(payload)))
         with pytest.raises(WireError):
             decoder.next_frame()
         decoder = client_decoder()  # a refusal ends a decoder: start a fresh one
@@ -415,7 +433,7 @@ def test_shutdown_grace_fits_u16() -> None:
 
 def test_lowercase_account_on_the_wire_decodes_to_uppercase() -> None:
     decoder = server_decoder()
-    decoder.receive_data(frame_bytes(0x01, 1, b"ab-12345" + b"0042"))
+    decoder.receive_data(frame_from_spec(0x01, 1, b"ab-12345" + b"0042"))
     assert decoder.next_frame() == Frame(1, Login("AB-12345", "0042"))
 
 
@@ -442,7 +460,7 @@ def test_malformed_pin_is_refused(pin: str) -> None:
 )
 def test_non_ascii_login_bytes_are_a_format_error(account: bytes, pin: bytes, detail: str):
     decoder = server_decoder()
-    decoder.receive_data(frame_bytes(Opcode.LOGIN, 6, account + pin))
+    decoder.receive_data(frame_from_spec(Opcode.LOGIN, 6, account + pin))
     with pytest.raises(WireError) as refused:
         decoder.next_frame()
     assert refused.value.status is Status.FORMAT_ERROR and refused.value.request_id == 6

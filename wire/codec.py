@@ -41,8 +41,20 @@ def encode(message: Message, request_id: int = 0) -> bytes:
     payload = message.FAST.pack(message.wire_values())
     if len(payload) > PAYLOAD_BYTES_MAX:
         raise WireError(Status.FORMAT_ERROR, f"payload of {len(payload)} bytes is over the limit")
-    body = _HEADER.pack(MAGIC, PROTOCOL_VERSION, message.OPCODE, request_id, len(payload))
-    body += payload
+    return frame_bytes(message.OPCODE, request_id, payload)
+
+
+def frame_bytes(
+    opcode: int, request_id: int, payload: bytes, *, version: int = PROTOCOL_VERSION
+) -> bytes:
+    """A frame around ``payload``: header with its length, then the CRC. Nothing is checked.
+
+    ``encode`` calls this once it has checked the message. Tests and the fuzzer call it to
+    put any opcode, request id or payload bytes behind a valid CRC, so that damaged
+    content reaches the checks after it. Raises ``struct.error`` if a header field does
+    not fit its width.
+    """
+    body = _HEADER.pack(MAGIC, version, opcode, request_id, len(payload)) + payload
     return body + FAST_CRC.pack(zlib.crc32(body))
 
 
