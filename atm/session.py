@@ -326,6 +326,21 @@ class AtmSession:
 
     async def _send_money(self, kind: TransactionKind, request: MoneyRequest,
                           reply_type: type[MoneyReply]) -> MoneyReply | Error:
+        """The bank's answer to ``request``, confirmed by resending it if the reply is lost.
+
+        A customer who interrupts (Ctrl-C) before the answer comes is told the transaction
+        id before the interrupt ends the session: the money may have moved.
+        """
+        try:
+            return await self._settle_money(kind, request, reply_type)
+        except KeyboardInterrupt:
+            self._console.write(text.ending(TransactionUnconfirmed(
+                kind=kind.noun, amount_cents=request.amount_cents, txn_id=request.txn_id
+            )))
+            raise
+
+    async def _settle_money(self, kind: TransactionKind, request: MoneyRequest,
+                            reply_type: type[MoneyReply]) -> MoneyReply | Error:
         try:
             return await self._conn.request(request, reply_type)
         except (ConnectionLost, SessionExpired) as lost:

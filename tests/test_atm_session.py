@@ -16,7 +16,8 @@ import trio
 import trio.testing
 
 from atm import text
-from atm.errors import ExitCode
+from atm.connection import Connection
+from atm.errors import ExitCode, TransactionUnconfirmed
 from atm.session import (
     RECONNECT_BACKOFF_S_MAX,
     RECONNECT_MARGIN_S,
@@ -377,6 +378,31 @@ async def test_unconfirmed_deposit_ends_the_session_naming_its_txn_id(
     assert "trying again" not in failures[-1]
     assert deposit.txn_id.hex() in console.output[-1]
     assert "$20.00" in console.output[-1]
+
+
+async def test_an_interrupt_before_a_deposit_settles_names_its_txn_id() -> None:
+    """Ctrl-C while the ATM reconnects to confirm: the customer leaves knowing the id."""
+    console = ScriptedConsole([*LOGIN_LINES, "d", "20"])
+    interrupted = False
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        bank.lose_replies = 1
+
+        async def connect() -> Connection:
+            if bank.connections:  # the reconnect: here the customer presses Ctrl-C
+                raise KeyboardInterrupt
+            return await bank.connect()
+
+        try:
+            await run_atm(console, connect, tz=UTC)
+        except KeyboardInterrupt:
+            interrupted = True
+        nursery.cancel_scope.cancel()
+    assert interrupted  # the interrupt still ends the session (exit 130 in atm.__main__)
+    (deposit,) = bank.sent(Deposit)
+    assert console.output[-1] == text.ending(TransactionUnconfirmed(
+        kind="deposit", amount_cents=20_00, txn_id=deposit.txn_id
+    ))
 
 
 async def test_a_lease_the_bank_still_holds_is_waited_out(autojump_clock) -> None:
