@@ -272,7 +272,7 @@ class AtmSession:
                             else text.LOGOUT_UNCONFIRMED)
 
     async def _show_balance(self) -> None:
-        reply = await self._read(Balance(), BalanceReply, purpose="get your balance")
+        reply = await self._read(Balance(), BalanceReply, purpose=text.GETTING_BALANCE)
         if isinstance(reply, BalanceReply) and reply.status is Status.APPROVED:
             self._console.write(text.balance(reply.balance_cents))
         else:
@@ -280,7 +280,7 @@ class AtmSession:
 
     async def _show_history(self) -> None:
         count = min(HISTORY_ENTRIES_SHOWN, self._conn.history_entries_max)
-        reply = await self._read(History(count), HistoryReply, purpose="get your history")
+        reply = await self._read(History(count), HistoryReply, purpose=text.GETTING_HISTORY)
         if isinstance(reply, HistoryReply) and reply.status is Status.APPROVED:
             self._console.write(text.format_history(reply.entries, self._tz))
         else:
@@ -344,7 +344,7 @@ class AtmSession:
         try:
             return await self._conn.request(request, reply_type)
         except (ConnectionLost, SessionExpired) as lost:
-            self._console.write(text.reconnecting(f"confirm your {kind.noun}", lost))
+            self._console.write(text.reconnecting(text.confirming(kind), lost))
             window_s = self._reconnect_window_s()
         try:
             reply = await self._resend_until_settled(

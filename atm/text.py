@@ -176,8 +176,17 @@ def format_history(entries: tuple[HistoryEntry, ...], tz: tzinfo | None = None) 
 # -- Retrying a transaction whose reply was lost --------------------------------------
 
 
+GETTING_BALANCE = "get your balance"
+GETTING_HISTORY = "get your history"
+
+
+def confirming(kind: TransactionKind) -> str:
+    return f"confirm your {kind.noun}"
+
+
 def reconnecting(purpose: str, cause: SessionEnded) -> str:
-    """Said when a request's connection is lost: ``purpose`` is "confirm your deposit"."""
+    """Said when a request's connection is lost; ``purpose`` is ``GETTING_BALANCE``,
+    ``GETTING_HISTORY`` or ``confirming(kind)``."""
     opening = (
         "The bank did not answer in time"
         if isinstance(cause, ReplyTimeout)
