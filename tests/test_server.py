@@ -534,20 +534,54 @@ async def test_a_cancelled_connection_still_closes_its_socket(
     assert await client.closed()
 
 
-class ShutdownOnRead:
-    """A socket whose read returns its bytes just as the server begins shutting down:
-    the interrupt and the request arrive together."""
+async def test_pipelined_requests_do_not_hold_the_event_loop(
+    config: ServerConfig, ledger: SqliteLedger
+):
+    """Sends do not yield (``Connection._send_bytes``), so a burst of pipelined requests
+    that need no storage (PINGs) must yield once per request, as a read would: other
+    tasks run between them."""
+    burst = 50
+    server_socket, client_socket = trio.socket.socketpair()
+    session = Session(ledger=ledger, leases=Leases(), config=config, name="test")
+    connection = Connection(
+        trio.SocketStream(server_socket), session=session, config=config, name="test",
+        sweeper=DeadlineSweeper(),
+    )
+    client = WireClient(trio.SocketStream(client_socket))
+    turns = 0
+    answered = trio.Event()
 
-    def __init__(self, sock: trio.socket.SocketType, connection: Connection) -> None:
-        self._sock = sock
-        self._connection = connection
-        self.send = sock.send
+    async def another_task() -> None:
+        nonlocal turns
+        while not answered.is_set():
+            turns += 1
+            await trio.lowlevel.checkpoint()
 
-    async def recv(self, max_bytes: int) -> bytes:
-        data = await self._sock.recv(max_bytes)
-        if data and self._connection.session.state is State.AUTHENTICATED:
-            self._connection.begin_shutdown(trio.current_time() + 10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        await client.hello()
+        await client.stream.send_all(b"".join(encode(Ping(), n) for n in range(1, burst + 1)))
+        nursery.start_soon(another_task)
+        for n in range(1, burst + 1):
+            frame = await client.receive()
+            assert frame is not None and frame.request_id == n
+        answered.set()
+        nursery.cancel_scope.cancel()
+    assert turns > burst // 2  # about one turn per request; none at all without the yield
+
+
+def shut_down_on_read(connection: Connection) -> None:
+    """Make the connection's reads return their bytes just as the server begins shutting
+    down: the interrupt and the request arrive together."""
+    receive = connection._receive_bytes
+
+    async def receive_then_shut_down() -> bytes:
+        data = await receive()
+        if data and connection.session.state is State.AUTHENTICATED:
+            connection.begin_shutdown(trio.current_time() + 10)
         return data
+
+    connection._receive_bytes = receive_then_shut_down  # type: ignore[method-assign]
 
 
 async def test_a_request_read_as_shutdown_begins_is_answered_not_lost(
@@ -559,7 +593,7 @@ async def test_a_request_read_as_shutdown_begins_is_answered_not_lost(
         trio.SocketStream(server_socket), session=session, config=config, name="test",
         sweeper=DeadlineSweeper(),
     )
-    connection._socket = ShutdownOnRead(server_socket, connection)
+    shut_down_on_read(connection)
     client = WireClient(trio.SocketStream(client_socket))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.run)
