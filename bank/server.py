@@ -356,15 +356,17 @@ class Connection:
     async def _send_bytes(self, data: bytes) -> None:
         """Write ``data`` to the socket, waiting only while its buffer is full.
 
-        Reads and writes use the socket's file descriptor (on POSIX a socket is one, as
-        ``trio.lowlevel.FdStream`` uses them) and trio's ``wait_readable`` and
-        ``wait_writable``, not trio's socket methods. Those try the call first and then
-        checkpoint: a request's read would usually fail first (the next request has
-        rarely arrived just after a reply), and each checkpoint is a trip through the
-        scheduler. Under bank.bench's 100 sessions this took the server's CPU per
-        request from 58-60 us to 50-53 us (four interleaved runs each); going from
-        ``SocketStream`` to its socket had taken it from 71-77 us to 63-70 us. A socket
-        error is an OSError, which ``run`` handles as it does the stream's errors.
+        Reads and writes use the socket's file descriptor with ``os.read`` and
+        ``os.write``, waiting with trio's ``wait_readable`` and ``wait_writable``, as
+        ``trio.lowlevel.FdStream`` does; a socket is a file descriptor on POSIX, which
+        this server (like the ATM's terminal handling) requires. trio's socket methods
+        instead try the call first and checkpoint after it: a request's read usually
+        failed first (the next request has rarely arrived just after a reply), and each
+        checkpoint is a trip through the scheduler. Under bank.bench's 100 sessions this
+        took the server's CPU per request from 58-60 us to 50-53 us (four interleaved runs
+        each); going from ``SocketStream`` to its socket had taken it from 71-77 us to
+        63-70 us. A socket error is an OSError, which ``run`` handles as it does the
+        stream's errors.
         """
         with memoryview(data) as view:
             sent = 0
