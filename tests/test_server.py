@@ -515,18 +515,25 @@ async def test_shutdown_closes_lingering_sessions_after_the_grace_period(
     assert bank.server.connection_count == 0
 
 
-async def test_a_cancelled_connection_still_closes_its_socket(
+def connection_and_client(
     config: ServerConfig, ledger: SqliteLedger
-):
-    """The shutdown backstop cancels connections still open after the grace period:
-    their sockets must close then too, not linger until garbage collection."""
+) -> tuple[Connection, WireClient]:
+    """One server ``Connection`` (not yet running) and a client, over a socketpair."""
     server_socket, client_socket = trio.socket.socketpair()
     session = Session(ledger=ledger, leases=Leases(), config=config, name="test")
     connection = Connection(
         trio.SocketStream(server_socket), session=session, config=config, name="test",
         sweeper=DeadlineSweeper(),
     )
-    client = WireClient(trio.SocketStream(client_socket))
+    return connection, WireClient(trio.SocketStream(client_socket))
+
+
+async def test_a_cancelled_connection_still_closes_its_socket(
+    config: ServerConfig, ledger: SqliteLedger
+):
+    """The shutdown backstop cancels connections still open after the grace period:
+    their sockets must close then too, not linger until garbage collection."""
+    connection, client = connection_and_client(config, ledger)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.run)
         await client.hello()
@@ -541,13 +548,7 @@ async def test_pipelined_requests_do_not_hold_the_event_loop(
     that need no storage (PINGs) must yield once per request, as a read would: other
     tasks run between them."""
     burst = 50
-    server_socket, client_socket = trio.socket.socketpair()
-    session = Session(ledger=ledger, leases=Leases(), config=config, name="test")
-    connection = Connection(
-        trio.SocketStream(server_socket), session=session, config=config, name="test",
-        sweeper=DeadlineSweeper(),
-    )
-    client = WireClient(trio.SocketStream(client_socket))
+    connection, client = connection_and_client(config, ledger)
     turns = 0
     answered = trio.Event()
 
@@ -587,14 +588,8 @@ def shut_down_on_read(connection: Connection) -> None:
 async def test_a_request_read_as_shutdown_begins_is_answered_not_lost(
     config: ServerConfig, ledger: SqliteLedger
 ):
-    server_socket, client_socket = trio.socket.socketpair()
-    session = Session(ledger=ledger, leases=Leases(), config=config, name="test")
-    connection = Connection(
-        trio.SocketStream(server_socket), session=session, config=config, name="test",
-        sweeper=DeadlineSweeper(),
-    )
+    connection, client = connection_and_client(config, ledger)
     shut_down_on_read(connection)
-    client = WireClient(trio.SocketStream(client_socket))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.run)
         await client.hello()
