@@ -10,9 +10,11 @@ while SQLite works in its thread.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
+import pytest
 import trio
 import trio.testing
 
@@ -569,6 +571,30 @@ async def test_pipelined_requests_do_not_hold_the_event_loop(
         answered.set()
         nursery.cancel_scope.cancel()
     assert turns > burst // 2  # about one turn per request; none at all without the yield
+
+
+async def test_a_read_woken_with_nothing_to_read_waits_again(
+    config: ServerConfig, ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+):
+    """Readiness can be reported with nothing to read after all (EAGAIN): the connection
+    waits again instead of treating it as a broken socket."""
+    connection, client = connection_and_client(config, ledger)
+    read = os.read
+    spurious = [connection._fd]
+
+    def read_after_a_spurious_wakeup(fd: int, max_bytes: int) -> bytes:
+        if fd in spurious:
+            spurious.remove(fd)
+            raise BlockingIOError
+        return read(fd, max_bytes)
+
+    monkeypatch.setattr(os, "read", read_after_a_spurious_wakeup)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        await client.hello()
+        assert await client.request(Ping()) == PingReply(Status.APPROVED)
+        nursery.cancel_scope.cancel()
+    assert spurious == []  # the spurious wakeup did happen
 
 
 def shut_down_on_read(connection: Connection) -> None:
