@@ -597,6 +597,27 @@ async def test_a_read_woken_with_nothing_to_read_waits_again(
     assert spurious == []  # the spurious wakeup did happen
 
 
+async def test_replies_wait_for_room_when_the_client_reads_slowly(
+    config: ServerConfig, ledger: SqliteLedger
+):
+    """With small socket buffers, a burst of pipelined requests fills the server's send
+    buffer: each write that finds it full waits for room and goes on, losing nothing."""
+    burst = 2_000
+    connection, client = connection_and_client(config, ledger)
+    connection._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    requests = b"".join(encode(Ping(), n) for n in range(1, burst + 1))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        await client.hello()
+        nursery.start_soon(client.stream.send_all, requests)
+        await trio.testing.wait_all_tasks_blocked()  # the server now waits for room
+        for n in range(1, burst + 1):
+            frame = await client.receive()
+            assert frame is not None and frame.request_id == n
+        nursery.cancel_scope.cancel()
+
+
 def shut_down_on_read(connection: Connection) -> None:
     """Make the connection's reads return their bytes just as the server begins shutting
     down: the interrupt and the request arrive together."""
