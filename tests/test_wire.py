@@ -1,10 +1,12 @@
 """Unit tests of the wire package's rules, one behaviour per test.
 
-Covers: the decoder's failure modes (a fatal error sticks, a non-fatal one consumes its frame
-and decoding goes on, the length limit is enforced from the header alone, garbage is refused
-on its first byte); request id rules on encode and decode; encode's refusal of out-of-range
-values, wrong types and floats (it never truncates); account case-insensitivity; the PIN
-kept out of repr; and wire.money's exact dollar parsing and formatting.
+Covers: the unchecked framing shared with the tests and the fuzzer; the decoder's failure
+modes (a fatal error sticks, a non-fatal one consumes its frame and decoding goes on, the
+length limit is enforced from the header alone, garbage is refused on its first byte);
+request id rules on encode and decode; encode's refusal of out-of-range values, wrong types
+and floats (it never truncates); HISTORY_REPLY entries checked a column at a time, and
+entry counts the payload does not hold; account case-insensitivity and non-ASCII login
+bytes; the PIN kept out of repr; and wire.money's exact dollar parsing and formatting.
 """
 
 from __future__ import annotations
