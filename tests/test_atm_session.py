@@ -380,6 +380,26 @@ async def test_unconfirmed_deposit_ends_the_session_naming_its_txn_id(
     assert "$20.00" in console.output[-1]
 
 
+async def test_a_bank_that_never_looks_the_deposit_up_leaves_it_unconfirmed(
+    autojump_clock,
+) -> None:
+    """Every resend is answered 91 (storage down): nothing settles it within the window,
+    so the ATM ends saying the deposit is unconfirmed, never that it was declined."""
+
+    def lose_then_always_unavailable(bank: FakeBank) -> None:
+        bank.lose_replies = 1
+        bank.unavailable_replies = 1_000
+
+    code, console, bank = await run([*LOGIN_LINES, "d", "20"],
+                                    bank_setup=lose_then_always_unavailable)
+    assert code is ExitCode.UNCONFIRMED_TRANSACTION
+    unsettled = [line for line in console.output if "was not settled" in line]
+    assert len(unsettled) == len(bank.sent(Deposit)) - 1 > 3
+    assert "trying again" not in unsettled[-1]
+    assert bank.sent(Deposit)[0].txn_id.hex() in console.output[-1]
+    assert not any("declined" in line for line in console.output)
+
+
 async def test_an_interrupt_before_a_deposit_settles_names_its_txn_id() -> None:
     """Ctrl-C while the ATM reconnects to confirm: the customer leaves knowing the id."""
     console = ScriptedConsole([*LOGIN_LINES, "d", "20"])
