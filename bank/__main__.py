@@ -21,7 +21,7 @@ from bank.accounts_file import AccountsFileError
 from bank.config import ServerConfig
 from bank.ledger import StorageError
 from bank.pins import KeyFileError, load_or_create_key
-from bank.server import BankServer
+from bank.server import BankServer, open_files_needed, raise_open_files_limit
 from bank.sqlite_ledger import open_ledger
 from bank.store import SchemaError, Store, StoreError
 from wire.messages import ACCOUNT_PATTERN, PIN_PATTERN, mask_account
@@ -94,11 +94,25 @@ def account_argument(text: str) -> str:
 # -- Serving ---------------------------------------------------------------------------
 
 
+class CannotListen(Exception):
+    """The configured address cannot be bound (in use, not ours, no permission)."""
+
+
 def serve(config: ServerConfig, _args: argparse.Namespace) -> int:
+    needed = open_files_needed(config.connections_max)
+    allowed = raise_open_files_limit(needed)
+    if allowed < needed:
+        print(
+            f"bank: --connections-max {config.connections_max} needs up to {needed} open "
+            f"files, but this process may open {allowed}: lower --connections-max or raise "
+            "the limit (ulimit -n)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     try:
         trio.run(run_server, config)
-    except OSError as error:
-        print(f"bank: cannot serve on {config.host}:{config.port}: {error}", file=sys.stderr)
+    except CannotListen as error:
+        print(f"bank: {error}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -113,7 +127,10 @@ async def run_server(config: ServerConfig) -> None:
     )
     try:
         server = BankServer(config, ledger)
-        listeners = await server.listen()  # outside the nursery: a bind error stays plain
+        try:  # outside the nursery below, so that a bind error is not an ExceptionGroup
+            listeners = await server.listen()
+        except OSError as error:
+            raise CannotListen(f"cannot serve on {config.host}:{config.port}: {error}") from None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_shutdown_on_signal, signals, server)

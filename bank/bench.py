@@ -51,6 +51,7 @@ from pathlib import Path
 import trio
 
 from bank.pins import load_or_create_key
+from bank.server import raise_open_files_limit
 from bank.store import AccountExists, Store
 from wire import (
     AMOUNT_CENTS_MAX,
@@ -783,15 +784,11 @@ def ensure_open_files(sessions: int) -> None:
     The bank subprocess inherits the raised limit, and it needs a socket per session too.
     """
     needed = sessions + CONNECTIONS_SPARE + FDS_RESERVED
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    ceiling = needed if hard == resource.RLIM_INFINITY else hard
-    if soft < min(needed, ceiling):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(needed, soft), ceiling), hard))
-        soft = min(max(needed, soft), ceiling)
-    if needed > soft:
+    allowed = raise_open_files_limit(needed)
+    if allowed < needed:
         raise BenchError(
-            f"{sessions} sessions need about {needed} open files per process, but the hard "
-            f"limit is {hard}; use fewer sessions or raise it (ulimit -Hn, as root)"
+            f"{sessions} sessions need about {needed} open files per process, but only "
+            f"{allowed} are allowed; use fewer sessions or raise the hard limit (ulimit -Hn)"
         )
 
 

@@ -99,11 +99,14 @@ def load_or_create_key(path: str | os.PathLike[str]) -> bytes:
     """
     path = Path(path)
     try:
+        try:
+            return _read_key(path)
+        except FileNotFoundError:
+            pass
+        _create_key(path)
         return _read_key(path)
-    except FileNotFoundError:
-        pass
-    _create_key(path)
-    return _read_key(path)
+    except OSError as error:  # a symlink (O_NOFOLLOW), no permission, a directory...
+        raise KeyFileError(f"{path}: cannot use the PIN key: {error.strerror}") from error
 
 
 def _read_key(path: Path) -> bytes:

@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import os
+import resource
 from typing import Protocol
 
 import trio
@@ -57,6 +58,10 @@ REFUSALS_MAX = 64
 
 SHUTDOWN_BACKSTOP_S = CLOSE_LINGER_S + 1.0
 """Seconds after the grace period at which connections still open are cancelled."""
+
+OPEN_FILES_RESERVED = 32
+"""Open files the server needs besides its connections' sockets: standard streams,
+listeners, the database with its WAL and shared-memory files, trio's own (12 measured)."""
 
 
 SWEEP_INTERVAL_S = 0.25
@@ -489,6 +494,26 @@ class BankServer:
             await close_gracefully(stream)
         finally:
             self._refusals.release()
+
+
+def open_files_needed(connections_max: int) -> int:
+    """Open files a server with ``connections_max`` uses at most: each connection's
+    socket, the refusals in progress, and the rest. Past the process's limit, accept
+    fails (EMFILE) and clients wait in the backlog instead of being refused as busy."""
+    return connections_max + REFUSALS_MAX + OPEN_FILES_RESERVED
+
+
+def raise_open_files_limit(needed: int) -> int:
+    """Raise this process's soft limit on open files toward ``needed`` (as far as the
+    hard limit allows; never lower it), and return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return needed if soft == resource.RLIM_INFINITY else soft
+    raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if raised > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    return soft
 
 
 async def close_gracefully(stream: trio.SocketStream) -> None:

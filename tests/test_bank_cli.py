@@ -6,10 +6,12 @@ from __future__ import annotations
 import io
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import trio
 
 from bank.__main__ import build_parser, main
 from bank.config import ServerConfig, from_arguments
+from bank.server import open_files_needed, raise_open_files_limit
 from bank.store import Store
 from tests.conftest import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
 from wire import Balance, BalanceReply, Shutdown, Status
@@ -78,6 +81,55 @@ def test_a_port_in_use_is_a_clear_message_not_a_traceback(
     assert status == 1
     err = capsys.readouterr().err
     assert f"cannot serve on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_an_unusable_key_file_is_named_as_such_not_as_a_listen_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    (tmp_path / "elsewhere.key").write_bytes(bytes(32))
+    (tmp_path / "bank.key").symlink_to(tmp_path / "elsewhere.key")
+    status = main(["--port", "0", "--db", str(tmp_path / "bank.db"),
+                   "--key-file", str(tmp_path / "bank.key")])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "cannot use the PIN key" in err and "cannot serve" not in err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def open_files_limit() -> Iterator[tuple[int, int]]:
+    """This process's (soft, hard) open-files limit, put back after the test."""
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        yield limits
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+def test_the_open_files_limit_is_raised_to_what_connections_max_needs(open_files_limit):
+    soft, hard = open_files_limit
+    if soft == resource.RLIM_INFINITY or soft < 300:
+        pytest.skip(f"open-files limit {soft} does not leave room for this test")
+    lowered = soft - 100  # lowering the soft limit needs no privilege, nor raising it back
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    assert raise_open_files_limit(lowered + 50) == lowered + 50
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (lowered + 50, hard)
+    assert raise_open_files_limit(lowered) == lowered + 50  # never lowered
+
+
+def test_a_server_that_could_not_open_all_its_connections_does_not_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], open_files_limit
+):
+    _, hard = open_files_limit
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on open files here")
+    status = main(["--port", "0", "--connections-max", str(hard),
+                   "--db", str(tmp_path / "bank.db"), "--key-file", str(tmp_path / "bank.key")])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert f"needs up to {open_files_needed(hard)} open files" in err
+    assert f"may open {hard}" in err and "Traceback" not in err
+    assert not (tmp_path / "bank.db").exists()  # refused before anything was created
 
 
 def operator(tmp_path: Path, *args: str, stdin: str = "") -> int:

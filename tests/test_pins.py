@@ -119,3 +119,13 @@ def test_key_file_of_wrong_size_is_refused_and_kept(tmp_path: Path, size: int):
 def test_key_path_that_is_a_directory_is_refused(tmp_path: Path):
     with pytest.raises(KeyFileError, match="not a regular file"):
         load_or_create_key(tmp_path)
+
+
+def test_key_path_that_is_a_symlink_is_refused_with_a_key_file_error(tmp_path: Path):
+    target = tmp_path / "real.key"
+    load_or_create_key(target)
+    link = tmp_path / "pin.key"
+    link.symlink_to(target)
+    with pytest.raises(KeyFileError, match="cannot use the PIN key"):
+        load_or_create_key(link)
+
