@@ -187,6 +187,9 @@ class Connection:
         """When the current wait on the peer gives up (trio clock), read by the sweeper."""
         self._ending = Ending.IDLE
         """What passing ``deadline`` means."""
+        self._expired_as = Ending.IDLE
+        """What ``deadline`` meant when it passed: ``_ending`` may move on before the
+        interrupt is handled (a read can begin as a send's deadline passes)."""
         self._stream = stream
         self._socket = stream.socket
         self._fd = self._socket.fileno()
@@ -205,6 +208,7 @@ class Connection:
     def expire(self) -> None:
         """Called by the sweeper once ``deadline`` has passed: interrupt the wait."""
         self._interrupt = Interrupt.DEADLINE
+        self._expired_as = self._ending
         self._scope.cancel()
 
     def begin_shutdown(self, close_at: float) -> None:
@@ -236,7 +240,7 @@ class Connection:
             self._reading = False
             self.deadline = math.inf
             if self._interrupt is Interrupt.DEADLINE:
-                await self._end_at_deadline(self._ending)
+                await self._end_at_deadline(self._expired_as)
             # Otherwise the session closed, or shutdown woke a read: the loop says which.
 
     async def _serve_until_interrupted(self) -> None:
@@ -258,15 +262,19 @@ class Connection:
                 reply = await self.session.handle(frame.message)
                 await self._send(reply, frame.request_id)
             self._last_reply_at = trio.current_time()
+            if self._decoder.buffered_bytes:
+                # The next frame is already here (pipelined, or sent behind a refused
+                # one), and sends do not yield: yield once per request, as a read would,
+                # so that a client pipelining many cannot hold the loop. No frame has
+                # left the decoder, so a cancellation here loses nothing.
+                await trio.lowlevel.checkpoint()
 
     async def _receive_frame(self) -> Frame | None:
         """The next whole frame; None if an interrupt came with the bytes read.
 
         Raises ``ConnectionEnded`` or ``WireError`` instead.
         """
-        read = False
-        while (frame := self._decoder.next_frame()) is None:
-            read = True
+        while (frame := self._next_frame()) is None:
             if self._shutdown_at is not None and not self._shutdown_notified:
                 self._shutdown_notified = True
                 grace_s = max(0, round(self._shutdown_at - trio.current_time()))
@@ -287,14 +295,21 @@ class Connection:
                 # The read completed as the interrupt came: the bytes are kept, but the
                 # session must not start on a request the next checkpoint would cancel.
                 return None
-        if self._decoder.buffered_bytes:  # a pipelined frame has begun behind this one
-            self._frame_started_at = trio.current_time()
-        if not read:
-            # A pipelined frame, already here: yield once per request, as a read would,
-            # so that a client pipelining many cannot hold the loop. Shielded: the frame
-            # has left the decoder, and a cancellation now would lose it.
-            await trio.lowlevel.cancel_shielded_checkpoint()
         return frame
+
+    def _next_frame(self) -> Frame | None:
+        """The decoder's next frame, if whole; raises its ``WireError`` for a bad one.
+
+        Bytes left behind a frame that left the decoder, decoded or refused, are the
+        next frame, begun now: its frame_timeout_s counts from here, not from the start
+        of the frame before it."""
+        buffered = self._decoder.buffered_bytes
+        try:
+            return self._decoder.next_frame()
+        finally:
+            left = self._decoder.buffered_bytes
+            if left and left != buffered:
+                self._frame_started_at = trio.current_time()
 
     def _read_deadline(self) -> tuple[float, Ending]:
         """When the current read gives up, and why: the earliest deadline that applies.

@@ -389,9 +389,11 @@ async def test_idle_session_expires_and_releases_its_lease(
     mock_clock: trio.testing.MockClock, bank: RunningServer, config: ServerConfig
 ):
     client = await logged_in(bank)
-    await trio.testing.wait_all_tasks_blocked()
-    mock_clock.jump(config.idle_timeout_s - 1)
-    assert isinstance(await client.request(Ping()), PingReply)  # activity restarts the timer
+    for _ in range(2):  # alive at twice the timeout since login: each reply restarts it
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(config.idle_timeout_s - 1)
+        await trio.testing.wait_all_tasks_blocked()  # a deadline that passed is enforced now
+        assert isinstance(await client.request(Ping()), PingReply)
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.idle_timeout_s)
     arm_receive_guard(mock_clock)
@@ -419,6 +421,7 @@ async def test_pinging_does_not_extend_the_login_deadline(
     client = await bank.client()
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.login_timeout_s - 1)
+    await trio.testing.wait_all_tasks_blocked()  # a deadline that passed is enforced now
     assert isinstance(await client.request(Ping()), PingReply)
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(1)
@@ -451,11 +454,13 @@ async def test_an_answered_bad_frame_counts_as_activity(
     client = await logged_in(bank)
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.idle_timeout_s - 1)
+    await trio.testing.wait_all_tasks_blocked()  # a deadline that passed is enforced now
     await client.stream.send_all(frame_bytes(0x3E, 8, b""))
     frame = await client.receive()
     assert frame is not None and frame.message == Error(Status.INVALID_TRANSACTION)
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.idle_timeout_s - 1)
+    await trio.testing.wait_all_tasks_blocked()
     arm_receive_guard(mock_clock)
     assert isinstance(await client.request(Ping()), PingReply)  # still in session
 
@@ -473,6 +478,30 @@ async def test_a_frame_that_never_completes_is_dropped_and_others_are_served(
     frame = await slow.receive()
     assert frame is not None and frame.message == Error(Status.FORMAT_ERROR)
     assert await slow.closed()
+
+
+async def test_a_frame_behind_a_refused_one_gets_its_own_frame_timeout(
+    mock_clock: trio.testing.MockClock, bank: RunningServer, config: ServerConfig
+):
+    """The frame deadline of bytes left behind a refused frame counts from when that
+    frame was answered, not from when the refused frame began."""
+    assert config.frame_timeout_s > 4
+    client = await bank.client()
+    refused, ping = frame_bytes(0x3E, 8, b""), encode(Ping(), 9)
+    await client.stream.send_all(refused[:5])
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(config.frame_timeout_s - 2)  # the refused frame completes in time...
+    await client.stream.send_all(refused[5:] + ping[:3])  # ...with a PING begun behind it
+    frame = await client.receive()
+    assert frame is not None and frame.message == Error(Status.INVALID_TRANSACTION)
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(4)  # past frame_timeout_s since the refused frame began, not the PING
+    await trio.testing.wait_all_tasks_blocked()
+    await client.stream.send_all(ping[3:])
+    arm_receive_guard(mock_clock)
+    frame = await client.receive()
+    assert frame is not None and frame.request_id == 9
+    assert frame.message == PingReply(Status.APPROVED)
 
 
 async def test_shutdown_notifies_refuses_new_work_and_lets_clients_log_out(
@@ -543,12 +572,13 @@ async def test_a_cancelled_connection_still_closes_its_socket(
     assert await client.closed()
 
 
+@pytest.mark.parametrize("refused", [False, True], ids=["answered", "refused"])
 async def test_pipelined_requests_do_not_hold_the_event_loop(
-    config: ServerConfig, ledger: SqliteLedger
+    config: ServerConfig, ledger: SqliteLedger, refused: bool
 ):
-    """Sends do not yield (``Connection._send_bytes``), so a burst of pipelined requests
-    that need no storage (PINGs) must yield once per request, as a read would: other
-    tasks run between them."""
+    """Sends do not yield (``Connection._send_bytes``), so a burst of pipelined frames
+    that need no storage (PINGs, or frames of an unknown opcode, each answered with an
+    ERROR) must yield once per frame, as a read would: other tasks run between them."""
     burst = 50
     connection, client = connection_and_client(config, ledger)
     turns = 0
@@ -560,10 +590,13 @@ async def test_pipelined_requests_do_not_hold_the_event_loop(
             turns += 1
             await trio.lowlevel.checkpoint()
 
+    def request(n: int) -> bytes:
+        return frame_bytes(0x3E, n, b"") if refused else encode(Ping(), n)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.run)
         await client.hello()
-        await client.stream.send_all(b"".join(encode(Ping(), n) for n in range(1, burst + 1)))
+        await client.stream.send_all(b"".join(request(n) for n in range(1, burst + 1)))
         nursery.start_soon(another_task)
         for n in range(1, burst + 1):
             frame = await client.receive()
@@ -571,6 +604,38 @@ async def test_pipelined_requests_do_not_hold_the_event_loop(
         answered.set()
         nursery.cancel_scope.cancel()
     assert turns > burst // 2  # about one turn per request; none at all without the yield
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["alone", "pipelined"])
+async def test_a_deadline_passing_as_a_reply_goes_out_ends_as_a_send_timeout(
+    config: ServerConfig, ledger: SqliteLedger, pipelined: bool
+):
+    """If the send deadline is enforced just as the send completes, the connection ends
+    as a send timeout: a request already buffered behind it is not started (its reply
+    could be cut off), and the client is not told it was idle, though the connection
+    went on to wait for a request before the interrupt was handled."""
+    connection, client = connection_and_client(config, ledger)
+    send = connection._send_bytes
+    replies = 0
+
+    async def send_then_expire(data: bytes) -> None:
+        nonlocal replies
+        await send(data)
+        replies += 1
+        if replies == 2:  # HELLO, then the first PING's reply
+            connection.expire()  # as the sweeper would, in the same scheduler step
+
+    connection._send_bytes = send_then_expire  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        await client.hello()
+        await client.stream.send_all(encode(Ping(), 1) + (encode(Ping(), 2) * pipelined))
+        frame = await client.receive()
+        assert frame is not None and (frame.request_id, frame.message) == (
+            1, PingReply(Status.APPROVED)
+        )
+        assert await client.closed()  # no reply to PING 2, and no SESSION_EXPIRED
+    assert replies == 2
 
 
 async def test_a_read_woken_with_nothing_to_read_waits_again(
