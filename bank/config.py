@@ -12,10 +12,18 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from bank.store import LOCKOUT_MS_MAX
 from wire.limits import AMOUNT_CENTS_MAX, SECONDS_MAX
 
 ENV_PREFIX = "BANK_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+PIN_LOCKOUT_S_MAX = LOCKOUT_MS_MAX // 1000
+"""Longest ``pin_lockout_s``: one year (31,536,000 seconds), the store's LOCKOUT_MS_MAX.
+
+A lock's end (now plus the lockout) is a 64-bit database integer, so an unbounded
+setting could overflow it and stop wrong PINs being counted at all; a year is far from
+that, and longer than any timed lock is useful (past it, ``unlock`` is the tool)."""
 
 
 def _setting(default: object, help_text: str) -> object:
@@ -50,7 +58,7 @@ class ServerConfig:
     )
     pin_lockout_s: int = _setting(
         900, "seconds an account stays locked unless unlocked sooner, and a wrong PIN is remembered"
-        " (0: no locking)"
+        f" (0: no locking; at most {PIN_LOCKOUT_S_MAX}, one year)"
     )
     amount_cents_max: int = _setting(
         AMOUNT_CENTS_MAX, "largest deposit or withdrawal in one transaction, in cents"
@@ -72,8 +80,8 @@ class ServerConfig:
         for name in ("connections_max", "login_attempts_max", "pin_tries_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.pin_lockout_s < 0:
-            raise ValueError("pin_lockout_s must be 0 or more seconds")
+        if not 0 <= self.pin_lockout_s <= PIN_LOCKOUT_S_MAX:
+            raise ValueError(f"pin_lockout_s must be 0..{PIN_LOCKOUT_S_MAX} seconds (one year)")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if not 0 <= self.port <= 65535:

@@ -43,6 +43,17 @@ LOCKOUT_MS = 15 * 60 * 1000
 """How long a lock lasts (an operator can lift it earlier with ``unlock``), and how long a
 wrong PIN is remembered."""
 
+LOCKOUT_MS_MAX = 365 * 24 * 60 * 60 * 1000
+"""The longest lockout a Store accepts: one year (365 days), in milliseconds.
+
+A lock ends at ``now_ms + lockout_ms``, stored in a signed 64-bit SQLite INTEGER; an
+unbounded lockout overflows it: every wrong PIN then fails to be recorded (unlimited
+guessing) and takes its whole batch down with it. With one year that sum stays more
+than 30,000 times below 2**63 even for a clock in the year 9999, so no setting can
+overflow. A year is also as long as a timed lock usefully lasts: a longer one is in
+effect permanent, and lifting it is then the operator's job (``python -m bank unlock``),
+while any shorter period an operator might want still fits."""
+
 PIN_FAILURES_PRUNED_MAX = 2
 """Forgotten PIN-failure rows deleted with each new failure: more than the one row a
 failure can add, so the table holds about the failures of one lockout period, however
@@ -175,8 +186,10 @@ class Store:
         lockout_ms: int = LOCKOUT_MS,
         seed_demo: bool = True,
     ) -> None:
-        if pin_tries_max < 1 or lockout_ms < 0:
-            raise ValueError("pin_tries_max must be >= 1 and lockout_ms >= 0")
+        if pin_tries_max < 1:
+            raise ValueError("pin_tries_max must be at least 1")
+        if not 0 <= lockout_ms <= LOCKOUT_MS_MAX:
+            raise ValueError(f"lockout_ms must be 0..{LOCKOUT_MS_MAX} milliseconds (one year)")
         self._key = key
         self._pin_tries_max = pin_tries_max
         self._lockout_ms = lockout_ms

@@ -17,9 +17,13 @@ from bank.pins import KEY_BYTES, PIN_HMAC_BYTES, SALT_BYTES, hash_pin
 from bank.store import (
     DEMO_ACCOUNTS,
     LOCKOUT_MS,
+    LOCKOUT_MS_MAX,
     PIN_FAILURES_PRUNED_MAX,
     SCHEMA_VERSION,
     AccountExists,
+    BalanceQuery,
+    PinCheck,
+    PostRequest,
     SchemaError,
     Store,
     UnknownAccount,
@@ -312,6 +316,32 @@ def test_a_lockout_of_zero_turns_locking_off(db_path: Path):
         statuses = {store.verify_pin("AC-12345", "0000", T0) for _ in range(5)}
         assert statuses == {Status.INCORRECT_PIN}
         assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+
+
+@pytest.mark.parametrize(
+    ("pin_tries_max", "lockout_ms"), [(0, LOCKOUT_MS), (3, -1), (3, LOCKOUT_MS_MAX + 1), (3, 2**63)]
+)
+def test_impossible_pin_settings_are_refused(db_path: Path, pin_tries_max: int, lockout_ms: int):
+    with pytest.raises(ValueError, match=r"pin_tries_max|lockout_ms"):
+        Store(db_path, KEY, pin_tries_max=pin_tries_max, lockout_ms=lockout_ms)
+
+
+@pytest.mark.parametrize("now_ms", [T0, 253_402_300_799_999])  # now, and the end of year 9999
+def test_the_longest_lockout_still_counts_wrong_pins_and_locks(db_path: Path, now_ms: int):
+    with Store(db_path, KEY, lockout_ms=LOCKOUT_MS_MAX) as store:
+        wrong = [PinCheck("AC-12345", "0000")] * 3
+        deposit = PostRequest("WF-14351", txn(1), DEPOSIT, 100)
+        outcomes = store.execute_batch([*wrong, BalanceQuery("AC-12345"), deposit], now_ms)
+        assert outcomes == [
+            Status.INCORRECT_PIN,
+            Status.INCORRECT_PIN,
+            Status.PIN_TRIES_EXCEEDED,
+            102_432,
+            Posting(Status.APPROVED, 542_922, 1, now_ms),
+        ]
+        locked_until = now_ms + LOCKOUT_MS_MAX
+        assert store.verify_pin("AC-12345", "1324", locked_until - 1) is Status.PIN_TRIES_EXCEEDED
+        assert store.verify_pin("AC-12345", "1324", locked_until) is Status.APPROVED
 
 
 def pin_failure_rows(store: Store) -> int:
