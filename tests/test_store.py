@@ -458,6 +458,48 @@ def test_unknown_account_and_bad_txn_id(store: Store):
     assert entry_count(store) == 0
 
 
+# -- batches ----------------------------------------------------------------------------
+
+
+def test_a_request_refused_after_its_first_write_leaves_no_trace_in_its_batch(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+):
+    """A refusal raised after the balance UPDATE, before the entry: only its savepoint
+    is rolled back, so the batch's other requests still commit and the books balance."""
+    insert_entry = store._insert_entry
+    injected = ValueError("refused after the balance UPDATE")
+
+    def insert_entry_unless_txn_2(**columns: object) -> int:
+        if columns["txn_id"] == txn(2):
+            raise injected
+        return insert_entry(**columns)
+
+    monkeypatch.setattr(store, "_insert_entry", insert_entry_unless_txn_2)
+    outcomes = store.execute_batch(
+        [
+            PostRequest("WF-14351", txn(1), DEPOSIT, 100),
+            PostRequest("AC-12345", txn(2), WITHDRAWAL, 500),
+            BalanceQuery("AC-12345"),
+            PinCheck("BC-01373", "0000"),
+        ],
+        T0,
+    )
+    assert outcomes == [
+        Posting(Status.APPROVED, 542_922, 1, T0),
+        injected,
+        102_432,  # already undone for the requests after it
+        Status.INCORRECT_PIN,
+    ]
+    assert store.balance("WF-14351") == 542_922
+    assert store.balance("AC-12345") == 102_432
+    assert store.history("AC-12345", 5) == []
+    assert pin_failure_rows(store) == 1
+    assert store.check_invariants() == []
+    monkeypatch.undo()  # the id left no trace either: a retry is judged afresh
+    assert post(store, 2, WITHDRAWAL, 500).status is Status.APPROVED
+    assert store.balance("AC-12345") == 101_932
+
+
 # -- the database's own last line -----------------------------------------------------------
 
 
