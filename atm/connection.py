@@ -8,6 +8,7 @@ above can print one clear sentence and exit with a meaningful status.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import NoReturn, TypeVar
 
 import trio
@@ -91,6 +92,11 @@ class Connection:
             except OSError as error:
                 reason = _describe(_root_cause(error))
                 raise ConnectFailed(f"could not reach {host}:{port}: {reason}") from None
+            except ValueError as error:  # UnicodeError: a label over 63 characters, ...
+                reason = _describe(error.__cause__ or error)
+                raise ConnectFailed(
+                    f"could not reach {host}:{port}: not a valid host name ({reason})"
+                ) from None
         if scope.cancelled_caught:
             raise ConnectFailed(f"could not reach {host}:{port} within {connect_timeout_s} s")
         return await cls.handshake(
@@ -210,7 +216,10 @@ class Connection:
             try:
                 frame = self._decoder.next_frame()
             except WireError as error:
-                if error.status is Status.UNSUPPORTED_VERSION:
+                # Only the greeting is judged for its version: after an accepted HELLO a
+                # changed version byte is damage, and reconnecting meets a real change
+                # at the next HELLO.
+                if error.status is Status.UNSUPPORTED_VERSION and self.hello is None:
                     raise IncompatibleVersion(error.detail) from None
                 if not error.fatal:
                     continue  # One intact frame we do not know (a newer peer's): skip it.
@@ -251,7 +260,13 @@ def _root_cause(error: OSError) -> BaseException:
 
 
 def _describe(error: BaseException) -> str:
-    """A short phrase for a stream error: the OS's words if there are any."""
+    """A short phrase for a stream error: the OS's words if there are any.
+
+    From the errno where there is one: trio words a failed connect as "Error connecting
+    to ('127.0.0.1', 47399): Connection refused", a Python tuple a customer need not read.
+    """
+    if isinstance(error, OSError) and error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno)
     if isinstance(error, OSError) and error.strerror:
-        return error.strerror  # also right for name lookups, whose errno is negative
+        return error.strerror  # name lookups: their errno is negative, their words right
     return str(error) or type(error).__name__

@@ -43,12 +43,16 @@ class LineReader:
 
     Raw ``os.read`` rather than ``sys.stdin``: a worker thread abandoned in a read then
     holds no Python-level lock, so the interpreter can still exit cleanly.
+
+    Input that cannot be read is input that has ended: a read failing with OSError, or a
+    descriptor already closed when the reader is made (``python -m atm <&-``). That one
+    is never read at all, since the number may since have been reused for a socket.
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._buffer = bytearray()
-        self._eof = False
+        self._eof = not _is_open(fd)
 
     def read_line(self) -> str | None:
         while b"\n" not in self._buffer and not self._eof and len(self._buffer) < LINE_BYTES_MAX:
@@ -68,7 +72,10 @@ class LineReader:
         return line.decode("utf-8", errors="replace").rstrip("\r")
 
     def _read_more(self) -> None:
-        chunk = os.read(self._fd, READ_BYTES)
+        try:
+            chunk = os.read(self._fd, READ_BYTES)
+        except OSError:
+            chunk = b""
         self._eof = not chunk
         self._buffer += chunk
 
@@ -78,6 +85,14 @@ class LineReader:
             self._buffer.clear()
             self._read_more()
         del self._buffer[: end + 1 if end >= 0 else len(self._buffer)]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 class _PendingRead:

@@ -7,18 +7,23 @@ whole flow runs in tests against a fake bank on memory streams.
 
 A deposit or withdrawal whose reply is lost is not guessed at: the ATM reconnects, logs
 in again and resends it with the same transaction id, which the bank answers with the
-original outcome, so the money moves exactly once. A balance or history request whose
-connection is lost is simply asked again on the new connection.
+original outcome, so the money moves exactly once. So is one answered with a status that
+does not settle it (``SETTLED``), even on the first attempt: ISSUER_UNAVAILABLE or
+SYSTEM_MALFUNCTION may come after the money was committed. A balance or history request
+whose connection is lost is simply asked again on the new connection.
 
 A bank that never saw the old connection close (its last packets lost on the way) holds
 the account's lease until that session's idle timeout, answering ACCOUNT_IN_USE until
 then. So the ATM keeps reconnecting, with growing pauses, for the idle timeout its HELLO
-announced plus a margin (``RECONNECT_MARGIN_S``, at most ``RECONNECT_WAIT_S_MAX``).
+announced plus a margin (``RECONNECT_MARGIN_S``, at most ``RECONNECT_WAIT_S_MAX``), and
+makes its last attempt at the end of that window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -84,9 +89,17 @@ SETTLED: frozenset[Status] = frozenset({
     Status.EXCEEDS_WITHDRAWAL_LIMIT,
     Status.DUPLICATE_TRANSMISSION,
 })
-"""Answers to a resent transaction that settle it: the bank looked its id up. Any other
-(ISSUER_UNAVAILABLE, SYSTEM_MALFUNCTION, an ERROR frame) leaves it unknown: the first
-attempt may have gone through, so it must not be reported as declined."""
+"""Answers to a deposit or withdrawal that settle it: the bank looked its id up (or, for
+INVALID_AMOUNT, refused it before it could move anything). Any other (ISSUER_UNAVAILABLE,
+SYSTEM_MALFUNCTION, an ERROR frame), to the first attempt or to a resend, leaves it
+unknown: the money may have moved before the failure, so it must not be reported as
+declined. That includes the ISSUER_UNAVAILABLE a shutting-down bank gives every request:
+it moves nothing, but it can reach the ATM before the SHUTDOWN notice, so it cannot be
+told apart from a storage failure after the commit."""
+
+LOGIN_RETRYABLE: frozenset[Status] = frozenset({Status.ACCOUNT_IN_USE, Status.ISSUER_UNAVAILABLE})
+"""Login answers, while confirming, that waiting may change: the bank still holds the old
+session's lease (160), or is shutting down or its storage briefly failed (91)."""
 
 HISTORY_ENTRIES_SHOWN = 10
 """Entries shown by ``h``; fewer if the bank's HELLO allows fewer."""
@@ -106,8 +119,13 @@ class EndOfInput(Exception):
     """Input ended (Ctrl-D, or the end of a pipe): the customer has walked away."""
 
 
-class _AccountStillLeased(ConnectionLost):
-    """On reconnect the bank still holds our old session's lease: worth another try."""
+class _NotLoggedInYet(ConnectionLost):
+    """On reconnect the bank could not log us in yet (``LOGIN_RETRYABLE``): worth another
+    try within the window."""
+
+
+def _settles(reply: Reply) -> bool:
+    return reply.status in SETTLED
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,36 +344,48 @@ class AtmSession:
 
     async def _send_money(self, kind: TransactionKind, request: MoneyRequest,
                           reply_type: type[MoneyReply]) -> MoneyReply | Error:
-        """The bank's answer to ``request``, confirmed by resending it if the reply is lost.
+        """The bank's settled answer to ``request``, confirmed by resending it if the reply
+        is lost or does not settle it.
 
-        A customer who interrupts (Ctrl-C) before the answer comes is told the transaction
-        id before the interrupt ends the session: the money may have moved.
+        Whatever ends the wait before it settles (Ctrl-C, plain or grouped by a nursery;
+        an unexpected error) first tells the customer the transaction id: the money may
+        have moved. ``TransactionUnconfirmed`` tells it itself, when the session ends.
         """
         try:
-            return await self._settle_money(kind, request, reply_type)
-        except KeyboardInterrupt:
-            self._console.write(text.ending(TransactionUnconfirmed(
-                kind=kind.noun, amount_cents=request.amount_cents, txn_id=request.txn_id
-            )))
+            reply, resent = await self._settle_money(kind, request, reply_type)
+        except TransactionUnconfirmed:
             raise
+        except BaseException:
+            with contextlib.suppress(OSError):  # the screen may be what failed
+                self._console.write(text.ending(TransactionUnconfirmed(
+                    kind=kind.noun, amount_cents=request.amount_cents, txn_id=request.txn_id
+                )))
+            raise
+        if resent and isinstance(reply, MoneyReply) and reply.status is Status.APPROVED:
+            self._console.write(text.confirmed(kind, reply.entry_id))
+        return reply  # a refusal is told once, by the caller
 
     async def _settle_money(self, kind: TransactionKind, request: MoneyRequest,
-                            reply_type: type[MoneyReply]) -> MoneyReply | Error:
+                            reply_type: type[MoneyReply]) -> tuple[MoneyReply | Error, bool]:
+        """The answer that settles ``request``, and whether it took resending."""
+        cause: SessionEnded | Status
         try:
-            return await self._conn.request(request, reply_type)
+            reply = await self._conn.request(request, reply_type)
         except (ConnectionLost, SessionExpired) as lost:
-            self._console.write(text.reconnecting(text.confirming(kind), lost))
-            window_s = self._reconnect_window_s()
+            cause = lost
+        else:
+            if _settles(reply):
+                return reply, False
+            cause = reply.status  # 91, 96, an ERROR...: it may have gone through
+        self._console.write(text.reconnecting(text.confirming(kind), cause))
+        window_s = self._reconnect_window_s()
         try:
-            reply = await self._resend_until_settled(
-                request, reply_type, window_s, settles=lambda reply: reply.status in SETTLED
-            )
+            reply = await self._resend_until_settled(request, reply_type, window_s,
+                                                     settles=_settles)
         except SessionEnded:
             raise TransactionUnconfirmed(kind=kind.noun, amount_cents=request.amount_cents,
                                          txn_id=request.txn_id) from None
-        if reply.status is Status.APPROVED:
-            self._console.write(text.confirmed(kind, reply.entry_id))
-        return reply  # a refusal is told once, by the caller
+        return reply, True
 
     async def _read(self, request: Request, reply_type: type[ReplyT], *,
                     purpose: str) -> ReplyT | Error:
@@ -378,8 +408,10 @@ class AtmSession:
     ) -> ReplyT | Error:
         """Send ``request`` again (the same message: a money request keeps its
         transaction id) on new connections, pausing longer each time, until an answer
-        ``settles`` it. Raises the last failure once ``window_s`` would be passed, and at
-        once for a refused login, which waiting cannot change.
+        ``settles`` it. The last pause is cut short so that one attempt is made at the end
+        of ``window_s`` (when the bank releases a lease it kept); raises the last failure
+        once an attempt fails at or after that, and at once for a refused login, which
+        waiting cannot change.
         """
         deadline = trio.current_time() + window_s
         backoff_s = RECONNECT_BACKOFF_S
@@ -397,13 +429,16 @@ class AtmSession:
                     return reply
                 # 91, 96, an ERROR...: the bank did not look the id up; it may have gone through.
                 problem = reply.status
-            if trio.current_time() + backoff_s > deadline:
+            left_s = deadline - trio.current_time()
+            if left_s <= 0:
                 self._console.write(text.retry_failed(attempt, problem))
                 if isinstance(problem, Status):
-                    raise ConnectionLost("the bank did not settle it", status=problem)
+                    raise ConnectionLost(text.NOT_SETTLED, status=problem)
                 raise problem
-            self._console.write(text.retry_failed(attempt, problem, retry_in_s=backoff_s))
-            await trio.sleep(backoff_s)
+            pause_s = min(backoff_s, left_s)
+            self._console.write(text.retry_failed(attempt, problem,
+                                                  retry_in_s=math.ceil(pause_s)))
+            await trio.sleep(pause_s)
             backoff_s = min(2 * backoff_s, RECONNECT_BACKOFF_S_MAX)
         raise AssertionError("unreachable: the loop returns or raises")
 
@@ -411,9 +446,8 @@ class AtmSession:
         assert self._credentials is not None, "requests are sent only after login"
         self._connection = await self._connect()
         status = await self._send_login(self._credentials)
-        if status is Status.ACCOUNT_IN_USE:
-            raise _AccountStillLeased("the bank still holds the old session",
-                                      status=Status.ACCOUNT_IN_USE)
+        if status in LOGIN_RETRYABLE:
+            raise _NotLoggedInYet(text.login_not_yet(status), status=status)
         if status is not Status.APPROVED:
             raise LoginRefused(status)
         return await self._conn.request(request, reply_type)

@@ -132,12 +132,24 @@ def local_time(time_ms: int, tz: tzinfo | None = None) -> datetime:
     """The bank's Unix milliseconds as an aware datetime in ``tz`` (default: local time).
 
     Built from integer milliseconds with timedelta so no float rounding creeps in.
+    Raises OverflowError (or ValueError, OSError) for a time past year 9999, which the
+    protocol allows (up to 2**63-1 ms); ``format_time`` shows such a time another way.
     """
     return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=time_ms)).astimezone(tz)
 
 
-def format_time(time_ms: int, tz: tzinfo | None = None) -> str:
-    return local_time(time_ms, tz).strftime("%Y-%m-%d %H:%M:%S %Z").rstrip()
+def raw_time(time_ms: int) -> str:
+    """A time no calendar here can show, as the bank sent it."""
+    return f"{time_ms} ms Unix time"
+
+
+def format_time(time_ms: int, tz: tzinfo | None = None, *,
+                pattern: str = "%Y-%m-%d %H:%M:%S %Z") -> str:
+    """``time_ms`` in ``tz`` by ``pattern``; the raw milliseconds if it is out of range."""
+    try:
+        return local_time(time_ms, tz).strftime(pattern).rstrip()
+    except (OverflowError, ValueError, OSError):
+        return raw_time(time_ms)
 
 
 def format_receipt(receipt: Receipt, tz: tzinfo | None = None) -> str:
@@ -166,7 +178,7 @@ def format_history(entries: tuple[HistoryEntry, ...], tz: tzinfo | None = None) 
     for entry in entries:
         sign = -1 if entry.kind is EntryKind.WITHDRAWAL else 1
         lines.append(
-            f"{local_time(entry.time_ms, tz):%Y-%m-%d %H:%M:%S} "
+            f"{format_time(entry.time_ms, tz, pattern='%Y-%m-%d %H:%M:%S'):<19} "
             f"{_ENTRY_TITLES[entry.kind]:<12}{format_cents(sign * entry.amount_cents):>14}"
             f"{format_cents(entry.balance_cents):>16}  {entry.entry_id}"
         )
@@ -184,15 +196,29 @@ def confirming(kind: TransactionKind) -> str:
     return f"confirm your {kind.noun}"
 
 
-def reconnecting(purpose: str, cause: SessionEnded) -> str:
-    """Said when a request's connection is lost; ``purpose`` is ``GETTING_BALANCE``,
+def reconnecting(purpose: str, cause: SessionEnded | Status) -> str:
+    """Said when a request's connection is lost, or a deposit or withdrawal was answered
+    with a status that does not settle it (``cause``); ``purpose`` is ``GETTING_BALANCE``,
     ``GETTING_HISTORY`` or ``confirming(kind)``."""
+    if isinstance(cause, Status):
+        return (f'The bank\'s answer "{status_sentence(cause)}" does not say whether it '
+                f"went through; reconnecting to {purpose}...")
     opening = (
         "The bank did not answer in time"
         if isinstance(cause, ReplyTimeout)
         else "The connection dropped"
     )
     return f"{opening}; reconnecting to {purpose}..."
+
+
+NOT_SETTLED = "the bank did not settle it"
+
+
+def login_not_yet(status: Status) -> str:
+    """Why logging in again to confirm did not work yet (a status waiting may change)."""
+    if status is Status.ACCOUNT_IN_USE:
+        return "the bank still holds the old session"
+    return "the bank could not log in again yet"
 
 
 def retry_failed(attempt: int, problem: SessionEnded | Status, *,

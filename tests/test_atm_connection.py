@@ -7,6 +7,7 @@ Two tests use a real TCP socket on 127.0.0.1 to cover ``Connection.open``.
 
 from __future__ import annotations
 
+import errno
 import struct
 import zlib
 
@@ -14,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from atm.connection import HELLO_TIMEOUT_S, REPLY_TIMEOUT_S, Connection
+from atm.connection import HELLO_TIMEOUT_S, REPLY_TIMEOUT_S, Connection, _describe
 from atm.errors import (
     ConnectFailed,
     ConnectionLost,
@@ -161,6 +162,20 @@ async def test_other_protocol_version_is_refused() -> None:
         await Connection.handshake(client)
 
 
+async def test_a_bad_version_after_hello_is_a_broken_connection() -> None:
+    """Only the greeting is judged for its version; later, it is damage."""
+    connection, peer = await greeted()
+
+    async def answer() -> None:
+        request_id = await peer.receive_request_id()
+        await peer.send(with_version(encode(PingReply(Status.APPROVED), request_id), 2))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        with pytest.raises(ConnectionLost, match="unreadable data"):
+            await connection.request(Ping(), PingReply)
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [(b"", "closed the connection"), (b"HTTP/1.1 400\r\n", "unreadable")],
@@ -184,8 +199,23 @@ async def test_open_reports_a_refused_connect() -> None:
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))  # Bound but not listening: connects are refused.
         port = sock.getsockname()[1]
-        with pytest.raises(ConnectFailed, match="Connection refused"):
+        with pytest.raises(ConnectFailed) as raised:
             await Connection.open("127.0.0.1", port)
+    assert raised.value.reason == f"could not reach 127.0.0.1:{port}: Connection refused"
+
+
+def test_an_os_error_is_described_in_the_oss_words_only() -> None:
+    """trio words a refused connect with a Python tuple; the customer gets the reason."""
+    error = OSError(errno.ECONNREFUSED,
+                    "Error connecting to ('127.0.0.1', 47399): Connection refused")
+    assert _describe(error) == "Connection refused"
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "bank..example"])
+async def test_open_reports_a_host_name_that_cannot_be_looked_up(host: str) -> None:
+    with pytest.raises(ConnectFailed, match="not a valid host name") as raised:
+        await Connection.open(host, 65432)
+    assert raised.value.reason.startswith(f"could not reach {host}:65432: ")
 
 
 async def test_open_over_tcp() -> None:

@@ -107,6 +107,16 @@ class FakeBank:
         self.unavailable_replies = 0
         """Money requests answered ISSUER_UNAVAILABLE without being looked up, as the real
         bank answers during a storage failure."""
+        self.unsettled_replies: deque[Status | Error] = deque()
+        """Answers to the next money requests, each sent instead of the real reply after the
+        money moved: a status (in the request's reply type) or an ERROR frame, as a bank
+        whose storage failed after the commit might answer."""
+        self.wrong_version_replies = 0
+        """Money requests whose reply, after the money moved, carries another protocol
+        version byte (damage on the way: the HELLO was version 1)."""
+        self.unavailable_logins = 0
+        """LOGINs answered ISSUER_UNAVAILABLE, as a bank shutting down or whose storage
+        briefly fails answers them."""
         self.close_instead_of: set[type[Request]] = set()
         self.close_once_instead_of: set[type[Request]] = set()
         """Request types whose next request closes the connection instead of a reply."""
@@ -169,6 +179,11 @@ class FakeBank:
                 self.expire_before_login -= 1  # as the real bank at its login deadline
                 await stream.send_all(encode(SessionExpiredNotice()))
                 return
+            if isinstance(frame.message, Login) and self.unavailable_logins:
+                self.unavailable_logins -= 1
+                await stream.send_all(encode(LoginReply(Status.ISSUER_UNAVAILABLE),
+                                             frame.request_id))
+                continue
             reply = self._answer(frame.message, session)
             if not await self._deliver(stream, frame, reply):
                 return
@@ -195,6 +210,13 @@ class FakeBank:
         if isinstance(request, MoneyRequest) and self.unavailable_replies:
             self.unavailable_replies -= 1
             reply = type(reply)(Status.ISSUER_UNAVAILABLE)
+        if isinstance(request, MoneyRequest) and self.unsettled_replies:
+            instead = self.unsettled_replies.popleft()
+            reply = instead if isinstance(instead, Error) else type(reply)(instead)
+        if isinstance(request, MoneyRequest) and self.wrong_version_replies:
+            self.wrong_version_replies -= 1
+            await stream.send_all(with_version(encode(reply, frame.request_id), 2))
+            return True
         if type(request) in self.error_instead_of:
             reply = Error(Status.FORMAT_ERROR)
         notice = self.notice_before_reply.pop(type(request), None)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pexpect
 import pytest
 import trio
+import trio.testing
 
 from atm import text
 from atm.__main__ import DEFAULT_HOST, DEFAULT_PORT, parse_args
@@ -79,10 +80,44 @@ async def test_refused_login_exits_non_zero_without_a_traceback() -> None:
 async def test_unreachable_bank_exits_1() -> None:
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))  # Bound, not listening: the connect is refused.
-        done = await run_atm_process(sock.getsockname()[1], b"")
+        port = sock.getsockname()[1]
+        done = await run_atm_process(port, b"")
     assert done.returncode == ExitCode.CONNECTION_LOST
-    assert b"Could not connect to the bank" in done.stdout
+    # As the README's troubleshooting section quotes it: host:port and the OS's reason.
+    assert done.stdout.decode().splitlines()[-1] == (
+        f"Could not connect to the bank: could not reach 127.0.0.1:{port}: Connection refused."
+    )
     assert done.stderr == b""
+
+
+async def test_a_host_name_that_cannot_be_looked_up_exits_1_without_a_traceback() -> None:
+    host = "a" * 64 + ".example"  # a label over 63 characters: refused before any lookup
+    with trio.fail_after(ATM_PROCESS_TIMEOUT_S):
+        done = await trio.run_process(
+            [sys.executable, "-m", "atm", "--host", host], stdin=b"",
+            capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
+        )
+    assert done.returncode == ExitCode.CONNECTION_LOST
+    assert done.stdout.decode().startswith(f"Could not connect to the bank: could not reach {host}")
+    assert b"not a valid host name" in done.stdout
+    assert done.stderr == b""
+
+
+async def test_closed_input_is_input_that_has_ended() -> None:
+    """``python -m atm <&-``: nothing to read, so the session ends at once, cleanly."""
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        port = await listen_on_loopback(nursery, bank)
+        with trio.fail_after(ATM_PROCESS_TIMEOUT_S):
+            done = await trio.run_process(
+                ["sh", "-c", 'exec "$0" -m atm --port "$1" <&-', sys.executable, str(port)],
+                capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
+            )
+        nursery.cancel_scope.cancel()
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert done.stderr == b""
+    assert done.stdout.decode().startswith(text.WELCOME)
+    assert bank.requests == []
 
 
 async def test_a_closed_output_ends_the_session_without_a_traceback() -> None:
@@ -183,6 +218,30 @@ def test_an_overlong_line_is_one_answer_not_several(overflow_bytes: int) -> None
     os.close(read_fd)
 
 
+def test_a_closed_descriptor_is_ended_input_and_never_read() -> None:
+    closed_fd, write_fd = os.pipe()
+    os.close(closed_fd)
+    os.close(write_fd)
+    reader = LineReader(closed_fd)
+    reused_fd, other_write = os.pipe()  # the lowest free number: the closed one, reused
+    try:
+        assert reused_fd == closed_fd
+        os.write(other_write, b"not input\n")
+        assert reader.read_line() is None
+        assert os.read(reused_fd, 100) == b"not input\n"  # left for its real owner
+    finally:
+        os.close(reused_fd)
+        os.close(other_write)
+
+
+def test_a_failing_read_is_ended_input() -> None:
+    fd = os.open(ROOT, os.O_RDONLY)  # a directory: reading it fails with EISDIR
+    try:
+        assert LineReader(fd).read_line() is None
+    finally:
+        os.close(fd)
+
+
 def test_a_line_of_exactly_the_limit_is_kept_whole() -> None:
     read_fd, write_fd = os.pipe()
     os.write(write_fd, b"z" * LINE_BYTES_MAX + b"\nnext\n")
@@ -196,8 +255,10 @@ async def test_a_cancelled_read_is_not_lost() -> None:
     read_fd, write_fd = os.pipe()
     out = io.StringIO()
     console = TerminalConsole(fd=read_fd, out=out)
-    with trio.move_on_after(0.01):  # The read is pending in its thread when cancelled.
-        await console.read_line("first? ")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(console.read_line, "first? ")
+        await trio.testing.wait_all_tasks_blocked()  # waiting for the read in its thread
+        nursery.cancel_scope.cancel()
     os.write(write_fd, b"answer\n")
     os.close(write_fd)
     assert await console.read_line("again? ") == "answer"

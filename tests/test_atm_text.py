@@ -71,6 +71,33 @@ def test_receipt_time_is_local_time() -> None:
     assert text.format_time(TIME_MS, tz) == "2023-11-15 00:13:20 EET"
 
 
+LAST_MS_OF_YEAR_9999 = 253_402_300_799_999  # 9999-12-31 23:59:59.999 UTC
+
+
+@pytest.mark.parametrize(("time_ms", "tz"), [
+    (2**63 - 1, UTC),  # the protocol's largest time
+    (2**63 - 1, None),
+    (LAST_MS_OF_YEAR_9999 + 1, UTC),
+    (LAST_MS_OF_YEAR_9999, timezone(timedelta(hours=2), "EET")),  # past 9999 locally
+])
+def test_a_time_no_calendar_can_show_is_shown_raw(time_ms: int, tz) -> None:
+    """A booked deposit's receipt must print whatever time the bank sent."""
+    receipt = Receipt(kind=TransactionKind.DEPOSIT, account="AC-12345", amount_cents=1,
+                      balance_cents=1, entry_id=1, time_ms=time_ms)
+    assert f"{time_ms} ms Unix time" in text.format_receipt(receipt, tz)
+    entry = HistoryEntry(1, time_ms, EntryKind.DEPOSIT, 1, 1)
+    assert text.format_history((entry,), tz).splitlines()[1].startswith(f"{time_ms} ms")
+
+
+def test_the_earliest_and_latest_showable_times() -> None:
+    assert text.format_time(0, UTC) == "1970-01-01 00:00:00 UTC"
+    assert text.format_time(LAST_MS_OF_YEAR_9999, UTC) == "9999-12-31 23:59:59 UTC"
+    entry = HistoryEntry(1, 0, EntryKind.DEPOSIT, 1, 1)
+    assert text.format_history((entry,), UTC).splitlines()[1].split()[:2] == [
+        "1970-01-01", "00:00:00"
+    ]
+
+
 def test_history_is_newest_first_with_withdrawals_negative() -> None:
     entries = (
         HistoryEntry(2, TIME_MS + 1000, EntryKind.WITHDRAWAL, 5_00, 15_00),
@@ -105,6 +132,10 @@ def test_endings(ended: Exception, expected: str) -> None:
 def test_reconnecting_says_what_happened() -> None:
     assert text.reconnecting("get your balance", ConnectionLost("x")) == (
         "The connection dropped; reconnecting to get your balance..."
+    )
+    assert text.reconnecting("confirm your deposit", Status.ISSUER_UNAVAILABLE) == (
+        "The bank's answer \"The bank is unavailable; please try again later (91)\" does "
+        "not say whether it went through; reconnecting to confirm your deposit..."
     )
     assert text.reconnecting("x", ReplyTimeout("x")).startswith("The bank did not answer")
 
