@@ -23,7 +23,8 @@ from types import ModuleType
 import pytest
 from construct import Struct
 
-from bank.config import ServerConfig
+from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
+from bank.server import REFUSALS_MAX
 from wire import (
     MESSAGE_TYPES,
     Decoder,
@@ -391,6 +392,13 @@ def test_server_settings_table_gives_the_servers_defaults() -> None:
     for row in rows:
         name = row["setting"].strip("`")
         assert row["default"] == str(getattr(config, name)), name
+
+
+def test_the_servers_fixed_limits_are_the_ones_the_spec_states() -> None:
+    """Limits the server fixes, which the spec gives in prose rather than in a table."""
+    prose = " ".join(PROTOCOL.split())
+    assert f"once {REFUSALS_MAX} refusals are in progress at once" in prose
+    assert f"(0: no locking; at most {PIN_LOCKOUT_S_MAX}, one year)" in prose
 
 
 def test_the_example_in_section_11_is_what_encode_gives() -> None:
