@@ -22,6 +22,7 @@ from bank.store import (
     SCHEMA_VERSION,
     AccountExists,
     BalanceQuery,
+    BatchAborted,
     PinCheck,
     PostRequest,
     SchemaError,
@@ -461,41 +462,50 @@ def test_unknown_account_and_bad_txn_id(store: Store):
 # -- batches ----------------------------------------------------------------------------
 
 
-def test_a_request_refused_after_its_first_write_leaves_no_trace_in_its_batch(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-):
-    """A refusal raised after the balance UPDATE, before the entry: only its savepoint
-    is rolled back, so the batch's other requests still commit and the books balance."""
-    insert_entry = store._insert_entry
-    injected = ValueError("refused after the balance UPDATE")
-
-    def insert_entry_unless_txn_2(**columns: object) -> int:
-        if columns["txn_id"] == txn(2):
-            raise injected
-        return insert_entry(**columns)
-
-    monkeypatch.setattr(store, "_insert_entry", insert_entry_unless_txn_2)
+def test_a_request_refused_before_writing_leaves_the_rest_of_its_batch(store: Store):
     outcomes = store.execute_batch(
         [
             PostRequest("WF-14351", txn(1), DEPOSIT, 100),
-            PostRequest("AC-12345", txn(2), WITHDRAWAL, 500),
-            BalanceQuery("AC-12345"),
-            PinCheck("BC-01373", "0000"),
+            PostRequest("QQ-00000", txn(2), DEPOSIT, 100),  # no such account
+            BalanceQuery("WF-14351"),
         ],
         T0,
     )
-    assert outcomes == [
-        Posting(Status.APPROVED, 542_922, 1, T0),
-        injected,
-        102_432,  # already undone for the requests after it
-        Status.INCORRECT_PIN,
-    ]
+    assert outcomes[0] == Posting(Status.APPROVED, 542_922, 1, T0)
+    assert isinstance(outcomes[1], UnknownAccount)
+    assert outcomes[2] == 542_922
     assert store.balance("WF-14351") == 542_922
-    assert store.balance("AC-12345") == 102_432
-    assert store.history("AC-12345", 5) == []
-    assert pin_failure_rows(store) == 1
     assert store.check_invariants() == []
-    monkeypatch.undo()  # the id left no trace either: a retry is judged afresh
+
+
+def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+):
+    """A refusal raised after the balance UPDATE, before the entry (a bug: checks come
+    first): committing the others would commit half of this one, so nothing commits."""
+    insert_entry = store._insert_entry
+
+    def insert_entry_unless_txn_2(**columns: object) -> int:
+        if columns["txn_id"] == txn(2):
+            raise ValueError("refused after the balance UPDATE")
+        return insert_entry(**columns)
+
+    monkeypatch.setattr(store, "_insert_entry", insert_entry_unless_txn_2)
+    with pytest.raises(BatchAborted, match="PostRequest was refused after it wrote"):
+        store.execute_batch(
+            [
+                PostRequest("WF-14351", txn(1), DEPOSIT, 100),
+                PostRequest("AC-12345", txn(2), WITHDRAWAL, 500),
+                PinCheck("BC-01373", "0000"),
+            ],
+            T0,
+        )
+    assert store.balance("WF-14351") == 542_822
+    assert store.balance("AC-12345") == 102_432
+    assert entry_count(store) == 0
+    assert pin_failure_rows(store) == 0
+    assert store.check_invariants() == []
+    monkeypatch.undo()  # nothing of the batch remains: a retry is judged afresh
     assert post(store, 2, WITHDRAWAL, 500).status is Status.APPROVED
     assert store.balance("AC-12345") == 101_932
 
