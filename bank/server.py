@@ -263,10 +263,12 @@ class Connection:
                 await self._send(reply, frame.request_id)
             self._last_reply_at = trio.current_time()
             if self._decoder.buffered_bytes:
-                # The next frame is already here (pipelined, or sent behind a refused
-                # one), and sends do not yield: yield once per request, as a read would,
-                # so that a client pipelining many cannot hold the loop. No frame has
-                # left the decoder, so a cancellation here loses nothing.
+                # The next frame has begun already (pipelined, or sent behind a refused
+                # one): its frame_timeout_s counts from now, not from the frame before.
+                self._frame_started_at = self._last_reply_at
+                # Sends do not yield: yield once per request, as a read would, so that a
+                # client pipelining many cannot hold the loop. No frame has left the
+                # decoder, so a cancellation here loses nothing.
                 await trio.lowlevel.checkpoint()
 
     async def _receive_frame(self) -> Frame | None:
@@ -274,7 +276,7 @@ class Connection:
 
         Raises ``ConnectionEnded`` or ``WireError`` instead.
         """
-        while (frame := self._next_frame()) is None:
+        while (frame := self._decoder.next_frame()) is None:
             if self._shutdown_at is not None and not self._shutdown_notified:
                 self._shutdown_notified = True
                 grace_s = max(0, round(self._shutdown_at - trio.current_time()))
@@ -296,20 +298,6 @@ class Connection:
                 # session must not start on a request the next checkpoint would cancel.
                 return None
         return frame
-
-    def _next_frame(self) -> Frame | None:
-        """The decoder's next frame, if whole; raises its ``WireError`` for a bad one.
-
-        Bytes left behind a frame that left the decoder, decoded or refused, are the
-        next frame, begun now: its frame_timeout_s counts from here, not from the start
-        of the frame before it."""
-        buffered = self._decoder.buffered_bytes
-        try:
-            return self._decoder.next_frame()
-        finally:
-            left = self._decoder.buffered_bytes
-            if left and left != buffered:
-                self._frame_started_at = trio.current_time()
 
     def _read_deadline(self) -> tuple[float, Ending]:
         """When the current read gives up, and why: the earliest deadline that applies.
