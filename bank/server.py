@@ -510,12 +510,11 @@ def raise_open_files_limit(needed: int) -> int:
     """Raise this process's soft limit on open files toward ``needed`` (as far as the
     hard limit allows; never lower it), and return the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return needed if soft == resource.RLIM_INFINITY else soft
-    raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    if raised > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-        soft = raised
+    if soft == resource.RLIM_INFINITY:
+        return needed  # no limit: whatever is needed fits
+    if soft < needed and soft != hard:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     return soft
 
 
