@@ -133,6 +133,9 @@ class TerminalConsole:
         self._interactive = os.isatty(fd)
         self._reader = LineReader(fd)
         self._pending: _PendingRead | None = None
+        self._mid_line = False
+        """A prompt is on screen with no line ended after it: the next line written must
+        start on a new line (Ctrl-D at a prompt ends no line; a notice can come mid-read)."""
 
     async def read_line(self, prompt: str, *, secret: bool = False) -> str | None:
         if self._pending is None:
@@ -141,9 +144,12 @@ class TerminalConsole:
         self._pending = None
         if not self._interactive:
             self._echo(line, secret=secret)
+        elif line is not None:
+            self._mid_line = False  # the terminal echoed the Enter that ended it
         return line
 
     def _blocking_read(self, prompt: str, *, secret: bool) -> Callable[[], str | None]:
+        self._mid_line = True
         if secret and self._interactive:
             return lambda: _getpass_or_none(prompt)
         self._out.write(prompt)
@@ -151,12 +157,17 @@ class TerminalConsole:
         return self._reader.read_line
 
     def _echo(self, line: str | None, *, secret: bool) -> None:
+        """Piped input, shown after its prompt on the prompt's line."""
+        self._mid_line = False
         if line is None:
             self.write("")
         else:
             self.write("*" * len(line) if secret else line)
 
     def write(self, line: str) -> None:
+        if self._mid_line:
+            self._mid_line = False
+            line = "\n" + line
         self._out.write(line + "\n")
         self._out.flush()
 

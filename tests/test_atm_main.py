@@ -251,6 +251,36 @@ def test_a_line_of_exactly_the_limit_is_kept_whole() -> None:
     os.close(read_fd)
 
 
+async def test_a_line_written_while_a_read_waits_starts_below_the_prompt() -> None:
+    """A notice from the bank can come while the ATM waits at a prompt (piped input)."""
+    read_fd, write_fd = os.pipe()
+    out = io.StringIO()
+    console = TerminalConsole(fd=read_fd, out=out)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(console.read_line, "choice? ")
+        await trio.testing.wait_all_tasks_blocked()  # the prompt is out, the read waits
+        console.write("The bank is shutting down.")
+        nursery.cancel_scope.cancel()
+    os.write(write_fd, b"b\n")
+    os.close(write_fd)
+    assert await console.read_line("again? ") == "b"  # the read that waited
+    assert out.getvalue() == "choice? \nThe bank is shutting down.\nb\n"
+    os.close(read_fd)
+
+
+async def test_after_ctrl_d_at_a_terminal_prompt_the_next_line_starts_below_it() -> None:
+    """At a terminal, Ctrl-D ends input without ending the prompt's line."""
+    main_fd, terminal_fd = os.openpty()
+    out = io.StringIO()
+    console = TerminalConsole(fd=terminal_fd, out=out)
+    os.write(main_fd, b"\x04")  # Ctrl-D at the start of a line: end of input
+    assert await console.read_line("choice? ") is None
+    console.write("Goodbye.")
+    assert out.getvalue() == "choice? \nGoodbye.\n"
+    os.close(terminal_fd)
+    os.close(main_fd)
+
+
 async def test_a_cancelled_read_is_not_lost() -> None:
     read_fd, write_fd = os.pipe()
     out = io.StringIO()
