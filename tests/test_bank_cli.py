@@ -21,7 +21,7 @@ from bank.__main__ import build_parser, main
 from bank.config import ServerConfig, from_arguments
 from bank.server import open_files_needed, raise_open_files_limit
 from bank.store import Store
-from tests.conftest import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
+from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
 from wire import Balance, BalanceReply, Shutdown, Status
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ import trio
 
 from atm.errors import ExitCode
 from bank.store import Store
-from tests.conftest import DEMO_ACCOUNT, DEMO_PIN, OTHER_ACCOUNT, OTHER_PIN
+from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, OTHER_ACCOUNT, OTHER_PIN
 from wire import Decoder, DepositReply, Sender, encode
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,7 +28,7 @@ from bank import pins, store
 from bank.config import ServerConfig
 from bank.server import CLOSE_LINGER_S
 from bank.sqlite_ledger import SqliteLedger
-from tests.conftest import (
+from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
     DEMO_PIN,

@@ -23,7 +23,7 @@ from bank.leases import Leases
 from bank.server import REFUSALS_MAX, Connection, DeadlineSweeper
 from bank.session import Session, State
 from bank.sqlite_ledger import SqliteLedger
-from tests.conftest import (
+from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
     DEMO_PIN,

@@ -25,7 +25,7 @@ import trio
 from bank.config import ServerConfig
 from bank.ledger import Posting, StorageError
 from bank.sqlite_ledger import SqliteLedger
-from tests.conftest import (
+from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
     DEMO_PIN,

@@ -38,7 +38,7 @@ from bank.config import ServerConfig
 from bank.server import BankServer
 from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.store import DEMO_ACCOUNTS
-from tests.conftest import txn_id
+from tests.helpers import txn_id
 from tests.test_hostile import settle
 from wire import (
     Balance,

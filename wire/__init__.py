@@ -4,6 +4,8 @@ The bank server and the ATM client both speak only through this package;
 spec/PROTOCOL.md describes the same format for people writing other peers.
 """
 
+from wire._connection import Connection, LocalProtocolError, RemoteProtocolError
+from wire._state import LOGIN_FAILURES, PERMITTED, REFUSAL, State
 from wire.codec import Decoder, Frame, encode
 from wire.errors import WireError
 from wire.limits import (
@@ -47,12 +49,16 @@ __all__ = [
     "AMOUNT_CENTS_MAX",
     "HISTORY_ENTRIES_MAX",
     "ISO8583_RESPONSE_CODE",
+    "LOGIN_FAILURES",
     "MESSAGE_TYPES",
     "PAYLOAD_BYTES_MAX",
+    "PERMITTED",
     "PROTOCOL_VERSION",
+    "REFUSAL",
     "REQUEST_ID_MAX",
     "Balance",
     "BalanceReply",
+    "Connection",
     "Decoder",
     "Deposit",
     "DepositReply",
@@ -63,6 +69,7 @@ __all__ = [
     "History",
     "HistoryEntry",
     "HistoryReply",
+    "LocalProtocolError",
     "Login",
     "LoginReply",
     "Logout",
@@ -71,11 +78,13 @@ __all__ = [
     "Opcode",
     "Ping",
     "PingReply",
+    "RemoteProtocolError",
     "Reply",
     "Request",
     "Sender",
     "SessionExpired",
     "Shutdown",
+    "State",
     "Status",
     "WireError",
     "Withdraw",

@@ -1,0 +1,284 @@
+"""The protocol engine: one side of one connection, with no I/O (in the manner of h11).
+
+Bytes in with ``receive_data``, events out with ``next_event``; messages in with
+``send``, bytes out. The caller moves the bytes (over TCP, TLS, a memory stream, or a
+fuzzer's buffer); this class owns everything else about the conversation:
+
+- HELLO first: the server greets before anything else, and a client refuses a first
+  frame that is neither HELLO nor an ERROR;
+- request ids: a client's come from a counter (1, 2, ... wrapping before 2**32; 0 is
+  for notices), and each reply must answer the oldest unanswered request, with that
+  request's reply type (the server answers strictly in order);
+- the state table of ``wire._state`` (OPENING, CONNECTED, AUTHENTICATED, CLOSED) and the
+  shutdown mode, kept by both roles from the frames the server sends;
+- which refusal answers a request that its state does not permit, and that the server
+  sends exactly that refusal;
+- after a fatal error, either side's, the connection is CLOSED.
+
+Errors name whose fault they are: ``RemoteProtocolError`` for what the peer sent (its
+``status`` is what the server answers with, and ``fatal`` says whether the byte stream
+is still usable), ``LocalProtocolError`` for a caller that broke a rule (a bug).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+from wire._state import LOGIN_FAILURES, State, next_state, refusal
+from wire.codec import Decoder, Frame, encode
+from wire.errors import WireError
+from wire.limits import PAYLOAD_BYTES_MAX, REQUEST_ID_MAX
+from wire.messages import (
+    Error,
+    Hello,
+    LoginReply,
+    Message,
+    Notice,
+    Reply,
+    Request,
+    Sender,
+    Shutdown,
+    reply_type,
+)
+from wire.status import Status
+
+
+class LocalProtocolError(WireError):
+    """Our side tried to break the protocol: a bug in the caller, never the peer's doing."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(Status.SYSTEM_MALFUNCTION, detail)
+
+
+class RemoteProtocolError(WireError):
+    """The peer broke the protocol. ``status`` is what a server answers it with (in an
+    ERROR frame carrying ``request_id``); after a ``fatal`` one the connection is CLOSED."""
+
+
+class _Unanswered(NamedTuple):
+    request_id: int
+    request: Request
+    refusal: Status | None
+    """What the state table answered when the request arrived (server side only)."""
+
+
+class Connection:
+    """One side of one connection: ``Connection(Sender.SERVER)`` is the bank's,
+    ``Connection(Sender.CLIENT)`` an ATM's.
+
+    ``login_attempts_max`` is the server's: after that many LOGINs refused as
+    ``wire._state.LOGIN_FAILURES`` the connection is CLOSED. A client cannot know it
+    (HELLO does not announce it) and learns of it when the server closes.
+    """
+
+    def __init__(
+        self,
+        our_role: Sender,
+        *,
+        payload_bytes_max: int = PAYLOAD_BYTES_MAX,
+        login_attempts_max: int | None = None,
+    ) -> None:
+        self.our_role = our_role
+        self.their_role = Sender.SERVER if our_role is Sender.CLIENT else Sender.CLIENT
+        self.state = State.OPENING
+        self.shutting_down = False
+        """True once a shutdown has begun: only LOGOUT is served from then on."""
+        self.hello: Hello | None = None
+        """The server's greeting, once sent (server) or received (client)."""
+        self._decoder = Decoder(self.their_role, payload_bytes_max=payload_bytes_max)
+        self._login_attempts_max = login_attempts_max
+        self._failed_logins = 0
+        self._unanswered: deque[_Unanswered] = deque()
+        self._last_request_id = 0
+        self._error_to_report: RemoteProtocolError | None = None
+
+    # -- Bytes in, events out ----------------------------------------------------------
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet consumed: non-zero means a frame has begun."""
+        return self._decoder.buffered_bytes
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes as they arrived; then call ``next_event`` until it returns None."""
+        self._decoder.receive_data(data)
+
+    def next_event(self) -> Frame | None:
+        """The next frame the peer sent, checked against the conversation; None if more
+        bytes are needed. Raises ``RemoteProtocolError``.
+
+        A server must answer each request (``send``) before asking for the next one.
+        """
+        if self.our_role is Sender.SERVER and self._unanswered:
+            raise LocalProtocolError("the last request is not answered yet")
+        try:
+            frame = self._decoder.next_frame()
+        except WireError as error:
+            raise self._remote_error(
+                error.status, error.detail, fatal=error.fatal, request_id=error.request_id
+            ) from None
+        if frame is None:
+            return None
+        if self.our_role is Sender.SERVER:
+            self._request_received(frame)
+        else:
+            self._server_frame_received(frame)
+        return frame
+
+    def _request_received(self, frame: Frame) -> None:
+        request = frame.message
+        assert isinstance(request, Request), "a server's decoder yields only requests"
+        status = refusal(self.state, request, shutting_down=self.shutting_down)
+        self._unanswered.append(_Unanswered(frame.request_id, request, status))
+
+    def _server_frame_received(self, frame: Frame) -> None:
+        message = frame.message
+        if self.state is State.OPENING and not isinstance(message, (Hello, Error)):
+            raise self._remote_error(
+                Status.FORMAT_ERROR, f"the server opened with {message.OPCODE.name}, not HELLO"
+            )
+        if isinstance(message, Error):
+            # An ERROR answers the frame its id names, which may be one we did not send
+            # as a request (it was damaged on the way): it answers our oldest only if the
+            # id matches.
+            if self._unanswered and frame.request_id == self._unanswered[0].request_id:
+                self._unanswered.popleft()
+        elif isinstance(message, Reply):
+            self._check_answer(frame.request_id, message)
+            self._unanswered.popleft()
+        self._server_said(message)
+
+    def _check_answer(self, request_id: int, reply: Reply) -> None:
+        if not self._unanswered:
+            raise self._remote_error(
+                Status.FORMAT_ERROR, f"{reply.OPCODE.name} {request_id} answers no request"
+            )
+        oldest = self._unanswered[0]
+        if request_id != oldest.request_id:
+            raise self._remote_error(
+                Status.FORMAT_ERROR,
+                f"{reply.OPCODE.name} {request_id} out of order: {oldest.request_id} is unanswered",
+            )
+        if type(reply) is not reply_type(oldest.request):
+            raise self._remote_error(
+                Status.FORMAT_ERROR,
+                f"{oldest.request.OPCODE.name} answered with {reply.OPCODE.name}",
+            )
+
+    def _remote_error(
+        self, status: Status, detail: str, *, fatal: bool = True, request_id: int = 0
+    ) -> RemoteProtocolError:
+        error = RemoteProtocolError(status, detail, fatal=fatal, request_id=request_id)
+        if fatal:
+            self.state = State.CLOSED
+            self._unanswered.clear()
+            self._error_to_report = error
+        return error
+
+    # -- Messages in, bytes out --------------------------------------------------------
+
+    def refusal(self, request: Request) -> Status | None:
+        """What the state table answers ``request`` with now, or None if it is served."""
+        return refusal(self.state, request, shutting_down=self.shutting_down)
+
+    def send(self, message: Message) -> bytes:
+        """The frame for ``message``, after checking that this side may send it now.
+
+        A client's request gets the next request id; a server's reply answers the
+        request ``next_event`` returned last. Raises ``LocalProtocolError``.
+        """
+        if self.state is State.CLOSED:
+            raise LocalProtocolError(f"cannot send {message.OPCODE.name}: the connection is closed")
+        if self.our_role is Sender.CLIENT:
+            return self._send_request(message)
+        return self._send_as_server(message)
+
+    def _send_request(self, request: Message) -> bytes:
+        if not isinstance(request, Request):
+            raise LocalProtocolError(f"a client does not send {request.OPCODE.name}")
+        self._last_request_id = self._last_request_id % REQUEST_ID_MAX + 1
+        data = self._encode(request, self._last_request_id)
+        self._unanswered.append(_Unanswered(self._last_request_id, request, None))
+        return data
+
+    def _send_as_server(self, message: Message) -> bytes:
+        if self.state is State.OPENING and not isinstance(message, (Hello, Error)):
+            raise LocalProtocolError(f"{message.OPCODE.name} before HELLO")
+        if isinstance(message, Reply):
+            request_id = self._answer(message)
+        elif isinstance(message, (Notice, Error)):
+            if isinstance(message, Hello) and self.state is not State.OPENING:
+                raise LocalProtocolError("HELLO is sent once, first")
+            request_id = 0
+        else:
+            raise LocalProtocolError(f"a server does not send {message.OPCODE.name}")
+        data = self._encode(message, request_id)
+        self._server_said(message)
+        return data
+
+    def _answer(self, reply: Reply) -> int:
+        """Check ``reply`` answers the unanswered request as the state table says, and
+        take that request off the queue; its id is the reply's."""
+        if not self._unanswered:
+            raise LocalProtocolError(f"{reply.OPCODE.name} answers no request")
+        request_id, request, status = self._unanswered[0]
+        if type(reply) is not reply_type(request):
+            raise LocalProtocolError(
+                f"{request.OPCODE.name} cannot be answered with {reply.OPCODE.name}"
+            )
+        if status is not None and reply.status is not status:
+            raise LocalProtocolError(
+                f"{request.OPCODE.name} must be refused with {status.name} in {self.state.name}"
+            )
+        self._unanswered.popleft()
+        if isinstance(reply, LoginReply) and reply.status in LOGIN_FAILURES:
+            self._failed_logins += 1
+        return request_id
+
+    def send_error(self, error: RemoteProtocolError) -> bytes:
+        """The server's ERROR frame for ``error``, the last ``next_event`` raised: its
+        status and the offending frame's id. After a fatal one, nothing more is sent."""
+        if self.our_role is not Sender.SERVER:
+            raise LocalProtocolError("only a server answers a bad frame")
+        if error.fatal:
+            if error is not self._error_to_report:
+                raise LocalProtocolError("an ERROR for a fatal error is sent once, last")
+            self._error_to_report = None
+        elif self.state is State.CLOSED:
+            raise LocalProtocolError("cannot send ERROR: the connection is closed")
+        return self._encode(Error(error.status), error.request_id)
+
+    def begin_shutdown(self) -> None:
+        """The server has decided to shut down: from now on only LOGOUT is served.
+        Send ``Shutdown`` to tell the client; it would begin the shutdown too."""
+        self.shutting_down = True
+
+    def close(self) -> None:
+        """Our side ends the connection (a deadline, a lost peer): nothing more is sent."""
+        self.state = State.CLOSED
+        self._unanswered.clear()
+
+    # -- Shared ------------------------------------------------------------------------
+
+    def _server_said(self, message: Message) -> None:
+        """Move the state as ``message``, sent by the server, moves both sides."""
+        if isinstance(message, Hello) and self.hello is None:
+            self.hello = message
+        if isinstance(message, Shutdown):
+            self.shutting_down = True
+        self.state = next_state(self.state, message)
+        if (
+            self._login_attempts_max is not None
+            and self._failed_logins >= self._login_attempts_max
+        ):
+            self.state = State.CLOSED
+        if self.state is State.CLOSED:
+            self._unanswered.clear()
+
+    def _encode(self, message: Message, request_id: int) -> bytes:
+        try:
+            return encode(message, request_id)
+        except WireError as error:
+            detail = f"cannot encode {message.OPCODE.name}: {error.detail}"
+            raise LocalProtocolError(detail) from None
