@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from bank.store import LOCKOUT_MS_MAX
+from wire import HISTORY_ENTRIES_MAX, PAYLOAD_BYTES_MAX, Hello
 from wire.limits import AMOUNT_CENTS_MAX, SECONDS_MAX
 
 ENV_PREFIX = "BANK_"
@@ -86,6 +87,17 @@ class ServerConfig:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be 0..65535")
+
+    def hello(self) -> Hello:
+        """The greeting that announces these settings' limits to every ATM."""
+        return Hello(
+            payload_bytes_max=PAYLOAD_BYTES_MAX,
+            history_entries_max=HISTORY_ENTRIES_MAX,
+            amount_cents_max=self.amount_cents_max,
+            frame_timeout_s=self.frame_timeout_s,
+            login_timeout_s=self.login_timeout_s,
+            idle_timeout_s=self.idle_timeout_s,
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
-"""The bank server: one Trio task per connection, around the sans-IO wire decoder.
+"""The bank server: one Trio task per connection, around the sans-IO ``wire.Connection``.
 
 ``Connection`` is the thin I/O shell of one session: it reads bytes under the
-configured deadlines, feeds the decoder, asks the ``Session`` for each reply and
+configured deadlines, feeds the protocol engine, asks the ``Session`` for the reply to
+each request the engine lets through (the engine's refusal answers the rest) and
 writes it back. ``BankServer`` accepts connections up to a limit (refusing, never
 queueing, beyond it) and shuts down gracefully: stop accepting, SHUTDOWN to every
 connection, a grace period, then a backstop cancel.
@@ -24,21 +25,19 @@ import trio
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
-from bank.session import Session, State
+from bank.session import Session
+from wire import Connection as Engine
 from wire import (
-    HISTORY_ENTRIES_MAX,
-    PAYLOAD_BYTES_MAX,
-    Decoder,
     Error,
     Frame,
-    Hello,
     Message,
+    RemoteProtocolError,
+    Request,
     Sender,
     SessionExpired,
     Shutdown,
+    State,
     Status,
-    WireError,
-    encode,
 )
 
 log = logging.getLogger("bank.server")
@@ -91,17 +90,6 @@ class Interrupt(enum.Enum):
 
     DEADLINE = "deadline"  # the sweeper found the current wait's deadline passed
     SHUTDOWN = "shutdown"  # begin_shutdown woke a read so that the notice goes out now
-
-
-def hello_for(config: ServerConfig) -> Hello:
-    return Hello(
-        payload_bytes_max=PAYLOAD_BYTES_MAX,
-        history_entries_max=HISTORY_ENTRIES_MAX,
-        amount_cents_max=config.amount_cents_max,
-        frame_timeout_s=config.frame_timeout_s,
-        login_timeout_s=config.login_timeout_s,
-        idle_timeout_s=config.idle_timeout_s,
-    )
 
 
 class Watched(Protocol):
@@ -195,7 +183,7 @@ class Connection:
         self._fd = self._socket.fileno()
         self._config = config
         self._sweeper = sweeper
-        self._decoder = Decoder(Sender.CLIENT)
+        self._engine = Engine(Sender.SERVER, login_attempts_max=config.login_attempts_max)
         self._scope = trio.CancelScope()
         self._interrupt: Interrupt | None = None
         self._reading = False
@@ -214,7 +202,7 @@ class Connection:
     def begin_shutdown(self, close_at: float) -> None:
         """Called by the server: send SHUTDOWN soon, serve only LOGOUT, close at ``close_at``."""
         self._shutdown_at = close_at
-        self.session.shutting_down = True
+        self._engine.begin_shutdown()
         if self._reading and self._interrupt is None:
             self._interrupt = Interrupt.SHUTDOWN
             self._scope.cancel()  # wake the read so the notice goes out now
@@ -229,11 +217,12 @@ class Connection:
             log.info("%s: connection lost: %s", self.name, error)
         finally:
             self.deadline = math.inf
+            self._engine.close()
             self.session.end()
             await close_gracefully(self._stream)  # also when cancelled: it always closes
 
     async def _serve(self) -> None:
-        while self.session.state is not State.CLOSED:
+        while self._engine.state is not State.CLOSED:
             self._interrupt = None
             with trio.CancelScope() as self._scope:
                 await self._serve_until_interrupted()
@@ -246,23 +235,21 @@ class Connection:
     async def _serve_until_interrupted(self) -> None:
         if not self._greeted:
             self._greeted = True
-            await self._send(hello_for(self._config))
-        while self.session.state is not State.CLOSED:
+            await self._send(self._config.hello())
+        while self._engine.state is not State.CLOSED:
             try:
                 frame = await self._receive_frame()
-            except WireError as error:
+            except RemoteProtocolError as error:
                 log.info("%s: bad frame: %s", self.name, error)
-                await self._send(Error(error.status), error.request_id)
+                await self._send_data(self._engine.send_error(error))
                 if error.fatal:
-                    self.session.end()
                     return
             else:
                 if frame is None:  # interrupted with no frame at hand
                     return
-                reply = await self.session.handle(frame.message)
-                await self._send(reply, frame.request_id)
+                await self._answer(frame)
             self._last_reply_at = trio.current_time()
-            if self._decoder.buffered_bytes:
+            if self._engine.buffered_bytes:
                 # The next frame has begun already (pipelined, or sent behind a refused
                 # one): its frame_timeout_s counts from now, not from the frame before.
                 self._frame_started_at = self._last_reply_at
@@ -271,12 +258,21 @@ class Connection:
                 # decoder, so a cancellation here loses nothing.
                 await trio.lowlevel.checkpoint()
 
+    async def _answer(self, frame: Frame) -> None:
+        """Send the state table's refusal, or else the session's reply, to one request."""
+        request = frame.message
+        assert isinstance(request, Request), "a server's engine yields only requests"
+        reply = await self.session.answer(self._engine, request)
+        await self._send(reply)
+        if self._engine.state is State.CLOSED and reply.status is not Status.APPROVED:
+            log.info("%s: closing after %s %s", self.name, reply.OPCODE.name, reply.status.name)
+
     async def _receive_frame(self) -> Frame | None:
         """The next whole frame; None if an interrupt came with the bytes read.
 
-        Raises ``ConnectionEnded`` or ``WireError`` instead.
+        Raises ``ConnectionEnded`` or ``RemoteProtocolError`` instead.
         """
-        while (frame := self._decoder.next_frame()) is None:
+        while (frame := self._engine.next_event()) is None:
             if self._shutdown_at is not None and not self._shutdown_notified:
                 self._shutdown_notified = True
                 grace_s = max(0, round(self._shutdown_at - trio.current_time()))
@@ -290,9 +286,9 @@ class Connection:
             self.deadline = math.inf
             if not data:
                 raise ConnectionEnded(Ending.PEER_CLOSED)
-            if self._decoder.buffered_bytes == 0:
+            if self._engine.buffered_bytes == 0:
                 self._frame_started_at = trio.current_time()
-            self._decoder.receive_data(data)
+            self._engine.receive_data(data)
             if self._scope.cancel_called:
                 # The read completed as the interrupt came: the bytes are kept, but the
                 # session must not start on a request the next checkpoint would cancel.
@@ -305,12 +301,12 @@ class Connection:
         The session's deadline always applies; a begun frame's deadline and shutdown can
         only bring it forward, so trickling partial frames extends nothing.
         """
-        if self.session.state is State.AUTHENTICATED:
+        if self._engine.state is State.AUTHENTICATED:
             deadline = self._last_reply_at + self._config.idle_timeout_s
         else:  # counted from connect, so pinging cannot hold a slot without logging in
             deadline = self._connected_at + self._config.login_timeout_s
         ending = Ending.IDLE
-        if self._decoder.buffered_bytes:
+        if self._engine.buffered_bytes:
             frame_deadline = self._frame_started_at + self._config.frame_timeout_s
             if frame_deadline < deadline:
                 deadline, ending = frame_deadline, Ending.FRAME_TIMEOUT
@@ -336,13 +332,17 @@ class Connection:
         elif ending is Ending.FRAME_TIMEOUT:
             notice = Error(Status.FORMAT_ERROR)
         if notice is not None:
+            data = self._engine.send(notice)
             with trio.move_on_after(self._config.frame_timeout_s):
-                await self._send_bytes(encode(notice))
+                await self._send_bytes(data)
         raise ConnectionEnded(ending)
 
-    async def _send(self, message: Message, request_id: int = 0) -> None:
+    async def _send(self, message: Message) -> None:
+        """Send one message through the engine, which checks it and gives its request id."""
+        await self._send_data(self._engine.send(message))
+
+    async def _send_data(self, data: bytes) -> None:
         """Send one frame; a peer that does not take it within frame_timeout_s is dropped."""
-        data = encode(message, request_id)
         self._wait_until(
             trio.current_time() + self._config.frame_timeout_s, Ending.SEND_TIMEOUT
         )
@@ -493,7 +493,7 @@ class BankServer:
                 trio.move_on_after(CLOSE_LINGER_S),
                 contextlib.suppress(trio.BrokenResourceError, OSError),
             ):
-                await stream.send_all(encode(Error(Status.SERVER_BUSY)))
+                await stream.send_all(Engine(Sender.SERVER).send(Error(Status.SERVER_BUSY)))
             await close_gracefully(stream)
         finally:
             self._refusals.release()

@@ -1,14 +1,13 @@
-"""One ATM's session: the protocol's state table, applied to requests. No I/O here.
+"""The bank's side of one ATM session: the application behind the protocol engine.
 
-A session is CONNECTED until a LOGIN passes both the PIN check and the lease, then
-AUTHENTICATED until LOGOUT (or the connection's end), then CLOSED. What each state
-permits is the table ``PERMITTED``; a request outside it is a lookup miss answered
-with the state's refusal status, as spec/PROTOCOL.md prints it.
+``wire.Connection`` owns the conversation (HELLO, request ids, the state table, the
+shutdown mode, when the connection closes) and lets through only the requests the
+session's state permits; ``Session.handle`` answers those, with the ledger and the
+account leases. It awaits the ledger, so it runs in Trio, but it does no I/O of its own.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -33,47 +32,24 @@ from wire import (
     Status,
     Withdraw,
 )
+from wire import Connection as Engine
 from wire.messages import MoneyRequest, mask_account, reply_type
 from wire.money import format_cents
 
 log = logging.getLogger("bank.session")
 
 
-class State(enum.Enum):
-    CONNECTED = "connected"
-    AUTHENTICATED = "authenticated"
-    CLOSED = "closed"
-
-
-PERMITTED: dict[State, frozenset[type[Request]]] = {
-    State.CONNECTED: frozenset({Login, Ping, Logout}),
-    State.AUTHENTICATED: frozenset({Balance, Deposit, Withdraw, History, Ping, Logout}),
-    State.CLOSED: frozenset(),
-}
-"""Which requests each state serves. The spec's state table prints this."""
-
-REFUSAL: dict[State, Status] = {
-    State.CONNECTED: Status.NOT_LOGGED_IN,
-    State.AUTHENTICATED: Status.ALREADY_LOGGED_IN,
-    State.CLOSED: Status.NOT_LOGGED_IN,
-}
-"""The status that answers a request its state does not permit."""
-
-
 class Session:
-    """The state of one connection's conversation with the bank."""
+    """What the bank knows of one connection's session: its account, once logged in."""
 
     def __init__(
         self, *, ledger: Ledger, leases: Leases, config: ServerConfig, name: str
     ) -> None:
-        self.state = State.CONNECTED
         self.account: str | None = None
-        self.shutting_down = False
         self._ledger = ledger
         self._leases = leases
         self._config = config
         self._name = name
-        self._failed_logins = 0
         self._handlers: dict[type[Request], Callable[[Request], Awaitable[Reply]]] = {
             Login: self._login,
             Logout: self._logout,
@@ -85,29 +61,36 @@ class Session:
         }
 
     async def handle(self, request: Request) -> Reply:
-        """The reply to one request, after which ``state`` says whether to go on."""
-        if self.shutting_down and not isinstance(request, Logout):
-            return reply_type(request)(Status.ISSUER_UNAVAILABLE)
-        if type(request) not in PERMITTED[self.state]:
-            return reply_type(request)(REFUSAL[self.state])
+        """The reply to one request that the protocol engine let through.
+
+        A storage failure is answered ISSUER_UNAVAILABLE and the session goes on; a bug
+        of ours is answered SYSTEM_MALFUNCTION, which ends the session, and never
+        reaches another connection.
+        """
         try:
             return await self._handlers[type(request)](request)
         except StorageError:
             log.exception("%s: storage unavailable during %s", self._name, request.OPCODE.name)
             return reply_type(request)(Status.ISSUER_UNAVAILABLE)
         except Exception:
-            # A bug of ours must not reach other connections: answer, log, end this one.
             log.exception("%s: internal error during %s", self._name, request.OPCODE.name)
             self.end()
             return reply_type(request)(Status.SYSTEM_MALFUNCTION)
 
+    async def answer(self, engine: Engine, request: Request) -> Reply:
+        """The reply to a request ``engine`` has just received: the state table's
+        refusal where it refuses, else ``handle``'s. Send it with ``engine.send``."""
+        refused = engine.refusal(request)
+        if refused is not None:
+            return reply_type(request)(refused)
+        return await self.handle(request)
+
     def end(self) -> None:
-        """Release the lease, if any, and close. Safe to call more than once."""
+        """Release the lease, if any. Safe to call more than once."""
         if self.account is not None:
             self._leases.release(self.account)
             log.info("%s: %s released", self._name, mask_account(self.account))
             self.account = None
-        self.state = State.CLOSED
 
     async def _login(self, request: Login) -> Reply:
         status = await self._ledger.verify_pin(request.account, request.pin)
@@ -116,12 +99,6 @@ class Session:
         log.info("%s: login %s %s", self._name, mask_account(request.account), status.name)
         if status is Status.APPROVED:
             self.account = request.account
-            self.state = State.AUTHENTICATED
-        else:
-            self._failed_logins += 1
-            if self._failed_logins >= self._config.login_attempts_max:
-                log.info("%s: too many failed logins, closing", self._name)
-                self.end()
         return LoginReply(status)
 
     async def _logout(self, _request: Logout) -> Reply:
@@ -165,6 +142,6 @@ class Session:
         return PingReply(Status.APPROVED)
 
     def _account(self) -> str:
-        if self.account is None:  # PERMITTED makes this unreachable; keep it loud if not.
+        if self.account is None:  # the engine's state table makes this unreachable
             raise RuntimeError("no account in an authenticated state")
         return self.account

@@ -5,25 +5,25 @@ Run (from the repository root)::
     .venv/bin/python fuzz/fuzz_session.py -atheris_runs=50000
     .venv/bin/python fuzz/fuzz_session.py -max_total_time=60
 
-An input is a control byte and a byte stream. The stream goes to a server's decoder
-(``Decoder(Sender.CLIENT)``) and every request it yields goes to ``Session.handle``, in
-one ``trio.run`` per input, as the server's connection loop would: a non-fatal
-WireError is skipped (the server answers ERROR and reads on), a fatal one or a CLOSED
-session ends the conversation, and then ``session.end()`` runs as the connection's
-``finally`` does. The session works on ``FakeLedger`` (in memory, integer cents) and a
+An input is a control byte and a byte stream. The stream goes to a server's protocol
+engine (``wire.Connection(Sender.SERVER)``, greeted) and every request it yields goes to
+``Session.answer``, in one ``trio.run`` per input, as the server's connection loop does:
+a non-fatal RemoteProtocolError is answered and skipped, a fatal one or a CLOSED engine
+ends the conversation, and then ``session.end()`` runs as the connection's ``finally``
+does. The session works on ``FakeLedger`` (in memory, integer cents) and a
 real ``bank.leases.Leases``. Control bit 0 makes another ATM hold ``CD-67890``'s lease
-for the whole input; bit 1 sets ``shutting_down`` once the session has logged in.
+for the whole input; bit 1 begins a shutdown once the session has logged in.
 
-A finding is: an exception escaping ``handle``; a reply of the wrong type, a
-SYSTEM_MALFUNCTION or an ERROR-level log record (a bug caught by ``handle``'s last
-resort); a request outside the state table not answered with the state's refusal, or
-changing the state; during shutdown anything but ISSUER_UNAVAILABLE; a reply that does
-not encode and decode back to itself; ACCOUNT_IN_USE said to someone without the
-account's PIN; money moving on a refusal, on a non-money request, on another account,
-or by other than the amount; a negative balance or a balance that does not match its
-entries; an approved BALANCE not the ledger's; more than the session's one account
-leased (besides the other ATM's), an authenticated session without its lease, or any
-lease left after ``session.end()``; a full account number in the session's log.
+A finding is: an exception escaping ``answer``, or a reply the engine refuses to send; a
+reply of the wrong type, a SYSTEM_MALFUNCTION or an ERROR-level log record (a bug caught
+by ``handle``'s last resort); a request outside the state table not answered with the
+state's refusal, or changing the state; during shutdown anything but ISSUER_UNAVAILABLE;
+a reply that does not encode and decode back to itself; ACCOUNT_IN_USE said to someone
+without the account's PIN; money moving on a refusal, on a non-money request, on another
+account, or by other than the amount; a negative balance or a balance that does not
+match its entries; an approved BALANCE not the ledger's; more than the session's one
+account leased (besides the other ATM's), an authenticated session without its lease, or
+any lease left after ``session.end()``; a full account number in the session's log.
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ import trio
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Posting, StorageError
-from bank.session import PERMITTED, REFUSAL, Session, State, reply_type
+from bank.session import Session
 from fuzz.frames import WHOLE_STREAM, Finding, golden_frames, split_input
 from wire import (
+    PERMITTED,
+    REFUSAL,
     Balance,
     BalanceReply,
     Decoder,
@@ -59,16 +61,19 @@ from wire import (
     Login,
     Logout,
     Ping,
+    RemoteProtocolError,
     Reply,
     Request,
     Sender,
+    State,
     Status,
     WireError,
     Withdraw,
     encode,
 )
+from wire import Connection as Engine
 from wire.limits import AMOUNT_CENTS_MAX
-from wire.messages import MoneyRequest
+from wire.messages import MoneyRequest, reply_type
 
 OTHER_ATM_BIT = 0x01
 """Control bit: another ATM holds ``OTHER_ACCOUNT`` throughout, so LOGIN can meet ACCOUNT_IN_USE."""
@@ -237,14 +242,16 @@ async def _conversation(
     stream: bytes, control: int, ledger: FakeLedger, leases: Leases, others: frozenset[str]
 ) -> None:
     session = Session(ledger=ledger, leases=leases, config=CONFIG, name="fuzz")
-    decoder = Decoder(Sender.CLIENT)
-    decoder.receive_data(stream)
+    engine = Engine(Sender.SERVER, login_attempts_max=CONFIG.login_attempts_max)
+    engine.send(CONFIG.hello())
+    engine.receive_data(stream)
     with captured_session_log() as records:
         accounts_seen: set[str] = set(others)
-        while session.state is not State.CLOSED:
+        while engine.state is not State.CLOSED:
             try:
-                frame = decoder.next_frame()
-            except WireError as error:
+                frame = engine.next_event()
+            except RemoteProtocolError as error:
+                engine.send_error(error)
                 if error.fatal:
                     break
                 continue
@@ -252,29 +259,34 @@ async def _conversation(
                 break
             if isinstance(frame.message, Login):
                 accounts_seen.add(frame.message.account)
-            await check_request(session, ledger, leases, others, frame)
+            await check_request(
+                engine, session, frame, ledger=ledger, leases=leases, others=others
+            )
             check_log(records, accounts_seen)
-            if control & SHUTDOWN_BIT and session.state is State.AUTHENTICATED:
-                session.shutting_down = True
+            if control & SHUTDOWN_BIT and engine.state is State.AUTHENTICATED:
+                engine.begin_shutdown()
         session.end()
         check_log(records, accounts_seen)
-    if session.state is not State.CLOSED or session.account is not None:
-        raise Finding(f"end() left state {session.state} account {session.account!r}")
+    if session.account is not None:
+        raise Finding(f"end() left account {session.account!r}")
     if leases.held() != others:
         raise Finding(f"after end() leases are {sorted(leases.held())}, not {sorted(others)}")
 
 
 async def check_request(
-    session: Session, ledger: FakeLedger, leases: Leases, others: frozenset[str], frame: Frame
+    engine: Engine, session: Session, frame: Frame, *,
+    ledger: FakeLedger, leases: Leases, others: frozenset[str],
 ) -> None:
-    """Handle one request and check every invariant the module docstring lists."""
+    """Answer one request and check every invariant the module docstring lists."""
     request, request_id = frame.message, frame.request_id
-    state_before, shutting_down = session.state, session.shutting_down
+    assert isinstance(request, Request), "a server's engine yields only requests"
+    state_before, shutting_down = engine.state, engine.shutting_down
     balances_before = balances(ledger)
     try:
-        reply = await session.handle(request)
+        reply = await session.answer(engine, request)
+        data = engine.send(reply)
     except Exception as error:
-        raise Finding(f"{type(error).__name__} escaped Session.handle({request!r})") from error
+        raise Finding(f"{type(error).__name__} answering {request!r}: {error}") from error
     if type(reply) is not reply_type(request):
         raise Finding(f"{request!r} answered with {reply!r}")
     if reply.status is Status.SYSTEM_MALFUNCTION:
@@ -283,16 +295,16 @@ async def check_request(
         if reply.status is not Status.ISSUER_UNAVAILABLE:
             raise Finding(f"during shutdown {request!r} got {reply.status.name}")
     elif type(request) not in PERMITTED[state_before] and (
-        reply.status is not REFUSAL[state_before] or session.state is not state_before
+        reply.status is not REFUSAL[state_before] or engine.state is not state_before
     ):
         raise Finding(f"{request!r} in {state_before} got {reply.status.name}, "
-                      f"now {session.state}")
-    check_reply_travels(reply, request_id)
+                      f"now {engine.state}")
+    check_reply_travels(data, reply, request_id)
     if (reply.status is Status.ACCOUNT_IN_USE and isinstance(request, Login)
             and not ledger.pin_is_right(request.account, request.pin)):
         raise Finding("ACCOUNT_IN_USE told to someone without the PIN")
     check_money(ledger, balances_before, request, reply, session.account)
-    check_leases(session, leases, others)
+    check_leases(engine, session, leases, others)
     if isinstance(reply, BalanceReply) and reply.status is Status.APPROVED and (
         session.account is None or reply.balance_cents != await ledger.balance(session.account)
     ):
@@ -303,10 +315,9 @@ def balances(ledger: FakeLedger) -> dict[str, int]:
     return {account: record.balance_cents for account, record in ledger.accounts.items()}
 
 
-def check_reply_travels(reply: Reply, request_id: int) -> None:
-    """Every reply ``handle`` returns must encode, echoing the request id, and decode back."""
+def check_reply_travels(data: bytes, reply: Reply, request_id: int) -> None:
+    """Every reply the engine sends must echo the request id and decode back to itself."""
     try:
-        data = encode(reply, request_id)
         decoder = Decoder(Sender.SERVER)
         decoder.receive_data(data)
         frame = decoder.next_frame()
@@ -339,14 +350,16 @@ def check_money(
         raise Finding(f"{request!r} for {account} moved {moved}")
 
 
-def check_leases(session: Session, leases: Leases, others: frozenset[str]) -> None:
+def check_leases(
+    engine: Engine, session: Session, leases: Leases, others: frozenset[str]
+) -> None:
     """The session holds its own account's lease exactly while it is authenticated."""
     mine = leases.held() - others
     expected = {session.account} if session.account is not None else set()
     if mine != expected:
-        raise Finding(f"session of {session.account!r} ({session.state}) sees leases {mine}")
-    if (session.state is State.AUTHENTICATED) != (session.account is not None):
-        raise Finding(f"state {session.state} with account {session.account!r}")
+        raise Finding(f"session of {session.account!r} ({engine.state}) sees leases {mine}")
+    if (engine.state is State.AUTHENTICATED) != (session.account is not None):
+        raise Finding(f"state {engine.state} with account {session.account!r}")
 
 
 class _Records(logging.Handler):

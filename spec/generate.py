@@ -24,7 +24,6 @@ from pathlib import Path
 from construct import Construct, Struct
 
 from bank.config import ServerConfig
-from bank.server import hello_for
 from wire import (
     Balance,
     BalanceReply,
@@ -127,7 +126,7 @@ ERROR_REQUEST_IDS: dict[Status, tuple[int, str]] = {
 
 def server_hello() -> Hello:
     """The HELLO of a server running with the default configuration."""
-    return hello_for(ServerConfig())
+    return ServerConfig().hello()
 
 
 def golden_frames() -> list[Golden]:

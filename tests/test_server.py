@@ -21,7 +21,7 @@ import trio.testing
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.server import REFUSALS_MAX, Connection, DeadlineSweeper
-from bank.session import Session, State
+from bank.session import Session
 from bank.sqlite_ledger import SqliteLedger
 from tests.helpers import (
     DEMO_ACCOUNT,
@@ -690,7 +690,7 @@ def shut_down_on_read(connection: Connection) -> None:
 
     async def receive_then_shut_down() -> bytes:
         data = await receive()
-        if data and connection.session.state is State.AUTHENTICATED:
+        if data and connection.session.account is not None:  # logged in
             connection.begin_shutdown(trio.current_time() + 10)
         return data
 
