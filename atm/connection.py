@@ -1,4 +1,8 @@
-"""One TCP connection to the bank: the Trio shell around the sans-IO ``wire`` codec.
+"""One TCP connection to the bank: the Trio shell around the sans-IO ``wire.Connection``.
+
+The protocol engine checks the conversation (HELLO first, each reply answering our
+request with its reply type, notices, the session's state); this shell moves bytes,
+bounds every wait, and turns what goes wrong into sentences for the customer.
 
 Everything the network can do wrong comes out of here as an ``atm.errors.SessionEnded``
 subclass, never as a Trio or OS exception, and every wait is bounded, so the session
@@ -23,19 +27,20 @@ from atm.errors import (
     SessionExpired,
 )
 from wire import (
-    REQUEST_ID_MAX,
-    Decoder,
+    Answer,
     Error,
     Frame,
     Hello,
+    RemoteProtocolError,
     Reply,
     Request,
     Sender,
     Shutdown,
+    State,
     Status,
     WireError,
-    encode,
 )
+from wire import Connection as Engine
 from wire import SessionExpired as SessionExpiredNotice
 
 CONNECT_TIMEOUT_S = 10
@@ -68,10 +73,8 @@ class Connection:
 
     def __init__(self, stream: trio.abc.Stream, *, reply_timeout_s: float) -> None:
         self._stream = stream
-        self._decoder = Decoder(Sender.SERVER)
+        self._engine = Engine(Sender.CLIENT)
         self._reply_timeout_s = reply_timeout_s
-        self._last_request_id = 0
-        self.hello: Hello | None = None
         self.shutdown: Shutdown | None = None
         """A SHUTDOWN that arrived while we waited for a reply; the session ends after it."""
 
@@ -114,23 +117,26 @@ class Connection:
         """Wrap ``stream`` and wait for HELLO; the stream is closed if that fails."""
         connection = cls(stream, reply_timeout_s=reply_timeout_s)
         try:
-            connection.hello = await connection._receive_hello(hello_timeout_s)
+            await connection._receive_hello(hello_timeout_s)
         except BaseException:
             await connection.aclose()
             raise
         return connection
 
-    async def _receive_hello(self, timeout_s: float) -> Hello:
+    async def _receive_hello(self, timeout_s: float) -> None:
         with trio.move_on_after(timeout_s):
-            message = (await self._receive_frame()).message
-            if isinstance(message, Hello):
-                return message
+            message = (await self._receive_event()).message
             if isinstance(message, Error) and message.status is Status.SERVER_BUSY:
                 raise ServerBusy("the bank is busy")
             if isinstance(message, Error):
                 raise ConnectFailed("the bank refused the connection", status=message.status)
-            raise ConnectFailed(f"the bank greeted us with {message.OPCODE.name}, not HELLO")
+            return
         raise ConnectFailed(f"the bank sent no greeting within {timeout_s} s")
+
+    @property
+    def hello(self) -> Hello | None:
+        """The bank's greeting, with its limits: never None once ``handshake`` returned."""
+        return self._engine.hello
 
     @property
     def amount_cents_max(self) -> int:
@@ -151,48 +157,42 @@ class Connection:
         return self.hello.idle_timeout_s
 
     async def request(self, message: Request, reply_type: type[ReplyT]) -> ReplyT | Error:
-        """Send ``message`` under a fresh request id and return the bank's answer to it.
+        """Send ``message`` and return the bank's answer to it: ``reply_type``, which the
+        engine has checked, or an ERROR frame when the bank could not decode the request
+        (its status is never APPROVED, so checking ``status`` covers both).
 
-        The answer is the matching reply, or an ERROR frame when the bank could not
-        decode the request (its status is never APPROVED, so checking ``status`` covers
-        both). A SHUTDOWN met on the way is kept in ``self.shutdown``: the bank still
-        answers requests during its grace period, so the reply is worth waiting for.
+        A SHUTDOWN met on the way is kept in ``self.shutdown``: the bank still answers
+        requests during its grace period, so the reply is worth waiting for.
         """
-        request_id = self._next_request_id()
         with trio.move_on_after(self._reply_timeout_s):
-            await self._send(encode(message, request_id))
-            return await self._receive_reply(request_id, reply_type)
+            try:
+                data = self._engine.send(message)
+            except WireError as error:  # LocalProtocolError: the session has ended
+                raise ConnectionLost(f"the session has ended ({error.detail})") from None
+            await self._send(data)
+            return await self._receive_answer(reply_type)
         raise ReplyTimeout(f"no reply within {self._reply_timeout_s} s")
 
-    def _next_request_id(self) -> int:
-        """1, 2, ... wrapping before 2**32 so an id is never 0 (reserved for notices)."""
-        self._last_request_id = self._last_request_id % REQUEST_ID_MAX + 1
-        return self._last_request_id
-
-    async def _receive_reply(self, request_id: int, reply_type: type[ReplyT]) -> ReplyT | Error:
+    async def _receive_answer(self, reply_type: type[ReplyT]) -> ReplyT | Error:
         while True:
-            frame = await self._receive_frame()
-            message = frame.message
-            if frame.request_id == 0:
-                self._take_notice(message)
-            elif frame.request_id != request_id:
-                continue  # Not ours (a peer bug); the matching reply may still come.
-            elif isinstance(message, (reply_type, Error)):
-                return message
-            else:
-                raise ConnectionLost(
-                    f"the bank answered {reply_type.__name__} with {message.OPCODE.name}"
-                )
+            event = await self._receive_event()
+            if isinstance(event, Answer):
+                answer = event.message
+                assert isinstance(answer, (reply_type, Error)), "the engine checks the type"
+                return answer
+            self._take_notice(event)
 
-    def _take_notice(self, message: object) -> None:
+    def _take_notice(self, frame: Frame) -> None:
         """Remember a SHUTDOWN; raise for a notice that ends the session now."""
+        message = frame.message
         if isinstance(message, Shutdown):
             self.shutdown = message
         elif isinstance(message, SessionExpiredNotice):
             raise SessionExpired("idle timeout")
-        elif isinstance(message, Error):
+        elif isinstance(message, Error) and self._engine.state is State.CLOSED:
             raise ConnectionLost("the bank reported an error", status=message.status)
-        # Anything else with id 0 (a second HELLO) carries nothing we act on.
+        # Anything else (a second HELLO, an ERROR about a frame that was not ours and
+        # left the session open) carries nothing we act on.
 
     def raise_if_shutting_down(self) -> None:
         """End the session if a SHUTDOWN arrived while we were busy with a request."""
@@ -207,15 +207,15 @@ class Connection:
         """
         while True:
             self.raise_if_shutting_down()
-            frame = await self._receive_frame()
-            if frame.request_id == 0:
-                self._take_notice(frame.message)
+            event = await self._receive_event()
+            if isinstance(event, Frame):
+                self._take_notice(event)
 
-    async def _receive_frame(self) -> Frame:
+    async def _receive_event(self) -> Frame | Answer:
         while True:
             try:
-                frame = self._decoder.next_frame()
-            except WireError as error:
+                event = self._engine.next_event()
+            except RemoteProtocolError as error:
                 # Only the greeting is judged for its version: after an accepted HELLO a
                 # changed version byte is damage, and reconnecting meets a real change
                 # at the next HELLO.
@@ -223,9 +223,11 @@ class Connection:
                     raise IncompatibleVersion(error.detail) from None
                 if not error.fatal:
                     continue  # One intact frame we do not know (a newer peer's): skip it.
+                if self.hello is None:
+                    raise ConnectFailed(f"the bank did not greet us ({error.detail})") from None
                 raise ConnectionLost(f"unreadable data from the bank ({error.detail})") from None
-            if frame is not None:
-                return frame
+            if event is not None:
+                return event
             await self._receive_some()
 
     async def _receive_some(self) -> None:
@@ -235,7 +237,7 @@ class Connection:
             raise ConnectionLost(f"the connection broke ({_describe(error)})") from None
         if not data:
             raise ConnectionLost("the bank closed the connection")
-        self._decoder.receive_data(data)
+        self._engine.receive_data(data)
 
     async def _send(self, frame: bytes) -> None:
         try:

@@ -1,19 +1,60 @@
-"""What several test modules share: the demo accounts, a wire-level test client, and a
-bank server started in the test's nursery. Fixtures live in conftest.py; test modules
-import helpers from here, never from each other."""
+"""What several test modules share: the demo accounts, a wire-level test client, a bank
+server started in the test's nursery, and for the ATM's tests a fake bank and a scripted
+keyboard. Fixtures live in conftest.py; test modules import helpers from here, never
+from each other."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import uuid
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
 
 import trio
+import trio.testing
 
+from atm.connection import Connection
 from bank.config import ServerConfig
 from bank.server import BankServer
 from bank.sqlite_ledger import SqliteLedger
-from wire import Decoder, Frame, Hello, Login, LoginReply, Message, Sender, Status, encode
+from wire import (
+    AMOUNT_CENTS_MAX,
+    PROTOCOL_VERSION,
+    Answer,
+    Balance,
+    BalanceReply,
+    Decoder,
+    Deposit,
+    DepositReply,
+    EntryKind,
+    Error,
+    Frame,
+    Hello,
+    History,
+    HistoryEntry,
+    HistoryReply,
+    Login,
+    LoginReply,
+    Logout,
+    LogoutReply,
+    Message,
+    Ping,
+    PingReply,
+    Reply,
+    Request,
+    Sender,
+    State,
+    Status,
+    Withdraw,
+    WithdrawReply,
+    encode,
+)
+from wire import Connection as Engine
+from wire import SessionExpired as SessionExpiredNotice
+from wire.messages import MoneyReply, MoneyRequest, reply_type
 
 RECEIVE_TIMEOUT_S = 10
 """Guard against a hung test when the real clock runs; far above any honest wait."""
@@ -23,34 +64,64 @@ OTHER_ACCOUNT, OTHER_PIN = "BC-01373", "2947"
 
 
 class WireClient:
-    """A test peer: sends messages or raw bytes, returns frames as the server sent them."""
+    """A test peer that speaks the protocol through a client ``wire.Connection``, and
+    can turn into a raw probe for the hostile tests.
+
+    ``hello``, ``send``, ``request`` and ``login`` are a conversation the engine checks:
+    each reply must answer its request. ``send_raw`` puts arbitrary bytes on the wire;
+    the engine cannot follow a conversation broken on purpose, so from then on the
+    client hands the engine's unread bytes to a plain ``Decoder`` and ``receive``
+    returns frames as the server sent them, checking nothing but the framing.
+    """
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.decoder = Decoder(Sender.SERVER)
-        self._ids = itertools.count(1)
+        self._engine = Engine(Sender.CLIENT)
+        self._raw: Decoder | None = None
+        self._raw_ids = itertools.count(1)
 
     @classmethod
     async def connect(cls, port: int) -> WireClient:
         return cls(await trio.open_tcp_stream("127.0.0.1", port))
 
-    async def send(self, message: Message) -> int:
-        request_id = next(self._ids)
-        await self.stream.send_all(encode(message, request_id))
-        return request_id
+    async def send_raw(self, data: bytes) -> None:
+        """Send ``data`` as it is: from now on this client is a raw probe."""
+        if self._raw is None:
+            self._raw = Decoder(Sender.SERVER)
+            self._raw.receive_data(self._engine.trailing_data)
+        await self.stream.send_all(data)
+
+    async def send(self, message: Request) -> int:
+        """Send one request without waiting for its reply; returns its request id."""
+        if self._raw is not None:
+            request_id = next(self._raw_ids)
+            await self.stream.send_all(encode(message, request_id))
+            return request_id
+        data = self._engine.send(message)
+        await self.stream.send_all(data)
+        return self._engine.last_request_id
 
     async def receive(self) -> Frame | None:
-        """The next frame, or None when the server closed the connection."""
+        """The next frame (for an answer, its reply), or None when the server closed."""
         with trio.fail_after(RECEIVE_TIMEOUT_S):
-            while (frame := self.decoder.next_frame()) is None:
+            while (event := self._next_event()) is None:
                 data = await self.stream.receive_some(4096)
                 if not data:
                     return None
-                self.decoder.receive_data(data)
-        return frame
+                self._receive_data(data)
+        return event if isinstance(event, Frame) else Frame(event.request_id, event.message)
 
-    async def request(self, message: Message) -> Message:
-        """Send one request and return its reply, checking the request id is echoed."""
+    def _next_event(self) -> Frame | Answer | None:
+        return self._raw.next_frame() if self._raw is not None else self._engine.next_event()
+
+    def _receive_data(self, data: bytes) -> None:
+        if self._raw is not None:
+            self._raw.receive_data(data)
+        else:
+            self._engine.receive_data(data)
+
+    async def request(self, message: Request) -> Message:
+        """Send one request and return its answer (the engine checks it answers ours)."""
         request_id = await self.send(message)
         frame = await self.receive()
         assert frame is not None, f"connection closed instead of answering {message}"
@@ -97,3 +168,314 @@ async def start_server(
     server = BankServer(dataclasses.replace(config, **overrides), ledger)
     listeners = await nursery.start(server.serve)
     return RunningServer(server, listeners[0].socket.getsockname()[1])
+
+
+# -- A fake bank and a scripted keyboard, for the ATM tests ------------------------------
+
+ACCOUNT = "AC-12345"
+PIN = "1234"
+START_BALANCE_CENTS = 100_00
+START_TIME_MS = 1_700_000_000_000
+"""2023-11-14 22:13:20 UTC; the fake's clock advances one second per entry."""
+
+HELLO = Hello(
+    payload_bytes_max=1024,
+    history_entries_max=20,
+    amount_cents_max=AMOUNT_CENTS_MAX,
+    frame_timeout_s=10,
+    login_timeout_s=30,
+    idle_timeout_s=120,
+)
+
+LOGIN_FAILURES_MAX = 3
+
+
+def with_version(frame: bytes, version: int) -> bytes:
+    """``frame`` as a peer of another protocol version would send it (CRC recomputed)."""
+    body = frame[:2] + bytes([version]) + frame[3:-4]
+    return body + zlib.crc32(body).to_bytes(4, "big")
+
+
+@dataclass
+class FakeAccount:
+    pin: str
+    balance_cents: int
+    locked: bool = False
+    entries: list[HistoryEntry] = field(default_factory=list)
+
+
+class FakeBank:
+    """The bank as the ATM tests need it: quick, in memory, and able to misbehave on cue.
+
+    It follows the server contract through the same protocol engine as the real bank
+    (``wire.Connection``): HELLO on connect (or ERROR(SERVER_BUSY)), the state table,
+    LOGIN with retries, one lease per account, money requests idempotent by txn_id
+    (refusals not recorded), and notices with request id 0. Knobs let a test lose or
+    delay a reply after the money moved, or keep a lease after its connection closed.
+    ``connect`` is an ``atm.session.Connector`` on memory streams.
+    """
+
+    def __init__(self, nursery: trio.Nursery, *, hello: Hello = HELLO) -> None:
+        self._nursery = nursery
+        self.hello = hello
+        self.hello_version = PROTOCOL_VERSION
+        """The version byte of the HELLO frame: another one plays a bank of another version."""
+        self.accounts = {ACCOUNT: FakeAccount(PIN, START_BALANCE_CENTS)}
+        self.leases: set[str] = set()
+        self.outcomes: dict[bytes, MoneyReply] = {}
+        self.requests: list[Frame] = []
+        self.connections = 0
+        self.busy_after_connections: int | None = None
+        self.lose_replies = 0
+        """Money requests whose reply is lost (connection closed) after the money moved."""
+        self.hang_replies = 0
+        """Money requests never answered (until the ATM hangs up) after the money moved."""
+        self.expire_before_login = 0
+        """Connections whose first LOGIN finds the session expired (a slow typist)."""
+        self.unavailable_replies = 0
+        """Money requests answered ISSUER_UNAVAILABLE without being looked up, as the real
+        bank answers during a storage failure."""
+        self.unsettled_replies: deque[Status | Error] = deque()
+        """Answers to the next money requests, each sent instead of the real reply after the
+        money moved: a status (in the request's reply type) or an ERROR frame, as a bank
+        whose storage failed after the commit might answer."""
+        self.wrong_version_replies = 0
+        """Money requests whose reply, after the money moved, carries another protocol
+        version byte (damage on the way: the HELLO was version 1)."""
+        self.unavailable_logins = 0
+        """LOGINs answered ISSUER_UNAVAILABLE, as a bank shutting down or whose storage
+        briefly fails answers them."""
+        self.close_instead_of: set[type[Request]] = set()
+        self.close_once_instead_of: set[type[Request]] = set()
+        """Request types whose next request closes the connection instead of a reply."""
+        self.lease_kept_after_close_s = 0.0
+        """How long a session's lease outlives its connection, as at a real bank that did
+        not see the connection close and holds the lease until the idle timeout."""
+        self.error_instead_of: set[type[Request]] = set()
+        self.notice_before_reply: dict[type[Request], Message] = {}
+        """A notice sent just before the reply to the next request of that type."""
+        self.logged_in = trio.Event()
+        self.streams: list[trio.abc.Stream] = []
+        self._engines: list[Engine] = []
+
+    # -- Inspection for tests --------------------------------------------------------
+
+    def sent(self, kind: type[Request]) -> list[Request]:
+        return [f.message for f in self.requests if isinstance(f.message, kind)]
+
+    def money_requests(self) -> list[MoneyRequest]:
+        return [f.message for f in self.requests if isinstance(f.message, MoneyRequest)]
+
+    async def send_notice(self, message: Message) -> None:
+        """Send a notice on the newest connection, as the bank may at any time."""
+        await self.streams[-1].send_all(self._engines[-1].send(message))
+
+    # -- Serving ---------------------------------------------------------------------
+
+    async def connect(self) -> Connection:
+        client, server = trio.testing.memory_stream_pair()
+        self._nursery.start_soon(self.serve, server)
+        return await Connection.handshake(client)
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
+        self.streams.append(stream)
+        session = _FakeSession()
+        try:
+            await self._serve(stream, session)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            if session.account is not None and self.lease_kept_after_close_s:
+                self._nursery.start_soon(self._release_later, session.account)
+            elif session.account is not None:
+                self.leases.discard(session.account)
+            await trio.aclose_forcefully(stream)
+
+    async def _release_later(self, account: str) -> None:
+        await trio.sleep(self.lease_kept_after_close_s)
+        self.leases.discard(account)
+
+    async def _serve(self, stream: trio.abc.Stream, session: _FakeSession) -> None:
+        engine = Engine(Sender.SERVER, login_attempts_max=LOGIN_FAILURES_MAX)
+        self._engines.append(engine)
+        busy_after = self.busy_after_connections
+        if busy_after is not None and self.connections > busy_after:
+            await stream.send_all(engine.send(Error(Status.SERVER_BUSY)))
+            return
+        greeting = engine.send(self.hello)
+        if self.hello_version != PROTOCOL_VERSION:
+            greeting = with_version(greeting, self.hello_version)
+        await stream.send_all(greeting)
+        while engine.state is not State.CLOSED:
+            frame = await _receive_request(stream, engine)
+            if frame is None:
+                return
+            self.requests.append(frame)
+            request = frame.message
+            assert isinstance(request, Request), "a server's engine yields only requests"
+            if isinstance(request, Login) and self.expire_before_login:
+                self.expire_before_login -= 1  # as the real bank at its login deadline
+                await stream.send_all(engine.send(SessionExpiredNotice()))
+                return
+            if isinstance(request, Login) and self.unavailable_logins:
+                self.unavailable_logins -= 1
+                await stream.send_all(engine.send(LoginReply(Status.ISSUER_UNAVAILABLE)))
+                continue
+            refused = engine.refusal(request)
+            if refused is not None:
+                reply: Reply = reply_type(request)(refused)
+            else:
+                reply = self._answer(request, session)
+            if not await self._deliver(stream, engine, request, reply):
+                return
+            if session.account is not None:
+                self.logged_in.set()  # After the reply went out, so a test may send next.
+
+    async def _deliver(
+        self, stream: trio.abc.Stream, engine: Engine, request: Request, reply: Reply
+    ) -> bool:
+        """Send ``reply`` unless a knob says otherwise; False when the connection ends."""
+        if type(request) in self.close_instead_of:
+            return False
+        if type(request) in self.close_once_instead_of:
+            self.close_once_instead_of.discard(type(request))
+            return False
+        if isinstance(request, MoneyRequest) and self.lose_replies:
+            self.lose_replies -= 1
+            return False
+        if isinstance(request, MoneyRequest) and self.hang_replies:
+            self.hang_replies -= 1
+            await _wait_for_hang_up(stream)
+            return False
+        if isinstance(request, MoneyRequest) and self.unavailable_replies:
+            self.unavailable_replies -= 1
+            reply = type(reply)(Status.ISSUER_UNAVAILABLE)
+        answer: Reply | Error = reply
+        if isinstance(request, MoneyRequest) and self.unsettled_replies:
+            instead = self.unsettled_replies.popleft()
+            answer = instead if isinstance(instead, Error) else type(reply)(instead)
+        if isinstance(request, MoneyRequest) and self.wrong_version_replies:
+            self.wrong_version_replies -= 1
+            await stream.send_all(with_version(engine.send(answer), 2))
+            return True
+        if type(request) in self.error_instead_of:
+            answer = Error(Status.INVALID_TRANSACTION)  # an ERROR after which the session goes on
+        notice = self.notice_before_reply.pop(type(request), None)
+        if notice is not None:
+            await stream.send_all(engine.send(notice))
+        await stream.send_all(engine.send(answer))
+        return True
+
+    def _answer(self, request: Request, session: _FakeSession) -> Reply:
+        match request:
+            case Login():
+                return LoginReply(self._log_in(request, session))
+            case Logout():
+                return LogoutReply(Status.APPROVED)
+            case Ping():
+                return PingReply(Status.APPROVED)
+            case Balance():
+                return BalanceReply(Status.APPROVED, self._account(session).balance_cents)
+            case History(count=count):
+                entries = tuple(reversed(self._account(session).entries))[:count]
+                return HistoryReply(Status.APPROVED, entries)
+            case MoneyRequest():
+                return self._move_money(request, self._account(session))
+        raise AssertionError(f"the fake does not serve {request}")
+
+    def _account(self, session: _FakeSession) -> FakeAccount:
+        assert session.account is not None
+        return self.accounts[session.account]
+
+    def _log_in(self, login: Login, session: _FakeSession) -> Status:
+        account = self.accounts.get(login.account)
+        if account is not None and account.locked:
+            return Status.PIN_TRIES_EXCEEDED
+        if account is None or account.pin != login.pin:
+            return Status.INCORRECT_PIN
+        if login.account in self.leases:
+            return Status.ACCOUNT_IN_USE
+        self.leases.add(login.account)
+        session.account = login.account
+        return Status.APPROVED
+
+    def _move_money(self, request: MoneyRequest, account: FakeAccount) -> MoneyReply:
+        if request.txn_id in self.outcomes:
+            return self.outcomes[request.txn_id]
+        reply_type = DepositReply if isinstance(request, Deposit) else WithdrawReply
+        outcome = self._apply(request, account, reply_type)
+        if outcome.status is Status.APPROVED:  # a refusal records nothing, as at the bank
+            self.outcomes[request.txn_id] = outcome
+        return outcome
+
+    def _apply(
+        self, request: MoneyRequest, account: FakeAccount, reply_type: type[MoneyReply]
+    ) -> MoneyReply:
+        withdraw = isinstance(request, Withdraw)
+        if withdraw and request.amount_cents > account.balance_cents:
+            return reply_type(Status.INSUFFICIENT_FUNDS)
+        account.balance_cents += -request.amount_cents if withdraw else request.amount_cents
+        entry = HistoryEntry(
+            entry_id=len(account.entries) + 1,
+            time_ms=START_TIME_MS + 1000 * len(account.entries),
+            kind=EntryKind.WITHDRAWAL if withdraw else EntryKind.DEPOSIT,
+            amount_cents=request.amount_cents,
+            balance_cents=account.balance_cents,
+        )
+        account.entries.append(entry)
+        return reply_type(Status.APPROVED, account.balance_cents, entry.entry_id, entry.time_ms)
+
+
+@dataclass
+class _FakeSession:
+    account: str | None = None
+
+
+async def _receive_request(stream: trio.abc.Stream, engine: Engine) -> Frame | None:
+    """The next request, or None when the ATM hung up."""
+    while (event := engine.next_event()) is None:
+        data = await stream.receive_some(4096)
+        if not data:
+            return None
+        engine.receive_data(data)
+    assert isinstance(event, Frame), "a server's engine yields frames"
+    return event
+
+
+async def _wait_for_hang_up(stream: trio.abc.Stream) -> None:
+    while await stream.receive_some(4096):
+        pass
+
+
+async def listen_on_loopback(nursery: trio.Nursery, bank: FakeBank) -> int:
+    """Serve ``bank`` over TCP on 127.0.0.1 at a free port, which is returned."""
+    serve = functools.partial(trio.serve_tcp, host="127.0.0.1")
+    listeners = await nursery.start(serve, bank.serve, 0)
+    return listeners[0].socket.getsockname()[1]
+
+
+class ScriptedConsole:
+    """A keyboard that types ``lines`` in order, then ends input (or waits forever)."""
+
+    def __init__(self, lines: list[str], *, then_wait: bool = False) -> None:
+        self._lines = deque(lines)
+        self._then_wait = then_wait
+        self.prompts: list[tuple[str, bool]] = []
+        self.output: list[str] = []
+
+    async def read_line(self, prompt: str, *, secret: bool = False) -> str | None:
+        await trio.lowlevel.checkpoint()
+        self.prompts.append((prompt, secret))
+        if self._lines:
+            return self._lines.popleft()
+        if self._then_wait:
+            await trio.sleep_forever()
+        return None
+
+    def write(self, line: str) -> None:
+        self.output.append(line)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.output)

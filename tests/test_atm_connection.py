@@ -25,9 +25,8 @@ from atm.errors import (
     ServerShutdown,
     SessionExpired,
 )
-from tests.test_atm_fakebank import HELLO, FakeBank, listen_on_loopback, with_version
+from tests.helpers import HELLO, FakeBank, listen_on_loopback, with_version
 from wire import (
-    REQUEST_ID_MAX,
     Balance,
     BalanceReply,
     Decoder,
@@ -85,9 +84,7 @@ async def test_request_ids_are_fresh_and_nonzero() -> None:
             request_id = await peer.receive_request_id()
             seen.append(request_id)
             await peer.send(encode(PingReply(Status.APPROVED), request_id))
-    assert seen == [1, 2, 3]
-    connection._last_request_id = REQUEST_ID_MAX
-    assert connection._next_request_id() == 1
+    assert seen == [1, 2, 3]  # the engine's counter; its wrap is in tests/test_state.py
 
 
 async def test_reply_is_matched_past_notices_and_unknown_frames() -> None:
@@ -96,7 +93,7 @@ async def test_reply_is_matched_past_notices_and_unknown_frames() -> None:
     async def answer() -> None:
         request_id = await peer.receive_request_id()
         await peer.send(unknown_opcode_frame())
-        await peer.send(encode(PingReply(Status.APPROVED), request_id + 1))  # Not ours.
+        await peer.send(encode(Error(Status.INVALID_TRANSACTION), request_id + 1))  # Not ours.
         await peer.send(encode(Shutdown(7)))
         await peer.send(encode(BalanceReply(Status.APPROVED, 5), request_id))
 
@@ -107,6 +104,40 @@ async def test_reply_is_matched_past_notices_and_unknown_frames() -> None:
     with pytest.raises(ServerShutdown) as raised:
         connection.raise_if_shutting_down()
     assert raised.value.grace_s == 7
+
+
+async def test_a_reply_to_another_request_id_breaks_the_connection() -> None:
+    """The bank answers in order, so a reply that does not answer our request is a
+    broken bank: the session reconnects rather than wait for a reply that may not come."""
+    connection, peer = await greeted()
+
+    async def answer() -> None:
+        request_id = await peer.receive_request_id()
+        await peer.send(encode(PingReply(Status.APPROVED), request_id + 1))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        with pytest.raises(ConnectionLost, match="out of order"):
+            await connection.request(Ping(), PingReply)
+
+
+async def test_a_reply_of_another_type_breaks_the_connection() -> None:
+    connection, peer = await greeted()
+
+    async def answer() -> None:
+        await peer.send(encode(BalanceReply(Status.APPROVED, 1), await peer.receive_request_id()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        with pytest.raises(ConnectionLost, match="PING answered with BALANCE_REPLY"):
+            await connection.request(Ping(), PingReply)
+
+
+async def test_a_greeting_that_is_not_hello_fails_the_connect() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    await server.send_all(encode(Shutdown(3)))
+    with pytest.raises(ConnectFailed, match="not HELLO"):
+        await Connection.handshake(client)
 
 
 async def test_error_frame_answers_the_request() -> None:

@@ -21,7 +21,7 @@ from atm import text
 from atm.__main__ import DEFAULT_HOST, DEFAULT_PORT, parse_args
 from atm.console import LINE_BYTES_MAX, LineReader, TerminalConsole
 from atm.errors import ExitCode
-from tests.test_atm_fakebank import ACCOUNT, PIN, START_BALANCE_CENTS, FakeBank, listen_on_loopback
+from tests.helpers import ACCOUNT, PIN, START_BALANCE_CENTS, FakeBank, listen_on_loopback
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,14 +24,13 @@ from atm.session import (
     RECONNECT_WAIT_S_MAX,
     run_atm,
 )
-from tests.test_atm_fakebank import (
+from tests.helpers import (
     ACCOUNT,
     HELLO,
     PIN,
     START_BALANCE_CENTS,
     FakeBank,
     ScriptedConsole,
-    with_version,
 )
 from wire import (
     Balance,
@@ -45,7 +44,6 @@ from wire import (
     Shutdown,
     Status,
     Withdraw,
-    encode,
 )
 
 LOGIN_LINES = [ACCOUNT, PIN]
@@ -190,7 +188,7 @@ async def test_an_error_frame_is_shown_and_the_session_goes_on() -> None:
 
     code, console, _ = await run([*LOGIN_LINES, "b", "x"], bank_setup=break_balance)
     assert code is ExitCode.OK
-    assert "The bank could not read the request (30)" in console.text
+    assert "The bank does not offer that transaction (12)" in console.text
     assert console.output[-1] == text.GOODBYE
 
 
@@ -591,7 +589,7 @@ async def test_a_lease_the_bank_still_holds_is_waited_out(autojump_clock) -> Non
 
 async def test_incompatible_version_is_refused_clearly() -> None:
     def speak_version_2(bank: FakeBank) -> None:
-        bank.hello_frame = with_version(encode(HELLO), 2)
+        bank.hello_version = 2
 
     code, console, bank = await run(LOGIN_LINES, bank_setup=speak_version_2)
     assert code is ExitCode.INCOMPATIBLE_VERSION

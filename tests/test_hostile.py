@@ -165,7 +165,7 @@ async def test_random_bytes_get_at_most_one_error_and_a_close(
         for size in sizes:
             for prefix in (b"", MAGIC + bytes([PROTOCOL_VERSION])):  # noise, or a header of it
                 attacker = await bank.client()
-                await attacker.stream.send_all(prefix + rng.randbytes(size))
+                await attacker.send_raw(prefix + rng.randbytes(size))
                 await attacker.stream.send_eof()  # a frame left incomplete ends here
                 frames = await frames_until_closed(attacker)
                 assert len(frames) <= 1, frames
@@ -185,7 +185,7 @@ async def test_an_oversized_length_is_refused_from_the_header_alone(
         for opcode in (Deposit.OPCODE, Login.OPCODE, 0x3E):
             attacker = await logged_in(bank)
             header = FAST_HEADER.pack((MAGIC, PROTOCOL_VERSION, opcode, 4242, length))
-            await attacker.stream.send_all(header)  # the payload is never sent
+            await attacker.send_raw(header)  # the payload is never sent
             frames = await frames_until_closed(attacker)
             assert [(f.request_id, f.message) for f in frames] == [
                 (4242, Error(Status.FORMAT_ERROR))
@@ -206,7 +206,7 @@ async def test_every_single_bit_flip_in_a_deposit_is_refused_and_moves_nothing(
         corrupt = bytearray(good)
         corrupt[position] ^= 1 << rng.randrange(8)
         attacker = await logged_in(bank)
-        await attacker.stream.send_all(bytes(corrupt))
+        await attacker.send_raw(bytes(corrupt))
         # A flip that makes the length larger leaves the server waiting for more bytes.
         await attacker.stream.send_eof()
         frames = await frames_until_closed(attacker)
@@ -227,7 +227,7 @@ async def test_an_unsupported_version_is_refused_at_its_third_byte(
 ):
     for version in (0, PROTOCOL_VERSION + 1, 0x7F, 0xFF):
         attacker = await logged_in(bank)
-        await attacker.stream.send_all(MAGIC + bytes([version]))  # not even a header
+        await attacker.send_raw(MAGIC + bytes([version]))  # not even a header
         frames = await frames_until_closed(attacker)
         assert [(f.request_id, f.message) for f in frames] == [
             (0, Error(Status.UNSUPPORTED_VERSION))
@@ -242,7 +242,7 @@ async def test_every_opcode_a_client_may_not_send_is_answered_and_the_session_go
     client_opcodes = {op for op, cls in MESSAGE_TYPES.items() if issubclass(cls, Request)}
     foreign = [op for op in range(256) if op not in client_opcodes]
     client = await logged_in(bank)
-    await client.stream.send_all(
+    await client.send_raw(
         b"".join(frame_bytes(op, 1000 + op, b"") for op in foreign) + encode(Balance(), 1)
     )
     for op in foreign:
@@ -275,7 +275,7 @@ async def test_server_messages_sent_by_a_client_are_refused_and_grant_nothing(
         (Error(Status.SERVER_BUSY), 18),
     ]
     attacker = await bank.client()
-    await attacker.stream.send_all(b"".join(encode(m, rid) for m, rid in forged))
+    await attacker.send_raw(b"".join(encode(m, rid) for m, rid in forged))
     for _message, request_id in forged:
         frame = await attacker.receive()
         assert frame is not None
@@ -298,7 +298,7 @@ async def test_money_requests_before_login_move_nothing_and_consume_no_txn_id(
     requests: list[Request] = [Deposit(k, 1_00) for k in keys[:5]]
     requests += [Withdraw(k, 1_00) for k in keys[5:]]
     requests += [History(20), Balance()]
-    await attacker.stream.send_all(b"".join(encode(r, i + 1) for i, r in enumerate(requests)))
+    await attacker.send_raw(b"".join(encode(r, i + 1) for i, r in enumerate(requests)))
     for i, _request in enumerate(requests):
         frame = await attacker.receive()
         assert frame is not None and frame.request_id == i + 1
@@ -318,7 +318,7 @@ async def test_logins_on_an_authenticated_connection_are_refused_without_a_pin_c
     client = await logged_in(bank)
     attempts = [Login(DEMO_ACCOUNT, DEMO_PIN), Login(OTHER_ACCOUNT, OTHER_PIN)]
     attempts += [Login(OTHER_ACCOUNT, WRONG_PIN)] * 6  # would lock OTHER if they counted
-    await client.stream.send_all(b"".join(encode(m, i + 1) for i, m in enumerate(attempts)))
+    await client.send_raw(b"".join(encode(m, i + 1) for i, m in enumerate(attempts)))
     for i, _attempt in enumerate(attempts):
         frame = await client.receive()
         assert frame is not None
@@ -455,7 +455,7 @@ async def test_hostile_amounts_are_refused_and_the_session_goes_on(
             request_id += 1
             frames.append(frame_bytes(opcode, request_id, money_payload(amount)))
             expected.append((request_id, Error(Status.INVALID_AMOUNT)))
-    await client.stream.send_all(b"".join(frames) + encode(Ping(), 1))
+    await client.send_raw(b"".join(frames) + encode(Ping(), 1))
     for want in expected:
         frame = await client.receive()
         assert frame is not None and (frame.request_id, frame.message) == want
@@ -484,7 +484,7 @@ async def test_replays_and_conflicting_txn_ids_move_money_once(
 ):
     client = await logged_in(bank)
     key = txn_id()
-    await client.stream.send_all(b"".join(encode(Deposit(key, 7_77), i + 1) for i in range(50)))
+    await client.send_raw(b"".join(encode(Deposit(key, 7_77), i + 1) for i in range(50)))
     replies = [await client.receive() for _ in range(50)]
     assert [f.request_id for f in replies] == list(range(1, 51))
     assert len({f.message for f in replies}) == 1  # one receipt, fifty times
@@ -533,7 +533,7 @@ async def test_two_hundred_pipelined_requests_are_answered_in_order(
             (Deposit(txn_id(), 1_00), Withdraw(txn_id(), 40), Balance(), Ping(), History(5))[i % 5]
         )
     ids = [2**32 - 1 - i * 7919 for i in range(200)]  # large, unordered-looking ids
-    await client.stream.send_all(b"".join(encode(r, i) for r, i in zip(requests, ids, strict=True)))
+    await client.send_raw(b"".join(encode(r, i) for r, i in zip(requests, ids, strict=True)))
     balance = DEMO_BALANCE_CENTS
     for request, request_id in zip(requests, ids, strict=True):
         frame = await client.receive()
@@ -557,7 +557,7 @@ async def test_frames_pipelined_behind_a_fatal_error_or_a_logout_never_run(
     corrupt[-1] ^= 0x01
     before = [encode(Deposit(txn_id(), 1_00), i) for i in range(1, 6)]
     after = [encode(Deposit(txn_id(), 1_00), i) for i in range(7, 12)]
-    await client.stream.send_all(b"".join([*before, bytes(corrupt), *after]))
+    await client.send_raw(b"".join([*before, bytes(corrupt), *after]))
     frames = await frames_until_closed(client)
     assert [f.request_id for f in frames] == [1, 2, 3, 4, 5, 6]
     assert frames[-1].message == Error(Status.FORMAT_ERROR)
@@ -565,7 +565,7 @@ async def test_frames_pipelined_behind_a_fatal_error_or_a_logout_never_run(
 
     client = await logged_in(bank)
     pipelined = [Deposit(txn_id(), 1_00), Logout(), Deposit(txn_id(), 1_00)]
-    await client.stream.send_all(b"".join(encode(m, i + 1) for i, m in enumerate(pipelined)))
+    await client.send_raw(b"".join(encode(m, i + 1) for i, m in enumerate(pipelined)))
     frames = await frames_until_closed(client)
     assert [type(f.message) for f in frames] == [DepositReply, LogoutReply]
     await client.aclose()
@@ -583,7 +583,7 @@ async def test_resets_mid_frame_release_the_lease_and_move_nothing(
     frame = encode(Deposit(txn_id(), 50_00), 3)
     for cut in (0, 1, 2, 3, 9, 10, 11, 20, len(frame) - 4, len(frame) - 1):
         attacker = await logged_in(bank)  # fails if the last reset left the lease held
-        await attacker.stream.send_all(frame[:cut])
+        await attacker.send_raw(frame[:cut])
         reset_on_close(attacker)
         await attacker.aclose()
         await settle()
@@ -597,7 +597,7 @@ async def test_a_reset_after_a_whole_deposit_then_a_retry_moves_money_exactly_on
 ):
     key = txn_id()
     attacker = await logged_in(bank)
-    await attacker.stream.send_all(encode(Deposit(key, 25_00), 1))
+    await attacker.send_raw(encode(Deposit(key, 25_00), 1))
     reset_on_close(attacker)
     await attacker.aclose()  # the reply, if any, is never read
     await settle()
@@ -649,7 +649,7 @@ async def test_slowloris_connections_are_dropped_at_the_frame_deadline(
     slow: list[WireClient] = []
     for i in range(SLOWLORIS_CONNECTIONS):
         client = await bank.client(hello=False)
-        await client.stream.send_all(begun[i % len(begun)])
+        await client.send_raw(begun[i % len(begun)])
         slow.append(client)
     await settle()
     assert bank.server.connection_count == SLOWLORIS_CONNECTIONS
@@ -685,7 +685,7 @@ async def deaf_client(port: int) -> WireClient:
 async def send_ignoring_breakage(client: WireClient, data: bytes, sent: trio.Event) -> None:
     """The deaf client's writer: it stops when the server hangs up on it."""
     with contextlib.suppress(trio.BrokenResourceError):
-        await client.stream.send_all(data)
+        await client.send_raw(data)
         sent.set()
 
 

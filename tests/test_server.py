@@ -169,7 +169,7 @@ async def test_disconnect_releases_the_lease(bank: RunningServer):
 
 async def test_a_fatal_frame_error_releases_the_lease(bank: RunningServer):
     client = await logged_in(bank)
-    await client.stream.send_all(b"garbage!!!!!!!!")
+    await client.send_raw(b"garbage!!!!!!!!")
     frame = await client.receive()
     assert frame is not None and frame.message == Error(Status.FORMAT_ERROR)
     assert await client.closed()
@@ -283,7 +283,7 @@ async def test_history_lists_recent_entries_newest_first(bank: RunningServer):
 
 async def test_unknown_opcode_is_answered_and_the_connection_goes_on(bank: RunningServer):
     client = await logged_in(bank)
-    await client.stream.send_all(frame_bytes(0x3E, 77, b""))
+    await client.send_raw(frame_bytes(0x3E, 77, b""))
     frame = await client.receive()
     assert frame is not None and frame.request_id == 77
     assert frame.message == Error(Status.INVALID_TRANSACTION)
@@ -293,7 +293,7 @@ async def test_unknown_opcode_is_answered_and_the_connection_goes_on(bank: Runni
 async def test_amount_out_of_range_is_answered_and_the_connection_goes_on(bank: RunningServer):
     client = await logged_in(bank)
     zero_amount = txn_id() + (0).to_bytes(8, "big")
-    await client.stream.send_all(frame_bytes(Deposit.OPCODE, 5, zero_amount))
+    await client.send_raw(frame_bytes(Deposit.OPCODE, 5, zero_amount))
     frame = await client.receive()
     assert frame is not None and (frame.request_id, frame.message) == (
         5, Error(Status.INVALID_AMOUNT)
@@ -305,7 +305,7 @@ async def test_bad_crc_gets_a_format_error_and_close(bank: RunningServer):
     client = await bank.client()
     frame = bytearray(encode(Balance(), 9))
     frame[-1] ^= 0xFF
-    await client.stream.send_all(bytes(frame))
+    await client.send_raw(bytes(frame))
     reply = await client.receive()
     assert reply is not None and (reply.request_id, reply.message) == (
         9, Error(Status.FORMAT_ERROR)
@@ -315,7 +315,7 @@ async def test_bad_crc_gets_a_format_error_and_close(bank: RunningServer):
 
 async def test_unsupported_version_is_named_in_the_answer(bank: RunningServer):
     client = await bank.client()
-    await client.stream.send_all(b"AT\x09" + bytes(20))
+    await client.send_raw(b"AT\x09" + bytes(20))
     reply = await client.receive()
     assert reply is not None and reply.message == Error(Status.UNSUPPORTED_VERSION)
     assert await client.closed()
@@ -324,7 +324,7 @@ async def test_unsupported_version_is_named_in_the_answer(bank: RunningServer):
 async def test_pipelined_requests_are_answered_in_order(bank: RunningServer):
     client = await logged_in(bank)
     requests = [Deposit(txn_id(), 1_00) for _ in range(20)] + [Balance()]
-    await client.stream.send_all(b"".join(encode(r, 100 + i) for i, r in enumerate(requests)))
+    await client.send_raw(b"".join(encode(r, 100 + i) for i, r in enumerate(requests)))
     replies = [await client.receive() for _ in requests]
     assert [f.request_id for f in replies] == [100 + i for i in range(len(requests))]
     assert replies[-1].message == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS + 20_00)
@@ -438,7 +438,7 @@ async def test_trickled_partial_frames_do_not_extend_the_login_deadline(
     bank = await start_server(nursery, config, ledger, login_timeout_s=5, frame_timeout_s=10)
     client = await bank.client()
     ping = encode(Ping(), 1)
-    await client.stream.send_all(ping + ping[:5])  # a whole frame, then one begun
+    await client.send_raw(ping + ping[:5])  # a whole frame, then one begun
     assert (await client.receive()).message == PingReply(Status.APPROVED)
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(5)
@@ -455,7 +455,7 @@ async def test_an_answered_bad_frame_counts_as_activity(
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.idle_timeout_s - 1)
     await trio.testing.wait_all_tasks_blocked()  # a deadline that passed is enforced now
-    await client.stream.send_all(frame_bytes(0x3E, 8, b""))
+    await client.send_raw(frame_bytes(0x3E, 8, b""))
     frame = await client.receive()
     assert frame is not None and frame.message == Error(Status.INVALID_TRANSACTION)
     await trio.testing.wait_all_tasks_blocked()
@@ -488,16 +488,16 @@ async def test_a_frame_behind_a_refused_one_gets_its_own_frame_timeout(
     assert config.frame_timeout_s > 4
     client = await bank.client()
     refused, ping = frame_bytes(0x3E, 8, b""), encode(Ping(), 9)
-    await client.stream.send_all(refused[:5])
+    await client.send_raw(refused[:5])
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.frame_timeout_s - 2)  # the refused frame completes in time...
-    await client.stream.send_all(refused[5:] + ping[:3])  # ...with a PING begun behind it
+    await client.send_raw(refused[5:] + ping[:3])  # ...with a PING begun behind it
     frame = await client.receive()
     assert frame is not None and frame.message == Error(Status.INVALID_TRANSACTION)
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(4)  # past frame_timeout_s since the refused frame began, not the PING
     await trio.testing.wait_all_tasks_blocked()
-    await client.stream.send_all(ping[3:])
+    await client.send_raw(ping[3:])
     arm_receive_guard(mock_clock)
     frame = await client.receive()
     assert frame is not None and frame.request_id == 9
@@ -596,7 +596,7 @@ async def test_pipelined_requests_do_not_hold_the_event_loop(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.run)
         await client.hello()
-        await client.stream.send_all(b"".join(request(n) for n in range(1, burst + 1)))
+        await client.send_raw(b"".join(request(n) for n in range(1, burst + 1)))
         nursery.start_soon(another_task)
         for n in range(1, burst + 1):
             frame = await client.receive()
@@ -629,7 +629,7 @@ async def test_a_deadline_passing_as_a_reply_goes_out_ends_as_a_send_timeout(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.run)
         await client.hello()
-        await client.stream.send_all(encode(Ping(), 1) + (encode(Ping(), 2) * pipelined))
+        await client.send_raw(encode(Ping(), 1) + (encode(Ping(), 2) * pipelined))
         frame = await client.receive()
         assert frame is not None and (frame.request_id, frame.message) == (
             1, PingReply(Status.APPROVED)
@@ -675,7 +675,7 @@ async def test_replies_wait_for_room_when_the_client_reads_slowly(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.run)
         await client.hello()
-        nursery.start_soon(client.stream.send_all, requests)
+        nursery.start_soon(client.send_raw, requests)
         await trio.testing.wait_all_tasks_blocked()  # the server now waits for room
         for n in range(1, burst + 1):
             frame = await client.receive()

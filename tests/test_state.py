@@ -14,10 +14,12 @@ from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, txn_id
 from wire import (
     PERMITTED,
     REFUSAL,
+    Answer,
     Balance,
     BalanceReply,
     Connection,
     Deposit,
+    DepositReply,
     Error,
     Hello,
     History,
@@ -342,3 +344,28 @@ def test_every_opcode_is_in_the_engine_or_a_notice() -> None:
     assert {Opcode(cls.OPCODE) for cls in requests} == {
         op for op in Opcode if op < 0x80
     }
+
+
+def test_a_client_answer_pairs_the_reply_with_its_request() -> None:
+    pair = logged_in()
+    deposit = Deposit(txn_id(), 250)
+    pair.to_server(pair.client.send(deposit))
+    answer = pair.to_client(pair.server.send(DepositReply(Status.APPROVED, 1, 1, 1)))
+    assert isinstance(answer, Answer)
+    assert answer.request is deposit and answer.request_id == pair.client.last_request_id
+
+
+def test_a_server_may_answer_the_request_in_hand_with_an_error() -> None:
+    pair = logged_in()
+    pair.to_server(pair.client.send(Ping()))
+    answer = pair.to_client(pair.server.send(Error(Status.INVALID_TRANSACTION)))
+    assert isinstance(answer, Answer) and answer.message == Error(Status.INVALID_TRANSACTION)
+    pair.assert_state(State.AUTHENTICATED)
+
+
+def test_trailing_data_is_what_no_event_was_made_of() -> None:
+    client = Connection(Sender.CLIENT)
+    hello = encode(HELLO)
+    client.receive_data(hello + hello[:7])
+    assert client.next_event() is not None
+    assert client.trailing_data == hello[:7]

@@ -4,7 +4,7 @@ The bank server and the ATM client both speak only through this package;
 spec/PROTOCOL.md describes the same format for people writing other peers.
 """
 
-from wire._connection import Connection, LocalProtocolError, RemoteProtocolError
+from wire._connection import Answer, Connection, LocalProtocolError, RemoteProtocolError
 from wire._state import LOGIN_FAILURES, PERMITTED, REFUSAL, State
 from wire.codec import Decoder, Frame, encode
 from wire.errors import WireError
@@ -56,6 +56,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REFUSAL",
     "REQUEST_ID_MAX",
+    "Answer",
     "Balance",
     "BalanceReply",
     "Connection",

@@ -23,6 +23,7 @@ is still usable), ``LocalProtocolError`` for a caller that broke a rule (a bug).
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from wire._state import LOGIN_FAILURES, State, next_state, refusal
@@ -54,6 +55,18 @@ class LocalProtocolError(WireError):
 class RemoteProtocolError(WireError):
     """The peer broke the protocol. ``status`` is what a server answers it with (in an
     ERROR frame carrying ``request_id``); after a ``fatal`` one the connection is CLOSED."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A client's event: the server's answer to one of our requests, paired with it.
+
+    ``message`` is the request's reply type, or an ERROR (whose status is never
+    APPROVED, so checking ``status`` covers both)."""
+
+    request_id: int
+    request: Request
+    message: Reply | Error
 
 
 class _Unanswered(NamedTuple):
@@ -100,15 +113,28 @@ class Connection:
         """Bytes received but not yet consumed: non-zero means a frame has begun."""
         return self._decoder.buffered_bytes
 
+    @property
+    def trailing_data(self) -> bytes:
+        """The bytes received but not yet made into events, for a caller that hands the
+        byte stream over to something else (as h11's ``trailing_data``)."""
+        return self._decoder.unconsumed
+
+    @property
+    def last_request_id(self) -> int:
+        """The request id of the request this client sent last (0 before the first)."""
+        return self._last_request_id
+
     def receive_data(self, data: bytes) -> None:
         """Add bytes as they arrived; then call ``next_event`` until it returns None."""
         self._decoder.receive_data(data)
 
-    def next_event(self) -> Frame | None:
+    def next_event(self) -> Frame | Answer | None:
         """The next frame the peer sent, checked against the conversation; None if more
         bytes are needed. Raises ``RemoteProtocolError``.
 
-        A server must answer each request (``send``) before asking for the next one.
+        A server gets each request as a ``Frame`` and must answer it (``send``) before
+        asking for the next. A client gets the answer to its oldest request as an
+        ``Answer``, and notices (request id 0) and ERRORs about other frames as ``Frame``.
         """
         if self.our_role is Sender.SERVER and self._unanswered:
             raise LocalProtocolError("the last request is not answered yet")
@@ -122,9 +148,8 @@ class Connection:
             return None
         if self.our_role is Sender.SERVER:
             self._request_received(frame)
-        else:
-            self._server_frame_received(frame)
-        return frame
+            return frame
+        return self._server_frame_received(frame)
 
     def _request_received(self, frame: Frame) -> None:
         request = frame.message
@@ -132,22 +157,24 @@ class Connection:
         status = refusal(self.state, request, shutting_down=self.shutting_down)
         self._unanswered.append(_Unanswered(frame.request_id, request, status))
 
-    def _server_frame_received(self, frame: Frame) -> None:
+    def _server_frame_received(self, frame: Frame) -> Frame | Answer:
         message = frame.message
         if self.state is State.OPENING and not isinstance(message, (Hello, Error)):
             raise self._remote_error(
                 Status.FORMAT_ERROR, f"the server opened with {message.OPCODE.name}, not HELLO"
             )
+        event: Frame | Answer = frame
         if isinstance(message, Error):
             # An ERROR answers the frame its id names, which may be one we did not send
             # as a request (it was damaged on the way): it answers our oldest only if the
             # id matches.
             if self._unanswered and frame.request_id == self._unanswered[0].request_id:
-                self._unanswered.popleft()
+                event = Answer(frame.request_id, self._unanswered.popleft().request, message)
         elif isinstance(message, Reply):
             self._check_answer(frame.request_id, message)
-            self._unanswered.popleft()
+            event = Answer(frame.request_id, self._unanswered.popleft().request, message)
         self._server_said(message)
+        return event
 
     def _check_answer(self, request_id: int, reply: Reply) -> None:
         if not self._unanswered:
@@ -205,7 +232,7 @@ class Connection:
     def _send_as_server(self, message: Message) -> bytes:
         if self.state is State.OPENING and not isinstance(message, (Hello, Error)):
             raise LocalProtocolError(f"{message.OPCODE.name} before HELLO")
-        if isinstance(message, Reply):
+        if isinstance(message, Reply) or (isinstance(message, Error) and self._unanswered):
             request_id = self._answer(message)
         elif isinstance(message, (Notice, Error)):
             if isinstance(message, Hello) and self.state is not State.OPENING:
@@ -217,12 +244,16 @@ class Connection:
         self._server_said(message)
         return data
 
-    def _answer(self, reply: Reply) -> int:
+    def _answer(self, reply: Reply | Error) -> int:
         """Check ``reply`` answers the unanswered request as the state table says, and
-        take that request off the queue; its id is the reply's."""
+        take that request off the queue; its id is the reply's. An ERROR answers the
+        request in hand whatever it was (a server that could not make sense of it)."""
         if not self._unanswered:
             raise LocalProtocolError(f"{reply.OPCODE.name} answers no request")
         request_id, request, status = self._unanswered[0]
+        if isinstance(reply, Error):
+            self._unanswered.popleft()
+            return request_id
         if type(reply) is not reply_type(request):
             raise LocalProtocolError(
                 f"{request.OPCODE.name} cannot be answered with {reply.OPCODE.name}"

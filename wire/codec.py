@@ -79,6 +79,11 @@ class Decoder:
         """Bytes received but not yet consumed: non-zero means a frame has begun."""
         return len(self._buffer)
 
+    @property
+    def unconsumed(self) -> bytes:
+        """The bytes received but not yet made into frames."""
+        return bytes(self._buffer)
+
     def receive_data(self, data: bytes) -> None:
         """Add bytes as they arrived. Call ``next_frame`` until it returns None."""
         self._buffer += data
