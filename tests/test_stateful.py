@@ -17,7 +17,6 @@ account), and the ledger's own invariants hold.
 
 from __future__ import annotations
 
-import itertools
 import queue
 import socket
 import struct
@@ -41,9 +40,9 @@ from bank.store import DEMO_ACCOUNTS
 from tests.helpers import txn_id
 from tests.test_hostile import settle
 from wire import (
+    Answer,
     Balance,
     BalanceReply,
-    Decoder,
     Deposit,
     DepositReply,
     EntryKind,
@@ -57,12 +56,13 @@ from wire import (
     Logout,
     LogoutReply,
     Message,
+    Request,
     Sender,
     Status,
     Withdraw,
     WithdrawReply,
-    encode,
 )
+from wire import Connection as Engine
 
 T = TypeVar("T")
 
@@ -152,35 +152,34 @@ class ServerThread:
 
 
 class Atm:
-    """A blocking-socket ATM speaking the wire protocol, with no logic of its own."""
+    """A blocking-socket ATM with no logic of its own: a client ``wire.Connection``
+    checks the conversation (a blocking socket, since hypothesis drives it from a thread
+    that is not Trio's)."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S)
-        self.decoder = Decoder(Sender.SERVER)
-        self._ids = itertools.count(1)
+        self.engine = Engine(Sender.CLIENT)
         hello = self.receive()
         assert hello is not None and isinstance(hello.message, Hello)
 
-    def send(self, message: Message) -> int:
-        request_id = next(self._ids)
-        self.sock.sendall(encode(message, request_id))
-        return request_id
+    def send(self, message: Request) -> None:
+        self.sock.sendall(self.engine.send(message))
 
-    def receive(self) -> Frame | None:
-        """The next frame, or None once the server has closed the connection."""
-        while (frame := self.decoder.next_frame()) is None:
+    def receive(self) -> Frame | Answer | None:
+        """The next event, or None once the server has closed the connection."""
+        while (event := self.engine.next_event()) is None:
             data = self.sock.recv(4096)
             if not data:
                 return None
-            self.decoder.receive_data(data)
-        return frame
+            self.engine.receive_data(data)
+        return event
 
-    def request(self, message: Message) -> Message:
-        request_id = self.send(message)
-        frame = self.receive()
-        assert frame is not None, f"closed instead of answering {message}"
-        assert frame.request_id == request_id
-        return frame.message
+    def request(self, message: Request) -> Message:
+        """Send one request and return its answer; the engine checks it answers ours."""
+        self.send(message)
+        answer = self.receive()
+        assert isinstance(answer, Answer), f"{answer} instead of answering {message}"
+        return answer.message
 
     def close(self, *, reset: bool = False) -> None:
         if reset:  # SO_LINGER 0: the close sends RST, not FIN
