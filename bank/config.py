@@ -41,7 +41,12 @@ class ServerConfig:
     )
     log_level: str = _setting("INFO", "operator log level: DEBUG, INFO, WARNING or ERROR")
     connections_max: int = _setting(
-        1000, "connections served at once; beyond it a client gets SERVER_BUSY and is closed"
+        1000, "connections served at once; when full, a new one evicts the oldest that has"
+        " not logged in, or if every one has, gets SERVER_BUSY and is closed"
+    )
+    preauth_per_address_max: int = _setting(
+        16, "connections one address (IPv6: one /64) may hold before logging in; beyond it"
+        " SERVER_BUSY"
     )
     frame_timeout_s: int = _setting(
         10, "seconds a frame may take from its first byte to its last (and a reply to send)"
@@ -78,7 +83,9 @@ class ServerConfig:
             raise ValueError(f"amount_cents_max must be 1..{AMOUNT_CENTS_MAX} cents")
         if not 1 <= self.withdrawal_cents_max <= self.amount_cents_max:
             raise ValueError("withdrawal_cents_max must be 1..amount_cents_max cents")
-        for name in ("connections_max", "login_attempts_max", "pin_tries_max"):
+        for name in (
+            "connections_max", "preauth_per_address_max", "login_attempts_max", "pin_tries_max"
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not 0 <= self.pin_lockout_s <= PIN_LOCKOUT_S_MAX:

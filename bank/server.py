@@ -6,6 +6,20 @@ each request the engine lets through (the engine's refusal answers the rest) and
 writes it back. ``BankServer`` accepts connections up to a limit (refusing, never
 queueing, beyond it) and shuts down gracefully: stop accepting, SHUTDOWN to every
 connection, a grace period, then a backstop cancel.
+
+Connections that have not logged in cannot take every slot, so that a flood of idle
+connections (which needs no account) cannot lock the ATMs out:
+
+- one peer address (for IPv6, one /64, what a single host is usually given) may hold
+  at most ``preauth_per_address_max`` connections that have not logged in; beyond it a
+  new one gets SERVER_BUSY and is closed;
+- when all ``connections_max`` slots are taken, a new connection evicts the oldest one
+  that has not logged in and is waiting on its peer (it gets SESSION_EXPIRED, as at its
+  login deadline, and is closed) instead of being refused. A logged-in session is never
+  evicted; only when every slot holds one is a new connection refused.
+
+Refusals and evictions are logged at WARNING at most once per address (or reason) per
+``WARNING_INTERVAL_S``, with a count of those not logged, so a flood cannot flood the log.
 """
 
 from __future__ import annotations
@@ -13,11 +27,14 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import ipaddress
 import itertools
 import logging
 import math
 import os
 import resource
+from collections import Counter
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -30,6 +47,7 @@ from wire import Connection as Engine
 from wire import (
     Error,
     Frame,
+    LoginReply,
     Message,
     RemoteProtocolError,
     Request,
@@ -58,6 +76,20 @@ REFUSALS_MAX = 64
 SHUTDOWN_BACKSTOP_S = CLOSE_LINGER_S + 1.0
 """Seconds after the grace period at which connections still open are cancelled."""
 
+EVICTIONS_MAX = 64
+"""Evicted connections still closing at once; beyond it a new connection is refused,
+since each one holds its socket for up to CLOSE_LINGER_S after its notice."""
+
+WARNING_INTERVAL_S = 60.0
+"""Least seconds between two WARNING lines for the same address or reason."""
+
+WARNED_KEYS_MAX = 1024
+"""Addresses (or reasons) remembered for WARNING_INTERVAL_S; the oldest are forgotten
+beyond it, so a flood from many addresses cannot grow the table."""
+
+IPV6_PREFIX_BITS = 64
+"""An IPv6 peer is counted by its /64: one host usually holds a whole /64."""
+
 OPEN_FILES_RESERVED = 32
 """Open files the server needs besides its connections' sockets: standard streams,
 listeners, the database with its WAL and shared-memory files, trio's own (12 measured)."""
@@ -77,6 +109,7 @@ class Ending(enum.Enum):
     FRAME_TIMEOUT = "frame not completed in time"
     GRACE_OVER = "shutdown grace period over"
     SEND_TIMEOUT = "peer did not read a reply in time"
+    EVICTED = "evicted: not logged in, and the server is full"
 
 
 class ConnectionEnded(Exception):
@@ -168,9 +201,11 @@ class Connection:
         config: ServerConfig,
         name: str,
         sweeper: DeadlineSweeper,
+        on_login: Callable[[Connection], None] = lambda connection: None,
     ) -> None:
         self.name = name
         self.session = session
+        self._on_login = on_login
         self.deadline = math.inf
         """When the current wait on the peer gives up (trio clock), read by the sweeper."""
         self._ending = Ending.IDLE
@@ -197,6 +232,22 @@ class Connection:
         """Called by the sweeper once ``deadline`` has passed: interrupt the wait."""
         self._interrupt = Interrupt.DEADLINE
         self._expired_as = self._ending
+        self._scope.cancel()
+
+    @property
+    def waiting_on_peer(self) -> bool:
+        """True while the connection waits for its peer's next bytes, doing nothing."""
+        return self._reading
+
+    @property
+    def logged_in(self) -> bool:
+        return self._engine.state is State.AUTHENTICATED
+
+    def evict(self) -> None:
+        """Called by the server while ``waiting_on_peer``: tell the peer its session
+        expired, and close. (Only a wait is interrupted, never a request in hand.)"""
+        self._interrupt = Interrupt.DEADLINE
+        self._expired_as = Ending.EVICTED
         self._scope.cancel()
 
     def begin_shutdown(self, close_at: float) -> None:
@@ -264,6 +315,8 @@ class Connection:
         assert isinstance(request, Request), "a server's engine yields only requests"
         reply = await self.session.answer(self._engine, request)
         await self._send(reply)
+        if isinstance(reply, LoginReply) and self.logged_in:
+            self._on_login(self)
         if self._engine.state is State.CLOSED and reply.status is not Status.APPROVED:
             log.info("%s: closing after %s %s", self.name, reply.OPCODE.name, reply.status.name)
 
@@ -327,7 +380,7 @@ class Connection:
         does not get it.
         """
         notice: Message | None = None
-        if ending is Ending.IDLE:
+        if ending in {Ending.IDLE, Ending.EVICTED}:
             notice = SessionExpired()
         elif ending is Ending.FRAME_TIMEOUT:
             notice = Error(Status.FORMAT_ERROR)
@@ -392,9 +445,16 @@ class BankServer:
         self.config = config
         self.leases = Leases()
         self._ledger = ledger
-        self._slots = trio.CapacityLimiter(config.connections_max)
         self._refusals = trio.CapacityLimiter(REFUSALS_MAX)
         self._connections: set[Connection] = set()
+        """Every connection being served, evicted ones that are still closing included."""
+        self._slotted: set[Connection] = set()
+        """The connections that hold one of the ``connections_max`` slots."""
+        self._preauth: dict[Connection, str] = {}
+        """Slotted connections not logged in, oldest first, with their address key."""
+        self._preauth_per_address: Counter[str] = Counter()
+        self._evicting: set[Connection] = set()
+        self._warnings = OncePerInterval(WARNING_INTERVAL_S, WARNED_KEYS_MAX)
         self._sweeper = DeadlineSweeper()
         self._numbers = itertools.count(1)
         self._stop = trio.Event()
@@ -449,24 +509,35 @@ class BankServer:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         """One accepted socket. Nothing may escape: it would end serve() for everyone."""
+        host = _peer_host(stream)
         name = f"conn {next(self._numbers)} {_peer_address(stream)}"
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            log.warning("%s: refused, %d connections open", name, len(self._connections))
+        address = address_key(host) if host is not None else "(peer gone)"
+        if self._preauth_per_address[address] >= self.config.preauth_per_address_max:
+            self._warnings.warn(
+                address, "refused connections from %s: %d not logged in already",
+                address, self._preauth_per_address[address],
+            )
             await self._refuse_busy(stream)
             return
-        try:
-            await self._serve_connection(stream, name)
-        finally:
-            self._slots.release()
+        if len(self._slotted) >= self.config.connections_max and not self._evict_one():
+            self._warnings.warn(
+                "full", "refused connections: all %d slots hold logged-in sessions"
+                " or connections busy with a request", len(self._slotted),
+            )
+            await self._refuse_busy(stream)
+            return
+        await self._serve_connection(stream, name, address)
 
-    async def _serve_connection(self, stream: trio.SocketStream, name: str) -> None:
+    async def _serve_connection(self, stream: trio.SocketStream, name: str, address: str) -> None:
         session = Session(ledger=self._ledger, leases=self.leases, config=self.config, name=name)
         connection = Connection(
-            stream, session=session, config=self.config, name=name, sweeper=self._sweeper
+            stream, session=session, config=self.config, name=name, sweeper=self._sweeper,
+            on_login=self._logged_in,
         )
         self._connections.add(connection)
+        self._slotted.add(connection)
+        self._preauth[connection] = address
+        self._preauth_per_address[address] += 1
         self._sweeper.watch(connection)
         if self._shutdown_at is not None:
             connection.begin_shutdown(self._shutdown_at)
@@ -477,8 +548,43 @@ class BankServer:
             log.exception("%s: unexpected error", name)
         finally:
             self._sweeper.forget(connection)
+            self._release_slot(connection)
+            self._evicting.discard(connection)
             self._connections.discard(connection)
             log.info("%s: closed", name)
+
+    def _logged_in(self, connection: Connection) -> None:
+        """``connection`` logged in: it no longer counts against its address, and is
+        never evicted."""
+        self._forget_preauth(connection)
+
+    def _evict_one(self) -> bool:
+        """Free a slot by evicting the oldest connection that has not logged in and is
+        waiting on its peer; False if there is none (or too many are still closing)."""
+        if len(self._evicting) >= EVICTIONS_MAX:
+            return False
+        victim = next((c for c in self._preauth if c.waiting_on_peer), None)
+        if victim is None:
+            return False
+        self._warnings.warn(
+            "evicting", "server full (%d slots): evicting connections that have not"
+            " logged in, oldest first (%s)", self.config.connections_max, victim.name,
+        )
+        self._release_slot(victim)
+        self._evicting.add(victim)
+        victim.evict()
+        return True
+
+    def _release_slot(self, connection: Connection) -> None:
+        self._forget_preauth(connection)
+        self._slotted.discard(connection)
+
+    def _forget_preauth(self, connection: Connection) -> None:
+        address = self._preauth.pop(connection, None)
+        if address is not None:
+            self._preauth_per_address[address] -= 1
+            if not self._preauth_per_address[address]:
+                del self._preauth_per_address[address]
 
     async def _refuse_busy(self, stream: trio.SocketStream) -> None:
         """SERVER_BUSY, then close; past REFUSALS_MAX at once, close without a word, so
@@ -499,11 +605,55 @@ class BankServer:
             self._refusals.release()
 
 
+class OncePerInterval:
+    """Log a WARNING for a key at most once per ``interval_s``, counting the rest.
+
+    At most ``keys_max`` keys are remembered (the longest-unwarned are forgotten first):
+    the keys are peer addresses, which a flood controls."""
+
+    def __init__(self, interval_s: float, keys_max: int) -> None:
+        self._interval_s = interval_s
+        self._keys_max = keys_max
+        self._last: dict[str, tuple[float, int]] = {}
+        """Per key: when it was last logged, and how many times it was not since."""
+
+    def warn(self, key: str, message: str, *args: object) -> None:
+        now = trio.current_time()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self._interval_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        unlogged = last[1] if last is not None else 0
+        if unlogged:
+            message += " (and %d times more since the last such warning)"
+            args = (*args, unlogged)
+        log.warning(message, *args)
+        self._last.pop(key, None)
+        self._last[key] = (now, 0)
+        while len(self._last) > self._keys_max:
+            del self._last[next(iter(self._last))]
+
+
+def address_key(host: str) -> str:
+    """What ``preauth_per_address_max`` counts by: the IPv4 address, or the /64 of an
+    IPv6 one (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # without an IPv6 zone index
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX_BITS), strict=False))
+    return str(ip)
+
+
 def open_files_needed(connections_max: int) -> int:
     """Open files a server with ``connections_max`` uses at most: each connection's
-    socket, the refusals in progress, and the rest. Past the process's limit, accept
-    fails (EMFILE) and clients wait in the backlog instead of being refused as busy."""
-    return connections_max + REFUSALS_MAX + OPEN_FILES_RESERVED
+    socket, the refusals and evictions in progress, and the rest. Past the process's
+    limit, accept fails (EMFILE) and clients wait in the backlog instead of being
+    refused as busy."""
+    return connections_max + REFUSALS_MAX + EVICTIONS_MAX + OPEN_FILES_RESERVED
 
 
 def raise_open_files_limit(needed: int) -> int:
@@ -538,6 +688,15 @@ async def close_gracefully(stream: trio.SocketStream) -> None:
                 drained += len(data)
     finally:
         await stream.aclose()  # closes even when cancelled
+
+
+def _peer_host(stream: trio.SocketStream) -> str | None:
+    """The peer's IP address; None for a peer that reset before we asked."""
+    try:
+        host: str = stream.socket.getpeername()[0]
+    except OSError:
+        return None
+    return host
 
 
 def _peer_address(stream: trio.SocketStream) -> str:

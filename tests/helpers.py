@@ -170,6 +170,62 @@ async def start_server(
     return RunningServer(server, listeners[0].socket.getsockname()[1])
 
 
+async def logged_in(
+    bank: RunningServer, account: str = DEMO_ACCOUNT, pin: str = DEMO_PIN
+) -> WireClient:
+    client = await bank.client()
+    assert await client.login(account, pin) is Status.APPROVED
+    return client
+
+
+SETTLE_ROUNDS_MAX = 100
+"""Bound on settle's rounds; each round ends only when every task and thread is idle."""
+
+
+async def settle() -> None:
+    """Return once no server task can run and no worker thread is busy.
+
+    ``wait_all_tasks_blocked`` alone counts a task waiting for SQLite's thread as
+    blocked; this is trio's documented recipe that also waits for the threads.
+    """
+    for _ in range(SETTLE_ROUNDS_MAX):
+        await trio.testing.wait_all_threads_completed()
+        await trio.testing.wait_all_tasks_blocked()
+        if trio.testing.active_thread_count() == 0:
+            return
+    raise AssertionError("the server never settled")
+
+
+async def legit_session(
+    bank: RunningServer, account: str = DEMO_ACCOUNT, pin: str = DEMO_PIN
+) -> None:
+    """An honest ATM's whole visit; every step must be approved."""
+    client = await logged_in(bank, account, pin)
+    before = await client.request(Balance())
+    assert isinstance(before, BalanceReply) and before.status is Status.APPROVED
+    deposit = await client.request(Deposit(txn_id(), 12_34))
+    assert deposit.status is Status.APPROVED
+    assert deposit.balance_cents == before.balance_cents + 12_34
+    withdraw = await client.request(Withdraw(txn_id(), 5_67))
+    assert withdraw.status is Status.APPROVED
+    after = await client.request(Balance())
+    assert after == BalanceReply(Status.APPROVED, before.balance_cents + 12_34 - 5_67)
+    assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+    assert await client.closed()
+    await client.aclose()
+
+
+async def frames_until_closed(client: WireClient, frames_max: int = 10) -> list[Frame]:
+    """Every frame the server still sends, until it closes (bounded)."""
+    frames = []
+    for _ in range(frames_max):
+        frame = await client.receive()
+        if frame is None:
+            return frames
+        frames.append(frame)
+    raise AssertionError(f"still open after {frames_max} frames: {frames}")
+
+
 # -- A fake bank and a scripted keyboard, for the ATM tests ------------------------------
 
 ACCOUNT = "AC-12345"

@@ -28,6 +28,7 @@ from bank import pins, store
 from bank.config import ServerConfig
 from bank.server import CLOSE_LINGER_S
 from bank.sqlite_ledger import SqliteLedger
+from bank.store import DEMO_ACCOUNTS
 from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
@@ -36,10 +37,13 @@ from tests.helpers import (
     OTHER_PIN,
     RunningServer,
     WireClient,
+    frames_until_closed,
+    legit_session,
+    logged_in,
+    settle,
     start_server,
     txn_id,
 )
-from tests.test_server import logged_in
 from wire import (
     AMOUNT_CENTS_MAX,
     MESSAGE_TYPES,
@@ -49,7 +53,6 @@ from wire import (
     Deposit,
     DepositReply,
     Error,
-    Frame,
     Hello,
     History,
     HistoryEntry,
@@ -76,43 +79,6 @@ from wire.limits import MAGIC, PROTOCOL_VERSION
 UNKNOWN_ACCOUNT = "QQ-00000"
 WRONG_PIN = "0000"
 
-SETTLE_ROUNDS_MAX = 100
-"""Bound on settle's rounds; each round ends only when every task and thread is idle."""
-
-
-async def settle() -> None:
-    """Return once no server task can run and no worker thread is busy.
-
-    ``wait_all_tasks_blocked`` alone counts a task waiting for SQLite's thread as
-    blocked; this is trio's documented recipe that also waits for the threads.
-    """
-    for _ in range(SETTLE_ROUNDS_MAX):
-        await trio.testing.wait_all_threads_completed()
-        await trio.testing.wait_all_tasks_blocked()
-        if trio.testing.active_thread_count() == 0:
-            return
-    raise AssertionError("the server never settled")
-
-
-async def legit_session(
-    bank: RunningServer, account: str = DEMO_ACCOUNT, pin: str = DEMO_PIN
-) -> None:
-    """An honest ATM's whole visit; every step must be approved."""
-    client = await logged_in(bank, account, pin)
-    before = await client.request(Balance())
-    assert isinstance(before, BalanceReply) and before.status is Status.APPROVED
-    deposit = await client.request(Deposit(txn_id(), 12_34))
-    assert deposit.status is Status.APPROVED
-    assert deposit.balance_cents == before.balance_cents + 12_34
-    withdraw = await client.request(Withdraw(txn_id(), 5_67))
-    assert withdraw.status is Status.APPROVED
-    after = await client.request(Balance())
-    assert after == BalanceReply(Status.APPROVED, before.balance_cents + 12_34 - 5_67)
-    assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
-    assert await client.closed()
-    await client.aclose()
-
-
 async def assert_unharmed(
     bank: RunningServer,
     ledger: SqliteLedger,
@@ -128,17 +94,6 @@ async def assert_unharmed(
     assert bank.server.leases.held() == frozenset()
     assert bank.server.connection_count == 0
     assert await ledger.check_invariants() == []
-
-
-async def frames_until_closed(client: WireClient, frames_max: int = 10) -> list[Frame]:
-    """Every frame the server still sends, until it closes (bounded)."""
-    frames = []
-    for _ in range(frames_max):
-        frame = await client.receive()
-        if frame is None:
-            return frames
-        frames.append(frame)
-    raise AssertionError(f"still open after {frames_max} frames: {frames}")
 
 
 def reset_on_close(client: WireClient) -> None:
@@ -615,13 +570,14 @@ async def test_a_reset_after_a_whole_deposit_then_a_retry_moves_money_exactly_on
     await assert_unharmed(bank, ledger)
 
 
-async def test_beyond_the_limit_clients_are_told_busy_at_once_and_never_queued(
+async def test_when_every_slot_is_logged_in_clients_are_told_busy_at_once_and_never_queued(
     nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
 ):
     bank = await start_server(nursery, config, ledger, connections_max=3)
-    served = [await bank.client() for _ in range(3)]
+    served = [await logged_in(bank, account, pin) for account, pin, _ in DEMO_ACCOUNTS[:3]]
     # The served three stay open throughout: a queued client would wait forever here
-    # (and fail on the receive timeout) instead of being told at once.
+    # (and fail on the receive timeout) instead of being told at once. Logged-in
+    # sessions are never evicted to make room (tests/test_exhaustion.py evicts others).
     for _ in range(8):
         extra = await WireClient.connect(bank.port)
         frames = await frames_until_closed(extra)
@@ -629,7 +585,6 @@ async def test_beyond_the_limit_clients_are_told_busy_at_once_and_never_queued(
         await extra.aclose()
     for client in served:
         assert await client.request(Ping()) == PingReply(Status.APPROVED)
-    assert await served[0].login() is Status.APPROVED
     for client in served:
         await client.aclose()
     await settle()
@@ -641,9 +596,14 @@ SLOWLORIS_CONNECTIONS = 200
 
 
 async def test_slowloris_connections_are_dropped_at_the_frame_deadline(
-    mock_clock: trio.testing.MockClock, bank: RunningServer, ledger: SqliteLedger,
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery, ledger: SqliteLedger,
     config: ServerConfig,
 ):
+    # All from 127.0.0.1: the per-address cap (tests/test_exhaustion.py) is lifted here
+    # so that every one of them reaches the frame deadline under test.
+    bank = await start_server(
+        nursery, config, ledger, preauth_per_address_max=SLOWLORIS_CONNECTIONS + 1
+    )
     frame = encode(Balance(), 1)
     begun = (frame[:1], frame[:11], frame[:-1])  # one byte, a header and more, all but one
     slow: list[WireClient] = []

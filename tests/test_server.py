@@ -32,6 +32,7 @@ from tests.helpers import (
     RECEIVE_TIMEOUT_S,
     RunningServer,
     WireClient,
+    logged_in,
     start_server,
     txn_id,
 )
@@ -63,12 +64,6 @@ def arm_receive_guard(mock_clock: trio.testing.MockClock) -> None:
     trips the client's receive timeout instead of hanging the test forever. Only where
     no SQLite work follows: autojump would leap while the server waits on its thread."""
     mock_clock.autojump_threshold = 0
-
-
-async def logged_in(bank: RunningServer, account: str = DEMO_ACCOUNT, pin: str = DEMO_PIN):
-    client = await bank.client()
-    assert await client.login(account, pin) is Status.APPROVED
-    return client
 
 
 # -- Connect, login, state table ------------------------------------------------------
@@ -346,7 +341,7 @@ async def test_beyond_the_connection_limit_a_client_is_told_busy(
     nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
 ):
     bank = await start_server(nursery, config, ledger, connections_max=1)
-    first = await bank.client()
+    first = await logged_in(bank)  # logged in: never evicted to make room
     second = await WireClient.connect(bank.port)
     frame = await second.receive()
     assert frame is not None and (frame.request_id, frame.message) == (
@@ -374,7 +369,7 @@ async def test_refusals_in_progress_are_bounded(
     ledger: SqliteLedger,
 ):
     bank = await start_server(nursery, config, ledger, connections_max=1)
-    holder = await bank.client()  # holds the only slot (kept referenced: GC would close it)
+    holder = await logged_in(bank)  # holds the only slot (kept referenced: GC would close it)
     lingering = [holder]
     for _ in range(REFUSALS_MAX):  # each refusal waits (time is frozen) for our EOF
         refused = await WireClient.connect(bank.port)

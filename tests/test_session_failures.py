@@ -31,10 +31,10 @@ from tests.helpers import (
     DEMO_PIN,
     RunningServer,
     WireClient,
+    logged_in,
     start_server,
     txn_id,
 )
-from tests.test_server import logged_in
 from wire import (
     Balance,
     BalanceReply,

@@ -37,8 +37,7 @@ from bank.config import ServerConfig
 from bank.server import BankServer
 from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.store import DEMO_ACCOUNTS
-from tests.helpers import txn_id
-from tests.test_hostile import settle
+from tests.helpers import settle, txn_id
 from wire import (
     Answer,
     Balance,
