@@ -357,6 +357,10 @@ def negative_vectors() -> list[Negative]:
         Negative("history-entry-unknown-kind", client,
                  raw_frame(Opcode.HISTORY_REPLY, 6, b"\x00\x01" + entry_bytes(1, TIME_MS, 3, 1, 1)),
                  fmt, True, 6, "entry kind 3 is not assigned"),
+        Negative("hello-payload-bytes-max-over-limit", client,
+                 raw_frame(Opcode.HELLO, 0, (PAYLOAD_BYTES_MAX + 1).to_bytes(2, "big")
+                           + encode(server_hello(), 0)[12:-4]), fmt, True, 0,
+                 "payload_bytes_max 1025: a server may announce less than 1024, never more"),
         Negative("truncated-hello", client,
                  raw_frame(Opcode.HELLO, 0, encode(server_hello(), 0)[10:-5]), fmt, True, 0,
                  "HELLO payload one byte short, CRC repaired"),

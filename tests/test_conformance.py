@@ -24,12 +24,13 @@ import pytest
 from construct import Struct
 
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
-from bank.server import REFUSALS_MAX
+from bank.server import REFUSALS_MAX, hello_for
 from wire import (
     MESSAGE_TYPES,
     Decoder,
     EntryKind,
     Frame,
+    Hello,
     HistoryEntry,
     Login,
     Message,
@@ -525,3 +526,49 @@ def test_examples_show_every_golden_frame() -> None:
         assert f"### {vector['name']}: {vector['opcode']} " in examples
         assert spaced in examples
 
+
+
+# -- Rules the prose states, checked against the code --------------------------------
+
+PROSE = " ".join(PROTOCOL.split())
+"""PROTOCOL.md with every run of white space made one space, so sentences match across
+line breaks."""
+
+
+def assert_spec_says(*sentences: str) -> None:
+    for sentence in sentences:
+        assert " ".join(sentence.split()) in PROSE, f"PROTOCOL.md does not say: {sentence!r}"
+
+
+def abnf_comment(rule: str) -> str:
+    """The comment on the ABNF line that defines ``rule``."""
+    block = re.search(r"```abnf\n(.*?)```", PROTOCOL, re.DOTALL)
+    assert block is not None, "PROTOCOL.md has no ```abnf block"
+    for line in block.group(1).splitlines():
+        if re.match(rf"{re.escape(rule)}\s*=", line):
+            return line.split(";", 1)[1].strip()
+    raise AssertionError(f"no ABNF rule {rule}")
+
+
+def payload_row(op: Opcode, field: str) -> list[str]:
+    """The row for ``field`` in the payload table of ``op``'s section."""
+    _, rows = markdown_tables(section_for(op))[0]
+    (row,) = [row for row in rows if row[2] == field]
+    return row
+
+
+def hello_with(**changes: int) -> Hello:
+    return Hello(**{**dataclasses.asdict(hello_for(ServerConfig())), **changes})
+
+
+def test_hello_payload_bytes_max_is_held_to_the_protocols_limit() -> None:
+    assert abnf_comment("payload-bytes-max") == f"u16, 1..{limits.PAYLOAD_BYTES_MAX}"
+    assert payload_row(Opcode.HELLO, "payload_bytes_max")[4].endswith(
+        f", 1..{limits.PAYLOAD_BYTES_MAX}"
+    )
+    assert hello_with(payload_bytes_max=1).payload_bytes_max == 1
+    assert hello_with(payload_bytes_max=limits.PAYLOAD_BYTES_MAX)
+    for value in (0, limits.PAYLOAD_BYTES_MAX + 1, 2**16 - 1):
+        with pytest.raises(WireError) as refused:
+            hello_with(payload_bytes_max=value)
+        assert (refused.value.status, refused.value.fatal) == (Status.FORMAT_ERROR, True)

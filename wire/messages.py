@@ -23,6 +23,7 @@ from wire.limits import (
     AMOUNT_CENTS_MAX,
     BALANCE_CENTS_MAX,
     HISTORY_ENTRIES_MAX,
+    PAYLOAD_BYTES_MAX,
     REQUEST_ID_MAX,
     SECONDS_MAX,
     TXN_ID_BYTES,
@@ -483,7 +484,8 @@ class Hello(Notice):
     idle_timeout_s: int
 
     def __post_init__(self) -> None:
-        _check_int("payload_bytes_max", self.payload_bytes_max, range(1, 2**16))
+        # A server may announce less than the protocol's payload limit, never more.
+        _check_int("payload_bytes_max", self.payload_bytes_max, range(1, PAYLOAD_BYTES_MAX + 1))
         _check_int(
             "history_entries_max", self.history_entries_max, range(1, HISTORY_ENTRIES_MAX + 1)
         )
