@@ -28,6 +28,7 @@ from bank.server import REFUSALS_MAX, hello_for
 from wire import (
     MESSAGE_TYPES,
     Decoder,
+    Deposit,
     EntryKind,
     Frame,
     Hello,
@@ -572,3 +573,46 @@ def test_hello_payload_bytes_max_is_held_to_the_protocols_limit() -> None:
         with pytest.raises(WireError) as refused:
             hello_with(payload_bytes_max=value)
         assert (refused.value.status, refused.value.fatal) == (Status.FORMAT_ERROR, True)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ServerConfig(), ServerConfig(amount_cents_max=500, withdrawal_cents_max=500)],
+    ids=["defaults", "low-amounts"],
+)
+def test_announced_limits_are_enforced_as_the_protocols_are(config: ServerConfig) -> None:
+    """A server that announces less checks the frame as the protocol's limit is checked.
+
+    The reference server announces the protocol's own payload and HISTORY limits whatever
+    its settings, so its decoder's checks are the announced ones; were it to announce
+    less, the header check below (Decoder's ``payload_bytes_max``) is the one to apply.
+    """
+    payload_max, history_max = limits.PAYLOAD_BYTES_MAX, limits.HISTORY_ENTRIES_MAX
+    assert_spec_says(
+        "A server MAY announce less than the protocol's limits (§7): a `payload_bytes_max` below"
+        f" {payload_max}, a `history_entries_max` below {history_max}, an `amount_cents_max`"
+        f" below {limits.AMOUNT_CENTS_MAX}. It MUST NOT announce more",
+        f"The reference server announces {payload_max} and {history_max} whatever its"
+        " settings, and its own `amount_cents_max`.",
+        "A client MUST NOT exceed the limits a server announced. A server answers a frame that"
+        " does so exactly as one over the protocol's limit: a length field over its announced"
+        f" `payload_bytes_max` is refused from the header alone as one over {payload_max} is"
+        " (FORMAT_ERROR, fatal), and a HISTORY count over its announced `history_entries_max`"
+        f" as one over {history_max} (FORMAT_ERROR, fatal).",
+    )
+    hello = hello_for(config)
+    assert (hello.payload_bytes_max, hello.history_entries_max) == (payload_max, history_max)
+    assert hello.amount_cents_max == config.amount_cents_max
+
+    announced = 24  # a server announcing just enough for the largest request
+    header = limits.MAGIC + bytes([limits.PROTOCOL_VERSION, Opcode.DEPOSIT])
+    over = Decoder(Sender.CLIENT, payload_bytes_max=announced)
+    over.receive_data(header + (5).to_bytes(4, "big") + (announced + 1).to_bytes(2, "big"))
+    with pytest.raises(WireError) as refused:
+        over.next_frame()
+    assert (refused.value.status, refused.value.fatal, refused.value.request_id) == (
+        Status.FORMAT_ERROR, True, 5
+    )
+    within = Decoder(Sender.CLIENT, payload_bytes_max=announced)
+    within.receive_data(encode(Deposit(bytes(16), 1), 5))
+    assert within.next_frame() == Frame(5, Deposit(bytes(16), 1))
