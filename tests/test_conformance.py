@@ -25,6 +25,8 @@ from construct import Struct
 
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
 from bank.server import REFUSALS_MAX, hello_for
+from bank.store import PIN_TRIES_MAX, Store
+from tests.conftest import DEMO_ACCOUNT, DEMO_PIN, RunningServer, WireClient
 from wire import (
     MESSAGE_TYPES,
     Decoder,
@@ -34,6 +36,7 @@ from wire import (
     Hello,
     HistoryEntry,
     Login,
+    LoginReply,
     Message,
     Opcode,
     Sender,
@@ -43,6 +46,7 @@ from wire import (
     limits,
 )
 from wire import layout as wire_layout
+from wire.codec import frame_bytes
 from wire.status import ISO8583_RESPONSE_CODE
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
@@ -616,3 +620,64 @@ def test_announced_limits_are_enforced_as_the_protocols_are(config: ServerConfig
     within = Decoder(Sender.CLIENT, payload_bytes_max=announced)
     within.receive_data(encode(Deposit(bytes(16), 1), 5))
     assert within.next_frame() == Frame(5, Deposit(bytes(16), 1))
+
+
+async def login_as_typed(client: WireClient, account: str, pin: str, request_id: int) -> Status:
+    """LOGIN with the account's bytes exactly as given: ``wire.Login`` would upper-case it."""
+    payload = account.encode("ascii") + pin.encode("ascii")
+    await client.stream.send_all(frame_bytes(Opcode.LOGIN, request_id, payload))
+    frame = await client.receive()
+    assert frame is not None and frame.request_id == request_id
+    assert isinstance(frame.message, LoginReply)
+    return frame.message.status
+
+
+async def test_the_wrong_pin_that_locks_is_answered_pin_tries_exceeded(bank: RunningServer):
+    assert_spec_says(
+        "The wrong PIN that brings the count to `pin_tries_max` locks the account and is"
+        " itself answered PIN_TRIES_EXCEEDED, not INCORRECT_PIN.",
+        "While the account is locked, every LOGIN for it is answered PIN_TRIES_EXCEEDED"
+        " without checking the PIN: a right PIN gets it too,",
+        "answered PIN_TRIES_EXCEEDED (75), the locking one included,",
+    )
+    client = await bank.client()
+    statuses = [await client.login(DEMO_ACCOUNT, "0000") for _ in range(PIN_TRIES_MAX)]
+    assert statuses == [Status.INCORRECT_PIN] * (PIN_TRIES_MAX - 1) + [Status.PIN_TRIES_EXCEEDED]
+    client = await bank.client()
+    assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.PIN_TRIES_EXCEEDED
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.PIN_TRIES_EXCEEDED
+
+
+def test_a_login_during_the_lock_neither_counts_nor_extends_it(tmp_path: Path) -> None:
+    assert_spec_says(
+        "a LOGIN during the lock counts nothing and does not extend the lock. The lock ends"
+        " `pin_lockout_s` after the PIN that set it; the count then starts again from zero.",
+    )
+    lockout_ms, t0 = 60_000, 1_700_000_000_000
+    with Store(tmp_path / "bank.db", bytes(32), lockout_ms=lockout_ms) as store:
+        for _ in range(PIN_TRIES_MAX):
+            store.verify_pin(DEMO_ACCOUNT, "0000", t0)
+        end = t0 + lockout_ms
+        assert store.verify_pin(DEMO_ACCOUNT, "0000", end - 1) is Status.PIN_TRIES_EXCEEDED
+        assert store.verify_pin(DEMO_ACCOUNT, DEMO_PIN, end - 1) is Status.PIN_TRIES_EXCEEDED
+        # Neither attempt moved the end, and the next wrong PIN is the first of a new count.
+        wrong = [store.verify_pin(DEMO_ACCOUNT, "0000", end) for _ in range(PIN_TRIES_MAX)]
+        assert wrong == [Status.INCORRECT_PIN] * (PIN_TRIES_MAX - 1) + [Status.PIN_TRIES_EXCEEDED]
+
+
+async def test_the_pin_failure_count_is_shared_by_every_letter_case(bank: RunningServer):
+    assert_spec_says(
+        "The server counts wrong PINs per account number in upper case, the form above:"
+        " `ac-12345` and `AC-12345` share one count and one lock.",
+        "The failure count is kept per account number in upper case,",
+    )
+    spellings = ["ac-12345", "Ac-12345", "aC-12345", "AC-12345"]
+    assert {spelling.upper() for spelling in spellings} == {DEMO_ACCOUNT}
+    client = await bank.client()
+    statuses = [
+        await login_as_typed(client, spellings[i % len(spellings)], "0000", request_id=i + 1)
+        for i in range(PIN_TRIES_MAX)
+    ]
+    assert statuses == [Status.INCORRECT_PIN] * (PIN_TRIES_MAX - 1) + [Status.PIN_TRIES_EXCEEDED]
+    client = await bank.client()
+    assert await login_as_typed(client, spellings[-1], DEMO_PIN, 1) is Status.PIN_TRIES_EXCEEDED
