@@ -23,10 +23,16 @@ from types import ModuleType
 import pytest
 from construct import Struct
 
+from bank import __main__ as bank_main
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
 from bank.server import REFUSALS_MAX, hello_for
 from bank.store import PIN_TRIES_MAX, Store
-from tests.conftest import DEMO_ACCOUNT, DEMO_PIN, RunningServer, WireClient
+from tests.conftest import (
+    DEMO_ACCOUNT,
+    DEMO_PIN,
+    RunningServer,
+    WireClient,
+)
 from wire import (
     MESSAGE_TYPES,
     Decoder,
@@ -681,3 +687,31 @@ async def test_the_pin_failure_count_is_shared_by_every_letter_case(bank: Runnin
     assert statuses == [Status.INCORRECT_PIN] * (PIN_TRIES_MAX - 1) + [Status.PIN_TRIES_EXCEEDED]
     client = await bank.client()
     assert await login_as_typed(client, spellings[-1], DEMO_PIN, 1) is Status.PIN_TRIES_EXCEEDED
+
+
+def test_a_withdrawal_limit_above_the_amount_maximum_stops_the_server_from_starting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert_spec_says(
+        "The withdrawal limit is never above `amount_cents_max`: a server configured with a"
+        " higher one MUST NOT start, and does not lower either setting itself",
+        "The server refuses to start when a setting is outside its range, and never clamps"
+        f" one to fit: `python -m bank` prints the setting's rule and exits with status"
+        f" {bank_main.EXIT_USAGE} before it listens. This includes a `withdrawal_cents_max`"
+        " above `amount_cents_max`, so an operator who lowers `amount_cents_max` below"
+        f" {ServerConfig().withdrawal_cents_max} lowers `withdrawal_cents_max` with it.",
+    )
+    rows = {row["setting"]: row["meaning"] for row in table_with("setting", "default", "in HELLO")}
+    assert rows["`withdrawal_cents_max`"].endswith("; at most `amount_cents_max`")
+    for amount_max in (1, 50_000, limits.AMOUNT_CENTS_MAX):
+        config = ServerConfig(amount_cents_max=amount_max, withdrawal_cents_max=amount_max)
+        assert config.withdrawal_cents_max == amount_max
+        with pytest.raises(ValueError, match="withdrawal_cents_max"):
+            ServerConfig(amount_cents_max=amount_max, withdrawal_cents_max=amount_max + 1)
+
+    def serve(config: ServerConfig, _args: object) -> int:
+        raise AssertionError(f"the server started with {config}")
+
+    monkeypatch.setattr(bank_main, "serve", serve)
+    lowered = str(ServerConfig().withdrawal_cents_max - 1)
+    assert bank_main.main(["--amount-cents-max", lowered]) == bank_main.EXIT_USAGE
