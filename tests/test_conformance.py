@@ -25,13 +25,18 @@ from construct import Struct
 
 from bank import __main__ as bank_main
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
+from bank.leases import Leases
 from bank.server import REFUSALS_MAX, hello_for
+from bank.session import Session
+from bank.sqlite_ledger import SqliteLedger
 from bank.store import PIN_TRIES_MAX, Store
 from tests.conftest import (
     DEMO_ACCOUNT,
+    DEMO_BALANCE_CENTS,
     DEMO_PIN,
     RunningServer,
     WireClient,
+    txn_id,
 )
 from wire import (
     MESSAGE_TYPES,
@@ -43,11 +48,14 @@ from wire import (
     HistoryEntry,
     Login,
     LoginReply,
+    Logout,
     Message,
     Opcode,
+    Request,
     Sender,
     Status,
     WireError,
+    Withdraw,
     encode,
     limits,
 )
@@ -687,6 +695,67 @@ async def test_the_pin_failure_count_is_shared_by_every_letter_case(bank: Runnin
     assert statuses == [Status.INCORRECT_PIN] * (PIN_TRIES_MAX - 1) + [Status.PIN_TRIES_EXCEEDED]
     client = await bank.client()
     assert await login_as_typed(client, spellings[-1], DEMO_PIN, 1) is Status.PIN_TRIES_EXCEEDED
+
+
+def numbered_steps(section: str) -> list[str]:
+    """The items of the first numbered list in ``section``, each as one line of text."""
+    steps: list[str] = []
+    for line in section.splitlines():
+        if match := re.match(r"\d+\. (.*)", line):
+            steps.append(match.group(1))
+        elif steps and line.startswith("   ") and line.strip():
+            steps[-1] += " " + line.strip()
+        elif steps:
+            break
+    return steps
+
+
+def statuses_named(text: str) -> list[Status]:
+    words = re.findall(r"\b[A-Z][A-Z_]+\b", text)
+    return [Status[word] for word in words if word in Status.__members__]
+
+
+async def test_money_checks_run_in_the_order_the_spec_gives(ledger: SqliteLedger):
+    steps = numbered_steps(section_for(Opcode.DEPOSIT))
+    assert [statuses_named(step) for step in steps] == [
+        [Status.ISSUER_UNAVAILABLE],
+        [Status.NOT_LOGGED_IN],
+        [Status.APPROVED, Status.DUPLICATE_TRANSMISSION],
+        [Status.EXCEEDS_WITHDRAWAL_LIMIT, Status.INVALID_AMOUNT],
+        [Status.INSUFFICIENT_FUNDS, Status.INVALID_AMOUNT],
+    ]
+    assert_spec_says(
+        "A withdrawal over both the withdrawal limit and the balance is therefore answered"
+        " EXCEEDS_WITHDRAWAL_LIMIT."
+    )
+    config, leases = ServerConfig(), Leases()
+    over_both = max(config.withdrawal_cents_max, DEMO_BALANCE_CENTS) + 1
+
+    def session(config: ServerConfig = config) -> Session:
+        return Session(ledger=ledger, leases=leases, config=config, name="conformance")
+
+    async def status(session: Session, request: Request) -> Status:
+        return (await session.handle(request)).status
+
+    # 1 before 2.
+    shutting_down = session()
+    shutting_down.shutting_down = True
+    assert await status(shutting_down, Withdraw(txn_id(), over_both)) is Status.ISSUER_UNAVAILABLE
+    # 2 before the rest.
+    assert await status(session(), Withdraw(txn_id(), over_both)) is Status.NOT_LOGGED_IN
+    atm = session()
+    assert await status(atm, Login(DEMO_ACCOUNT, DEMO_PIN)) is Status.APPROVED
+    # 4 before 5.
+    assert await status(atm, Withdraw(txn_id(), over_both)) is Status.EXCEEDS_WITHDRAWAL_LIMIT
+    # 3 before 4 and 5: a booked id with other content, and one replayed under a lower limit.
+    booked = txn_id()
+    receipt = await atm.handle(Withdraw(booked, 2_000))
+    assert receipt.status is Status.APPROVED
+    assert await status(atm, Withdraw(booked, over_both)) is Status.DUPLICATE_TRANSMISSION
+    assert await status(atm, Logout()) is Status.APPROVED
+    stricter = session(dataclasses.replace(config, withdrawal_cents_max=1_000))
+    assert await status(stricter, Login(DEMO_ACCOUNT, DEMO_PIN)) is Status.APPROVED
+    assert await stricter.handle(Withdraw(booked, 2_000)) == receipt
 
 
 def test_a_withdrawal_limit_above_the_amount_maximum_stops_the_server_from_starting(
