@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import trio
 from construct import Struct
 
 from bank import __main__ as bank_main
@@ -34,8 +35,12 @@ from tests.conftest import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
     DEMO_PIN,
+    OTHER_ACCOUNT,
+    OTHER_PIN,
+    RECEIVE_TIMEOUT_S,
     RunningServer,
     WireClient,
+    start_server,
     txn_id,
 )
 from wire import (
@@ -49,10 +54,14 @@ from wire import (
     Login,
     LoginReply,
     Logout,
+    LogoutReply,
     Message,
     Opcode,
+    Ping,
+    PingReply,
     Request,
     Sender,
+    Shutdown,
     Status,
     WireError,
     Withdraw,
@@ -784,3 +793,62 @@ def test_a_withdrawal_limit_above_the_amount_maximum_stops_the_server_from_start
     monkeypatch.setattr(bank_main, "serve", serve)
     lowered = str(ServerConfig().withdrawal_cents_max - 1)
     assert bank_main.main(["--amount-cents-max", lowered]) == bank_main.EXIT_USAGE
+
+
+COUNTED_LOGIN_REFUSALS = (Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED, Status.ACCOUNT_IN_USE)
+
+
+def test_the_spec_names_the_login_answers_that_count() -> None:
+    counted = ", ".join(status.name for status in COUNTED_LOGIN_REFUSALS[:-1])
+    counted += f" or {COUNTED_LOGIN_REFUSALS[-1].name}"
+    assert_spec_says(
+        f"A LOGIN counts toward `login_attempts_max` (default {ServerConfig().login_attempts_max})"
+        f" if and only if it is answered {counted}; when one connection has had that many, the"
+        " server sends that reply and closes the connection. A LOGIN answered"
+        " ISSUER_UNAVAILABLE (the server is shutting down, or its storage failed) does not"
+        " count, nor does one answered ALREADY_LOGGED_IN, nor a LOGIN frame answered with ERROR.",
+    )
+    rows = {row["setting"]: row["meaning"] for row in table_with("setting", "default", "in HELLO")}
+    assert rows["`login_attempts_max`"].startswith(f"LOGINs answered {counted} on one connection")
+
+
+async def test_each_counted_login_refusal_counts(bank: RunningServer):
+    """One of each counted refusal on one connection reaches the default limit of three."""
+    assert len(COUNTED_LOGIN_REFUSALS) == ServerConfig().login_attempts_max
+    locker = await bank.client()  # lock a second account, for PIN_TRIES_EXCEEDED
+    for _ in range(PIN_TRIES_MAX):
+        await locker.login(OTHER_ACCOUNT, "0000")
+    holder = await bank.client()
+    assert await holder.login() is Status.APPROVED
+    client = await bank.client()
+    assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.ACCOUNT_IN_USE
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
+    assert await client.login(OTHER_ACCOUNT, OTHER_PIN) is Status.PIN_TRIES_EXCEEDED
+    assert await client.closed()
+
+
+async def test_logins_answered_issuer_unavailable_for_storage_do_not_count(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    await ledger.aclose()  # every request that needs the store now meets a StorageError
+    client = await bank.client()
+    for _ in range(ServerConfig().login_attempts_max + 1):
+        assert await client.login() is Status.ISSUER_UNAVAILABLE
+    assert await client.request(Ping()) == PingReply(Status.APPROVED)
+
+
+async def test_logins_answered_issuer_unavailable_in_shutdown_do_not_count(
+    config: ServerConfig, ledger: SqliteLedger
+):
+    with trio.fail_after(RECEIVE_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            bank = await start_server(nursery, config, ledger)
+            client = await bank.client()
+            bank.server.shutdown()
+            frame = await client.receive()
+            assert frame is not None and isinstance(frame.message, Shutdown)
+            for _ in range(config.login_attempts_max + 1):
+                assert await client.login() is Status.ISSUER_UNAVAILABLE
+            assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+            assert await client.closed()
+            await client.aclose()
