@@ -852,3 +852,24 @@ async def test_logins_answered_issuer_unavailable_in_shutdown_do_not_count(
             assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
             assert await client.closed()
             await client.aclose()
+
+
+async def test_a_frame_cut_short_by_the_clients_eof_gets_no_answer(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    assert_spec_says(
+        "Every whole frame that arrived before the end of the stream is answered first, in"
+        " order",
+        "A frame cut short by the end of the stream is not an error to answer: the server sends"
+        " nothing for it, no ERROR and so no request id, and carries out nothing of its request.",
+    )
+    client = await bank.client()
+    assert await client.login() is Status.APPROVED
+    deposit = encode(Deposit(txn_id(), 1_00), 3)
+    await client.stream.send_all(encode(Ping(), 2) + deposit[: len(deposit) // 2])
+    await client.stream.send_eof()
+    frame = await client.receive()
+    assert frame == Frame(2, PingReply(Status.APPROVED))
+    assert await client.closed()  # and nothing between: no ERROR for the cut DEPOSIT
+    assert bank.server.leases.held() == frozenset()
+    assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS
