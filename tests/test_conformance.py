@@ -29,7 +29,7 @@ from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
 from bank.leases import Leases
 from bank.server import REFUSALS_MAX, hello_for
 from bank.session import Session
-from bank.sqlite_ledger import SqliteLedger
+from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.store import PIN_TRIES_MAX, Store
 from tests.conftest import (
     DEMO_ACCOUNT,
@@ -45,11 +45,13 @@ from tests.conftest import (
 )
 from wire import (
     MESSAGE_TYPES,
+    Balance,
     Decoder,
     Deposit,
     EntryKind,
     Frame,
     Hello,
+    History,
     HistoryEntry,
     Login,
     LoginReply,
@@ -59,6 +61,7 @@ from wire import (
     Opcode,
     Ping,
     PingReply,
+    Reply,
     Request,
     Sender,
     Shutdown,
@@ -70,6 +73,7 @@ from wire import (
 )
 from wire import layout as wire_layout
 from wire.codec import frame_bytes
+from wire.messages import REPLY_STATUSES
 from wire.status import ISO8583_RESPONSE_CODE
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
@@ -873,3 +877,141 @@ async def test_a_frame_cut_short_by_the_clients_eof_gets_no_answer(
     assert await client.closed()  # and nothing between: no ERROR for the cut DEPOSIT
     assert bank.server.leases.held() == frozenset()
     assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS
+
+
+# -- Statuses per reply ----------------------------------------------------------------
+
+
+def status_cell(statuses: frozenset[Status]) -> str:
+    """How §4.1 lists a row's statuses: by name, in the order of the status table."""
+    return ", ".join(status.name for status in Status if status in statuses)
+
+
+def test_the_statuses_per_reply_table_matches_the_code() -> None:
+    rows = table_with("reply", "statuses it may carry")
+    assert [row["reply"] for row in rows] == [op.name for op in REPLY_STATUSES]
+    assert list(REPLY_STATUSES) == [op for op in Opcode if issubclass(MESSAGE_TYPES[op], Reply)]
+    for row in rows:
+        assert row["statuses it may carry"] == status_cell(REPLY_STATUSES[Opcode[row["reply"]]])
+    assert VECTORS["reply_statuses"] == {
+        op.name: status_cell(statuses).split(", ") for op, statuses in REPLY_STATUSES.items()
+    }
+
+
+@pytest.mark.parametrize("op", list(REPLY_STATUSES), ids=lambda op: op.name)
+def test_a_known_status_outside_its_row_is_not_a_format_error(op: Opcode) -> None:
+    assert_spec_says(
+        "A receiver MUST NOT treat a reply whose status is in the table of §4 but not in its"
+        " row as a format error: servers may grow, and a later one may add statuses to a row."
+        " A client treats such a reply as a refusal (it is not APPROVED, so nothing it asked"
+        " for is confirmed), shows the status to the customer,",
+        "A status byte that is not in the table of §4 remains a format error (fatal) in any"
+        " reply.",
+    )
+    cls = MESSAGE_TYPES[op]
+    outside = [status for status in Status if status not in REPLY_STATUSES[op]]
+    assert outside, "every row leaves some status out"
+    decoder = Decoder(Sender.SERVER)
+    decoder.receive_data(b"".join(encode(cls(status), 7) for status in outside))
+    assert [frame.message.status for frame in drain(decoder)] == outside
+
+    unassigned = next(value for value in range(256) if value not in Status._value2member_map_)
+    payload = bytes([unassigned]) + encode(cls(Status.NOT_LOGGED_IN), 7)[11:-4]
+    decoder.receive_data(frame_bytes(op, 7, payload))
+    with pytest.raises(WireError) as refused:
+        decoder.next_frame()
+    assert (refused.value.status, refused.value.fatal) == (Status.FORMAT_ERROR, True)
+
+
+class FaultyLedger:
+    """A real ledger whose every call raises once ``failing`` is set: a bug below the
+    session, as opposed to a storage failure (which a closed ledger gives)."""
+
+    def __init__(self, ledger: SqliteLedger) -> None:
+        self._ledger = ledger
+        self.failing = False
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self._ledger, name)
+
+        async def call(*args: object, **kwargs: object) -> object:
+            if self.failing:
+                raise RuntimeError(f"a bug in {name}")
+            return await method(*args, **kwargs)
+
+        return call
+
+
+async def test_the_server_answers_each_request_only_with_its_rows_statuses(
+    ledger: SqliteLedger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Every way the session answers a request, each taken once: the statuses seen per
+    reply opcode are exactly the rows of REPLY_STATUSES, no more and no fewer."""
+    assert_spec_says(
+        "A server answers each request only with a status in its reply opcode's row below.",
+    )
+    config = ServerConfig(amount_cents_max=200_000, withdrawal_cents_max=100_000)
+    leases = Leases()
+    seen: dict[Opcode, set[Status]] = {op: set() for op in REPLY_STATUSES}
+
+    def session(ledger: object = ledger) -> Session:
+        return Session(ledger=ledger, leases=leases, config=config, name="conformance")
+
+    async def ask(session: Session, *requests: Request) -> None:
+        for request in requests:
+            reply = await session.handle(request)
+            seen[reply.OPCODE].add(reply.status)
+
+    def every_request() -> list[Request]:
+        return [
+            Login(DEMO_ACCOUNT, DEMO_PIN), Balance(), Deposit(txn_id(), 1_00),
+            Withdraw(txn_id(), 1_00), History(5), Ping(), Logout(),
+        ]
+
+    # Not logged in: the state refusals, a wrong PIN, and a lock.
+    await ask(session(), *[r for r in every_request() if not isinstance(r, Login | Logout)])
+    await ask(session(), Login(DEMO_ACCOUNT, "0000"), Logout())
+    await ask(session(), *[Login(OTHER_ACCOUNT, "0000")] * PIN_TRIES_MAX)
+    # Logged in: every outcome of every request.
+    atm = session()
+    await ask(atm, Login(DEMO_ACCOUNT, DEMO_PIN))
+    async with trio.open_nursery() as nursery:  # a lease belongs to a task: another ATM's
+        nursery.start_soon(ask, session(), Login(DEMO_ACCOUNT, DEMO_PIN))  # ACCOUNT_IN_USE
+    booked = txn_id()
+    await ask(
+        atm, Login(DEMO_ACCOUNT, DEMO_PIN), Balance(), History(5), Ping(),
+        Deposit(booked, 1_00), Deposit(booked, 2_00), Deposit(txn_id(), 200_001),
+        Withdraw(booked, 1_00), Withdraw(txn_id(), 100_001),
+        Withdraw(txn_id(), 90_000), Withdraw(txn_id(), 90_000), Logout(),
+    )
+    # Shutting down: everything but LOGOUT is refused.
+    shutting_down = session()
+    shutting_down.shutting_down = True
+    await ask(shutting_down, *every_request())
+    # Storage failing: every request that uses it.
+    broken = await open_ledger(tmp_path / "broken.db", tmp_path / "broken.key")
+    cut_off = session(broken)
+    await ask(cut_off, Login(DEMO_ACCOUNT, DEMO_PIN))
+    await broken.aclose()
+    await ask(cut_off, *every_request()[1:])
+    await ask(session(broken), Login(DEMO_ACCOUNT, DEMO_PIN))
+    # A bug: each request on its own session, since SYSTEM_MALFUNCTION ends it.
+    faulty = FaultyLedger(ledger)
+    for request in every_request()[:5]:
+        victim = session(faulty)
+        if not isinstance(request, Login):
+            await ask(victim, Login(DEMO_ACCOUNT, DEMO_PIN))
+        faulty.failing = True
+        await ask(victim, request)
+        faulty.failing = False
+        victim.end()
+
+    async def bug(_session: Session, _request: Request) -> Reply:
+        raise RuntimeError("a bug in a handler that uses neither ledger nor leases")
+
+    for handler, request in (("_ping", Ping()), ("_logout", Logout())):
+        with monkeypatch.context() as patch:
+            patch.setattr(Session, handler, bug)
+            await ask(session(), request)
+
+    assert seen == {op: set(statuses) for op, statuses in REPLY_STATUSES.items()}
