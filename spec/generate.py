@@ -444,8 +444,9 @@ def vectors_document() -> dict[str, object]:
             "spec/generate.py. golden: frames to decode to 'fields' and to encode back to "
             "'hex'. reply_statuses: the statuses a server may answer each request with; a "
             "known status outside its row is a refusal, not a format error. negative: bytes "
-            "the 'receiver' must refuse with 'status'; fatal means the receiver sends ERROR "
-            "and closes the connection."
+            "the 'receiver' must refuse with 'status' and 'request_id'. fatal: a server sends "
+            "ERROR with them and closes the connection, a client closes it; not fatal: a "
+            "server answers ERROR with them and reads on, a client skips the frame."
         ),
         "protocol_version": PROTOCOL_VERSION,
         "opcodes": {op.name: op.value for op in Opcode},
@@ -585,9 +586,12 @@ def examples_markdown() -> str:
     out += [
         "## Negative vectors",
         "",
-        "Bytes a receiver must refuse with `WireError(status)`. Fatal: the receiver sends",
-        "ERROR with that status (a server; a client just closes) and closes the connection.",
-        "Not fatal: the frame was consumed whole; the receiver answers it and reads on.",
+        "Bytes a receiver must refuse with `WireError(status)` naming the request id shown.",
+        "Fatal: a server sends ERROR with that status and request id, then closes the",
+        "connection; a client closes the connection without sending anything.",
+        "Not fatal: the frame was consumed whole and decoding goes on. A server answers it with",
+        "ERROR, that status and request id, and reads the next frame; a client, which never",
+        "answers a frame, skips it and reads the next.",
         "",
         "| name | receiver | status | fatal | request id | what is wrong | bytes |",
         "|------|----------|--------|-------|-----------:|---------------|-------|",

@@ -22,8 +22,11 @@ from types import ModuleType
 
 import pytest
 import trio
+import trio.testing
 from construct import Struct
 
+from atm.connection import Connection as AtmConnection
+from atm.errors import ConnectionLost
 from bank import __main__ as bank_main
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
 from bank.leases import Leases
@@ -49,6 +52,7 @@ from wire import (
     Decoder,
     Deposit,
     EntryKind,
+    Error,
     Frame,
     Hello,
     History,
@@ -1015,3 +1019,67 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
             await ask(session(), request)
 
     assert seen == {op: set(statuses) for op, statuses in REPLY_STATUSES.items()}
+
+
+# -- What each side does with a negative vector ---------------------------------------
+
+EXAMPLES = " ".join((SPEC / "examples.md").read_text(encoding="utf-8").split())
+
+
+def test_the_examples_say_what_each_side_does_with_a_refused_frame() -> None:
+    for sentence in (
+        "Fatal: a server sends ERROR with that status and request id, then closes the"
+        " connection; a client closes the connection without sending anything.",
+        "Not fatal: the frame was consumed whole and decoding goes on. A server answers it"
+        " with ERROR, that status and request id, and reads the next frame; a client, which"
+        " never answers a frame, skips it and reads the next.",
+    ):
+        assert sentence in EXAMPLES
+    assert "the receiver answers" not in EXAMPLES
+    assert_spec_says(
+        "A client that receives a malformed frame closes the connection without sending"
+        " anything: a client never answers a server's frame.",
+        "A client skips the frame and reads the next one",
+    )
+
+
+@pytest.mark.parametrize("vector", **by_name([v for v in NEGATIVE if v["receiver"] == "server"]))
+async def test_the_server_treats_each_negative_vector_as_listed(
+    bank: RunningServer, vector: dict
+):
+    client = await bank.client()
+    await client.stream.send_all(bytes.fromhex(vector["hex"]) + encode(Ping(), 99))
+    frame = await client.receive()
+    assert frame == Frame(vector["request_id"], Error(Status[vector["status"]]))
+    if vector["fatal"]:
+        assert await client.closed()
+    else:
+        assert await client.receive() == Frame(99, PingReply(Status.APPROVED))
+
+
+@pytest.mark.parametrize("vector", **by_name([v for v in NEGATIVE if v["receiver"] == "client"]))
+async def test_the_reference_atm_treats_each_negative_vector_as_listed(vector: dict):
+    """atm.connection skips a frame refused without being fatal, and on a fatal one
+    ends the session without sending a byte."""
+    atm_end, bank_end = trio.testing.memory_stream_pair()
+    await bank_end.send_all(encode(hello_for(ServerConfig())))
+    connection = await AtmConnection.handshake(atm_end)
+    answer = None
+
+    async def bank() -> None:
+        decoder = Decoder(Sender.CLIENT)
+        while (frame := decoder.next_frame()) is None:
+            decoder.receive_data(await bank_end.receive_some(4096))
+        reply = encode(PingReply(Status.APPROVED), frame.request_id)
+        await bank_end.send_all(bytes.fromhex(vector["hex"]) + reply)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bank)
+        if vector["fatal"]:
+            with pytest.raises(ConnectionLost):
+                await connection.request(Ping(), PingReply)
+        else:
+            answer = await connection.request(Ping(), PingReply)
+    assert answer == (None if vector["fatal"] else PingReply(Status.APPROVED))
+    await connection.aclose()
+    assert await bank_end.receive_some(4096) == b""  # nothing after the request: closed
