@@ -1,11 +1,15 @@
-"""Conformance of ``wire`` to the specification: spec/vectors.json and spec/PROTOCOL.md.
+"""Conformance of the code to the specification: spec/vectors.json and spec/PROTOCOL.md.
 
 Covers: every golden vector decodes to its listed fields and encodes back to the same bytes,
 fed whole, one byte at a time, and glued with the others into one stream split at seeded
 random points; every negative vector raises WireError with the listed status, fatal flag and
-request id; the reference construct parse (FRAME and each LAYOUT, not compiled) agrees with
-the fast path; PROTOCOL.md's opcode, status, limit and payload tables and its ABNF agree with
-the code, and so does vectors.json; the generated files are up to date.
+request id, and the running server and the reference ATM's connection treat it as listed;
+the reference construct parse (FRAME and each LAYOUT, not compiled) agrees with the fast
+path; PROTOCOL.md's opcode, status, statuses-per-reply, limit and payload tables and its ABNF
+agree with the code, and so does vectors.json; the generated files are up to date. Rules the
+prose states (PIN lockout, the order of a money request's checks, which LOGINs count, HELLO
+limits, settings refused at start, end of stream) are read from PROTOCOL.md sentence by
+sentence and checked against the server, its session or its store.
 """
 
 from __future__ import annotations
