@@ -1,11 +1,15 @@
-"""Conformance of ``wire`` to the specification: spec/vectors.json and spec/PROTOCOL.md.
+"""Conformance of the code to the specification: spec/vectors.json and spec/PROTOCOL.md.
 
 Covers: every golden vector decodes to its listed fields and encodes back to the same bytes,
 fed whole, one byte at a time, and glued with the others into one stream split at seeded
 random points; every negative vector raises WireError with the listed status, fatal flag and
-request id; the reference construct parse (FRAME and each LAYOUT, not compiled) agrees with
-the fast path; PROTOCOL.md's opcode, status, limit and payload tables and its ABNF agree with
-the code, and so does vectors.json; the generated files are up to date.
+request id, and the running server and the reference ATM's connection treat it as listed;
+the reference construct parse (FRAME and each LAYOUT, not compiled) agrees with the fast
+path; PROTOCOL.md's opcode, status, statuses-per-reply, limit and payload tables and its ABNF
+agree with the code, and so does vectors.json; the generated files are up to date. Rules the
+prose states (PIN lockout, the order of a money request's checks, which LOGINs count, HELLO
+limits, settings refused at start, end of stream) are read from PROTOCOL.md sentence by
+sentence and checked against the server, its session or its store.
 """
 
 from __future__ import annotations
@@ -21,26 +25,63 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import trio
+import trio.testing
 from construct import Struct
 
+from atm.connection import Connection as AtmConnection
+from atm.errors import ConnectionLost
+from bank import __main__ as bank_main
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
-from bank.server import REFUSALS_MAX
+from bank.leases import Leases
+from bank.server import REFUSALS_MAX, hello_for
+from bank.session import Session
+from bank.sqlite_ledger import SqliteLedger, open_ledger
+from bank.store import PIN_TRIES_MAX, Store
+from tests.conftest import (
+    DEMO_ACCOUNT,
+    DEMO_BALANCE_CENTS,
+    DEMO_PIN,
+    OTHER_ACCOUNT,
+    OTHER_PIN,
+    RECEIVE_TIMEOUT_S,
+    RunningServer,
+    WireClient,
+    start_server,
+    txn_id,
+)
 from wire import (
     MESSAGE_TYPES,
+    Balance,
     Decoder,
+    Deposit,
     EntryKind,
+    Error,
     Frame,
+    Hello,
+    History,
     HistoryEntry,
     Login,
+    LoginReply,
+    Logout,
+    LogoutReply,
     Message,
     Opcode,
+    Ping,
+    PingReply,
+    Reply,
+    Request,
     Sender,
+    Shutdown,
     Status,
     WireError,
+    Withdraw,
     encode,
     limits,
 )
 from wire import layout as wire_layout
+from wire.codec import frame_bytes
+from wire.messages import REPLY_STATUSES
 from wire.status import ISO8583_RESPONSE_CODE
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
@@ -525,3 +566,524 @@ def test_examples_show_every_golden_frame() -> None:
         assert f"### {vector['name']}: {vector['opcode']} " in examples
         assert spaced in examples
 
+
+
+# -- Rules the prose states, checked against the code --------------------------------
+
+PROSE = " ".join(PROTOCOL.split())
+"""PROTOCOL.md with every run of white space made one space, so sentences match across
+line breaks."""
+
+
+def assert_spec_says(*sentences: str) -> None:
+    for sentence in sentences:
+        assert " ".join(sentence.split()) in PROSE, f"PROTOCOL.md does not say: {sentence!r}"
+
+
+def abnf_comment(rule: str) -> str:
+    """The comment on the ABNF line that defines ``rule``."""
+    block = re.search(r"```abnf\n(.*?)```", PROTOCOL, re.DOTALL)
+    assert block is not None, "PROTOCOL.md has no ```abnf block"
+    for line in block.group(1).splitlines():
+        if re.match(rf"{re.escape(rule)}\s*=", line):
+            return line.split(";", 1)[1].strip()
+    raise AssertionError(f"no ABNF rule {rule}")
+
+
+def payload_row(op: Opcode, field: str) -> list[str]:
+    """The row for ``field`` in the payload table of ``op``'s section."""
+    _, rows = markdown_tables(section_for(op))[0]
+    (row,) = [row for row in rows if row[2] == field]
+    return row
+
+
+def hello_with(**changes: int) -> Hello:
+    return Hello(**{**dataclasses.asdict(hello_for(ServerConfig())), **changes})
+
+
+def test_hello_payload_bytes_max_is_held_to_the_protocols_limit() -> None:
+    assert abnf_comment("payload-bytes-max") == f"u16, 1..{limits.PAYLOAD_BYTES_MAX}"
+    assert payload_row(Opcode.HELLO, "payload_bytes_max")[4].endswith(
+        f", 1..{limits.PAYLOAD_BYTES_MAX}"
+    )
+    assert hello_with(payload_bytes_max=1).payload_bytes_max == 1
+    assert hello_with(payload_bytes_max=limits.PAYLOAD_BYTES_MAX)
+    for value in (0, limits.PAYLOAD_BYTES_MAX + 1, 2**16 - 1):
+        with pytest.raises(WireError) as refused:
+            hello_with(payload_bytes_max=value)
+        assert (refused.value.status, refused.value.fatal) == (Status.FORMAT_ERROR, True)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ServerConfig(), ServerConfig(amount_cents_max=500, withdrawal_cents_max=500)],
+    ids=["defaults", "low-amounts"],
+)
+def test_announced_limits_are_enforced_as_the_protocols_are(config: ServerConfig) -> None:
+    """A server that announces less checks the frame as the protocol's limit is checked.
+
+    The reference server announces the protocol's own payload and HISTORY limits whatever
+    its settings, so its decoder's checks are the announced ones; were it to announce
+    less, the header check below (Decoder's ``payload_bytes_max``) is the one to apply.
+    """
+    payload_max, history_max = limits.PAYLOAD_BYTES_MAX, limits.HISTORY_ENTRIES_MAX
+    assert_spec_says(
+        "A server MAY announce less than the protocol's limits (§7): a `payload_bytes_max` below"
+        f" {payload_max}, a `history_entries_max` below {history_max}, an `amount_cents_max`"
+        f" below {limits.AMOUNT_CENTS_MAX}. It MUST NOT announce more",
+        f"The reference server announces {payload_max} and {history_max} whatever its"
+        " settings, and its own `amount_cents_max`.",
+        "A client MUST NOT exceed the limits a server announced. A server answers a frame that"
+        " does so exactly as one over the protocol's limit: a length field over its announced"
+        f" `payload_bytes_max` is refused from the header alone as one over {payload_max} is"
+        " (FORMAT_ERROR, fatal), and a HISTORY count over its announced `history_entries_max`"
+        f" as one over {history_max} (FORMAT_ERROR, fatal).",
+    )
+    hello = hello_for(config)
+    assert (hello.payload_bytes_max, hello.history_entries_max) == (payload_max, history_max)
+    assert hello.amount_cents_max == config.amount_cents_max
+
+    announced = 24  # a server announcing just enough for the largest request
+    header = limits.MAGIC + bytes([limits.PROTOCOL_VERSION, Opcode.DEPOSIT])
+    over = Decoder(Sender.CLIENT, payload_bytes_max=announced)
+    over.receive_data(header + (5).to_bytes(4, "big") + (announced + 1).to_bytes(2, "big"))
+    with pytest.raises(WireError) as refused:
+        over.next_frame()
+    assert (refused.value.status, refused.value.fatal, refused.value.request_id) == (
+        Status.FORMAT_ERROR, True, 5
+    )
+    within = Decoder(Sender.CLIENT, payload_bytes_max=announced)
+    within.receive_data(encode(Deposit(bytes(16), 1), 5))
+    assert within.next_frame() == Frame(5, Deposit(bytes(16), 1))
+
+
+async def login_as_typed(client: WireClient, account: str, pin: str, request_id: int) -> Status:
+    """LOGIN with the account's bytes exactly as given: ``wire.Login`` would upper-case it."""
+    payload = account.encode("ascii") + pin.encode("ascii")
+    await client.stream.send_all(frame_bytes(Opcode.LOGIN, request_id, payload))
+    frame = await client.receive()
+    assert frame is not None and frame.request_id == request_id
+    assert isinstance(frame.message, LoginReply)
+    return frame.message.status
+
+
+async def test_the_wrong_pin_that_locks_is_answered_pin_tries_exceeded(bank: RunningServer):
+    assert_spec_says(
+        "The wrong PIN that brings the count to `pin_tries_max` locks the account and is"
+        " itself answered PIN_TRIES_EXCEEDED, not INCORRECT_PIN.",
+        "While the account is locked, every LOGIN for it is answered PIN_TRIES_EXCEEDED"
+        " without checking the PIN: a right PIN gets it too,",
+        "answered PIN_TRIES_EXCEEDED (75), the locking one included,",
+    )
+    client = await bank.client()
+    statuses = [await client.login(DEMO_ACCOUNT, "0000") for _ in range(PIN_TRIES_MAX)]
+    assert statuses == [Status.INCORRECT_PIN] * (PIN_TRIES_MAX - 1) + [Status.PIN_TRIES_EXCEEDED]
+    client = await bank.client()
+    assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.PIN_TRIES_EXCEEDED
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.PIN_TRIES_EXCEEDED
+
+
+def test_a_login_during_the_lock_neither_counts_nor_extends_it(tmp_path: Path) -> None:
+    assert_spec_says(
+        "a LOGIN during the lock counts nothing and does not extend the lock. The lock ends"
+        " `pin_lockout_s` after the PIN that set it; the count then starts again from zero.",
+    )
+    lockout_ms, t0 = 60_000, 1_700_000_000_000
+    with Store(tmp_path / "bank.db", bytes(32), lockout_ms=lockout_ms) as store:
+        for _ in range(PIN_TRIES_MAX):
+            store.verify_pin(DEMO_ACCOUNT, "0000", t0)
+        end = t0 + lockout_ms
+        assert store.verify_pin(DEMO_ACCOUNT, "0000", end - 1) is Status.PIN_TRIES_EXCEEDED
+        assert store.verify_pin(DEMO_ACCOUNT, DEMO_PIN, end - 1) is Status.PIN_TRIES_EXCEEDED
+        # Neither attempt moved the end, and the next wrong PIN is the first of a new count.
+        wrong = [store.verify_pin(DEMO_ACCOUNT, "0000", end) for _ in range(PIN_TRIES_MAX)]
+        assert wrong == [Status.INCORRECT_PIN] * (PIN_TRIES_MAX - 1) + [Status.PIN_TRIES_EXCEEDED]
+
+
+async def test_the_pin_failure_count_is_shared_by_every_letter_case(bank: RunningServer):
+    assert_spec_says(
+        "The server counts wrong PINs per account number in upper case, the form above:"
+        " `ac-12345` and `AC-12345` share one count and one lock.",
+        "The failure count is kept per account number in upper case,",
+    )
+    spellings = ["ac-12345", "Ac-12345", "aC-12345", "AC-12345"]
+    assert {spelling.upper() for spelling in spellings} == {DEMO_ACCOUNT}
+    client = await bank.client()
+    statuses = [
+        await login_as_typed(client, spellings[i % len(spellings)], "0000", request_id=i + 1)
+        for i in range(PIN_TRIES_MAX)
+    ]
+    assert statuses == [Status.INCORRECT_PIN] * (PIN_TRIES_MAX - 1) + [Status.PIN_TRIES_EXCEEDED]
+    client = await bank.client()
+    assert await login_as_typed(client, spellings[-1], DEMO_PIN, 1) is Status.PIN_TRIES_EXCEEDED
+
+
+def numbered_steps(section: str) -> list[str]:
+    """The items of the first numbered list in ``section``, each as one line of text."""
+    steps: list[str] = []
+    for line in section.splitlines():
+        if match := re.match(r"\d+\. (.*)", line):
+            steps.append(match.group(1))
+        elif steps and line.startswith("   ") and line.strip():
+            steps[-1] += " " + line.strip()
+        elif steps:
+            break
+    return steps
+
+
+def statuses_named(text: str) -> list[Status]:
+    words = re.findall(r"\b[A-Z][A-Z_]+\b", text)
+    return [Status[word] for word in words if word in Status.__members__]
+
+
+async def test_money_checks_run_in_the_order_the_spec_gives(ledger: SqliteLedger):
+    steps = numbered_steps(section_for(Opcode.DEPOSIT))
+    assert [statuses_named(step) for step in steps] == [
+        [Status.ISSUER_UNAVAILABLE],
+        [Status.NOT_LOGGED_IN],
+        [Status.APPROVED, Status.DUPLICATE_TRANSMISSION],
+        [Status.EXCEEDS_WITHDRAWAL_LIMIT, Status.INVALID_AMOUNT],
+        [Status.INSUFFICIENT_FUNDS, Status.INVALID_AMOUNT],
+    ]
+    assert_spec_says(
+        "A withdrawal over both the withdrawal limit and the balance is therefore answered"
+        " EXCEEDS_WITHDRAWAL_LIMIT."
+    )
+    config, leases = ServerConfig(), Leases()
+    over_both = max(config.withdrawal_cents_max, DEMO_BALANCE_CENTS) + 1
+
+    def session(config: ServerConfig = config) -> Session:
+        return Session(ledger=ledger, leases=leases, config=config, name="conformance")
+
+    async def status(session: Session, request: Request) -> Status:
+        return (await session.handle(request)).status
+
+    # 1 before 2.
+    shutting_down = session()
+    shutting_down.shutting_down = True
+    assert await status(shutting_down, Withdraw(txn_id(), over_both)) is Status.ISSUER_UNAVAILABLE
+    # 2 before the rest.
+    assert await status(session(), Withdraw(txn_id(), over_both)) is Status.NOT_LOGGED_IN
+    atm = session()
+    assert await status(atm, Login(DEMO_ACCOUNT, DEMO_PIN)) is Status.APPROVED
+    # 4 before 5.
+    assert await status(atm, Withdraw(txn_id(), over_both)) is Status.EXCEEDS_WITHDRAWAL_LIMIT
+    # 3 before 4 and 5: a booked id with other content, and one replayed under a lower limit.
+    booked = txn_id()
+    receipt = await atm.handle(Withdraw(booked, 2_000))
+    assert receipt.status is Status.APPROVED
+    assert await status(atm, Withdraw(booked, over_both)) is Status.DUPLICATE_TRANSMISSION
+    assert await status(atm, Logout()) is Status.APPROVED
+    stricter = session(dataclasses.replace(config, withdrawal_cents_max=1_000))
+    assert await status(stricter, Login(DEMO_ACCOUNT, DEMO_PIN)) is Status.APPROVED
+    assert await stricter.handle(Withdraw(booked, 2_000)) == receipt
+
+
+def test_a_withdrawal_limit_above_the_amount_maximum_stops_the_server_from_starting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert_spec_says(
+        "The withdrawal limit is never above `amount_cents_max`: a server configured with a"
+        " higher one MUST NOT start, and does not lower either setting itself",
+        "The server refuses to start when a setting is outside its range, and never clamps"
+        f" one to fit: `python -m bank` prints the setting's rule and exits with status"
+        f" {bank_main.EXIT_USAGE} before it listens. This includes a `withdrawal_cents_max`"
+        " above `amount_cents_max`, so an operator who lowers `amount_cents_max` below"
+        f" {ServerConfig().withdrawal_cents_max} lowers `withdrawal_cents_max` with it.",
+    )
+    rows = {row["setting"]: row["meaning"] for row in table_with("setting", "default", "in HELLO")}
+    assert rows["`withdrawal_cents_max`"].endswith("; at most `amount_cents_max`")
+    for amount_max in (1, 50_000, limits.AMOUNT_CENTS_MAX):
+        config = ServerConfig(amount_cents_max=amount_max, withdrawal_cents_max=amount_max)
+        assert config.withdrawal_cents_max == amount_max
+        with pytest.raises(ValueError, match="withdrawal_cents_max"):
+            ServerConfig(amount_cents_max=amount_max, withdrawal_cents_max=amount_max + 1)
+
+    def serve(config: ServerConfig, _args: object) -> int:
+        raise AssertionError(f"the server started with {config}")
+
+    monkeypatch.setattr(bank_main, "serve", serve)
+    lowered = str(ServerConfig().withdrawal_cents_max - 1)
+    assert bank_main.main(["--amount-cents-max", lowered]) == bank_main.EXIT_USAGE
+
+
+COUNTED_LOGIN_REFUSALS = (Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED, Status.ACCOUNT_IN_USE)
+
+
+def test_the_spec_names_the_login_answers_that_count() -> None:
+    counted = ", ".join(status.name for status in COUNTED_LOGIN_REFUSALS[:-1])
+    counted += f" or {COUNTED_LOGIN_REFUSALS[-1].name}"
+    assert_spec_says(
+        f"A LOGIN counts toward `login_attempts_max` (default {ServerConfig().login_attempts_max})"
+        f" if and only if it is answered {counted}; when one connection has had that many, the"
+        " server sends that reply and closes the connection. A LOGIN answered"
+        " ISSUER_UNAVAILABLE (the server is shutting down, or its storage failed) does not"
+        " count, nor does one answered ALREADY_LOGGED_IN, nor a LOGIN frame answered with ERROR.",
+    )
+    rows = {row["setting"]: row["meaning"] for row in table_with("setting", "default", "in HELLO")}
+    assert rows["`login_attempts_max`"].startswith(f"LOGINs answered {counted} on one connection")
+
+
+async def test_each_counted_login_refusal_counts(bank: RunningServer):
+    """One of each counted refusal on one connection reaches the default limit of three."""
+    assert len(COUNTED_LOGIN_REFUSALS) == ServerConfig().login_attempts_max
+    locker = await bank.client()  # lock a second account, for PIN_TRIES_EXCEEDED
+    for _ in range(PIN_TRIES_MAX):
+        await locker.login(OTHER_ACCOUNT, "0000")
+    holder = await bank.client()
+    assert await holder.login() is Status.APPROVED
+    client = await bank.client()
+    assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.ACCOUNT_IN_USE
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
+    assert await client.login(OTHER_ACCOUNT, OTHER_PIN) is Status.PIN_TRIES_EXCEEDED
+    assert await client.closed()
+
+
+async def test_logins_answered_issuer_unavailable_for_storage_do_not_count(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    await ledger.aclose()  # every request that needs the store now meets a StorageError
+    client = await bank.client()
+    for _ in range(ServerConfig().login_attempts_max + 1):
+        assert await client.login() is Status.ISSUER_UNAVAILABLE
+    assert await client.request(Ping()) == PingReply(Status.APPROVED)
+
+
+async def test_logins_answered_issuer_unavailable_in_shutdown_do_not_count(
+    config: ServerConfig, ledger: SqliteLedger
+):
+    with trio.fail_after(RECEIVE_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            bank = await start_server(nursery, config, ledger)
+            client = await bank.client()
+            bank.server.shutdown()
+            frame = await client.receive()
+            assert frame is not None and isinstance(frame.message, Shutdown)
+            for _ in range(config.login_attempts_max + 1):
+                assert await client.login() is Status.ISSUER_UNAVAILABLE
+            assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+            assert await client.closed()
+            await client.aclose()
+
+
+async def test_a_frame_cut_short_by_the_clients_eof_gets_no_answer(
+    bank: RunningServer, ledger: SqliteLedger
+):
+    assert_spec_says(
+        "Every whole frame that arrived before the end of the stream is answered first, in"
+        " order",
+        "A frame cut short by the end of the stream is not an error to answer: the server sends"
+        " nothing for it, no ERROR and so no request id, and carries out nothing of its request.",
+    )
+    client = await bank.client()
+    assert await client.login() is Status.APPROVED
+    deposit = encode(Deposit(txn_id(), 1_00), 3)
+    await client.stream.send_all(encode(Ping(), 2) + deposit[: len(deposit) // 2])
+    await client.stream.send_eof()
+    frame = await client.receive()
+    assert frame == Frame(2, PingReply(Status.APPROVED))
+    assert await client.closed()  # and nothing between: no ERROR for the cut DEPOSIT
+    assert bank.server.leases.held() == frozenset()
+    assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS
+
+
+# -- Statuses per reply ----------------------------------------------------------------
+
+
+def status_cell(statuses: frozenset[Status]) -> str:
+    """How §4.1 lists a row's statuses: by name, in the order of the status table."""
+    return ", ".join(status.name for status in Status if status in statuses)
+
+
+def test_the_statuses_per_reply_table_matches_the_code() -> None:
+    rows = table_with("reply", "statuses it may carry")
+    assert [row["reply"] for row in rows] == [op.name for op in REPLY_STATUSES]
+    assert list(REPLY_STATUSES) == [op for op in Opcode if issubclass(MESSAGE_TYPES[op], Reply)]
+    for row in rows:
+        assert row["statuses it may carry"] == status_cell(REPLY_STATUSES[Opcode[row["reply"]]])
+    assert VECTORS["reply_statuses"] == {
+        op.name: status_cell(statuses).split(", ") for op, statuses in REPLY_STATUSES.items()
+    }
+
+
+@pytest.mark.parametrize("op", list(REPLY_STATUSES), ids=lambda op: op.name)
+def test_a_known_status_outside_its_row_is_not_a_format_error(op: Opcode) -> None:
+    assert_spec_says(
+        "A receiver MUST NOT treat a reply whose status is in the table of §4 but not in its"
+        " row as a format error: servers may grow, and a later one may add statuses to a row."
+        " A client treats such a reply as a refusal (it is not APPROVED, so nothing it asked"
+        " for is confirmed), shows the status to the customer,",
+        "A status byte that is not in the table of §4 remains a format error (fatal) in any"
+        " reply.",
+    )
+    cls = MESSAGE_TYPES[op]
+    outside = [status for status in Status if status not in REPLY_STATUSES[op]]
+    assert outside, "every row leaves some status out"
+    decoder = Decoder(Sender.SERVER)
+    decoder.receive_data(b"".join(encode(cls(status), 7) for status in outside))
+    assert [frame.message.status for frame in drain(decoder)] == outside
+
+    unassigned = next(value for value in range(256) if value not in Status._value2member_map_)
+    payload = bytes([unassigned]) + encode(cls(Status.NOT_LOGGED_IN), 7)[11:-4]
+    decoder.receive_data(frame_bytes(op, 7, payload))
+    with pytest.raises(WireError) as refused:
+        decoder.next_frame()
+    assert (refused.value.status, refused.value.fatal) == (Status.FORMAT_ERROR, True)
+
+
+class FaultyLedger:
+    """A real ledger whose every call raises once ``failing`` is set: a bug below the
+    session, as opposed to a storage failure (which a closed ledger gives)."""
+
+    def __init__(self, ledger: SqliteLedger) -> None:
+        self._ledger = ledger
+        self.failing = False
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self._ledger, name)
+
+        async def call(*args: object, **kwargs: object) -> object:
+            if self.failing:
+                raise RuntimeError(f"a bug in {name}")
+            return await method(*args, **kwargs)
+
+        return call
+
+
+async def test_the_server_answers_each_request_only_with_its_rows_statuses(
+    ledger: SqliteLedger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Every way the session answers a request, each taken once: the statuses seen per
+    reply opcode are exactly the rows of REPLY_STATUSES, no more and no fewer."""
+    assert_spec_says(
+        "A server answers each request only with a status in its reply opcode's row below.",
+    )
+    config = ServerConfig(amount_cents_max=200_000, withdrawal_cents_max=100_000)
+    leases = Leases()
+    seen: dict[Opcode, set[Status]] = {op: set() for op in REPLY_STATUSES}
+
+    def session(ledger: object = ledger) -> Session:
+        return Session(ledger=ledger, leases=leases, config=config, name="conformance")
+
+    async def ask(session: Session, *requests: Request) -> None:
+        for request in requests:
+            reply = await session.handle(request)
+            seen[reply.OPCODE].add(reply.status)
+
+    def every_request() -> list[Request]:
+        return [
+            Login(DEMO_ACCOUNT, DEMO_PIN), Balance(), Deposit(txn_id(), 1_00),
+            Withdraw(txn_id(), 1_00), History(5), Ping(), Logout(),
+        ]
+
+    # Not logged in: the state refusals, a wrong PIN, and a lock.
+    await ask(session(), *[r for r in every_request() if not isinstance(r, Login | Logout)])
+    await ask(session(), Login(DEMO_ACCOUNT, "0000"), Logout())
+    await ask(session(), *[Login(OTHER_ACCOUNT, "0000")] * PIN_TRIES_MAX)
+    # Logged in: every outcome of every request.
+    atm = session()
+    await ask(atm, Login(DEMO_ACCOUNT, DEMO_PIN))
+    async with trio.open_nursery() as nursery:  # a lease belongs to a task: another ATM's
+        nursery.start_soon(ask, session(), Login(DEMO_ACCOUNT, DEMO_PIN))  # ACCOUNT_IN_USE
+    booked = txn_id()
+    await ask(
+        atm, Login(DEMO_ACCOUNT, DEMO_PIN), Balance(), History(5), Ping(),
+        Deposit(booked, 1_00), Deposit(booked, 2_00), Deposit(txn_id(), 200_001),
+        Withdraw(booked, 1_00), Withdraw(txn_id(), 100_001),
+        Withdraw(txn_id(), 90_000), Withdraw(txn_id(), 90_000), Logout(),
+    )
+    # Shutting down: everything but LOGOUT is refused.
+    shutting_down = session()
+    shutting_down.shutting_down = True
+    await ask(shutting_down, *every_request())
+    # Storage failing: every request that uses it.
+    broken = await open_ledger(tmp_path / "broken.db", tmp_path / "broken.key")
+    cut_off = session(broken)
+    await ask(cut_off, Login(DEMO_ACCOUNT, DEMO_PIN))
+    await broken.aclose()
+    await ask(cut_off, *every_request()[1:])
+    await ask(session(broken), Login(DEMO_ACCOUNT, DEMO_PIN))
+    # A bug: each request on its own session, since SYSTEM_MALFUNCTION ends it.
+    faulty = FaultyLedger(ledger)
+    for request in every_request()[:5]:
+        victim = session(faulty)
+        if not isinstance(request, Login):
+            await ask(victim, Login(DEMO_ACCOUNT, DEMO_PIN))
+        faulty.failing = True
+        await ask(victim, request)
+        faulty.failing = False
+        victim.end()
+
+    async def bug(_session: Session, _request: Request) -> Reply:
+        raise RuntimeError("a bug in a handler that uses neither ledger nor leases")
+
+    for handler, request in (("_ping", Ping()), ("_logout", Logout())):
+        with monkeypatch.context() as patch:
+            patch.setattr(Session, handler, bug)
+            await ask(session(), request)
+
+    assert seen == {op: set(statuses) for op, statuses in REPLY_STATUSES.items()}
+
+
+# -- What each side does with a negative vector ---------------------------------------
+
+EXAMPLES = " ".join((SPEC / "examples.md").read_text(encoding="utf-8").split())
+
+
+def test_the_examples_say_what_each_side_does_with_a_refused_frame() -> None:
+    for sentence in (
+        "Fatal: a server sends ERROR with that status and request id, then closes the"
+        " connection; a client closes the connection without sending anything.",
+        "Not fatal: the frame was consumed whole and decoding goes on. A server answers it"
+        " with ERROR, that status and request id, and reads the next frame; a client, which"
+        " never answers a frame, skips it and reads the next.",
+    ):
+        assert sentence in EXAMPLES
+    assert "the receiver answers" not in EXAMPLES
+    assert_spec_says(
+        "A client that receives a malformed frame closes the connection without sending"
+        " anything: a client never answers a server's frame.",
+        "A client skips the frame and reads the next one",
+    )
+
+
+@pytest.mark.parametrize("vector", **by_name([v for v in NEGATIVE if v["receiver"] == "server"]))
+async def test_the_server_treats_each_negative_vector_as_listed(
+    bank: RunningServer, vector: dict
+):
+    client = await bank.client()
+    await client.stream.send_all(bytes.fromhex(vector["hex"]) + encode(Ping(), 99))
+    frame = await client.receive()
+    assert frame == Frame(vector["request_id"], Error(Status[vector["status"]]))
+    if vector["fatal"]:
+        assert await client.closed()
+    else:
+        assert await client.receive() == Frame(99, PingReply(Status.APPROVED))
+
+
+@pytest.mark.parametrize("vector", **by_name([v for v in NEGATIVE if v["receiver"] == "client"]))
+async def test_the_reference_atm_treats_each_negative_vector_as_listed(vector: dict):
+    """atm.connection skips a frame refused without being fatal, and on a fatal one
+    ends the session without sending a byte."""
+    atm_end, bank_end = trio.testing.memory_stream_pair()
+    await bank_end.send_all(encode(hello_for(ServerConfig())))
+    connection = await AtmConnection.handshake(atm_end)
+    answer = None
+
+    async def bank() -> None:
+        decoder = Decoder(Sender.CLIENT)
+        while (frame := decoder.next_frame()) is None:
+            decoder.receive_data(await bank_end.receive_some(4096))
+        reply = encode(PingReply(Status.APPROVED), frame.request_id)
+        await bank_end.send_all(bytes.fromhex(vector["hex"]) + reply)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bank)
+        if vector["fatal"]:
+            with pytest.raises(ConnectionLost):
+                await connection.request(Ping(), PingReply)
+        else:
+            answer = await connection.request(Ping(), PingReply)
+    assert answer == (None if vector["fatal"] else PingReply(Status.APPROVED))
+    await connection.aclose()
+    assert await bank_end.receive_some(4096) == b""  # nothing after the request: closed

@@ -114,7 +114,7 @@ MESSAGES: dict[Opcode, st.SearchStrategy[Message]] = {
     | st.builds(HistoryReply, refusals),
     Opcode.HELLO: st.builds(
         Hello,
-        payload_bytes_max=st.integers(1, 2**16 - 1),
+        payload_bytes_max=st.integers(1, PAYLOAD_BYTES_MAX),
         history_entries_max=st.integers(1, HISTORY_ENTRIES_MAX),
         amount_cents_max=amounts,
         frame_timeout_s=seconds,

@@ -23,6 +23,7 @@ from wire.limits import (
     AMOUNT_CENTS_MAX,
     BALANCE_CENTS_MAX,
     HISTORY_ENTRIES_MAX,
+    PAYLOAD_BYTES_MAX,
     REQUEST_ID_MAX,
     SECONDS_MAX,
     TXN_ID_BYTES,
@@ -483,7 +484,8 @@ class Hello(Notice):
     idle_timeout_s: int
 
     def __post_init__(self) -> None:
-        _check_int("payload_bytes_max", self.payload_bytes_max, range(1, 2**16))
+        # A server may announce less than the protocol's payload limit, never more.
+        _check_int("payload_bytes_max", self.payload_bytes_max, range(1, PAYLOAD_BYTES_MAX + 1))
         _check_int(
             "history_entries_max", self.history_entries_max, range(1, HISTORY_ENTRIES_MAX + 1)
         )
@@ -582,3 +584,48 @@ if HistoryReply.FAST.items is None or not HistoryReply.FAST.items.format.lstrip(
 def reply_type(request: Request) -> type[Reply]:
     """The reply class answering ``request``: its opcode with the high bit set."""
     return MESSAGE_TYPES[Opcode(request.OPCODE | REPLY_BIT)]
+
+
+REPLY_STATUSES: dict[Opcode, frozenset[Status]] = {
+    Opcode.LOGIN_REPLY: frozenset({
+        Status.APPROVED, Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED,
+        Status.ACCOUNT_IN_USE, Status.ALREADY_LOGGED_IN,
+        Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
+    }),
+    Opcode.LOGOUT_REPLY: frozenset({Status.APPROVED, Status.SYSTEM_MALFUNCTION}),
+    Opcode.BALANCE_REPLY: frozenset({
+        Status.APPROVED, Status.NOT_LOGGED_IN,
+        Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
+    }),
+    Opcode.DEPOSIT_REPLY: frozenset({
+        Status.APPROVED, Status.INVALID_AMOUNT, Status.DUPLICATE_TRANSMISSION,
+        Status.NOT_LOGGED_IN, Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
+    }),
+    Opcode.WITHDRAW_REPLY: frozenset({
+        Status.APPROVED, Status.INSUFFICIENT_FUNDS, Status.EXCEEDS_WITHDRAWAL_LIMIT,
+        Status.DUPLICATE_TRANSMISSION,
+        Status.NOT_LOGGED_IN, Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
+    }),
+    Opcode.HISTORY_REPLY: frozenset({
+        Status.APPROVED, Status.NOT_LOGGED_IN,
+        Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
+    }),
+    Opcode.PING_REPLY: frozenset({
+        Status.APPROVED, Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
+    }),
+}
+"""The statuses a server may answer each request with, by reply opcode.
+
+spec/PROTOCOL.md §4.1 prints this table, and tests/test_conformance.py takes the bank's
+session down every path that answers a request and checks it sends exactly these. Each
+row is the request's own outcomes, the state refusals (NOT_LOGGED_IN, ALREADY_LOGGED_IN),
+ISSUER_UNAVAILABLE (shutdown refuses all but LOGOUT; a storage failure, all that use the
+store) and SYSTEM_MALFUNCTION (a bug, anywhere).
+
+It is not a check on received replies: the decoder accepts any known status on any reply,
+since a status outside its row is a refusal to show, not a malformed frame, and a later
+server may add statuses to a row. Only an unknown status byte is a format error.
+"""
+
+if set(REPLY_STATUSES) != {op for op, cls in MESSAGE_TYPES.items() if issubclass(cls, Reply)}:
+    raise TypeError("REPLY_STATUSES needs a row for every reply opcode, and only those")
