@@ -18,7 +18,10 @@ import trio.testing
 
 from atm.connection import Connection
 from bank.config import ServerConfig
+from bank.leases import Leases
+from bank.ledger import Ledger
 from bank.server import BankServer
+from bank.session import Session
 from bank.sqlite_ledger import SqliteLedger
 from wire import (
     AMOUNT_CENTS_MAX,
@@ -224,6 +227,39 @@ async def frames_until_closed(client: WireClient, frames_max: int = 10) -> list[
             return frames
         frames.append(frame)
     raise AssertionError(f"still open after {frames_max} frames: {frames}")
+
+
+class ServedSession:
+    """A bank ``Session`` behind a server ``wire.Connection``, driven without a socket:
+    each request goes in as a client engine's bytes and its answer comes back through
+    both engines' checks, as the server's connection loop would send it."""
+
+    def __init__(
+        self, *, ledger: Ledger, leases: Leases, config: ServerConfig, name: str = "test"
+    ) -> None:
+        self.session = Session(ledger=ledger, leases=leases, config=config, name=name)
+        self.engine = Engine(Sender.SERVER, login_attempts_max=config.login_attempts_max)
+        self._client = Engine(Sender.CLIENT)
+        self._client.receive_data(self.engine.send(config.hello()))
+        assert self._client.next_event() is not None
+
+    async def handle(self, request: Request) -> Reply:
+        self.engine.receive_data(self._client.send(request))
+        frame = self.engine.next_event()
+        assert frame is not None and frame.message == request
+        reply = await self.session.answer(self.engine, request)
+        self._client.receive_data(self.engine.send(reply))
+        answer = self._client.next_event()
+        assert isinstance(answer, Answer) and answer.message == reply
+        return reply
+
+    def begin_shutdown(self) -> None:
+        self.engine.begin_shutdown()
+
+    def end(self) -> None:
+        """As the connection's end does: the engine closes and the lease is released."""
+        self.engine.close()
+        self.session.end()
 
 
 # -- A fake bank and a scripted keyboard, for the ATM tests ------------------------------

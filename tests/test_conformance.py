@@ -34,11 +34,12 @@ from atm.errors import ConnectionLost
 from bank import __main__ as bank_main
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
 from bank.leases import Leases
-from bank.server import REFUSALS_MAX, hello_for
+from bank.ledger import Ledger
+from bank.server import REFUSALS_MAX
 from bank.session import Session
 from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.store import PIN_TRIES_MAX, Store
-from tests.conftest import (
+from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
     DEMO_PIN,
@@ -46,6 +47,7 @@ from tests.conftest import (
     OTHER_PIN,
     RECEIVE_TIMEOUT_S,
     RunningServer,
+    ServedSession,
     WireClient,
     start_server,
     txn_id,
@@ -598,7 +600,7 @@ def payload_row(op: Opcode, field: str) -> list[str]:
 
 
 def hello_with(**changes: int) -> Hello:
-    return Hello(**{**dataclasses.asdict(hello_for(ServerConfig())), **changes})
+    return Hello(**{**dataclasses.asdict(ServerConfig().hello()), **changes})
 
 
 def test_hello_payload_bytes_max_is_held_to_the_protocols_limit() -> None:
@@ -639,7 +641,7 @@ def test_announced_limits_are_enforced_as_the_protocols_are(config: ServerConfig
         " (FORMAT_ERROR, fatal), and a HISTORY count over its announced `history_entries_max`"
         f" as one over {history_max} (FORMAT_ERROR, fatal).",
     )
-    hello = hello_for(config)
+    hello = config.hello()
     assert (hello.payload_bytes_max, hello.history_entries_max) == (payload_max, history_max)
     assert hello.amount_cents_max == config.amount_cents_max
 
@@ -660,7 +662,7 @@ def test_announced_limits_are_enforced_as_the_protocols_are(config: ServerConfig
 async def login_as_typed(client: WireClient, account: str, pin: str, request_id: int) -> Status:
     """LOGIN with the account's bytes exactly as given: ``wire.Login`` would upper-case it."""
     payload = account.encode("ascii") + pin.encode("ascii")
-    await client.stream.send_all(frame_bytes(Opcode.LOGIN, request_id, payload))
+    await client.send_raw(frame_bytes(Opcode.LOGIN, request_id, payload))
     frame = await client.receive()
     assert frame is not None and frame.request_id == request_id
     assert isinstance(frame.message, LoginReply)
@@ -752,15 +754,15 @@ async def test_money_checks_run_in_the_order_the_spec_gives(ledger: SqliteLedger
     config, leases = ServerConfig(), Leases()
     over_both = max(config.withdrawal_cents_max, DEMO_BALANCE_CENTS) + 1
 
-    def session(config: ServerConfig = config) -> Session:
-        return Session(ledger=ledger, leases=leases, config=config, name="conformance")
+    def session(config: ServerConfig = config) -> ServedSession:
+        return ServedSession(ledger=ledger, leases=leases, config=config, name="conformance")
 
-    async def status(session: Session, request: Request) -> Status:
+    async def status(session: ServedSession, request: Request) -> Status:
         return (await session.handle(request)).status
 
     # 1 before 2.
     shutting_down = session()
-    shutting_down.shutting_down = True
+    shutting_down.begin_shutdown()
     assert await status(shutting_down, Withdraw(txn_id(), over_both)) is Status.ISSUER_UNAVAILABLE
     # 2 before the rest.
     assert await status(session(), Withdraw(txn_id(), over_both)) is Status.NOT_LOGGED_IN
@@ -878,7 +880,7 @@ async def test_a_frame_cut_short_by_the_clients_eof_gets_no_answer(
     client = await bank.client()
     assert await client.login() is Status.APPROVED
     deposit = encode(Deposit(txn_id(), 1_00), 3)
-    await client.stream.send_all(encode(Ping(), 2) + deposit[: len(deposit) // 2])
+    await client.send_raw(encode(Ping(), 2) + deposit[: len(deposit) // 2])
     await client.stream.send_eof()
     frame = await client.receive()
     assert frame == Frame(2, PingReply(Status.APPROVED))
@@ -962,10 +964,10 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
     leases = Leases()
     seen: dict[Opcode, set[Status]] = {op: set() for op in REPLY_STATUSES}
 
-    def session(ledger: object = ledger) -> Session:
-        return Session(ledger=ledger, leases=leases, config=config, name="conformance")
+    def session(ledger: Ledger = ledger) -> ServedSession:
+        return ServedSession(ledger=ledger, leases=leases, config=config, name="conformance")
 
-    async def ask(session: Session, *requests: Request) -> None:
+    async def ask(session: ServedSession, *requests: Request) -> None:
         for request in requests:
             reply = await session.handle(request)
             seen[reply.OPCODE].add(reply.status)
@@ -994,7 +996,7 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
     )
     # Shutting down: everything but LOGOUT is refused.
     shutting_down = session()
-    shutting_down.shutting_down = True
+    shutting_down.begin_shutdown()
     await ask(shutting_down, *every_request())
     # Storage failing: every request that uses it.
     broken = await open_ledger(tmp_path / "broken.db", tmp_path / "broken.key")
@@ -1052,7 +1054,7 @@ async def test_the_server_treats_each_negative_vector_as_listed(
     bank: RunningServer, vector: dict
 ):
     client = await bank.client()
-    await client.stream.send_all(bytes.fromhex(vector["hex"]) + encode(Ping(), 99))
+    await client.send_raw(bytes.fromhex(vector["hex"]) + encode(Ping(), 99))
     frame = await client.receive()
     assert frame == Frame(vector["request_id"], Error(Status[vector["status"]]))
     if vector["fatal"]:
@@ -1066,7 +1068,7 @@ async def test_the_reference_atm_treats_each_negative_vector_as_listed(vector: d
     """atm.connection skips a frame refused without being fatal, and on a fatal one
     ends the session without sending a byte."""
     atm_end, bank_end = trio.testing.memory_stream_pair()
-    await bank_end.send_all(encode(hello_for(ServerConfig())))
+    await bank_end.send_all(encode(ServerConfig().hello()))
     connection = await AtmConnection.handshake(atm_end)
     answer = None
 

@@ -660,7 +660,7 @@ async def test_a_client_that_never_reads_is_dropped_without_blocking_others(
     await settle()
 
     deaf = await deaf_client(bank.port)
-    await deaf.stream.send_all(encode(Login(DEMO_ACCOUNT, DEMO_PIN), 1))
+    await deaf.send_raw(encode(Login(DEMO_ACCOUNT, DEMO_PIN), 1))
     async with trio.open_nursery() as nursery:
         flood = b"".join(encode(History(20), i) for i in range(2, DEAF_REQUESTS + 2))
         sent = trio.Event()

@@ -329,7 +329,7 @@ async def test_random_bytes_do_not_hurt_other_sessions(bank: RunningServer):
     honest = await logged_in(bank)
     for seed in range(20):
         attacker = await WireClient.connect(bank.port)
-        await attacker.stream.send_all(bytes((seed * 37 + i * 11) % 256 for i in range(300)))
+        await attacker.send_raw(bytes((seed * 37 + i * 11) % 256 for i in range(300)))
         await attacker.aclose()
     assert (await honest.request(Balance())).status is Status.APPROVED
 
@@ -465,7 +465,7 @@ async def test_a_frame_that_never_completes_is_dropped_and_others_are_served(
 ):
     honest = await logged_in(bank)
     slow = await bank.client()
-    await slow.stream.send_all(encode(Balance(), 1)[:5])
+    await slow.send_raw(encode(Balance(), 1)[:5])
     assert (await honest.request(Balance())).status is Status.APPROVED  # served meanwhile
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.frame_timeout_s)
