@@ -14,7 +14,9 @@ from pathlib import Path
 
 import trio
 
-from bank.chaos import (
+from bank.pins import load_or_create_key
+from bank.store import Store
+from bank.tools.chaos import (
     ROOT,
     BankState,
     LedgerEntry,
@@ -24,8 +26,6 @@ from bank.chaos import (
     main,
     read_bank_state,
 )
-from bank.pins import load_or_create_key
-from bank.store import Store
 from wire import EntryKind, Status
 
 RUN_TIMEOUT_S = 60
@@ -65,7 +65,7 @@ def clean_history() -> list[Operation]:
 async def test_a_short_run_with_crashes_loses_and_duplicates_nothing(tmp_path: Path):
     workdir = tmp_path / "run"
     command = [
-        sys.executable, "-m", "bank.chaos", "--seconds", "4", "--crashes", "2",
+        sys.executable, "-m", "bank.tools.chaos", "--seconds", "4", "--crashes", "2",
         "--clients", "3", "--seed", "1", "--keep", str(workdir),
     ]
     with trio.fail_after(RUN_TIMEOUT_S):

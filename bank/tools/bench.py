@@ -85,7 +85,7 @@ from wire import (
 )
 from wire.messages import reply_type
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 """The directory holding the ``bank`` package: the subprocesses' working directory."""
 
 EXIT_OK, EXIT_FAILURE = 0, 1
@@ -770,7 +770,7 @@ def bank_target(
 
 @contextlib.contextmanager
 def echo_target(workdir: Path) -> Iterator[tuple[Address, int]]:
-    argv = [sys.executable, "-m", "bank.bench", "--echo-server"]
+    argv = [sys.executable, "-m", "bank.tools.bench", "--echo-server"]
     with server_process(argv, workdir / "echo.log") as server:
         yield server.address, server.process.pid
 

@@ -64,7 +64,7 @@ from wire import (
 )
 from wire.limits import TXN_ID_BYTES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 """The directory holding the ``bank`` package, so ``python -m bank`` resolves from it."""
 
 HOST = "127.0.0.1"

@@ -1,0 +1,5 @@
+"""Tools that drive a real bank server from outside: ``bench`` (load), ``chaos`` (crashes).
+
+They live beside the server's modules, not among them (as h11 keeps ``bench/`` and trio
+``_tools/``), so nothing the server imports depends on them.
+"""
