@@ -34,7 +34,7 @@ BENCH_TIMEOUT_S = 120
 
 def run_bench(*flags: str, tmp_path: Path) -> dict:
     run = subprocess.run(
-        [sys.executable, "-m", "bank.tools.bench", *flags, "--dir", str(tmp_path)],
+        [sys.executable, "-m", "bank.bench", *flags, "--dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S, check=False,
     )
     assert run.returncode == 0, run.stderr

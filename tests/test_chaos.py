@@ -65,7 +65,7 @@ def clean_history() -> list[Operation]:
 async def test_a_short_run_with_crashes_loses_and_duplicates_nothing(tmp_path: Path):
     workdir = tmp_path / "run"
     command = [
-        sys.executable, "-m", "bank.tools.chaos", "--seconds", "4", "--crashes", "2",
+        sys.executable, "-m", "bank.chaos", "--seconds", "4", "--crashes", "2",
         "--clients", "3", "--seed", "1", "--keep", str(workdir),
     ]
     with trio.fail_after(RUN_TIMEOUT_S):
