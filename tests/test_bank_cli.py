@@ -1,5 +1,6 @@
-"""``python -m bank``: settings from flags and env vars, the operator commands, and the real
-server process (it serves, logs no PIN, and exits 0 after SIGTERM with a SHUTDOWN notice)."""
+"""``python -m bank``: settings from flags and env vars, the ready file (written whole or
+not at all, refused when malformed), the operator commands, and the real server process
+(it serves, logs no PIN, and exits 0 after SIGTERM with a SHUTDOWN notice)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import trio
 
 from bank.__main__ import build_parser, main
 from bank.config import ServerConfig, from_arguments
+from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.server import open_files_needed, raise_open_files_limit
 from bank.store import Store
 from tests.conftest import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
@@ -81,6 +83,57 @@ def test_a_port_in_use_is_a_clear_message_not_a_traceback(
     assert status == 1
     err = capsys.readouterr().err
     assert f"cannot serve on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_the_ready_file_is_off_unless_the_flag_or_env_var_names_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    assert from_arguments(build_parser().parse_args([])).ready_file is None
+    monkeypatch.setenv("BANK_READY_FILE", str(tmp_path / "env.json"))
+    assert from_arguments(build_parser().parse_args([])).ready_file == tmp_path / "env.json"
+    flags = ["--ready-file", str(tmp_path / "flag.json")]
+    assert from_arguments(build_parser().parse_args(flags)).ready_file == tmp_path / "flag.json"
+
+
+def test_a_ready_file_is_replaced_whole_and_leaves_no_temporary_file(tmp_path: Path):
+    path = tmp_path / "bank.ready"
+    write_ready_file(path, [("127.0.0.1", 1)])
+    write_ready_file(path, [("127.0.0.1", 2), ("::1", 2)])
+    assert read_ready_file(path) == Ready(os.getpid(), (("127.0.0.1", 2), ("::1", 2)))
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_ready_file_that_cannot_be_renamed_into_place_leaves_nothing(tmp_path: Path):
+    (tmp_path / "bank.ready").mkdir()  # os.replace cannot put a file over a directory
+    with pytest.raises(OSError):
+        write_ready_file(tmp_path / "bank.ready", [("127.0.0.1", 1)])
+    assert list(tmp_path.iterdir()) == [tmp_path / "bank.ready"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "{", "[]", '{"pid": 1}', '{"pid": "1", "addresses": []}',
+     '{"pid": 1, "addresses": [["127.0.0.1"]]}', '{"pid": 1, "addresses": [[1, 2]]}'],
+)
+def test_a_malformed_ready_file_is_refused(tmp_path: Path, text: str):
+    (tmp_path / "bank.ready").write_text(text)
+    with pytest.raises(ValueError, match="not a ready file"):
+        read_ready_file(tmp_path / "bank.ready")
+
+
+def test_a_missing_ready_file_means_not_ready_yet(tmp_path: Path):
+    assert read_ready_file(tmp_path / "bank.ready") is None
+
+
+def test_an_unwritable_ready_file_is_a_clear_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    ready_file = tmp_path / "missing" / "bank.ready"
+    status = main(["--port", "0", "--db", str(tmp_path / "bank.db"),
+                   "--key-file", str(tmp_path / "bank.key"), "--ready-file", str(ready_file)])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert f"cannot write the ready file {ready_file}" in err and "Traceback" not in err
 
 
 def test_an_unusable_key_file_is_named_as_such_not_as_a_listen_failure(
