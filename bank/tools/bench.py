@@ -14,7 +14,8 @@ server's resident memory per session and one more session's round-trip latency w
 they are held.
 
 By default the bank is a real ``python -m bank`` subprocess on a temporary database,
-with its log at WARNING so that logging is not what is measured. ``--port`` targets a
+with its log at WARNING so that logging is not what is measured; it and the echo server
+are started by ``bank.tools.launcher``. ``--port`` targets a
 bank already running on this machine instead; its accounts ``BN-00001``.. (one per
 session, plus one for idle mode's probe) must exist with the bench PIN: create them with
 ``python -m bank.bench --create-accounts N --db bank.db --key-file bank.key``.
@@ -38,9 +39,6 @@ import os
 import platform
 import random
 import resource
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,8 +49,10 @@ from pathlib import Path
 import trio
 
 from bank.pins import load_or_create_key
+from bank.readiness import listening_addresses, write_ready_file
 from bank.server import raise_open_files_limit
 from bank.store import AccountExists, Store
+from bank.tools import launcher
 from wire import (
     AMOUNT_CENTS_MAX,
     HISTORY_ENTRIES_MAX,
@@ -85,9 +85,6 @@ from wire import (
 )
 from wire.messages import reply_type
 
-ROOT = Path(__file__).resolve().parents[2]
-"""The directory holding the ``bank`` package: the subprocesses' working directory."""
-
 EXIT_OK, EXIT_FAILURE = 0, 1
 
 ACCOUNT_PREFIX = "BN-"
@@ -115,15 +112,11 @@ SETUP_CONCURRENCY_MAX = 100
 REPLY_TIMEOUT_S = 30
 """A reply slower than this aborts the run: the server is stuck, not slow."""
 
-SERVER_START_TIMEOUT_S = 30
-SERVER_STOP_TIMEOUT_S = 15
-START_POLL_S = 0.05
-
 IDLE_TIMEOUT_S = 36_000
 """Passed to the bank so that no held session expires during a measurement."""
 
 CONNECTIONS_SPARE = 16
-"""Connections allowed beyond the bench's own: the readiness check, the probe."""
+"""Headroom beyond the bench's own sessions (and probe): a run never measures the limit."""
 
 FDS_RESERVED = 128
 """Open files a process needs besides its sockets: Python, SQLite, pipes, the log."""
@@ -657,95 +650,26 @@ async def echo_connection(stream: trio.SocketStream) -> None:
         await stream.aclose()
 
 
-def serve_echo(port: int) -> int:
+def serve_echo(host: str, port: int, ready_file: Path | None) -> int:
     """Serve until killed: the bench stops it with SIGTERM, and it holds no state."""
-    trio.run(functools.partial(trio.serve_tcp, echo_connection, port, host="127.0.0.1"))
+    trio.run(run_echo_server, host, port, ready_file)
     return EXIT_OK
+
+
+async def run_echo_server(host: str, port: int, ready_file: Path | None) -> None:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, echo_connection, port, host=host)
+        )
+        if ready_file is not None:
+            write_ready_file(ready_file, listening_addresses(listeners))
 
 
 # -- Server subprocesses -----------------------------------------------------------------
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[bytes]
-    address: Address
-    log_path: Path
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-
-
-def free_loopback_port() -> int:
-    """A port free a moment ago. A WARNING-level bank does not log the port it bound,
-    so the bench chooses it; the tiny race with other programs is acceptable here."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def read_hello(sock: socket.socket) -> None:
-    """Read one frame and check it is HELLO: the port is served by a bank-like server."""
-    decoder = Decoder(Sender.SERVER)
-    while (frame := decoder.next_frame()) is None:
-        data = sock.recv(RECEIVE_BYTES_MAX)
-        if not data:
-            raise ConnectionResetError("closed before HELLO")
-        decoder.receive_data(data)
-    if not isinstance(frame.message, Hello):
-        raise BenchError(f"expected HELLO, got {frame.message!r}")
-
-
-def wait_until_serving(server: ServerProcess) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise BenchError(
-                f"server exited with status {server.process.returncode}:\n{server.log_tail()}"
-            )
-        try:
-            with socket.create_connection(server.address, timeout=1) as sock:
-                read_hello(sock)
-                return
-        except WireError as error:
-            raise BenchError(f"not a bank-like server on {server.address}: {error}") from None
-        except OSError:
-            time.sleep(START_POLL_S)
-    raise BenchError(f"server not serving after {SERVER_START_TIMEOUT_S} s:\n{server.log_tail()}")
-
-
-@contextlib.contextmanager
-def server_process(argv: list[str], log_path: Path) -> Iterator[ServerProcess]:
-    """Run ``argv`` plus a free --port, wait until it says HELLO, stop it on exit."""
-    port = free_loopback_port()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*argv, "--port", str(port)], cwd=ROOT, stdin=subprocess.DEVNULL, stderr=log,
-            stdout=log,
-        )
-    server = ServerProcess(process, ("127.0.0.1", port), log_path)
-    try:
-        wait_until_serving(server)
-        yield server
-    finally:
-        server.stop()
-
-
-def bank_argv(workdir: Path, connections: int) -> list[str]:
+def bank_args(workdir: Path, connections: int) -> list[str]:
     return [
-        sys.executable, "-m", "bank",
-        "--host", "127.0.0.1",
         "--db", str(workdir / "bank.db"),
         "--key-file", str(workdir / "bank.key"),
         "--log-level", "WARNING",
@@ -764,15 +688,16 @@ def bank_target(
         yield (args.host, args.port), args.server_pid
         return
     create_accounts(workdir / "bank.db", workdir / "bank.key", accounts, pin=args.pin)
-    with server_process(bank_argv(workdir, accounts), workdir / "bank.log") as server:
-        yield server.address, server.process.pid
+    with launcher.start(bank_args(workdir, accounts), workdir=workdir, name="bank") as server:
+        yield server.address, server.pid
 
 
 @contextlib.contextmanager
 def echo_target(workdir: Path) -> Iterator[tuple[Address, int]]:
-    argv = [sys.executable, "-m", "bank.tools.bench", "--echo-server"]
-    with server_process(argv, workdir / "echo.log") as server:
-        yield server.address, server.process.pid
+    with launcher.start(
+        ["--echo-server"], workdir=workdir, name="echo", module="bank.tools.bench"
+    ) as server:
+        yield server.address, server.pid
 
 
 # -- Open files --------------------------------------------------------------------------
@@ -925,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--create-accounts", type=bounded_int(1, ACCOUNTS_MAX), metavar="N",
                       help="add accounts BN-00001..N to --db and exit (existing ones kept)")
     mode.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)  # for the echo
     parser.add_argument("--sessions", type=bounded_int(1, ACCOUNTS_MAX),
                         default=SESSIONS_DEFAULT, help="concurrent sessions (%(default)s)")
     parser.add_argument("--seconds", type=bounded_int(1, SECONDS_MAX), default=SECONDS_DEFAULT,
@@ -960,7 +886,7 @@ def leaf_messages(error: BaseException) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.echo_server:
-        return serve_echo(args.port or 0)
+        return serve_echo(args.host, args.port or 0, args.ready_file)
     try:
         if args.create_accounts:
             count = args.create_accounts
@@ -968,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"added {added} accounts; {account_name(1)}..{account_name(count)} exist")
             return EXIT_OK
         report = run_idle(args) if args.idle else run_load(args)
-    except* (BenchError, WireError, OSError) as group:
+    except* (BenchError, launcher.LaunchError, WireError, OSError) as group:
         for message in dict.fromkeys(leaf_messages(group)):  # once each, in order
             print(f"bank.bench: {message}", file=sys.stderr)
         raise SystemExit(EXIT_FAILURE) from None
