@@ -17,7 +17,6 @@ import trio
 from bank.pins import load_or_create_key
 from bank.store import Store
 from bank.tools.chaos import (
-    ROOT,
     BankState,
     LedgerEntry,
     Operation,
@@ -28,6 +27,7 @@ from bank.tools.chaos import (
 )
 from wire import EntryKind, Status
 
+ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 60
 """Bound on the chaos subprocess: 4 s of load plus restarts; well under this when well."""
 
@@ -86,6 +86,7 @@ async def test_a_short_run_with_crashes_loses_and_duplicates_nothing(tmp_path: P
     history = (workdir / "history.jsonl").read_text().splitlines()
     assert len(history) == figures["operations"]
     assert "crash 2: kill -9" in stderr
+    assert "SIGTERM received" in (workdir / "server-3.log").read_text()  # the clean stop
 
 
 def test_the_checker_passes_a_consistent_history():

@@ -21,26 +21,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import enum
+import functools
 import json
-import os
 import random
-import re
 import secrets
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import trio
 
 from bank.store import DEMO_ACCOUNTS, Store
+from bank.tools import launcher
 from wire import (
     Decoder,
     Deposit,
@@ -64,14 +61,8 @@ from wire import (
 )
 from wire.limits import TXN_ID_BYTES
 
-ROOT = Path(__file__).resolve().parents[2]
-"""The directory holding the ``bank`` package, so ``python -m bank`` resolves from it."""
-
-HOST = "127.0.0.1"
+HOST = launcher.LOOPBACK
 """Loopback only: the harness never exposes the server it starts."""
-
-LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
-"""The server's log line that carries its port (it is started with --port 0)."""
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -90,10 +81,10 @@ CRASH_WINDOW = (0.1, 0.9)
 load and the last restarted server still serves some fresh operations."""
 
 SERVER_START_TIMEOUT_S = 15.0
-"""From spawning the server to its 'listening on' line."""
+"""From spawning the server to its ready file."""
 
 SERVER_STOP_TIMEOUT_S = 10.0
-"""From SIGTERM (or SIGKILL) to the process's exit; SIGTERM gets --shutdown-grace-s 1."""
+"""From SIGTERM to the process's exit, before SIGKILL; SIGTERM gets --shutdown-grace-s 1."""
 
 SERVER_GRACE_S = 1
 """--shutdown-grace-s for the server: clients have logged out before the clean stop."""
@@ -126,8 +117,6 @@ RUN_ALLOWANCE_S = SERVER_START_TIMEOUT_S + DRAIN_S + SERVER_STOP_TIMEOUT_S
 
 PROGRESS_INTERVAL_S = 1.0
 RECEIVE_BYTES_MAX = 4096
-LOG_LINE_BYTES_MAX = 64 * 1024
-"""A server log 'line' longer than this is written out in pieces, so the buffer is bounded."""
 
 PROBLEMS_SHOWN_MAX = 20
 
@@ -142,12 +131,6 @@ a storage error may come after the commit) leaves the outcome unknown, to be ret
 
 LOGIN_RETRYABLE = frozenset({Status.ACCOUNT_IN_USE, Status.ISSUER_UNAVAILABLE})
 """A lease not yet released by a dead connection, or a server shutting down: try again."""
-
-
-class LogFile(Protocol):
-    """Where server output goes: a trio async file opened in binary append mode."""
-
-    async def write(self, data: bytes) -> int: ...
 
 
 class ChaosError(Exception):
@@ -369,26 +352,19 @@ def _open_read_only(db: Path) -> sqlite3.Connection:
 # -- The server process ------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class ServerProcess:
-    """One incarnation of ``python -m bank`` on the shared database."""
-
-    process: trio.Process
-    port: int
-    incarnation: int
-
-
 class Harness:
-    """Starts, kills and restarts the server; clients ask it for the current port."""
+    """Starts, kills and restarts the server; clients ask it for the current port.
 
-    def __init__(self, nursery: trio.Nursery, workdir: Path, log: LogFile) -> None:
+    Each start is a new incarnation on the same database, logging to server-N.log.
+    """
+
+    def __init__(self, workdir: Path) -> None:
         self.db = workdir / "bank.db"
         self.key_file = workdir / "bank.key"
         self.crashes = 0
         self.failures: list[str] = []
-        self._nursery = nursery
-        self._log = log
-        self._server: ServerProcess | None = None
+        self._workdir = workdir
+        self._server: launcher.Server | None = None
         self._incarnations = 0
         self._answered = trio.Event()
 
@@ -410,96 +386,59 @@ class Harness:
     async def start(self) -> None:
         self._incarnations += 1
         self._answered = trio.Event()
-        command = [
-            sys.executable, "-m", "bank", "--host", HOST, "--port", "0",
+        args = [
             "--db", str(self.db), "--key-file", str(self.key_file),
             "--shutdown-grace-s", str(SERVER_GRACE_S), "--log-level", "INFO",
         ]
-        process = await trio.lowlevel.open_process(
-            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start = functools.partial(
+            launcher.start, args, workdir=self._workdir, name=f"server-{self._incarnations}",
+            timeout_s=SERVER_START_TIMEOUT_S,
         )
         try:
-            with trio.fail_after(SERVER_START_TIMEOUT_S):
-                port = await self._nursery.start(
-                    pump_server_log, process.stderr, self._log, self._incarnations
-                )
-        except BaseException:
-            await _reap(process, signal.SIGKILL)
-            raise
-        self._server = ServerProcess(process, port, self._incarnations)
-        progress(f"server {self._incarnations} (pid {process.pid}) listening on port {port}")
+            server = await trio.to_thread.run_sync(start)
+        except launcher.LaunchError as error:
+            raise ChaosError(str(error)) from None
+        self._server = server
+        progress(f"server {self._incarnations} (pid {server.pid}) listening on port "
+                 f"{server.port}")
 
     async def crash(self) -> None:
         """kill -9 the server, wait for it to die, and start the next one."""
-        server = self._server
-        if server is None:
-            raise ChaosError("no server to crash")
-        self._server = None
-        await _reap(server.process, signal.SIGKILL)
+        server = self._take_server("crash")
+        await _end_server(server.kill)
         self.crashes += 1
-        progress(f"crash {self.crashes}: kill -9 server {server.incarnation} (pid "
-                 f"{server.process.pid})")
+        progress(f"crash {self.crashes}: kill -9 server {self._incarnations} (pid "
+                 f"{server.pid})")
         await self.start()
 
     async def stop(self) -> int:
         """SIGTERM, as an operator would; the exit status (0 when graceful)."""
-        server = self._server
-        if server is None:
-            raise ChaosError("no server to stop")
-        self._server = None
-        status = await _reap(server.process, signal.SIGTERM)
-        progress(f"server {server.incarnation} stopped with exit status {status}")
+        server = self._take_server("stop")
+        status = await _end_server(functools.partial(server.stop, SERVER_STOP_TIMEOUT_S))
+        progress(f"server {self._incarnations} stopped with exit status {status}")
         return status
 
     async def kill_if_running(self) -> None:
         """Cleanup after a failure: never leave a server behind."""
         server, self._server = self._server, None
         if server is not None:
-            await _reap(server.process, signal.SIGKILL)
+            await _end_server(server.kill)
+
+    def _take_server(self, action: str) -> launcher.Server:
+        """The running server, now marked down so that clients back off."""
+        server, self._server = self._server, None
+        if server is None:
+            raise ChaosError(f"no server to {action}")
+        return server
 
 
-async def _reap(process: trio.Process, signum: signal.Signals) -> int:
-    """Signal the process and wait (bounded, even when cancelled) for its exit status."""
-    if process.returncode is None:
-        process.send_signal(signum)
-    with trio.CancelScope(shield=True), trio.move_on_after(SERVER_STOP_TIMEOUT_S):
-        return await process.wait()
-    process.kill()  # it ignored us: do not leave it behind
-    with trio.CancelScope(shield=True), trio.move_on_after(SERVER_STOP_TIMEOUT_S):
-        await process.wait()
-    raise ChaosError(f"server pid {process.pid} did not exit after {signum.name}")
-
-
-async def pump_server_log(
-    stream: trio.abc.ReceiveStream | None,
-    log: LogFile,
-    incarnation: int,
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Copy the server's stderr to the log file (so the pipe never fills and blocks the
-    server) and report its port from the 'listening on' line."""
-    if stream is None:
-        raise ChaosError("server stderr is not a pipe")
-    prefix = f"[{incarnation}] ".encode()
-    started = False
-    buffer = b""
-    while chunk := await stream.receive_some(RECEIVE_BYTES_MAX):
-        *lines, buffer = (buffer + chunk).split(b"\n")
-        if len(buffer) > LOG_LINE_BYTES_MAX:
-            lines, buffer = [*lines, buffer], b""
-        if lines:  # one write per chunk: each is a worker-thread call
-            await log.write(b"".join(prefix + line + b"\n" for line in lines))
-        for line in lines if not started else ():
-            if match := LISTENING.search(line):
-                task_status.started(int(match[1]))
-                started = True
-                break
-    if buffer:
-        await log.write(prefix + buffer + b"\n")
-    if not started:
-        raise ChaosError(f"server {incarnation} exited before listening; see its log")
+async def _end_server(end: Callable[[], int]) -> int:
+    """Run a server's blocking stop or kill to the end, even in a cancelled run."""
+    with trio.CancelScope(shield=True):
+        try:
+            return await trio.to_thread.run_sync(end)
+        except launcher.LaunchError as error:
+            raise ChaosError(str(error)) from None
 
 
 # -- One ATM session ---------------------------------------------------------------------
@@ -796,17 +735,13 @@ async def run_chaos(options: Options) -> Report:
     harness: Harness | None = None
     try:
         with trio.fail_after(options.seconds + RUN_ALLOWANCE_S):
-            async with (
-                await trio.open_file(options.workdir / "server.log", "ab") as log,
-                trio.open_nursery() as nursery,
-            ):
-                harness = Harness(nursery, options.workdir, log)
-                try:
-                    await harness.start()
-                    await drive(harness, options, report.history)
-                    report.clean_exit = await harness.stop() == 0
-                finally:
-                    await harness.kill_if_running()
+            harness = Harness(options.workdir)
+            try:
+                await harness.start()
+                await drive(harness, options, report.history)
+                report.clean_exit = await harness.stop() == 0
+            finally:
+                await harness.kill_if_running()
     except* (ChaosError, trio.TooSlowError, OSError) as group:
         # except*: failures inside nurseries arrive wrapped in exception groups.
         report.errors += [f"{type(e).__name__}: {e}" for e in _leaves(group)]
@@ -876,8 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep", type=Path, metavar="DIR", default=None,
         help="work in DIR (created; must not already hold bank.db) and keep the database, "
-        "key, server.log and history.jsonl there; otherwise a temporary directory is used "
-        "and removed after a passing run (kept and named after a failing one)",
+        "key, server logs (server-N.log, one per start) and history.jsonl there; otherwise "
+        "a temporary directory is used and removed after a passing run (kept and named "
+        "after a failing one)",
     )
     return parser
 

@@ -8,11 +8,11 @@ if the process exits first or is not ready in time, it is killed and ``LaunchErr
 quotes the tail of its log. The port comes from the ready file, never from the log.
 
 Everything here blocks, each wait bounded by a named timeout. Trio code calls it through
-``trio.to_thread.run_sync`` (as ``bank.tools.chaos`` does); a cancelled caller then still
-waits for the start or stop to finish, so no server is left half started or unreaped.
-The ready file is polled every READY_POLL_S: a launcher has no other way to learn about
-another process's file. That is the launcher's business only; tests synchronise on
-what the server tells them, not on polling.
+``trio.to_thread.run_sync`` (as ``bank.tools.chaos`` does): once the thread runs, a
+cancelled caller still waits for it, so a start is never abandoned halfway, and a stop
+or kill in cleanup needs a shield, as any awaited cleanup does. The ready file is polled
+every READY_POLL_S: a launcher has no other way to learn about another process's file.
+That is the launcher's business only; tests synchronise on what the server tells them.
 """
 
 from __future__ import annotations
