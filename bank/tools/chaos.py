@@ -26,7 +26,6 @@ import json
 import random
 import secrets
 import shutil
-import sqlite3
 import sys
 import tempfile
 from collections import Counter
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import trio
 
-from bank.store import DEMO_ACCOUNTS, Store
+from bank.store import DEMO_ACCOUNTS, BookEntry, Books, Store, read_books
 from bank.tools import launcher
 from wire import (
     Decoder,
@@ -182,22 +181,10 @@ class Operation:
 
 
 @dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    txn_id: bytes
-    account: str
-    kind: EntryKind
-    amount_cents: int
-    entry_id: int
-    balance_cents: int
-
-
-@dataclass(frozen=True, slots=True)
 class BankState:
     """What the database holds after the run, read once the server has stopped."""
 
-    opening_cents: dict[str, int]
-    balance_cents: dict[str, int]
-    entries: tuple[LedgerEntry, ...]
+    books: Books
     invariant_problems: tuple[str, ...] = ()
     integrity_ok: bool = True
 
@@ -228,8 +215,8 @@ def check_history(operations: Sequence[Operation], state: BankState) -> Verdict:
     ledger decides, and an applied one is counted in the expected balances.
     """
     verdict = Verdict()
-    counts = Counter(entry.txn_id for entry in state.entries)
-    entries = {entry.txn_id: entry for entry in state.entries}
+    counts = Counter(entry.txn_id for entry in state.books.entries)
+    entries = {entry.txn_id: entry for entry in state.books.entries}
     _check_duplicates(counts, verdict)
     _check_operations(operations, entries, verdict)
     _check_unexpected(operations, entries, verdict)
@@ -248,7 +235,7 @@ def _check_duplicates(counts: Counter[bytes], verdict: Verdict) -> None:
 
 
 def _check_operations(
-    operations: Sequence[Operation], entries: dict[bytes, LedgerEntry], verdict: Verdict
+    operations: Sequence[Operation], entries: dict[bytes, BookEntry], verdict: Verdict
 ) -> None:
     for op in operations:
         entry = entries.get(op.txn_id)
@@ -265,7 +252,7 @@ def _check_operations(
             verdict.problems.append(f"txn {op.txn_id.hex()}: client saw {op}, ledger has {entry}")
 
 
-def _differs(op: Operation, entry: LedgerEntry) -> bool:
+def _differs(op: Operation, entry: BookEntry) -> bool:
     """Whether the ledger's entry is not what the client asked for (or was told)."""
     asked = (op.account, op.kind, op.amount_cents)
     if asked != (entry.account, entry.kind, entry.amount_cents):
@@ -275,7 +262,7 @@ def _differs(op: Operation, entry: LedgerEntry) -> bool:
 
 
 def _check_unexpected(
-    operations: Sequence[Operation], entries: dict[bytes, LedgerEntry], verdict: Verdict
+    operations: Sequence[Operation], entries: dict[bytes, BookEntry], verdict: Verdict
 ) -> None:
     issued = {op.txn_id for op in operations}
     for txn_id in entries.keys() - issued:
@@ -285,12 +272,12 @@ def _check_unexpected(
 
 def _check_money(
     operations: Sequence[Operation],
-    entries: dict[bytes, LedgerEntry],
+    entries: dict[bytes, BookEntry],
     state: BankState,
     verdict: Verdict,
 ) -> None:
     """Per account and in total: final == opening + acknowledged (and applied unknown)."""
-    expected = dict(state.opening_cents)
+    expected = dict(state.books.opening_cents)
     for op in operations:
         applied = op.outcome is Outcome.ACKNOWLEDGED or (
             op.outcome is Outcome.UNKNOWN and op.txn_id in entries
@@ -299,14 +286,14 @@ def _check_money(
             verdict.problems.append(f"txn {op.txn_id.hex()} on unknown account {op.account}")
         elif applied:
             expected[op.account] += op.signed_cents
-    for account, balance_cents in sorted(state.balance_cents.items()):
+    for account, balance_cents in sorted(state.books.balance_cents.items()):
         if balance_cents < 0:
             verdict.problems.append(f"{account}: negative balance {balance_cents}")
         if balance_cents != expected.get(account):
             verdict.problems.append(
                 f"{account}: balance {balance_cents}, history says {expected.get(account)}"
             )
-    total, expected_total = sum(state.balance_cents.values()), sum(expected.values())
+    total, expected_total = sum(state.books.balance_cents.values()), sum(expected.values())
     if total != expected_total:
         verdict.problems.append(f"total money {total}, history says {expected_total}")
 
@@ -318,35 +305,12 @@ def _name(status: Status | None) -> str:
 # -- Reading the database after the run --------------------------------------------------
 
 
-ENTRIES_SQL = (
-    "SELECT txn_id, account, kind, amount_cents, entry_id, balance_cents"
-    " FROM entries ORDER BY entry_id"
-)
-
-
 def read_bank_state(db: Path, key_file: Path) -> BankState:
-    """The final state, through Store's own checks plus one read-only look at the rows.
-
-    The read-only connection is opened while the Store holds the database open, so the
-    WAL index exists for it; the server has stopped, so nothing changes underneath.
-    """
+    """The books as the server left them (read first, read-only), then the Store's own
+    checks of them; the server has stopped, so nothing changes in between."""
+    books = read_books(db)
     with Store(db, key_file.read_bytes(), seed_demo=False) as store:
-        invariant_problems = tuple(store.check_invariants())
-        integrity_ok = store.integrity_ok()
-        with contextlib.closing(_open_read_only(db)) as conn:
-            opening = {str(a): int(c) for a, c in conn.execute(
-                "SELECT account, opening_cents FROM accounts"
-            )}
-            entries = tuple(
-                LedgerEntry(bytes(t), str(a), EntryKind(k), int(amount), int(e), int(b))
-                for t, a, k, amount, e, b in conn.execute(ENTRIES_SQL)
-            )
-        balances = {account: store.balance(account) for account in opening}
-    return BankState(opening, balances, entries, invariant_problems, integrity_ok)
-
-
-def _open_read_only(db: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        return BankState(books, tuple(store.check_invariants()), store.integrity_ok())
 
 
 # -- The server process ------------------------------------------------------------------
@@ -900,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "BankState", "LedgerEntry", "Operation", "Options", "Outcome", "Report", "Verdict",
+    "BankState", "Operation", "Options", "Outcome", "Report", "Verdict",
     "check_history", "main", "read_bank_state", "run_chaos",
 ]
 
