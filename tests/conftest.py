@@ -1,12 +1,13 @@
-"""Shared fixtures: a bank server on 127.0.0.1 port 0 over a fresh ledger, and a client
-that speaks the wire protocol directly (no ATM logic), for server-side tests."""
+"""Shared fixtures: a bank server on 127.0.0.1 port 0 over a fresh ledger, a real
+``python -m bank`` process started by the tools' launcher, and a client that speaks the
+wire protocol directly (no ATM logic), for server-side tests."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import trio
 from bank.config import ServerConfig
 from bank.server import BankServer
 from bank.sqlite_ledger import SqliteLedger, open_ledger
+from bank.tools import launcher
 from wire import Decoder, Frame, Hello, Login, LoginReply, Message, Sender, Status, encode
 
 RECEIVE_TIMEOUT_S = 10
@@ -118,3 +120,18 @@ async def start_server(
 @pytest.fixture
 async def bank(nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger) -> RunningServer:
     return await start_server(nursery, config, ledger)
+
+
+def bank_process_args(workdir: Path) -> list[str]:
+    """Flags for a real server on a fresh database in ``workdir``: bank.db and bank.key."""
+    return [
+        "--db", str(workdir / "bank.db"), "--key-file", str(workdir / "bank.key"),
+        "--log-level", "INFO", "--shutdown-grace-s", "5",
+    ]
+
+
+@pytest.fixture
+def bank_process(tmp_path: Path) -> Iterator[launcher.Server]:
+    """A real ``python -m bank`` on a fresh database in tmp_path, stopped after the test."""
+    with launcher.start(bank_process_args(tmp_path), workdir=tmp_path) as server:
+        yield server

@@ -4,13 +4,12 @@ not at all, refused when malformed), the operator commands, and the real server 
 
 from __future__ import annotations
 
+import functools
 import io
 import os
-import re
 import resource
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +22,9 @@ from bank.config import ServerConfig, from_arguments
 from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.server import open_files_needed, raise_open_files_limit
 from bank.store import Store
+from bank.tools import launcher
 from tests.conftest import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
 from wire import Balance, BalanceReply, Shutdown, Status
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_flags_override_env_vars_which_override_defaults(monkeypatch: pytest.MonkeyPatch):
@@ -230,34 +228,21 @@ def test_import_of_a_course_accounts_file(tmp_path: Path):
         assert store.verify_pin("QQ-22222", "2222", now_ms=0) is Status.APPROVED
 
 
-async def test_the_server_process_serves_and_exits_cleanly_on_sigterm(tmp_path: Path):
-    command = [sys.executable, "-m", "bank", "--port", "0", "--log-level", "INFO",
-               "--db", str(tmp_path / "bank.db"), "--key-file", str(tmp_path / "bank.key")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = await trio.lowlevel.open_process(
-        command, cwd=ROOT, env=env, stderr=subprocess.PIPE
-    )
-    try:
-        with trio.fail_after(RECEIVE_TIMEOUT_S):
-            log = b""
-            while not (match := re.search(rb"listening on 127\.0\.0\.1:(\d+)", log)):
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, log.decode()
-                log += chunk
-            client = await WireClient.connect(int(match[1]))
-            await client.hello()
-            assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
-            assert (await client.request(Balance())).status is Status.APPROVED
-            process.send_signal(signal.SIGTERM)
-            frame = await client.receive()
-            assert frame is not None and isinstance(frame.message, Shutdown)
-            assert await client.request(Balance()) == BalanceReply(Status.ISSUER_UNAVAILABLE)
-            await client.aclose()
-            while chunk := await process.stderr.receive_some(4096):
-                log += chunk
-            assert await process.wait() == 0
-    finally:
-        process.kill()
-    text = log.decode()
+async def test_the_server_process_serves_and_exits_cleanly_on_sigterm(
+    bank_process: launcher.Server,
+):
+    with trio.fail_after(RECEIVE_TIMEOUT_S):
+        client = await WireClient.connect(bank_process.port)
+        await client.hello()
+        assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+        assert (await client.request(Balance())).status is Status.APPROVED
+        bank_process.process.send_signal(signal.SIGTERM)
+        frame = await client.receive()
+        assert frame is not None and isinstance(frame.message, Shutdown)
+        assert await client.request(Balance()) == BalanceReply(Status.ISSUER_UNAVAILABLE)
+        await client.aclose()
+        exited = functools.partial(bank_process.process.wait, RECEIVE_TIMEOUT_S)
+        assert await trio.to_thread.run_sync(exited) == 0
+    text = bank_process.log_path.read_text()
     assert "SIGTERM received" in text and "database closed" in text
     assert DEMO_PIN not in text and DEMO_ACCOUNT not in text  # masked, never a PIN

@@ -15,21 +15,17 @@ import trio
 
 from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.tools import launcher
-from tests.conftest import DEMO_ACCOUNT, DEMO_PIN, WireClient
+from tests.conftest import DEMO_ACCOUNT, DEMO_PIN, WireClient, bank_process_args
 from wire import Status
 
 EXIT_TIMEOUT_S = 30
 """Bound on a server's graceful exit; it takes well under a second when well."""
 
 
-def bank_args(tmp_path: Path) -> list[str]:
-    return ["--db", str(tmp_path / "bank.db"), "--key-file", str(tmp_path / "bank.key")]
-
-
 async def test_the_server_serves_where_its_ready_file_says_and_removes_it_on_exit(
     tmp_path: Path,
 ):
-    start = functools.partial(launcher.start, bank_args(tmp_path), workdir=tmp_path)
+    start = functools.partial(launcher.start, bank_process_args(tmp_path), workdir=tmp_path)
     server = await trio.to_thread.run_sync(start)  # how Trio code uses the launcher
     with server:
         assert (server.host, server.log_path) == (launcher.LOOPBACK, tmp_path / "bank.log")
@@ -47,23 +43,23 @@ async def test_the_server_serves_where_its_ready_file_says_and_removes_it_on_exi
 def test_a_stale_ready_file_is_not_taken_for_the_new_server(tmp_path: Path):
     stale = tmp_path / "bank.ready"
     write_ready_file(stale, [(launcher.LOOPBACK, 1)])  # as a killed server leaves it
-    with launcher.start(bank_args(tmp_path), workdir=tmp_path) as server:
+    with launcher.start(bank_process_args(tmp_path), workdir=tmp_path) as server:
         assert server.port != 1
         assert read_ready_file(stale) == Ready(server.pid, (server.address,))
 
 
 def test_stop_is_graceful_and_kill_is_a_crash(tmp_path: Path):
-    with launcher.start(bank_args(tmp_path), workdir=tmp_path) as server:
+    with launcher.start(bank_process_args(tmp_path), workdir=tmp_path) as server:
         assert server.stop() == 0
     assert "database closed" in server.log_path.read_text()
-    with launcher.start(bank_args(tmp_path), workdir=tmp_path) as server:
+    with launcher.start(bank_process_args(tmp_path), workdir=tmp_path) as server:
         assert server.kill() == -signal.SIGKILL
         assert not server.ready_path.exists()
     assert "database closed" not in server.log_path.read_text()
 
 
 def test_a_server_too_slow_to_stop_is_killed(tmp_path: Path):
-    with launcher.start(bank_args(tmp_path), workdir=tmp_path) as server:
+    with launcher.start(bank_process_args(tmp_path), workdir=tmp_path) as server:
         assert server.stop(timeout_s=0) == -signal.SIGKILL
         assert not server.ready_path.exists()
 
@@ -78,13 +74,14 @@ def test_a_server_that_exits_before_it_is_ready_is_an_error_quoting_its_log(tmp_
 
 def test_a_server_not_ready_in_time_is_an_error_and_leaves_nothing(tmp_path: Path):
     with pytest.raises(launcher.LaunchError, match="not ready after 0 s"):
-        launcher.start(bank_args(tmp_path), workdir=tmp_path, timeout_s=0)
+        launcher.start(bank_process_args(tmp_path), workdir=tmp_path, timeout_s=0)
     assert not (tmp_path / "bank.ready").exists()
 
 
 def test_env_reaches_the_server_and_the_launchers_flags_win(tmp_path: Path):
+    args = ["--db", str(tmp_path / "bank.db"), "--key-file", str(tmp_path / "bank.key")]
     env = {"BANK_LOG_LEVEL": "WARNING", "BANK_PORT": "1", "BANK_HOST": "0.0.0.0"}
-    with launcher.start(bank_args(tmp_path), workdir=tmp_path, env=env) as server:
+    with launcher.start(args, workdir=tmp_path, env=env) as server:
         assert server.address[0] == launcher.LOOPBACK and server.port != 1
         assert server.stop() == 0
     assert "listening on" not in server.log_path.read_text()  # an INFO line
