@@ -14,10 +14,10 @@ server's resident memory per session and one more session's round-trip latency w
 they are held.
 
 By default the bank is a real ``python -m bank`` subprocess on a temporary database,
-with its log at WARNING so that logging is not what is measured; it and the echo server
-are started by ``bank.tools.launcher``. ``--port`` targets a
-bank already running on this machine instead; its accounts ``BN-00001``.. (one per
-session, plus one for idle mode's probe) must exist with the bench PIN: create them with
+with its log at WARNING so that logging is not what is measured; ``bank.tools.launcher``
+starts it and the echo server. ``--port`` targets a bank already running on this machine
+instead; its accounts ``BN-00001``.. (one per session, plus one for idle mode's probe)
+must exist with the bench PIN: create them with
 ``python -m bank.bench --create-accounts N --db bank.db --key-file bank.key``.
 Only loopback addresses are accepted: the echo baseline runs here, so the ratio means
 something only for a bank on the same machine.
@@ -657,6 +657,7 @@ def serve_echo(host: str, port: int, ready_file: Path | None) -> int:
 
 
 async def run_echo_server(host: str, port: int, ready_file: Path | None) -> None:
+    """Serve echo connections; once listening, say so in the ready file, as the bank does."""
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             functools.partial(trio.serve_tcp, echo_connection, port, host=host)
@@ -850,7 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--create-accounts", type=bounded_int(1, ACCOUNTS_MAX), metavar="N",
                       help="add accounts BN-00001..N to --db and exit (existing ones kept)")
     mode.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)  # for the echo
+    parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)  # --echo-server's
     parser.add_argument("--sessions", type=bounded_int(1, ACCOUNTS_MAX),
                         default=SESSIONS_DEFAULT, help="concurrent sessions (%(default)s)")
     parser.add_argument("--seconds", type=bounded_int(1, SECONDS_MAX), default=SECONDS_DEFAULT,
