@@ -8,11 +8,13 @@ SQLite's locking keeps both safe) and never print or take a PIN on the command l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import trio
 
@@ -21,6 +23,7 @@ from bank.accounts_file import AccountsFileError
 from bank.config import ServerConfig
 from bank.ledger import StorageError
 from bank.pins import KeyFileError, load_or_create_key
+from bank.readiness import listening_addresses, remove_ready_file, write_ready_file
 from bank.server import BankServer, open_files_needed, raise_open_files_limit
 from bank.sqlite_ledger import open_ledger
 from bank.store import SchemaError, Store, StoreError
@@ -94,8 +97,9 @@ def account_argument(text: str) -> str:
 # -- Serving ---------------------------------------------------------------------------
 
 
-class CannotListen(Exception):
-    """The configured address cannot be bound (in use, not ours, no permission)."""
+class CannotServe(Exception):
+    """The configured address cannot be bound (in use, not ours, no permission), or the
+    ready file cannot be written."""
 
 
 def serve(config: ServerConfig, _args: argparse.Namespace) -> int:
@@ -111,7 +115,7 @@ def serve(config: ServerConfig, _args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     try:
         trio.run(run_server, config)
-    except CannotListen as error:
+    except CannotServe as error:
         print(f"bank: {error}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
@@ -130,8 +134,11 @@ async def run_server(config: ServerConfig) -> None:
         try:  # outside the nursery below, so that a bind error is not an ExceptionGroup
             listeners = await server.listen()
         except OSError as error:
-            raise CannotListen(f"cannot serve on {config.host}:{config.port}: {error}") from None
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            raise CannotServe(f"cannot serve on {config.host}:{config.port}: {error}") from None
+        with (
+            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+            announced(config.ready_file, listeners),
+        ):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_shutdown_on_signal, signals, server)
                 await server.serve(listeners)
@@ -140,6 +147,29 @@ async def run_server(config: ServerConfig) -> None:
         with trio.CancelScope(shield=True):
             await ledger.aclose()
         log.info("database closed")
+
+
+@contextlib.contextmanager
+def announced(ready_file: Path | None, listeners: list[trio.SocketListener]) -> Iterator[None]:
+    """The ready file, if one is configured, exists for the body's duration.
+
+    Entered after the signal receiver, so whoever reads the file may SIGTERM at once and
+    get a graceful shutdown rather than Python's default death. If the file cannot be
+    written the listeners are closed here, since the server never gets to serve them.
+    """
+    if ready_file is None:
+        yield
+        return
+    try:
+        write_ready_file(ready_file, listening_addresses(listeners))
+    except OSError as error:
+        for listener in listeners:
+            listener.socket.close()
+        raise CannotServe(f"cannot write the ready file {ready_file}: {error}") from None
+    try:
+        yield
+    finally:
+        remove_ready_file(ready_file)
 
 
 async def _shutdown_on_signal(signals: AsyncIterator[int], server: BankServer) -> None:

@@ -27,8 +27,9 @@ setting could overflow it and stop wrong PINs being counted at all; a year is fa
 that, and longer than any timed lock is useful (past it, ``unlock`` is the tool)."""
 
 
-def _setting(default: object, help_text: str) -> object:
-    return field(default=default, metadata={"help": help_text})
+def _setting(default: object, help_text: str, kind: type | None = None) -> object:
+    """A field with its --help text; ``kind`` parses the flag when the default is None."""
+    return field(default=default, metadata={"help": help_text, "kind": kind or type(default)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,10 @@ class ServerConfig:
     withdrawal_cents_max: int = _setting(
         100_000, "largest withdrawal in one transaction, in cents (EXCEEDS_WITHDRAWAL_LIMIT)"
     )
+    ready_file: Path | None = _setting(
+        None, "once listening, write the pid and the addresses served to this JSON file"
+        " (atomically), for a launcher to wait on; removed on exit", kind=Path,
+    )
 
     def __post_init__(self) -> None:
         for name in ("frame_timeout_s", "login_timeout_s", "idle_timeout_s"):
@@ -113,9 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = Non
         if names is not None and f.name not in names:
             continue
         env = ENV_PREFIX + f.name.upper()
-        kind = type(f.default)
+        kind = f.metadata["kind"]
         try:
-            default = kind(os.environ.get(env, f.default))
+            default = kind(os.environ[env]) if env in os.environ else f.default
         except ValueError:
             parser.error(f"{env}={os.environ[env]!r} is not a valid {kind.__name__}")
         parser.add_argument(

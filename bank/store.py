@@ -673,3 +673,59 @@ def _replay(
     if (prior_account, prior_kind, prior_amount) != (account, kind, amount_cents):
         return Posting(Status.DUPLICATE_TRANSMISSION)
     return Posting(Status.APPROVED, balance_cents, entry_id, time_ms)
+
+
+# -- Reading the books from outside: audits and bank.tools.chaos's checker ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class BookEntry:
+    """One row of the ledger, as stored."""
+
+    entry_id: int
+    account: str
+    txn_id: bytes
+    kind: EntryKind
+    amount_cents: int
+    balance_cents: int
+    time_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Books:
+    """Every account's opening and current balance, and every entry in entry_id order."""
+
+    opening_cents: dict[str, int]
+    balance_cents: dict[str, int]
+    entries: tuple[BookEntry, ...]
+
+
+def read_books(db_path: str | os.PathLike[str]) -> Books:
+    """The whole ledger in one snapshot, through a read-only connection.
+
+    For a checker, which must not change what it judges: unlike a ``Store`` this creates,
+    seeds and migrates nothing and needs no PIN key, and a missing database is an error
+    (sqlite3.OperationalError), not a new one. A server may be running meanwhile.
+    """
+    uri = f"{Path(db_path).resolve().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("BEGIN")  # one snapshot for both SELECTs; closing rolls it back
+        accounts = conn.execute(
+            "SELECT account, opening_cents, balance_cents FROM accounts ORDER BY account"
+        ).fetchall()
+        entries = conn.execute(
+            "SELECT entry_id, account, txn_id, kind, amount_cents, balance_cents, time_ms"
+            " FROM entries ORDER BY entry_id"
+        ).fetchall()
+    finally:
+        conn.close()
+    return Books(
+        opening_cents={account: opening for account, opening, _ in accounts},
+        balance_cents={account: balance for account, _, balance in accounts},
+        entries=tuple(
+            BookEntry(entry_id, account, txn_id, EntryKind(kind), amount, balance, time_ms)
+            for entry_id, account, txn_id, kind, amount, balance, time_ms in entries
+        ),
+    )

@@ -1,9 +1,10 @@
-"""Fixtures: a bank server on 127.0.0.1 port 0 over a fresh ledger. What tests share
-besides fixtures (the wire-level test client, the demo accounts) is in helpers.py."""
+"""Fixtures: a bank server on 127.0.0.1 port 0 over a fresh ledger, and a real
+``python -m bank`` process started by the tools' launcher. What tests share besides
+fixtures (the wire-level test client, the demo accounts) is in helpers.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import trio
 
 from bank.config import ServerConfig
 from bank.sqlite_ledger import SqliteLedger, open_ledger
-from tests.helpers import RunningServer, start_server
+from bank.tools import launcher
+from tests.helpers import RunningServer, bank_process_args, start_server
 
 
 @pytest.fixture
@@ -31,3 +33,10 @@ async def ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
 @pytest.fixture
 async def bank(nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger) -> RunningServer:
     return await start_server(nursery, config, ledger)
+
+
+@pytest.fixture
+def bank_process(tmp_path: Path) -> Iterator[launcher.Server]:
+    """A real ``python -m bank`` on a fresh database in tmp_path, stopped after the test."""
+    with launcher.start(bank_process_args(tmp_path), workdir=tmp_path) as server:
+        yield server

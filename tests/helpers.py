@@ -12,6 +12,7 @@ import uuid
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 import trio.testing
@@ -227,6 +228,14 @@ async def frames_until_closed(client: WireClient, frames_max: int = 10) -> list[
             return frames
         frames.append(frame)
     raise AssertionError(f"still open after {frames_max} frames: {frames}")
+
+
+def bank_process_args(workdir: Path) -> list[str]:
+    """Flags for a real server on a fresh database in ``workdir``: bank.db and bank.key."""
+    return [
+        "--db", str(workdir / "bank.db"), "--key-file", str(workdir / "bank.key"),
+        "--log-level", "INFO", "--shutdown-grace-s", "5",
+    ]
 
 
 class ServedSession:

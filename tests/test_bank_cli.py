@@ -1,15 +1,15 @@
-"""``python -m bank``: settings from flags and env vars, the operator commands, and the real
-server process (it serves, logs no PIN, and exits 0 after SIGTERM with a SHUTDOWN notice)."""
+"""``python -m bank``: settings from flags and env vars, the ready file (written whole or
+not at all, refused when malformed), the operator commands, and the real server process
+(it serves, logs no PIN, and exits 0 after SIGTERM with a SHUTDOWN notice)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
-import re
 import resource
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +19,12 @@ import trio
 
 from bank.__main__ import build_parser, main
 from bank.config import ServerConfig, from_arguments
+from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.server import open_files_needed, raise_open_files_limit
 from bank.store import Store
+from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
 from wire import Balance, BalanceReply, Shutdown, Status
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_flags_override_env_vars_which_override_defaults(monkeypatch: pytest.MonkeyPatch):
@@ -81,6 +81,57 @@ def test_a_port_in_use_is_a_clear_message_not_a_traceback(
     assert status == 1
     err = capsys.readouterr().err
     assert f"cannot serve on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_the_ready_file_is_off_unless_the_flag_or_env_var_names_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    assert from_arguments(build_parser().parse_args([])).ready_file is None
+    monkeypatch.setenv("BANK_READY_FILE", str(tmp_path / "env.json"))
+    assert from_arguments(build_parser().parse_args([])).ready_file == tmp_path / "env.json"
+    flags = ["--ready-file", str(tmp_path / "flag.json")]
+    assert from_arguments(build_parser().parse_args(flags)).ready_file == tmp_path / "flag.json"
+
+
+def test_a_ready_file_is_replaced_whole_and_leaves_no_temporary_file(tmp_path: Path):
+    path = tmp_path / "bank.ready"
+    write_ready_file(path, [("127.0.0.1", 1)])
+    write_ready_file(path, [("127.0.0.1", 2), ("::1", 2)])
+    assert read_ready_file(path) == Ready(os.getpid(), (("127.0.0.1", 2), ("::1", 2)))
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_ready_file_that_cannot_be_renamed_into_place_leaves_nothing(tmp_path: Path):
+    (tmp_path / "bank.ready").mkdir()  # os.replace cannot put a file over a directory
+    with pytest.raises(OSError):
+        write_ready_file(tmp_path / "bank.ready", [("127.0.0.1", 1)])
+    assert list(tmp_path.iterdir()) == [tmp_path / "bank.ready"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "{", "[]", '{"pid": 1}', '{"pid": "1", "addresses": []}',
+     '{"pid": 1, "addresses": [["127.0.0.1"]]}', '{"pid": 1, "addresses": [[1, 2]]}'],
+)
+def test_a_malformed_ready_file_is_refused(tmp_path: Path, text: str):
+    (tmp_path / "bank.ready").write_text(text)
+    with pytest.raises(ValueError, match="not a ready file"):
+        read_ready_file(tmp_path / "bank.ready")
+
+
+def test_a_missing_ready_file_means_not_ready_yet(tmp_path: Path):
+    assert read_ready_file(tmp_path / "bank.ready") is None
+
+
+def test_an_unwritable_ready_file_is_a_clear_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    ready_file = tmp_path / "missing" / "bank.ready"
+    status = main(["--port", "0", "--db", str(tmp_path / "bank.db"),
+                   "--key-file", str(tmp_path / "bank.key"), "--ready-file", str(ready_file)])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert f"cannot write the ready file {ready_file}" in err and "Traceback" not in err
 
 
 def test_an_unusable_key_file_is_named_as_such_not_as_a_listen_failure(
@@ -177,34 +228,21 @@ def test_import_of_a_course_accounts_file(tmp_path: Path):
         assert store.verify_pin("QQ-22222", "2222", now_ms=0) is Status.APPROVED
 
 
-async def test_the_server_process_serves_and_exits_cleanly_on_sigterm(tmp_path: Path):
-    command = [sys.executable, "-m", "bank", "--port", "0", "--log-level", "INFO",
-               "--db", str(tmp_path / "bank.db"), "--key-file", str(tmp_path / "bank.key")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = await trio.lowlevel.open_process(
-        command, cwd=ROOT, env=env, stderr=subprocess.PIPE
-    )
-    try:
-        with trio.fail_after(RECEIVE_TIMEOUT_S):
-            log = b""
-            while not (match := re.search(rb"listening on 127\.0\.0\.1:(\d+)", log)):
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, log.decode()
-                log += chunk
-            client = await WireClient.connect(int(match[1]))
-            await client.hello()
-            assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
-            assert (await client.request(Balance())).status is Status.APPROVED
-            process.send_signal(signal.SIGTERM)
-            frame = await client.receive()
-            assert frame is not None and isinstance(frame.message, Shutdown)
-            assert await client.request(Balance()) == BalanceReply(Status.ISSUER_UNAVAILABLE)
-            await client.aclose()
-            while chunk := await process.stderr.receive_some(4096):
-                log += chunk
-            assert await process.wait() == 0
-    finally:
-        process.kill()
-    text = log.decode()
+async def test_the_server_process_serves_and_exits_cleanly_on_sigterm(
+    bank_process: launcher.Server,
+):
+    with trio.fail_after(RECEIVE_TIMEOUT_S):
+        client = await WireClient.connect(bank_process.port)
+        await client.hello()
+        assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+        assert (await client.request(Balance())).status is Status.APPROVED
+        bank_process.process.send_signal(signal.SIGTERM)
+        frame = await client.receive()
+        assert frame is not None and isinstance(frame.message, Shutdown)
+        assert await client.request(Balance()) == BalanceReply(Status.ISSUER_UNAVAILABLE)
+        await client.aclose()
+        exited = functools.partial(bank_process.process.wait, RECEIVE_TIMEOUT_S)
+        assert await trio.to_thread.run_sync(exited) == 0
+    text = bank_process.log_path.read_text()
     assert "SIGTERM received" in text and "database closed" in text
     assert DEMO_PIN not in text and DEMO_ACCOUNT not in text  # masked, never a PIN

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bank.bench import (
+from bank.tools.bench import (
     OPS,
     TxnIds,
     echo_reply,

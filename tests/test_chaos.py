@@ -14,20 +14,19 @@ from pathlib import Path
 
 import trio
 
-from bank.chaos import (
-    ROOT,
+from bank.pins import load_or_create_key
+from bank.store import BookEntry, Books, Store
+from bank.tools.chaos import (
     BankState,
-    LedgerEntry,
     Operation,
     Outcome,
     check_history,
     main,
     read_bank_state,
 )
-from bank.pins import load_or_create_key
-from bank.store import Store
 from wire import EntryKind, Status
 
+ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 60
 """Bound on the chaos subprocess: 4 s of load plus restarts; well under this when well."""
 
@@ -45,14 +44,20 @@ def acked(number: int, kind: EntryKind, amount_cents: int, balance_cents: int) -
     )
 
 
-def entry_for(op: Operation) -> LedgerEntry:
-    return LedgerEntry(
-        op.txn_id, op.account, op.kind, op.amount_cents, op.entry_id, op.balance_cents
+def ledger_entry(number: int, kind: EntryKind, amount_cents: int, balance_cents: int) -> BookEntry:
+    """The ledger's row for txn(number), with entry id ``number``."""
+    return BookEntry(number, ACCOUNT, txn(number), kind, amount_cents, balance_cents, time_ms=0)
+
+
+def entry_for(op: Operation) -> BookEntry:
+    return BookEntry(
+        op.entry_id, op.account, op.txn_id, op.kind, op.amount_cents, op.balance_cents,
+        time_ms=0,
     )
 
 
-def state(*entries: LedgerEntry, balance_cents: int) -> BankState:
-    return BankState({ACCOUNT: OPENING_CENTS}, {ACCOUNT: balance_cents}, entries)
+def state(*entries: BookEntry, balance_cents: int) -> BankState:
+    return BankState(Books({ACCOUNT: OPENING_CENTS}, {ACCOUNT: balance_cents}, entries))
 
 
 def clean_history() -> list[Operation]:
@@ -86,6 +91,7 @@ async def test_a_short_run_with_crashes_loses_and_duplicates_nothing(tmp_path: P
     history = (workdir / "history.jsonl").read_text().splitlines()
     assert len(history) == figures["operations"]
     assert "crash 2: kill -9" in stderr
+    assert "SIGTERM received" in (workdir / "server-3.log").read_text()  # the clean stop
 
 
 def test_the_checker_passes_a_consistent_history():
@@ -111,11 +117,11 @@ def test_the_checker_reports_refused_applied_unexpected_and_wrong_receipts():
     ops = clean_history()
     refused = Operation(txn(3), ACCOUNT, EntryKind.WITHDRAWAL, 50, Outcome.REFUSED,
                         Status.INSUFFICIENT_FUNDS)
-    stranger = LedgerEntry(txn(4), ACCOUNT, EntryKind.DEPOSIT, 7, 4, OPENING_CENTS + 257)
-    wrong_receipt = LedgerEntry(txn(2), ACCOUNT, EntryKind.WITHDRAWAL, 200, 2, 1)
+    stranger = ledger_entry(4, EntryKind.DEPOSIT, 7, OPENING_CENTS + 257)
+    wrong_receipt = ledger_entry(2, EntryKind.WITHDRAWAL, 200, 1)
     entries = (
         entry_for(ops[0]), wrong_receipt,
-        LedgerEntry(txn(3), ACCOUNT, EntryKind.WITHDRAWAL, 50, 3, OPENING_CENTS + 250),
+        ledger_entry(3, EntryKind.WITHDRAWAL, 50, OPENING_CENTS + 250),
         stranger,
     )
     verdict = check_history([*ops, refused], state(*entries, balance_cents=OPENING_CENTS + 257))
@@ -127,7 +133,7 @@ def test_the_checker_reports_refused_applied_unexpected_and_wrong_receipts():
 
 def test_the_checker_reports_store_invariants_integrity_and_negative_balances():
     broken = BankState(
-        {ACCOUNT: 0}, {ACCOUNT: -5}, (), invariant_problems=("replay differs",),
+        Books({ACCOUNT: 0}, {ACCOUNT: -5}, ()), invariant_problems=("replay differs",),
         integrity_ok=False,
     )
     verdict = check_history([], broken)
@@ -138,7 +144,7 @@ def test_the_checker_reports_store_invariants_integrity_and_negative_balances():
 
 def test_an_unresolved_unknown_may_have_happened_or_not():
     unknown = Operation(txn(5), ACCOUNT, EntryKind.DEPOSIT, 100, was_unknown=True, attempts=1)
-    applied = LedgerEntry(txn(5), ACCOUNT, EntryKind.DEPOSIT, 100, 1, OPENING_CENTS + 100)
+    applied = ledger_entry(5, EntryKind.DEPOSIT, 100, OPENING_CENTS + 100)
     assert check_history([unknown], state(balance_cents=OPENING_CENTS)).ok
     assert check_history([unknown], state(applied, balance_cents=OPENING_CENTS + 100)).ok
 

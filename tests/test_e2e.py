@@ -10,22 +10,18 @@ whose reply is lost in the network, retried by the ATM and applied exactly once.
 from __future__ import annotations
 
 import functools
-import os
 import re
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pexpect
-import pytest
 import trio
 
 from atm.errors import ExitCode
-from bank.store import Store
+from bank.store import read_books
+from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, OTHER_ACCOUNT, OTHER_PIN
 from wire import Decoder, DepositReply, Sender, encode
 
@@ -36,58 +32,9 @@ PROCESS_TIMEOUT_S = 30
 MENU = re.escape("[b]alance  [d]eposit  [w]ithdraw  [h]istory  e[x]it: ")
 
 
-@dataclass
-class BankProcess:
-    """A running ``python -m bank`` on a free loopback port with its own database."""
-
-    process: subprocess.Popen[str]
-    port: int
-    db: Path
-    key_file: Path
-    log: list[str] = field(default_factory=list)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=PROCESS_TIMEOUT_S)
-
-    def balance_cents(self, account: str) -> int:
-        with Store(self.db, self.key_file.read_bytes()) as store:
-            return store.balance(account)
-
-
-@pytest.fixture
-def bank(tmp_path: Path) -> Iterator[BankProcess]:
-    db, key_file = tmp_path / "bank.db", tmp_path / "bank.key"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bank", "--port", "0", "--db", str(db),
-         "--key-file", str(key_file), "--shutdown-grace-s", "5"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    log: list[str] = []
-    listening = threading.Event()
-    port: list[int] = []
-
-    def read_log() -> None:  # drains stderr for the whole run, so the server never blocks
-        assert process.stderr is not None
-        for line in process.stderr:
-            log.append(line)
-            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                port.append(int(match[1]))
-                listening.set()
-        listening.set()  # the server exited: do not wait for a line that will not come
-
-    reader = threading.Thread(target=read_log, daemon=True)
-    reader.start()
-    try:
-        assert listening.wait(PROCESS_TIMEOUT_S) and port, "".join(log)
-        yield BankProcess(process, port[0], db, key_file, log)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=PROCESS_TIMEOUT_S)
-        reader.join(timeout=PROCESS_TIMEOUT_S)
+def balance_cents(tmp_path: Path, account: str) -> int:
+    """From the books of the bank_process fixture's database, read-only."""
+    return read_books(tmp_path / "bank.db").balance_cents[account]
 
 
 def atm_piped(port: int, *answers: str) -> subprocess.CompletedProcess[str]:
@@ -115,8 +62,8 @@ def log_in_at_terminal(atm: pexpect.spawn, account: str, pin: str) -> None:
     atm.expect(MENU)
 
 
-def test_full_session_at_a_terminal(bank: BankProcess):
-    atm = atm_terminal(bank.port)
+def test_full_session_at_a_terminal(bank_process: launcher.Server, tmp_path: Path):
+    atm = atm_terminal(bank_process.port)
     atm.expect_exact("Account number (AA-NNNNN): ")
     atm.sendline("ac-1234")  # a typo: asked again, locally
     atm.expect_exact("Account number (AA-NNNNN): ")
@@ -150,72 +97,74 @@ def test_full_session_at_a_terminal(bank: BankProcess):
     atm.expect(pexpect.EOF)
     atm.close()
     assert atm.exitstatus == ExitCode.OK
-    assert bank.balance_cents(DEMO_ACCOUNT) == 1_000_00
+    assert balance_cents(tmp_path, DEMO_ACCOUNT) == 1_000_00
 
 
-def test_full_session_through_a_pipe(bank: BankProcess):
-    result = atm_piped(bank.port, DEMO_ACCOUNT, DEMO_PIN, "b", "d", "100", "w", "24.32",
+def test_full_session_through_a_pipe(bank_process: launcher.Server, tmp_path: Path):
+    result = atm_piped(bank_process.port, DEMO_ACCOUNT, DEMO_PIN, "b", "d", "100", "w", "24.32",
                        "h", "b", "x")
     assert result.returncode == ExitCode.OK, result.stdout + result.stderr
     assert "Your balance is $1,024.32." in result.stdout
     assert "Your balance is $1,100.00." in result.stdout
     assert result.stdout.count("RECEIPT") == 2
     assert "Logged out." in result.stdout and result.stderr == ""
-    assert bank.balance_cents(DEMO_ACCOUNT) == 1_100_00
+    assert balance_cents(tmp_path, DEMO_ACCOUNT) == 1_100_00
 
 
-def test_end_of_input_logs_out_cleanly(bank: BankProcess):
-    result = atm_piped(bank.port, DEMO_ACCOUNT, DEMO_PIN, "b")
+def test_end_of_input_logs_out_cleanly(bank_process: launcher.Server):
+    result = atm_piped(bank_process.port, DEMO_ACCOUNT, DEMO_PIN, "b")
     assert result.returncode == ExitCode.OK
     assert "Logged out." in result.stdout
 
 
-def test_an_overdraft_is_refused(bank: BankProcess):
-    result = atm_piped(bank.port, OTHER_ACCOUNT, OTHER_PIN, "w", "45.73", "b", "x")
+def test_an_overdraft_is_refused(bank_process: launcher.Server, tmp_path: Path):
+    result = atm_piped(bank_process.port, OTHER_ACCOUNT, OTHER_PIN, "w", "45.73", "b", "x")
     assert "Insufficient funds (51)" in result.stdout
     assert "Your balance is $45.72." in result.stdout
     assert result.returncode == ExitCode.OK
-    assert bank.balance_cents(OTHER_ACCOUNT) == 45_72
+    assert balance_cents(tmp_path, OTHER_ACCOUNT) == 45_72
 
 
-def test_a_second_atm_is_refused_until_the_first_logs_out(bank: BankProcess):
-    first = atm_terminal(bank.port)
+def test_a_second_atm_is_refused_until_the_first_logs_out(bank_process: launcher.Server):
+    first = atm_terminal(bank_process.port)
     log_in_at_terminal(first, DEMO_ACCOUNT, DEMO_PIN)
-    refused = atm_piped(bank.port, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
+    refused = atm_piped(bank_process.port, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
     assert refused.returncode == ExitCode.ACCOUNT_IN_USE
     assert "in use at another ATM (160)" in refused.stdout
     first.sendline("x")
     first.expect(pexpect.EOF)
     first.close()
-    admitted = atm_piped(bank.port, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
+    admitted = atm_piped(bank_process.port, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
     assert admitted.returncode == ExitCode.OK, admitted.stdout
     assert "Your balance is $1,024.32." in admitted.stdout
 
 
-def test_three_wrong_pins_lock_the_account(bank: BankProcess):
+def test_three_wrong_pins_lock_the_account(bank_process: launcher.Server):
     wrong = ["0000", "1111", "2222"]
-    result = atm_piped(bank.port, *[line for pin in wrong for line in (DEMO_ACCOUNT, pin)])
+    result = atm_piped(bank_process.port, *[line for pin in wrong for line in (DEMO_ACCOUNT, pin)])
     assert "Incorrect PIN (55)" in result.stdout
     assert "locked (75)" in result.stdout
     assert result.returncode == ExitCode.ACCOUNT_LOCKED
-    right = atm_piped(bank.port, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
+    right = atm_piped(bank_process.port, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
     assert right.returncode == ExitCode.ACCOUNT_LOCKED
     assert "Your balance" not in right.stdout
 
 
-def test_the_shutdown_notice_reaches_a_connected_atm(bank: BankProcess):
-    atm = atm_terminal(bank.port)
+def test_the_shutdown_notice_reaches_a_connected_atm(bank_process: launcher.Server):
+    atm = atm_terminal(bank_process.port)
     log_in_at_terminal(atm, DEMO_ACCOUNT, DEMO_PIN)
-    bank.process.send_signal(signal.SIGTERM)
+    bank_process.process.send_signal(signal.SIGTERM)
     atm.expect(re.compile(r"shutting down", re.IGNORECASE))
     atm.expect(pexpect.EOF)
     atm.close()
     assert atm.exitstatus == ExitCode.SERVER_UNAVAILABLE
-    assert bank.stop() == 0
-    assert any("SIGTERM received" in line for line in bank.log)
+    assert bank_process.process.wait(PROCESS_TIMEOUT_S) == 0
+    assert "SIGTERM received" in bank_process.log_path.read_text()
 
 
-async def test_a_deposit_whose_reply_is_lost_is_applied_exactly_once(bank: BankProcess):
+async def test_a_deposit_whose_reply_is_lost_is_applied_exactly_once(
+    bank_process: launcher.Server, tmp_path: Path
+):
     """A proxy between ATM and bank cuts the connection when the first DEPOSIT_REPLY
     comes back, after the bank has committed it: the ATM must reconnect, retry with the
     same transaction id and get the original outcome, not a second deposit."""
@@ -223,7 +172,7 @@ async def test_a_deposit_whose_reply_is_lost_is_applied_exactly_once(bank: BankP
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             functools.partial(
-                trio.serve_tcp, functools.partial(relay, bank_port=bank.port, cut=cut), 0,
+                trio.serve_tcp, functools.partial(relay, bank_port=bank_process.port, cut=cut), 0,
                 host="127.0.0.1",
             )
         )
@@ -239,7 +188,7 @@ async def test_a_deposit_whose_reply_is_lost_is_applied_exactly_once(bank: BankP
     assert cut.is_set(), "the proxy never saw a deposit reply"
     assert result.returncode == ExitCode.OK, stdout + result.stderr.decode()
     assert "Your balance is $1,036.66." in stdout
-    assert bank.balance_cents(DEMO_ACCOUNT) == 1_024_32 + 12_34
+    assert balance_cents(tmp_path, DEMO_ACCOUNT) == 1_024_32 + 12_34
 
 
 async def relay(atm: trio.SocketStream, *, bank_port: int, cut: trio.Event) -> None:

@@ -1,4 +1,5 @@
-"""The synchronous SQLite store: schema, seeding, PINs, lockout, postings, invariants.
+"""The synchronous SQLite store: schema, seeding, PINs, lockout, postings, invariants, and
+``read_books``, the read-only view of the ledger from outside a Store.
 
 Each test gets a fresh database in tmp_path. Times are plain integers passed as
 ``now_ms``, so lock expiry is tested without waiting.
@@ -23,11 +24,13 @@ from bank.store import (
     AccountExists,
     BalanceQuery,
     BatchAborted,
+    BookEntry,
     PinCheck,
     PostRequest,
     SchemaError,
     Store,
     UnknownAccount,
+    read_books,
 )
 from wire import EntryKind, HistoryEntry, Status
 from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
@@ -619,3 +622,26 @@ def test_import_is_all_or_nothing(store: Store, tmp_path: Path):
         store.import_accounts(path)
     with pytest.raises(UnknownAccount):
         store.balance("RR-00001")
+
+
+# -- reading the books from outside -------------------------------------------------------
+
+
+def test_read_books_gives_every_balance_and_entry_as_stored(store: Store, db_path: Path):
+    deposit = post(store, 1, DEPOSIT, 500)
+    withdrawal = post(store, 2, WITHDRAWAL, 200, now_ms=T0 + 1)
+    assert post(store, 3, WITHDRAWAL, AMOUNT_CENTS_MAX).status is Status.INSUFFICIENT_FUNDS
+    books = read_books(db_path)  # with the Store still open, as with a server running
+    assert books.opening_cents == {account: cents for account, _, cents in DEMO_ACCOUNTS}
+    assert books.balance_cents == {**books.opening_cents, "AC-12345": 1024_32 + 300}
+    assert books.entries == (
+        BookEntry(deposit.entry_id, "AC-12345", txn(1), DEPOSIT, 500, 1024_32 + 500, T0),
+        BookEntry(withdrawal.entry_id, "AC-12345", txn(2), WITHDRAWAL, 200, 1024_32 + 300,
+                  T0 + 1),
+    )
+
+
+def test_read_books_never_creates_a_database(tmp_path: Path):
+    with pytest.raises(sqlite3.OperationalError):
+        read_books(tmp_path / "missing.db")
+    assert list(tmp_path.iterdir()) == []

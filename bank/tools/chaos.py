@@ -1,0 +1,872 @@
+"""``python -m bank.chaos``: crash the real server under load and check no money moved wrongly.
+
+Modelled on Jepsen's bank workload. A real ``python -m bank`` process serves a fresh
+database; one concurrent ATM session per demo account deposits and withdraws random
+amounts (each with a fresh random 16-byte transaction id) while the harness kill -9s
+the server at random moments and restarts it on the same database. Every operation
+ends acknowledged (APPROVED, with entry id and balance), refused (nothing moved), or
+unknown (the connection died before the reply); a client retries each unknown one with
+the same transaction id until the bank answers, so the idempotency key, not luck,
+decides whether it happened. At the end the server is stopped cleanly and the database
+is checked against the history: nothing acknowledged lost, nothing refused applied,
+nothing applied twice or from nowhere, balances replayable and non-negative, and the
+money total equal to the opening total plus the acknowledged movements.
+
+kill -9 tests that a process crash cannot lose or tear a committed transaction (the
+page cache survives it); it does not simulate a power cut.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import functools
+import json
+import random
+import secrets
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from bank.store import DEMO_ACCOUNTS, BookEntry, Books, Store, read_books
+from bank.tools import launcher
+from wire import (
+    Decoder,
+    Deposit,
+    DepositReply,
+    EntryKind,
+    Error,
+    Frame,
+    Hello,
+    Login,
+    LoginReply,
+    Logout,
+    Message,
+    Request,
+    Sender,
+    SessionExpired,
+    Status,
+    WireError,
+    Withdraw,
+    WithdrawReply,
+    encode,
+)
+from wire.limits import TXN_ID_BYTES
+
+HOST = launcher.LOOPBACK
+"""Loopback only: the harness never exposes the server it starts."""
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+CLIENTS_DEFAULT = 4
+SECONDS_DEFAULT = 10.0
+SECONDS_MAX = 3600.0
+CRASHES_DEFAULT = 3
+CRASHES_MAX = 1000
+
+AMOUNT_DRAWN_CENTS_MAX = 60_000
+"""Largest random amount: $600, under the server's default withdrawal limit, and large
+enough against the smallest demo balances that withdrawals are regularly refused."""
+
+CRASH_WINDOW = (0.1, 0.9)
+"""Crashes happen between these fractions of --seconds, so the run starts and ends under
+load and the last restarted server still serves some fresh operations."""
+
+SERVER_START_TIMEOUT_S = 15.0
+"""From spawning the server to its ready file."""
+
+SERVER_STOP_TIMEOUT_S = 10.0
+"""From SIGTERM to the process's exit, before SIGKILL; SIGTERM gets --shutdown-grace-s 1."""
+
+SERVER_GRACE_S = 1
+"""--shutdown-grace-s for the server: clients have logged out before the clean stop."""
+
+CONNECT_TIMEOUT_S = 3.0
+"""Connect, HELLO and LOGIN together; a fresh server answers in milliseconds."""
+
+REPLY_TIMEOUT_S = 5.0
+"""Waiting for one reply: past it the connection is treated as dead (outcome unknown)."""
+
+LOGOUT_TIMEOUT_S = 1.0
+"""The courtesy LOGOUT at the end of a client's run."""
+
+RECONNECT_ATTEMPTS_MAX = 60
+"""Connection attempts before a client gives up (about 14 s at the capped backoff)."""
+
+RECONNECT_BACKOFF_S = 0.02
+"""First pause between connection attempts; it doubles up to the cap."""
+
+RECONNECT_BACKOFF_MAX_S = 0.25
+
+OPERATION_ATTEMPTS_MAX = 200
+"""Sends of one transaction id before the client gives up on resolving it."""
+
+DRAIN_S = 15.0
+"""After --seconds, time for clients to resolve their last unknown operation and log out."""
+
+RUN_ALLOWANCE_S = SERVER_START_TIMEOUT_S + DRAIN_S + SERVER_STOP_TIMEOUT_S
+"""The whole run is bounded by --seconds plus this fixed allowance."""
+
+PROGRESS_INTERVAL_S = 1.0
+RECEIVE_BYTES_MAX = 4096
+
+PROBLEMS_SHOWN_MAX = 20
+
+REFUSALS = frozenset({
+    Status.INSUFFICIENT_FUNDS,
+    Status.INVALID_AMOUNT,
+    Status.EXCEEDS_WITHDRAWAL_LIMIT,
+    Status.DUPLICATE_TRANSMISSION,
+})
+"""Definite answers that moved nothing. Any other non-APPROVED status (ISSUER_UNAVAILABLE:
+a storage error may come after the commit) leaves the outcome unknown, to be retried."""
+
+LOGIN_RETRYABLE = frozenset({Status.ACCOUNT_IN_USE, Status.ISSUER_UNAVAILABLE})
+"""A lease not yet released by a dead connection, or a server shutting down: try again."""
+
+
+class ChaosError(Exception):
+    """The harness could not do its job (server would not start, client could not
+    reconnect): the run fails, but the database is still checked."""
+
+
+class LinkBroken(Exception):
+    """The connection died or misbehaved before a reply: the request's outcome is unknown."""
+
+
+# -- The history -------------------------------------------------------------------------
+
+
+class Outcome(enum.Enum):
+    ACKNOWLEDGED = "acknowledged"
+    REFUSED = "refused"
+    UNKNOWN = "unknown"
+
+
+@dataclass(slots=True)
+class Operation:
+    """One deposit or withdrawal as the client saw it, across all its attempts."""
+
+    txn_id: bytes
+    account: str
+    kind: EntryKind
+    amount_cents: int
+    outcome: Outcome = Outcome.UNKNOWN
+    status: Status | None = None
+    entry_id: int = 0
+    balance_cents: int = 0
+    attempts: int = 0
+    was_unknown: bool = False
+    """An attempt ended without an answer: a crash (or timeout) hit this operation."""
+
+    @property
+    def signed_cents(self) -> int:
+        return self.amount_cents if self.kind is EntryKind.DEPOSIT else -self.amount_cents
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "txn_id": self.txn_id.hex(), "account": self.account, "kind": self.kind.name,
+            "amount_cents": self.amount_cents, "outcome": self.outcome.value,
+            "status": None if self.status is None else self.status.name,
+            "entry_id": self.entry_id, "balance_cents": self.balance_cents,
+            "attempts": self.attempts, "was_unknown": self.was_unknown,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BankState:
+    """What the database holds after the run, read once the server has stopped."""
+
+    books: Books
+    invariant_problems: tuple[str, ...] = ()
+    integrity_ok: bool = True
+
+
+@dataclass(slots=True)
+class Verdict:
+    """The checker's findings; ``problems`` explains every failed check in words."""
+
+    lost: int = 0
+    duplicated: int = 0
+    mismatched: int = 0
+    refused_applied: int = 0
+    unexpected: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# -- The checker (pure: history and database state in, verdict out) ---------------------
+
+
+def check_history(operations: Sequence[Operation], state: BankState) -> Verdict:
+    """Judge a history against the final database; every broken rule is counted and named.
+
+    Unknown operations the clients never resolved may or may not have happened: the
+    ledger decides, and an applied one is counted in the expected balances.
+    """
+    verdict = Verdict()
+    counts = Counter(entry.txn_id for entry in state.books.entries)
+    entries = {entry.txn_id: entry for entry in state.books.entries}
+    _check_duplicates(counts, verdict)
+    _check_operations(operations, entries, verdict)
+    _check_unexpected(operations, entries, verdict)
+    _check_money(operations, entries, state, verdict)
+    verdict.problems += [f"invariant: {p}" for p in state.invariant_problems]
+    if not state.integrity_ok:
+        verdict.problems.append("PRAGMA integrity_check or foreign_key_check failed")
+    return verdict
+
+
+def _check_duplicates(counts: Counter[bytes], verdict: Verdict) -> None:
+    for txn_id, count in counts.items():
+        if count > 1:
+            verdict.duplicated += count - 1
+            verdict.problems.append(f"txn {txn_id.hex()} applied {count} times")
+
+
+def _check_operations(
+    operations: Sequence[Operation], entries: dict[bytes, BookEntry], verdict: Verdict
+) -> None:
+    for op in operations:
+        entry = entries.get(op.txn_id)
+        if op.outcome is Outcome.ACKNOWLEDGED and entry is None:
+            verdict.lost += 1
+            verdict.problems.append(f"txn {op.txn_id.hex()} acknowledged but not in the ledger")
+        elif op.outcome is Outcome.REFUSED and entry is not None:
+            verdict.refused_applied += 1
+            verdict.problems.append(
+                f"txn {op.txn_id.hex()} refused ({_name(op.status)}) but in the ledger"
+            )
+        elif entry is not None and _differs(op, entry):
+            verdict.mismatched += 1
+            verdict.problems.append(f"txn {op.txn_id.hex()}: client saw {op}, ledger has {entry}")
+
+
+def _differs(op: Operation, entry: BookEntry) -> bool:
+    """Whether the ledger's entry is not what the client asked for (or was told)."""
+    asked = (op.account, op.kind, op.amount_cents)
+    if asked != (entry.account, entry.kind, entry.amount_cents):
+        return True
+    receipt = (op.entry_id, op.balance_cents)
+    return op.outcome is Outcome.ACKNOWLEDGED and receipt != (entry.entry_id, entry.balance_cents)
+
+
+def _check_unexpected(
+    operations: Sequence[Operation], entries: dict[bytes, BookEntry], verdict: Verdict
+) -> None:
+    issued = {op.txn_id for op in operations}
+    for txn_id in entries.keys() - issued:
+        verdict.unexpected += 1
+        verdict.problems.append(f"txn {txn_id.hex()} in the ledger but never issued")
+
+
+def _check_money(
+    operations: Sequence[Operation],
+    entries: dict[bytes, BookEntry],
+    state: BankState,
+    verdict: Verdict,
+) -> None:
+    """Per account and in total: final == opening + acknowledged (and applied unknown)."""
+    expected = dict(state.books.opening_cents)
+    for op in operations:
+        applied = op.outcome is Outcome.ACKNOWLEDGED or (
+            op.outcome is Outcome.UNKNOWN and op.txn_id in entries
+        )
+        if op.account not in expected:
+            verdict.problems.append(f"txn {op.txn_id.hex()} on unknown account {op.account}")
+        elif applied:
+            expected[op.account] += op.signed_cents
+    for account, balance_cents in sorted(state.books.balance_cents.items()):
+        if balance_cents < 0:
+            verdict.problems.append(f"{account}: negative balance {balance_cents}")
+        if balance_cents != expected.get(account):
+            verdict.problems.append(
+                f"{account}: balance {balance_cents}, history says {expected.get(account)}"
+            )
+    total, expected_total = sum(state.books.balance_cents.values()), sum(expected.values())
+    if total != expected_total:
+        verdict.problems.append(f"total money {total}, history says {expected_total}")
+
+
+def _name(status: Status | None) -> str:
+    return "none" if status is None else status.name
+
+
+# -- Reading the database after the run --------------------------------------------------
+
+
+def read_bank_state(db: Path, key_file: Path) -> BankState:
+    """The books as the server left them (read first, read-only), then the Store's own
+    checks of them; the server has stopped, so nothing changes in between."""
+    books = read_books(db)
+    with Store(db, key_file.read_bytes(), seed_demo=False) as store:
+        return BankState(books, tuple(store.check_invariants()), store.integrity_ok())
+
+
+# -- The server process ------------------------------------------------------------------
+
+
+class Harness:
+    """Starts, kills and restarts the server; clients ask it for the current port.
+
+    Each start is a new incarnation on the same database, logging to server-N.log.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.db = workdir / "bank.db"
+        self.key_file = workdir / "bank.key"
+        self.crashes = 0
+        self.failures: list[str] = []
+        self._workdir = workdir
+        self._server: launcher.Server | None = None
+        self._incarnations = 0
+        self._answered = trio.Event()
+
+    @property
+    def port(self) -> int | None:
+        """The serving port, or None while the server is down (clients back off)."""
+        return None if self._server is None else self._server.port
+
+    def note_answered(self) -> None:
+        """A client got a definite answer: the current server is serving under load."""
+        self._answered.set()
+
+    async def wait_under_load(self, deadline: float) -> None:
+        """Until the current server has answered an operation (or ``deadline``), so a
+        crash lands amid work and not on a server that has not been reconnected to yet."""
+        with trio.move_on_at(deadline):
+            await self._answered.wait()
+
+    async def start(self) -> None:
+        self._incarnations += 1
+        self._answered = trio.Event()
+        args = [
+            "--db", str(self.db), "--key-file", str(self.key_file),
+            "--shutdown-grace-s", str(SERVER_GRACE_S), "--log-level", "INFO",
+        ]
+        start = functools.partial(
+            launcher.start, args, workdir=self._workdir, name=f"server-{self._incarnations}",
+            timeout_s=SERVER_START_TIMEOUT_S,
+        )
+        try:
+            server = await trio.to_thread.run_sync(start)
+        except launcher.LaunchError as error:
+            raise ChaosError(str(error)) from None
+        self._server = server
+        progress(f"server {self._incarnations} (pid {server.pid}) listening on port "
+                 f"{server.port}")
+
+    async def crash(self) -> None:
+        """kill -9 the server, wait for it to die, and start the next one."""
+        server = self._take_server("crash")
+        await _end_server(server.kill)
+        self.crashes += 1
+        progress(f"crash {self.crashes}: kill -9 server {self._incarnations} (pid "
+                 f"{server.pid})")
+        await self.start()
+
+    async def stop(self) -> int:
+        """SIGTERM, as an operator would; the exit status (0 when graceful)."""
+        server = self._take_server("stop")
+        status = await _end_server(functools.partial(server.stop, SERVER_STOP_TIMEOUT_S))
+        progress(f"server {self._incarnations} stopped with exit status {status}")
+        return status
+
+    async def kill_if_running(self) -> None:
+        """Cleanup after a failure: never leave a server behind."""
+        server, self._server = self._server, None
+        if server is not None:
+            await _end_server(server.kill)
+
+    def _take_server(self, action: str) -> launcher.Server:
+        """The running server, now marked down so that clients back off."""
+        server, self._server = self._server, None
+        if server is None:
+            raise ChaosError(f"no server to {action}")
+        return server
+
+
+async def _end_server(end: Callable[[], int]) -> int:
+    """Run a server's blocking stop or kill to the end, even in a cancelled run."""
+    with trio.CancelScope(shield=True):
+        try:
+            return await trio.to_thread.run_sync(end)
+        except launcher.LaunchError as error:
+            raise ChaosError(str(error)) from None
+
+
+# -- One ATM session ---------------------------------------------------------------------
+
+
+class AtmLink:
+    """One connection, logged in to one account, sending one request at a time."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._decoder = Decoder(Sender.SERVER)
+        self._next_request_id = 1
+
+    @classmethod
+    async def open(cls, port: int, account: str, pin: str) -> tuple[AtmLink, Status]:
+        """Connect, read HELLO, LOGIN; the link and the login status."""
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            stream = await trio.open_tcp_stream(HOST, port)
+        link = cls(stream)
+        try:
+            hello = await link._receive()
+            if not isinstance(hello.message, Hello):
+                raise LinkBroken(f"expected HELLO, got {hello.message}")
+            reply = await link.request(Login(account, pin))
+            if not isinstance(reply, LoginReply):
+                raise LinkBroken(f"expected LOGIN_REPLY, got {reply}")
+        except BaseException:
+            await link.aclose()
+            raise
+        return link, reply.status
+
+    async def request(self, message: Request) -> Message:
+        """Send and return the reply; LinkBroken if the connection cannot deliver one."""
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        try:
+            await self._stream.send_all(encode(message, request_id))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            raise LinkBroken(f"send failed: {error}") from error
+        while True:
+            frame = await self._receive()
+            if frame.request_id == request_id:
+                return frame.message
+            if isinstance(frame.message, (Error, SessionExpired)):
+                raise LinkBroken(f"server sent {frame.message}")
+            # A SHUTDOWN notice: the reply (or the close) still follows.
+
+    async def _receive(self) -> Frame:
+        try:
+            with trio.fail_after(REPLY_TIMEOUT_S):
+                while (frame := self._decoder.next_frame()) is None:
+                    data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+                    if not data:
+                        raise LinkBroken("server closed the connection")
+                    self._decoder.receive_data(data)
+        except trio.TooSlowError as error:
+            raise LinkBroken(f"no reply in {REPLY_TIMEOUT_S} s") from error
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            raise LinkBroken(f"receive failed: {error}") from error
+        except WireError as error:
+            raise LinkBroken(f"bad frame from server: {error}") from error
+        return frame
+
+    async def logout_and_close(self) -> None:
+        try:
+            with trio.move_on_after(LOGOUT_TIMEOUT_S), contextlib.suppress(LinkBroken):
+                await self.request(Logout())
+        finally:
+            await self.aclose()  # also when cancelled: never leak the socket
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
+
+
+async def connect(harness: Harness, account: str, pin: str) -> AtmLink:
+    """A logged-in link to whichever server is up now: bounded attempts, short backoff."""
+    backoff_s = RECONNECT_BACKOFF_S
+    last = "server down"
+    for _attempt in range(RECONNECT_ATTEMPTS_MAX):
+        port = harness.port
+        if port is not None:
+            try:
+                link, status = await AtmLink.open(port, account, pin)
+            except (LinkBroken, OSError, trio.TooSlowError) as error:
+                last = f"{type(error).__name__}: {error}"
+            else:
+                if status is Status.APPROVED:
+                    return link
+                await link.aclose()
+                if status not in LOGIN_RETRYABLE:
+                    raise ChaosError(f"{account}: login refused with {status.name}")
+                last = f"login {status.name}"
+        await trio.sleep(backoff_s)
+        backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_MAX_S)
+    raise ChaosError(f"{account}: no connection after {RECONNECT_ATTEMPTS_MAX} tries ({last})")
+
+
+def new_operation(rng: random.Random, account: str) -> Operation:
+    """Kind and amount from the seeded generator; the txn id from the OS, so ids never
+    repeat across runs or clients whatever the seed."""
+    kind = rng.choice((EntryKind.DEPOSIT, EntryKind.WITHDRAWAL))
+    amount_cents = rng.randint(1, AMOUNT_DRAWN_CENTS_MAX)
+    return Operation(secrets.token_bytes(TXN_ID_BYTES), account, kind, amount_cents)
+
+
+async def attempt(link: AtmLink, op: Operation) -> bool:
+    """Send ``op`` once; whether the bank answered it definitely (LinkBroken otherwise)."""
+    op.attempts += 1
+    request_type = Deposit if op.kind is EntryKind.DEPOSIT else Withdraw
+    reply = await link.request(request_type(op.txn_id, op.amount_cents))
+    if not isinstance(reply, (DepositReply, WithdrawReply)):
+        raise LinkBroken(f"unexpected reply {reply}")
+    op.status = reply.status
+    if reply.status is Status.APPROVED:
+        op.outcome = Outcome.ACKNOWLEDGED
+        op.entry_id, op.balance_cents = reply.entry_id, reply.balance_cents
+        return True
+    if reply.status in REFUSALS:
+        op.outcome = Outcome.REFUSED
+        return True
+    raise LinkBroken(f"indeterminate status {reply.status.name}")
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    started_at: float
+    """When the workload began (trio clock); crash offsets count from here."""
+    stop_at: float
+    """No new operation starts after this (trio clock)."""
+    drain_at: float
+    """Unresolved operations are abandoned (left unknown) after this."""
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """One simulated ATM: the demo account it drives and its own seeded generator."""
+
+    account: str
+    pin: str
+    rng: random.Random
+
+
+async def drive_account(
+    harness: Harness, client: Client, history: list[Operation], deadlines: Deadlines
+) -> None:
+    """One ATM on one account: operations one after another, each retried until answered."""
+    account = client.account
+    link: AtmLink | None = None
+    pending: Operation | None = None
+    try:
+        with trio.move_on_at(deadlines.drain_at):
+            while pending is not None or trio.current_time() < deadlines.stop_at:
+                if pending is None:
+                    pending = new_operation(client.rng, account)
+                    history.append(pending)
+                if pending.attempts >= OPERATION_ATTEMPTS_MAX:
+                    raise ChaosError(f"{account}: txn {pending.txn_id.hex()} never answered")
+                if link is None:
+                    link = await connect(harness, account, client.pin)
+                try:
+                    await attempt(link, pending)
+                    harness.note_answered()
+                    pending = None
+                except LinkBroken:
+                    pending.was_unknown = True
+                    await link.aclose()
+                    link = None
+    except ChaosError as error:
+        harness.failures.append(str(error))
+        progress(f"client failed: {error}")
+    finally:
+        if link is not None:
+            await link.logout_and_close()
+
+
+# -- The run -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    clients: int
+    crashes: int
+    seconds: float
+    seed: int
+    workdir: Path
+
+
+@dataclass(slots=True)
+class Report:
+    """Everything the run measured and concluded."""
+
+    options: Options
+    history: list[Operation]
+    crashes: int = 0
+    elapsed_s: float = 0.0
+    clean_exit: bool = False
+    checked: bool = False
+    """Whether the database could be read and judged at all."""
+    errors: list[str] = field(default_factory=list)
+    verdict: Verdict = field(default_factory=Verdict)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.checked and self.verdict.ok and self.clean_exit and not self.errors
+            and self.crashes == self.options.crashes and self.count_unresolved() == 0
+        )
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(op.outcome is outcome for op in self.history)
+
+    def count_unresolved(self) -> int:
+        return self.count(Outcome.UNKNOWN)
+
+    def summary(self) -> dict[str, object]:
+        crashed = [op for op in self.history if op.was_unknown]
+        return {
+            "acknowledged": self.count(Outcome.ACKNOWLEDGED),
+            "refused": self.count(Outcome.REFUSED),
+            "unknown_resolved": sum(op.outcome is not Outcome.UNKNOWN for op in crashed),
+            "unknown_applied": sum(op.outcome is Outcome.ACKNOWLEDGED for op in crashed),
+            "unknown_unresolved": self.count_unresolved(),
+            "lost": self.verdict.lost,
+            "duplicated": self.verdict.duplicated,
+            "mismatched": self.verdict.mismatched,
+            "refused_applied": self.verdict.refused_applied,
+            "unexpected": self.verdict.unexpected,
+            "crashes": self.crashes,
+            "operations": len(self.history),
+            "attempts": sum(op.attempts for op in self.history),
+            "seconds": round(self.elapsed_s, 2),
+            "seconds_requested": self.options.seconds,
+            "clients": self.options.clients,
+            "seed": self.options.seed,
+            "clean_exit": self.clean_exit,
+            "invariant_ok": self.checked and self.verdict.ok,
+            "ok": self.ok,
+            "problems": len(self.verdict.problems) + len(self.errors),
+        }
+
+
+def crash_offsets_s(rng: random.Random, crashes: int, seconds: float) -> list[float]:
+    """When to crash, in seconds from the start of the workload, in order."""
+    low, high = CRASH_WINDOW
+    return sorted(rng.uniform(low * seconds, high * seconds) for _ in range(crashes))
+
+
+async def crash_loop(harness: Harness, offsets_s: list[float], deadlines: Deadlines) -> None:
+    """Crash at each offset, but not before the restarted server has served something;
+    crashes still owed at the end of --seconds follow one another without waiting."""
+    for offset_s in offsets_s:
+        await trio.sleep_until(deadlines.started_at + offset_s)
+        await harness.wait_under_load(deadlines.stop_at)
+        await harness.crash()
+
+
+async def report_progress(history: list[Operation], harness: Harness, started_at: float) -> None:
+    while True:
+        await trio.sleep(PROGRESS_INTERVAL_S)
+        pending = sum(op.outcome is Outcome.UNKNOWN for op in history)
+        acked = sum(op.outcome is Outcome.ACKNOWLEDGED for op in history)
+        progress(f"{trio.current_time() - started_at:5.1f} s: {len(history)} operations,"
+                 f" {acked} acknowledged, {pending} in flight or unknown,"
+                 f" {harness.crashes} crashes")
+
+
+async def drive(harness: Harness, options: Options, history: list[Operation]) -> None:
+    """The workload: clients and the crash schedule, concurrently, until all clients end."""
+    rng = random.Random(options.seed)
+    offsets_s = crash_offsets_s(rng, options.crashes, options.seconds)
+    started_at = trio.current_time()
+    stop_at = started_at + options.seconds
+    deadlines = Deadlines(started_at, stop_at, stop_at + DRAIN_S)
+    async with trio.open_nursery() as outer:
+        outer.start_soon(report_progress, history, harness, started_at)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(crash_loop, harness, offsets_s, deadlines)
+            for account, pin, _ in accounts_for(options.clients):
+                client = Client(account, pin, random.Random(rng.getrandbits(64)))
+                nursery.start_soon(drive_account, harness, client, history, deadlines)
+        outer.cancel_scope.cancel()
+
+
+def accounts_for(clients: int) -> list[tuple[str, str, int]]:
+    """Smallest balances first, so even a few clients see INSUFFICIENT_FUNDS refusals."""
+    return sorted(DEMO_ACCOUNTS, key=lambda demo: demo[2])[:clients]
+
+
+async def run_chaos(options: Options) -> Report:
+    """Serve, drive, crash, stop, then check; every failure ends up in the report."""
+    report = Report(options, [])
+    started_at = trio.current_time()
+    harness: Harness | None = None
+    try:
+        with trio.fail_after(options.seconds + RUN_ALLOWANCE_S):
+            harness = Harness(options.workdir)
+            try:
+                await harness.start()
+                await drive(harness, options, report.history)
+                report.clean_exit = await harness.stop() == 0
+            finally:
+                await harness.kill_if_running()
+    except* (ChaosError, trio.TooSlowError, OSError) as group:
+        # except*: failures inside nurseries arrive wrapped in exception groups.
+        report.errors += [f"{type(e).__name__}: {e}" for e in _leaves(group)]
+    if harness is not None:
+        report.crashes = harness.crashes
+        report.errors += harness.failures
+    report.elapsed_s = trio.current_time() - started_at
+    await _check(report)
+    return report
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for error in group.exceptions:
+        leaves += _leaves(error) if isinstance(error, BaseExceptionGroup) else [error]
+    return leaves
+
+
+async def _check(report: Report) -> None:
+    db, key_file = report.options.workdir / "bank.db", report.options.workdir / "bank.key"
+    if not db.exists() or not key_file.exists():
+        report.errors.append("no database to check")
+        return
+    state = await trio.to_thread.run_sync(read_bank_state, db, key_file)
+    report.verdict = check_history(report.history, state)
+    report.checked = True
+
+
+# -- Command line ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bank.chaos",
+        description="Jepsen-style bank workload: run the real server on a fresh database, "
+        "drive concurrent ATM sessions (one per demo account) with random deposits and "
+        "withdrawals, kill -9 and restart the server at random moments, retry every "
+        "operation whose outcome was lost with the same transaction id, then stop the "
+        "server with SIGTERM and check the database against what the clients were told.",
+        epilog="Progress goes to stderr; a summary, then one JSON object as the last line, "
+        "to stdout. JSON keys: acknowledged, refused, unknown_resolved (outcome lost to a "
+        "crash, then answered by a retry), unknown_applied (of those, APPROVED), "
+        "unknown_unresolved, lost, duplicated, mismatched, refused_applied, unexpected, "
+        "crashes, operations, attempts, seconds (measured), seconds_requested, clients, "
+        "seed, clean_exit, invariant_ok (every database check passed), ok, problems. "
+        f"Exit status {EXIT_OK} when every check passed, {EXIT_FAILED} when one failed, "
+        f"{EXIT_USAGE} for bad arguments. The run takes at most --seconds plus "
+        f"{RUN_ALLOWANCE_S:.0f} s. Only 127.0.0.1 is used.",
+    )
+    parser.add_argument(
+        "--clients", type=_bounded_int(1, len(DEMO_ACCOUNTS)), default=CLIENTS_DEFAULT,
+        help=f"concurrent ATM sessions, one per demo account, 1..{len(DEMO_ACCOUNTS)} "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--crashes", type=_bounded_int(0, CRASHES_MAX), default=CRASHES_DEFAULT,
+        help="times to kill -9 the server during the run (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seconds", type=_seconds, default=SECONDS_DEFAULT,
+        help="how long clients start new operations (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=_bounded_int(0, 2**64 - 1), default=None,
+        help="seed for crash times, kinds and amounts (default: random, printed in the JSON)",
+    )
+    parser.add_argument(
+        "--keep", type=Path, metavar="DIR", default=None,
+        help="work in DIR (created; must not already hold bank.db) and keep the database, "
+        "key, server logs (server-N.log, one per start) and history.jsonl there; otherwise "
+        "a temporary directory is used and removed after a passing run (kept and named "
+        "after a failing one)",
+    )
+    return parser
+
+
+def _bounded_int(low: int, high: int) -> type[int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}")
+        return value
+
+    return parse  # type: ignore[return-value]
+
+
+def _seconds(text: str) -> float:
+    value = float(text)  # a duration in seconds, never money
+    if not 0 < value <= SECONDS_MAX:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {SECONDS_MAX:.0f}")
+    return value
+
+
+def prepare_workdir(keep: Path | None) -> Path:
+    if keep is None:
+        return Path(tempfile.mkdtemp(prefix="bank-chaos-"))
+    keep.mkdir(parents=True, exist_ok=True)
+    if (keep / "bank.db").exists():
+        raise ValueError(f"{keep} already holds bank.db; the checker needs a fresh database")
+    return keep
+
+
+def print_summary(report: Report) -> None:
+    figures = report.summary()
+    print(
+        f"{figures['operations']} operations by {figures['clients']} clients in "
+        f"{figures['seconds']} s, {figures['crashes']} crashes (seed {figures['seed']}): "
+        f"{figures['acknowledged']} acknowledged, {figures['refused']} refused, "
+        f"{figures['unknown_resolved']} unknown then resolved by retry "
+        f"({figures['unknown_applied']} had been applied), "
+        f"{figures['unknown_unresolved']} unresolved"
+    )
+    problems = report.errors + report.verdict.problems
+    for problem in problems[:PROBLEMS_SHOWN_MAX]:
+        print(f"FAIL: {problem}")
+    if len(problems) > PROBLEMS_SHOWN_MAX:
+        print(f"... and {len(problems) - PROBLEMS_SHOWN_MAX} more problems")
+    if report.crashes != report.options.crashes:
+        print(f"FAIL: {report.crashes} of {report.options.crashes} crashes happened")
+    if not report.clean_exit:
+        print("FAIL: the server was not stopped cleanly (exit status 0 on SIGTERM)")
+    print("PASS" if report.ok else "FAIL")
+    print(json.dumps(figures))
+
+
+def write_history(report: Report, path: Path) -> None:
+    with path.open("w") as out:
+        for op in report.history:
+            out.write(json.dumps(op.as_json()) + "\n")
+
+
+def progress(text: str) -> None:
+    print(f"chaos: {text}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        workdir = prepare_workdir(args.keep)
+    except (ValueError, OSError) as error:
+        print(f"bank.chaos: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    seed = secrets.randbits(64) if args.seed is None else args.seed
+    options = Options(args.clients, args.crashes, args.seconds, seed, workdir)
+    progress(f"working in {workdir}")
+    report = trio.run(run_chaos, options)
+    print_summary(report)
+    if args.keep is not None:
+        write_history(report, workdir / "history.jsonl")
+    elif report.ok:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        write_history(report, workdir / "history.jsonl")
+        progress(f"failed run kept in {workdir}")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+__all__ = [
+    "BankState", "Operation", "Options", "Outcome", "Report", "Verdict",
+    "check_history", "main", "read_bank_state", "run_chaos",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())
