@@ -23,9 +23,9 @@ from bank.tools.bench import (
     make_request,
     parse_mix,
     percentile_ns,
-    reply_type,
 )
 from wire import encode
+from wire.messages import reply_type
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_TIMEOUT_S = 120

@@ -57,9 +57,9 @@ from wire import (
     AMOUNT_CENTS_MAX,
     HISTORY_ENTRIES_MAX,
     PAYLOAD_BYTES_MAX,
+    Answer,
     Balance,
     BalanceReply,
-    Decoder,
     Deposit,
     DepositReply,
     EntryKind,
@@ -77,13 +77,13 @@ from wire import (
     Reply,
     Request,
     Sender,
+    State,
     Status,
     WireError,
     Withdraw,
     WithdrawReply,
-    encode,
 )
-from wire.messages import reply_type
+from wire import Connection as Engine
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
@@ -284,8 +284,7 @@ class BenchSession:
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._decoder = Decoder(Sender.SERVER)
-        self._ids = itertools.count(1)
+        self._engine = Engine(Sender.CLIENT)
 
     @classmethod
     async def open(cls, address: Address, account: str, pin: str) -> BenchSession:
@@ -307,18 +306,16 @@ class BenchSession:
         return session
 
     async def request(self, message: Request) -> Reply:
-        """Send one request and return its reply, checking id and type."""
-        request_id = next(self._ids)
+        """Send one request and return its reply (the engine checks id and type)."""
         try:
             with trio.fail_after(REPLY_TIMEOUT_S):
-                await self._stream.send_all(encode(message, request_id))
-                frame = await self._receive()
+                await self._stream.send_all(self._engine.send(message))
+                event = await self._receive()
         except trio.TooSlowError:
             raise BenchError(f"no reply to {message.OPCODE.name} in {REPLY_TIMEOUT_S} s") from None
-        if frame.request_id != request_id or type(frame.message) is not reply_type(message):
-            raise BenchError(f"{message.OPCODE.name} answered with {frame.message!r}")
-        assert isinstance(frame.message, Reply)
-        return frame.message
+        if not isinstance(event, Answer) or not isinstance(event.message, Reply):
+            raise BenchError(f"{message.OPCODE.name} answered with {event.message!r}")
+        return event.message
 
     async def close(self) -> None:
         """Log out (bounded; a failure only means the server closes it for us), then close."""
@@ -331,17 +328,22 @@ class BenchSession:
 
     async def _expect_hello(self) -> None:
         with trio.fail_after(REPLY_TIMEOUT_S):
-            frame = await self._receive()
-        if not isinstance(frame.message, Hello):
-            raise BenchError(f"expected HELLO, got {frame.message!r}")
+            event = await self._receive()
+        if self._engine.hello is None:
+            raise BenchError(f"expected HELLO, got {event.message!r}")
 
-    async def _receive(self) -> Frame:
-        while (frame := self._decoder.next_frame()) is None:
+    async def _receive(self) -> Frame | Answer:
+        while True:
+            try:
+                event = self._engine.next_event()
+            except WireError as error:  # RemoteProtocolError
+                raise BenchError(f"the server broke the protocol: {error}") from None
+            if event is not None:
+                return event
             data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
             if not data:
                 raise BenchError("the server closed the connection")
-            self._decoder.receive_data(data)
-        return frame
+            self._engine.receive_data(data)
 
 
 async def open_sessions(
@@ -631,19 +633,19 @@ def echo_reply(request: Request) -> Reply:
 
 
 async def echo_connection(stream: trio.SocketStream) -> None:
-    """Decode each request frame and answer a same-size reply frame, until LOGOUT or EOF."""
-    decoder = Decoder(Sender.CLIENT)
+    """Decode each request and answer a same-size reply through the same protocol engine
+    as the bank's, until LOGOUT or EOF: what the bank does minus the bank's own work."""
+    engine = Engine(Sender.SERVER)
     try:
-        await stream.send_all(encode(echo_hello()))
-        while True:
+        await stream.send_all(engine.send(echo_hello()))
+        while engine.state is not State.CLOSED:
             data = await stream.receive_some(RECEIVE_BYTES_MAX)
             if not data:
                 return
-            decoder.receive_data(data)
-            while (frame := decoder.next_frame()) is not None:
-                await stream.send_all(encode(echo_reply(frame.message), frame.request_id))
-                if isinstance(frame.message, Logout):
-                    return
+            engine.receive_data(data)
+            while engine.state is not State.CLOSED and (frame := engine.next_event()):
+                assert isinstance(frame.message, Request), "a server's engine yields requests"
+                await stream.send_all(engine.send(echo_reply(frame.message)))
     except Exception:  # one bad connection must not end the server; the bench will see it
         return
     finally:

@@ -38,13 +38,12 @@ import trio
 from bank.store import DEMO_ACCOUNTS, BookEntry, Books, Store, read_books
 from bank.tools import launcher
 from wire import (
-    Decoder,
+    Answer,
     Deposit,
     DepositReply,
     EntryKind,
     Error,
     Frame,
-    Hello,
     Login,
     LoginReply,
     Logout,
@@ -56,8 +55,8 @@ from wire import (
     WireError,
     Withdraw,
     WithdrawReply,
-    encode,
 )
+from wire import Connection as Engine
 from wire.limits import TXN_ID_BYTES
 
 HOST = launcher.LOOPBACK
@@ -413,8 +412,7 @@ class AtmLink:
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._decoder = Decoder(Sender.SERVER)
-        self._next_request_id = 1
+        self._engine = Engine(Sender.CLIENT)
 
     @classmethod
     async def open(cls, port: int, account: str, pin: str) -> tuple[AtmLink, Status]:
@@ -423,9 +421,9 @@ class AtmLink:
             stream = await trio.open_tcp_stream(HOST, port)
         link = cls(stream)
         try:
-            hello = await link._receive()
-            if not isinstance(hello.message, Hello):
-                raise LinkBroken(f"expected HELLO, got {hello.message}")
+            greeting = await link._receive()
+            if link._engine.hello is None:
+                raise LinkBroken(f"expected HELLO, got {greeting.message}")
             reply = await link.request(Login(account, pin))
             if not isinstance(reply, LoginReply):
                 raise LinkBroken(f"expected LOGIN_REPLY, got {reply}")
@@ -435,36 +433,39 @@ class AtmLink:
         return link, reply.status
 
     async def request(self, message: Request) -> Message:
-        """Send and return the reply; LinkBroken if the connection cannot deliver one."""
-        request_id = self._next_request_id
-        self._next_request_id += 1
+        """Send and return the answer (the engine checks it answers this request);
+        LinkBroken if the connection cannot deliver one."""
         try:
-            await self._stream.send_all(encode(message, request_id))
+            data = self._engine.send(message)
+        except WireError as error:  # LocalProtocolError: the session has ended
+            raise LinkBroken(f"session over: {error}") from error
+        try:
+            await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
             raise LinkBroken(f"send failed: {error}") from error
         while True:
-            frame = await self._receive()
-            if frame.request_id == request_id:
-                return frame.message
-            if isinstance(frame.message, (Error, SessionExpired)):
-                raise LinkBroken(f"server sent {frame.message}")
+            event = await self._receive()
+            if isinstance(event, Answer):
+                return event.message
+            if isinstance(event.message, (Error, SessionExpired)):
+                raise LinkBroken(f"server sent {event.message}")
             # A SHUTDOWN notice: the reply (or the close) still follows.
 
-    async def _receive(self) -> Frame:
+    async def _receive(self) -> Frame | Answer:
         try:
             with trio.fail_after(REPLY_TIMEOUT_S):
-                while (frame := self._decoder.next_frame()) is None:
+                while (event := self._engine.next_event()) is None:
                     data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
                     if not data:
                         raise LinkBroken("server closed the connection")
-                    self._decoder.receive_data(data)
+                    self._engine.receive_data(data)
         except trio.TooSlowError as error:
             raise LinkBroken(f"no reply in {REPLY_TIMEOUT_S} s") from error
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
             raise LinkBroken(f"receive failed: {error}") from error
-        except WireError as error:
+        except WireError as error:  # RemoteProtocolError
             raise LinkBroken(f"bad frame from server: {error}") from error
-        return frame
+        return event
 
     async def logout_and_close(self) -> None:
         try:
