@@ -14,6 +14,7 @@ The spec's state table (spec/PROTOCOL.md section 5) is generated from these tabl
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 from wire.messages import (
     Balance,
@@ -27,6 +28,7 @@ from wire.messages import (
     LogoutReply,
     Message,
     Ping,
+    Reply,
     Request,
     SessionExpired,
     Withdraw,
@@ -88,6 +90,34 @@ def refusal(state: State, request: Request, *, shutting_down: bool) -> Status | 
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One rule of the table: a ``message`` the server sends (any reply when it is
+    ``Reply``) with one of ``statuses`` (any status when None), sent in one of
+    ``before``, leaves the connection in ``after``."""
+
+    message: type[Message]
+    statuses: frozenset[Status] | None
+    before: frozenset[State]
+    after: State
+
+
+_OPEN = frozenset({State.OPENING, State.CONNECTED, State.AUTHENTICATED})
+_FATAL_ERRORS = frozenset(Status) - NON_FATAL_ERRORS - {Status.APPROVED}
+
+TRANSITIONS: tuple[Transition, ...] = (
+    Transition(Hello, None, frozenset({State.OPENING}), State.CONNECTED),
+    Transition(LoginReply, frozenset({Status.APPROVED}), frozenset({State.CONNECTED}),
+               State.AUTHENTICATED),
+    Transition(LogoutReply, None, _OPEN, State.CLOSED),
+    Transition(Reply, ENDING_STATUSES, _OPEN, State.CLOSED),
+    Transition(SessionExpired, None, _OPEN, State.CLOSED),
+    Transition(Error, _FATAL_ERRORS, _OPEN, State.CLOSED),
+)
+"""Every frame that moves the state, whichever side sends or receives it; any other
+frame leaves it as it is. The first rule that matches applies."""
+
+
 def next_state(state: State, message: Message) -> State:
     """The state after the server sends (or the client receives) ``message``.
 
@@ -95,19 +125,12 @@ def next_state(state: State, message: Message) -> State:
     answered. The one rule that is not read off a frame, the server's count of failed
     LOGINs, is kept by ``wire.Connection``.
     """
-    if state is State.CLOSED:
-        return state
-    if isinstance(message, Hello):
-        return State.CONNECTED if state is State.OPENING else state
-    if isinstance(message, SessionExpired):
-        return State.CLOSED
-    if isinstance(message, Error):
-        return state if message.status in NON_FATAL_ERRORS else State.CLOSED
     status = getattr(message, "status", None)
-    if status in ENDING_STATUSES:
-        return State.CLOSED
-    if isinstance(message, LogoutReply):
-        return State.CLOSED
-    if isinstance(message, LoginReply) and status is Status.APPROVED:
-        return State.AUTHENTICATED
+    for rule in TRANSITIONS:
+        if (
+            isinstance(message, rule.message)
+            and state in rule.before
+            and (rule.statuses is None or status in rule.statuses)
+        ):
+            return rule.after
     return state
