@@ -124,7 +124,7 @@ class _NotLoggedInYet(ConnectionLost):
     try within the window."""
 
 
-def _settles(reply: Reply) -> bool:
+def _settles(reply: Reply | Error) -> bool:
     return reply.status in SETTLED
 
 

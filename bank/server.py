@@ -325,7 +325,7 @@ class Connection:
 
         Raises ``ConnectionEnded`` or ``RemoteProtocolError`` instead.
         """
-        while (frame := self._engine.next_event()) is None:
+        while (event := self._engine.next_event()) is None:
             if self._shutdown_at is not None and not self._shutdown_notified:
                 self._shutdown_notified = True
                 grace_s = max(0, round(self._shutdown_at - trio.current_time()))
@@ -346,7 +346,8 @@ class Connection:
                 # The read completed as the interrupt came: the bytes are kept, but the
                 # session must not start on a request the next checkpoint would cancel.
                 return None
-        return frame
+        assert isinstance(event, Frame), "a server's engine yields only requests"
+        return event
 
     def _read_deadline(self) -> tuple[float, Ending]:
         """When the current read gives up, and why: the earliest deadline that applies.

@@ -124,7 +124,7 @@ class Connection:
         """The request id of the request this client sent last (0 before the first)."""
         return self._last_request_id
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Add bytes as they arrived; then call ``next_event`` until it returns None."""
         self._decoder.receive_data(data)
 

@@ -72,7 +72,9 @@ class Decoder:
         self._buffer = bytearray()
         self._failure: WireError | None = None
         # The message class of each opcode this side receives: one lookup per frame.
-        self._types = {op: cls for op, cls in MESSAGE_TYPES.items() if cls.SENDER is sender}
+        self._types: dict[int, type[Message]] = {
+            op: cls for op, cls in MESSAGE_TYPES.items() if cls.SENDER is sender
+        }
 
     @property
     def buffered_bytes(self) -> int:
@@ -84,7 +86,7 @@ class Decoder:
         """The bytes received but not yet made into frames."""
         return bytes(self._buffer)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Add bytes as they arrived. Call ``next_frame`` until it returns None."""
         self._buffer += data
 

@@ -397,11 +397,12 @@ class Harness:
 
 async def _end_server(end: Callable[[], int]) -> int:
     """Run a server's blocking stop or kill to the end, even in a cancelled run."""
-    with trio.CancelScope(shield=True):
-        try:
-            return await trio.to_thread.run_sync(end)
-        except launcher.LaunchError as error:
-            raise ChaosError(str(error)) from None
+    try:
+        with trio.CancelScope(shield=True):
+            status = await trio.to_thread.run_sync(end)
+    except launcher.LaunchError as error:
+        raise ChaosError(str(error)) from None
+    return status
 
 
 # -- One ATM session ---------------------------------------------------------------------
@@ -564,12 +565,13 @@ async def drive_account(
                     raise ChaosError(f"{account}: txn {pending.txn_id.hex()} never answered")
                 if link is None:
                     link = await connect(harness, account, client.pin)
+                operation = pending
                 try:
-                    await attempt(link, pending)
+                    await attempt(link, operation)
                     harness.note_answered()
                     pending = None
                 except LinkBroken:
-                    pending.was_unknown = True
+                    operation.was_unknown = True
                     await link.aclose()
                     link = None
     except ChaosError as error:
