@@ -31,7 +31,6 @@ import ipaddress
 import itertools
 import logging
 import math
-import os
 import resource
 from collections import Counter
 from collections.abc import Callable
@@ -43,6 +42,12 @@ from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
 from bank.session import Session
+from bank.transport import (
+    CLOSE_LINGER_S,
+    SocketTransport,
+    Transport,
+    close_gracefully,
+)
 from wire import Connection as Engine
 from wire import (
     Error,
@@ -59,16 +64,6 @@ from wire import (
 )
 
 log = logging.getLogger("bank.server")
-
-RECEIVE_BYTES_MAX = 4096
-"""Bytes asked of the socket per read: bounds what one read can add to the buffer."""
-
-CLOSE_LINGER_S = 1.0
-"""Seconds spent draining a peer's unread bytes before closing, so that our last frame
-is not destroyed by a TCP reset (closing a socket with unread input sends RST)."""
-
-CLOSE_DRAIN_BYTES_MAX = 64 * 1024
-"""Most bytes read and discarded while lingering before close."""
 
 REFUSALS_MAX = 64
 """SERVER_BUSY refusals in progress at once; beyond it a socket is closed at once."""
@@ -184,7 +179,7 @@ class DeadlineSweeper:
 
 
 class Connection:
-    """Serves one socket: reads requests, asks the session, sends replies.
+    """Serves one connection: reads requests, asks the session, sends replies.
 
     Every wait on the peer has a deadline in ``deadline`` (infinity while the session
     works on a request), enforced by a ``DeadlineSweeper`` through ``expire``: the
@@ -195,7 +190,7 @@ class Connection:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        transport: Transport,
         *,
         session: Session,
         config: ServerConfig,
@@ -213,9 +208,7 @@ class Connection:
         self._expired_as = Ending.IDLE
         """What ``deadline`` meant when it passed: ``_ending`` may move on before the
         interrupt is handled (a read can begin as a send's deadline passes)."""
-        self._stream = stream
-        self._socket = stream.socket
-        self._fd = self._socket.fileno()
+        self._transport = transport
         self._config = config
         self._sweeper = sweeper
         self._engine = Engine(Sender.SERVER, login_attempts_max=config.login_attempts_max)
@@ -270,7 +263,7 @@ class Connection:
             self.deadline = math.inf
             self._engine.close()
             self.session.end()
-            await close_gracefully(self._stream)  # also when cancelled: it always closes
+            await self._transport.aclose()  # also when cancelled: it always closes
 
     async def _serve(self) -> None:
         while self._engine.state is not State.CLOSED:
@@ -403,40 +396,12 @@ class Connection:
         await self._send_bytes(data)
         self.deadline = math.inf
 
-    async def _receive_bytes(self) -> bytes:
-        """Wait until the socket is readable, then read what has arrived (b"" at EOF).
-
-        See ``_send_bytes`` for why this is not ``socket.recv``.
-        """
-        while True:
-            await trio.lowlevel.wait_readable(self._socket)
-            try:
-                return os.read(self._fd, RECEIVE_BYTES_MAX)
-            except BlockingIOError:  # woken with nothing to read after all: wait again
-                continue
+    async def _receive_bytes(self) -> bytes | bytearray:
+        """What the peer sent next (empty at its end); a cancelled wait loses nothing."""
+        return await self._transport.receive_some()
 
     async def _send_bytes(self, data: bytes) -> None:
-        """Write ``data`` to the socket, waiting only while its buffer is full.
-
-        Reads and writes use the socket's file descriptor with ``os.read`` and
-        ``os.write``, waiting with trio's ``wait_readable`` and ``wait_writable``, as
-        ``trio.lowlevel.FdStream`` does; a socket is a file descriptor on POSIX, which
-        this server (like the ATM's terminal handling) requires. trio's socket methods
-        instead try the call first and checkpoint after it: a request's read usually
-        failed first (the next request has rarely arrived just after a reply), and each
-        checkpoint is a trip through the scheduler. Under bank.bench's 100 sessions this
-        took the server's CPU per request from 58-60 us to 50-53 us (four interleaved runs
-        each); going from ``SocketStream`` to its socket had taken it from 71-77 us to
-        63-70 us. A socket error is an OSError, which ``run`` handles as it does the
-        stream's errors.
-        """
-        with memoryview(data) as view:
-            sent = 0
-            while sent < len(view):
-                try:
-                    sent += os.write(self._fd, view[sent:])
-                except BlockingIOError:  # the peer is not reading: wait for room
-                    await trio.lowlevel.wait_writable(self._socket)
+        await self._transport.send_all(data)
 
 
 class BankServer:
@@ -532,8 +497,8 @@ class BankServer:
     async def _serve_connection(self, stream: trio.SocketStream, name: str, address: str) -> None:
         session = Session(ledger=self._ledger, leases=self.leases, config=self.config, name=name)
         connection = Connection(
-            stream, session=session, config=self.config, name=name, sweeper=self._sweeper,
-            on_login=self._logged_in,
+            SocketTransport(stream), session=session, config=self.config, name=name,
+            sweeper=self._sweeper, on_login=self._logged_in,
         )
         self._connections.add(connection)
         self._slotted.add(connection)
@@ -667,28 +632,6 @@ def raise_open_files_limit(needed: int) -> int:
         soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     return soft
-
-
-async def close_gracefully(stream: trio.SocketStream) -> None:
-    """Send EOF, drain what the peer still sends (bounded), then close.
-
-    Closing a socket with unread input makes the kernel send RST, which can destroy
-    the last frame we sent before the peer reads it.
-    """
-    try:
-        with (
-            trio.move_on_after(CLOSE_LINGER_S),
-            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
-        ):
-            await stream.send_eof()
-            drained = 0
-            while drained < CLOSE_DRAIN_BYTES_MAX:
-                data = await stream.receive_some(RECEIVE_BYTES_MAX)
-                if not data:
-                    break
-                drained += len(data)
-    finally:
-        await stream.aclose()  # closes even when cancelled
 
 
 def _peer_host(stream: trio.SocketStream) -> str | None:

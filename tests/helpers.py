@@ -78,7 +78,7 @@ class WireClient:
     returns frames as the server sent them, checking nothing but the framing.
     """
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self._engine = Engine(Sender.CLIENT)
         self._raw: Decoder | None = None

@@ -26,9 +26,9 @@ import trio.testing
 
 from bank import pins, store
 from bank.config import ServerConfig
-from bank.server import CLOSE_LINGER_S
 from bank.sqlite_ledger import SqliteLedger
 from bank.store import DEMO_ACCOUNTS
+from bank.transport import CLOSE_LINGER_S
 from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,

@@ -23,6 +23,7 @@ from bank.leases import Leases
 from bank.server import REFUSALS_MAX, Connection, DeadlineSweeper
 from bank.session import Session
 from bank.sqlite_ledger import SqliteLedger
+from bank.transport import SocketTransport, StreamTransport, Transport
 from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
@@ -548,10 +549,40 @@ def connection_and_client(
     server_socket, client_socket = trio.socket.socketpair()
     session = Session(ledger=ledger, leases=Leases(), config=config, name="test")
     connection = Connection(
-        trio.SocketStream(server_socket), session=session, config=config, name="test",
-        sweeper=DeadlineSweeper(),
+        SocketTransport(trio.SocketStream(server_socket)), session=session, config=config,
+        name="test", sweeper=DeadlineSweeper(),
     )
     return connection, WireClient(trio.SocketStream(client_socket))
+
+
+@pytest.mark.parametrize("transport", ["socket", "stream"])
+async def test_a_whole_session_is_served_over_either_transport(
+    config: ServerConfig, ledger: SqliteLedger, transport: str
+):
+    """The plaintext fast path (the socket's descriptor) and the path TLS takes (any
+    trio stream, here a memory stream) serve the same conversation and close alike."""
+    session = Session(ledger=ledger, leases=Leases(), config=config, name="test")
+    if transport == "socket":
+        server_socket, client_socket = trio.socket.socketpair()
+        server_end: Transport = SocketTransport(trio.SocketStream(server_socket))
+        client_stream: trio.abc.Stream = trio.SocketStream(client_socket)
+    else:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        server_end = StreamTransport(server_stream)
+    connection = Connection(
+        server_end, session=session, config=config, name="test", sweeper=DeadlineSweeper()
+    )
+    client = WireClient(client_stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        assert await client.hello() == config.hello()
+        assert await client.login() is Status.APPROVED
+        deposit = await client.request(Deposit(txn_id(), 1_00))
+        assert deposit.status is Status.APPROVED
+        assert deposit.balance_cents == DEMO_BALANCE_CENTS + 1_00
+        assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+        assert await client.closed()
+    assert session.account is None
 
 
 async def test_a_cancelled_connection_still_closes_its_socket(
@@ -640,7 +671,7 @@ async def test_a_read_woken_with_nothing_to_read_waits_again(
     waits again instead of treating it as a broken socket."""
     connection, client = connection_and_client(config, ledger)
     read = os.read
-    spurious = [connection._fd]
+    spurious = [connection._transport._fd]  # type: ignore[attr-defined]
 
     def read_after_a_spurious_wakeup(fd: int, max_bytes: int) -> bytes:
         if fd in spurious:
@@ -664,7 +695,9 @@ async def test_replies_wait_for_room_when_the_client_reads_slowly(
     buffer: each write that finds it full waits for room and goes on, losing nothing."""
     burst = 2_000
     connection, client = connection_and_client(config, ledger)
-    connection._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    connection._transport.stream.socket.setsockopt(  # type: ignore[attr-defined]
+        socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+    )
     client.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     requests = b"".join(encode(Ping(), n) for n in range(1, burst + 1))
     async with trio.open_nursery() as nursery:
