@@ -13,13 +13,14 @@ clock autojump after ``HANG_GUARD_S`` real seconds, and the test fails instead o
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
 from bank.config import ServerConfig
-from bank.server import WARNING_INTERVAL_S, OncePerInterval, address_key
+from bank.server import IPV6_PREFIX_BITS, WARNING_INTERVAL_S, OncePerInterval, address_key
 from bank.sqlite_ledger import SqliteLedger
 from tests.helpers import (
     OTHER_ACCOUNT,
@@ -186,3 +187,11 @@ def test_warnings_remember_a_bounded_number_of_addresses(caplog: pytest.LogCaptu
 )
 def test_peers_are_counted_by_ipv4_address_or_ipv6_slash_64(host: str, key: str) -> None:
     assert address_key(host) == key
+
+
+def test_the_spec_states_the_admission_policy_the_server_applies() -> None:
+    protocol = " ".join((Path(__file__).parent.parent / "spec" / "PROTOCOL.md").read_text(
+        encoding="utf-8").split())
+    assert f"an IPv6 peer is counted by its /{IPV6_PREFIX_BITS}" in protocol
+    assert "a new connection evicts the oldest connection that has not logged in" in protocol
+    assert "a logged-in session never is" in protocol
