@@ -26,7 +26,7 @@ from atm.errors import (
     TransactionUnconfirmed,
 )
 from wire import EntryKind, HistoryEntry, Status
-from wire.messages import mask_account
+from wire.credentials import mask_account
 from wire.money import format_cents
 
 STATUS_SENTENCES: dict[Status, str] = {

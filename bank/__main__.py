@@ -24,7 +24,7 @@ from bank.pins import KeyFileError, load_or_create_key
 from bank.server import BankServer, open_files_needed, raise_open_files_limit
 from bank.sqlite_ledger import open_ledger
 from bank.store import SchemaError, Store, StoreError
-from wire.messages import ACCOUNT_PATTERN, PIN_PATTERN, mask_account
+from wire.credentials import canonical_account, check_pin, mask_account
 from wire.money import format_cents, parse_dollars
 
 log = logging.getLogger("bank")
@@ -86,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def account_argument(text: str) -> str:
-    if not ACCOUNT_PATTERN.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an account number like AC-12345")
-    return text.upper()
+    try:
+        return canonical_account(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an account number like AC-12345"
+        ) from None
 
 
 # -- Serving ---------------------------------------------------------------------------
@@ -169,9 +172,10 @@ def read_new_pin() -> str:
             raise StoreError("the two PINs differ")
     else:
         pin = sys.stdin.readline().strip()
-    if not PIN_PATTERN.fullmatch(pin):
-        raise StoreError("a PIN is exactly four digits")
-    return pin
+    try:
+        return check_pin(pin)
+    except ValueError:
+        raise StoreError("a PIN is exactly four digits") from None
 
 
 def add_account(config: ServerConfig, args: argparse.Namespace) -> int:

@@ -33,7 +33,8 @@ from wire import (
     Withdraw,
 )
 from wire import Connection as Engine
-from wire.messages import MoneyRequest, mask_account, reply_type
+from wire.credentials import mask_account
+from wire.messages import MoneyRequest, reply_type
 from wire.money import format_cents
 
 log = logging.getLogger("bank.session")

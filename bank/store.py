@@ -24,15 +24,9 @@ from pathlib import Path
 
 from bank.accounts_file import AccountRecord, read_accounts
 from bank.ledger import Posting
-from bank.pins import (
-    PIN_HMAC_BYTES,
-    canonical_account,
-    check_pin_format,
-    hash_pin,
-    new_salt,
-    verify,
-)
+from bank.pins import PIN_HMAC_BYTES, hash_pin, new_salt, verify
 from wire import EntryKind, HistoryEntry, Status
+from wire.credentials import canonical_account, check_pin
 from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX, TXN_ID_BYTES
 
 SCHEMA_VERSION = 2
@@ -500,7 +494,7 @@ class Store:
         self._insert_account(record.account, record.pin, record.balance_cents)
 
     def _insert_account(self, account: str, pin: str, opening_cents: int) -> None:
-        check_pin_format(pin)
+        check_pin(pin)
         if type(opening_cents) is not int or not 0 <= opening_cents <= BALANCE_CENTS_MAX:
             raise ValueError(f"opening balance out of range: {opening_cents!r}")
         if self._account_exists(account):
