@@ -30,7 +30,7 @@ from wire.money import format_cents, parse_dollars
 log = logging.getLogger("bank")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-SHARED_SETTINGS = ["db", "key_file", "log_level", "pin_tries_max", "pin_lockout_s"]
+SHARED_SETTINGS = ["db", "key_file", "log_level"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,12 +156,7 @@ async def _shutdown_on_signal(signals: AsyncIterator[int], server: BankServer) -
 
 
 def open_store(config: ServerConfig) -> Store:
-    return Store(
-        config.db,
-        load_or_create_key(config.key_file),
-        pin_tries_max=config.pin_tries_max,
-        lockout_ms=config.pin_lockout_s * 1000,
-    )
+    return Store(config.db, load_or_create_key(config.key_file))
 
 
 def read_new_pin() -> str:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from wire import EntryKind, HistoryEntry, Status
-from wire.limits import AMOUNT_CENTS_MAX
 
 
 class StorageError(Exception):
@@ -57,7 +56,7 @@ class Ledger(Protocol):
         txn_id: bytes,
         kind: EntryKind,
         amount_cents: int,
-        limit_cents: int = AMOUNT_CENTS_MAX,
+        limit_cents: int,
     ) -> Posting:
         """Apply a deposit or withdrawal once, durably, before returning.
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bank.accounts_file import AccountRecord, read_accounts
 from bank.ledger import Posting
+from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import PIN_HMAC_BYTES, hash_pin, new_salt, verify
 from wire import EntryKind, HistoryEntry, Status
 from wire.credentials import canonical_account, check_pin
@@ -31,24 +32,6 @@ from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX, TXN_ID_BYTES
 
 SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version``; 0 means a new database, to be created and seeded."""
-
-PIN_TRIES_MAX = 3
-"""Wrong PINs in a row that lock an account, each within LOCKOUT_MS of the one before."""
-
-LOCKOUT_MS = 15 * 60 * 1000
-"""How long a lock lasts (an operator can lift it earlier with ``unlock``), and how long a
-wrong PIN is remembered."""
-
-LOCKOUT_MS_MAX = 365 * 24 * 60 * 60 * 1000
-"""The longest lockout a Store accepts: one year (365 days), in milliseconds.
-
-A lock ends at ``now_ms + lockout_ms``, stored in a signed 64-bit SQLite INTEGER; an
-unbounded lockout overflows it: every wrong PIN then fails to be recorded (unlimited
-guessing) and takes its whole batch down with it. With one year that sum stays more
-than 30,000 times below 2**63 even for a clock in the year 9999, so no setting can
-overflow. A year is also as long as a timed lock usefully lasts: a longer one is in
-effect permanent, and lifting it is then the operator's job (``python -m bank unlock``),
-while any shorter period an operator might want still fits."""
 
 PIN_FAILURES_PRUNED_MAX = 2
 """Forgotten PIN-failure rows deleted with each new failure: more than the one row a
@@ -117,6 +100,24 @@ deleted; rows from version 1 count as old, but a lock in force is kept until it 
 
 
 @dataclass(frozen=True, slots=True)
+class PinPolicy:
+    """When wrong PINs lock an account: the server's settings (``pin_tries_max``,
+    ``pin_lockout_s``), given with every PIN check and held to what the storage can keep."""
+
+    tries_max: int
+    """Wrong PINs in a row that lock an account, each within ``lockout_ms`` of the last."""
+    lockout_ms: int
+    """How long a lock lasts (an operator can lift it earlier with ``unlock``), and how
+    long a wrong PIN is remembered; 0 turns locking off."""
+
+    def __post_init__(self) -> None:
+        if self.tries_max < 1:
+            raise ValueError("pin_tries_max must be at least 1")
+        if not 0 <= self.lockout_ms <= LOCKOUT_MS_MAX:
+            raise ValueError(f"lockout_ms must be 0..{LOCKOUT_MS_MAX} milliseconds (one year)")
+
+
+@dataclass(frozen=True, slots=True)
 class PostRequest:
     """A deposit or withdrawal, as ``Store.execute_batch`` takes it (see ``Store.post``)."""
 
@@ -124,7 +125,7 @@ class PostRequest:
     txn_id: bytes
     kind: EntryKind
     amount_cents: int
-    limit_cents: int = AMOUNT_CENTS_MAX
+    limit_cents: int
     """The server's own limit for a new transaction of this kind (see ``Store.post``)."""
 
 
@@ -134,6 +135,7 @@ class PinCheck:
 
     account: str
     pin: str = field(repr=False)
+    policy: PinPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,21 +181,9 @@ class Store:
     """The bank's accounts, ledger entries and PIN failure counters in one SQLite file."""
 
     def __init__(
-        self,
-        db_path: str | os.PathLike[str],
-        key: bytes,
-        *,
-        pin_tries_max: int = PIN_TRIES_MAX,
-        lockout_ms: int = LOCKOUT_MS,
-        seed_demo: bool = True,
+        self, db_path: str | os.PathLike[str], key: bytes, *, seed_demo: bool = True
     ) -> None:
-        if pin_tries_max < 1:
-            raise ValueError("pin_tries_max must be at least 1")
-        if not 0 <= lockout_ms <= LOCKOUT_MS_MAX:
-            raise ValueError(f"lockout_ms must be 0..{LOCKOUT_MS_MAX} milliseconds (one year)")
         self._key = key
-        self._pin_tries_max = pin_tries_max
-        self._lockout_ms = lockout_ms
         # An unknown account is checked against this, so it costs one HMAC like a real one.
         self._dummy_salt = new_salt()
         self._dummy_hmac = bytes(PIN_HMAC_BYTES)
@@ -212,31 +202,31 @@ class Store:
 
     # -- customer operations -------------------------------------------------------------
 
-    def verify_pin(self, account: str, pin: str, now_ms: int) -> Status:
+    def verify_pin(self, account: str, pin: str, now_ms: int, policy: PinPolicy) -> Status:
         """APPROVED, INCORRECT_PIN or PIN_TRIES_EXCEEDED; unknown accounts behave alike.
 
         While locked (``locked_until_ms > now_ms``) the PIN is not even checked. The
-        failure that reaches ``pin_tries_max`` sets the lock and already answers
+        failure that reaches ``policy.tries_max`` sets the lock and already answers
         PIN_TRIES_EXCEEDED, so the customer learns at once that retrying is pointless.
         A success clears the count; an expired lock is cleared by the next attempt.
         A malformed account or PIN is a ValueError (and counts nothing): the wire layer
         has already refused those.
         """
         with self._transaction():
-            return self._check_pin(account, pin, now_ms)
+            return self._check_pin(PinCheck(account, pin, policy), now_ms)
 
-    def _check_pin(self, account: str, pin: str, now_ms: int) -> Status:
+    def _check_pin(self, check: PinCheck, now_ms: int) -> Status:
         """``verify_pin`` inside the caller's transaction."""
-        account = canonical_account(account)
+        account, policy = canonical_account(check.account), check.policy
         failures, locked_until_ms, last_failure_ms = self._pin_failures(account)
         if locked_until_ms is not None and locked_until_ms > now_ms:
             return Status.PIN_TRIES_EXCEEDED
-        if locked_until_ms is not None or last_failure_ms <= now_ms - self._lockout_ms:
+        if locked_until_ms is not None or last_failure_ms <= now_ms - policy.lockout_ms:
             failures = 0  # The lock expired, or the last failure is forgotten: a fresh start.
-        if self._pin_matches(account, pin):
+        if self._pin_matches(account, check.pin):
             self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
             return Status.APPROVED
-        return self._record_pin_failure(account, failures + 1, now_ms)
+        return self._record_pin_failure(account, failures + 1, now_ms, policy)
 
     def balance(self, account: str) -> int:
         """The balance in cents; UnknownAccount if there is no such account."""
@@ -256,7 +246,7 @@ class Store:
         kind: EntryKind,
         amount_cents: int,
         now_ms: int,
-        limit_cents: int = AMOUNT_CENTS_MAX,
+        limit_cents: int,
     ) -> Posting:
         """Apply a deposit or withdrawal once, in one committed transaction.
 
@@ -308,8 +298,8 @@ class Store:
         match request:
             case PostRequest():
                 return self._post_one(request, now_ms)
-            case PinCheck(account, pin):
-                return self._check_pin(account, pin, now_ms)
+            case PinCheck():
+                return self._check_pin(request, now_ms)
             case BalanceQuery(account):
                 return self.balance(account)
             case HistoryQuery(account, count):
@@ -532,20 +522,22 @@ class Store:
         matches = verify(self._key, salt, account, pin, expected)
         return matches and row is not None
 
-    def _record_pin_failure(self, account: str, failures: int, now_ms: int) -> Status:
-        self._prune_pin_failures(now_ms)
-        locked = failures >= self._pin_tries_max
+    def _record_pin_failure(
+        self, account: str, failures: int, now_ms: int, policy: PinPolicy
+    ) -> Status:
+        self._prune_pin_failures(now_ms, policy.lockout_ms)
+        locked = failures >= policy.tries_max
         self._conn.execute(
             "INSERT INTO pin_failures (account, failures, locked_until_ms, last_failure_ms)"
             " VALUES (?, ?, ?, ?)"
             " ON CONFLICT (account) DO UPDATE"
             " SET failures = excluded.failures, locked_until_ms = excluded.locked_until_ms,"
             " last_failure_ms = excluded.last_failure_ms",
-            (account, failures, now_ms + self._lockout_ms if locked else None, now_ms),
+            (account, failures, now_ms + policy.lockout_ms if locked else None, now_ms),
         )
         return Status.PIN_TRIES_EXCEEDED if locked else Status.INCORRECT_PIN
 
-    def _prune_pin_failures(self, now_ms: int) -> None:
+    def _prune_pin_failures(self, now_ms: int, lockout_ms: int) -> None:
         """Delete the oldest forgotten failure rows (no lock in force), a few at a time.
 
         Every wrong PIN for any account string adds a row, so without this a guesser
@@ -557,7 +549,7 @@ class Store:
             " WHERE last_failure_ms <= :forgotten AND coalesce(locked_until_ms, 0) <= :now"
             " ORDER BY last_failure_ms LIMIT :limit)",
             {
-                "forgotten": now_ms - self._lockout_ms,
+                "forgotten": now_ms - lockout_ms,
                 "now": now_ms,
                 "limit": PIN_FAILURES_PRUNED_MAX,
             },

@@ -72,7 +72,6 @@ from wire import (
     encode,
 )
 from wire import Connection as Engine
-from wire.limits import AMOUNT_CENTS_MAX
 from wire.messages import MoneyRequest, reply_type
 
 OTHER_ATM_BIT = 0x01
@@ -149,7 +148,7 @@ class FakeLedger:
         txn_id: bytes,
         kind: EntryKind,
         amount_cents: int,
-        limit_cents: int = AMOUNT_CENTS_MAX,
+        limit_cents: int,
     ) -> Posting:
         if txn_id[: len(STORAGE_FAILURE_TXN_PREFIX)] == STORAGE_FAILURE_TXN_PREFIX:
             raise StorageError("fake disk failure")

@@ -27,6 +27,7 @@ from bank.chaos import (
 from bank.pins import load_or_create_key
 from bank.store import Store
 from wire import EntryKind, Status
+from wire.limits import AMOUNT_CENTS_MAX
 
 RUN_TIMEOUT_S = 60
 """Bound on the chaos subprocess: 4 s of load plus restarts; well under this when well."""
@@ -149,9 +150,9 @@ def test_the_checker_reads_a_real_database(tmp_path: Path):
     db, key_file = tmp_path / "bank.db", tmp_path / "bank.key"
     with Store(db, load_or_create_key(key_file)) as store:
         posted = store.post(account=ACCOUNT, txn_id=txn(1), kind=EntryKind.DEPOSIT,
-                            amount_cents=500, now_ms=1)
+                            amount_cents=500, now_ms=1, limit_cents=AMOUNT_CENTS_MAX)
         store.post(account=ACCOUNT, txn_id=txn(9), kind=EntryKind.DEPOSIT,
-                   amount_cents=1, now_ms=2)
+                   amount_cents=1, now_ms=2, limit_cents=AMOUNT_CENTS_MAX)
     ops = [
         acked(1, EntryKind.DEPOSIT, 500, posted.balance_cents),
         acked(2, EntryKind.DEPOSIT, 300, posted.balance_cents + 300),

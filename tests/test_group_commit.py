@@ -16,6 +16,7 @@ from bank.ledger import StorageError
 from bank.sqlite_ledger import SqliteLedger
 from bank.store import UnknownAccount
 from wire import EntryKind, Status
+from wire.limits import AMOUNT_CENTS_MAX
 
 ACCOUNT, OPENING_CENTS = "AC-12345", 1_024_32
 RELEASE_TIMEOUT_S = 10
@@ -39,7 +40,7 @@ async def deposit(ledger: SqliteLedger, cents: int, results: list, account: str 
     try:
         results.append(await ledger.post(
             account=account, txn_id=uuid.uuid4().bytes, kind=EntryKind.DEPOSIT,
-            amount_cents=cents,
+            amount_cents=cents, limit_cents=AMOUNT_CENTS_MAX,
         ))
     except Exception as error:  # the test inspects what each caller got
         results.append(error)
@@ -153,7 +154,8 @@ async def test_reads_and_writes_share_one_batch_in_arrival_order(
 
     arrivals = [
         ("deposit", lambda: ledger.post(account=ACCOUNT, txn_id=uuid.uuid4().bytes,
-                                        kind=EntryKind.DEPOSIT, amount_cents=5_00)),
+                                        kind=EntryKind.DEPOSIT, amount_cents=5_00,
+                                        limit_cents=AMOUNT_CENTS_MAX)),
         ("balance", lambda: ledger.balance(ACCOUNT)),
         ("pin", lambda: ledger.verify_pin(ACCOUNT, "1324")),
         ("history", lambda: ledger.history(ACCOUNT, 5)),

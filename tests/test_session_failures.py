@@ -54,7 +54,6 @@ from wire import (
     Withdraw,
     WithdrawReply,
 )
-from wire.limits import AMOUNT_CENTS_MAX
 
 
 @dataclass
@@ -96,7 +95,7 @@ class FaultyLedger:
         txn_id: bytes,
         kind: EntryKind,
         amount_cents: int,
-        limit_cents: int = AMOUNT_CENTS_MAX,
+        limit_cents: int,
     ) -> Posting:
         return await self._call(
             "post",

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from bank.config import ServerConfig
 from bank.ledger import Ledger, Posting, StorageError
 from bank.pins import KEY_BYTES
-from bank.sqlite_ledger import LOCKOUT_S, SqliteLedger, open_ledger
-from bank.store import Store
+from bank.sqlite_ledger import SqliteLedger, open_ledger
+from bank.store import PinPolicy, Store
 from wire import EntryKind, Status
+from wire.limits import AMOUNT_CENTS_MAX
 
 T0 = 1_700_000_000_000
 
@@ -81,16 +83,19 @@ async def test_protocol_methods(ledger: SqliteLedger, clock: FakeClock):
     assert await ledger.verify_pin("AC-12345", "1324") is Status.APPROVED
     assert await ledger.balance("ac-12345") == 102_432
     deposit = await ledger.post(
-        account="AC-12345", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=568
+        account="AC-12345", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=568,
+        limit_cents=AMOUNT_CENTS_MAX,
     )
     assert deposit == Posting(Status.APPROVED, 103_000, deposit.entry_id, T0)
     clock.now_ms += 1_000
     overdraft = await ledger.post(
-        account="BC-01373", txn_id=txn(2), kind=EntryKind.WITHDRAWAL, amount_cents=4_573
+        account="BC-01373", txn_id=txn(2), kind=EntryKind.WITHDRAWAL, amount_cents=4_573,
+        limit_cents=AMOUNT_CENTS_MAX,
     )
     assert overdraft == Posting(Status.INSUFFICIENT_FUNDS)
     replay = await ledger.post(
-        account="AC-12345", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=568
+        account="AC-12345", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=568,
+        limit_cents=AMOUNT_CENTS_MAX,
     )
     assert replay == deposit
     history = await ledger.history("AC-12345", 5)
@@ -102,7 +107,7 @@ async def test_protocol_methods(ledger: SqliteLedger, clock: FakeClock):
 async def test_lock_expiry_follows_the_injected_clock(ledger: SqliteLedger, clock: FakeClock):
     for expected in (Status.INCORRECT_PIN, Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED):
         assert await ledger.verify_pin("AC-12345", "0000") is expected
-    clock.now_ms += LOCKOUT_S * 1000 - 1
+    clock.now_ms += ServerConfig().pin_lockout_s * 1000 - 1  # opened with the defaults
     assert await ledger.verify_pin("AC-12345", "1324") is Status.PIN_TRIES_EXCEEDED
     clock.now_ms += 1
     assert await ledger.verify_pin("AC-12345", "1324") is Status.APPROVED
@@ -129,7 +134,10 @@ async def test_store_runs_in_a_worker_thread(tmp_path: Path):
             threads.append(threading.get_ident())
             return super().balance(account)
 
-    ledger = SqliteLedger(RecordingStore(tmp_path / "bank.db", bytes(KEY_BYTES)))
+    ledger = SqliteLedger(
+        RecordingStore(tmp_path / "bank.db", bytes(KEY_BYTES)),
+        pin_policy=PinPolicy(tries_max=3, lockout_ms=0),
+    )
     try:
         assert await ledger.balance("AC-12345") == 102_432
     finally:
@@ -179,7 +187,8 @@ async def test_concurrent_posts_keep_the_invariants(ledger: SqliteLedger):
             if (task + step) % 5 == 0:
                 amount_cents += 1
             posting = await ledger.post(
-                account=account, txn_id=txn(n), kind=kind, amount_cents=amount_cents
+                account=account, txn_id=txn(n), kind=kind, amount_cents=amount_cents,
+                limit_cents=AMOUNT_CENTS_MAX,
             )
             statuses.append(posting.status)
             if posting.status is Status.APPROVED:

@@ -13,17 +13,17 @@ import pytest
 
 from bank.accounts_file import AccountsFileError
 from bank.ledger import Posting
+from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import KEY_BYTES, PIN_HMAC_BYTES, SALT_BYTES, hash_pin
 from bank.store import (
     DEMO_ACCOUNTS,
-    LOCKOUT_MS,
-    LOCKOUT_MS_MAX,
     PIN_FAILURES_PRUNED_MAX,
     SCHEMA_VERSION,
     AccountExists,
     BalanceQuery,
     BatchAborted,
     PinCheck,
+    PinPolicy,
     PostRequest,
     SchemaError,
     Store,
@@ -35,6 +35,8 @@ from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
 KEY = bytes(range(KEY_BYTES))
 OTHER_KEY = bytes(KEY_BYTES)
 T0 = 1_700_000_000_000
+LOCKOUT_MS = 15 * 60 * 1000
+POLICY = PinPolicy(tries_max=3, lockout_ms=LOCKOUT_MS)
 DEPOSIT = EntryKind.DEPOSIT
 WITHDRAWAL = EntryKind.WITHDRAWAL
 
@@ -69,7 +71,8 @@ def post(
     now_ms: int = T0,
 ) -> Posting:
     return store.post(
-        account=account, txn_id=txn(n), kind=kind, amount_cents=amount_cents, now_ms=now_ms
+        account=account, txn_id=txn(n), kind=kind, amount_cents=amount_cents, now_ms=now_ms,
+        limit_cents=AMOUNT_CENTS_MAX,
     )
 
 
@@ -101,7 +104,7 @@ def test_demo_accounts_are_seeded(store: Store):
     for account, pin, balance_cents in DEMO_ACCOUNTS:
         assert store.balance(account) == balance_cents
         assert store.balance(account.lower()) == balance_cents
-        assert store.verify_pin(account.lower(), pin, T0) is Status.APPROVED
+        assert store.verify_pin(account.lower(), pin, T0, POLICY) is Status.APPROVED
     assert store.balance("AC-12345") == 102_432
     assert store.balance("ZZ-99999") == 65_535
     assert store.check_invariants() == []
@@ -113,7 +116,7 @@ def test_reopening_keeps_data_and_does_not_reseed(db_path: Path):
         store.reset_pin("AC-12345", "0000")
     with Store(db_path, KEY) as store:
         assert store.balance("AC-12345") == 102_000
-        assert store.verify_pin("AC-12345", "0000", T0) is Status.APPROVED
+        assert store.verify_pin("AC-12345", "0000", T0, POLICY) is Status.APPROVED
         assert store.history("AC-12345", 10)[0].amount_cents == 432
 
 
@@ -152,11 +155,11 @@ def test_a_version_1_database_is_migrated_and_its_locks_kept(db_path: Path):
     with Store(db_path, KEY) as store:
         assert store._conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         for n in range(PIN_FAILURES_PRUNED_MAX * 3):  # prunes what is forgotten, not locks
-            store.verify_pin(f"QQ-{n:05d}", "0000", T0)
-        assert store.verify_pin("AC-12345", "1324", T0) is Status.PIN_TRIES_EXCEEDED
+            store.verify_pin(f"QQ-{n:05d}", "0000", T0, POLICY)
+        assert store.verify_pin("AC-12345", "1324", T0, POLICY) is Status.PIN_TRIES_EXCEEDED
         # A count from version 1 has no time: it is forgotten, so one more miss is only one.
-        assert store.verify_pin("BC-01373", "0000", T0) is Status.INCORRECT_PIN
-        assert store.verify_pin("BC-01373", "0000", T0) is Status.INCORRECT_PIN
+        assert store.verify_pin("BC-01373", "0000", T0, POLICY) is Status.INCORRECT_PIN
+        assert store.verify_pin("BC-01373", "0000", T0, POLICY) is Status.INCORRECT_PIN
         assert store.integrity_ok()
 
 
@@ -189,8 +192,8 @@ def test_pin_columns_hold_salt_and_hmac(store: Store):
 def test_no_cell_and_no_file_byte_holds_a_plaintext_pin(db_path: Path):
     store = Store(db_path, KEY)
     for account, pin, _ in DEMO_ACCOUNTS:
-        store.verify_pin(account, pin, T0)
-        store.verify_pin(account, "0000", T0)  # failures are recorded too
+        store.verify_pin(account, pin, T0, POLICY)
+        store.verify_pin(account, "0000", T0, POLICY)  # failures are recorded too
     tables = ["accounts", "entries", "pin_failures"]
     cells = [
         cell
@@ -211,55 +214,56 @@ def test_a_different_key_fails_every_pin(db_path: Path):
     Store(db_path, KEY).close()
     with Store(db_path, OTHER_KEY) as store:
         for account, pin, _ in DEMO_ACCOUNTS:
-            assert store.verify_pin(account, pin, T0) is Status.INCORRECT_PIN
+            assert store.verify_pin(account, pin, T0, POLICY) is Status.INCORRECT_PIN
 
 
 # -- PIN failures and lockout --------------------------------------------------------------
 
 
 def test_third_failure_locks_and_even_the_right_pin_is_refused(store: Store):
-    assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
-    assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
-    assert store.verify_pin("AC-12345", "0000", T0) is Status.PIN_TRIES_EXCEEDED
-    assert store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS - 1) is Status.PIN_TRIES_EXCEEDED
-    assert store.verify_pin("WF-14351", "9834", T0) is Status.APPROVED  # others unaffected
+    assert store.verify_pin("AC-12345", "0000", T0, POLICY) is Status.INCORRECT_PIN
+    assert store.verify_pin("AC-12345", "0000", T0, POLICY) is Status.INCORRECT_PIN
+    assert store.verify_pin("AC-12345", "0000", T0, POLICY) is Status.PIN_TRIES_EXCEEDED
+    locked = store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS - 1, POLICY)
+    assert locked is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("WF-14351", "9834", T0, POLICY) is Status.APPROVED  # others unaffected
 
 
 def test_success_resets_the_count(store: Store):
     for _ in range(3):
-        assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
-        assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
-        assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+        assert store.verify_pin("AC-12345", "0000", T0, POLICY) is Status.INCORRECT_PIN
+        assert store.verify_pin("AC-12345", "0000", T0, POLICY) is Status.INCORRECT_PIN
+        assert store.verify_pin("AC-12345", "1324", T0, POLICY) is Status.APPROVED
 
 
 def test_lock_expires(store: Store):
     for _ in range(3):
-        store.verify_pin("AC-12345", "0000", T0)
-    assert store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS) is Status.APPROVED
+        store.verify_pin("AC-12345", "0000", T0, POLICY)
+    assert store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS, POLICY) is Status.APPROVED
 
 
 def test_an_expired_lock_starts_a_fresh_count(store: Store):
     for _ in range(3):
-        store.verify_pin("AC-12345", "0000", T0)
+        store.verify_pin("AC-12345", "0000", T0, POLICY)
     later = T0 + LOCKOUT_MS
-    assert store.verify_pin("AC-12345", "0000", later) is Status.INCORRECT_PIN
-    assert store.verify_pin("AC-12345", "0000", later) is Status.INCORRECT_PIN
-    assert store.verify_pin("AC-12345", "0000", later) is Status.PIN_TRIES_EXCEEDED
-    assert store.verify_pin("AC-12345", "1324", later + 1) is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("AC-12345", "0000", later, POLICY) is Status.INCORRECT_PIN
+    assert store.verify_pin("AC-12345", "0000", later, POLICY) is Status.INCORRECT_PIN
+    assert store.verify_pin("AC-12345", "0000", later, POLICY) is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("AC-12345", "1324", later + 1, POLICY) is Status.PIN_TRIES_EXCEEDED
 
 
-def test_configurable_tries_and_lockout(db_path: Path):
-    with Store(db_path, KEY, pin_tries_max=1, lockout_ms=10) as store:
-        assert store.verify_pin("AC-12345", "0000", T0) is Status.PIN_TRIES_EXCEEDED
-        assert store.verify_pin("AC-12345", "1324", T0 + 9) is Status.PIN_TRIES_EXCEEDED
-        assert store.verify_pin("AC-12345", "1324", T0 + 10) is Status.APPROVED
+def test_the_policy_comes_with_each_check(store: Store):
+    policy = PinPolicy(tries_max=1, lockout_ms=10)
+    assert store.verify_pin("AC-12345", "0000", T0, policy) is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("AC-12345", "1324", T0 + 9, policy) is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("AC-12345", "1324", T0 + 10, policy) is Status.APPROVED
 
 
 def test_operator_unlock(store: Store):
     for _ in range(3):
-        store.verify_pin("ac-12345", "0000", T0)
+        store.verify_pin("ac-12345", "0000", T0, POLICY)
     assert store.unlock("ac-12345") is True
-    assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is Status.APPROVED
     assert store.unlock("AC-12345") is False
     with pytest.raises(UnknownAccount):
         store.unlock("QQ-00000")
@@ -267,10 +271,10 @@ def test_operator_unlock(store: Store):
 
 def test_reset_pin_replaces_the_pin_and_lifts_the_lock(store: Store):
     for _ in range(3):
-        store.verify_pin("AC-12345", "0000", T0)
+        store.verify_pin("AC-12345", "0000", T0, POLICY)
     store.reset_pin("ac-12345", "4321")
-    assert store.verify_pin("AC-12345", "1324", T0) is Status.INCORRECT_PIN
-    assert store.verify_pin("AC-12345", "4321", T0) is Status.APPROVED
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is Status.INCORRECT_PIN
+    assert store.verify_pin("AC-12345", "4321", T0, POLICY) is Status.APPROVED
     with pytest.raises(UnknownAccount):
         store.reset_pin("QQ-00000", "4321")
     with pytest.raises(ValueError):
@@ -278,8 +282,8 @@ def test_reset_pin_replaces_the_pin_and_lifts_the_lock(store: Store):
 
 
 def test_unknown_account_locks_like_a_real_one(store: Store):
-    real = [store.verify_pin("AC-12345", "0000", T0) for _ in range(4)]
-    unknown = [store.verify_pin("qq-00000", "0000", T0) for _ in range(4)]
+    real = [store.verify_pin("AC-12345", "0000", T0, POLICY) for _ in range(4)]
+    unknown = [store.verify_pin("qq-00000", "0000", T0, POLICY) for _ in range(4)]
     assert (
         real
         == unknown
@@ -300,49 +304,51 @@ def test_unknown_account_locks_like_a_real_one(store: Store):
         "AC-12345": (3, T0 + LOCKOUT_MS, T0),
         "QQ-00000": (3, T0 + LOCKOUT_MS, T0),
     }
-    assert store.verify_pin("QQ-00000", "0000", T0 + LOCKOUT_MS) is Status.INCORRECT_PIN
+    assert store.verify_pin("QQ-00000", "0000", T0 + LOCKOUT_MS, POLICY) is Status.INCORRECT_PIN
 
 
 def test_wrong_pins_older_than_the_lockout_period_are_forgotten(store: Store):
     for account in ("AC-12345", "BC-01373"):
-        assert store.verify_pin(account, "0000", T0) is Status.INCORRECT_PIN
-        assert store.verify_pin(account, "0000", T0 + 1) is Status.INCORRECT_PIN
+        assert store.verify_pin(account, "0000", T0, POLICY) is Status.INCORRECT_PIN
+        assert store.verify_pin(account, "0000", T0 + 1, POLICY) is Status.INCORRECT_PIN
     # The third miss within the period locks; a period after the last miss, it is a first.
-    assert store.verify_pin("AC-12345", "0000", T0 + LOCKOUT_MS) is Status.PIN_TRIES_EXCEEDED
-    assert store.verify_pin("BC-01373", "0000", T0 + 1 + LOCKOUT_MS) is Status.INCORRECT_PIN
+    third = store.verify_pin("AC-12345", "0000", T0 + LOCKOUT_MS, POLICY)
+    assert third is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("BC-01373", "0000", T0 + 1 + LOCKOUT_MS, POLICY) is Status.INCORRECT_PIN
 
 
-def test_a_lockout_of_zero_turns_locking_off(db_path: Path):
-    with Store(db_path, KEY, lockout_ms=0) as store:
-        statuses = {store.verify_pin("AC-12345", "0000", T0) for _ in range(5)}
-        assert statuses == {Status.INCORRECT_PIN}
-        assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+def test_a_lockout_of_zero_turns_locking_off(store: Store):
+    policy = PinPolicy(tries_max=3, lockout_ms=0)
+    statuses = {store.verify_pin("AC-12345", "0000", T0, policy) for _ in range(5)}
+    assert statuses == {Status.INCORRECT_PIN}
+    assert store.verify_pin("AC-12345", "1324", T0, policy) is Status.APPROVED
 
 
 @pytest.mark.parametrize(
-    ("pin_tries_max", "lockout_ms"), [(0, LOCKOUT_MS), (3, -1), (3, LOCKOUT_MS_MAX + 1), (3, 2**63)]
+    ("tries_max", "lockout_ms"), [(0, LOCKOUT_MS), (3, -1), (3, LOCKOUT_MS_MAX + 1), (3, 2**63)]
 )
-def test_impossible_pin_settings_are_refused(db_path: Path, pin_tries_max: int, lockout_ms: int):
+def test_impossible_pin_settings_are_refused(tries_max: int, lockout_ms: int):
     with pytest.raises(ValueError, match=r"pin_tries_max|lockout_ms"):
-        Store(db_path, KEY, pin_tries_max=pin_tries_max, lockout_ms=lockout_ms)
+        PinPolicy(tries_max=tries_max, lockout_ms=lockout_ms)
 
 
 @pytest.mark.parametrize("now_ms", [T0, 253_402_300_799_999])  # now, and the end of year 9999
-def test_the_longest_lockout_still_counts_wrong_pins_and_locks(db_path: Path, now_ms: int):
-    with Store(db_path, KEY, lockout_ms=LOCKOUT_MS_MAX) as store:
-        wrong = [PinCheck("AC-12345", "0000")] * 3
-        deposit = PostRequest("WF-14351", txn(1), DEPOSIT, 100)
-        outcomes = store.execute_batch([*wrong, BalanceQuery("AC-12345"), deposit], now_ms)
-        assert outcomes == [
-            Status.INCORRECT_PIN,
-            Status.INCORRECT_PIN,
-            Status.PIN_TRIES_EXCEEDED,
-            102_432,
-            Posting(Status.APPROVED, 542_922, 1, now_ms),
-        ]
-        locked_until = now_ms + LOCKOUT_MS_MAX
-        assert store.verify_pin("AC-12345", "1324", locked_until - 1) is Status.PIN_TRIES_EXCEEDED
-        assert store.verify_pin("AC-12345", "1324", locked_until) is Status.APPROVED
+def test_the_longest_lockout_still_counts_wrong_pins_and_locks(store: Store, now_ms: int):
+    policy = PinPolicy(tries_max=3, lockout_ms=LOCKOUT_MS_MAX)
+    wrong = [PinCheck("AC-12345", "0000", policy)] * 3
+    deposit = PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX)
+    outcomes = store.execute_batch([*wrong, BalanceQuery("AC-12345"), deposit], now_ms)
+    assert outcomes == [
+        Status.INCORRECT_PIN,
+        Status.INCORRECT_PIN,
+        Status.PIN_TRIES_EXCEEDED,
+        102_432,
+        Posting(Status.APPROVED, 542_922, 1, now_ms),
+    ]
+    locked_until = now_ms + LOCKOUT_MS_MAX
+    locked = store.verify_pin("AC-12345", "1324", locked_until - 1, policy)
+    assert locked is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("AC-12345", "1324", locked_until, policy) is Status.APPROVED
 
 
 def pin_failure_rows(store: Store) -> int:
@@ -355,7 +361,7 @@ def test_guessing_account_numbers_cannot_grow_the_failure_table_without_bound(st
         now_ms = T0 + period * (LOCKOUT_MS + 1)
         for n in range(guesses_per_period):
             account = f"QQ-{period * guesses_per_period + n:05d}"  # a new one every time
-            assert store.verify_pin(account, "0000", now_ms) is Status.INCORRECT_PIN
+            assert store.verify_pin(account, "0000", now_ms, POLICY) is Status.INCORRECT_PIN
         # Only the current period's misses are remembered; the earlier rows are gone.
         assert pin_failure_rows(store) == guesses_per_period
 
@@ -455,7 +461,8 @@ def test_unknown_account_and_bad_txn_id(store: Store):
     with pytest.raises(UnknownAccount):
         store.history("QQ-00000", 5)
     with pytest.raises(ValueError, match="16 bytes"):
-        store.post(account="AC-12345", txn_id=b"short", kind=DEPOSIT, amount_cents=1, now_ms=T0)
+        store.post(account="AC-12345", txn_id=b"short", kind=DEPOSIT, amount_cents=1, now_ms=T0,
+                   limit_cents=AMOUNT_CENTS_MAX)
     assert entry_count(store) == 0
 
 
@@ -465,8 +472,8 @@ def test_unknown_account_and_bad_txn_id(store: Store):
 def test_a_request_refused_before_writing_leaves_the_rest_of_its_batch(store: Store):
     outcomes = store.execute_batch(
         [
-            PostRequest("WF-14351", txn(1), DEPOSIT, 100),
-            PostRequest("QQ-00000", txn(2), DEPOSIT, 100),  # no such account
+            PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX),
+            PostRequest("QQ-00000", txn(2), DEPOSIT, 100, AMOUNT_CENTS_MAX),  # no such account
             BalanceQuery("WF-14351"),
         ],
         T0,
@@ -494,9 +501,9 @@ def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
     with pytest.raises(BatchAborted, match="PostRequest was refused after it wrote"):
         store.execute_batch(
             [
-                PostRequest("WF-14351", txn(1), DEPOSIT, 100),
-                PostRequest("AC-12345", txn(2), WITHDRAWAL, 500),
-                PinCheck("BC-01373", "0000"),
+                PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX),
+                PostRequest("AC-12345", txn(2), WITHDRAWAL, 500, AMOUNT_CENTS_MAX),
+                PinCheck("BC-01373", "0000", POLICY),
             ],
             T0,
         )
@@ -575,12 +582,12 @@ def test_invariants_report_a_tampered_balance(store: Store, db_path: Path):
 def test_add_account(store: Store):
     store.add_account("rr-00001", "1111", 0)
     assert store.balance("RR-00001") == 0
-    assert store.verify_pin("RR-00001", "1111", T0) is Status.APPROVED
+    assert store.verify_pin("RR-00001", "1111", T0, POLICY) is Status.APPROVED
     with pytest.raises(AccountExists):
         store.add_account("RR-00001", "2222", 5)
     with pytest.raises(AccountExists):
         store.add_account("ac-12345", "2222", 5)
-    assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is Status.APPROVED
 
 
 @pytest.mark.parametrize(
@@ -606,7 +613,7 @@ def test_import_accounts(store: Store, tmp_path: Path):
     assert store.import_accounts(path) == 2
     assert store.balance("RR-00001") == 1_000
     assert store.balance("RR-00002") == 50
-    assert store.verify_pin("RR-00002", "2222", T0) is Status.APPROVED
+    assert store.verify_pin("RR-00002", "2222", T0, POLICY) is Status.APPROVED
 
 
 def test_import_is_all_or_nothing(store: Store, tmp_path: Path):
