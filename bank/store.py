@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bank.accounts_file import AccountRecord, read_accounts
-from bank.ledger import Posting
+from bank.ledger import PinResult, Posting, PostResult
 from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import PIN_HMAC_BYTES, hash_pin, new_salt, verify
-from wire import EntryKind, HistoryEntry, Status
+from wire import EntryKind, HistoryEntry
 from wire.credentials import canonical_account, check_pin
 from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX, TXN_ID_BYTES
 
@@ -173,7 +173,7 @@ class SchemaError(StoreError):
     """The database was written by a newer version of this program."""
 
 
-Outcome = Posting | Status | int | list[HistoryEntry] | StoreError | ValueError
+Outcome = Posting | PinResult | int | list[HistoryEntry] | StoreError | ValueError
 """What ``Store.execute_batch`` gives each request: its result, or its refusal."""
 
 
@@ -202,12 +202,12 @@ class Store:
 
     # -- customer operations -------------------------------------------------------------
 
-    def verify_pin(self, account: str, pin: str, now_ms: int, policy: PinPolicy) -> Status:
-        """APPROVED, INCORRECT_PIN or PIN_TRIES_EXCEEDED; unknown accounts behave alike.
+    def verify_pin(self, account: str, pin: str, now_ms: int, policy: PinPolicy) -> PinResult:
+        """MATCHED, WRONG or LOCKED; unknown accounts behave alike.
 
         While locked (``locked_until_ms > now_ms``) the PIN is not even checked. The
-        failure that reaches ``policy.tries_max`` sets the lock and already answers
-        PIN_TRIES_EXCEEDED, so the customer learns at once that retrying is pointless.
+        failure that reaches ``policy.tries_max`` sets the lock and is already LOCKED,
+        so the customer learns at once that retrying is pointless.
         A success clears the count; an expired lock is cleared by the next attempt.
         A malformed account or PIN is a ValueError (and counts nothing): the wire layer
         has already refused those.
@@ -215,17 +215,17 @@ class Store:
         with self._transaction():
             return self._check_pin(PinCheck(account, pin, policy), now_ms)
 
-    def _check_pin(self, check: PinCheck, now_ms: int) -> Status:
+    def _check_pin(self, check: PinCheck, now_ms: int) -> PinResult:
         """``verify_pin`` inside the caller's transaction."""
         account, policy = canonical_account(check.account), check.policy
         failures, locked_until_ms, last_failure_ms = self._pin_failures(account)
         if locked_until_ms is not None and locked_until_ms > now_ms:
-            return Status.PIN_TRIES_EXCEEDED
+            return PinResult.LOCKED
         if locked_until_ms is not None or last_failure_ms <= now_ms - policy.lockout_ms:
             failures = 0  # The lock expired, or the last failure is forgotten: a fresh start.
         if self._pin_matches(account, check.pin):
             self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
-            return Status.APPROVED
+            return PinResult.MATCHED
         return self._record_pin_failure(account, failures + 1, now_ms, policy)
 
     def balance(self, account: str) -> int:
@@ -250,12 +250,11 @@ class Store:
     ) -> Posting:
         """Apply a deposit or withdrawal once, in one committed transaction.
 
-        A known ``txn_id`` replays the original outcome if account, kind and amount match
-        and is DUPLICATE_TRANSMISSION otherwise. Only then is a new transaction held to
-        ``limit_cents``, so a retry's outcome cannot change with the server's settings.
-        Refusals (INSUFFICIENT_FUNDS, EXCEEDS_WITHDRAWAL_LIMIT, or INVALID_AMOUNT for an
-        amount out of range or a deposit past the largest balance) record nothing, so a
-        retry with the same id is judged afresh.
+        A known ``txn_id`` is REPLAYED with its original entry if account, kind and
+        amount match, and TXN_ID_REUSED otherwise. Only then is a new transaction held
+        to ``limit_cents``, so a retry's outcome cannot change with the server's
+        settings. Refusals (AMOUNT_OUT_OF_RANGE, OVER_LIMIT, INSUFFICIENT_FUNDS,
+        BALANCE_FULL) record nothing, so a retry with the same id is judged afresh.
         """
         request = PostRequest(account, txn_id, EntryKind(kind), amount_cents, limit_cents)
         (outcome,) = self.execute_batch([request], now_ms)
@@ -313,22 +312,18 @@ class Store:
         _check_txn_id(request.txn_id)
         amount_cents = request.amount_cents
         if type(amount_cents) is not int or not 1 <= amount_cents <= AMOUNT_CENTS_MAX:
-            return Posting(Status.INVALID_AMOUNT)
+            return Posting(PostResult.AMOUNT_OUT_OF_RANGE)
         prior = self._entry_by_txn_id(request.txn_id)
         if prior is not None:
             return _replay(prior, account=account, kind=request.kind, amount_cents=amount_cents)
         if amount_cents > request.limit_cents:
-            return Posting(
-                Status.EXCEEDS_WITHDRAWAL_LIMIT
-                if request.kind is EntryKind.WITHDRAWAL
-                else Status.INVALID_AMOUNT
-            )
+            return Posting(PostResult.OVER_LIMIT)
         self._require_account(account)
         if not self._move_money(account, request.kind, amount_cents):
             refusal = (
-                Status.INSUFFICIENT_FUNDS
+                PostResult.INSUFFICIENT_FUNDS
                 if request.kind is EntryKind.WITHDRAWAL
-                else Status.INVALID_AMOUNT
+                else PostResult.BALANCE_FULL
             )
             return Posting(refusal)
         balance_cents = self.balance(account)
@@ -340,7 +335,7 @@ class Store:
             balance_cents=balance_cents,
             now_ms=now_ms,
         )
-        return Posting(Status.APPROVED, balance_cents, entry_id, now_ms)
+        return Posting(PostResult.BOOKED, balance_cents, entry_id, now_ms)
 
     def history(self, account: str, count: int) -> list[HistoryEntry]:
         """The ``count`` most recent entries, newest first."""
@@ -524,7 +519,7 @@ class Store:
 
     def _record_pin_failure(
         self, account: str, failures: int, now_ms: int, policy: PinPolicy
-    ) -> Status:
+    ) -> PinResult:
         self._prune_pin_failures(now_ms, policy.lockout_ms)
         locked = failures >= policy.tries_max
         self._conn.execute(
@@ -535,7 +530,7 @@ class Store:
             " last_failure_ms = excluded.last_failure_ms",
             (account, failures, now_ms + policy.lockout_ms if locked else None, now_ms),
         )
-        return Status.PIN_TRIES_EXCEEDED if locked else Status.INCORRECT_PIN
+        return PinResult.LOCKED if locked else PinResult.WRONG
 
     def _prune_pin_failures(self, now_ms: int, lockout_ms: int) -> None:
         """Delete the oldest forgotten failure rows (no lock in force), a few at a time.
@@ -654,8 +649,8 @@ def _replay(
     kind: EntryKind,
     amount_cents: int,
 ) -> Posting:
-    """The original outcome if the retry asks for the same thing, else 94."""
+    """The original entry if the retry asks for the same thing."""
     prior_account, prior_kind, prior_amount, entry_id, balance_cents, time_ms = prior
     if (prior_account, prior_kind, prior_amount) != (account, kind, amount_cents):
-        return Posting(Status.DUPLICATE_TRANSMISSION)
-    return Posting(Status.APPROVED, balance_cents, entry_id, time_ms)
+        return Posting(PostResult.TXN_ID_REUSED)
+    return Posting(PostResult.REPLAYED, balance_cents, entry_id, time_ms)

@@ -19,6 +19,7 @@ import trio
 
 from bank.__main__ import build_parser, main
 from bank.config import ServerConfig, from_arguments
+from bank.ledger import PinResult
 from bank.server import open_files_needed, raise_open_files_limit
 from bank.store import PinPolicy, Store
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
@@ -150,7 +151,7 @@ def test_add_account_reads_the_pin_from_input_not_the_command_line(tmp_path: Pat
     assert operator(tmp_path, "add-account", "xy-00001", "--balance", "$12.34", stdin="4321\n") == 0
     with open_store(tmp_path) as store:
         assert store.balance("XY-00001") == 12_34
-        assert store.verify_pin("XY-00001", "4321", now_ms=0, policy=POLICY) is Status.APPROVED
+        assert store.verify_pin("XY-00001", "4321", now_ms=0, policy=POLICY) is PinResult.MATCHED
 
 
 def test_add_account_refuses_a_bad_pin_and_a_duplicate(tmp_path: Path):
@@ -163,11 +164,10 @@ def test_reset_pin_and_unlock(tmp_path: Path):
     with open_store(tmp_path) as store:
         for _ in range(3):
             store.verify_pin(DEMO_ACCOUNT, "0000", now_ms=0, policy=POLICY)
-        locked = store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0, policy=POLICY)
-        assert locked is Status.PIN_TRIES_EXCEEDED
+        assert store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0, policy=POLICY) is PinResult.LOCKED
     assert operator(tmp_path, "unlock", DEMO_ACCOUNT) == 0
     with open_store(tmp_path) as store:
-        assert store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0, policy=POLICY) is Status.APPROVED
+        assert store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0, policy=POLICY) is PinResult.MATCHED
 
 
 def test_import_of_a_course_accounts_file(tmp_path: Path):
@@ -176,7 +176,7 @@ def test_import_of_a_course_accounts_file(tmp_path: Path):
     assert operator(tmp_path, "import", str(accounts)) == 0
     with open_store(tmp_path) as store:
         assert store.balance("QQ-11111") == 10_50
-        assert store.verify_pin("QQ-22222", "2222", now_ms=0, policy=POLICY) is Status.APPROVED
+        assert store.verify_pin("QQ-22222", "2222", now_ms=0, policy=POLICY) is PinResult.MATCHED
 
 
 async def test_the_server_process_serves_and_exits_cleanly_on_sigterm(tmp_path: Path):

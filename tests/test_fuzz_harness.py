@@ -16,7 +16,7 @@ import zlib
 import pytest
 
 from bank.leases import Leases
-from bank.ledger import Posting
+from bank.ledger import PinResult, Posting, PostResult
 from fuzz import fuzz_decoder, fuzz_session
 from fuzz.frames import (
     WHOLE_STREAM,
@@ -233,7 +233,7 @@ class OverdraftLedger(fuzz_session.FakeLedger):
         account, kind, amount_cents = content
         record = self.accounts[account]
         record.balance_cents += amount_cents if kind is EntryKind.DEPOSIT else -amount_cents
-        return Posting(Status.APPROVED, 0, 1, 0)
+        return Posting(PostResult.BOOKED, 0, 1, 0)
 
 
 class CrashingLedger(fuzz_session.FakeLedger):
@@ -253,8 +253,8 @@ class LeakyLeases(Leases):
 class LeaseIgnoringLedger(fuzz_session.FakeLedger):
     """A ledger whose PIN check approves anyone: ACCOUNT_IN_USE then leaks to strangers."""
 
-    async def verify_pin(self, account: str, pin: str) -> Status:
-        return Status.APPROVED
+    async def verify_pin(self, account: str, pin: str) -> PinResult:
+        return PinResult.MATCHED
 
 
 def test_a_correct_conversation_passes() -> None:

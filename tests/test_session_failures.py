@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from bank.config import ServerConfig
-from bank.ledger import Posting, StorageError
+from bank.ledger import PinResult, Posting, StorageError
 from bank.sqlite_ledger import SqliteLedger
 from tests.helpers import (
     DEMO_ACCOUNT,
@@ -82,7 +82,7 @@ class FaultyLedger:
             raise fault.error
         return result
 
-    async def verify_pin(self, account: str, pin: str) -> Status:
+    async def verify_pin(self, account: str, pin: str) -> PinResult:
         return await self._call("verify_pin", account, pin)
 
     async def balance(self, account: str) -> int:
