@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 import trio
 
 from bank import config as settings
-from bank.accounts_file import AccountsFileError
+from bank.accounts_file import AccountsFileError, read_accounts
 from bank.config import ServerConfig
 from bank.ledger import StorageError
 from bank.pins import KeyFileError, load_or_create_key
@@ -201,8 +201,9 @@ def unlock_account(config: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def import_accounts(config: ServerConfig, args: argparse.Namespace) -> int:
+    records = read_accounts(args.path)  # every line checked before the store is opened
     with open_store(config) as store:
-        count = store.import_accounts(args.path)
+        count = store.add_accounts(records)
     print(f"imported {count} accounts from {args.path}")
     return EXIT_OK
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bank.accounts_file import AccountRecord, read_accounts
+from bank.accounts_file import AccountRecord
 from bank.ledger import PinResult, Posting, PostResult
 from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import PIN_HMAC_BYTES, hash_pin, new_salt, verify
@@ -357,16 +357,12 @@ class Store:
         with self._transaction():
             self._insert_account(canonical_account(account), pin, opening_cents)
 
-    def import_accounts(self, path: str | os.PathLike[str]) -> int:
-        """Add every account in an accounts file, all or nothing; returns how many.
-
-        The file is fully validated first (AccountsFileError lists bad lines), and an
-        account that already exists aborts the whole import with AccountExists.
-        """
-        records = read_accounts(path)
+    def add_accounts(self, records: Sequence[AccountRecord]) -> int:
+        """Open every account in ``records`` (an accounts file's), all or nothing;
+        returns how many. One that already exists aborts them all with AccountExists."""
         with self._transaction():
             for record in records:
-                self._insert_record(record)
+                self._insert_account(record.account, record.pin, record.balance_cents)
         return len(records)
 
     def reset_pin(self, account: str, pin: str) -> None:
@@ -474,9 +470,6 @@ class Store:
         for statement in script.split(";"):
             if statement.strip():
                 self._conn.execute(statement)
-
-    def _insert_record(self, record: AccountRecord) -> None:
-        self._insert_account(record.account, record.pin, record.balance_cents)
 
     def _insert_account(self, account: str, pin: str, opening_cents: int) -> None:
         check_pin(pin)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bank.accounts_file import AccountsFileError
+from bank.accounts_file import parse_accounts
 from bank.ledger import PinResult, Posting, PostResult
 from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import KEY_BYTES, PIN_HMAC_BYTES, SALT_BYTES, hash_pin
@@ -619,22 +619,16 @@ def test_add_account_validates(store: Store, account: str, pin: str, opening_cen
         store.balance("RR-00001")
 
 
-def test_import_accounts(store: Store, tmp_path: Path):
-    path = tmp_path / "accounts.txt"
-    path.write_text("# new branch\nrr-00001, 1111, 10.00\nRR-00002, 2222, 0.5\n")
-    assert store.import_accounts(path) == 2
+def test_add_accounts_from_an_accounts_file(store: Store):
+    records = parse_accounts("# new branch\nrr-00001, 1111, 10.00\nRR-00002, 2222, 0.5\n")
+    assert store.add_accounts(records) == 2
     assert store.balance("RR-00001") == 1_000
     assert store.balance("RR-00002") == 50
     assert store.verify_pin("RR-00002", "2222", T0, POLICY) is PinResult.MATCHED
 
 
-def test_import_is_all_or_nothing(store: Store, tmp_path: Path):
-    path = tmp_path / "accounts.txt"
-    path.write_text("RR-00001, 1111, 10.00\nAC-12345, 2222, 0.5\n")
+def test_adding_accounts_is_all_or_nothing(store: Store):
     with pytest.raises(AccountExists):
-        store.import_accounts(path)
-    path.write_text("RR-00001, 1111, 10.00\nRR-00002, 22, 0.5\n")
-    with pytest.raises(AccountsFileError):
-        store.import_accounts(path)
+        store.add_accounts(parse_accounts("RR-00001, 1111, 10.00\nAC-12345, 2222, 0.5\n"))
     with pytest.raises(UnknownAccount):
         store.balance("RR-00001")
