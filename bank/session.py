@@ -36,6 +36,7 @@ from wire import (
 )
 from wire import Connection as Engine
 from wire.credentials import mask_account
+from wire.kinds import KIND_OF_REQUEST, MoneyKind
 from wire.messages import MoneyRequest, reply_type
 from wire.money import format_cents
 
@@ -155,9 +156,9 @@ class Session:
         return BalanceReply(Status.APPROVED, await self._ledger.balance(self._account()))
 
     async def _post(self, request: MoneyRequest) -> Reply:
-        kind = EntryKind.WITHDRAWAL if isinstance(request, Withdraw) else EntryKind.DEPOSIT
+        kind = KIND_OF_REQUEST[type(request)]
         posting = await self._posting(request, kind)
-        status = POST_STATUS[kind][posting.result]
+        status = POST_STATUS[kind.entry_kind][posting.result]
         if log.isEnabledFor(logging.INFO):  # the arguments cost more than the check
             log.info(
                 "%s: %s %s %s %s entry %d balance %s",
@@ -165,15 +166,15 @@ class Session:
                 format_cents(request.amount_cents), status.name, posting.entry_id,
                 format_cents(posting.balance_cents),
             )
-        return reply_type(request)(status, posting.balance_cents, posting.entry_id, posting.time_ms)
+        return kind.reply(status, posting.balance_cents, posting.entry_id, posting.time_ms)
 
-    async def _posting(self, request: MoneyRequest, kind: EntryKind) -> Posting:
+    async def _posting(self, request: MoneyRequest, kind: MoneyKind) -> Posting:
         return await self._ledger.post(
             account=self._account(),
             txn_id=request.txn_id,
-            kind=kind,
+            kind=kind.entry_kind,
             amount_cents=request.amount_cents,
-            limit_cents=SERVER_LIMITS[kind].cents_max(self._config),
+            limit_cents=SERVER_LIMITS[kind.entry_kind].cents_max(self._config),
         )
 
     async def _history(self, request: History) -> Reply:

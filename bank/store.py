@@ -28,6 +28,7 @@ from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import PIN_HMAC_BYTES, hash_pin, new_salt, verify
 from wire import EntryKind, HistoryEntry
 from wire.credentials import canonical_account, check_pin
+from wire.kinds import KIND_OF_ENTRY
 from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX, TXN_ID_BYTES
 
 SCHEMA_VERSION = 2
@@ -319,13 +320,9 @@ class Store:
         if amount_cents > request.limit_cents:
             return Posting(PostResult.OVER_LIMIT)
         self._require_account(account)
-        if not self._move_money(account, request.kind, amount_cents):
-            refusal = (
-                PostResult.INSUFFICIENT_FUNDS
-                if request.kind is EntryKind.WITHDRAWAL
-                else PostResult.BALANCE_FULL
-            )
-            return Posting(refusal)
+        change = _BALANCE_CHANGES[KIND_OF_ENTRY[request.kind].sign]
+        if not self._move_money(account, change, amount_cents):
+            return Posting(change.refusal)
         balance_cents = self.balance(account)
         entry_id = self._insert_entry(
             account=account,
@@ -550,25 +547,10 @@ class Store:
             (txn_id,),
         ).fetchone()
 
-    def _move_money(self, account: str, kind: EntryKind, amount_cents: int) -> bool:
-        """Change the balance if the rule allows; whether a row changed.
-
-        The rule is in the UPDATE's WHERE clause, so check and change are one statement:
-        no overdraft for a withdrawal, no passing BALANCE_CENTS_MAX for a deposit (written
-        as a subtraction so the SQL arithmetic itself never overflows).
-        """
-        if kind is EntryKind.WITHDRAWAL:
-            sql = (
-                "UPDATE accounts SET balance_cents = balance_cents - :amount"
-                " WHERE account = :account AND balance_cents >= :amount"
-            )
-        else:
-            sql = (
-                "UPDATE accounts SET balance_cents = balance_cents + :amount"
-                " WHERE account = :account AND balance_cents <= :max - :amount"
-            )
+    def _move_money(self, account: str, change: _BalanceChange, amount_cents: int) -> bool:
+        """Change the balance if ``change``'s rule allows; whether a row changed."""
         params = {"amount": amount_cents, "account": account, "max": BALANCE_CENTS_MAX}
-        return self._conn.execute(sql, params).rowcount == 1
+        return self._conn.execute(change.sql, params).rowcount == 1
 
     def _insert_entry(
         self,
@@ -597,7 +579,7 @@ class Store:
             (account,),
         )
         for entry_id, kind, amount_cents, recorded_cents in entries:
-            running += amount_cents if kind == EntryKind.DEPOSIT else -amount_cents
+            running += KIND_OF_ENTRY[kind].balance_change_cents(amount_cents)
             if running != recorded_cents:
                 problems.append(
                     f"{account}: entry {entry_id} records {recorded_cents}, replay gives {running}"
@@ -612,6 +594,33 @@ class Store:
         if balance_cents < 0:
             problems.append(f"{account}: negative balance {balance_cents}")
         return problems
+
+
+@dataclass(frozen=True, slots=True)
+class _BalanceChange:
+    """One direction a posting moves a balance: its UPDATE, whose WHERE clause holds the
+    rule so that check and change are one statement, and the outcome when it refuses."""
+
+    sql: str
+    refusal: PostResult
+
+
+_BALANCE_CHANGES: dict[int, _BalanceChange] = {
+    # A debit may not overdraw.
+    -1: _BalanceChange(
+        "UPDATE accounts SET balance_cents = balance_cents - :amount"
+        " WHERE account = :account AND balance_cents >= :amount",
+        PostResult.INSUFFICIENT_FUNDS,
+    ),
+    # A credit may not pass BALANCE_CENTS_MAX (written as a subtraction, so that the SQL
+    # arithmetic itself never overflows).
+    +1: _BalanceChange(
+        "UPDATE accounts SET balance_cents = balance_cents + :amount"
+        " WHERE account = :account AND balance_cents <= :max - :amount",
+        PostResult.BALANCE_FULL,
+    ),
+}
+"""By a kind's sign (``wire.kinds``): a kind moves money the one way or the other."""
 
 
 def _connect(db_path: Path) -> sqlite3.Connection:

@@ -73,6 +73,7 @@ from wire import (
     encode,
 )
 from wire import Connection as Engine
+from wire.kinds import KIND_OF_ENTRY, KIND_OF_REQUEST
 from wire.messages import MoneyRequest, reply_type
 
 OTHER_ATM_BIT = 0x01
@@ -167,7 +168,7 @@ class FakeLedger:
     def _apply(self, txn_id: bytes, content: tuple[str, EntryKind, int]) -> Posting:
         account, kind, amount_cents = content
         record = self.accounts[account]
-        delta = amount_cents if kind is EntryKind.DEPOSIT else -amount_cents
+        delta = KIND_OF_ENTRY[kind].balance_change_cents(amount_cents)
         if record.balance_cents + delta < 0:
             return Posting(PostResult.INSUFFICIENT_FUNDS)
         record.balance_cents += delta
@@ -336,7 +337,7 @@ def check_money(
     for name, record in ledger.accounts.items():
         if record.balance_cents < 0:
             raise Finding(f"{name} balance is negative: {record.balance_cents}")
-        booked = sum(e.amount_cents if e.kind is EntryKind.DEPOSIT else -e.amount_cents
+        booked = sum(KIND_OF_ENTRY[e.kind].balance_change_cents(e.amount_cents)
                      for e in record.entries)
         if record.opening_cents + booked != record.balance_cents:
             raise Finding(f"{name} balance {record.balance_cents} does not match its entries")
@@ -344,8 +345,8 @@ def check_money(
         return
     if not isinstance(request, MoneyRequest) or reply.status is not Status.APPROVED:
         raise Finding(f"{request!r} answered {reply.status.name} moved money: {moved}")
-    sign = 1 if isinstance(request, Deposit) else -1
-    if moved != {account: sign * request.amount_cents}:
+    change_cents = KIND_OF_REQUEST[type(request)].balance_change_cents(request.amount_cents)
+    if moved != {account: change_cents}:
         raise Finding(f"{request!r} for {account} moved {moved}")
 
 

@@ -45,6 +45,7 @@ from wire import (
     encode,
 )
 from wire.codec import frame_bytes
+from wire.kinds import KIND_OF_ENTRY
 from wire.layout import HEADER_BYTES
 
 RANDOM_INPUTS = 150
@@ -232,7 +233,7 @@ class OverdraftLedger(fuzz_session.FakeLedger):
     def _apply(self, txn_id: bytes, content: tuple[str, EntryKind, int]) -> Posting:
         account, kind, amount_cents = content
         record = self.accounts[account]
-        record.balance_cents += amount_cents if kind is EntryKind.DEPOSIT else -amount_cents
+        record.balance_cents += KIND_OF_ENTRY[kind].balance_change_cents(amount_cents)
         return Posting(PostResult.BOOKED, 0, 1, 0)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bank.ledger import PinResult, PostResult
-from bank.session import PIN_STATUS, POST_STATUS, SERVER_LIMITS
+from bank.session import PIN_STATUS, POST_STATUS
 from wire import EntryKind, Status
 
 PROTOCOL = (Path(__file__).resolve().parent.parent / "spec" / "PROTOCOL.md").read_text("utf-8")
@@ -86,7 +86,3 @@ def test_the_spec_gives_those_statuses_those_meanings():
     answers = [*PIN_ANSWERS.values(), *POST_ANSWERS.values(), *OVER_LIMIT_ANSWERS.values()]
     for status, words in answers:
         assert words in meanings[status], (status.name, words)
-
-
-def test_every_kind_is_bounded_by_a_server_limit():
-    assert set(SERVER_LIMITS) == set(EntryKind)

@@ -23,6 +23,7 @@ from bank.pins import KEY_BYTES
 from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.store import PinPolicy, Store
 from wire import EntryKind
+from wire.kinds import KIND_OF_ENTRY
 from wire.limits import AMOUNT_CENTS_MAX
 
 T0 = 1_700_000_000_000
@@ -205,7 +206,7 @@ async def test_concurrent_posts_keep_the_invariants(ledger: SqliteLedger):
     entries = [next(iter(seen)) for seen in entries_seen.values()]
     for account, opening_cents in accounts.items():
         moved = sum(
-            c if k is EntryKind.DEPOSIT else -c for a, k, c, _, _ in entries if a == account
+            KIND_OF_ENTRY[k].balance_change_cents(c) for a, k, c, _, _ in entries if a == account
         )
         assert await ledger.balance(account) == opening_cents + moved
     assert results.count(PostResult.BOOKED) == len(entries)  # each entry booked once
