@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 
 from atm import text
-from wire.messages import ACCOUNT_PATTERN, PIN_PATTERN
+from wire.credentials import canonical_account, check_pin
 from wire.money import parse_dollars
 
 
@@ -20,17 +20,17 @@ class InputError(ValueError):
 
 def parse_account(line: str) -> str:
     """``ac-12345`` -> ``AC-12345``; the wire accepts any case, receipts show upper."""
-    account = line.strip()
-    if not ACCOUNT_PATTERN.fullmatch(account):
-        raise InputError(text.ACCOUNT_FORMAT_HINT)
-    return account.upper()
+    try:
+        return canonical_account(line.strip())
+    except ValueError:
+        raise InputError(text.ACCOUNT_FORMAT_HINT) from None
 
 
 def parse_pin(line: str) -> str:
-    pin = line.strip()
-    if not PIN_PATTERN.fullmatch(pin):
-        raise InputError(text.PIN_FORMAT_HINT)
-    return pin
+    try:
+        return check_pin(line.strip())
+    except ValueError:
+        raise InputError(text.PIN_FORMAT_HINT) from None
 
 
 def parse_amount(line: str, *, amount_cents_max: int) -> int:

@@ -25,8 +25,8 @@ from atm.errors import (
     SessionExpired,
     TransactionUnconfirmed,
 )
-from wire import EntryKind, HistoryEntry, Status
-from wire.messages import mask_account
+from wire import EntryKind, HistoryEntry, Status, kinds
+from wire.credentials import mask_account
 from wire.money import format_cents
 
 STATUS_SENTENCES: dict[Status, str] = {
@@ -102,12 +102,13 @@ def request_failed(status: Status) -> str:
 
 
 class TransactionKind(Enum):
-    """The two ways money moves, with the words used for each."""
+    """Each way money moves (``wire.kinds``), with the words the ATM uses for it."""
 
-    DEPOSIT = ("deposit", "deposit", "Deposit")
-    WITHDRAWAL = ("withdrawal", "withdraw", "Withdrawal")
+    DEPOSIT = (kinds.DEPOSIT, "deposit", "deposit", "Deposit")
+    WITHDRAWAL = (kinds.WITHDRAWAL, "withdrawal", "withdraw", "Withdrawal")
 
-    def __init__(self, noun: str, verb: str, title: str) -> None:
+    def __init__(self, money: kinds.MoneyKind, noun: str, verb: str, title: str) -> None:
+        self.money = money
         self.noun = noun
         self.verb = verb
         self.title = title
@@ -167,19 +168,23 @@ def format_receipt(receipt: Receipt, tz: tzinfo | None = None) -> str:
     return "\n".join(lines)
 
 
-_ENTRY_TITLES = {EntryKind.DEPOSIT: "Deposit", EntryKind.WITHDRAWAL: "Withdrawal"}
+_TRANSACTION_KINDS: dict[EntryKind, TransactionKind] = {
+    kind.money.entry_kind: kind for kind in TransactionKind
+}
 
 
 def format_history(entries: tuple[HistoryEntry, ...], tz: tzinfo | None = None) -> str:
-    """Recent entries newest first, as the bank sends them; withdrawals shown negative."""
+    """Recent entries newest first, as the bank sends them; each amount signed by what it
+    did to the balance, so withdrawals show negative."""
     if not entries:
         return NO_HISTORY
     lines = [f"{'Time':<20}{'Type':<12}{'Amount':>14}{'Balance':>16}  Reference"]
     for entry in entries:
-        sign = -1 if entry.kind is EntryKind.WITHDRAWAL else 1
+        kind = _TRANSACTION_KINDS[entry.kind]
+        change_cents = kind.money.balance_change_cents(entry.amount_cents)
         lines.append(
             f"{format_time(entry.time_ms, tz, pattern='%Y-%m-%d %H:%M:%S'):<19} "
-            f"{_ENTRY_TITLES[entry.kind]:<12}{format_cents(sign * entry.amount_cents):>14}"
+            f"{kind.title:<12}{format_cents(change_cents):>14}"
             f"{format_cents(entry.balance_cents):>16}  {entry.entry_id}"
         )
     return "\n".join(lines)

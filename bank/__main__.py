@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from bank import config as settings
-from bank.accounts_file import AccountsFileError
+from bank.accounts_file import AccountsFileError, read_accounts
 from bank.config import ServerConfig
 from bank.ledger import StorageError
 from bank.pins import KeyFileError, load_or_create_key
@@ -27,13 +27,13 @@ from bank.readiness import listening_addresses, remove_ready_file, write_ready_f
 from bank.server import BankServer, open_files_needed, raise_open_files_limit
 from bank.sqlite_ledger import open_ledger
 from bank.store import SchemaError, Store, StoreError
-from wire.messages import ACCOUNT_PATTERN, PIN_PATTERN, mask_account
+from wire.credentials import canonical_account, check_pin, mask_account
 from wire.money import format_cents, parse_dollars
 
 log = logging.getLogger("bank")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-SHARED_SETTINGS = ["db", "key_file", "log_level", "pin_tries_max", "pin_lockout_s"]
+SHARED_SETTINGS = ["db", "key_file", "log_level"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def account_argument(text: str) -> str:
-    if not ACCOUNT_PATTERN.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an account number like AC-12345")
-    return text.upper()
+    try:
+        return canonical_account(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an account number like AC-12345"
+        ) from None
 
 
 # -- Serving ---------------------------------------------------------------------------
@@ -183,12 +186,7 @@ async def _shutdown_on_signal(signals: AsyncIterator[int], server: BankServer) -
 
 
 def open_store(config: ServerConfig) -> Store:
-    return Store(
-        config.db,
-        load_or_create_key(config.key_file),
-        pin_tries_max=config.pin_tries_max,
-        lockout_ms=config.pin_lockout_s * 1000,
-    )
+    return Store(config.db, load_or_create_key(config.key_file))
 
 
 def read_new_pin() -> str:
@@ -199,9 +197,10 @@ def read_new_pin() -> str:
             raise StoreError("the two PINs differ")
     else:
         pin = sys.stdin.readline().strip()
-    if not PIN_PATTERN.fullmatch(pin):
-        raise StoreError("a PIN is exactly four digits")
-    return pin
+    try:
+        return check_pin(pin)
+    except ValueError:
+        raise StoreError("a PIN is exactly four digits") from None
 
 
 def add_account(config: ServerConfig, args: argparse.Namespace) -> int:
@@ -232,8 +231,9 @@ def unlock_account(config: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def import_accounts(config: ServerConfig, args: argparse.Namespace) -> int:
+    records = read_accounts(args.path)  # every line checked before the store is opened
     with open_store(config) as store:
-        count = store.import_accounts(args.path)
+        count = store.add_accounts(records)
     print(f"imported {count} accounts from {args.path}")
     return EXIT_OK
 

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bank.pins import canonical_account, check_pin_format
+from wire.credentials import canonical_account, check_pin
 from wire.limits import BALANCE_CENTS_MAX
 from wire.money import parse_dollars
 
@@ -95,7 +95,10 @@ def parse_line(content: str, *, line_number: int = 0) -> AccountRecord:
         account = canonical_account(account_text)
     except ValueError:
         raise ValueError("account is not AA-NNNNN (two letters, hyphen, five digits)") from None
-    check_pin_format(pin)
+    try:
+        check_pin(pin)
+    except ValueError:
+        raise ValueError("PIN must be exactly 4 digits") from None
     return AccountRecord(account, pin, _parse_balance(balance_text), line_number)
 
 

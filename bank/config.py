@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from bank.store import LOCKOUT_MS_MAX
+from bank.limits import LOCKOUT_MS_MAX
 from wire import HISTORY_ENTRIES_MAX, PAYLOAD_BYTES_MAX, Hello
 from wire.limits import AMOUNT_CENTS_MAX, SECONDS_MAX
 
@@ -20,7 +20,7 @@ ENV_PREFIX = "BANK_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 PIN_LOCKOUT_S_MAX = LOCKOUT_MS_MAX // 1000
-"""Longest ``pin_lockout_s``: one year (31,536,000 seconds), the store's LOCKOUT_MS_MAX.
+"""Longest ``pin_lockout_s``: one year (31,536,000 seconds), the storage's LOCKOUT_MS_MAX.
 
 A lock's end (now plus the lockout) is a 64-bit database integer, so an unbounded
 setting could overflow it and stop wrong PINs being counted at all; a year is far from

@@ -1,17 +1,20 @@
 """The narrow interface between sessions and storage: sessions know no SQL.
 
-A ledger answers in wire statuses and integer cents. Every method is async so that a
-backend can run its blocking work off the event loop (SQLite in a worker thread today,
-a PostgreSQL pool or several server processes later) without the session noticing.
+A ledger answers in integer cents and in outcomes of its own (``PinResult``,
+``PostResult``) named after what happened in the books; which status a customer gets
+for each is the session's business (``bank.session``), not the storage's. Every method
+is async so that a backend can run its blocking work off the event loop (SQLite in a
+worker thread today, a PostgreSQL pool or several server processes later) without the
+session noticing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum, auto
 from typing import Protocol
 
-from wire import EntryKind, HistoryEntry, Status
-from wire.limits import AMOUNT_CENTS_MAX
+from wire import EntryKind, HistoryEntry
 
 
 class StorageError(Exception):
@@ -21,25 +24,57 @@ class StorageError(Exception):
     """
 
 
+class PinResult(Enum):
+    """What a PIN check found."""
+
+    MATCHED = auto()
+    """The PIN is the account's and the account is not locked; its failures are cleared."""
+    WRONG = auto()
+    """A wrong PIN, or no such account (the two are indistinguishable); one more failure
+    is counted."""
+    LOCKED = auto()
+    """The account is locked, by earlier failures or by this one; the PIN was not
+    checked, or was wrong."""
+
+
+class PostResult(Enum):
+    """What a deposit or withdrawal did to the books."""
+
+    BOOKED = auto()
+    """A new entry was written and the balance moved."""
+    REPLAYED = auto()
+    """The transaction id was booked before with the same account, kind and amount: its
+    original entry, and nothing moved again."""
+    TXN_ID_REUSED = auto()
+    """The transaction id was booked before with a different account, kind or amount."""
+    AMOUNT_OUT_OF_RANGE = auto()
+    """The amount is not 1..AMOUNT_CENTS_MAX cents, so it cannot be booked at all."""
+    OVER_LIMIT = auto()
+    """A new transaction over the limit the caller gave."""
+    INSUFFICIENT_FUNDS = auto()
+    """A debit larger than the balance."""
+    BALANCE_FULL = auto()
+    """A credit that would take the balance past BALANCE_CENTS_MAX."""
+
+
 @dataclass(frozen=True, slots=True)
 class Posting:
-    """The outcome of a deposit or withdrawal.
+    """The outcome of a deposit or withdrawal, as the ledger records it.
 
-    When ``status`` is APPROVED, the entry's id, time and the balance right after it:
-    the data of a receipt. A replay of an already-applied transaction id returns the
-    original entry unchanged. Otherwise (INSUFFICIENT_FUNDS, DUPLICATE_TRANSMISSION)
-    nothing moved and the other fields are 0.
+    When ``result`` is BOOKED or REPLAYED, the entry's id, time and the balance right
+    after it: the data of a receipt (a replay's are the original entry's). Otherwise
+    nothing moved, nothing was recorded, and the other fields are 0.
     """
 
-    status: Status
+    result: PostResult
     balance_cents: int = 0
     entry_id: int = 0
     time_ms: int = 0
 
 
 class Ledger(Protocol):
-    async def verify_pin(self, account: str, pin: str) -> Status:
-        """APPROVED, INCORRECT_PIN (also for an unknown account), or PIN_TRIES_EXCEEDED.
+    async def verify_pin(self, account: str, pin: str) -> PinResult:
+        """MATCHED, WRONG (also for an unknown account), or LOCKED.
 
         Counts consecutive failures and locks the account after too many; a success
         resets the count. Unknown accounts and wrong PINs take comparable time.
@@ -57,18 +92,17 @@ class Ledger(Protocol):
         txn_id: bytes,
         kind: EntryKind,
         amount_cents: int,
-        limit_cents: int = AMOUNT_CENTS_MAX,
+        limit_cents: int,
     ) -> Posting:
         """Apply a deposit or withdrawal once, durably, before returning.
 
         The balance change and its ledger entry commit in one transaction; a
         withdrawal that would overdraw is refused (INSUFFICIENT_FUNDS). ``txn_id`` is
-        unique: the same id with the same account, kind and amount returns the
-        original outcome; with different content it is DUPLICATE_TRANSMISSION.
-        A new transaction over ``limit_cents`` (the server's own limit) is refused:
-        EXCEEDS_WITHDRAWAL_LIMIT for a withdrawal, INVALID_AMOUNT for a deposit. The
-        limit is checked after the transaction id, so a retry of an applied
-        transaction gets its original outcome even if the limit changed since.
+        unique: the same id with the same account, kind and amount is REPLAYED with
+        the original entry; with different content it is TXN_ID_REUSED. A new
+        transaction over ``limit_cents`` (the server's own limit for its kind) is
+        OVER_LIMIT. The limit is checked after the transaction id, so a retry of an
+        applied transaction gets its original entry even if the limit changed since.
         """
         ...
 

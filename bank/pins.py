@@ -16,11 +16,11 @@ import contextlib
 import hashlib
 import hmac
 import os
-import re
 import secrets
 import stat
 from pathlib import Path
 
+from wire.credentials import canonical_account, check_pin
 from wire.limits import ACCOUNT_BYTES, PIN_BYTES
 
 KEY_BYTES = 32
@@ -35,30 +35,9 @@ PIN_HMAC_BYTES = hashlib.sha256().digest_size
 _DOMAIN = b"atm-bank pin v1\x00"
 """Prefix of every HMAC message, so this key's outputs cannot be confused with another use."""
 
-_ACCOUNT = re.compile(r"[A-Za-z]{2}-[0-9]{5}", re.ASCII)
-_PIN = re.compile(r"[0-9]{4}", re.ASCII)
-
 
 class KeyFileError(Exception):
     """The PIN key file exists but cannot be trusted (wrong size, readable by others)."""
-
-
-def canonical_account(account: str) -> str:
-    """``ac-12345`` -> ``AC-12345``; ValueError for anything that is not ``AA-NNNNN``.
-
-    Accounts are typed in any case but stored and hashed in one form, so the same
-    account always finds the same row and the same HMAC.
-    """
-    if not isinstance(account, str) or not _ACCOUNT.fullmatch(account):
-        raise ValueError(f"account is not AA-NNNNN: {account!r}")
-    return account.upper()
-
-
-def check_pin_format(pin: str) -> str:
-    """Return ``pin`` if it is exactly four ASCII digits; the error never shows the PIN."""
-    if not isinstance(pin, str) or not _PIN.fullmatch(pin):
-        raise ValueError("PIN must be exactly 4 digits")
-    return pin
 
 
 def new_salt() -> bytes:
@@ -70,14 +49,15 @@ def hash_pin(key: bytes, salt: bytes, account: str, pin: str) -> bytes:
     """HMAC-SHA-256(key, domain || salt || account || pin), 32 bytes.
 
     Salt, account and PIN all have fixed lengths, so their concatenation is unambiguous.
-    Binding the account means a row's PIN value cannot be copied onto another account.
+    Binding the account means a row's PIN value cannot be copied onto another account;
+    its canonical form means the account typed in either case gives the same HMAC.
     """
     if len(key) != KEY_BYTES:
         raise ValueError(f"PIN key must be {KEY_BYTES} bytes")
     if len(salt) != SALT_BYTES:
         raise ValueError(f"PIN salt must be {SALT_BYTES} bytes")
     account_bytes = canonical_account(account).encode("ascii")
-    pin_bytes = check_pin_format(pin).encode("ascii")
+    pin_bytes = check_pin(pin).encode("ascii")
     assert len(account_bytes) == ACCOUNT_BYTES and len(pin_bytes) == PIN_BYTES
     message = _DOMAIN + salt + account_bytes + pin_bytes
     return hmac.new(key, message, hashlib.sha256).digest()

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from operator import attrgetter
 
 from bank.config import ServerConfig
 from bank.leases import Leases
-from bank.ledger import Ledger, Posting, StorageError
+from bank.ledger import Ledger, PinResult, Posting, PostResult, StorageError
 from wire import (
     Balance,
     BalanceReply,
@@ -33,10 +35,55 @@ from wire import (
     Withdraw,
 )
 from wire import Connection as Engine
-from wire.messages import MoneyRequest, mask_account, reply_type
+from wire.credentials import mask_account
+from wire.kinds import KIND_OF_REQUEST, MoneyKind
+from wire.messages import MoneyRequest, reply_type
 from wire.money import format_cents
 
 log = logging.getLogger("bank.session")
+
+PIN_STATUS: dict[PinResult, Status] = {
+    PinResult.MATCHED: Status.APPROVED,
+    PinResult.WRONG: Status.INCORRECT_PIN,
+    PinResult.LOCKED: Status.PIN_TRIES_EXCEEDED,
+}
+"""The LOGIN answer to each outcome of a PIN check (spec §3.1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimit:
+    """The server's own cap on one kind of transaction, below the protocol's: the setting
+    that sets it, and the status a new transaction over it is refused with."""
+
+    cents_max: Callable[[ServerConfig], int]
+    refusal: Status
+
+
+SERVER_LIMITS: dict[EntryKind, ServerLimit] = {
+    # The maximum HELLO announces: a deposit past it is simply an invalid amount.
+    EntryKind.DEPOSIT: ServerLimit(attrgetter("amount_cents_max"), Status.INVALID_AMOUNT),
+    # A limit of its own, which ServerConfig keeps within that maximum, so it alone decides.
+    EntryKind.WITHDRAWAL: ServerLimit(
+        attrgetter("withdrawal_cents_max"), Status.EXCEEDS_WITHDRAWAL_LIMIT
+    ),
+}
+"""Which of the server's settings bounds each kind: its policy, not the protocol's."""
+
+_POST_STATUS_ANY_KIND: dict[PostResult, Status] = {
+    PostResult.BOOKED: Status.APPROVED,
+    PostResult.REPLAYED: Status.APPROVED,
+    PostResult.TXN_ID_REUSED: Status.DUPLICATE_TRANSMISSION,
+    PostResult.AMOUNT_OUT_OF_RANGE: Status.INVALID_AMOUNT,
+    PostResult.INSUFFICIENT_FUNDS: Status.INSUFFICIENT_FUNDS,
+    PostResult.BALANCE_FULL: Status.INVALID_AMOUNT,
+}
+
+POST_STATUS: dict[EntryKind, dict[PostResult, Status]] = {
+    kind: {**_POST_STATUS_ANY_KIND, PostResult.OVER_LIMIT: limit.refusal}
+    for kind, limit in SERVER_LIMITS.items()
+}
+"""The DEPOSIT_REPLY or WITHDRAW_REPLY answer to each outcome of a post, by kind (spec
+§3.3, §9): the kinds differ only in the refusal of their own limit."""
 
 
 class Session:
@@ -93,7 +140,7 @@ class Session:
             self.account = None
 
     async def _login(self, request: Login) -> Reply:
-        status = await self._ledger.verify_pin(request.account, request.pin)
+        status = PIN_STATUS[await self._ledger.verify_pin(request.account, request.pin)]
         if status is Status.APPROVED and not self._leases.try_acquire(request.account):
             status = Status.ACCOUNT_IN_USE
         log.info("%s: login %s %s", self._name, mask_account(request.account), status.name)
@@ -109,29 +156,25 @@ class Session:
         return BalanceReply(Status.APPROVED, await self._ledger.balance(self._account()))
 
     async def _post(self, request: MoneyRequest) -> Reply:
-        posting = await self._posting(request)
+        kind = KIND_OF_REQUEST[type(request)]
+        posting = await self._posting(request, kind)
+        status = POST_STATUS[kind.entry_kind][posting.result]
         if log.isEnabledFor(logging.INFO):  # the arguments cost more than the check
             log.info(
                 "%s: %s %s %s %s entry %d balance %s",
                 self._name, mask_account(self._account()), request.OPCODE.name,
-                format_cents(request.amount_cents), posting.status.name, posting.entry_id,
+                format_cents(request.amount_cents), status.name, posting.entry_id,
                 format_cents(posting.balance_cents),
             )
-        return reply_type(request)(
-            posting.status, posting.balance_cents, posting.entry_id, posting.time_ms
-        )
+        return kind.reply(status, posting.balance_cents, posting.entry_id, posting.time_ms)
 
-    async def _posting(self, request: MoneyRequest) -> Posting:
-        if isinstance(request, Withdraw):
-            kind, limit_cents = EntryKind.WITHDRAWAL, self._config.withdrawal_cents_max
-        else:
-            kind, limit_cents = EntryKind.DEPOSIT, self._config.amount_cents_max
+    async def _posting(self, request: MoneyRequest, kind: MoneyKind) -> Posting:
         return await self._ledger.post(
             account=self._account(),
             txn_id=request.txn_id,
-            kind=kind,
+            kind=kind.entry_kind,
             amount_cents=request.amount_cents,
-            limit_cents=limit_cents,
+            limit_cents=SERVER_LIMITS[kind.entry_kind].cents_max(self._config),
         )
 
     async def _history(self, request: History) -> Reply:

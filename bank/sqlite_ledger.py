@@ -24,27 +24,28 @@ from typing import TypeVar, cast
 
 import trio
 
-from bank.ledger import Posting, StorageError
+from bank.config import ServerConfig
+from bank.ledger import PinResult, Posting, StorageError
 from bank.pins import load_or_create_key
 from bank.store import (
-    LOCKOUT_MS,
-    PIN_TRIES_MAX,
     BalanceQuery,
     BatchRequest,
     HistoryQuery,
     Outcome,
     PinCheck,
+    PinPolicy,
     PostRequest,
     Store,
 )
-from wire import EntryKind, HistoryEntry, Status
-from wire.limits import AMOUNT_CENTS_MAX
+from wire import EntryKind, HistoryEntry
 
 T = TypeVar("T")
 
-LOCKOUT_S = LOCKOUT_MS // 1000
+_DEFAULTS = ServerConfig()
+"""The settings a ledger opened without them (by a test or a tool) runs with: the
+server's own defaults, which ``ServerConfig`` alone defines."""
 
-__all__ = ["LOCKOUT_S", "SqliteLedger", "StorageError", "open_ledger", "wall_clock_ms"]
+__all__ = ["SqliteLedger", "StorageError", "open_ledger", "wall_clock_ms"]
 
 
 def wall_clock_ms() -> int:
@@ -69,16 +70,19 @@ class _Batch:
 class SqliteLedger:
     """A Ledger backed by one Store; build it with ``open_ledger``."""
 
-    def __init__(self, store: Store, *, clock_ms: Callable[[], int] = wall_clock_ms) -> None:
+    def __init__(
+        self, store: Store, *, pin_policy: PinPolicy, clock_ms: Callable[[], int] = wall_clock_ms
+    ) -> None:
         self._store = store
+        self._pin_policy = pin_policy
         self._clock_ms = clock_ms
         self._limiter = trio.CapacityLimiter(1)
         self._committer = trio.Lock()
         self._open_batch: _Batch | None = None
         self._closed = False
 
-    async def verify_pin(self, account: str, pin: str) -> Status:
-        return cast(Status, await self._submit(PinCheck(account, pin)))
+    async def verify_pin(self, account: str, pin: str) -> PinResult:
+        return cast(PinResult, await self._submit(PinCheck(account, pin, self._pin_policy)))
 
     async def balance(self, account: str) -> int:
         return cast(int, await self._submit(BalanceQuery(account)))
@@ -90,7 +94,7 @@ class SqliteLedger:
         txn_id: bytes,
         kind: EntryKind,
         amount_cents: int,
-        limit_cents: int = AMOUNT_CENTS_MAX,
+        limit_cents: int,
     ) -> Posting:
         request = PostRequest(account, txn_id, EntryKind(kind), amount_cents, limit_cents)
         return cast(Posting, await self._submit(request))
@@ -173,29 +177,24 @@ async def open_ledger(
     db_path: str | os.PathLike[str],
     key_path: str | os.PathLike[str],
     *,
-    pin_tries_max: int = PIN_TRIES_MAX,
-    lockout_s: int = LOCKOUT_S,
+    pin_tries_max: int = _DEFAULTS.pin_tries_max,
+    lockout_s: int = _DEFAULTS.pin_lockout_s,
     clock_ms: Callable[[], int] = wall_clock_ms,
     seed_demo: bool = True,
 ) -> SqliteLedger:
     """Open (creating on first start) the PIN key file and the database, off the loop.
 
     KeyFileError (bank.pins) and SchemaError (bank.store) pass through unchanged: they
-    are start-up configuration problems for the operator, not request failures.
+    are start-up configuration problems for the operator, not request failures; so is
+    a ValueError for PIN settings the storage cannot hold.
     """
+    pin_policy = PinPolicy(tries_max=pin_tries_max, lockout_ms=lockout_s * 1000)
 
     def open_store() -> Store:
-        key = load_or_create_key(key_path)
-        return Store(
-            db_path,
-            key,
-            pin_tries_max=pin_tries_max,
-            lockout_ms=lockout_s * 1000,
-            seed_demo=seed_demo,
-        )
+        return Store(db_path, load_or_create_key(key_path), seed_demo=seed_demo)
 
     try:
         store = await trio.to_thread.run_sync(open_store)
     except sqlite3.Error as error:
         raise StorageError(f"cannot open {db_path}: {error}") from error
-    return SqliteLedger(store, clock_ms=clock_ms)
+    return SqliteLedger(store, pin_policy=pin_policy, clock_ms=clock_ms)

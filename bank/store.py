@@ -22,39 +22,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bank.accounts_file import AccountRecord, read_accounts
-from bank.ledger import Posting
-from bank.pins import (
-    PIN_HMAC_BYTES,
-    canonical_account,
-    check_pin_format,
-    hash_pin,
-    new_salt,
-    verify,
-)
-from wire import EntryKind, HistoryEntry, Status
+from bank.accounts_file import AccountRecord
+from bank.ledger import PinResult, Posting, PostResult
+from bank.limits import LOCKOUT_MS_MAX
+from bank.pins import PIN_HMAC_BYTES, hash_pin, new_salt, verify
+from wire import EntryKind, HistoryEntry
+from wire.credentials import canonical_account, check_pin
+from wire.kinds import KIND_OF_ENTRY
 from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX, TXN_ID_BYTES
 
 SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version``; 0 means a new database, to be created and seeded."""
-
-PIN_TRIES_MAX = 3
-"""Wrong PINs in a row that lock an account, each within LOCKOUT_MS of the one before."""
-
-LOCKOUT_MS = 15 * 60 * 1000
-"""How long a lock lasts (an operator can lift it earlier with ``unlock``), and how long a
-wrong PIN is remembered."""
-
-LOCKOUT_MS_MAX = 365 * 24 * 60 * 60 * 1000
-"""The longest lockout a Store accepts: one year (365 days), in milliseconds.
-
-A lock ends at ``now_ms + lockout_ms``, stored in a signed 64-bit SQLite INTEGER; an
-unbounded lockout overflows it: every wrong PIN then fails to be recorded (unlimited
-guessing) and takes its whole batch down with it. With one year that sum stays more
-than 30,000 times below 2**63 even for a clock in the year 9999, so no setting can
-overflow. A year is also as long as a timed lock usefully lasts: a longer one is in
-effect permanent, and lifting it is then the operator's job (``python -m bank unlock``),
-while any shorter period an operator might want still fits."""
 
 PIN_FAILURES_PRUNED_MAX = 2
 """Forgotten PIN-failure rows deleted with each new failure: more than the one row a
@@ -123,6 +101,24 @@ deleted; rows from version 1 count as old, but a lock in force is kept until it 
 
 
 @dataclass(frozen=True, slots=True)
+class PinPolicy:
+    """When wrong PINs lock an account: the server's settings (``pin_tries_max``,
+    ``pin_lockout_s``), given with every PIN check and held to what the storage can keep."""
+
+    tries_max: int
+    """Wrong PINs in a row that lock an account, each within ``lockout_ms`` of the last."""
+    lockout_ms: int
+    """How long a lock lasts (an operator can lift it earlier with ``unlock``), and how
+    long a wrong PIN is remembered; 0 turns locking off."""
+
+    def __post_init__(self) -> None:
+        if self.tries_max < 1:
+            raise ValueError("pin_tries_max must be at least 1")
+        if not 0 <= self.lockout_ms <= LOCKOUT_MS_MAX:
+            raise ValueError(f"lockout_ms must be 0..{LOCKOUT_MS_MAX} milliseconds (one year)")
+
+
+@dataclass(frozen=True, slots=True)
 class PostRequest:
     """A deposit or withdrawal, as ``Store.execute_batch`` takes it (see ``Store.post``)."""
 
@@ -130,7 +126,7 @@ class PostRequest:
     txn_id: bytes
     kind: EntryKind
     amount_cents: int
-    limit_cents: int = AMOUNT_CENTS_MAX
+    limit_cents: int
     """The server's own limit for a new transaction of this kind (see ``Store.post``)."""
 
 
@@ -140,6 +136,7 @@ class PinCheck:
 
     account: str
     pin: str = field(repr=False)
+    policy: PinPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +174,7 @@ class SchemaError(StoreError):
     """The database was written by a newer version of this program."""
 
 
-Outcome = Posting | Status | int | list[HistoryEntry] | StoreError | ValueError
+Outcome = Posting | PinResult | int | list[HistoryEntry] | StoreError | ValueError
 """What ``Store.execute_batch`` gives each request: its result, or its refusal."""
 
 
@@ -185,21 +182,9 @@ class Store:
     """The bank's accounts, ledger entries and PIN failure counters in one SQLite file."""
 
     def __init__(
-        self,
-        db_path: str | os.PathLike[str],
-        key: bytes,
-        *,
-        pin_tries_max: int = PIN_TRIES_MAX,
-        lockout_ms: int = LOCKOUT_MS,
-        seed_demo: bool = True,
+        self, db_path: str | os.PathLike[str], key: bytes, *, seed_demo: bool = True
     ) -> None:
-        if pin_tries_max < 1:
-            raise ValueError("pin_tries_max must be at least 1")
-        if not 0 <= lockout_ms <= LOCKOUT_MS_MAX:
-            raise ValueError(f"lockout_ms must be 0..{LOCKOUT_MS_MAX} milliseconds (one year)")
         self._key = key
-        self._pin_tries_max = pin_tries_max
-        self._lockout_ms = lockout_ms
         # An unknown account is checked against this, so it costs one HMAC like a real one.
         self._dummy_salt = new_salt()
         self._dummy_hmac = bytes(PIN_HMAC_BYTES)
@@ -218,31 +203,31 @@ class Store:
 
     # -- customer operations -------------------------------------------------------------
 
-    def verify_pin(self, account: str, pin: str, now_ms: int) -> Status:
-        """APPROVED, INCORRECT_PIN or PIN_TRIES_EXCEEDED; unknown accounts behave alike.
+    def verify_pin(self, account: str, pin: str, now_ms: int, policy: PinPolicy) -> PinResult:
+        """MATCHED, WRONG or LOCKED; unknown accounts behave alike.
 
         While locked (``locked_until_ms > now_ms``) the PIN is not even checked. The
-        failure that reaches ``pin_tries_max`` sets the lock and already answers
-        PIN_TRIES_EXCEEDED, so the customer learns at once that retrying is pointless.
+        failure that reaches ``policy.tries_max`` sets the lock and is already LOCKED,
+        so the customer learns at once that retrying is pointless.
         A success clears the count; an expired lock is cleared by the next attempt.
         A malformed account or PIN is a ValueError (and counts nothing): the wire layer
         has already refused those.
         """
         with self._transaction():
-            return self._check_pin(account, pin, now_ms)
+            return self._check_pin(PinCheck(account, pin, policy), now_ms)
 
-    def _check_pin(self, account: str, pin: str, now_ms: int) -> Status:
+    def _check_pin(self, check: PinCheck, now_ms: int) -> PinResult:
         """``verify_pin`` inside the caller's transaction."""
-        account = canonical_account(account)
+        account, policy = canonical_account(check.account), check.policy
         failures, locked_until_ms, last_failure_ms = self._pin_failures(account)
         if locked_until_ms is not None and locked_until_ms > now_ms:
-            return Status.PIN_TRIES_EXCEEDED
-        if locked_until_ms is not None or last_failure_ms <= now_ms - self._lockout_ms:
+            return PinResult.LOCKED
+        if locked_until_ms is not None or last_failure_ms <= now_ms - policy.lockout_ms:
             failures = 0  # The lock expired, or the last failure is forgotten: a fresh start.
-        if self._pin_matches(account, pin):
+        if self._pin_matches(account, check.pin):
             self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
-            return Status.APPROVED
-        return self._record_pin_failure(account, failures + 1, now_ms)
+            return PinResult.MATCHED
+        return self._record_pin_failure(account, failures + 1, now_ms, policy)
 
     def balance(self, account: str) -> int:
         """The balance in cents; UnknownAccount if there is no such account."""
@@ -262,16 +247,15 @@ class Store:
         kind: EntryKind,
         amount_cents: int,
         now_ms: int,
-        limit_cents: int = AMOUNT_CENTS_MAX,
+        limit_cents: int,
     ) -> Posting:
         """Apply a deposit or withdrawal once, in one committed transaction.
 
-        A known ``txn_id`` replays the original outcome if account, kind and amount match
-        and is DUPLICATE_TRANSMISSION otherwise. Only then is a new transaction held to
-        ``limit_cents``, so a retry's outcome cannot change with the server's settings.
-        Refusals (INSUFFICIENT_FUNDS, EXCEEDS_WITHDRAWAL_LIMIT, or INVALID_AMOUNT for an
-        amount out of range or a deposit past the largest balance) record nothing, so a
-        retry with the same id is judged afresh.
+        A known ``txn_id`` is REPLAYED with its original entry if account, kind and
+        amount match, and TXN_ID_REUSED otherwise. Only then is a new transaction held
+        to ``limit_cents``, so a retry's outcome cannot change with the server's
+        settings. Refusals (AMOUNT_OUT_OF_RANGE, OVER_LIMIT, INSUFFICIENT_FUNDS,
+        BALANCE_FULL) record nothing, so a retry with the same id is judged afresh.
         """
         request = PostRequest(account, txn_id, EntryKind(kind), amount_cents, limit_cents)
         (outcome,) = self.execute_batch([request], now_ms)
@@ -314,8 +298,8 @@ class Store:
         match request:
             case PostRequest():
                 return self._post_one(request, now_ms)
-            case PinCheck(account, pin):
-                return self._check_pin(account, pin, now_ms)
+            case PinCheck():
+                return self._check_pin(request, now_ms)
             case BalanceQuery(account):
                 return self.balance(account)
             case HistoryQuery(account, count):
@@ -329,24 +313,16 @@ class Store:
         _check_txn_id(request.txn_id)
         amount_cents = request.amount_cents
         if type(amount_cents) is not int or not 1 <= amount_cents <= AMOUNT_CENTS_MAX:
-            return Posting(Status.INVALID_AMOUNT)
+            return Posting(PostResult.AMOUNT_OUT_OF_RANGE)
         prior = self._entry_by_txn_id(request.txn_id)
         if prior is not None:
             return _replay(prior, account=account, kind=request.kind, amount_cents=amount_cents)
         if amount_cents > request.limit_cents:
-            return Posting(
-                Status.EXCEEDS_WITHDRAWAL_LIMIT
-                if request.kind is EntryKind.WITHDRAWAL
-                else Status.INVALID_AMOUNT
-            )
+            return Posting(PostResult.OVER_LIMIT)
         self._require_account(account)
-        if not self._move_money(account, request.kind, amount_cents):
-            refusal = (
-                Status.INSUFFICIENT_FUNDS
-                if request.kind is EntryKind.WITHDRAWAL
-                else Status.INVALID_AMOUNT
-            )
-            return Posting(refusal)
+        change = _BALANCE_CHANGES[KIND_OF_ENTRY[request.kind].sign]
+        if not self._move_money(account, change, amount_cents):
+            return Posting(change.refusal)
         balance_cents = self.balance(account)
         entry_id = self._insert_entry(
             account=account,
@@ -356,7 +332,7 @@ class Store:
             balance_cents=balance_cents,
             now_ms=now_ms,
         )
-        return Posting(Status.APPROVED, balance_cents, entry_id, now_ms)
+        return Posting(PostResult.BOOKED, balance_cents, entry_id, now_ms)
 
     def history(self, account: str, count: int) -> list[HistoryEntry]:
         """The ``count`` most recent entries, newest first."""
@@ -378,16 +354,12 @@ class Store:
         with self._transaction():
             self._insert_account(canonical_account(account), pin, opening_cents)
 
-    def import_accounts(self, path: str | os.PathLike[str]) -> int:
-        """Add every account in an accounts file, all or nothing; returns how many.
-
-        The file is fully validated first (AccountsFileError lists bad lines), and an
-        account that already exists aborts the whole import with AccountExists.
-        """
-        records = read_accounts(path)
+    def add_accounts(self, records: Sequence[AccountRecord]) -> int:
+        """Open every account in ``records`` (an accounts file's), all or nothing;
+        returns how many. One that already exists aborts them all with AccountExists."""
         with self._transaction():
             for record in records:
-                self._insert_record(record)
+                self._insert_account(record.account, record.pin, record.balance_cents)
         return len(records)
 
     def reset_pin(self, account: str, pin: str) -> None:
@@ -496,11 +468,8 @@ class Store:
             if statement.strip():
                 self._conn.execute(statement)
 
-    def _insert_record(self, record: AccountRecord) -> None:
-        self._insert_account(record.account, record.pin, record.balance_cents)
-
     def _insert_account(self, account: str, pin: str, opening_cents: int) -> None:
-        check_pin_format(pin)
+        check_pin(pin)
         if type(opening_cents) is not int or not 0 <= opening_cents <= BALANCE_CENTS_MAX:
             raise ValueError(f"opening balance out of range: {opening_cents!r}")
         if self._account_exists(account):
@@ -538,20 +507,22 @@ class Store:
         matches = verify(self._key, salt, account, pin, expected)
         return matches and row is not None
 
-    def _record_pin_failure(self, account: str, failures: int, now_ms: int) -> Status:
-        self._prune_pin_failures(now_ms)
-        locked = failures >= self._pin_tries_max
+    def _record_pin_failure(
+        self, account: str, failures: int, now_ms: int, policy: PinPolicy
+    ) -> PinResult:
+        self._prune_pin_failures(now_ms, policy.lockout_ms)
+        locked = failures >= policy.tries_max
         self._conn.execute(
             "INSERT INTO pin_failures (account, failures, locked_until_ms, last_failure_ms)"
             " VALUES (?, ?, ?, ?)"
             " ON CONFLICT (account) DO UPDATE"
             " SET failures = excluded.failures, locked_until_ms = excluded.locked_until_ms,"
             " last_failure_ms = excluded.last_failure_ms",
-            (account, failures, now_ms + self._lockout_ms if locked else None, now_ms),
+            (account, failures, now_ms + policy.lockout_ms if locked else None, now_ms),
         )
-        return Status.PIN_TRIES_EXCEEDED if locked else Status.INCORRECT_PIN
+        return PinResult.LOCKED if locked else PinResult.WRONG
 
-    def _prune_pin_failures(self, now_ms: int) -> None:
+    def _prune_pin_failures(self, now_ms: int, lockout_ms: int) -> None:
         """Delete the oldest forgotten failure rows (no lock in force), a few at a time.
 
         Every wrong PIN for any account string adds a row, so without this a guesser
@@ -563,7 +534,7 @@ class Store:
             " WHERE last_failure_ms <= :forgotten AND coalesce(locked_until_ms, 0) <= :now"
             " ORDER BY last_failure_ms LIMIT :limit)",
             {
-                "forgotten": now_ms - self._lockout_ms,
+                "forgotten": now_ms - lockout_ms,
                 "now": now_ms,
                 "limit": PIN_FAILURES_PRUNED_MAX,
             },
@@ -576,25 +547,10 @@ class Store:
             (txn_id,),
         ).fetchone()
 
-    def _move_money(self, account: str, kind: EntryKind, amount_cents: int) -> bool:
-        """Change the balance if the rule allows; whether a row changed.
-
-        The rule is in the UPDATE's WHERE clause, so check and change are one statement:
-        no overdraft for a withdrawal, no passing BALANCE_CENTS_MAX for a deposit (written
-        as a subtraction so the SQL arithmetic itself never overflows).
-        """
-        if kind is EntryKind.WITHDRAWAL:
-            sql = (
-                "UPDATE accounts SET balance_cents = balance_cents - :amount"
-                " WHERE account = :account AND balance_cents >= :amount"
-            )
-        else:
-            sql = (
-                "UPDATE accounts SET balance_cents = balance_cents + :amount"
-                " WHERE account = :account AND balance_cents <= :max - :amount"
-            )
+    def _move_money(self, account: str, change: _BalanceChange, amount_cents: int) -> bool:
+        """Change the balance if ``change``'s rule allows; whether a row changed."""
         params = {"amount": amount_cents, "account": account, "max": BALANCE_CENTS_MAX}
-        return self._conn.execute(sql, params).rowcount == 1
+        return self._conn.execute(change.sql, params).rowcount == 1
 
     def _insert_entry(
         self,
@@ -623,7 +579,7 @@ class Store:
             (account,),
         )
         for entry_id, kind, amount_cents, recorded_cents in entries:
-            running += amount_cents if kind == EntryKind.DEPOSIT else -amount_cents
+            running += KIND_OF_ENTRY[kind].balance_change_cents(amount_cents)
             if running != recorded_cents:
                 problems.append(
                     f"{account}: entry {entry_id} records {recorded_cents}, replay gives {running}"
@@ -638,6 +594,33 @@ class Store:
         if balance_cents < 0:
             problems.append(f"{account}: negative balance {balance_cents}")
         return problems
+
+
+@dataclass(frozen=True, slots=True)
+class _BalanceChange:
+    """One direction a posting moves a balance: its UPDATE, whose WHERE clause holds the
+    rule so that check and change are one statement, and the outcome when it refuses."""
+
+    sql: str
+    refusal: PostResult
+
+
+_BALANCE_CHANGES: dict[int, _BalanceChange] = {
+    # A debit may not overdraw.
+    -1: _BalanceChange(
+        "UPDATE accounts SET balance_cents = balance_cents - :amount"
+        " WHERE account = :account AND balance_cents >= :amount",
+        PostResult.INSUFFICIENT_FUNDS,
+    ),
+    # A credit may not pass BALANCE_CENTS_MAX (written as a subtraction, so that the SQL
+    # arithmetic itself never overflows).
+    +1: _BalanceChange(
+        "UPDATE accounts SET balance_cents = balance_cents + :amount"
+        " WHERE account = :account AND balance_cents <= :max - :amount",
+        PostResult.BALANCE_FULL,
+    ),
+}
+"""By a kind's sign (``wire.kinds``): a kind moves money the one way or the other."""
 
 
 def _connect(db_path: Path) -> sqlite3.Connection:
@@ -668,11 +651,11 @@ def _replay(
     kind: EntryKind,
     amount_cents: int,
 ) -> Posting:
-    """The original outcome if the retry asks for the same thing, else 94."""
+    """The original entry if the retry asks for the same thing."""
     prior_account, prior_kind, prior_amount, entry_id, balance_cents, time_ms = prior
     if (prior_account, prior_kind, prior_amount) != (account, kind, amount_cents):
-        return Posting(Status.DUPLICATE_TRANSMISSION)
-    return Posting(Status.APPROVED, balance_cents, entry_id, time_ms)
+        return Posting(PostResult.TXN_ID_REUSED)
+    return Posting(PostResult.REPLAYED, balance_cents, entry_id, time_ms)
 
 
 # -- Reading the books from outside: audits and bank.tools.chaos's checker ----------------

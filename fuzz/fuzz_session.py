@@ -28,6 +28,7 @@ any lease left after ``session.end()``; a full account number in the session's l
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import itertools
 import logging
@@ -44,7 +45,7 @@ import trio
 
 from bank.config import ServerConfig
 from bank.leases import Leases
-from bank.ledger import Posting, StorageError
+from bank.ledger import PinResult, Posting, PostResult, StorageError
 from bank.session import Session
 from fuzz.frames import WHOLE_STREAM, Finding, golden_frames, split_input
 from wire import (
@@ -72,7 +73,7 @@ from wire import (
     encode,
 )
 from wire import Connection as Engine
-from wire.limits import AMOUNT_CENTS_MAX
+from wire.kinds import KIND_OF_ENTRY, KIND_OF_REQUEST
 from wire.messages import MoneyRequest, reply_type
 
 OTHER_ATM_BIT = 0x01
@@ -126,18 +127,18 @@ class FakeLedger:
         known = self.accounts.get(account)
         return known is not None and known.pin == pin
 
-    async def verify_pin(self, account: str, pin: str) -> Status:
+    async def verify_pin(self, account: str, pin: str) -> PinResult:
         failures = self._failures.get(account, 0)
         if failures >= self._pin_tries_max:
-            return Status.PIN_TRIES_EXCEEDED
+            return PinResult.LOCKED
         known = self.accounts.get(account)
         if known is not None and hmac.compare_digest(known.pin, pin):
             self._failures.pop(account, None)
-            return Status.APPROVED
+            return PinResult.MATCHED
         self._failures[account] = failures + 1
         if failures + 1 >= self._pin_tries_max:
-            return Status.PIN_TRIES_EXCEEDED
-        return Status.INCORRECT_PIN
+            return PinResult.LOCKED
+        return PinResult.WRONG
 
     async def balance(self, account: str) -> int:
         return self.accounts[account].balance_cents
@@ -149,7 +150,7 @@ class FakeLedger:
         txn_id: bytes,
         kind: EntryKind,
         amount_cents: int,
-        limit_cents: int = AMOUNT_CENTS_MAX,
+        limit_cents: int,
     ) -> Posting:
         if txn_id[: len(STORAGE_FAILURE_TXN_PREFIX)] == STORAGE_FAILURE_TXN_PREFIX:
             raise StorageError("fake disk failure")
@@ -158,24 +159,23 @@ class FakeLedger:
         if earlier is not None:
             original_content, original = earlier
             if original_content == content:
-                return original
-            return Posting(Status.DUPLICATE_TRANSMISSION)
+                return dataclasses.replace(original, result=PostResult.REPLAYED)
+            return Posting(PostResult.TXN_ID_REUSED)
         if amount_cents > limit_cents:
-            return Posting(Status.EXCEEDS_WITHDRAWAL_LIMIT if kind is EntryKind.WITHDRAWAL
-                           else Status.INVALID_AMOUNT)
+            return Posting(PostResult.OVER_LIMIT)
         return self._apply(txn_id, content)
 
     def _apply(self, txn_id: bytes, content: tuple[str, EntryKind, int]) -> Posting:
         account, kind, amount_cents = content
         record = self.accounts[account]
-        delta = amount_cents if kind is EntryKind.DEPOSIT else -amount_cents
+        delta = KIND_OF_ENTRY[kind].balance_change_cents(amount_cents)
         if record.balance_cents + delta < 0:
-            return Posting(Status.INSUFFICIENT_FUNDS)
+            return Posting(PostResult.INSUFFICIENT_FUNDS)
         record.balance_cents += delta
         entry = HistoryEntry(next(self._entry_ids), next(self._time_ms), kind, amount_cents,
                              record.balance_cents)
         record.entries.insert(0, entry)
-        posting = Posting(Status.APPROVED, entry.balance_cents, entry.entry_id, entry.time_ms)
+        posting = Posting(PostResult.BOOKED, entry.balance_cents, entry.entry_id, entry.time_ms)
         self._postings[txn_id] = (content, posting)
         return posting
 
@@ -337,7 +337,7 @@ def check_money(
     for name, record in ledger.accounts.items():
         if record.balance_cents < 0:
             raise Finding(f"{name} balance is negative: {record.balance_cents}")
-        booked = sum(e.amount_cents if e.kind is EntryKind.DEPOSIT else -e.amount_cents
+        booked = sum(KIND_OF_ENTRY[e.kind].balance_change_cents(e.amount_cents)
                      for e in record.entries)
         if record.opening_cents + booked != record.balance_cents:
             raise Finding(f"{name} balance {record.balance_cents} does not match its entries")
@@ -345,8 +345,8 @@ def check_money(
         return
     if not isinstance(request, MoneyRequest) or reply.status is not Status.APPROVED:
         raise Finding(f"{request!r} answered {reply.status.name} moved money: {moved}")
-    sign = 1 if isinstance(request, Deposit) else -1
-    if moved != {account: sign * request.amount_cents}:
+    change_cents = KIND_OF_REQUEST[type(request)].balance_change_cents(request.amount_cents)
+    if moved != {account: change_cents}:
         raise Finding(f"{request!r} for {account} moved {moved}")
 
 

@@ -32,8 +32,6 @@ from wire import (
     BalanceReply,
     Decoder,
     Deposit,
-    DepositReply,
-    EntryKind,
     Error,
     Frame,
     Hello,
@@ -53,11 +51,11 @@ from wire import (
     State,
     Status,
     Withdraw,
-    WithdrawReply,
     encode,
 )
 from wire import Connection as Engine
 from wire import SessionExpired as SessionExpiredNotice
+from wire.kinds import KIND_OF_REQUEST, MoneyKind
 from wire.messages import MoneyReply, MoneyRequest, reply_type
 
 RECEIVE_TIMEOUT_S = 10
@@ -504,28 +502,25 @@ class FakeBank:
     def _move_money(self, request: MoneyRequest, account: FakeAccount) -> MoneyReply:
         if request.txn_id in self.outcomes:
             return self.outcomes[request.txn_id]
-        reply_type = DepositReply if isinstance(request, Deposit) else WithdrawReply
-        outcome = self._apply(request, account, reply_type)
+        outcome = self._apply(request, account, KIND_OF_REQUEST[type(request)])
         if outcome.status is Status.APPROVED:  # a refusal records nothing, as at the bank
             self.outcomes[request.txn_id] = outcome
         return outcome
 
-    def _apply(
-        self, request: MoneyRequest, account: FakeAccount, reply_type: type[MoneyReply]
-    ) -> MoneyReply:
-        withdraw = isinstance(request, Withdraw)
-        if withdraw and request.amount_cents > account.balance_cents:
-            return reply_type(Status.INSUFFICIENT_FUNDS)
-        account.balance_cents += -request.amount_cents if withdraw else request.amount_cents
+    def _apply(self, request: MoneyRequest, account: FakeAccount, kind: MoneyKind) -> MoneyReply:
+        balance_cents = account.balance_cents + kind.balance_change_cents(request.amount_cents)
+        if balance_cents < 0:
+            return kind.reply(Status.INSUFFICIENT_FUNDS)
+        account.balance_cents = balance_cents
         entry = HistoryEntry(
             entry_id=len(account.entries) + 1,
             time_ms=START_TIME_MS + 1000 * len(account.entries),
-            kind=EntryKind.WITHDRAWAL if withdraw else EntryKind.DEPOSIT,
+            kind=kind.entry_kind,
             amount_cents=request.amount_cents,
             balance_cents=account.balance_cents,
         )
         account.entries.append(entry)
-        return reply_type(Status.APPROVED, account.balance_cents, entry.entry_id, entry.time_ms)
+        return kind.reply(Status.APPROVED, account.balance_cents, entry.entry_id, entry.time_ms)
 
 
 @dataclass

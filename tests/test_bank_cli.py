@@ -19,12 +19,16 @@ import trio
 
 from bank.__main__ import build_parser, main
 from bank.config import ServerConfig, from_arguments
+from bank.ledger import PinResult
 from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.server import open_files_needed, raise_open_files_limit
-from bank.store import Store
+from bank.store import PinPolicy, Store
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
 from wire import Balance, BalanceReply, Shutdown, Status
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICY = PinPolicy(tries_max=3, lockout_ms=15 * 60 * 1000)
 
 
 def test_flags_override_env_vars_which_override_defaults(monkeypatch: pytest.MonkeyPatch):
@@ -200,7 +204,7 @@ def test_add_account_reads_the_pin_from_input_not_the_command_line(tmp_path: Pat
     assert operator(tmp_path, "add-account", "xy-00001", "--balance", "$12.34", stdin="4321\n") == 0
     with open_store(tmp_path) as store:
         assert store.balance("XY-00001") == 12_34
-        assert store.verify_pin("XY-00001", "4321", now_ms=0) is Status.APPROVED
+        assert store.verify_pin("XY-00001", "4321", now_ms=0, policy=POLICY) is PinResult.MATCHED
 
 
 def test_add_account_refuses_a_bad_pin_and_a_duplicate(tmp_path: Path):
@@ -212,11 +216,11 @@ def test_reset_pin_and_unlock(tmp_path: Path):
     assert operator(tmp_path, "reset-pin", DEMO_ACCOUNT, stdin="8888\n") == 0
     with open_store(tmp_path) as store:
         for _ in range(3):
-            store.verify_pin(DEMO_ACCOUNT, "0000", now_ms=0)
-        assert store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0) is Status.PIN_TRIES_EXCEEDED
+            store.verify_pin(DEMO_ACCOUNT, "0000", now_ms=0, policy=POLICY)
+        assert store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0, policy=POLICY) is PinResult.LOCKED
     assert operator(tmp_path, "unlock", DEMO_ACCOUNT) == 0
     with open_store(tmp_path) as store:
-        assert store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0) is Status.APPROVED
+        assert store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0, policy=POLICY) is PinResult.MATCHED
 
 
 def test_import_of_a_course_accounts_file(tmp_path: Path):
@@ -225,7 +229,7 @@ def test_import_of_a_course_accounts_file(tmp_path: Path):
     assert operator(tmp_path, "import", str(accounts)) == 0
     with open_store(tmp_path) as store:
         assert store.balance("QQ-11111") == 10_50
-        assert store.verify_pin("QQ-22222", "2222", now_ms=0) is Status.APPROVED
+        assert store.verify_pin("QQ-22222", "2222", now_ms=0, policy=POLICY) is PinResult.MATCHED
 
 
 async def test_the_server_process_serves_and_exits_cleanly_on_sigterm(

@@ -25,6 +25,7 @@ from bank.tools.chaos import (
     read_bank_state,
 )
 from wire import EntryKind, Status
+from wire.limits import AMOUNT_CENTS_MAX
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 60
@@ -155,9 +156,9 @@ def test_the_checker_reads_a_real_database(tmp_path: Path):
     db, key_file = tmp_path / "bank.db", tmp_path / "bank.key"
     with Store(db, load_or_create_key(key_file)) as store:
         posted = store.post(account=ACCOUNT, txn_id=txn(1), kind=EntryKind.DEPOSIT,
-                            amount_cents=500, now_ms=1)
+                            amount_cents=500, now_ms=1, limit_cents=AMOUNT_CENTS_MAX)
         store.post(account=ACCOUNT, txn_id=txn(9), kind=EntryKind.DEPOSIT,
-                   amount_cents=1, now_ms=2)
+                   amount_cents=1, now_ms=2, limit_cents=AMOUNT_CENTS_MAX)
     ops = [
         acked(1, EntryKind.DEPOSIT, 500, posted.balance_cents),
         acked(2, EntryKind.DEPOSIT, 300, posted.balance_cents + 300),

@@ -6,7 +6,7 @@ import pytest
 
 from bank.__main__ import build_parser
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig, from_arguments
-from bank.store import LOCKOUT_MS_MAX
+from bank.limits import LOCKOUT_MS_MAX
 
 
 def test_the_lockout_limit_is_one_year_and_the_stores_own():

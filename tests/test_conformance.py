@@ -36,9 +36,9 @@ from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
 from bank.server import REFUSALS_MAX
-from bank.session import Session
+from bank.session import PIN_STATUS, Session
 from bank.sqlite_ledger import SqliteLedger, open_ledger
-from bank.store import PIN_TRIES_MAX, Store
+from bank.store import PinPolicy, Store
 from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
@@ -85,6 +85,8 @@ from wire import layout as wire_layout
 from wire.codec import frame_bytes
 from wire.messages import REPLY_STATUSES
 from wire.status import ISO8583_RESPONSE_CODE
+
+PIN_TRIES_MAX = ServerConfig().pin_tries_max
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
 VECTORS = json.loads((SPEC / "vectors.json").read_text(encoding="utf-8"))
@@ -691,14 +693,19 @@ def test_a_login_during_the_lock_neither_counts_nor_extends_it(tmp_path: Path) -
         " `pin_lockout_s` after the PIN that set it; the count then starts again from zero.",
     )
     lockout_ms, t0 = 60_000, 1_700_000_000_000
-    with Store(tmp_path / "bank.db", bytes(32), lockout_ms=lockout_ms) as store:
+    policy = PinPolicy(tries_max=PIN_TRIES_MAX, lockout_ms=lockout_ms)
+    with Store(tmp_path / "bank.db", bytes(32)) as store:
+
+        def login(pin: str, now_ms: int) -> Status:
+            return PIN_STATUS[store.verify_pin(DEMO_ACCOUNT, pin, now_ms, policy)]
+
         for _ in range(PIN_TRIES_MAX):
-            store.verify_pin(DEMO_ACCOUNT, "0000", t0)
+            login("0000", t0)
         end = t0 + lockout_ms
-        assert store.verify_pin(DEMO_ACCOUNT, "0000", end - 1) is Status.PIN_TRIES_EXCEEDED
-        assert store.verify_pin(DEMO_ACCOUNT, DEMO_PIN, end - 1) is Status.PIN_TRIES_EXCEEDED
+        assert login("0000", end - 1) is Status.PIN_TRIES_EXCEEDED
+        assert login(DEMO_PIN, end - 1) is Status.PIN_TRIES_EXCEEDED
         # Neither attempt moved the end, and the next wrong PIN is the first of a new count.
-        wrong = [store.verify_pin(DEMO_ACCOUNT, "0000", end) for _ in range(PIN_TRIES_MAX)]
+        wrong = [login("0000", end) for _ in range(PIN_TRIES_MAX)]
         assert wrong == [Status.INCORRECT_PIN] * (PIN_TRIES_MAX - 1) + [Status.PIN_TRIES_EXCEEDED]
 
 

@@ -16,7 +16,7 @@ import zlib
 import pytest
 
 from bank.leases import Leases
-from bank.ledger import Posting
+from bank.ledger import PinResult, Posting, PostResult
 from fuzz import fuzz_decoder, fuzz_session
 from fuzz.frames import (
     WHOLE_STREAM,
@@ -45,6 +45,7 @@ from wire import (
     encode,
 )
 from wire.codec import frame_bytes
+from wire.kinds import KIND_OF_ENTRY
 from wire.layout import HEADER_BYTES
 
 RANDOM_INPUTS = 150
@@ -232,8 +233,8 @@ class OverdraftLedger(fuzz_session.FakeLedger):
     def _apply(self, txn_id: bytes, content: tuple[str, EntryKind, int]) -> Posting:
         account, kind, amount_cents = content
         record = self.accounts[account]
-        record.balance_cents += amount_cents if kind is EntryKind.DEPOSIT else -amount_cents
-        return Posting(Status.APPROVED, 0, 1, 0)
+        record.balance_cents += KIND_OF_ENTRY[kind].balance_change_cents(amount_cents)
+        return Posting(PostResult.BOOKED, 0, 1, 0)
 
 
 class CrashingLedger(fuzz_session.FakeLedger):
@@ -253,8 +254,8 @@ class LeakyLeases(Leases):
 class LeaseIgnoringLedger(fuzz_session.FakeLedger):
     """A ledger whose PIN check approves anyone: ACCOUNT_IN_USE then leaks to strangers."""
 
-    async def verify_pin(self, account: str, pin: str) -> Status:
-        return Status.APPROVED
+    async def verify_pin(self, account: str, pin: str) -> PinResult:
+        return PinResult.MATCHED
 
 
 def test_a_correct_conversation_passes() -> None:

@@ -12,10 +12,11 @@ import pytest
 import trio
 import trio.testing
 
-from bank.ledger import StorageError
+from bank.ledger import PinResult, PostResult, StorageError
 from bank.sqlite_ledger import SqliteLedger
 from bank.store import UnknownAccount
-from wire import EntryKind, Status
+from wire import EntryKind
+from wire.limits import AMOUNT_CENTS_MAX
 
 ACCOUNT, OPENING_CENTS = "AC-12345", 1_024_32
 RELEASE_TIMEOUT_S = 10
@@ -39,7 +40,7 @@ async def deposit(ledger: SqliteLedger, cents: int, results: list, account: str 
     try:
         results.append(await ledger.post(
             account=account, txn_id=uuid.uuid4().bytes, kind=EntryKind.DEPOSIT,
-            amount_cents=cents,
+            amount_cents=cents, limit_cents=AMOUNT_CENTS_MAX,
         ))
     except Exception as error:  # the test inspects what each caller got
         results.append(error)
@@ -54,7 +55,7 @@ async def test_concurrent_posts_share_commits_and_each_gets_its_outcome(
         for cents in range(1, 51):
             nursery.start_soon(deposit, ledger, cents, results)
     assert sum(sizes) == 50 and len(sizes) < 50  # fewer commits than posts
-    assert all(r.status is Status.APPROVED for r in results)
+    assert all(r.result is PostResult.BOOKED for r in results)
     assert len({r.entry_id for r in results}) == 50
     assert await ledger.balance(ACCOUNT) == OPENING_CENTS + sum(range(1, 51))
     assert await ledger.check_invariants() == []
@@ -128,7 +129,7 @@ async def test_a_cancelled_leader_still_commits_for_its_followers(
             leader_scope.cancel()
             gate.set()
     assert calls == 2  # batch 2 = the cancelled leader's post and its follower's
-    assert [r.status for r in first + follower] == [Status.APPROVED, Status.APPROVED]
+    assert [r.result for r in first + follower] == [PostResult.BOOKED, PostResult.BOOKED]
     assert await ledger.balance(ACCOUNT) == OPENING_CENTS + 1_00 + 2_00 + 3_00
 
 
@@ -153,7 +154,8 @@ async def test_reads_and_writes_share_one_batch_in_arrival_order(
 
     arrivals = [
         ("deposit", lambda: ledger.post(account=ACCOUNT, txn_id=uuid.uuid4().bytes,
-                                        kind=EntryKind.DEPOSIT, amount_cents=5_00)),
+                                        kind=EntryKind.DEPOSIT, amount_cents=5_00,
+                                        limit_cents=AMOUNT_CENTS_MAX)),
         ("balance", lambda: ledger.balance(ACCOUNT)),
         ("pin", lambda: ledger.verify_pin(ACCOUNT, "1324")),
         ("history", lambda: ledger.history(ACCOUNT, 5)),
@@ -168,7 +170,7 @@ async def test_reads_and_writes_share_one_batch_in_arrival_order(
             gate.set()
     assert sizes == [1, 4]  # two thread hops for five requests
     assert seen["balance"] == OPENING_CENTS + 5_00  # after the deposit it queued behind
-    assert seen["pin"] is Status.APPROVED
+    assert seen["pin"] is PinResult.MATCHED
     assert [e.amount_cents for e in seen["history"]] == [5_00]
 
 

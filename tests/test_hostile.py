@@ -73,6 +73,7 @@ from wire import (
     encode,
 )
 from wire.codec import frame_bytes
+from wire.kinds import KIND_OF_REQUEST
 from wire.layout import FAST_HEADER
 from wire.limits import MAGIC, PROTOCOL_VERSION
 
@@ -496,7 +497,7 @@ async def test_two_hundred_pipelined_requests_are_answered_in_order(
         reply = frame.message
         assert reply.OPCODE == request.OPCODE | 0x80 and reply.status is Status.APPROVED
         if isinstance(request, Deposit | Withdraw):
-            balance += request.amount_cents if isinstance(request, Deposit) else -40
+            balance += KIND_OF_REQUEST[type(request)].balance_change_cents(request.amount_cents)
             assert reply.balance_cents == balance
         elif isinstance(request, Balance):
             assert reply.balance_cents == balance

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from bank.config import ServerConfig
-from bank.ledger import Posting, StorageError
+from bank.ledger import PinResult, Posting, StorageError
 from bank.sqlite_ledger import SqliteLedger
 from tests.helpers import (
     DEMO_ACCOUNT,
@@ -55,7 +55,6 @@ from wire import (
     WithdrawReply,
     encode,
 )
-from wire.limits import AMOUNT_CENTS_MAX
 
 
 @dataclass
@@ -84,7 +83,7 @@ class FaultyLedger:
             raise fault.error
         return result
 
-    async def verify_pin(self, account: str, pin: str) -> Status:
+    async def verify_pin(self, account: str, pin: str) -> PinResult:
         return await self._call("verify_pin", account, pin)
 
     async def balance(self, account: str) -> int:
@@ -97,7 +96,7 @@ class FaultyLedger:
         txn_id: bytes,
         kind: EntryKind,
         amount_cents: int,
-        limit_cents: int = AMOUNT_CENTS_MAX,
+        limit_cents: int,
     ) -> Posting:
         return await self._call(
             "post",

@@ -17,11 +17,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from bank.ledger import Ledger, Posting, StorageError
+from bank.config import ServerConfig
+from bank.ledger import Ledger, PinResult, Posting, PostResult, StorageError
 from bank.pins import KEY_BYTES
-from bank.sqlite_ledger import LOCKOUT_S, SqliteLedger, open_ledger
-from bank.store import Store
-from wire import EntryKind, Status
+from bank.sqlite_ledger import SqliteLedger, open_ledger
+from bank.store import PinPolicy, Store
+from wire import EntryKind
+from wire.kinds import KIND_OF_ENTRY
+from wire.limits import AMOUNT_CENTS_MAX
 
 T0 = 1_700_000_000_000
 
@@ -71,28 +74,31 @@ async def test_first_start_creates_key_and_database(tmp_path: Path):
     key = key_path.read_bytes()
     ledger = await open_ledger(tmp_path / "bank.db", key_path)
     try:
-        assert await ledger.verify_pin("ac-12345", "1324") is Status.APPROVED
+        assert await ledger.verify_pin("ac-12345", "1324") is PinResult.MATCHED
     finally:
         await ledger.aclose()
     assert key_path.read_bytes() == key
 
 
 async def test_protocol_methods(ledger: SqliteLedger, clock: FakeClock):
-    assert await ledger.verify_pin("AC-12345", "1324") is Status.APPROVED
+    assert await ledger.verify_pin("AC-12345", "1324") is PinResult.MATCHED
     assert await ledger.balance("ac-12345") == 102_432
     deposit = await ledger.post(
-        account="AC-12345", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=568
+        account="AC-12345", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=568,
+        limit_cents=AMOUNT_CENTS_MAX,
     )
-    assert deposit == Posting(Status.APPROVED, 103_000, deposit.entry_id, T0)
+    assert deposit == Posting(PostResult.BOOKED, 103_000, deposit.entry_id, T0)
     clock.now_ms += 1_000
     overdraft = await ledger.post(
-        account="BC-01373", txn_id=txn(2), kind=EntryKind.WITHDRAWAL, amount_cents=4_573
+        account="BC-01373", txn_id=txn(2), kind=EntryKind.WITHDRAWAL, amount_cents=4_573,
+        limit_cents=AMOUNT_CENTS_MAX,
     )
-    assert overdraft == Posting(Status.INSUFFICIENT_FUNDS)
+    assert overdraft == Posting(PostResult.INSUFFICIENT_FUNDS)
     replay = await ledger.post(
-        account="AC-12345", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=568
+        account="AC-12345", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=568,
+        limit_cents=AMOUNT_CENTS_MAX,
     )
-    assert replay == deposit
+    assert replay == Posting(PostResult.REPLAYED, 103_000, deposit.entry_id, T0)
     history = await ledger.history("AC-12345", 5)
     assert [(e.entry_id, e.time_ms, e.amount_cents) for e in history] == [
         (deposit.entry_id, T0, 568)
@@ -100,12 +106,12 @@ async def test_protocol_methods(ledger: SqliteLedger, clock: FakeClock):
 
 
 async def test_lock_expiry_follows_the_injected_clock(ledger: SqliteLedger, clock: FakeClock):
-    for expected in (Status.INCORRECT_PIN, Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED):
+    for expected in (PinResult.WRONG, PinResult.WRONG, PinResult.LOCKED):
         assert await ledger.verify_pin("AC-12345", "0000") is expected
-    clock.now_ms += LOCKOUT_S * 1000 - 1
-    assert await ledger.verify_pin("AC-12345", "1324") is Status.PIN_TRIES_EXCEEDED
+    clock.now_ms += ServerConfig().pin_lockout_s * 1000 - 1  # opened with the defaults
+    assert await ledger.verify_pin("AC-12345", "1324") is PinResult.LOCKED
     clock.now_ms += 1
-    assert await ledger.verify_pin("AC-12345", "1324") is Status.APPROVED
+    assert await ledger.verify_pin("AC-12345", "1324") is PinResult.MATCHED
 
 
 async def test_open_ledger_passes_lockout_settings(tmp_path: Path, clock: FakeClock):
@@ -113,10 +119,10 @@ async def test_open_ledger_passes_lockout_settings(tmp_path: Path, clock: FakeCl
         tmp_path / "bank.db", tmp_path / "pin.key", pin_tries_max=1, lockout_s=2, clock_ms=clock
     )
     try:
-        assert await ledger.verify_pin("QQ-00000", "0000") is Status.PIN_TRIES_EXCEEDED
+        assert await ledger.verify_pin("QQ-00000", "0000") is PinResult.LOCKED
         clock.now_ms += 2_000
-        assert await ledger.verify_pin("QQ-00000", "0000") is Status.PIN_TRIES_EXCEEDED
-        assert await ledger.verify_pin("AC-12345", "1324") is Status.APPROVED
+        assert await ledger.verify_pin("QQ-00000", "0000") is PinResult.LOCKED
+        assert await ledger.verify_pin("AC-12345", "1324") is PinResult.MATCHED
     finally:
         await ledger.aclose()
 
@@ -129,7 +135,10 @@ async def test_store_runs_in_a_worker_thread(tmp_path: Path):
             threads.append(threading.get_ident())
             return super().balance(account)
 
-    ledger = SqliteLedger(RecordingStore(tmp_path / "bank.db", bytes(KEY_BYTES)))
+    ledger = SqliteLedger(
+        RecordingStore(tmp_path / "bank.db", bytes(KEY_BYTES)),
+        pin_policy=PinPolicy(tries_max=3, lockout_ms=0),
+    )
     try:
         assert await ledger.balance("AC-12345") == 102_432
     finally:
@@ -170,8 +179,8 @@ async def test_concurrent_posts_keep_the_invariants(ledger: SqliteLedger):
     # Tasks draw from one pool of (id -> request), so the same id often arrives several
     # times at once: each must apply once. Every fifth send alters the amount: a 94.
     plans = [[rng.randrange(len(requests)) for _ in range(25)] for _ in range(40)]
-    approved: dict[int, set[tuple[str, EntryKind, int, Posting]]] = {}
-    statuses: list[Status] = []
+    entries_seen: dict[int, set[tuple[str, EntryKind, int, int, int]]] = {}
+    results: list[PostResult] = []
 
     async def worker(task: int, plan: list[int]) -> None:
         for step, n in enumerate(plan):
@@ -179,12 +188,13 @@ async def test_concurrent_posts_keep_the_invariants(ledger: SqliteLedger):
             if (task + step) % 5 == 0:
                 amount_cents += 1
             posting = await ledger.post(
-                account=account, txn_id=txn(n), kind=kind, amount_cents=amount_cents
+                account=account, txn_id=txn(n), kind=kind, amount_cents=amount_cents,
+                limit_cents=AMOUNT_CENTS_MAX,
             )
-            statuses.append(posting.status)
-            if posting.status is Status.APPROVED:
-                approved.setdefault(posting.entry_id, set()).add(
-                    (account, kind, amount_cents, posting)
+            results.append(posting.result)
+            if posting.result in {PostResult.BOOKED, PostResult.REPLAYED}:
+                entries_seen.setdefault(posting.entry_id, set()).add(
+                    (account, kind, amount_cents, posting.balance_cents, posting.time_ms)
                 )
 
     async with trio.open_nursery() as nursery:
@@ -192,11 +202,14 @@ async def test_concurrent_posts_keep_the_invariants(ledger: SqliteLedger):
             nursery.start_soon(worker, task, plan)
 
     assert await ledger.check_invariants() == []
-    assert all(len(outcomes) == 1 for outcomes in approved.values())  # replays agree
-    entries = [next(iter(outcomes)) for outcomes in approved.values()]
+    assert all(len(seen) == 1 for seen in entries_seen.values())  # replays agree
+    entries = [next(iter(seen)) for seen in entries_seen.values()]
     for account, opening_cents in accounts.items():
-        moved = sum(c if k is EntryKind.DEPOSIT else -c for a, k, c, _ in entries if a == account)
+        moved = sum(
+            KIND_OF_ENTRY[k].balance_change_cents(c) for a, k, c, _, _ in entries if a == account
+        )
         assert await ledger.balance(account) == opening_cents + moved
-    assert statuses.count(Status.APPROVED) > len(approved)  # some replays happened
-    assert Status.DUPLICATE_TRANSMISSION in statuses
-    assert Status.INSUFFICIENT_FUNDS in statuses
+    assert results.count(PostResult.BOOKED) == len(entries)  # each entry booked once
+    assert PostResult.REPLAYED in results
+    assert PostResult.TXN_ID_REUSED in results
+    assert PostResult.INSUFFICIENT_FUNDS in results

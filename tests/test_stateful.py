@@ -72,8 +72,6 @@ WRONG_PIN = "0000"
 ATMS = 3
 
 CONFIG = ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=0)
-PIN_TRIES_MAX = 3
-"""The ledger's lockout threshold (``open_ledger``'s default), modelled exactly."""
 
 SOCKET_TIMEOUT_S = 10
 """Guard against a hung test on a blocking socket; far above any honest wait."""
@@ -113,7 +111,10 @@ class ServerThread:
     async def _main(self) -> None:
         try:
             directory = Path(self._dir.name)
-            ledger = await open_ledger(directory / "bank.db", directory / "bank.key")
+            ledger = await open_ledger(
+                directory / "bank.db", directory / "bank.key",
+                pin_tries_max=CONFIG.pin_tries_max, lockout_s=CONFIG.pin_lockout_s,
+            )
         except BaseException as error:
             self._started.put(error)
             raise
@@ -277,7 +278,7 @@ class BankMachine(RuleBasedStateMachine):
             self.pin_failures[account] = 0
             return Status.ACCOUNT_IN_USE if account in self.held() else Status.APPROVED
         self.pin_failures[account] += 1
-        if self.pin_failures[account] >= PIN_TRIES_MAX:
+        if self.pin_failures[account] >= CONFIG.pin_tries_max:
             self.locked.add(account)
             return Status.PIN_TRIES_EXCEEDED
         return Status.INCORRECT_PIN

@@ -5,6 +5,7 @@ Each test gets a fresh database in tmp_path. Times are plain integers passed as
 ``now_ms``, so lock expiry is tested without waiting.
 """
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -12,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from bank.accounts_file import AccountsFileError
-from bank.ledger import Posting
+from bank.accounts_file import parse_accounts
+from bank.ledger import PinResult, Posting, PostResult
+from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import KEY_BYTES, PIN_HMAC_BYTES, SALT_BYTES, hash_pin
 from bank.store import (
     DEMO_ACCOUNTS,
-    LOCKOUT_MS,
-    LOCKOUT_MS_MAX,
     PIN_FAILURES_PRUNED_MAX,
     SCHEMA_VERSION,
     AccountExists,
@@ -26,18 +26,21 @@ from bank.store import (
     BatchAborted,
     BookEntry,
     PinCheck,
+    PinPolicy,
     PostRequest,
     SchemaError,
     Store,
     UnknownAccount,
     read_books,
 )
-from wire import EntryKind, HistoryEntry, Status
+from wire import EntryKind, HistoryEntry
 from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
 
 KEY = bytes(range(KEY_BYTES))
 OTHER_KEY = bytes(KEY_BYTES)
 T0 = 1_700_000_000_000
+LOCKOUT_MS = 15 * 60 * 1000
+POLICY = PinPolicy(tries_max=3, lockout_ms=LOCKOUT_MS)
 DEPOSIT = EntryKind.DEPOSIT
 WITHDRAWAL = EntryKind.WITHDRAWAL
 
@@ -72,7 +75,8 @@ def post(
     now_ms: int = T0,
 ) -> Posting:
     return store.post(
-        account=account, txn_id=txn(n), kind=kind, amount_cents=amount_cents, now_ms=now_ms
+        account=account, txn_id=txn(n), kind=kind, amount_cents=amount_cents, now_ms=now_ms,
+        limit_cents=AMOUNT_CENTS_MAX,
     )
 
 
@@ -104,7 +108,7 @@ def test_demo_accounts_are_seeded(store: Store):
     for account, pin, balance_cents in DEMO_ACCOUNTS:
         assert store.balance(account) == balance_cents
         assert store.balance(account.lower()) == balance_cents
-        assert store.verify_pin(account.lower(), pin, T0) is Status.APPROVED
+        assert store.verify_pin(account.lower(), pin, T0, POLICY) is PinResult.MATCHED
     assert store.balance("AC-12345") == 102_432
     assert store.balance("ZZ-99999") == 65_535
     assert store.check_invariants() == []
@@ -112,11 +116,11 @@ def test_demo_accounts_are_seeded(store: Store):
 
 def test_reopening_keeps_data_and_does_not_reseed(db_path: Path):
     with Store(db_path, KEY) as store:
-        assert post(store, 1, WITHDRAWAL, 432).status is Status.APPROVED
+        assert post(store, 1, WITHDRAWAL, 432).result is PostResult.BOOKED
         store.reset_pin("AC-12345", "0000")
     with Store(db_path, KEY) as store:
         assert store.balance("AC-12345") == 102_000
-        assert store.verify_pin("AC-12345", "0000", T0) is Status.APPROVED
+        assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.MATCHED
         assert store.history("AC-12345", 10)[0].amount_cents == 432
 
 
@@ -155,11 +159,11 @@ def test_a_version_1_database_is_migrated_and_its_locks_kept(db_path: Path):
     with Store(db_path, KEY) as store:
         assert store._conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         for n in range(PIN_FAILURES_PRUNED_MAX * 3):  # prunes what is forgotten, not locks
-            store.verify_pin(f"QQ-{n:05d}", "0000", T0)
-        assert store.verify_pin("AC-12345", "1324", T0) is Status.PIN_TRIES_EXCEEDED
+            store.verify_pin(f"QQ-{n:05d}", "0000", T0, POLICY)
+        assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.LOCKED
         # A count from version 1 has no time: it is forgotten, so one more miss is only one.
-        assert store.verify_pin("BC-01373", "0000", T0) is Status.INCORRECT_PIN
-        assert store.verify_pin("BC-01373", "0000", T0) is Status.INCORRECT_PIN
+        assert store.verify_pin("BC-01373", "0000", T0, POLICY) is PinResult.WRONG
+        assert store.verify_pin("BC-01373", "0000", T0, POLICY) is PinResult.WRONG
         assert store.integrity_ok()
 
 
@@ -192,8 +196,8 @@ def test_pin_columns_hold_salt_and_hmac(store: Store):
 def test_no_cell_and_no_file_byte_holds_a_plaintext_pin(db_path: Path):
     store = Store(db_path, KEY)
     for account, pin, _ in DEMO_ACCOUNTS:
-        store.verify_pin(account, pin, T0)
-        store.verify_pin(account, "0000", T0)  # failures are recorded too
+        store.verify_pin(account, pin, T0, POLICY)
+        store.verify_pin(account, "0000", T0, POLICY)  # failures are recorded too
     tables = ["accounts", "entries", "pin_failures"]
     cells = [
         cell
@@ -214,55 +218,55 @@ def test_a_different_key_fails_every_pin(db_path: Path):
     Store(db_path, KEY).close()
     with Store(db_path, OTHER_KEY) as store:
         for account, pin, _ in DEMO_ACCOUNTS:
-            assert store.verify_pin(account, pin, T0) is Status.INCORRECT_PIN
+            assert store.verify_pin(account, pin, T0, POLICY) is PinResult.WRONG
 
 
 # -- PIN failures and lockout --------------------------------------------------------------
 
 
 def test_third_failure_locks_and_even_the_right_pin_is_refused(store: Store):
-    assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
-    assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
-    assert store.verify_pin("AC-12345", "0000", T0) is Status.PIN_TRIES_EXCEEDED
-    assert store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS - 1) is Status.PIN_TRIES_EXCEEDED
-    assert store.verify_pin("WF-14351", "9834", T0) is Status.APPROVED  # others unaffected
+    assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
+    assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
+    assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.LOCKED
+    assert store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS - 1, POLICY) is PinResult.LOCKED
+    assert store.verify_pin("WF-14351", "9834", T0, POLICY) is PinResult.MATCHED  # not others
 
 
 def test_success_resets_the_count(store: Store):
     for _ in range(3):
-        assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
-        assert store.verify_pin("AC-12345", "0000", T0) is Status.INCORRECT_PIN
-        assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+        assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
+        assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
+        assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.MATCHED
 
 
 def test_lock_expires(store: Store):
     for _ in range(3):
-        store.verify_pin("AC-12345", "0000", T0)
-    assert store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS) is Status.APPROVED
+        store.verify_pin("AC-12345", "0000", T0, POLICY)
+    assert store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS, POLICY) is PinResult.MATCHED
 
 
 def test_an_expired_lock_starts_a_fresh_count(store: Store):
     for _ in range(3):
-        store.verify_pin("AC-12345", "0000", T0)
+        store.verify_pin("AC-12345", "0000", T0, POLICY)
     later = T0 + LOCKOUT_MS
-    assert store.verify_pin("AC-12345", "0000", later) is Status.INCORRECT_PIN
-    assert store.verify_pin("AC-12345", "0000", later) is Status.INCORRECT_PIN
-    assert store.verify_pin("AC-12345", "0000", later) is Status.PIN_TRIES_EXCEEDED
-    assert store.verify_pin("AC-12345", "1324", later + 1) is Status.PIN_TRIES_EXCEEDED
+    assert store.verify_pin("AC-12345", "0000", later, POLICY) is PinResult.WRONG
+    assert store.verify_pin("AC-12345", "0000", later, POLICY) is PinResult.WRONG
+    assert store.verify_pin("AC-12345", "0000", later, POLICY) is PinResult.LOCKED
+    assert store.verify_pin("AC-12345", "1324", later + 1, POLICY) is PinResult.LOCKED
 
 
-def test_configurable_tries_and_lockout(db_path: Path):
-    with Store(db_path, KEY, pin_tries_max=1, lockout_ms=10) as store:
-        assert store.verify_pin("AC-12345", "0000", T0) is Status.PIN_TRIES_EXCEEDED
-        assert store.verify_pin("AC-12345", "1324", T0 + 9) is Status.PIN_TRIES_EXCEEDED
-        assert store.verify_pin("AC-12345", "1324", T0 + 10) is Status.APPROVED
+def test_the_policy_comes_with_each_check(store: Store):
+    policy = PinPolicy(tries_max=1, lockout_ms=10)
+    assert store.verify_pin("AC-12345", "0000", T0, policy) is PinResult.LOCKED
+    assert store.verify_pin("AC-12345", "1324", T0 + 9, policy) is PinResult.LOCKED
+    assert store.verify_pin("AC-12345", "1324", T0 + 10, policy) is PinResult.MATCHED
 
 
 def test_operator_unlock(store: Store):
     for _ in range(3):
-        store.verify_pin("ac-12345", "0000", T0)
+        store.verify_pin("ac-12345", "0000", T0, POLICY)
     assert store.unlock("ac-12345") is True
-    assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.MATCHED
     assert store.unlock("AC-12345") is False
     with pytest.raises(UnknownAccount):
         store.unlock("QQ-00000")
@@ -270,10 +274,10 @@ def test_operator_unlock(store: Store):
 
 def test_reset_pin_replaces_the_pin_and_lifts_the_lock(store: Store):
     for _ in range(3):
-        store.verify_pin("AC-12345", "0000", T0)
+        store.verify_pin("AC-12345", "0000", T0, POLICY)
     store.reset_pin("ac-12345", "4321")
-    assert store.verify_pin("AC-12345", "1324", T0) is Status.INCORRECT_PIN
-    assert store.verify_pin("AC-12345", "4321", T0) is Status.APPROVED
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.WRONG
+    assert store.verify_pin("AC-12345", "4321", T0, POLICY) is PinResult.MATCHED
     with pytest.raises(UnknownAccount):
         store.reset_pin("QQ-00000", "4321")
     with pytest.raises(ValueError):
@@ -281,16 +285,16 @@ def test_reset_pin_replaces_the_pin_and_lifts_the_lock(store: Store):
 
 
 def test_unknown_account_locks_like_a_real_one(store: Store):
-    real = [store.verify_pin("AC-12345", "0000", T0) for _ in range(4)]
-    unknown = [store.verify_pin("qq-00000", "0000", T0) for _ in range(4)]
+    real = [store.verify_pin("AC-12345", "0000", T0, POLICY) for _ in range(4)]
+    unknown = [store.verify_pin("qq-00000", "0000", T0, POLICY) for _ in range(4)]
     assert (
         real
         == unknown
         == [
-            Status.INCORRECT_PIN,
-            Status.INCORRECT_PIN,
-            Status.PIN_TRIES_EXCEEDED,
-            Status.PIN_TRIES_EXCEEDED,
+            PinResult.WRONG,
+            PinResult.WRONG,
+            PinResult.LOCKED,
+            PinResult.LOCKED,
         ]
     )
     rows = {
@@ -303,49 +307,49 @@ def test_unknown_account_locks_like_a_real_one(store: Store):
         "AC-12345": (3, T0 + LOCKOUT_MS, T0),
         "QQ-00000": (3, T0 + LOCKOUT_MS, T0),
     }
-    assert store.verify_pin("QQ-00000", "0000", T0 + LOCKOUT_MS) is Status.INCORRECT_PIN
+    assert store.verify_pin("QQ-00000", "0000", T0 + LOCKOUT_MS, POLICY) is PinResult.WRONG
 
 
 def test_wrong_pins_older_than_the_lockout_period_are_forgotten(store: Store):
     for account in ("AC-12345", "BC-01373"):
-        assert store.verify_pin(account, "0000", T0) is Status.INCORRECT_PIN
-        assert store.verify_pin(account, "0000", T0 + 1) is Status.INCORRECT_PIN
+        assert store.verify_pin(account, "0000", T0, POLICY) is PinResult.WRONG
+        assert store.verify_pin(account, "0000", T0 + 1, POLICY) is PinResult.WRONG
     # The third miss within the period locks; a period after the last miss, it is a first.
-    assert store.verify_pin("AC-12345", "0000", T0 + LOCKOUT_MS) is Status.PIN_TRIES_EXCEEDED
-    assert store.verify_pin("BC-01373", "0000", T0 + 1 + LOCKOUT_MS) is Status.INCORRECT_PIN
+    assert store.verify_pin("AC-12345", "0000", T0 + LOCKOUT_MS, POLICY) is PinResult.LOCKED
+    assert store.verify_pin("BC-01373", "0000", T0 + 1 + LOCKOUT_MS, POLICY) is PinResult.WRONG
 
 
-def test_a_lockout_of_zero_turns_locking_off(db_path: Path):
-    with Store(db_path, KEY, lockout_ms=0) as store:
-        statuses = {store.verify_pin("AC-12345", "0000", T0) for _ in range(5)}
-        assert statuses == {Status.INCORRECT_PIN}
-        assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+def test_a_lockout_of_zero_turns_locking_off(store: Store):
+    policy = PinPolicy(tries_max=3, lockout_ms=0)
+    statuses = {store.verify_pin("AC-12345", "0000", T0, policy) for _ in range(5)}
+    assert statuses == {PinResult.WRONG}
+    assert store.verify_pin("AC-12345", "1324", T0, policy) is PinResult.MATCHED
 
 
 @pytest.mark.parametrize(
-    ("pin_tries_max", "lockout_ms"), [(0, LOCKOUT_MS), (3, -1), (3, LOCKOUT_MS_MAX + 1), (3, 2**63)]
+    ("tries_max", "lockout_ms"), [(0, LOCKOUT_MS), (3, -1), (3, LOCKOUT_MS_MAX + 1), (3, 2**63)]
 )
-def test_impossible_pin_settings_are_refused(db_path: Path, pin_tries_max: int, lockout_ms: int):
+def test_impossible_pin_settings_are_refused(tries_max: int, lockout_ms: int):
     with pytest.raises(ValueError, match=r"pin_tries_max|lockout_ms"):
-        Store(db_path, KEY, pin_tries_max=pin_tries_max, lockout_ms=lockout_ms)
+        PinPolicy(tries_max=tries_max, lockout_ms=lockout_ms)
 
 
 @pytest.mark.parametrize("now_ms", [T0, 253_402_300_799_999])  # now, and the end of year 9999
-def test_the_longest_lockout_still_counts_wrong_pins_and_locks(db_path: Path, now_ms: int):
-    with Store(db_path, KEY, lockout_ms=LOCKOUT_MS_MAX) as store:
-        wrong = [PinCheck("AC-12345", "0000")] * 3
-        deposit = PostRequest("WF-14351", txn(1), DEPOSIT, 100)
-        outcomes = store.execute_batch([*wrong, BalanceQuery("AC-12345"), deposit], now_ms)
-        assert outcomes == [
-            Status.INCORRECT_PIN,
-            Status.INCORRECT_PIN,
-            Status.PIN_TRIES_EXCEEDED,
-            102_432,
-            Posting(Status.APPROVED, 542_922, 1, now_ms),
-        ]
-        locked_until = now_ms + LOCKOUT_MS_MAX
-        assert store.verify_pin("AC-12345", "1324", locked_until - 1) is Status.PIN_TRIES_EXCEEDED
-        assert store.verify_pin("AC-12345", "1324", locked_until) is Status.APPROVED
+def test_the_longest_lockout_still_counts_wrong_pins_and_locks(store: Store, now_ms: int):
+    policy = PinPolicy(tries_max=3, lockout_ms=LOCKOUT_MS_MAX)
+    wrong = [PinCheck("AC-12345", "0000", policy)] * 3
+    deposit = PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX)
+    outcomes = store.execute_batch([*wrong, BalanceQuery("AC-12345"), deposit], now_ms)
+    assert outcomes == [
+        PinResult.WRONG,
+        PinResult.WRONG,
+        PinResult.LOCKED,
+        102_432,
+        Posting(PostResult.BOOKED, 542_922, 1, now_ms),
+    ]
+    locked_until = now_ms + LOCKOUT_MS_MAX
+    assert store.verify_pin("AC-12345", "1324", locked_until - 1, policy) is PinResult.LOCKED
+    assert store.verify_pin("AC-12345", "1324", locked_until, policy) is PinResult.MATCHED
 
 
 def pin_failure_rows(store: Store) -> int:
@@ -358,7 +362,7 @@ def test_guessing_account_numbers_cannot_grow_the_failure_table_without_bound(st
         now_ms = T0 + period * (LOCKOUT_MS + 1)
         for n in range(guesses_per_period):
             account = f"QQ-{period * guesses_per_period + n:05d}"  # a new one every time
-            assert store.verify_pin(account, "0000", now_ms) is Status.INCORRECT_PIN
+            assert store.verify_pin(account, "0000", now_ms, POLICY) is PinResult.WRONG
         # Only the current period's misses are remembered; the earlier rows are gone.
         assert pin_failure_rows(store) == guesses_per_period
 
@@ -369,8 +373,8 @@ def test_guessing_account_numbers_cannot_grow_the_failure_table_without_bound(st
 def test_deposit_withdraw_balance_history(store: Store):
     first = post(store, 1, DEPOSIT, 1_000, now_ms=T0)
     second = post(store, 2, WITHDRAWAL, 2_432, account="ac-12345", now_ms=T0 + 5)
-    assert first == Posting(Status.APPROVED, 103_432, first.entry_id, T0)
-    assert second == Posting(Status.APPROVED, 101_000, second.entry_id, T0 + 5)
+    assert first == Posting(PostResult.BOOKED, 103_432, first.entry_id, T0)
+    assert second == Posting(PostResult.BOOKED, 101_000, second.entry_id, T0 + 5)
     assert second.entry_id > first.entry_id > 0
     assert store.balance("AC-12345") == 101_000
     assert store.history("ac-12345", 10) == [
@@ -398,13 +402,13 @@ def test_withdraw_the_whole_balance(store: Store):
 def test_overdraft_is_refused_and_nothing_is_recorded(store: Store):
     before = entry_count(store)
     assert post(store, 1, WITHDRAWAL, 4_573, account="BC-01373") == Posting(
-        Status.INSUFFICIENT_FUNDS
+        PostResult.INSUFFICIENT_FUNDS
     )
     assert store.balance("BC-01373") == 4_572
     assert entry_count(store) == before
     # A refused id was not recorded, so the same id is judged afresh once funds arrive.
     post(store, 2, DEPOSIT, 1, account="BC-01373")
-    assert post(store, 1, WITHDRAWAL, 4_573, account="BC-01373").status is Status.APPROVED
+    assert post(store, 1, WITHDRAWAL, 4_573, account="BC-01373").result is PostResult.BOOKED
 
 
 def test_replay_returns_the_original_outcome_and_moves_no_money(store: Store):
@@ -412,7 +416,8 @@ def test_replay_returns_the_original_outcome_and_moves_no_money(store: Store):
     post(store, 2, DEPOSIT, 5_000, now_ms=T0 + 1)
     before = (store.balance("AC-12345"), entry_count(store))
     replay = post(store, 1, WITHDRAWAL, 2_432, account="ac-12345", now_ms=T0 + 99)
-    assert replay == original  # original entry id, time and balance after that entry
+    # The original entry id, time and balance after that entry:
+    assert replay == dataclasses.replace(original, result=PostResult.REPLAYED)
     assert (store.balance("AC-12345"), entry_count(store)) == before
 
 
@@ -426,26 +431,39 @@ def test_same_id_different_content_is_a_duplicate(
     post(store, 1, WITHDRAWAL, 100)
     before = (store.balance("AC-12345"), store.balance("WF-14351"), entry_count(store))
     duplicate = post(store, 1, kind, amount_cents, account=account)
-    assert duplicate == Posting(Status.DUPLICATE_TRANSMISSION)
-    assert duplicate.status == 94
+    assert duplicate == Posting(PostResult.TXN_ID_REUSED)
     assert (store.balance("AC-12345"), store.balance("WF-14351"), entry_count(store)) == before
 
 
 @pytest.mark.parametrize("amount_cents", [0, -1, AMOUNT_CENTS_MAX + 1, True])
 def test_amount_out_of_range_is_invalid(store: Store, amount_cents: int):
     for kind in EntryKind:
-        assert post(store, 1, kind, amount_cents) == Posting(Status.INVALID_AMOUNT)
+        assert post(store, 1, kind, amount_cents) == Posting(PostResult.AMOUNT_OUT_OF_RANGE)
     assert entry_count(store) == 0
 
 
+def test_a_new_transaction_over_the_callers_limit_is_refused_but_a_replay_is_not(store: Store):
+    def post_limited(n: int, amount_cents: int, limit_cents: int) -> Posting:
+        return store.post(account="AC-12345", txn_id=txn(n), kind=WITHDRAWAL,
+                          amount_cents=amount_cents, now_ms=T0, limit_cents=limit_cents)
+
+    assert post_limited(1, 501, limit_cents=500) == Posting(PostResult.OVER_LIMIT)
+    assert entry_count(store) == 0
+    booked = post_limited(2, 500, limit_cents=500)
+    assert booked.result is PostResult.BOOKED
+    # The id is looked up first: the limit lowered since cannot change a booked outcome.
+    replay = post_limited(2, 500, limit_cents=100)
+    assert replay == dataclasses.replace(booked, result=PostResult.REPLAYED)
+
+
 def test_largest_amount_is_accepted(store: Store):
-    assert post(store, 1, DEPOSIT, AMOUNT_CENTS_MAX).status is Status.APPROVED
+    assert post(store, 1, DEPOSIT, AMOUNT_CENTS_MAX).result is PostResult.BOOKED
 
 
 def test_deposit_past_the_largest_balance_is_refused(store: Store):
     store.add_account("RR-00001", "1111", BALANCE_CENTS_MAX - 5)
     refused = post(store, 1, DEPOSIT, 6, account="RR-00001")
-    assert refused == Posting(Status.INVALID_AMOUNT)
+    assert refused == Posting(PostResult.BALANCE_FULL)
     assert post(store, 2, DEPOSIT, 5, account="RR-00001").balance_cents == BALANCE_CENTS_MAX
     assert store.check_invariants() == []
 
@@ -458,7 +476,8 @@ def test_unknown_account_and_bad_txn_id(store: Store):
     with pytest.raises(UnknownAccount):
         store.history("QQ-00000", 5)
     with pytest.raises(ValueError, match="16 bytes"):
-        store.post(account="AC-12345", txn_id=b"short", kind=DEPOSIT, amount_cents=1, now_ms=T0)
+        store.post(account="AC-12345", txn_id=b"short", kind=DEPOSIT, amount_cents=1, now_ms=T0,
+                   limit_cents=AMOUNT_CENTS_MAX)
     assert entry_count(store) == 0
 
 
@@ -468,13 +487,13 @@ def test_unknown_account_and_bad_txn_id(store: Store):
 def test_a_request_refused_before_writing_leaves_the_rest_of_its_batch(store: Store):
     outcomes = store.execute_batch(
         [
-            PostRequest("WF-14351", txn(1), DEPOSIT, 100),
-            PostRequest("QQ-00000", txn(2), DEPOSIT, 100),  # no such account
+            PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX),
+            PostRequest("QQ-00000", txn(2), DEPOSIT, 100, AMOUNT_CENTS_MAX),  # no such account
             BalanceQuery("WF-14351"),
         ],
         T0,
     )
-    assert outcomes[0] == Posting(Status.APPROVED, 542_922, 1, T0)
+    assert outcomes[0] == Posting(PostResult.BOOKED, 542_922, 1, T0)
     assert isinstance(outcomes[1], UnknownAccount)
     assert outcomes[2] == 542_922
     assert store.balance("WF-14351") == 542_922
@@ -497,9 +516,9 @@ def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
     with pytest.raises(BatchAborted, match="PostRequest was refused after it wrote"):
         store.execute_batch(
             [
-                PostRequest("WF-14351", txn(1), DEPOSIT, 100),
-                PostRequest("AC-12345", txn(2), WITHDRAWAL, 500),
-                PinCheck("BC-01373", "0000"),
+                PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX),
+                PostRequest("AC-12345", txn(2), WITHDRAWAL, 500, AMOUNT_CENTS_MAX),
+                PinCheck("BC-01373", "0000", POLICY),
             ],
             T0,
         )
@@ -509,7 +528,7 @@ def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
     assert pin_failure_rows(store) == 0
     assert store.check_invariants() == []
     monkeypatch.undo()  # nothing of the batch remains: a retry is judged afresh
-    assert post(store, 2, WITHDRAWAL, 500).status is Status.APPROVED
+    assert post(store, 2, WITHDRAWAL, 500).result is PostResult.BOOKED
     assert store.balance("AC-12345") == 101_932
 
 
@@ -554,8 +573,8 @@ def test_invariants_hold_after_a_mix_of_operations(store: Store):
         account = accounts[n % len(accounts)]
         kind = DEPOSIT if n % 3 == 0 else WITHDRAWAL
         amount_cents = (n * 7919) % 400_000 + 1
-        outcomes.add(post(store, n % 250, kind, amount_cents, account=account).status)
-    assert {Status.APPROVED, Status.INSUFFICIENT_FUNDS, Status.DUPLICATE_TRANSMISSION} <= outcomes
+        outcomes.add(post(store, n % 250, kind, amount_cents, account=account).result)
+    assert {PostResult.BOOKED, PostResult.INSUFFICIENT_FUNDS, PostResult.TXN_ID_REUSED} <= outcomes
     assert store.check_invariants() == []
     assert store.integrity_ok()
 
@@ -578,12 +597,12 @@ def test_invariants_report_a_tampered_balance(store: Store, db_path: Path):
 def test_add_account(store: Store):
     store.add_account("rr-00001", "1111", 0)
     assert store.balance("RR-00001") == 0
-    assert store.verify_pin("RR-00001", "1111", T0) is Status.APPROVED
+    assert store.verify_pin("RR-00001", "1111", T0, POLICY) is PinResult.MATCHED
     with pytest.raises(AccountExists):
         store.add_account("RR-00001", "2222", 5)
     with pytest.raises(AccountExists):
         store.add_account("ac-12345", "2222", 5)
-    assert store.verify_pin("AC-12345", "1324", T0) is Status.APPROVED
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.MATCHED
 
 
 @pytest.mark.parametrize(
@@ -603,23 +622,17 @@ def test_add_account_validates(store: Store, account: str, pin: str, opening_cen
         store.balance("RR-00001")
 
 
-def test_import_accounts(store: Store, tmp_path: Path):
-    path = tmp_path / "accounts.txt"
-    path.write_text("# new branch\nrr-00001, 1111, 10.00\nRR-00002, 2222, 0.5\n")
-    assert store.import_accounts(path) == 2
+def test_add_accounts_from_an_accounts_file(store: Store):
+    records = parse_accounts("# new branch\nrr-00001, 1111, 10.00\nRR-00002, 2222, 0.5\n")
+    assert store.add_accounts(records) == 2
     assert store.balance("RR-00001") == 1_000
     assert store.balance("RR-00002") == 50
-    assert store.verify_pin("RR-00002", "2222", T0) is Status.APPROVED
+    assert store.verify_pin("RR-00002", "2222", T0, POLICY) is PinResult.MATCHED
 
 
-def test_import_is_all_or_nothing(store: Store, tmp_path: Path):
-    path = tmp_path / "accounts.txt"
-    path.write_text("RR-00001, 1111, 10.00\nAC-12345, 2222, 0.5\n")
+def test_adding_accounts_is_all_or_nothing(store: Store):
     with pytest.raises(AccountExists):
-        store.import_accounts(path)
-    path.write_text("RR-00001, 1111, 10.00\nRR-00002, 22, 0.5\n")
-    with pytest.raises(AccountsFileError):
-        store.import_accounts(path)
+        store.add_accounts(parse_accounts("RR-00001, 1111, 10.00\nAC-12345, 2222, 0.5\n"))
     with pytest.raises(UnknownAccount):
         store.balance("RR-00001")
 
@@ -630,7 +643,7 @@ def test_import_is_all_or_nothing(store: Store, tmp_path: Path):
 def test_read_books_gives_every_balance_and_entry_as_stored(store: Store, db_path: Path):
     deposit = post(store, 1, DEPOSIT, 500)
     withdrawal = post(store, 2, WITHDRAWAL, 200, now_ms=T0 + 1)
-    assert post(store, 3, WITHDRAWAL, AMOUNT_CENTS_MAX).status is Status.INSUFFICIENT_FUNDS
+    assert post(store, 3, WITHDRAWAL, AMOUNT_CENTS_MAX).result is PostResult.INSUFFICIENT_FUNDS
     books = read_books(db_path)  # with the Store still open, as with a server running
     assert books.opening_cents == {account: cents for account, _, cents in DEMO_ACCOUNTS}
     assert books.balance_cents == {**books.opening_cents, "AC-12345": 1024_32 + 300}

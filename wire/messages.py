@@ -7,7 +7,6 @@ Field order follows the wire layout in ``wire.layout`` (checked at import).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import Enum, IntEnum
@@ -18,6 +17,7 @@ from typing import ClassVar, TypeVar
 from construct import Struct
 
 from wire import layout
+from wire.credentials import canonical_account, check_pin
 from wire.errors import WireError
 from wire.limits import (
     AMOUNT_CENTS_MAX,
@@ -68,19 +68,6 @@ class EntryKind(IntEnum):
     DEPOSIT = 1
     WITHDRAWAL = 2
 
-
-ACCOUNT_PATTERN = re.compile(r"[A-Za-z]{2}-[0-9]{5}", re.ASCII)
-PIN_PATTERN = re.compile(r"[0-9]{4}", re.ASCII)
-
-ACCOUNT_DIGITS_SHOWN = 2
-"""Digits of an account number left visible on receipts and in operator logs."""
-
-
-def mask_account(account: str) -> str:
-    """``ac-12345`` -> ``AC-***45``: enough to recognise an account, not to use it."""
-    prefix, _, digits = account.upper().partition("-")
-    hidden = len(digits) - ACCOUNT_DIGITS_SHOWN
-    return f"{prefix}-{'*' * hidden}{digits[hidden:]}"
 
 ANY_REQUEST_ID = range(0, REQUEST_ID_MAX + 1)
 NONZERO_REQUEST_ID = range(1, REQUEST_ID_MAX + 1)
@@ -181,11 +168,8 @@ class Login(Request):
     def __post_init__(self) -> None:
         if not isinstance(self.account, str) or not isinstance(self.pin, str):
             raise TypeError("account and pin must be str")
-        if not ACCOUNT_PATTERN.fullmatch(self.account):
-            raise WireError(Status.FORMAT_ERROR, "account is not AA-NNNNN")
-        if not PIN_PATTERN.fullmatch(self.pin):
-            raise WireError(Status.FORMAT_ERROR, "PIN is not four digits")
-        object.__setattr__(self, "account", self.account.upper())
+        object.__setattr__(self, "account", canonical_account(self.account))
+        check_pin(self.pin)
 
     def wire_values(self) -> tuple:
         return self.account.encode("ascii"), self.pin.encode("ascii")
@@ -193,13 +177,10 @@ class Login(Request):
     @classmethod
     def from_wire(cls, values: tuple) -> Login:
         account, pin = values
-        # Checked before decoding, so that non-ASCII bytes get the same refusal as any
-        # other malformed account or PIN, not a UnicodeDecodeError.
-        if not account.isascii():
-            raise WireError(Status.FORMAT_ERROR, "account is not AA-NNNNN")
-        if not pin.isascii():
-            raise WireError(Status.FORMAT_ERROR, "PIN is not four digits")
-        return cls(account.decode("ascii"), pin.decode("ascii"))
+        # Latin-1 turns every byte into one character, so a non-ASCII byte reaches the
+        # format check (which admits only ASCII) and gets the same refusal as any other
+        # malformed account or PIN, not a UnicodeDecodeError.
+        return cls(account.decode("latin-1"), pin.decode("latin-1"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,46 @@
+"""Account numbers and PINs as the protocol defines them: the one source of their format.
+
+An account number is ``AA-NNNNN`` in either letter case, and both cases name the same
+account, so every peer works with its canonical (upper case) form. A PIN is four ASCII
+digits. LOGIN checks its fields with these functions, and so do the bank's storage,
+accounts file and operator commands and the ATM's input checks, so the format cannot
+drift between them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from wire.errors import WireError
+from wire.status import Status
+
+ACCOUNT_PATTERN = re.compile(r"[A-Za-z]{2}-[0-9]{5}", re.ASCII)
+PIN_PATTERN = re.compile(r"[0-9]{4}", re.ASCII)
+
+ACCOUNT_DIGITS_SHOWN = 2
+"""Digits of an account number left visible on receipts and in operator logs."""
+
+
+def canonical_account(account: str) -> str:
+    """``ac-12345`` -> ``AC-12345``: the form an account is stored, hashed and shown in.
+
+    Anything that is not ``AA-NNNNN`` is a WireError (a ValueError) with FORMAT_ERROR,
+    the status a LOGIN carrying it is refused with.
+    """
+    if not isinstance(account, str) or not ACCOUNT_PATTERN.fullmatch(account):
+        raise WireError(Status.FORMAT_ERROR, "account is not AA-NNNNN")
+    return account.upper()
+
+
+def check_pin(pin: str) -> str:
+    """``pin`` if it is four ASCII digits, else a WireError that never shows the PIN."""
+    if not isinstance(pin, str) or not PIN_PATTERN.fullmatch(pin):
+        raise WireError(Status.FORMAT_ERROR, "PIN is not four digits")
+    return pin
+
+
+def mask_account(account: str) -> str:
+    """``ac-12345`` -> ``AC-***45``: enough to recognise an account, not to use it."""
+    prefix, _, digits = canonical_account(account).partition("-")
+    hidden = len(digits) - ACCOUNT_DIGITS_SHOWN
+    return f"{prefix}-{'*' * hidden}{digits[hidden:]}"
