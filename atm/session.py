@@ -49,8 +49,6 @@ from atm.text import Receipt, TransactionKind
 from wire import (
     Balance,
     BalanceReply,
-    Deposit,
-    DepositReply,
     Error,
     History,
     HistoryReply,
@@ -61,8 +59,6 @@ from wire import (
     Reply,
     Request,
     Status,
-    Withdraw,
-    WithdrawReply,
 )
 from wire.messages import MoneyReply, MoneyRequest
 
@@ -108,12 +104,6 @@ T = TypeVar("T")
 ReplyT = TypeVar("ReplyT", bound=Reply)
 
 Connector = Callable[[], Awaitable[Connection]]
-
-_MONEY_MESSAGES: dict[TransactionKind, tuple[type[MoneyRequest], type[MoneyReply]]] = {
-    TransactionKind.DEPOSIT: (Deposit, DepositReply),
-    TransactionKind.WITHDRAWAL: (Withdraw, WithdrawReply),
-}
-
 
 class EndOfInput(Exception):
     """Input ended (Ctrl-D, or the end of a pipe): the customer has walked away."""
@@ -329,7 +319,7 @@ class AtmSession:
         if amount_cents is None:
             self._console.write(text.CANCELLED)
             return
-        request_type, reply_type = _MONEY_MESSAGES[kind]
+        request_type, reply_type = kind.money.request, kind.money.reply
         # A fresh random id per transaction; retries of this one reuse it.
         request = request_type(uuid.uuid4().bytes, amount_cents)
         reply = await self._send_money(kind, request, reply_type)

@@ -19,7 +19,6 @@ from bank.ledger import Ledger, PinResult, Posting, PostResult, StorageError
 from wire import (
     Balance,
     BalanceReply,
-    Deposit,
     EntryKind,
     History,
     HistoryReply,
@@ -32,11 +31,10 @@ from wire import (
     Reply,
     Request,
     Status,
-    Withdraw,
 )
 from wire import Connection as Engine
 from wire.credentials import mask_account
-from wire.kinds import KIND_OF_REQUEST, MoneyKind
+from wire.kinds import KIND_OF_REQUEST, MONEY_KINDS, MoneyKind
 from wire.messages import MoneyRequest, reply_type
 from wire.money import format_cents
 
@@ -101,8 +99,7 @@ class Session:
             Login: self._login,
             Logout: self._logout,
             Balance: self._balance,
-            Deposit: self._post,
-            Withdraw: self._post,
+            **{kind.request: self._post for kind in MONEY_KINDS},
             History: self._history,
             Ping: self._ping,
         }

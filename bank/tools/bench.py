@@ -60,8 +60,6 @@ from wire import (
     Answer,
     Balance,
     BalanceReply,
-    Deposit,
-    DepositReply,
     EntryKind,
     Frame,
     Hello,
@@ -80,10 +78,9 @@ from wire import (
     State,
     Status,
     WireError,
-    Withdraw,
-    WithdrawReply,
 )
 from wire import Connection as Engine
+from wire.kinds import DEPOSIT, MONEY_KINDS, WITHDRAWAL, MoneyKind
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
@@ -214,11 +211,13 @@ class TxnIds:
         return self._prefix + next(self._counter).to_bytes(8, "big")
 
 
+MONEY_OPS: dict[str, MoneyKind] = {"deposit": DEPOSIT, "withdraw": WITHDRAWAL}
+"""The bench's names for the money kinds (``--mix``, the report's keys)."""
+
+
 def make_request(op: str, txn_ids: TxnIds) -> Request:
-    if op == "deposit":
-        return Deposit(txn_ids.next(), AMOUNT_CENTS)
-    if op == "withdraw":
-        return Withdraw(txn_ids.next(), AMOUNT_CENTS)
+    if op in MONEY_OPS:
+        return MONEY_OPS[op].request(txn_ids.next(), AMOUNT_CENTS)
     if op == "history":
         return History(HISTORY_COUNT)
     if op == "ping":
@@ -619,8 +618,7 @@ _ECHO_REPLIES: dict[type[Request], Reply] = {
     Logout: LogoutReply(Status.APPROVED),
     Ping: PingReply(Status.APPROVED),
     Balance: BalanceReply(Status.APPROVED, OPENING_CENTS),
-    Deposit: DepositReply(Status.APPROVED, OPENING_CENTS, 1, 1),
-    Withdraw: WithdrawReply(Status.APPROVED, OPENING_CENTS, 1, 1),
+    **{kind.request: kind.reply(Status.APPROVED, OPENING_CENTS, 1, 1) for kind in MONEY_KINDS},
 }
 """Approved replies with every field filled: the size of the bank's approved replies."""
 

@@ -39,8 +39,6 @@ from bank.store import DEMO_ACCOUNTS, BookEntry, Books, Store, read_books
 from bank.tools import launcher
 from wire import (
     Answer,
-    Deposit,
-    DepositReply,
     EntryKind,
     Error,
     Frame,
@@ -53,10 +51,9 @@ from wire import (
     SessionExpired,
     Status,
     WireError,
-    Withdraw,
-    WithdrawReply,
 )
 from wire import Connection as Engine
+from wire.kinds import KIND_OF_ENTRY, MONEY_KINDS
 from wire.limits import TXN_ID_BYTES
 
 HOST = launcher.LOOPBACK
@@ -167,7 +164,7 @@ class Operation:
 
     @property
     def signed_cents(self) -> int:
-        return self.amount_cents if self.kind is EntryKind.DEPOSIT else -self.amount_cents
+        return KIND_OF_ENTRY[self.kind].balance_change_cents(self.amount_cents)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -506,7 +503,7 @@ async def connect(harness: Harness, account: str, pin: str) -> AtmLink:
 def new_operation(rng: random.Random, account: str) -> Operation:
     """Kind and amount from the seeded generator; the txn id from the OS, so ids never
     repeat across runs or clients whatever the seed."""
-    kind = rng.choice((EntryKind.DEPOSIT, EntryKind.WITHDRAWAL))
+    kind = rng.choice(MONEY_KINDS).entry_kind
     amount_cents = rng.randint(1, AMOUNT_DRAWN_CENTS_MAX)
     return Operation(secrets.token_bytes(TXN_ID_BYTES), account, kind, amount_cents)
 
@@ -514,9 +511,9 @@ def new_operation(rng: random.Random, account: str) -> Operation:
 async def attempt(link: AtmLink, op: Operation) -> bool:
     """Send ``op`` once; whether the bank answered it definitely (LinkBroken otherwise)."""
     op.attempts += 1
-    request_type = Deposit if op.kind is EntryKind.DEPOSIT else Withdraw
-    reply = await link.request(request_type(op.txn_id, op.amount_cents))
-    if not isinstance(reply, (DepositReply, WithdrawReply)):
+    kind = KIND_OF_ENTRY[op.kind]
+    reply = await link.request(kind.request(op.txn_id, op.amount_cents))
+    if not isinstance(reply, kind.reply):
         raise LinkBroken(f"unexpected reply {reply}")
     op.status = reply.status
     if reply.status is Status.APPROVED:
