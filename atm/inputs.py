@@ -10,8 +10,11 @@ from __future__ import annotations
 from enum import Enum
 
 from atm import text
-from wire.credentials import canonical_account, check_pin
-from wire.money import parse_dollars
+from wire import (
+    canonical_account,
+    check_pin,
+    parse_dollars,
+)
 
 
 class InputError(ValueError):

@@ -56,11 +56,12 @@ from wire import (
     LoginReply,
     Logout,
     LogoutReply,
+    MoneyReply,
+    MoneyRequest,
     Reply,
     Request,
     Status,
 )
-from wire.messages import MoneyReply, MoneyRequest
 
 LOGIN_ATTEMPTS_MAX = 3
 """Wrong PINs the ATM lets a customer retry; the bank closes the connection after three."""

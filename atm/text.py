@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from enum import Enum
 
+import wire
 from atm.errors import (
     ConnectFailed,
     ConnectionLost,
@@ -25,9 +26,13 @@ from atm.errors import (
     SessionExpired,
     TransactionUnconfirmed,
 )
-from wire import EntryKind, HistoryEntry, Status, kinds
-from wire.credentials import mask_account
-from wire.money import format_cents
+from wire import (
+    EntryKind,
+    HistoryEntry,
+    Status,
+    format_cents,
+    mask_account,
+)
 
 STATUS_SENTENCES: dict[Status, str] = {
     Status.APPROVED: "Approved",
@@ -102,12 +107,12 @@ def request_failed(status: Status) -> str:
 
 
 class TransactionKind(Enum):
-    """Each way money moves (``wire.kinds``), with the words the ATM uses for it."""
+    """Each way money moves (``wire._kinds``), with the words the ATM uses for it."""
 
-    DEPOSIT = (kinds.DEPOSIT, "deposit", "deposit", "Deposit")
-    WITHDRAWAL = (kinds.WITHDRAWAL, "withdrawal", "withdraw", "Withdrawal")
+    DEPOSIT = (wire.DEPOSIT, "deposit", "deposit", "Deposit")
+    WITHDRAWAL = (wire.WITHDRAWAL, "withdrawal", "withdraw", "Withdrawal")
 
-    def __init__(self, money: kinds.MoneyKind, noun: str, verb: str, title: str) -> None:
+    def __init__(self, money: wire.MoneyKind, noun: str, verb: str, title: str) -> None:
         self.money = money
         self.noun = noun
         self.verb = verb

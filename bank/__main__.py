@@ -27,8 +27,13 @@ from bank.readiness import listening_addresses, remove_ready_file, write_ready_f
 from bank.server import BankServer, open_files_needed, raise_open_files_limit
 from bank.sqlite_ledger import open_ledger
 from bank.store import SchemaError, Store, StoreError
-from wire.credentials import canonical_account, check_pin, mask_account
-from wire.money import format_cents, parse_dollars
+from wire import (
+    canonical_account,
+    check_pin,
+    format_cents,
+    mask_account,
+    parse_dollars,
+)
 
 log = logging.getLogger("bank")
 

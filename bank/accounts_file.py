@@ -17,9 +17,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wire.credentials import canonical_account, check_pin
-from wire.limits import BALANCE_CENTS_MAX
-from wire.money import parse_dollars
+from wire import (
+    BALANCE_CENTS_MAX,
+    canonical_account,
+    check_pin,
+    parse_dollars,
+)
 
 FIELDS_PER_LINE = 3
 ACCOUNTS_FILE_BYTES_MAX = 16 * 1024 * 1024

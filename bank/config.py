@@ -13,8 +13,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from bank.limits import LOCKOUT_MS_MAX
-from wire import HISTORY_ENTRIES_MAX, PAYLOAD_BYTES_MAX, Hello
-from wire.limits import AMOUNT_CENTS_MAX, SECONDS_MAX
+from wire import (
+    AMOUNT_CENTS_MAX,
+    HISTORY_ENTRIES_MAX,
+    PAYLOAD_BYTES_MAX,
+    SECONDS_MAX,
+    Hello,
+)
 
 ENV_PREFIX = "BANK_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

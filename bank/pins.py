@@ -20,8 +20,12 @@ import secrets
 import stat
 from pathlib import Path
 
-from wire.credentials import canonical_account, check_pin
-from wire.limits import ACCOUNT_BYTES, PIN_BYTES
+from wire import (
+    ACCOUNT_BYTES,
+    PIN_BYTES,
+    canonical_account,
+    check_pin,
+)
 
 KEY_BYTES = 32
 """The PIN key's size: a full SHA-256 block of secret is more than HMAC-SHA-256 needs."""

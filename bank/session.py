@@ -17,6 +17,8 @@ from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger, PinResult, Posting, PostResult, StorageError
 from wire import (
+    KIND_OF_REQUEST,
+    MONEY_KINDS,
     Balance,
     BalanceReply,
     EntryKind,
@@ -26,17 +28,18 @@ from wire import (
     LoginReply,
     Logout,
     LogoutReply,
+    MoneyKind,
+    MoneyRequest,
     Ping,
     PingReply,
     Reply,
     Request,
     Status,
+    format_cents,
+    mask_account,
+    reply_type,
 )
 from wire import Connection as Engine
-from wire.credentials import mask_account
-from wire.kinds import KIND_OF_REQUEST, MONEY_KINDS, MoneyKind
-from wire.messages import MoneyRequest, reply_type
-from wire.money import format_cents
 
 log = logging.getLogger("bank.session")
 

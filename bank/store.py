@@ -26,10 +26,16 @@ from bank.accounts_file import AccountRecord
 from bank.ledger import PinResult, Posting, PostResult
 from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import PIN_HMAC_BYTES, hash_pin, new_salt, verify
-from wire import EntryKind, HistoryEntry
-from wire.credentials import canonical_account, check_pin
-from wire.kinds import KIND_OF_ENTRY
-from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX, TXN_ID_BYTES
+from wire import (
+    AMOUNT_CENTS_MAX,
+    BALANCE_CENTS_MAX,
+    KIND_OF_ENTRY,
+    TXN_ID_BYTES,
+    EntryKind,
+    HistoryEntry,
+    canonical_account,
+    check_pin,
+)
 
 SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version``; 0 means a new database, to be created and seeded."""
@@ -620,7 +626,7 @@ _BALANCE_CHANGES: dict[int, _BalanceChange] = {
         PostResult.BALANCE_FULL,
     ),
 }
-"""By a kind's sign (``wire.kinds``): a kind moves money the one way or the other."""
+"""By a kind's sign (``wire._kinds``): a kind moves money the one way or the other."""
 
 
 def _connect(db_path: Path) -> sqlite3.Connection:

@@ -24,10 +24,10 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from wire.codec import frame_bytes
-from wire.layout import CRC_BYTES, FAST_CRC, HEADER_BYTES
-from wire.limits import PAYLOAD_BYTES_MAX
-from wire.messages import Opcode
+from wire._codec import frame_bytes
+from wire._layout import CRC_BYTES, FAST_CRC, HEADER_BYTES
+from wire._limits import PAYLOAD_BYTES_MAX
+from wire._messages import Opcode
 
 VECTORS_PATH = Path(__file__).resolve().parents[1] / "spec" / "vectors.json"
 

@@ -37,9 +37,9 @@ from fuzz.frames import (
     split_input,
 )
 from wire import Decoder, Frame, Opcode, Sender, Status, WireError, encode
-from wire.codec import frame_bytes
-from wire.layout import CRC_BYTES, HEADER_BYTES
-from wire.limits import ACCOUNT_BYTES, REQUEST_ID_MAX
+from wire._codec import frame_bytes
+from wire._layout import CRC_BYTES, HEADER_BYTES
+from wire._limits import ACCOUNT_BYTES, REQUEST_ID_MAX
 
 DecoderFactory = Callable[[Sender], Decoder]
 

@@ -73,8 +73,8 @@ from wire import (
     encode,
 )
 from wire import Connection as Engine
-from wire.kinds import KIND_OF_ENTRY, KIND_OF_REQUEST
-from wire.messages import MoneyRequest, reply_type
+from wire._kinds import KIND_OF_ENTRY, KIND_OF_REQUEST
+from wire._messages import MoneyRequest, reply_type
 
 OTHER_ATM_BIT = 0x01
 """Control bit: another ATM holds ``OTHER_ACCOUNT`` throughout, so LOGIN can meet ACCOUNT_IN_USE."""

@@ -55,8 +55,8 @@ from wire import (
 )
 from wire import Connection as Engine
 from wire import SessionExpired as SessionExpiredNotice
-from wire.kinds import KIND_OF_REQUEST, MoneyKind
-from wire.messages import MoneyReply, MoneyRequest, reply_type
+from wire._kinds import KIND_OF_REQUEST, MoneyKind
+from wire._messages import MoneyReply, MoneyRequest, reply_type
 
 RECEIVE_TIMEOUT_S = 10
 """Guard against a hung test when the real clock runs; far above any honest wait."""

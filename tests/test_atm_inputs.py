@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from atm import text
 from atm.inputs import Choice, InputError, parse_account, parse_amount, parse_choice, parse_pin
 from wire import AMOUNT_CENTS_MAX
-from wire.money import format_cents
+from wire._money import format_cents
 
 
 @pytest.mark.parametrize(("typed", "account"), [

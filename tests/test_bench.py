@@ -25,7 +25,7 @@ from bank.tools.bench import (
     percentile_ns,
 )
 from wire import encode
-from wire.messages import reply_type
+from wire._messages import reply_type
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_TIMEOUT_S = 120

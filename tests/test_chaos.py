@@ -25,7 +25,7 @@ from bank.tools.chaos import (
     read_bank_state,
 )
 from wire import EntryKind, Status
-from wire.limits import AMOUNT_CENTS_MAX
+from wire._limits import AMOUNT_CENTS_MAX
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 60

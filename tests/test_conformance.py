@@ -79,12 +79,12 @@ from wire import (
     WireError,
     Withdraw,
     encode,
-    limits,
 )
-from wire import layout as wire_layout
-from wire.codec import frame_bytes
-from wire.messages import REPLY_STATUSES
-from wire.status import ISO8583_RESPONSE_CODE
+from wire import _layout as wire_layout
+from wire import _limits as limits
+from wire._codec import frame_bytes
+from wire._messages import REPLY_STATUSES
+from wire._status import ISO8583_RESPONSE_CODE
 
 PIN_TRIES_MAX = ServerConfig().pin_tries_max
 

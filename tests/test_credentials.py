@@ -1,10 +1,10 @@
-"""Account numbers and PINs (wire.credentials): the one format LOGIN, the bank's storage,
+"""Account numbers and PINs (wire._credentials): the one format LOGIN, the bank's storage,
 its accounts file and operator commands, and the ATM's input checks all use."""
 
 import pytest
 
 from wire import Login, Status, WireError
-from wire.credentials import canonical_account, check_pin, mask_account
+from wire._credentials import canonical_account, check_pin, mask_account
 
 
 @pytest.mark.parametrize(("account", "canonical"), [

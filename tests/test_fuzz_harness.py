@@ -44,9 +44,9 @@ from wire import (
     WireError,
     encode,
 )
-from wire.codec import frame_bytes
-from wire.kinds import KIND_OF_ENTRY
-from wire.layout import HEADER_BYTES
+from wire._codec import frame_bytes
+from wire._kinds import KIND_OF_ENTRY
+from wire._layout import HEADER_BYTES
 
 RANDOM_INPUTS = 150
 MUTATED_INPUTS = 150

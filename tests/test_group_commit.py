@@ -16,7 +16,7 @@ from bank.ledger import PinResult, PostResult, StorageError
 from bank.sqlite_ledger import SqliteLedger
 from bank.store import UnknownAccount
 from wire import EntryKind
-from wire.limits import AMOUNT_CENTS_MAX
+from wire._limits import AMOUNT_CENTS_MAX
 
 ACCOUNT, OPENING_CENTS = "AC-12345", 1_024_32
 RELEASE_TIMEOUT_S = 10

@@ -72,10 +72,10 @@ from wire import (
     WithdrawReply,
     encode,
 )
-from wire.codec import frame_bytes
-from wire.kinds import KIND_OF_REQUEST
-from wire.layout import FAST_HEADER
-from wire.limits import MAGIC, PROTOCOL_VERSION
+from wire._codec import frame_bytes
+from wire._kinds import KIND_OF_REQUEST
+from wire._layout import FAST_HEADER
+from wire._limits import MAGIC, PROTOCOL_VERSION
 
 UNKNOWN_ACCOUNT = "QQ-00000"
 WRONG_PIN = "0000"

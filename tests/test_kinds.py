@@ -1,4 +1,4 @@
-"""The money-kind table (wire.kinds): one row per kind, its messages, entry and sign; and
+"""The money-kind table (wire._kinds): one row per kind, its messages, entry and sign; and
 every table keyed by kind elsewhere (the server's limits and answers, the store's
 balance updates, the ATM's words, the state table) has each kind, so a new kind cannot
 be added in one place only."""
@@ -11,8 +11,8 @@ from atm.text import TransactionKind
 from bank import store
 from bank.session import POST_STATUS, SERVER_LIMITS
 from wire import MESSAGE_TYPES, PERMITTED, EntryKind, Message, State
-from wire.kinds import DEPOSIT, KIND_OF_ENTRY, KIND_OF_REQUEST, MONEY_KINDS, WITHDRAWAL
-from wire.messages import MoneyReply, MoneyRequest, reply_type
+from wire._kinds import DEPOSIT, KIND_OF_ENTRY, KIND_OF_REQUEST, MONEY_KINDS, WITHDRAWAL
+from wire._messages import MoneyReply, MoneyRequest, reply_type
 
 
 def messages_of(base: type[Message]) -> set[type[Message]]:

@@ -51,7 +51,7 @@ from wire import (
     WithdrawReply,
     encode,
 )
-from wire.limits import BALANCE_CENTS_MAX, PAYLOAD_BYTES_MAX, SECONDS_MAX
+from wire._limits import BALANCE_CENTS_MAX, PAYLOAD_BYTES_MAX, SECONDS_MAX
 
 settings.register_profile(
     "wire", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -57,7 +57,7 @@ from wire import (
     WithdrawReply,
     encode,
 )
-from wire.codec import frame_bytes
+from wire._codec import frame_bytes
 
 
 def arm_receive_guard(mock_clock: trio.testing.MockClock) -> None:

@@ -23,8 +23,8 @@ from bank.pins import KEY_BYTES
 from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.store import PinPolicy, Store
 from wire import EntryKind
-from wire.kinds import KIND_OF_ENTRY
-from wire.limits import AMOUNT_CENTS_MAX
+from wire._kinds import KIND_OF_ENTRY
+from wire._limits import AMOUNT_CENTS_MAX
 
 T0 = 1_700_000_000_000
 

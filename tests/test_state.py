@@ -39,8 +39,8 @@ from wire import (
     Withdraw,
     encode,
 )
-from wire.codec import frame_bytes
-from wire.messages import Opcode, reply_type
+from wire._codec import frame_bytes
+from wire._messages import Opcode, reply_type
 
 HELLO = Hello(
     payload_bytes_max=1024, history_entries_max=20, amount_cents_max=10_000_000,

@@ -34,7 +34,7 @@ from bank.store import (
     read_books,
 )
 from wire import EntryKind, HistoryEntry
-from wire.limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
+from wire._limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
 
 KEY = bytes(range(KEY_BYTES))
 OTHER_KEY = bytes(KEY_BYTES)

@@ -6,7 +6,7 @@ length limit is enforced from the header alone, garbage is refused on its first 
 request id rules on encode and decode; encode's refusal of out-of-range values, wrong types
 and floats (it never truncates); HISTORY_REPLY entries checked a column at a time, and
 entry counts the payload does not hold; account case-insensitivity and non-ASCII login
-bytes; the PIN kept out of repr; and wire.money's exact dollar parsing and formatting.
+bytes; the PIN kept out of repr; and wire._money's exact dollar parsing and formatting.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ from wire import (
     WireError,
     Withdraw,
     WithdrawReply,
-    codec,
     encode,
 )
-from wire.money import format_cents, parse_dollars
+from wire import _codec as codec
+from wire._money import format_cents, parse_dollars
 
 TXN = bytes(range(16))
 
@@ -63,7 +63,7 @@ def client_decoder() -> Decoder:
 
 
 def frame_from_spec(opcode: int, request_id: int, payload: bytes) -> bytes:
-    """A frame written from the spec's header table, independently of ``wire.codec``."""
+    """A frame written from the spec's header table, independently of ``wire._codec``."""
     body = b"AT\x01" + bytes([opcode]) + request_id.to_bytes(4, "big")
     body += len(payload).to_bytes(2, "big") + payload
     return body + zlib.crc32(body).to_bytes(4, "big")

@@ -26,11 +26,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from wire._state import LOGIN_FAILURES, State, next_state, refusal
-from wire.codec import Decoder, Frame, encode
-from wire.errors import WireError
-from wire.limits import PAYLOAD_BYTES_MAX, REQUEST_ID_MAX
-from wire.messages import (
+from wire._codec import Decoder, Frame, encode
+from wire._errors import WireError
+from wire._limits import PAYLOAD_BYTES_MAX, REQUEST_ID_MAX
+from wire._messages import (
     Error,
     Hello,
     LoginReply,
@@ -42,7 +41,8 @@ from wire.messages import (
     Shutdown,
     reply_type,
 )
-from wire.status import Status
+from wire._state import LOGIN_FAILURES, State, next_state, refusal
+from wire._status import Status
 
 
 class LocalProtocolError(WireError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from wire.messages import (
+from wire._messages import (
     Balance,
     Deposit,
     Error,
@@ -33,7 +33,7 @@ from wire.messages import (
     SessionExpired,
     Withdraw,
 )
-from wire.status import Status
+from wire._status import Status
 
 
 class State(enum.Enum):

@@ -19,9 +19,9 @@ import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wire.codec import Decoder, encode
-from wire.limits import AMOUNT_CENTS_MAX, HISTORY_ENTRIES_MAX, PAYLOAD_BYTES_MAX
-from wire.messages import (
+from wire._codec import Decoder, encode
+from wire._limits import AMOUNT_CENTS_MAX, HISTORY_ENTRIES_MAX, PAYLOAD_BYTES_MAX
+from wire._messages import (
     Balance,
     BalanceReply,
     Deposit,
@@ -44,7 +44,7 @@ from wire.messages import (
     Withdraw,
     WithdrawReply,
 )
-from wire.status import Status
+from wire._status import Status
 
 TARGET_US = 10.0
 """The budget for encoding plus decoding one frame, in microseconds."""

@@ -55,8 +55,11 @@ from bank.store import AccountExists, Store
 from bank.tools import launcher
 from wire import (
     AMOUNT_CENTS_MAX,
+    DEPOSIT,
     HISTORY_ENTRIES_MAX,
+    MONEY_KINDS,
     PAYLOAD_BYTES_MAX,
+    WITHDRAWAL,
     Answer,
     Balance,
     BalanceReply,
@@ -70,6 +73,7 @@ from wire import (
     LoginReply,
     Logout,
     LogoutReply,
+    MoneyKind,
     Ping,
     PingReply,
     Reply,
@@ -80,7 +84,6 @@ from wire import (
     WireError,
 )
 from wire import Connection as Engine
-from wire.kinds import DEPOSIT, MONEY_KINDS, WITHDRAWAL, MoneyKind
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 

@@ -38,6 +38,9 @@ import trio
 from bank.store import DEMO_ACCOUNTS, BookEntry, Books, Store, read_books
 from bank.tools import launcher
 from wire import (
+    KIND_OF_ENTRY,
+    MONEY_KINDS,
+    TXN_ID_BYTES,
     Answer,
     EntryKind,
     Error,
@@ -53,8 +56,6 @@ from wire import (
     WireError,
 )
 from wire import Connection as Engine
-from wire.kinds import KIND_OF_ENTRY, MONEY_KINDS
-from wire.limits import TXN_ID_BYTES
 
 HOST = launcher.LOOPBACK
 """Loopback only: the harness never exposes the server it starts."""

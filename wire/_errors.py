@@ -1,6 +1,6 @@
 """The one exception the wire layer raises for bytes or values that cannot travel."""
 
-from wire.status import Status
+from wire._status import Status
 
 
 class WireError(ValueError):

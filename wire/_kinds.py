@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wire.messages import (
+from wire._messages import (
     Deposit,
     DepositReply,
     EntryKind,

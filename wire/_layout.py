@@ -37,7 +37,7 @@ from construct import (
     this,
 )
 
-from wire.limits import ACCOUNT_BYTES, MAGIC, PIN_BYTES, TXN_ID_BYTES
+from wire._limits import ACCOUNT_BYTES, MAGIC, PIN_BYTES, TXN_ID_BYTES
 
 # -- Frame -------------------------------------------------------------------------
 

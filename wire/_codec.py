@@ -12,11 +12,11 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from wire.errors import WireError
-from wire.layout import CRC_BYTES, FAST_CRC, FAST_HEADER, HEADER_BYTES
-from wire.limits import MAGIC, PAYLOAD_BYTES_MAX, PROTOCOL_VERSION
-from wire.messages import MESSAGE_TYPES, Message, Sender
-from wire.status import Status
+from wire._errors import WireError
+from wire._layout import CRC_BYTES, FAST_CRC, FAST_HEADER, HEADER_BYTES
+from wire._limits import MAGIC, PAYLOAD_BYTES_MAX, PROTOCOL_VERSION
+from wire._messages import MESSAGE_TYPES, Message, Sender
+from wire._status import Status
 
 _MAGIC_BYTES = len(MAGIC)
 _VERSION_END = _MAGIC_BYTES + 1

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 
-from wire.errors import WireError
-from wire.status import Status
+from wire._errors import WireError
+from wire._status import Status
 
 ACCOUNT_PATTERN = re.compile(r"[A-Za-z]{2}-[0-9]{5}", re.ASCII)
 PIN_PATTERN = re.compile(r"[0-9]{4}", re.ASCII)

@@ -2,7 +2,7 @@
 
 A message validates itself on construction, so one that exists can be encoded: the
 encoder never truncates, and the decoder builds messages through the same checks.
-Field order follows the wire layout in ``wire.layout`` (checked at import).
+Field order follows the wire layout in ``wire._layout`` (checked at import).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import ClassVar, TypeVar
 
 from construct import Struct
 
-from wire import layout
-from wire.credentials import canonical_account, check_pin
-from wire.errors import WireError
-from wire.limits import (
+from wire import _layout as layout
+from wire._credentials import canonical_account, check_pin
+from wire._errors import WireError
+from wire._limits import (
     AMOUNT_CENTS_MAX,
     BALANCE_CENTS_MAX,
     HISTORY_ENTRIES_MAX,
@@ -28,7 +28,7 @@ from wire.limits import (
     SECONDS_MAX,
     TXN_ID_BYTES,
 )
-from wire.status import Status
+from wire._status import Status
 
 
 class Opcode(IntEnum):
