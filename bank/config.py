@@ -11,6 +11,7 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from bank.limits import LOCKOUT_MS_MAX
 from wire import (
@@ -32,7 +33,7 @@ setting could overflow it and stop wrong PINs being counted at all; a year is fa
 that, and longer than any timed lock is useful (past it, ``unlock`` is the tool)."""
 
 
-def _setting(default: object, help_text: str, kind: type | None = None) -> object:
+def _setting(default: object, help_text: str, kind: type | None = None) -> Any:
     """A field with its --help text; ``kind`` parses the flag when the default is None."""
     return field(default=default, metadata={"help": help_text, "kind": kind or type(default)})
 

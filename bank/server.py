@@ -34,7 +34,7 @@ import math
 import resource
 from collections import Counter
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -651,6 +651,6 @@ def _peer_address(stream: trio.SocketStream) -> str:
         return "(peer gone)"
 
 
-def _address(sockaddr: tuple) -> str:
+def _address(sockaddr: tuple[Any, ...]) -> str:
     host, port = sockaddr[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

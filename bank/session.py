@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Any
 
 from bank.config import ServerConfig
 from bank.leases import Leases
@@ -98,7 +99,8 @@ class Session:
         self._leases = leases
         self._config = config
         self._name = name
-        self._handlers: dict[type[Request], Callable[[Request], Awaitable[Reply]]] = {
+        # Each handler takes the request type it is filed under: typed Any to say so.
+        self._handlers: dict[type[Request], Callable[[Any], Awaitable[Reply]]] = {
             Login: self._login,
             Logout: self._logout,
             Balance: self._balance,

@@ -547,11 +547,12 @@ class Store:
         )
 
     def _entry_by_txn_id(self, txn_id: bytes) -> tuple[str, int, int, int, int, int] | None:
-        return self._conn.execute(
+        row: tuple[str, int, int, int, int, int] | None = self._conn.execute(
             "SELECT account, kind, amount_cents, entry_id, balance_cents, time_ms"
             " FROM entries WHERE txn_id = ?",
             (txn_id,),
         ).fetchone()
+        return row
 
     def _move_money(self, account: str, change: _BalanceChange, amount_cents: int) -> bool:
         """Change the balance if ``change``'s rule allows; whether a row changed."""

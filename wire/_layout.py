@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import itertools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import itemgetter
+from typing import Any
 
 from construct import (
     Array,
@@ -103,7 +105,8 @@ def _format_of(con: object) -> str:
     if isinstance(con, FormatField):
         if con.fmtstr[0] != ">":
             raise TypeError(f"field {con!r} is not big-endian")
-        return con.fmtstr[1:]
+        fmtstr: str = con.fmtstr
+        return fmtstr[1:]
     if isinstance(con, Const):
         return _format_of(con.subcon)
     if isinstance(con, Bytes) and isinstance(con.length, int):
@@ -148,7 +151,7 @@ class FastLayout:
     array_name: str | None = None
     count: struct.Struct | None = None
     items: struct.Struct | None = None
-    columns: itemgetter | None = None
+    columns: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
     """From the flat values of a whole array payload, one tuple per item field."""
     _wholes: dict[int, struct.Struct] = field(default_factory=dict, compare=False, repr=False)
 
@@ -172,24 +175,27 @@ class FastLayout:
             )
         return cls(names=tuple(f.name for f in fields), head=_fixed_struct(fields))
 
-    def unpack(self, payload: bytes) -> tuple:
+    def unpack(self, payload: bytes) -> tuple[Any, ...]:
         """Field values in wire order. Raises ``struct.error`` unless sizes match exactly."""
         if self.items is None:
             return self.head.unpack(payload)
         *head, columns = self.unpack_columns(payload)
         return (*head, tuple(zip(*columns, strict=True)))
 
-    def unpack_columns(self, payload: bytes) -> tuple:
+    def unpack_columns(self, payload: bytes) -> tuple[Any, ...]:
         """As ``unpack`` for an array layout, but the items come as one tuple per item
         field, so that a receiver can check each field of all items with one C call."""
+        count, items, columns = self.count, self.items, self.columns
+        if count is None or items is None or columns is None:
+            raise TypeError("unpack_columns is for array layouts")
         head_end = self.head.size
-        (n,) = self.count.unpack_from(payload, head_end)
-        if len(payload) != head_end + self.count.size + n * self.items.size:
+        (n,) = count.unpack_from(payload, head_end)
+        if len(payload) != head_end + count.size + n * items.size:
             raise struct.error(f"payload is {len(payload)} bytes, layout says otherwise")
         values = self.whole(n).unpack(payload)
-        return (*values[: len(self.names)], self.columns(values))
+        return (*values[: len(self.names)], columns(values))
 
-    def pack(self, values: tuple) -> bytes:
+    def pack(self, values: tuple[Any, ...]) -> bytes:
         """Bytes of field values given in wire order (the array, if any, last)."""
         if self.items is None:
             return self.head.pack(*values)
@@ -203,6 +209,8 @@ class FastLayout:
         is at most PAYLOAD_BYTES_MAX), ``pack`` by what a message may carry."""
         whole = self._wholes.get(n)
         if whole is None:
+            if self.count is None or self.items is None:
+                raise TypeError("whole is for array layouts")
             formats = (self.head.format, self.count.format, self.items.format * n)
             whole = self._wholes[n] = struct.Struct(">" + "".join(formats).replace(">", ""))
         return whole

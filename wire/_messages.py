@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum, IntEnum
 from itertools import repeat
 from operator import attrgetter, itemgetter
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from construct import Struct
 
@@ -104,7 +104,7 @@ def _as_enum(enum: type[E], name: str, value: object) -> E:
     member = _MEMBERS[enum].get(value)
     if member is None:
         raise WireError(Status.FORMAT_ERROR, f"{name}={value} is not a {enum.__name__}")
-    return member
+    return member  # type: ignore[return-value]  # _MEMBERS[enum] holds only enum's members
 
 
 _MEMBERS: dict[type[IntEnum], dict[int, IntEnum]] = {
@@ -128,15 +128,15 @@ class Message:
     FAST: ClassVar[layout.FastLayout]
     SENDER: ClassVar[Sender]
     REQUEST_IDS: ClassVar[range]
-    VALUES_OF: ClassVar[Callable[[Message], tuple]]
+    VALUES_OF: ClassVar[Callable[[Message], tuple[Any, ...]]]
     """Reads the fields ``FAST.names`` lists, as a tuple; set per class at registration."""
 
-    def wire_values(self) -> tuple:
+    def wire_values(self) -> tuple[Any, ...]:
         """Field values in wire order, as the layout packs them."""
-        return self.VALUES_OF(self)
+        return self.VALUES_OF(self)  # type: ignore[call-arg]  # a staticmethod (_register)
 
     @classmethod
-    def from_wire(cls, values: tuple) -> Message:
+    def from_wire(cls, values: tuple[Any, ...]) -> Message:
         return cls(*values)
 
     @classmethod
@@ -171,11 +171,11 @@ class Login(Request):
         object.__setattr__(self, "account", canonical_account(self.account))
         check_pin(self.pin)
 
-    def wire_values(self) -> tuple:
+    def wire_values(self) -> tuple[Any, ...]:
         return self.account.encode("ascii"), self.pin.encode("ascii")
 
     @classmethod
-    def from_wire(cls, values: tuple) -> Login:
+    def from_wire(cls, values: tuple[Any, ...]) -> Login:
         account, pin = values
         # Latin-1 turns every byte into one character, so a non-ASCII byte reaches the
         # format check (which admits only ASCII) and gets the same refusal as any other
@@ -320,7 +320,7 @@ class WithdrawReply(MoneyReply):
     OPCODE = Opcode.WITHDRAW_REPLY
 
 
-class HistoryEntry(tuple):
+class HistoryEntry(tuple[Any, ...]):
     """One ledger entry: what moved, when, and the balance right after it.
 
     Validated and immutable like a message, but a tuple of its wire values underneath,
@@ -366,7 +366,7 @@ class HistoryEntry(tuple):
 
     __hash__ = tuple.__hash__
 
-    def __getnewargs__(self) -> tuple:
+    def __getnewargs__(self) -> tuple[Any, ...]:
         return tuple(self)  # copy and pickle rebuild through __new__, checks included
 
     def __repr__(self) -> str:
@@ -401,7 +401,7 @@ class HistoryEntry(tuple):
         return tuple(map(tuple.__new__, repeat(cls), rows))
 
 
-_ENTRY_KINDS: dict[int, EntryKind] = _MEMBERS[EntryKind]
+_ENTRY_KINDS = cast(dict[int, EntryKind], _MEMBERS[EntryKind])
 _ENTRY_KIND_VALUES = frozenset(_ENTRY_KINDS)
 
 
@@ -426,11 +426,11 @@ class HistoryReply(Reply):
         if not set(map(type, self.entries)) <= {HistoryEntry}:  # C calls, not one per entry
             raise TypeError("entries must be HistoryEntry values")
 
-    def wire_values(self) -> tuple:
+    def wire_values(self) -> tuple[Any, ...]:
         return self.status, self.entries  # each entry is its own row, in wire order
 
     @classmethod
-    def from_wire(cls, values: tuple) -> HistoryReply:
+    def from_wire(cls, values: tuple[Any, ...]) -> HistoryReply:
         status, rows = values
         return cls(status, tuple(HistoryEntry(*row) for row in rows))
 
@@ -524,7 +524,7 @@ def _leaf_classes(base: type[Message]) -> list[type[Message]]:
     return leaves
 
 
-def _values_getter(names: tuple[str, ...]) -> Callable[[Message], tuple]:
+def _values_getter(names: tuple[str, ...]) -> Callable[[Message], tuple[Any, ...]]:
     """A function returning the named attributes as a tuple, for any number of names.
 
     ``attrgetter`` does it in C: 0.1 us for four fields, where a generator of ``getattr``
@@ -564,7 +564,9 @@ if HistoryReply.FAST.items is None or not HistoryReply.FAST.items.format.lstrip(
 
 def reply_type(request: Request) -> type[Reply]:
     """The reply class answering ``request``: its opcode with the high bit set."""
-    return MESSAGE_TYPES[Opcode(request.OPCODE | REPLY_BIT)]
+    reply = MESSAGE_TYPES[Opcode(request.OPCODE | REPLY_BIT)]
+    assert issubclass(reply, Reply), "_register pairs every request with its reply"
+    return reply
 
 
 REPLY_STATUSES: dict[Opcode, frozenset[Status]] = {

@@ -19,7 +19,7 @@ import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wire._codec import Decoder, encode
+from wire._codec import Decoder, Frame, encode
 from wire._limits import AMOUNT_CENTS_MAX, HISTORY_ENTRIES_MAX, PAYLOAD_BYTES_MAX
 from wire._messages import (
     Balance,
@@ -113,7 +113,7 @@ def measure(label: str, message: Message, request_id: int, *, number: int, repea
         decoder.receive_data(data)
         return decoder.next_frame()
 
-    def round_trip() -> object:
+    def round_trip() -> Frame | None:
         decoder.receive_data(encode(message, request_id))
         return decoder.next_frame()
 

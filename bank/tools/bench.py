@@ -574,7 +574,7 @@ async def probe_latency(session: BenchSession, count: int) -> list[int]:
     return latencies_ns
 
 
-async def measure_idle(address: Address, count: int, pin: str, pid: int | None) -> dict:
+async def measure_idle(address: Address, count: int, pin: str, pid: int | None) -> dict[str, object]:
     """RSS per held session and a probe session's latency while they are held.
 
     The probe logs in and makes its requests first, so the server's one-off costs (its
@@ -639,14 +639,13 @@ async def echo_connection(stream: trio.SocketStream) -> None:
     engine = Engine(Sender.SERVER)
     try:
         await stream.send_all(engine.send(echo_hello()))
-        while engine.state is not State.CLOSED:
-            data = await stream.receive_some(RECEIVE_BYTES_MAX)
-            if not data:
-                return
+        while data := await stream.receive_some(RECEIVE_BYTES_MAX):
             engine.receive_data(data)
-            while engine.state is not State.CLOSED and (frame := engine.next_event()):
+            while (frame := engine.next_event()) is not None:
                 assert isinstance(frame.message, Request), "a server's engine yields requests"
                 await stream.send_all(engine.send(echo_reply(frame.message)))
+                if engine.state is State.CLOSED:  # LOGOUT answered
+                    return
     except Exception:  # one bad connection must not end the server; the bench will see it
         return
     finally:
@@ -754,7 +753,7 @@ def latency_keys(result: LoadResult | None, prefix: str) -> dict[str, float | No
     }
 
 
-def load_report(options: LoadOptions, bank: LoadResult, echo: LoadResult | None) -> dict:
+def load_report(options: LoadOptions, bank: LoadResult, echo: LoadResult | None) -> dict[str, object]:
     return {
         "mode": "load",
         **machine(),
@@ -777,7 +776,7 @@ def load_report(options: LoadOptions, bank: LoadResult, echo: LoadResult | None)
     }
 
 
-def run_load(args: argparse.Namespace) -> dict:
+def run_load(args: argparse.Namespace) -> dict[str, object]:
     options = LoadOptions(args.sessions, args.seconds, args.mix, args.pin)
     ensure_open_files(options.sessions)
     with tempfile.TemporaryDirectory(prefix="bank-bench-", dir=args.dir) as tmp:
@@ -794,7 +793,7 @@ def run_load(args: argparse.Namespace) -> dict:
     return load_report(options, bank, echo)
 
 
-def run_idle(args: argparse.Namespace) -> dict:
+def run_idle(args: argparse.Namespace) -> dict[str, object]:
     count = args.idle
     ensure_open_files(count + 1)
     with (
