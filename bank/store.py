@@ -281,10 +281,9 @@ class Store:
         comes first) raises BatchAborted instead, which rolls back the whole batch, as
         any other exception does, a sqlite3.Error included.
 
-        Checked by SQLite's count of changed rows, not a SAVEPOINT per request: under
-        ``python -m bank.bench``'s 100 sessions, a savepoint and its release took the
-        server from 56-64 to 59-68 us of CPU per request (four interleaved runs each),
-        the two statements costing more in GIL hand-offs than in SQLite.
+        Checked by SQLite's count of changed rows, not a SAVEPOINT per request: a
+        savepoint and its release cost the server 4-9 % of its CPU per request under
+        ``python -m bank.bench`` (BENCHMARKS.md), more in GIL hand-offs than in SQLite.
         """
         outcomes: list[Outcome] = []
         with self._transaction():
