@@ -574,7 +574,9 @@ async def probe_latency(session: BenchSession, count: int) -> list[int]:
     return latencies_ns
 
 
-async def measure_idle(address: Address, count: int, pin: str, pid: int | None) -> dict[str, object]:
+async def measure_idle(
+    address: Address, count: int, pin: str, pid: int | None
+) -> dict[str, object]:
     """RSS per held session and a probe session's latency while they are held.
 
     The probe logs in and makes its requests first, so the server's one-off costs (its
@@ -753,7 +755,9 @@ def latency_keys(result: LoadResult | None, prefix: str) -> dict[str, float | No
     }
 
 
-def load_report(options: LoadOptions, bank: LoadResult, echo: LoadResult | None) -> dict[str, object]:
+def load_report(
+    options: LoadOptions, bank: LoadResult, echo: LoadResult | None
+) -> dict[str, object]:
     return {
         "mode": "load",
         **machine(),
