@@ -137,9 +137,10 @@ class DeadlineSweeper:
     A connection waits on its peer twice per request: to read it and to send the reply.
     A ``trio.CancelScope`` with a deadline around each wait cost about an eighth of the
     server's time per request under 100 sessions (BENCHMARKS.md). Here a wait costs two
-    attribute writes: the connection sets its ``deadline`` and the sweeper, asleep until the soonest one, calls ``expire`` on
-    each connection whose deadline has passed. A sweep reads every watched connection,
-    so sweeps are at least ``SWEEP_INTERVAL_S`` apart.
+    attribute writes: the connection sets its ``deadline`` and the sweeper, asleep until
+    the soonest one, calls ``expire`` on each connection whose deadline has passed. A
+    sweep reads every watched connection, so sweeps are at least ``SWEEP_INTERVAL_S``
+    apart.
     """
 
     def __init__(self) -> None:
