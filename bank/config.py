@@ -8,6 +8,7 @@ Limits carry their unit as the last word of their name.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -79,6 +80,20 @@ class ServerConfig:
     withdrawal_cents_max: int = _setting(
         100_000, "largest withdrawal in one transaction, in cents (EXCEEDS_WITHDRAWAL_LIMIT)"
     )
+    tls_cert: Path | None = _setting(
+        None, "serve the protocol inside TLS with this certificate chain (PEM; with"
+        " --tls-key); `python -m bank tls-init` makes one", kind=Path,
+    )
+    tls_key: Path | None = _setting(None, "the private key of --tls-cert (PEM)", kind=Path)
+    tls_client_ca: Path | None = _setting(
+        None, "require every ATM to present a terminal certificate signed by this CA"
+        " (mutual TLS); `python -m bank tls-terminal` issues them", kind=Path,
+    )
+    tls12: bool = _setting(False, "accept TLS 1.2 as well as TLS 1.3 (1.3 only by default)")
+    insecure_plaintext: bool = _setting(
+        False, "serve without TLS on an address that is not loopback: PINs then cross the"
+        " network in clear, so only on a network you trust"
+    )
     ready_file: Path | None = _setting(
         None, "once listening, write the pid and the addresses served to this JSON file"
         " (atomically), for a launcher to wait on; removed on exit", kind=Path,
@@ -105,6 +120,20 @@ class ServerConfig:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be 0..65535")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither")
+        if self.tls_cert is None and (self.tls_client_ca is not None or self.tls12):
+            raise ValueError("tls_client_ca and tls12 need tls_cert and tls_key")
+        if self.tls_cert is None and not self.insecure_plaintext and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to serve plaintext on {self.host}, which is not loopback: PINs"
+                " would cross the network in clear. Give tls_cert and tls_key (python -m bank"
+                " tls-init makes them; see the README's TLS section), or insecure_plaintext"
+                " on a network you trust"
+            )
 
     def hello(self) -> Hello:
         """The greeting that announces these settings' limits to every ATM."""
@@ -118,6 +147,28 @@ class ServerConfig:
         )
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``): only there may the
+    server listen without TLS by default. A host name other than localhost may resolve
+    anywhere, so it counts as not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_bool(text: str) -> bool:
+    """An environment variable's truth: 1/true/yes/on or 0/false/no/off."""
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a yes or no: {text!r}")
+
+
 def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
     """Add a flag per setting (or the named ones), defaulting to its env var, then default."""
     for f in fields(ServerConfig):
@@ -125,16 +176,19 @@ def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = Non
             continue
         env = ENV_PREFIX + f.name.upper()
         kind = f.metadata["kind"]
+        parse = _parse_bool if kind is bool else kind
         try:
-            default = kind(os.environ[env]) if env in os.environ else f.default
+            default = parse(os.environ[env]) if env in os.environ else f.default
         except ValueError:
             parser.error(f"{env}={os.environ[env]!r} is not a valid {kind.__name__}")
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=kind,
-            default=default,
-            help=f"{f.metadata['help']} (env {env}; now %(default)s)",
-        )
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (env {env}; now %(default)s)"
+        if kind is bool:  # a switch: --tls12, or --no-tls12 over the env var
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
 def from_arguments(args: argparse.Namespace) -> ServerConfig:

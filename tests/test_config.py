@@ -1,11 +1,17 @@
-"""ServerConfig's limits: the PIN lockout is bounded so a lock's end always fits SQLite."""
+"""ServerConfig's limits: the PIN lockout is bounded so a lock's end always fits SQLite;
+plaintext is refused off loopback; TLS settings come as a whole; switches parse."""
 
 from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from bank.__main__ import build_parser
-from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig, from_arguments
+from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig, add_arguments, from_arguments
 from bank.limits import LOCKOUT_MS_MAX
 
 
@@ -33,3 +39,43 @@ def test_the_flag_and_the_env_var_are_held_to_the_limit(monkeypatch: pytest.Monk
     monkeypatch.setenv("BANK_PIN_LOCKOUT_S", past_the_limit)
     with pytest.raises(ValueError, match="pin_lockout_s"):
         from_arguments(build_parser().parse_args([]))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "bank.example"])
+def test_plaintext_off_loopback_is_refused_unless_asked_for(host: str) -> None:
+    with pytest.raises(ValueError, match="refusing to serve plaintext"):
+        ServerConfig(host=host)
+    assert ServerConfig(host=host, insecure_plaintext=True).host == host
+    tls = ServerConfig(host=host, tls_cert=Path("server.pem"), tls_key=Path("server.key"))
+    assert tls.tls_cert == Path("server.pem")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_plaintext_on_loopback_is_the_default(host: str) -> None:
+    assert not ServerConfig(host=host).insecure_plaintext
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"tls_cert": Path("server.pem")},
+        {"tls_key": Path("server.key")},
+        {"tls_client_ca": Path("ca.pem")},
+        {"tls12": True},
+    ],
+)
+def test_tls_settings_that_cannot_work_alone_are_refused(settings: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="tls"):
+        ServerConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_switches_take_flags_and_yes_or_no_env_vars() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ["tls12", "insecure_plaintext"])
+    assert parser.parse_args(["--tls12"]).tls12 is True
+    assert parser.parse_args([]).insecure_plaintext is False
+    with mock.patch.dict(os.environ, {"BANK_INSECURE_PLAINTEXT": "yes"}):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser, ["insecure_plaintext"])
+    assert parser.parse_args([]).insecure_plaintext is True
+    assert parser.parse_args(["--no-insecure-plaintext"]).insecure_plaintext is False
