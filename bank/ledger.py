@@ -93,6 +93,7 @@ class Ledger(Protocol):
         kind: EntryKind,
         amount_cents: int,
         limit_cents: int,
+        terminal: str | None = None,
     ) -> Posting:
         """Apply a deposit or withdrawal once, durably, before returning.
 
@@ -103,6 +104,7 @@ class Ledger(Protocol):
         transaction over ``limit_cents`` (the server's own limit for its kind) is
         OVER_LIMIT. The limit is checked after the transaction id, so a retry of an
         applied transaction gets its original entry even if the limit changed since.
+        ``terminal`` (the ATM's TLS identity, if known) is recorded with a new entry.
         """
         ...
 

@@ -32,6 +32,7 @@ import itertools
 import logging
 import math
 import resource
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -44,7 +45,9 @@ from bank.ledger import Ledger
 from bank.session import Session
 from bank.transport import (
     CLOSE_LINGER_S,
+    HandshakeFailed,
     SocketTransport,
+    TlsTransport,
     Transport,
     close_gracefully,
 )
@@ -105,6 +108,8 @@ class Ending(enum.Enum):
     GRACE_OVER = "shutdown grace period over"
     SEND_TIMEOUT = "peer did not read a reply in time"
     EVICTED = "evicted: not logged in, and the server is full"
+    HANDSHAKE_TIMEOUT = "TLS handshake not completed in time"
+    HANDSHAKE_FAILED = "TLS handshake failed"
 
 
 class ConnectionEnded(Exception):
@@ -197,10 +202,14 @@ class Connection:
         name: str,
         sweeper: DeadlineSweeper,
         on_login: Callable[[Connection], None] = lambda connection: None,
+        on_handshake_failed: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.name = name
         self.session = session
         self._on_login = on_login
+        self._on_handshake_failed = on_handshake_failed
+        self._handshaking = False
+        self._handshaken = False
         self.deadline = math.inf
         """When the current wait on the peer gives up (trio clock), read by the sweeper."""
         self._ending = Ending.IDLE
@@ -229,8 +238,9 @@ class Connection:
 
     @property
     def waiting_on_peer(self) -> bool:
-        """True while the connection waits for its peer's next bytes, doing nothing."""
-        return self._reading
+        """True while the connection waits for its peer's next bytes (or for its TLS
+        handshake to complete), doing nothing else."""
+        return self._reading or self._handshaking
 
     @property
     def logged_in(self) -> bool:
@@ -278,6 +288,7 @@ class Connection:
 
     async def _serve_until_interrupted(self) -> None:
         if not self._greeted:
+            await self._handshake()
             self._greeted = True
             await self._send(self._config.hello())
         while self._engine.state is not State.CLOSED:
@@ -301,6 +312,29 @@ class Connection:
                 # client pipelining many cannot hold the loop. No frame has left the
                 # decoder, so a cancellation here loses nothing.
                 await trio.lowlevel.checkpoint()
+
+    async def _handshake(self) -> None:
+        """The transport's handshake (TLS), bounded by the login deadline: a connection
+        that never completes one is as one that never logs in. A failure is reported
+        to the server (which logs it, once per address per interval) and ends it."""
+        deadline = self._connected_at + self._config.login_timeout_s
+        ending = Ending.HANDSHAKE_TIMEOUT
+        if self._shutdown_at is not None and self._shutdown_at < deadline:
+            deadline, ending = self._shutdown_at, Ending.GRACE_OVER
+        self._wait_until(deadline, ending)
+        self._handshaking = True
+        try:
+            terminal = await self._transport.handshake()
+        except HandshakeFailed as failure:
+            self._on_handshake_failed(str(failure))
+            raise ConnectionEnded(Ending.HANDSHAKE_FAILED) from None
+        finally:
+            self._handshaking = False
+        self.deadline = math.inf
+        self._handshaken = True
+        if terminal is not None:
+            self.name = f"{self.name} {terminal}"
+            self.session.identify(self.name, terminal)
 
     async def _answer(self, frame: Frame) -> None:
         """Send the state table's refusal, or else the session's reply, to one request."""
@@ -378,7 +412,7 @@ class Connection:
             notice = SessionExpired()
         elif ending is Ending.FRAME_TIMEOUT:
             notice = Error(Status.FORMAT_ERROR)
-        if notice is not None:
+        if notice is not None and self._handshaken:  # no word over half a TLS handshake
             data = self._engine.send(notice)
             with trio.move_on_after(self._config.frame_timeout_s):
                 await self._send_bytes(data)
@@ -407,8 +441,11 @@ class Connection:
 class BankServer:
     """Accepts ATM connections and runs one ``Connection`` task for each."""
 
-    def __init__(self, config: ServerConfig, ledger: Ledger) -> None:
+    def __init__(
+        self, config: ServerConfig, ledger: Ledger, *, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.config = config
+        self._tls = tls
         self.leases = Leases()
         self._ledger = ledger
         self._refusals = trio.CapacityLimiter(REFUSALS_MAX)
@@ -496,9 +533,13 @@ class BankServer:
 
     async def _serve_connection(self, stream: trio.SocketStream, name: str, address: str) -> None:
         session = Session(ledger=self._ledger, leases=self.leases, config=self.config, name=name)
+        transport: Transport = (
+            TlsTransport(stream, self._tls) if self._tls else SocketTransport(stream)
+        )
         connection = Connection(
-            SocketTransport(stream), session=session, config=self.config, name=name,
+            transport, session=session, config=self.config, name=name,
             sweeper=self._sweeper, on_login=self._logged_in,
+            on_handshake_failed=functools.partial(self._handshake_failed, address),
         )
         self._connections.add(connection)
         self._slotted.add(connection)
@@ -518,6 +559,11 @@ class BankServer:
             self._evicting.discard(connection)
             self._connections.discard(connection)
             log.info("%s: closed", name)
+
+    def _handshake_failed(self, address: str, reason: str) -> None:
+        self._warnings.warn(
+            f"tls {address}", "TLS handshakes from %s fail: %s", address, reason
+        )
 
     def _logged_in(self, connection: Connection) -> None:
         """``connection`` logged in: it no longer counts against its address, and is

@@ -95,6 +95,8 @@ class Session:
         self, *, ledger: Ledger, leases: Leases, config: ServerConfig, name: str
     ) -> None:
         self.account: str | None = None
+        self.terminal: str | None = None
+        """The ATM's identity from its TLS terminal certificate, booked with each entry."""
         self._ledger = ledger
         self._leases = leases
         self._config = config
@@ -108,6 +110,10 @@ class Session:
             History: self._history,
             Ping: self._ping,
         }
+
+    def identify(self, name: str, terminal: str) -> None:
+        """The connection learned which terminal this is (its TLS certificate)."""
+        self._name, self.terminal = name, terminal
 
     async def handle(self, request: Request) -> Reply:
         """The reply to one request that the protocol engine let through.
@@ -177,6 +183,7 @@ class Session:
             kind=kind.entry_kind,
             amount_cents=request.amount_cents,
             limit_cents=SERVER_LIMITS[kind.entry_kind].cents_max(self._config),
+            terminal=self.terminal,
         )
 
     async def _history(self, request: History) -> Reply:

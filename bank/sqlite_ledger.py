@@ -95,8 +95,11 @@ class SqliteLedger:
         kind: EntryKind,
         amount_cents: int,
         limit_cents: int,
+        terminal: str | None = None,
     ) -> Posting:
-        request = PostRequest(account, txn_id, EntryKind(kind), amount_cents, limit_cents)
+        request = PostRequest(
+            account, txn_id, EntryKind(kind), amount_cents, limit_cents, terminal
+        )
         return cast(Posting, await self._submit(request))
 
     async def history(self, account: str, count: int) -> list[HistoryEntry]:

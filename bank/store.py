@@ -37,7 +37,7 @@ from wire import (
     check_pin,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Stored in ``PRAGMA user_version``; 0 means a new database, to be created and seeded."""
 
 PIN_FAILURES_PRUNED_MAX = 2
@@ -75,7 +75,8 @@ CREATE TABLE entries (
     kind INTEGER NOT NULL CHECK (kind IN (1, 2)),
     amount_cents INTEGER NOT NULL CHECK (amount_cents > 0),
     balance_cents INTEGER NOT NULL CHECK (balance_cents >= 0),
-    time_ms INTEGER NOT NULL CHECK (time_ms >= 0)
+    time_ms INTEGER NOT NULL CHECK (time_ms >= 0),
+    terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80)
 ) STRICT;
 
 CREATE INDEX entries_by_account ON entries (account, entry_id);
@@ -99,11 +100,17 @@ ALTER TABLE pin_failures
     ADD COLUMN last_failure_ms INTEGER NOT NULL DEFAULT 0 CHECK (last_failure_ms >= 0);
 CREATE INDEX pin_failures_by_age ON pin_failures (last_failure_ms);
 """,
+    2: """
+ALTER TABLE entries
+    ADD COLUMN terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80);
+""",
 }
 """Statements that take a database from version N to N + 1, run in one transaction.
 
 1 -> 2: PIN failures carry their time, so that old ones are forgotten and their rows
-deleted; rows from version 1 count as old, but a lock in force is kept until it ends."""
+deleted; rows from version 1 count as old, but a lock in force is kept until it ends.
+2 -> 3: an entry records the terminal (its TLS certificate's identity) that booked it;
+NULL for entries booked without one, as all earlier entries were."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +141,8 @@ class PostRequest:
     amount_cents: int
     limit_cents: int
     """The server's own limit for a new transaction of this kind (see ``Store.post``)."""
+    terminal: str | None = None
+    """The booking ATM's identity, from its TLS terminal certificate, if it had one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +263,7 @@ class Store:
         amount_cents: int,
         now_ms: int,
         limit_cents: int,
+        terminal: str | None = None,
     ) -> Posting:
         """Apply a deposit or withdrawal once, in one committed transaction.
 
@@ -263,7 +273,9 @@ class Store:
         settings. Refusals (AMOUNT_OUT_OF_RANGE, OVER_LIMIT, INSUFFICIENT_FUNDS,
         BALANCE_FULL) record nothing, so a retry with the same id is judged afresh.
         """
-        request = PostRequest(account, txn_id, EntryKind(kind), amount_cents, limit_cents)
+        request = PostRequest(
+            account, txn_id, EntryKind(kind), amount_cents, limit_cents, terminal
+        )
         (outcome,) = self.execute_batch([request], now_ms)
         if isinstance(outcome, Exception):
             raise outcome
@@ -336,6 +348,7 @@ class Store:
             amount_cents=amount_cents,
             balance_cents=balance_cents,
             now_ms=now_ms,
+            terminal=request.terminal,
         )
         return Posting(PostResult.BOOKED, balance_cents, entry_id, now_ms)
 
@@ -567,11 +580,13 @@ class Store:
         amount_cents: int,
         balance_cents: int,
         now_ms: int,
+        terminal: str | None,
     ) -> int:
         cursor = self._conn.execute(
-            "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (account, txn_id, int(kind), amount_cents, balance_cents, now_ms),
+            "INSERT INTO entries"
+            " (account, txn_id, kind, amount_cents, balance_cents, time_ms, terminal)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (account, txn_id, int(kind), amount_cents, balance_cents, now_ms, terminal),
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
@@ -678,6 +693,8 @@ class BookEntry:
     amount_cents: int
     balance_cents: int
     time_ms: int
+    terminal: str | None = None
+    """The TLS identity of the ATM that booked it; None if it had none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -705,8 +722,8 @@ def read_books(db_path: str | os.PathLike[str]) -> Books:
             "SELECT account, opening_cents, balance_cents FROM accounts ORDER BY account"
         ).fetchall()
         entries = conn.execute(
-            "SELECT entry_id, account, txn_id, kind, amount_cents, balance_cents, time_ms"
-            " FROM entries ORDER BY entry_id"
+            "SELECT entry_id, account, txn_id, kind, amount_cents, balance_cents, time_ms,"
+            " terminal FROM entries ORDER BY entry_id"
         ).fetchall()
     finally:
         conn.close()
@@ -714,7 +731,9 @@ def read_books(db_path: str | os.PathLike[str]) -> Books:
         opening_cents={account: opening for account, opening, _ in accounts},
         balance_cents={account: balance for account, _, balance in accounts},
         entries=tuple(
-            BookEntry(entry_id, account, txn_id, EntryKind(kind), amount, balance, time_ms)
-            for entry_id, account, txn_id, kind, amount, balance, time_ms in entries
+            BookEntry(
+                entry_id, account, txn_id, EntryKind(kind), amount, balance, time_ms, terminal
+            )
+            for entry_id, account, txn_id, kind, amount, balance, time_ms, terminal in entries
         ),
     )

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Protocol
+import ssl
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import trio
 
@@ -33,6 +35,11 @@ CLOSE_DRAIN_BYTES_MAX = 64 * 1024
 
 
 class Transport(Protocol):
+    async def handshake(self) -> str | None:
+        """Set up what the stream needs before the protocol starts (a TLS handshake);
+        the peer's verified identity, if it has one. Raises ``HandshakeFailed``."""
+        ...
+
     async def receive_some(self) -> bytes | bytearray:
         """What the peer sent next, at most RECEIVE_BYTES_MAX bytes; empty at its end.
         Cancelling a wait loses no bytes."""
@@ -64,6 +71,9 @@ class SocketTransport:
         self._socket = stream.socket
         self._fd = self._socket.fileno()
 
+    async def handshake(self) -> None:
+        return None
+
     async def receive_some(self) -> bytes:
         while True:
             await trio.lowlevel.wait_readable(self._socket)
@@ -86,10 +96,13 @@ class SocketTransport:
 
 
 class StreamTransport:
-    """Any Trio stream: TLS, or a memory stream in tests."""
+    """Any Trio stream: a memory stream in tests, or, as ``TlsTransport``, TLS."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
+
+    async def handshake(self) -> str | None:
+        return None
 
     async def receive_some(self) -> bytes | bytearray:
         return await self.stream.receive_some(RECEIVE_BYTES_MAX)
@@ -99,6 +112,62 @@ class StreamTransport:
 
     async def aclose(self) -> None:
         await close_gracefully(self.stream)
+
+
+class HandshakeFailed(Exception):
+    """The TLS handshake failed; the message is one plain sentence for the operator."""
+
+
+class TlsTransport(StreamTransport):
+    """TLS over a TCP socket, as ``trio.SSLStream`` does it (https_compatible: see the
+    module docstring). The handshake is explicit, so that the server bounds it by the
+    connection's login deadline and knows the terminal before the protocol starts."""
+
+    stream: trio.SSLStream[trio.SocketStream]
+
+    def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext) -> None:
+        super().__init__(trio.SSLStream(stream, context, server_side=True, https_compatible=True))
+
+    async def handshake(self) -> str | None:
+        """The terminal's identity from its verified certificate (None without one)."""
+        try:
+            await self.stream.do_handshake()
+        except trio.BrokenResourceError as error:
+            raise HandshakeFailed(describe_handshake_failure(error.__cause__)) from None
+        return peer_identity(self.stream.getpeercert())
+
+
+def peer_identity(certificate: Mapping[str, Any] | None) -> str | None:
+    """``CN=atm-0042`` from a verified peer certificate's subject, for the logs and the
+    ledger; None when the peer presented none (no client CA was configured)."""
+    if not certificate:
+        return None
+    for rdn in certificate.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return f"CN={value}"
+    return "CN=(none)"
+
+
+def describe_handshake_failure(error: BaseException | None) -> str:
+    """One plain sentence for a failed handshake, from the TLS library's reason."""
+    reason = getattr(error, "reason", None) or type(error).__name__
+    return HANDSHAKE_FAILURES.get(str(reason), f"TLS handshake failed ({reason})")
+
+
+HANDSHAKE_FAILURES: dict[str, str] = {
+    "HTTP_REQUEST": "the client spoke HTTP, not TLS",
+    "WRONG_VERSION_NUMBER": "the client did not speak TLS (plaintext on the TLS port?)",
+    "UNSUPPORTED_PROTOCOL": "the client offered only a TLS version this server refuses",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the terminal presented no certificate",
+    "CERTIFICATE_VERIFY_FAILED": "the terminal's certificate is not signed by the client CA,"
+    " or has expired",
+    "TLSV1_ALERT_UNKNOWN_CA": "the terminal does not trust this server's certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the terminal rejected this server's certificate",
+    "UNEXPECTED_EOF_WHILE_READING": "the client closed the connection during the handshake",
+    "SSLEOFError": "the client closed the connection during the handshake",
+}
+"""The OpenSSL reasons an operator meets most, in plain words; others show the reason."""
 
 
 async def close_gracefully(stream: trio.abc.Stream) -> None:

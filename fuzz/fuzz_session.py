@@ -151,6 +151,7 @@ class FakeLedger:
         kind: EntryKind,
         amount_cents: int,
         limit_cents: int,
+        terminal: str | None = None,
     ) -> Posting:
         if txn_id[: len(STORAGE_FAILURE_TXN_PREFIX)] == STORAGE_FAILURE_TXN_PREFIX:
             raise StorageError("fake disk failure")

@@ -13,6 +13,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import trio
 import trio.testing
@@ -20,7 +21,7 @@ import trio.testing
 from atm.connection import Connection
 from bank.config import ServerConfig
 from bank.leases import Leases
-from bank.ledger import Ledger
+from bank.ledger import Ledger, PinResult, Posting
 from bank.server import BankServer
 from bank.session import Session
 from bank.sqlite_ledger import SqliteLedger
@@ -234,6 +235,53 @@ def bank_process_args(workdir: Path) -> list[str]:
         "--db", str(workdir / "bank.db"), "--key-file", str(workdir / "bank.key"),
         "--log-level", "INFO", "--shutdown-grace-s", "5",
     ]
+
+
+@dataclass
+class Fault:
+    error: Exception
+    after_work: bool
+    """Raise after the real call has done its work (a commit whose success went unseen)."""
+
+
+class FaultyLedger:
+    """The real ledger, except where a test makes its calls raise: ``fail_next`` makes
+    one method's next call raise (before or after the real work), and while ``failing``
+    is set every call raises it (a bug below the session, whichever call it is)."""
+
+    def __init__(self, real: Ledger) -> None:
+        self.real = real
+        self.faults: dict[str, Fault] = {}
+        self.failing: Exception | None = None
+
+    def fail_next(self, method: str, error: Exception, *, after_work: bool = False) -> None:
+        self.faults[method] = Fault(error, after_work)
+
+    async def _call(self, method: str, *args: object, **kwargs: object) -> Any:
+        if self.failing is not None:
+            raise self.failing
+        fault = self.faults.pop(method, None)
+        if fault is not None and not fault.after_work:
+            raise fault.error
+        result = await getattr(self.real, method)(*args, **kwargs)
+        if fault is not None:
+            raise fault.error
+        return result
+
+    async def verify_pin(self, account: str, pin: str) -> PinResult:
+        return cast(PinResult, await self._call("verify_pin", account, pin))
+
+    async def balance(self, account: str) -> int:
+        return cast(int, await self._call("balance", account))
+
+    async def post(self, **posting: Any) -> Posting:
+        return cast(Posting, await self._call("post", **posting))
+
+    async def history(self, account: str, count: int) -> list[HistoryEntry]:
+        return cast(list[HistoryEntry], await self._call("history", account, count))
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
 
 
 class ServedSession:

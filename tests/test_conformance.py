@@ -46,6 +46,7 @@ from tests.helpers import (
     OTHER_ACCOUNT,
     OTHER_PIN,
     RECEIVE_TIMEOUT_S,
+    FaultyLedger,
     RunningServer,
     ServedSession,
     WireClient,
@@ -940,25 +941,6 @@ def test_a_known_status_outside_its_row_is_not_a_format_error(op: Opcode) -> Non
     assert (refused.value.status, refused.value.fatal) == (Status.FORMAT_ERROR, True)
 
 
-class FaultyLedger:
-    """A real ledger whose every call raises once ``failing`` is set: a bug below the
-    session, as opposed to a storage failure (which a closed ledger gives)."""
-
-    def __init__(self, ledger: SqliteLedger) -> None:
-        self._ledger = ledger
-        self.failing = False
-
-    def __getattr__(self, name: str) -> object:
-        method = getattr(self._ledger, name)
-
-        async def call(*args: object, **kwargs: object) -> object:
-            if self.failing:
-                raise RuntimeError(f"a bug in {name}")
-            return await method(*args, **kwargs)
-
-        return call
-
-
 async def test_the_server_answers_each_request_only_with_its_rows_statuses(
     ledger: SqliteLedger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -1018,9 +1000,9 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
         victim = session(faulty)
         if not isinstance(request, Login):
             await ask(victim, Login(DEMO_ACCOUNT, DEMO_PIN))
-        faulty.failing = True
+        faulty.failing = RuntimeError("a bug below the session")
         await ask(victim, request)
-        faulty.failing = False
+        faulty.failing = None
         victim.end()
 
     async def bug(_session: Session, _request: Request) -> Reply:

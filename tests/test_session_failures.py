@@ -16,19 +16,18 @@ chosen call raise, once. Waiting is on replies and closes only; nothing sleeps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import trio
 
 from bank.config import ServerConfig
-from bank.ledger import PinResult, Posting, StorageError
+from bank.ledger import StorageError
 from bank.sqlite_ledger import SqliteLedger
 from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
     DEMO_PIN,
+    FaultyLedger,
     RunningServer,
     WireClient,
     logged_in,
@@ -42,7 +41,6 @@ from wire import (
     DepositReply,
     EntryKind,
     History,
-    HistoryEntry,
     HistoryReply,
     Logout,
     LogoutReply,
@@ -55,63 +53,6 @@ from wire import (
     WithdrawReply,
     encode,
 )
-
-
-@dataclass
-class Fault:
-    error: Exception
-    after_work: bool
-    """Raise after the real call has done its work (a commit whose success went unseen)."""
-
-
-class FaultyLedger:
-    """The real ledger, except that ``fail_next`` makes one method's next call raise."""
-
-    def __init__(self, real: SqliteLedger) -> None:
-        self.real = real
-        self.faults: dict[str, Fault] = {}
-
-    def fail_next(self, method: str, error: Exception, *, after_work: bool = False) -> None:
-        self.faults[method] = Fault(error, after_work)
-
-    async def _call(self, method: str, *args: object, **kwargs: object) -> Any:
-        fault = self.faults.pop(method, None)
-        if fault is not None and not fault.after_work:
-            raise fault.error
-        result = await getattr(self.real, method)(*args, **kwargs)
-        if fault is not None:
-            raise fault.error
-        return result
-
-    async def verify_pin(self, account: str, pin: str) -> PinResult:
-        return await self._call("verify_pin", account, pin)
-
-    async def balance(self, account: str) -> int:
-        return await self._call("balance", account)
-
-    async def post(
-        self,
-        *,
-        account: str,
-        txn_id: bytes,
-        kind: EntryKind,
-        amount_cents: int,
-        limit_cents: int,
-    ) -> Posting:
-        return await self._call(
-            "post",
-            account=account,
-            txn_id=txn_id,
-            kind=kind,
-            amount_cents=amount_cents,
-            limit_cents=limit_cents,
-        )
-
-    async def history(self, account: str, count: int) -> list[HistoryEntry]:
-        return await self._call("history", account, count)
-
-    async def aclose(self) -> None:
-        await self.real.aclose()
 
 
 @pytest.fixture

@@ -144,6 +144,7 @@ def test_a_version_1_database_is_migrated_and_its_locks_kept(db_path: Path):
     with raw(db_path) as conn:  # back to version 1: pin_failures without its time column
         conn.executescript(
             """
+            ALTER TABLE entries DROP COLUMN terminal;
             DROP INDEX pin_failures_by_age;
             DROP TABLE pin_failures;
             CREATE TABLE pin_failures (
@@ -165,6 +166,24 @@ def test_a_version_1_database_is_migrated_and_its_locks_kept(db_path: Path):
         assert store.verify_pin("BC-01373", "0000", T0, POLICY) is PinResult.WRONG
         assert store.verify_pin("BC-01373", "0000", T0, POLICY) is PinResult.WRONG
         assert store.integrity_ok()
+
+
+def test_a_version_2_database_is_migrated_and_new_entries_name_their_terminal(
+    db_path: Path,
+):
+    with Store(db_path, KEY) as store:
+        before = post(store, 1, DEPOSIT, 100)
+    with raw(db_path) as conn:  # back to version 2: entries without their terminal
+        conn.executescript("ALTER TABLE entries DROP COLUMN terminal; PRAGMA user_version = 2;")
+    with Store(db_path, KEY) as store:
+        assert store._conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        after = store.post(
+            account="AC-12345", txn_id=bytes([2]) * 16, kind=DEPOSIT, amount_cents=100,
+            now_ms=T0, limit_cents=AMOUNT_CENTS_MAX, terminal="CN=atm-0042",
+        )
+        assert store.integrity_ok()
+    terminals = {entry.entry_id: entry.terminal for entry in read_books(db_path).entries}
+    assert terminals == {before.entry_id: None, after.entry_id: "CN=atm-0042"}
 
 
 def test_close_checkpoints_the_wal_and_is_idempotent(db_path: Path):
