@@ -1,0 +1,418 @@
+"""bank/tls.py: the operator's certificate files.
+
+Covers the files ``init_ca_and_server`` and ``issue_terminal`` write: their contents and
+modes, never overwriting, and the real ``openssl``'s verdict on them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from bank.tls import (
+    CA_CERT_FILE,
+    CA_KEY_FILE,
+    CA_VALIDITY_DAYS,
+    CLOCK_SKEW_S,
+    SERVER_CERT_FILE,
+    SERVER_KEY_FILE,
+    SERVER_VALIDITY_DAYS,
+    TERMINAL_VALIDITY_DAYS,
+    TlsError,
+    TlsFileExists,
+    TlsFiles,
+    init_ca_and_server,
+    issue_terminal,
+)
+
+NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+"""Certificates store whole seconds, so tests that compare dates start from one."""
+
+HOSTS = ["localhost", "127.0.0.1", "::1"]
+TERMINAL = "atm-0042"
+
+OPENSSL_TIMEOUT_S = 30
+
+
+# --- Fixtures and helpers ------------------------------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> TlsFiles:
+    """The bank's CA and server certificate, in a directory init creates."""
+    return init_ca_and_server(tmp_path / "pki", HOSTS, now=NOW)
+
+
+@pytest.fixture
+def terminal(pki: TlsFiles) -> TlsFiles:
+    return issue_terminal(pki.ca.parent, TERMINAL, now=NOW)
+
+
+@pytest.fixture
+def other_pki(tmp_path: Path) -> TlsFiles:
+    """Another bank's CA: its certificates are right in every way but who signed them."""
+    return init_ca_and_server(tmp_path / "other", HOSTS, now=NOW)
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def extension(certificate: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extension:
+    return certificate.extensions.get_extension_for_class(kind)
+
+
+def file_mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+# --- init_ca_and_server --------------------------------------------------------------------
+
+
+def test_init_writes_a_ca_and_a_server_certificate_it_signed(pki: TlsFiles):
+    directory = pki.ca.parent
+    assert pki == TlsFiles(
+        ca=directory / CA_CERT_FILE,
+        cert=directory / SERVER_CERT_FILE,
+        key=directory / SERVER_KEY_FILE,
+    )
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE]
+    )
+    ca, server = load_certificate(pki.ca), load_certificate(pki.cert)
+    server.verify_directly_issued_by(ca)
+    ca.verify_directly_issued_by(ca)
+
+
+def test_the_ca_may_sign_end_certificates_only(pki: TlsFiles):
+    ca = load_certificate(pki.ca)
+    constraints = extension(ca, x509.BasicConstraints)
+    assert constraints.critical
+    assert constraints.value == x509.BasicConstraints(ca=True, path_length=0)
+    usage = extension(ca, x509.KeyUsage)
+    assert usage.critical
+    assert usage.value.key_cert_sign and usage.value.crl_sign
+    assert not usage.value.digital_signature
+    assert extension(ca, x509.SubjectKeyIdentifier).value == (
+        x509.SubjectKeyIdentifier.from_public_key(ca.public_key())
+    )
+
+
+def test_the_server_certificate_names_every_host_and_serves_only(pki: TlsFiles):
+    ca, server = load_certificate(pki.ca), load_certificate(pki.cert)
+    assert server.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "localhost"
+    assert server.issuer == ca.subject
+    names = extension(server, x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert extension(server, x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.SERVER_AUTH]
+    )
+    usage = extension(server, x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature
+    assert not usage.value.key_cert_sign
+    assert extension(server, x509.BasicConstraints).value.ca is False
+    assert extension(server, x509.AuthorityKeyIdentifier).value.key_identifier == (
+        extension(ca, x509.SubjectKeyIdentifier).value.digest
+    )
+
+
+def test_keys_are_p256_and_signatures_ecdsa_sha256(pki: TlsFiles):
+    for path in (pki.ca, pki.cert):
+        certificate = load_certificate(path)
+        assert isinstance(certificate.signature_hash_algorithm, hashes.SHA256)
+        public_key = certificate.public_key()
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        assert public_key.curve.name == "secp256r1"
+    key = serialization.load_pem_private_key(pki.key.read_bytes(), password=None)
+    assert key.public_key() == load_certificate(pki.cert).public_key()
+
+
+def test_validity_is_ten_years_for_the_ca_and_two_for_the_server(pki: TlsFiles):
+    skew = datetime.timedelta(seconds=CLOCK_SKEW_S)
+    for path, days in ((pki.ca, CA_VALIDITY_DAYS), (pki.cert, SERVER_VALIDITY_DAYS)):
+        certificate = load_certificate(path)
+        assert certificate.not_valid_before_utc == NOW - skew
+        assert certificate.not_valid_after_utc == NOW + datetime.timedelta(days=days)
+
+
+def test_serial_numbers_are_random(tmp_path: Path):
+    first = init_ca_and_server(tmp_path / "a", HOSTS)
+    second = init_ca_and_server(tmp_path / "b", HOSTS)
+    serials = {load_certificate(p).serial_number for f in (first, second) for p in (f.ca, f.cert)}
+    assert len(serials) == 4
+
+
+def test_keys_are_0600_and_certificates_0644_whatever_the_umask(tmp_path: Path):
+    for mask in (0o000, 0o077):
+        with umask(mask):
+            files = init_ca_and_server(tmp_path / f"umask-{mask:o}", HOSTS)
+        assert file_mode(files.key) == file_mode(files.ca.parent / CA_KEY_FILE) == 0o600
+        assert file_mode(files.cert) == file_mode(files.ca) == 0o644
+
+
+def test_init_creates_its_directory_private_and_leaves_an_existing_one_alone(tmp_path: Path):
+    with umask(0o000):
+        created = init_ca_and_server(tmp_path / "new" / "pki", HOSTS)
+    assert file_mode(created.ca.parent) == 0o700
+    existing = tmp_path / "existing"
+    existing.mkdir(mode=0o750)
+    init_ca_and_server(existing, HOSTS)
+    assert file_mode(existing) == 0o750
+
+
+@pytest.mark.parametrize("name", [CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE])
+def test_init_refuses_to_overwrite_any_file_and_writes_nothing(tmp_path: Path, name: str):
+    (tmp_path / name).write_bytes(b"precious")
+    with pytest.raises(TlsFileExists) as refused:
+        init_ca_and_server(tmp_path, HOSTS)
+    assert refused.value.path == tmp_path / name
+    assert str(tmp_path / name) in str(refused.value)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert (tmp_path / name).read_bytes() == b"precious"
+
+
+def test_a_second_init_in_the_same_directory_is_refused(pki: TlsFiles):
+    ca_before = pki.ca.read_bytes()
+    with pytest.raises(TlsFileExists, match="already exists"):
+        init_ca_and_server(pki.ca.parent, HOSTS)
+    assert pki.ca.read_bytes() == ca_before
+
+
+def test_a_dangling_symlink_is_an_existing_file(tmp_path: Path):
+    """A link planted where a key will go must not send the key somewhere else."""
+    (tmp_path / SERVER_KEY_FILE).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(TlsFileExists):
+        init_ca_and_server(tmp_path, HOSTS)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_file_that_appears_meanwhile_is_kept_and_what_was_written_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """O_EXCL is the real guard; the check before writing only makes refusals tidy."""
+    monkeypatch.setattr(os.path, "lexists", lambda path: False)
+    (tmp_path / SERVER_KEY_FILE).write_bytes(b"theirs")  # the last file init writes
+    with pytest.raises(TlsFileExists):
+        init_ca_and_server(tmp_path, HOSTS)
+    assert [p.name for p in tmp_path.iterdir()] == [SERVER_KEY_FILE]
+    assert (tmp_path / SERVER_KEY_FILE).read_bytes() == b"theirs"
+
+
+def test_a_failed_write_leaves_no_file_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(TlsError, match=f"cannot write {tmp_path / CA_CERT_FILE}: No space left"):
+        init_ca_and_server(tmp_path, HOSTS)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("hosts", "message"),
+    [
+        ([], "at least one"),
+        (["bank example"], "neither a DNS host name nor an IP address"),
+        (["[::1]"], "neither"),
+        (["-bank.example"], "neither"),
+        (["bank..example"], "neither"),
+        (["localhost", "ünïcode.example"], "neither"),
+        (["a" * 63 + "." + "b" * 63], "at most 64 characters"),
+    ],
+)
+def test_init_refuses_hosts_it_cannot_name_and_creates_nothing(
+    tmp_path: Path, hosts: list[str], message: str
+):
+    with pytest.raises(TlsError, match=message):
+        init_ca_and_server(tmp_path / "pki", hosts)
+    assert not (tmp_path / "pki").exists()
+
+
+def test_a_long_host_is_fine_after_the_first(tmp_path: Path):
+    long_name = ".".join(["a" * 63] * 3)
+    files = init_ca_and_server(tmp_path, ["bank.example", long_name])
+    names = extension(load_certificate(files.cert), x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["bank.example", long_name]
+
+
+def test_hosts_must_be_a_list_not_one_string(tmp_path: Path):
+    with pytest.raises(TypeError):
+        init_ca_and_server(tmp_path, "localhost")
+
+
+def test_now_must_say_its_time_zone(tmp_path: Path):
+    with pytest.raises(ValueError, match="aware"):
+        init_ca_and_server(tmp_path, HOSTS, now=datetime.datetime(2030, 1, 1))
+
+
+# --- issue_terminal ------------------------------------------------------------------------
+
+
+def test_a_terminal_certificate_names_the_terminal_and_is_for_clients_only(
+    pki: TlsFiles, terminal: TlsFiles
+):
+    directory = pki.ca.parent
+    assert terminal == TlsFiles(
+        ca=pki.ca,
+        cert=directory / f"terminal-{TERMINAL}.pem",
+        key=directory / f"terminal-{TERMINAL}.key",
+    )
+    ca, certificate = load_certificate(pki.ca), load_certificate(terminal.cert)
+    certificate.verify_directly_issued_by(ca)
+    assert certificate.subject.rfc4514_string() == f"CN={TERMINAL}"
+    assert extension(certificate, x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    assert extension(certificate, x509.KeyUsage).value.digital_signature
+    assert extension(certificate, x509.BasicConstraints).value.ca is False
+    assert certificate.not_valid_after_utc == NOW + datetime.timedelta(
+        days=TERMINAL_VALIDITY_DAYS
+    )
+    assert file_mode(terminal.key) == 0o600
+    assert file_mode(terminal.cert) == 0o644
+
+
+def test_a_terminal_certificate_ends_no_later_than_its_ca(tmp_path: Path):
+    ca_made = NOW - datetime.timedelta(days=CA_VALIDITY_DAYS - 100)
+    pki = init_ca_and_server(tmp_path, HOSTS, now=ca_made)
+    terminal = issue_terminal(tmp_path, TERMINAL, now=NOW)
+    assert load_certificate(terminal.cert).not_valid_after_utc == (
+        load_certificate(pki.ca).not_valid_after_utc
+    )
+
+
+def test_an_expired_ca_issues_nothing(tmp_path: Path):
+    init_ca_and_server(tmp_path, HOSTS, now=NOW - datetime.timedelta(days=CA_VALIDITY_DAYS + 1))
+    with pytest.raises(TlsError, match="expired on"):
+        issue_terminal(tmp_path, TERMINAL)
+    assert not list(tmp_path.glob("terminal-*"))
+
+
+@pytest.mark.parametrize("name", ["atm-0042", "A.b_c-9", "x" * 64, "7"])
+def test_terminal_names_of_letters_digits_and_dot_dash_underscore_are_fine(
+    pki: TlsFiles, name: str
+):
+    assert issue_terminal(pki.ca.parent, name).cert.name == f"terminal-{name}.pem"
+
+
+@pytest.mark.parametrize(
+    "name", ["", "x" * 65, "../ca", "a/b", "atm 1", "atm\n", "ätm", "atm-0042\x00"]
+)
+def test_other_terminal_names_are_refused_before_anything_is_written(pki: TlsFiles, name: str):
+    with pytest.raises(TlsError, match="terminal name"):
+        issue_terminal(pki.ca.parent, name)
+    assert not list(pki.ca.parent.rglob("terminal-*"))
+
+
+def test_a_terminal_is_issued_once(pki: TlsFiles, terminal: TlsFiles):
+    key_before = terminal.key.read_bytes()
+    with pytest.raises(TlsFileExists) as refused:
+        issue_terminal(pki.ca.parent, TERMINAL)
+    assert refused.value.path == terminal.cert
+    assert terminal.key.read_bytes() == key_before
+
+
+def test_issuing_without_a_ca_says_which_file_is_missing(tmp_path: Path):
+    with pytest.raises(TlsError, match=rf"the certificate {tmp_path / CA_CERT_FILE} does not"):
+        issue_terminal(tmp_path, TERMINAL)
+
+
+def test_issuing_without_the_ca_key_says_so(pki: TlsFiles):
+    ca_key = pki.ca.parent / CA_KEY_FILE
+    ca_key.unlink()
+    with pytest.raises(TlsError, match=rf"the private key {ca_key} does not exist"):
+        issue_terminal(pki.ca.parent, TERMINAL)
+
+
+def test_issuing_with_a_damaged_ca_key_says_so(pki: TlsFiles):
+    ca_key = pki.ca.parent / CA_KEY_FILE
+    ca_key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(TlsError, match=rf"{ca_key} is not a PEM private key"):
+        issue_terminal(pki.ca.parent, TERMINAL)
+
+
+def test_issuing_with_another_cas_key_says_so(pki: TlsFiles, other_pki: TlsFiles):
+    ca_key = pki.ca.parent / CA_KEY_FILE
+    ca_key.unlink()
+    shutil.copy(other_pki.ca.parent / CA_KEY_FILE, ca_key)
+    with pytest.raises(TlsError, match="is not the private key of the certificate"):
+        issue_terminal(pki.ca.parent, TERMINAL)
+
+
+# --- What openssl says of the files ----------------------------------------------------------
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl binary")
+
+
+def run_openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=OPENSSL_TIMEOUT_S,
+        check=False,
+    )
+
+
+def openssl(*args: str | Path) -> str:
+    """What openssl prints for a command that must succeed."""
+    run = run_openssl(*args)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+@needs_openssl
+def test_openssl_verifies_each_certificate_for_its_purpose(pki: TlsFiles, terminal: TlsFiles):
+    for path, purpose in ((pki.cert, "sslserver"), (terminal.cert, "sslclient")):
+        verdict = openssl("verify", "-x509_strict", "-purpose", purpose, "-CAfile", pki.ca, path)
+        assert verdict.strip() == f"{path}: OK"
+
+
+@needs_openssl
+def test_openssl_refuses_a_terminal_certificate_as_a_server_one(
+    pki: TlsFiles, terminal: TlsFiles
+):
+    run = run_openssl("verify", "-purpose", "sslserver", "-CAfile", pki.ca, terminal.cert)
+    assert run.returncode != 0
+    assert "unsuitable certificate purpose" in run.stdout + run.stderr
+
+
+@needs_openssl
+def test_openssl_reads_the_alternative_names(pki: TlsFiles):
+    names = openssl("x509", "-noout", "-ext", "subjectAltName", "-in", pki.cert)
+    assert names.split("\n", 1)[1].split() == [
+        "DNS:localhost,",
+        "IP",
+        "Address:127.0.0.1,",
+        "IP",
+        "Address:0:0:0:0:0:0:0:1",
+    ]
+
+
+@needs_openssl
+def test_openssl_reads_the_keys(pki: TlsFiles, terminal: TlsFiles):
+    for key in (pki.ca.parent / CA_KEY_FILE, pki.key, terminal.key):
+        assert openssl("pkey", "-noout", "-in", key) == ""
