@@ -1,4 +1,4 @@
-"""TLS with terminal certificates: the files an operator creates for it.
+"""TLS with terminal certificates: the files an operator creates, and the contexts that use them.
 
 The bank serves the protocol inside TLS, and may require every ATM to prove which terminal
 it is with a certificate signed by the bank's own private CA (mutual TLS). This module is
@@ -10,6 +10,8 @@ the part that needs no event loop:
   0600 from the moment they exist (a server starts unattended, so the file mode protects
   its key, not a password). An existing file is never replaced: losing a CA key would
   strand every terminal.
+- ``server_context`` and ``client_context`` turn those files into ``ssl.SSLContext``
+  objects, refusing with a sentence that names the file rather than OpenSSL's codes.
 
 Every failure an operator can cause raises ``TlsError``, whose text is one sentence that
 names the file at fault; no message contains key material.
@@ -21,7 +23,9 @@ import datetime
 import ipaddress
 import os
 import re
-from collections.abc import Sequence
+import ssl
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +66,10 @@ HOST_NAME = re.compile(rf"(?=.{{1,253}}\Z){_DNS_LABEL}(?:\.{_DNS_LABEL})*", re.A
 
 COMMON_NAME_CHARS_MAX = 64
 """X.509's upper bound for a CN (ub-common-name); the server's first host becomes its CN."""
+
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""For TLS 1.2 only forward-secret key exchange with AEAD encryption; TLS 1.3 has nothing
+else and ignores this list."""
 
 _PRIVATE_FILE_MODE = 0o600
 _PUBLIC_FILE_MODE = 0o644
@@ -457,3 +465,76 @@ def _read_file(path: Path, what: str) -> bytes:
         raise TlsError(f"the {what} {path} does not exist") from None
     except OSError as error:
         raise TlsError(f"cannot read the {what} {path}: {error.strerror}") from error
+
+
+# --- Contexts ------------------------------------------------------------------------------
+
+
+def server_context(
+    cert: Path, key: Path, *, client_ca: Path | None, tls12: bool = False
+) -> ssl.SSLContext:
+    """The bank's context: TLS 1.3 (1.2 as well if ``tls12``), and with ``client_ca``
+    every ATM must present a certificate signed by that CA, or the handshake fails."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    _harden(context, minimum=ssl.TLSVersion.TLSv1_2 if tls12 else ssl.TLSVersion.TLSv1_3)
+    _load_own_certificate(context, cert=cert, key=key)
+    if client_ca is None:
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        _read_certificate(client_ca)
+        with _ssl_errors(f"cannot use the CA certificate {client_ca}"):
+            context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_context(ca: Path, *, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    """The ATM's context: trusts only the bank's CA (never the system's CAs), checks the
+    host name, and presents the terminal's certificate when given one.
+
+    Its minimum is TLS 1.2, so that whether 1.2 is allowed is the bank's decision alone.
+    """
+    if (cert is None) != (key is None):
+        raise TlsError("a terminal certificate and its key go together; give both or neither")
+    _read_certificate(ca)
+    with _ssl_errors(f"cannot use the CA certificate {ca}"):
+        # Passing the CA file here is what keeps the system's CAs out of this context.
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    _harden(context, minimum=ssl.TLSVersion.TLSv1_2)
+    if cert is not None and key is not None:
+        _load_own_certificate(context, cert=cert, key=key)
+    return context
+
+
+def _harden(context: ssl.SSLContext, *, minimum: ssl.TLSVersion) -> None:
+    context.minimum_version = minimum
+    context.set_ciphers(TLS12_CIPHERS)
+    # Renegotiation (TLS 1.2 only) lets a client make the server redo expensive work.
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    # The checks Python 3.13 makes by default, on every version, so every version agrees.
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    # create_default_context honours SSLKEYLOGFILE: every session's secrets would go to
+    # a file because of an environment variable. It has written only a comment there yet.
+    context.keylog_filename = None  # type: ignore[assignment]
+
+
+def _load_own_certificate(context: ssl.SSLContext, *, cert: Path, key: Path) -> None:
+    _read_key_pair(cert, key)
+    with _ssl_errors(f"cannot use the certificate {cert} with the key {key}"):
+        context.load_cert_chain(cert, key, password=_never_prompt)
+
+
+def _never_prompt() -> bytes:
+    """Called only for an encrypted key, which _read_private_key has already refused;
+    without it OpenSSL would ask for a password on the terminal, blocking the start."""
+    raise TlsError("the private key is encrypted; use an unencrypted key with mode 0600")
+
+
+@contextmanager
+def _ssl_errors(sentence: str) -> Iterator[None]:
+    """OpenSSL's failures (ssl.SSLError is an OSError) as a TlsError with ``sentence``."""
+    try:
+        yield
+    except OSError as error:
+        detail = getattr(error, "reason", None) or error.strerror or str(error)
+        raise TlsError(f"{sentence}: {detail}") from error

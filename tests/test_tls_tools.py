@@ -1,7 +1,8 @@
-"""bank/tls.py: the operator's certificate files.
+"""bank/tls.py: the operator's certificate files, and the TLS contexts built from them.
 
-Covers the files ``init_ca_and_server`` and ``issue_terminal`` write: their contents and
-modes, never overwriting, and the real ``openssl``'s verdict on them.
+Covers the files ``init_ca_and_server`` and ``issue_terminal`` write (their contents and
+modes, never overwriting, the real ``openssl``'s verdict on them), and the contexts'
+settings and their one-sentence errors.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import datetime
 import errno
 import os
 import shutil
+import ssl
 import stat
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,8 +37,10 @@ from bank.tls import (
     TlsError,
     TlsFileExists,
     TlsFiles,
+    client_context,
     init_ca_and_server,
     issue_terminal,
+    server_context,
 )
 
 NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
@@ -65,6 +70,18 @@ def terminal(pki: TlsFiles) -> TlsFiles:
 def other_pki(tmp_path: Path) -> TlsFiles:
     """Another bank's CA: its certificates are right in every way but who signed them."""
     return init_ca_and_server(tmp_path / "other", HOSTS, now=NOW)
+
+
+def bank_context(
+    files: TlsFiles, *, client_ca: Path | None = None, tls12: bool = False
+) -> ssl.SSLContext:
+    return server_context(files.cert, files.key, client_ca=client_ca, tls12=tls12)
+
+
+def atm_context(ca: Path, terminal: TlsFiles | None = None) -> ssl.SSLContext:
+    if terminal is None:
+        return client_context(ca, cert=None, key=None)
+    return client_context(ca, cert=terminal.cert, key=terminal.key)
 
 
 def load_certificate(path: Path) -> x509.Certificate:
@@ -416,3 +433,128 @@ def test_openssl_reads_the_alternative_names(pki: TlsFiles):
 def test_openssl_reads_the_keys(pki: TlsFiles, terminal: TlsFiles):
     for key in (pki.ca.parent / CA_KEY_FILE, pki.key, terminal.key):
         assert openssl("pkey", "-noout", "-in", key) == ""
+
+
+# --- server_context and client_context -------------------------------------------------------
+
+
+def test_the_bank_speaks_tls_1_3_only_unless_told(pki: TlsFiles):
+    assert bank_context(pki).minimum_version == ssl.TLSVersion.TLSv1_3
+    assert bank_context(pki, tls12=True).minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_with_tls_1_2_the_bank_offers_only_forward_secret_aead_ciphers(pki: TlsFiles):
+    ciphers = bank_context(pki, tls12=True).get_ciphers()
+    tls12 = [cipher["name"] for cipher in ciphers if cipher["protocol"] == "TLSv1.2"]
+    assert tls12
+    for name in tls12:
+        assert name.startswith("ECDHE-"), name
+        assert "-GCM-" in name or "CHACHA20-POLY1305" in name, name
+
+
+def test_the_bank_requires_terminal_certificates_only_with_a_client_ca(pki: TlsFiles):
+    assert bank_context(pki).verify_mode == ssl.CERT_NONE
+    assert bank_context(pki, client_ca=pki.ca).verify_mode == ssl.CERT_REQUIRED
+
+
+def test_both_contexts_refuse_renegotiation_and_verify_strictly(pki: TlsFiles):
+    for context in (bank_context(pki, tls12=True), atm_context(pki.ca)):
+        assert context.options & ssl.OP_NO_RENEGOTIATION
+        assert context.verify_flags & ssl.VERIFY_X509_STRICT
+
+
+def test_the_atm_checks_the_host_name_against_the_banks_ca_alone(pki: TlsFiles):
+    context = atm_context(pki.ca)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert [ca["subject"] for ca in context.get_ca_certs()] == [
+        ((("commonName", "atm-bank CA"),),)
+    ]
+
+
+def test_a_certificate_needs_its_key_on_the_atm(pki: TlsFiles, terminal: TlsFiles):
+    with pytest.raises(TlsError, match="give both or neither"):
+        client_context(pki.ca, cert=terminal.cert, key=None)
+    with pytest.raises(TlsError, match="give both or neither"):
+        client_context(pki.ca, cert=None, key=terminal.key)
+
+
+@dataclass(frozen=True)
+class Specimens:
+    """Files a context must refuse, each in place of a good CA, certificate or key."""
+
+    missing: Path
+    directory: Path
+    garbage: Path
+    certificate: Path
+    private_key: Path
+    encrypted_key: Path
+    other_key: Path
+
+
+@pytest.fixture
+def specimens(pki: TlsFiles, terminal: TlsFiles, tmp_path: Path) -> Specimens:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    encrypted_key = tmp_path / "encrypted.key"
+    key = serialization.load_pem_private_key(pki.key.read_bytes(), password=None)
+    encrypted_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"test password"),
+        )
+    )
+    return Specimens(
+        missing=tmp_path / "missing.pem",
+        directory=tmp_path,
+        garbage=garbage,
+        certificate=pki.cert,
+        private_key=pki.key,
+        encrypted_key=encrypted_key,
+        other_key=terminal.key,
+    )
+
+
+@dataclass(frozen=True)
+class Broken:
+    """One of a context's files (``role``: ca, cert or key) replaced by a specimen, and
+    the start of the sentence that refuses it, where ``{path}`` is the specimen's."""
+
+    role: str
+    specimen: str
+    sentence: str
+
+
+BROKEN = [
+    Broken("cert", "missing", "the certificate {path} does not exist"),
+    Broken("cert", "garbage", "{path} is not a PEM certificate"),
+    Broken("cert", "private_key", "{path} is not a PEM certificate"),
+    Broken("key", "missing", "the private key {path} does not exist"),
+    Broken("key", "directory", "cannot read the private key {path}: Is a directory"),
+    Broken("key", "garbage", "{path} is not a PEM private key"),
+    Broken("key", "certificate", "{path} is not a PEM private key"),
+    Broken("key", "encrypted_key", "{path} is encrypted with a password"),
+    Broken("key", "other_key", "{path} is not the private key of the certificate"),
+    Broken("ca", "missing", "the certificate {path} does not exist"),
+    Broken("ca", "private_key", "{path} is not a PEM certificate"),
+]
+
+
+@pytest.mark.parametrize("side", ["bank", "atm"])
+@pytest.mark.parametrize("broken", BROKEN, ids=lambda b: f"{b.role}-{b.specimen}")
+def test_a_file_a_context_cannot_use_is_named_in_one_sentence(
+    pki: TlsFiles, specimens: Specimens, side: str, broken: Broken
+):
+    files = {"ca": pki.ca, "cert": pki.cert, "key": pki.key}
+    files[broken.role] = getattr(specimens, broken.specimen)
+    with pytest.raises(TlsError) as refused:
+        if side == "bank":
+            server_context(files["cert"], files["key"], client_ca=files["ca"])
+        else:
+            client_context(files["ca"], cert=files["cert"], key=files["key"])
+    message = str(refused.value)
+    assert message.startswith(broken.sentence.format(path=files[broken.role]))
+    assert "PRIVATE KEY" not in message
+    assert "\n" not in message
