@@ -12,6 +12,8 @@ the part that needs no event loop:
   strand every terminal.
 - ``server_context`` and ``client_context`` turn those files into ``ssl.SSLContext``
   objects, refusing with a sentence that names the file rather than OpenSSL's codes.
+- ``peer_identity`` names the terminal for the log; ``describe_verification_error``
+  turns a failed handshake into a kind (the ATM's exit code) and a sentence (the log).
 
 Every failure an operator can cause raises ``TlsError``, whose text is one sentence that
 names the file at fault; no message contains key material.
@@ -24,10 +26,12 @@ import ipaddress
 import os
 import re
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -538,3 +542,167 @@ def _ssl_errors(sentence: str) -> Iterator[None]:
     except OSError as error:
         detail = getattr(error, "reason", None) or error.strerror or str(error)
         raise TlsError(f"{sentence}: {detail}") from error
+
+
+# --- After the handshake ------------------------------------------------------------------
+
+
+class HasPeerCertificate(Protocol):
+    """An ssl.SSLSocket, ssl.SSLObject or trio.SSLStream once its handshake is done."""
+
+    def getpeercert(self) -> Mapping[str, object] | None: ...
+
+
+def peer_identity(ssl_object: HasPeerCertificate) -> str | None:
+    """``CN=atm-0042`` for the log, from the peer's verified certificate; None without one.
+
+    Python gives the certificate's fields only once it has verified it, so this is never
+    a name the peer merely claimed. A name with unprintable characters is escaped, so a
+    certificate cannot forge a log line.
+    """
+    certificate = ssl_object.getpeercert()
+    if not certificate:
+        return None
+    name = _common_name(certificate.get("subject"))
+    if name is None:
+        return None
+    if name.isascii() and name.isprintable():
+        return f"CN={name}"
+    return f"CN={name!a}"
+
+
+def _common_name(subject: object) -> str | None:
+    """The CN from getpeercert()'s subject: a tuple of RDNs, each of (field, value) pairs."""
+    for rdn in subject if isinstance(subject, tuple) else ():
+        for attribute in rdn:
+            match attribute:
+                case ("commonName", str(value)):
+                    return value
+    return None
+
+
+# --- Why a handshake failed --------------------------------------------------------------
+
+
+class TlsFailure(StrEnum):
+    """Why a TLS handshake failed, in a word a program can act on (the ATM's exit code)."""
+
+    UNKNOWN_CA = "unknown_ca"
+    HOSTNAME_MISMATCH = "hostname_mismatch"
+    EXPIRED = "expired"
+    BAD_CERTIFICATE = "bad_certificate"
+    CERTIFICATE_REQUIRED = "certificate_required"
+    CERTIFICATE_REFUSED = "certificate_refused"
+    WRONG_VERSION = "wrong_version"
+    PLAINTEXT_PEER = "plaintext_peer"
+    CONNECTION_CLOSED = "connection_closed"
+    OTHER = "other"
+
+
+# OpenSSL's X509_V_ERR_* codes, as ssl.SSLCertVerificationError.verify_code gives them:
+# this side refused the other side's certificate.
+_VERIFY_CODES = {
+    2: TlsFailure.UNKNOWN_CA,  # UNABLE_TO_GET_ISSUER_CERT
+    7: TlsFailure.UNKNOWN_CA,  # CERT_SIGNATURE_FAILURE: a namesake of the CA signed it
+    9: TlsFailure.EXPIRED,  # CERT_NOT_YET_VALID
+    10: TlsFailure.EXPIRED,  # CERT_HAS_EXPIRED
+    18: TlsFailure.UNKNOWN_CA,  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: TlsFailure.UNKNOWN_CA,  # SELF_SIGNED_CERT_IN_CHAIN
+    20: TlsFailure.UNKNOWN_CA,  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: TlsFailure.UNKNOWN_CA,  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    62: TlsFailure.HOSTNAME_MISMATCH,  # HOSTNAME_MISMATCH
+    64: TlsFailure.HOSTNAME_MISMATCH,  # IP_ADDRESS_MISMATCH
+}
+
+# ssl.SSLError.reason: what went wrong in the handshake itself.
+_REASONS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": TlsFailure.CERTIFICATE_REQUIRED,
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": TlsFailure.CERTIFICATE_REQUIRED,
+    "UNSUPPORTED_PROTOCOL": TlsFailure.WRONG_VERSION,
+    "TLSV1_ALERT_PROTOCOL_VERSION": TlsFailure.WRONG_VERSION,
+    "NO_SHARED_CIPHER": TlsFailure.WRONG_VERSION,
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": TlsFailure.WRONG_VERSION,
+    "WRONG_VERSION_NUMBER": TlsFailure.PLAINTEXT_PEER,
+    "HTTP_REQUEST": TlsFailure.PLAINTEXT_PEER,
+    "HTTPS_PROXY_REQUEST": TlsFailure.PLAINTEXT_PEER,
+    "UNEXPECTED_EOF_WHILE_READING": TlsFailure.CONNECTION_CLOSED,
+}
+
+# The alerts by which the other side refuses this side's certificate, and why.
+_REFUSALS = {
+    "TLSV1_ALERT_UNKNOWN_CA": "it is not signed by a CA trusted there",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "it has expired or is not yet valid",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "it is bad, or not for the name connected to",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "it is not issued for this use",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "it is not acceptable there",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "it is revoked",
+}
+
+_SENTENCES = {
+    TlsFailure.UNKNOWN_CA: "the other side's certificate is not signed by the CA trusted here",
+    TlsFailure.HOSTNAME_MISMATCH: (
+        "the bank's certificate is not issued for the host name or address connected to"
+    ),
+    TlsFailure.EXPIRED: (
+        "the other side's certificate has expired or is not yet valid"
+        " (renew it, or check the clocks)"
+    ),
+    TlsFailure.BAD_CERTIFICATE: "the other side's certificate is not acceptable: {detail}",
+    TlsFailure.CERTIFICATE_REQUIRED: (
+        "the bank requires a terminal certificate and none was presented"
+    ),
+    TlsFailure.CERTIFICATE_REFUSED: "the other side refused this side's certificate: {detail}",
+    TlsFailure.WRONG_VERSION: (
+        "the two sides have no TLS version or cipher in common"
+        " (the bank accepts TLS 1.2 only when told to)"
+    ),
+    TlsFailure.PLAINTEXT_PEER: "the other side does not speak TLS (is TLS on at both ends?)",
+    TlsFailure.CONNECTION_CLOSED: (
+        "the other side closed the connection during the TLS handshake"
+        " (it may have refused this side's certificate, or not speak TLS)"
+    ),
+    TlsFailure.OTHER: "the TLS connection failed: {detail}",
+}
+"""One sentence per kind; ``{detail}`` is OpenSSL's own words, or why a certificate was
+refused, for the kinds too broad to say it in advance."""
+
+_CAUSES_MAX = 8
+"""How far down a chain of exceptions to look for the ssl error."""
+
+
+def describe_verification_error(error: BaseException) -> tuple[TlsFailure, str]:
+    """Why a handshake failed: a kind for a program and a sentence for a person.
+
+    Takes what the handshake raised, or what wraps it (Trio's SSLStream raises
+    BrokenResourceError from the ssl error). The sentence holds no secret: OpenSSL's
+    words at most, never certificate or key contents.
+    """
+    kind, detail = _classify(_ssl_cause(error))
+    return kind, _SENTENCES[kind].format(detail=detail)
+
+
+def _classify(error: BaseException) -> tuple[TlsFailure, str]:
+    """The kind, and the detail its sentence may show."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        kind = _VERIFY_CODES.get(error.verify_code, TlsFailure.BAD_CERTIFICATE)
+        return kind, error.verify_message
+    if isinstance(error, ssl.SSLError):
+        reason = error.reason or ""
+        if reason in _REFUSALS:
+            return TlsFailure.CERTIFICATE_REFUSED, _REFUSALS[reason]
+        if reason in _REASONS:
+            return _REASONS[reason], reason
+        if isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+            return TlsFailure.CONNECTION_CLOSED, reason
+        return TlsFailure.OTHER, reason or str(error)
+    return TlsFailure.OTHER, str(error) or type(error).__name__
+
+
+def _ssl_cause(error: BaseException) -> BaseException:
+    """The first ssl error in ``error``'s chain of causes, else ``error`` itself."""
+    link: BaseException | None = error
+    for _ in range(_CAUSES_MAX):
+        if link is None or isinstance(link, ssl.SSLError):
+            break
+        link = link.__cause__ or link.__context__
+    return link if isinstance(link, ssl.SSLError) else error

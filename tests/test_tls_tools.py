@@ -1,8 +1,10 @@
 """bank/tls.py: the operator's certificate files, and the TLS contexts built from them.
 
 Covers the files ``init_ca_and_server`` and ``issue_terminal`` write (their contents and
-modes, never overwriting, the real ``openssl``'s verdict on them), and the contexts'
-settings and their one-sentence errors.
+modes, never overwriting, the real ``openssl``'s verdict on them), the contexts' settings
+and their one-sentence errors, and real handshakes between ``server_context`` and
+``client_context`` over socket pairs: every kind ``describe_verification_error`` gives,
+seen from each end that sees one, and ``peer_identity`` once a handshake succeeds.
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ import datetime
 import errno
 import os
 import shutil
+import socket
 import ssl
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -35,21 +41,34 @@ from bank.tls import (
     SERVER_VALIDITY_DAYS,
     TERMINAL_VALIDITY_DAYS,
     TlsError,
+    TlsFailure,
     TlsFileExists,
     TlsFiles,
     client_context,
+    describe_verification_error,
     init_ca_and_server,
     issue_terminal,
+    peer_identity,
     server_context,
 )
+from wire import Hello, Ping, encode
 
 NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 """Certificates store whole seconds, so tests that compare dates start from one."""
 
+LONG_AGO = NOW - datetime.timedelta(days=3 * 365)
+"""Far enough back that a two-year certificate made then has expired."""
+
 HOSTS = ["localhost", "127.0.0.1", "::1"]
 TERMINAL = "atm-0042"
 
+SOCKET_TIMEOUT_S = 10
+"""A handshake over a socket pair takes milliseconds; this only stops a broken test hanging."""
+
 OPENSSL_TIMEOUT_S = 30
+
+GREETING = b"HELLO"
+"""The bank speaks first in our protocol, so after the handshake the ATM reads first."""
 
 
 # --- Fixtures and helpers ------------------------------------------------------------------
@@ -70,6 +89,11 @@ def terminal(pki: TlsFiles) -> TlsFiles:
 def other_pki(tmp_path: Path) -> TlsFiles:
     """Another bank's CA: its certificates are right in every way but who signed them."""
     return init_ca_and_server(tmp_path / "other", HOSTS, now=NOW)
+
+
+@pytest.fixture
+def stranger(other_pki: TlsFiles) -> TlsFiles:
+    return issue_terminal(other_pki.ca.parent, TERMINAL, now=NOW)
 
 
 def bank_context(
@@ -103,6 +127,108 @@ def umask(mask: int) -> Iterator[None]:
         yield
     finally:
         os.umask(previous)
+
+
+# --- Handshakes over a socket pair ---------------------------------------------------------
+
+End = Callable[[socket.socket], object]
+"""One end of a connection: what it returns, or the exception it raises, is its outcome."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """What one end saw of a handshake that worked."""
+
+    peer: str | None
+    version: str | None
+    cipher: str
+
+
+@dataclass(frozen=True)
+class Ends:
+    server: object
+    client: object
+
+    def kinds(self) -> tuple[TlsFailure | None, TlsFailure | None]:
+        return kind_of(self.server), kind_of(self.client)
+
+
+def kind_of(outcome: object) -> TlsFailure | None:
+    return described(outcome)[0] if isinstance(outcome, BaseException) else None
+
+
+def described(outcome: object) -> tuple[TlsFailure, str]:
+    assert isinstance(outcome, BaseException), f"no error but {outcome}"
+    return describe_verification_error(outcome)
+
+
+def handshake(server: End, client: End) -> Ends:
+    """Run both ends at once, each in a thread, over a connected pair of sockets."""
+    server_socket, client_socket = socket.socketpair()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        server_outcome = pool.submit(_outcome, server, server_socket)
+        client_outcome = pool.submit(_outcome, client, client_socket)
+        return Ends(server_outcome.result(), client_outcome.result())
+
+
+def _outcome(end: End, sock: socket.socket) -> object:
+    sock.settimeout(SOCKET_TIMEOUT_S)
+    with sock:
+        try:
+            return end(sock)
+        except OSError as error:  # ssl.SSLError among them
+            return error
+
+
+def tls_bank(context: ssl.SSLContext) -> End:
+    def serve(sock: socket.socket) -> Session:
+        with context.wrap_socket(sock, server_side=True) as tls:
+            tls.sendall(GREETING)
+            assert tls.recv(16) == b"OK"
+            return _session(tls)
+
+    return serve
+
+
+def tls_atm(context: ssl.SSLContext, *, host: str = "localhost") -> End:
+    def connect(sock: socket.socket) -> Session:
+        with context.wrap_socket(sock, server_hostname=host) as tls:
+            # With TLS 1.3 a bank that refuses the terminal's certificate says so after
+            # the ATM's side of the handshake is done: this read is where the ATM hears it.
+            assert tls.recv(16) == GREETING
+            tls.sendall(b"OK")
+            return _session(tls)
+
+    return connect
+
+
+def _session(tls: ssl.SSLSocket) -> Session:
+    cipher = tls.cipher()
+    assert cipher is not None
+    return Session(peer_identity(tls), tls.version(), cipher[0])
+
+
+def plaintext_bank(sock: socket.socket) -> None:
+    """The bank without TLS: it says Hello first, whatever the client sends."""
+    sock.sendall(encode(Hello(1024, 10, 100_000, 10, 30, 120)))
+    _drain(sock)
+
+
+def plaintext_atm(sock: socket.socket) -> None:
+    sock.sendall(encode(Ping(), 1))
+    _drain(sock)
+
+
+def hanging_up(sock: socket.socket) -> None:
+    """A peer that closes at once, as a port scanner or a stopping server does."""
+    sock.shutdown(socket.SHUT_WR)
+    _drain(sock)
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read until the other end closes, so that closing this one cannot reset theirs."""
+    while sock.recv(4096):
+        pass
 
 
 # --- init_ca_and_server --------------------------------------------------------------------
@@ -473,6 +599,20 @@ def test_the_atm_checks_the_host_name_against_the_banks_ca_alone(pki: TlsFiles):
     ]
 
 
+def test_sslkeylogfile_does_not_make_either_end_log_session_secrets(
+    pki: TlsFiles, terminal: TlsFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    key_log = tmp_path / "keys.log"
+    monkeypatch.setenv("SSLKEYLOGFILE", str(key_log))
+    ends = handshake(
+        tls_bank(bank_context(pki, client_ca=pki.ca)), tls_atm(atm_context(pki.ca, terminal))
+    )
+    assert ends.kinds() == (None, None)
+    # Python opens the file and writes a comment as it makes a context; no secret follows.
+    secrets = [line for line in key_log.read_text().splitlines() if not line.startswith("#")]
+    assert secrets == []
+
+
 def test_a_certificate_needs_its_key_on_the_atm(pki: TlsFiles, terminal: TlsFiles):
     with pytest.raises(TlsError, match="give both or neither"):
         client_context(pki.ca, cert=terminal.cert, key=None)
@@ -558,3 +698,225 @@ def test_a_file_a_context_cannot_use_is_named_in_one_sentence(
     assert message.startswith(broken.sentence.format(path=files[broken.role]))
     assert "PRIVATE KEY" not in message
     assert "\n" not in message
+
+
+# --- Handshakes ------------------------------------------------------------------------------
+
+
+def test_a_terminal_with_its_certificate_is_served_and_named(pki: TlsFiles, terminal: TlsFiles):
+    ends = handshake(
+        tls_bank(bank_context(pki, client_ca=pki.ca)), tls_atm(atm_context(pki.ca, terminal))
+    )
+    assert ends.server == Session(f"CN={TERMINAL}", "TLSv1.3", "TLS_AES_256_GCM_SHA384")
+    assert ends.client == Session("CN=localhost", "TLSv1.3", "TLS_AES_256_GCM_SHA384")
+
+
+def test_without_a_client_ca_a_terminal_is_anonymous(pki: TlsFiles, terminal: TlsFiles):
+    ends = handshake(tls_bank(bank_context(pki)), tls_atm(atm_context(pki.ca, terminal)))
+    assert isinstance(ends.server, Session)
+    assert ends.server.peer is None
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_the_atm_accepts_each_name_and_address_the_certificate_has(pki: TlsFiles, host: str):
+    ends = handshake(tls_bank(bank_context(pki)), tls_atm(atm_context(pki.ca), host=host))
+    assert ends.kinds() == (None, None)
+
+
+def test_no_terminal_certificate_when_one_is_required(pki: TlsFiles):
+    ends = handshake(tls_bank(bank_context(pki, client_ca=pki.ca)), tls_atm(atm_context(pki.ca)))
+    assert ends.kinds() == (TlsFailure.CERTIFICATE_REQUIRED, TlsFailure.CERTIFICATE_REQUIRED)
+
+
+def test_a_terminal_certificate_from_another_ca(pki: TlsFiles, stranger: TlsFiles):
+    ends = handshake(
+        tls_bank(bank_context(pki, client_ca=pki.ca)), tls_atm(atm_context(pki.ca, stranger))
+    )
+    assert ends.kinds() == (TlsFailure.UNKNOWN_CA, TlsFailure.CERTIFICATE_REFUSED)
+    assert "not signed by a CA trusted there" in described(ends.client)[1]
+
+
+def test_a_bank_certificate_from_another_ca(pki: TlsFiles, other_pki: TlsFiles):
+    ends = handshake(tls_bank(bank_context(other_pki)), tls_atm(atm_context(pki.ca)))
+    assert ends.kinds() == (TlsFailure.CERTIFICATE_REFUSED, TlsFailure.UNKNOWN_CA)
+
+
+@pytest.mark.parametrize("host", ["bank.example", "10.0.0.1", "::2"])
+def test_a_name_or_address_the_bank_certificate_lacks(pki: TlsFiles, host: str):
+    ends = handshake(tls_bank(bank_context(pki)), tls_atm(atm_context(pki.ca), host=host))
+    assert ends.kinds() == (TlsFailure.CERTIFICATE_REFUSED, TlsFailure.HOSTNAME_MISMATCH)
+
+
+def test_an_expired_bank_certificate(tmp_path: Path):
+    expired = init_ca_and_server(tmp_path, HOSTS, now=LONG_AGO)
+    ends = handshake(tls_bank(bank_context(expired)), tls_atm(atm_context(expired.ca)))
+    assert ends.kinds() == (TlsFailure.CERTIFICATE_REFUSED, TlsFailure.EXPIRED)
+
+
+def test_an_expired_terminal_certificate(pki: TlsFiles):
+    expired = issue_terminal(pki.ca.parent, TERMINAL, now=LONG_AGO)
+    ends = handshake(
+        tls_bank(bank_context(pki, client_ca=pki.ca)), tls_atm(atm_context(pki.ca, expired))
+    )
+    assert ends.kinds() == (TlsFailure.EXPIRED, TlsFailure.CERTIFICATE_REFUSED)
+    assert "expired" in described(ends.client)[1]
+
+
+def test_a_terminal_certificate_cannot_serve_as_the_banks(pki: TlsFiles, terminal: TlsFiles):
+    ends = handshake(tls_bank(bank_context(terminal)), tls_atm(atm_context(pki.ca)))
+    assert ends.kinds() == (TlsFailure.CERTIFICATE_REFUSED, TlsFailure.BAD_CERTIFICATE)
+    assert "purpose" in described(ends.client)[1]
+
+
+def test_the_banks_certificate_cannot_identify_a_terminal(pki: TlsFiles):
+    ends = handshake(
+        tls_bank(bank_context(pki, client_ca=pki.ca)), tls_atm(atm_context(pki.ca, pki))
+    )
+    assert ends.kinds() == (TlsFailure.BAD_CERTIFICATE, TlsFailure.CERTIFICATE_REFUSED)
+
+
+def tls12_only(context: ssl.SSLContext, *, ciphers: str | None = None) -> ssl.SSLContext:
+    """An ATM that cannot speak TLS 1.3, and perhaps only weaker ciphers."""
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if ciphers is not None:
+        context.set_ciphers(ciphers)
+    return context
+
+
+def test_tls_1_2_is_refused_by_default(pki: TlsFiles):
+    ends = handshake(tls_bank(bank_context(pki)), tls_atm(tls12_only(atm_context(pki.ca))))
+    assert ends.kinds() == (TlsFailure.WRONG_VERSION, TlsFailure.WRONG_VERSION)
+
+
+def test_tls_1_2_is_accepted_when_enabled_with_an_aead_cipher(pki: TlsFiles, terminal: TlsFiles):
+    ends = handshake(
+        tls_bank(bank_context(pki, client_ca=pki.ca, tls12=True)),
+        tls_atm(tls12_only(atm_context(pki.ca, terminal))),
+    )
+    assert isinstance(ends.server, Session)
+    assert ends.server.version == "TLSv1.2"
+    assert ends.server.cipher.startswith("ECDHE-ECDSA-")
+    assert ends.server.peer == f"CN={TERMINAL}"
+
+
+def test_an_atm_with_neither_tls_1_3_nor_an_aead_cipher(pki: TlsFiles):
+    cbc_only = tls12_only(atm_context(pki.ca), ciphers="ECDHE-ECDSA-AES128-SHA256")
+    ends = handshake(tls_bank(bank_context(pki, tls12=True)), tls_atm(cbc_only))
+    assert ends.kinds() == (TlsFailure.WRONG_VERSION, TlsFailure.WRONG_VERSION)
+
+
+def test_a_plaintext_atm_at_a_tls_bank(pki: TlsFiles):
+    ends = handshake(tls_bank(bank_context(pki)), plaintext_atm)
+    assert kind_of(ends.server) is TlsFailure.PLAINTEXT_PEER
+
+
+def test_a_tls_atm_at_a_plaintext_bank(pki: TlsFiles):
+    ends = handshake(plaintext_bank, tls_atm(atm_context(pki.ca)))
+    assert kind_of(ends.client) is TlsFailure.PLAINTEXT_PEER
+
+
+def test_a_peer_that_hangs_up_during_the_handshake(pki: TlsFiles):
+    assert kind_of(handshake(tls_bank(bank_context(pki)), hanging_up).server) is (
+        TlsFailure.CONNECTION_CLOSED
+    )
+    assert kind_of(handshake(hanging_up, tls_atm(atm_context(pki.ca))).client) is (
+        TlsFailure.CONNECTION_CLOSED
+    )
+
+
+async def test_through_trio_the_cause_of_a_broken_stream_is_described(pki: TlsFiles):
+    """Trio's SSLStream raises BrokenResourceError from the ssl error, as the ATM sees it."""
+    client_transport, server_transport = trio.testing.memory_stream_pair()
+    server = trio.SSLStream(server_transport, bank_context(pki), server_side=True)
+    client = trio.SSLStream(client_transport, atm_context(pki.ca), server_hostname="bank.example")
+    with trio.fail_after(SOCKET_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_handshake_or_close, server)
+            broken = await _handshake_or_close(client)
+    assert isinstance(broken, trio.BrokenResourceError)
+    kind, sentence = describe_verification_error(broken)
+    assert kind is TlsFailure.HOSTNAME_MISMATCH
+    assert sentence == (
+        "the bank's certificate is not issued for the host name or address connected to"
+    )
+
+
+async def test_through_trio_the_terminal_is_named(pki: TlsFiles, terminal: TlsFiles):
+    client_transport, server_transport = trio.testing.memory_stream_pair()
+    server = trio.SSLStream(
+        server_transport, bank_context(pki, client_ca=pki.ca), server_side=True
+    )
+    client = trio.SSLStream(
+        client_transport, atm_context(pki.ca, terminal), server_hostname="localhost"
+    )
+    with trio.fail_after(SOCKET_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            nursery.start_soon(client.do_handshake)
+    assert peer_identity(server) == f"CN={TERMINAL}"
+    assert peer_identity(client) == "CN=localhost"
+
+
+MemoryTlsStream = trio.SSLStream[
+    trio.StapledStream[trio.testing.MemorySendStream, trio.testing.MemoryReceiveStream]
+]
+
+
+async def _handshake_or_close(stream: MemoryTlsStream) -> trio.BrokenResourceError | None:
+    """The handshake's error, if any, after closing: Trio (0.35) sends no alert when a
+    handshake fails (python-trio/trio#3413), so the other end learns of it from the close."""
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as error:
+        await stream.aclose()
+        return error
+    return None
+
+
+# --- peer_identity and describe_verification_error, directly ----------------------------------
+
+
+@dataclass
+class Peer:
+    """Stands in for an SSL socket, as getpeercert() would answer."""
+
+    certificate: Mapping[str, object] | None
+
+    def getpeercert(self) -> Mapping[str, object] | None:
+        return self.certificate
+
+
+def test_no_verified_certificate_is_no_identity():
+    assert peer_identity(Peer(None)) is None
+    assert peer_identity(Peer({})) is None  # what Python gives for one it did not verify
+    assert peer_identity(Peer({"subject": ((("organizationName", "Bank"),),)})) is None
+
+
+def test_an_unprintable_name_cannot_forge_a_log_line():
+    forged = "atm-1\n2030-01-01 INFO withdrawal approved"
+    identity = peer_identity(Peer({"subject": ((("commonName", forged),),)}))
+    assert identity == "CN='atm-1\\n2030-01-01 INFO withdrawal approved'"
+
+
+def test_an_error_without_an_ssl_cause_is_other():
+    assert describe_verification_error(ConnectionResetError(104, "Connection reset by peer")) == (
+        TlsFailure.OTHER,
+        "the TLS connection failed: [Errno 104] Connection reset by peer",
+    )
+    assert describe_verification_error(trio.BrokenResourceError()) == (
+        TlsFailure.OTHER,
+        "the TLS connection failed: BrokenResourceError",
+    )
+
+
+def test_an_ssl_error_of_an_unlisted_reason_is_other_and_named():
+    error = ssl.SSLError(1, "[SSL: BAD_DH_VALUE] bad dh value")
+    error.reason = "BAD_DH_VALUE"
+    assert describe_verification_error(error) == (
+        TlsFailure.OTHER,
+        "the TLS connection failed: BAD_DH_VALUE",
+    )
+
+
+def test_every_kind_is_a_plain_word_for_an_exit_code():
+    assert all(kind.value.isidentifier() and kind.value.islower() for kind in TlsFailure)
