@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import ssl
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import trio
 
@@ -19,6 +21,7 @@ from atm.connection import CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, Connection
 from atm.console import TerminalConsole
 from atm.errors import ExitCode
 from atm.session import run_atm
+from bank.tls import TlsError, client_context
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 65432
@@ -63,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"bank server TCP port (env ATM_PORT; default {DEFAULT_PORT})",
     )
     parser.add_argument(
+        "--tls-ca", type=Path, metavar="FILE",
+        help="speak TLS, trusting only this CA for the bank's certificate, which must name"
+        " --host (env ATM_TLS_CA; the bank's tls-init writes it as ca.pem)",
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, metavar="FILE",
+        help="this terminal's certificate, for a bank that requires one (env ATM_TLS_CERT;"
+        " the bank's tls-terminal issues it)",
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, metavar="FILE",
+        help="the private key of --tls-cert (env ATM_TLS_KEY)",
+    )
+    parser.add_argument(
         "--reply-timeout-s",
         type=int,
         default=REPLY_TIMEOUT_S,
@@ -87,14 +104,33 @@ def parse_args(
             parser.error(f"ATM_PORT: {error}")
     if args.reply_timeout_s < 1:
         parser.error("--reply-timeout-s must be at least 1")
+    for name in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(args, name) is None and f"ATM_{name.upper()}" in environ:
+            setattr(args, name, Path(environ[f"ATM_{name.upper()}"]))
+    if args.tls_ca is None and (args.tls_cert is not None or args.tls_key is not None):
+        parser.error("--tls-cert and --tls-key need --tls-ca: the bank's CA, to check the bank")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     return args
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS settings as a context; None for plaintext. Raises TlsError, naming the file."""
+    if args.tls_ca is None:
+        return None
+    return client_context(args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        tls = tls_context(args)
+    except TlsError as error:
+        print(f"atm: {error}", file=sys.stderr)
+        return ExitCode.USAGE
     console = TerminalConsole()
     connect = functools.partial(
-        Connection.open, args.host, args.port, reply_timeout_s=args.reply_timeout_s
+        Connection.open, args.host, args.port, tls=tls, reply_timeout_s=args.reply_timeout_s
     )
     try:
         with console.terminal_restored():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 from typing import NoReturn, TypeVar
 
 import trio
@@ -25,7 +26,9 @@ from atm.errors import (
     ServerBusy,
     ServerShutdown,
     SessionExpired,
+    TlsFailed,
 )
+from bank.tls import TlsFailure, describe_verification_error
 from wire import (
     Answer,
     Error,
@@ -84,11 +87,13 @@ class Connection:
         host: str,
         port: int,
         *,
+        tls: ssl.SSLContext | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         hello_timeout_s: float = HELLO_TIMEOUT_S,
         reply_timeout_s: float = REPLY_TIMEOUT_S,
     ) -> Connection:
-        """Connect over TCP and read the bank's HELLO."""
+        """Connect over TCP (inside TLS with ``tls``, the server's certificate checked for
+        ``host``) and read the bank's HELLO."""
         with trio.move_on_after(connect_timeout_s) as scope:
             try:
                 stream = await trio.open_tcp_stream(host, port)
@@ -100,10 +105,13 @@ class Connection:
                 raise ConnectFailed(
                     f"could not reach {host}:{port}: not a valid host name ({reason})"
                 ) from None
+            if tls is not None:
+                secure = await _secure(stream, tls, host)
         if scope.cancelled_caught:
             raise ConnectFailed(f"could not reach {host}:{port} within {connect_timeout_s} s")
         return await cls.handshake(
-            stream, hello_timeout_s=hello_timeout_s, reply_timeout_s=reply_timeout_s
+            secure if tls is not None else stream,
+            hello_timeout_s=hello_timeout_s, reply_timeout_s=reply_timeout_s,
         )
 
     @classmethod
@@ -118,6 +126,13 @@ class Connection:
         connection = cls(stream, reply_timeout_s=reply_timeout_s)
         try:
             await connection._receive_hello(hello_timeout_s)
+        except ConnectionLost as lost:
+            await connection.aclose()
+            # Under TLS 1.3 the bank's refusal of this terminal comes after the handshake:
+            # the first read fails, or simply ends. (Not a timeout: ConnectFailed.)
+            if isinstance(stream, trio.SSLStream) and type(lost) is ConnectionLost:
+                raise _tls_failure(lost) from None
+            raise
         except BaseException:
             await connection.aclose()
             raise
@@ -234,7 +249,9 @@ class Connection:
         try:
             data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
         except _STREAM_ERRORS as error:
-            raise ConnectionLost(f"the connection broke ({_describe(error)})") from None
+            lost = ConnectionLost(f"the connection broke ({_describe(error)})")
+            lost.__cause__ = error  # a TLS failure is read from it (``_tls_failure``)
+            raise lost from error
         if not data:
             raise ConnectionLost("the bank closed the connection")
         self._engine.receive_data(data)
@@ -250,6 +267,38 @@ class Connection:
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             with contextlib.suppress(*_STREAM_ERRORS):
                 await self._stream.aclose()
+
+
+async def _secure(stream: trio.SocketStream, tls: ssl.SSLContext, host: str) -> trio.abc.Stream:
+    """TLS over ``stream``, the server's certificate verified for ``host``.
+
+    https_compatible: an end of stream without close_notify reads as an end of stream,
+    safe here since every frame carries its own length and CRC (spec section 10).
+    """
+    secure = trio.SSLStream(stream, tls, server_hostname=host, https_compatible=True)
+    try:
+        await secure.do_handshake()
+    except trio.BrokenResourceError as error:
+        await trio.aclose_forcefully(secure)
+        kind, sentence = describe_verification_error(error)
+        raise TlsFailed(sentence, kind=kind) from None
+    except BaseException:
+        await trio.aclose_forcefully(secure)
+        raise
+    return secure
+
+
+def _tls_failure(lost: ConnectionLost) -> TlsFailed:
+    """What the bank's refusal of this terminal looks like under TLS 1.3: the handshake
+    completes, and the first read fails (or, as trio's server sends no alert, ends)."""
+    if lost.__cause__ is not None:
+        kind, sentence = describe_verification_error(lost.__cause__)
+        return TlsFailed(sentence, kind=kind)
+    return TlsFailed(
+        "the bank closed the connection as the secure channel opened (it may not accept"
+        " this terminal's certificate, or want one)",
+        kind=TlsFailure.CONNECTION_CLOSED,
+    )
 
 
 def _root_cause(error: OSError) -> BaseException:

@@ -25,6 +25,7 @@ class ExitCode(IntEnum):
     SESSION_EXPIRED = 7
     INCOMPATIBLE_VERSION = 8
     UNCONFIRMED_TRANSACTION = 9
+    TLS_FAILED = 10
     INTERRUPTED = 130  # The shell's convention for Ctrl-C (128 + SIGINT).
     OUTPUT_CLOSED = 141  # The shell's convention for a closed pipe (128 + SIGPIPE).
 
@@ -69,6 +70,19 @@ class IncompatibleVersion(SessionEnded):
     """The bank speaks a protocol version this ATM does not (the decoder refused it)."""
 
     exit_code = ExitCode.INCOMPATIBLE_VERSION
+
+
+class TlsFailed(SessionEnded):
+    """The secure channel could not be set up: a certificate problem on either side, or
+    no TLS at the other end. ``kind`` is ``bank.tls.TlsFailure``'s word, ``reason`` a
+    plain sentence. Not a lost connection: trying again would meet the same problem."""
+
+    exit_code = ExitCode.TLS_FAILED
+
+    def __init__(self, reason: str, *, kind: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
 
 
 class ServerShutdown(SessionEnded):

@@ -24,6 +24,7 @@ from atm.errors import (
     ServerShutdown,
     SessionEnded,
     SessionExpired,
+    TlsFailed,
     TransactionUnconfirmed,
 )
 from wire import (
@@ -260,6 +261,8 @@ def ending_reason(ended: SessionEnded) -> str:
             return status_sentence(Status.SERVER_BUSY)
         case IncompatibleVersion():
             return status_sentence(Status.UNSUPPORTED_VERSION)
+        case TlsFailed(reason=reason):
+            return reason
         case LoginRefused(status=status):
             return status_sentence(status)
         case ConnectionLost(reason=reason, status=Status() as status):
@@ -284,6 +287,11 @@ def ending(ended: SessionEnded) -> str:
                 f"This ATM cannot talk to this bank: {ending_reason(ended)}. "
                 "The ATM software needs updating."
             )
+        case TlsFailed():
+            return (
+                f"Could not open a secure connection to the bank: {ending_reason(ended)}. "
+                "Ask the bank's operator to check this ATM's TLS settings."
+            )
         case LoginRefused():
             return f"Login refused: {ending_reason(ended)}. Session ended."
         case ConnectionLost():
@@ -302,6 +310,8 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.SESSION_EXPIRED: "session expired after being idle",
     ExitCode.INCOMPATIBLE_VERSION: "the bank speaks another protocol version",
     ExitCode.UNCONFIRMED_TRANSACTION: "a deposit or withdrawal could not be confirmed",
+    ExitCode.TLS_FAILED: "no secure connection: a certificate problem (unknown CA, wrong host"
+    " name, expired, no terminal certificate) or no TLS at the other end",
     ExitCode.INTERRUPTED: "interrupted with Ctrl-C",
     ExitCode.OUTPUT_CLOSED: "the screen went away (output was piped into a program that quit)",
 }

@@ -12,6 +12,7 @@ import contextlib
 import getpass
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from bank.readiness import listening_addresses, remove_ready_file, write_ready_f
 from bank.server import BankServer, open_files_needed, raise_open_files_limit
 from bank.sqlite_ledger import open_ledger
 from bank.store import SchemaError, Store, StoreError
+from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
 from wire import (
     canonical_account,
     check_pin,
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     command: Callable[[ServerConfig, argparse.Namespace], int] = args.run
     try:
         return command(config, args)
-    except (StoreError, StorageError, KeyFileError, AccountsFileError, SchemaError) as error:
+    except (
+        StoreError, StorageError, KeyFileError, AccountsFileError, SchemaError, TlsError
+    ) as error:
         print(f"bank: {error}", file=sys.stderr)
         return EXIT_FAILURE
 
@@ -90,6 +94,28 @@ def build_parser() -> argparse.ArgumentParser:
         "import", import_accounts, "add accounts from a course accounts.txt file"
     )
     load.add_argument("path", help="file of 'account, pin, balance' lines; # comments")
+    init = commands.add_parser(
+        "tls-init", help="create a private CA and the server's certificate",
+        description="Create DIR (mode 0700) with a private CA (ca.pem, ca.key) and a server"
+        " certificate (server.pem, server.key) for every --host given: the names and IP"
+        " addresses ATMs will connect to. Private keys are written 0600; nothing is ever"
+        " overwritten.",
+    )
+    init.add_argument("directory", type=Path, help="where the files go, e.g. tls")
+    init.add_argument(
+        "--host", action="append", required=True, dest="hosts", metavar="NAME",
+        help="a DNS name or IP address of the server (repeat for each)",
+    )
+    init.set_defaults(run=tls_init)
+    terminal = commands.add_parser(
+        "tls-terminal", help="issue a terminal certificate for one ATM",
+        description="Issue DIR/terminal-NAME.pem and .key, signed by the CA that tls-init"
+        " made in DIR, for the ATM called NAME; give the pair to that ATM (--tls-cert,"
+        " --tls-key) and serve with --tls-client-ca DIR/ca.pem to require one.",
+    )
+    terminal.add_argument("directory", type=Path, help="the directory tls-init made")
+    terminal.add_argument("name", help="the terminal's name: letters, digits, - _ .")
+    terminal.set_defaults(run=tls_terminal)
     return parser
 
 
@@ -129,8 +155,33 @@ def serve(config: ServerConfig, _args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context, if it serves TLS; raises ``TlsError`` naming the file."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    return server_context(
+        config.tls_cert, config.tls_key, client_ca=config.tls_client_ca, tls12=config.tls12
+    )
+
+
+def log_security(config: ServerConfig) -> None:
+    if config.tls_cert is not None:
+        log.info(
+            "serving TLS %s; terminal certificates %s",
+            "1.2 and 1.3" if config.tls12 else "1.3",
+            f"required (CA {config.tls_client_ca})" if config.tls_client_ca else "not required",
+        )
+    elif config.insecure_plaintext:
+        log.warning(
+            "serving PLAINTEXT on %s (--insecure-plaintext): PINs cross the network in"
+            " clear", config.host,
+        )
+
+
 async def run_server(config: ServerConfig) -> None:
     """Serve until a signal, then shut down gracefully and close the database."""
+    tls = tls_context(config)  # before the database: a bad certificate creates nothing
+    log_security(config)
     ledger = await open_ledger(
         config.db,
         config.key_file,
@@ -138,7 +189,7 @@ async def run_server(config: ServerConfig) -> None:
         lockout_s=config.pin_lockout_s,
     )
     try:
-        server = BankServer(config, ledger)
+        server = BankServer(config, ledger, tls=tls)
         try:  # outside the nursery below, so that a bind error is not an ExceptionGroup
             listeners = await server.listen()
         except OSError as error:
@@ -242,6 +293,25 @@ def import_accounts(config: ServerConfig, args: argparse.Namespace) -> int:
     print(f"imported {count} accounts from {args.path}")
     return EXIT_OK
 
+
+
+# -- TLS certificates ------------------------------------------------------------------
+
+
+def tls_init(_config: ServerConfig, args: argparse.Namespace) -> int:
+    files = init_ca_and_server(args.directory, args.hosts)
+    print(f"created the CA ({files.ca}) and the server's certificate ({files.cert}, key"
+          f" {files.key}) for {', '.join(args.hosts)}")
+    print(f"serve with: --tls-cert {files.cert} --tls-key {files.key}")
+    print(f"give ATMs the CA: --tls-ca {files.ca}; keep {args.directory / 'ca.key'} offline")
+    return EXIT_OK
+
+
+def tls_terminal(_config: ServerConfig, args: argparse.Namespace) -> int:
+    files = issue_terminal(args.directory, args.name)
+    print(f"issued {files.cert} (key {files.key}) for terminal {args.name}")
+    print(f"on that ATM: --tls-ca {files.ca} --tls-cert {files.cert} --tls-key {files.key}")
+    return EXIT_OK
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
-from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
+
+from bank.tls import describe_verification_error, peer_identity
 
 RECEIVE_BYTES_MAX = 4096
 """Bytes asked of the peer per read: bounds what one read can add to the buffer."""
@@ -133,41 +134,9 @@ class TlsTransport(StreamTransport):
         try:
             await self.stream.do_handshake()
         except trio.BrokenResourceError as error:
-            raise HandshakeFailed(describe_handshake_failure(error.__cause__)) from None
-        return peer_identity(self.stream.getpeercert())
-
-
-def peer_identity(certificate: Mapping[str, Any] | None) -> str | None:
-    """``CN=atm-0042`` from a verified peer certificate's subject, for the logs and the
-    ledger; None when the peer presented none (no client CA was configured)."""
-    if not certificate:
-        return None
-    for rdn in certificate.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return f"CN={value}"
-    return "CN=(none)"
-
-
-def describe_handshake_failure(error: BaseException | None) -> str:
-    """One plain sentence for a failed handshake, from the TLS library's reason."""
-    reason = getattr(error, "reason", None) or type(error).__name__
-    return HANDSHAKE_FAILURES.get(str(reason), f"TLS handshake failed ({reason})")
-
-
-HANDSHAKE_FAILURES: dict[str, str] = {
-    "HTTP_REQUEST": "the client spoke HTTP, not TLS",
-    "WRONG_VERSION_NUMBER": "the client did not speak TLS (plaintext on the TLS port?)",
-    "UNSUPPORTED_PROTOCOL": "the client offered only a TLS version this server refuses",
-    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the terminal presented no certificate",
-    "CERTIFICATE_VERIFY_FAILED": "the terminal's certificate is not signed by the client CA,"
-    " or has expired",
-    "TLSV1_ALERT_UNKNOWN_CA": "the terminal does not trust this server's certificate",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the terminal rejected this server's certificate",
-    "UNEXPECTED_EOF_WHILE_READING": "the client closed the connection during the handshake",
-    "SSLEOFError": "the client closed the connection during the handshake",
-}
-"""The OpenSSL reasons an operator meets most, in plain words; others show the reason."""
+            _kind, sentence = describe_verification_error(error)
+            raise HandshakeFailed(sentence) from None
+        return peer_identity(self.stream)
 
 
 async def close_gracefully(stream: trio.abc.Stream) -> None:

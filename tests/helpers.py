@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import ssl
 import uuid
 import zlib
 from collections import deque
@@ -166,9 +167,10 @@ class RunningServer:
 
 
 async def start_server(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, **overrides: object
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, *,
+    tls: ssl.SSLContext | None = None, **overrides: object,
 ) -> RunningServer:
-    server = BankServer(dataclasses.replace(config, **overrides), ledger)
+    server = BankServer(dataclasses.replace(config, **overrides), ledger, tls=tls)
     listeners = await nursery.start(server.serve)
     return RunningServer(server, listeners[0].socket.getsockname()[1])
 

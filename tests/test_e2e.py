@@ -5,6 +5,11 @@ pexpect (prompts, hidden PIN): a full session; an overdraft refused; a second AT
 refused while the first holds the account and admitted after its logout; three wrong
 PINs locking the account; the SHUTDOWN notice reaching a connected ATM; and a deposit
 whose reply is lost in the network, retried by the ATM and applied exactly once.
+
+Every scenario but the lost reply runs twice: in plaintext, and inside TLS with terminal
+certificates (``bank`` is parametrized). The lost reply needs a relay that reads frames,
+which TLS exists to prevent; what it proves, the ATM's confirm-by-replay, is the same
+code over either transport.
 """
 
 from __future__ import annotations
@@ -14,15 +19,19 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pexpect
+import pytest
 import trio
 
 from atm.errors import ExitCode
 from bank.store import read_books
+from bank.tls import init_ca_and_server, issue_terminal
 from bank.tools import launcher
-from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, OTHER_ACCOUNT, OTHER_PIN
+from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, OTHER_ACCOUNT, OTHER_PIN, bank_process_args
 from wire import Decoder, DepositReply, Sender, encode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,22 +42,48 @@ MENU = re.escape("[b]alance  [d]eposit  [w]ithdraw  [h]istory  e[x]it: ")
 
 
 def balance_cents(tmp_path: Path, account: str) -> int:
-    """From the books of the bank_process fixture's database, read-only."""
+    """From the books of the bank database in tmp_path, read-only."""
     return read_books(tmp_path / "bank.db").balance_cents[account]
 
 
-def atm_piped(port: int, *answers: str) -> subprocess.CompletedProcess[str]:
+@dataclass(frozen=True)
+class Bank:
+    """A real bank process, and the flags that make an ATM reach it."""
+
+    server: launcher.Server
+    atm_flags: tuple[str, ...]
+
+
+@pytest.fixture(params=["plaintext", "tls"])
+def bank(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bank]:
+    """``python -m bank`` on a fresh database; under TLS with the certificates its own
+    tls-init and tls-terminal commands make, requiring a terminal certificate."""
+    args = bank_process_args(tmp_path)
+    flags: tuple[str, ...] = ()
+    if request.param == "tls":
+        tls = tmp_path / "tls"
+        files = init_ca_and_server(tls, ["127.0.0.1"])
+        terminal = issue_terminal(tls, "atm-0001")
+        args += ["--tls-cert", str(files.cert), "--tls-key", str(files.key),
+                 "--tls-client-ca", str(files.ca)]
+        flags = ("--host", "127.0.0.1", "--tls-ca", str(files.ca),
+                 "--tls-cert", str(terminal.cert), "--tls-key", str(terminal.key))
+    with launcher.start(args, workdir=tmp_path) as server:
+        yield Bank(server, ("--port", str(server.port), *flags))
+
+
+def atm_piped(bank: Bank, *answers: str) -> subprocess.CompletedProcess[str]:
     """Run an ATM with ``answers`` as its input lines, to the end."""
     return subprocess.run(
-        [sys.executable, "-m", "atm", "--port", str(port)],
+        [sys.executable, "-m", "atm", *bank.atm_flags],
         input="".join(f"{a}\n" for a in answers), capture_output=True, text=True,
         cwd=ROOT, timeout=PROCESS_TIMEOUT_S, check=False,  # tests assert the exit status
     )
 
 
-def atm_terminal(port: int) -> pexpect.spawn:
+def atm_terminal(bank: Bank) -> pexpect.spawn:
     return pexpect.spawn(
-        sys.executable, ["-m", "atm", "--port", str(port)], cwd=str(ROOT),
+        sys.executable, ["-m", "atm", *bank.atm_flags], cwd=str(ROOT),
         encoding="utf-8", timeout=PROCESS_TIMEOUT_S, dimensions=(40, 120),
     )
 
@@ -62,8 +97,8 @@ def log_in_at_terminal(atm: pexpect.spawn, account: str, pin: str) -> None:
     atm.expect(MENU)
 
 
-def test_full_session_at_a_terminal(bank_process: launcher.Server, tmp_path: Path):
-    atm = atm_terminal(bank_process.port)
+def test_full_session_at_a_terminal(bank: Bank, tmp_path: Path):
+    atm = atm_terminal(bank)
     atm.expect_exact("Account number (AA-NNNNN): ")
     atm.sendline("ac-1234")  # a typo: asked again, locally
     atm.expect_exact("Account number (AA-NNNNN): ")
@@ -100,8 +135,8 @@ def test_full_session_at_a_terminal(bank_process: launcher.Server, tmp_path: Pat
     assert balance_cents(tmp_path, DEMO_ACCOUNT) == 1_000_00
 
 
-def test_full_session_through_a_pipe(bank_process: launcher.Server, tmp_path: Path):
-    result = atm_piped(bank_process.port, DEMO_ACCOUNT, DEMO_PIN, "b", "d", "100", "w", "24.32",
+def test_full_session_through_a_pipe(bank: Bank, tmp_path: Path):
+    result = atm_piped(bank, DEMO_ACCOUNT, DEMO_PIN, "b", "d", "100", "w", "24.32",
                        "h", "b", "x")
     assert result.returncode == ExitCode.OK, result.stdout + result.stderr
     assert "Your balance is $1,024.32." in result.stdout
@@ -109,57 +144,62 @@ def test_full_session_through_a_pipe(bank_process: launcher.Server, tmp_path: Pa
     assert result.stdout.count("RECEIPT") == 2
     assert "Logged out." in result.stdout and result.stderr == ""
     assert balance_cents(tmp_path, DEMO_ACCOUNT) == 1_100_00
+    # Under TLS each entry names the terminal that booked it, as does the bank's log.
+    terminal = "CN=atm-0001" if "--tls-cert" in bank.atm_flags else None
+    assert {entry.terminal for entry in read_books(tmp_path / "bank.db").entries} == {terminal}
+    if terminal is not None:
+        assert f"{terminal}: login AC-***45 APPROVED" in bank.server.log_path.read_text()
 
 
-def test_end_of_input_logs_out_cleanly(bank_process: launcher.Server):
-    result = atm_piped(bank_process.port, DEMO_ACCOUNT, DEMO_PIN, "b")
+def test_end_of_input_logs_out_cleanly(bank: Bank):
+    result = atm_piped(bank, DEMO_ACCOUNT, DEMO_PIN, "b")
     assert result.returncode == ExitCode.OK
     assert "Logged out." in result.stdout
 
 
-def test_an_overdraft_is_refused(bank_process: launcher.Server, tmp_path: Path):
-    result = atm_piped(bank_process.port, OTHER_ACCOUNT, OTHER_PIN, "w", "45.73", "b", "x")
+def test_an_overdraft_is_refused(bank: Bank, tmp_path: Path):
+    result = atm_piped(bank, OTHER_ACCOUNT, OTHER_PIN, "w", "45.73", "b", "x")
     assert "Insufficient funds (51)" in result.stdout
     assert "Your balance is $45.72." in result.stdout
     assert result.returncode == ExitCode.OK
     assert balance_cents(tmp_path, OTHER_ACCOUNT) == 45_72
 
 
-def test_a_second_atm_is_refused_until_the_first_logs_out(bank_process: launcher.Server):
-    first = atm_terminal(bank_process.port)
+def test_a_second_atm_is_refused_until_the_first_logs_out(bank: Bank):
+    first = atm_terminal(bank)
     log_in_at_terminal(first, DEMO_ACCOUNT, DEMO_PIN)
-    refused = atm_piped(bank_process.port, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
+    refused = atm_piped(bank, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
     assert refused.returncode == ExitCode.ACCOUNT_IN_USE
     assert "in use at another ATM (160)" in refused.stdout
     first.sendline("x")
     first.expect(pexpect.EOF)
     first.close()
-    admitted = atm_piped(bank_process.port, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
+    admitted = atm_piped(bank, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
     assert admitted.returncode == ExitCode.OK, admitted.stdout
     assert "Your balance is $1,024.32." in admitted.stdout
 
 
-def test_three_wrong_pins_lock_the_account(bank_process: launcher.Server):
+def test_three_wrong_pins_lock_the_account(bank: Bank):
     wrong = ["0000", "1111", "2222"]
-    result = atm_piped(bank_process.port, *[line for pin in wrong for line in (DEMO_ACCOUNT, pin)])
+    result = atm_piped(bank, *[line for pin in wrong for line in (DEMO_ACCOUNT, pin)])
     assert "Incorrect PIN (55)" in result.stdout
     assert "locked (75)" in result.stdout
     assert result.returncode == ExitCode.ACCOUNT_LOCKED
-    right = atm_piped(bank_process.port, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
+    right = atm_piped(bank, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
     assert right.returncode == ExitCode.ACCOUNT_LOCKED
     assert "Your balance" not in right.stdout
 
 
-def test_the_shutdown_notice_reaches_a_connected_atm(bank_process: launcher.Server):
-    atm = atm_terminal(bank_process.port)
+def test_the_shutdown_notice_reaches_a_connected_atm(bank: Bank):
+    atm = atm_terminal(bank)
     log_in_at_terminal(atm, DEMO_ACCOUNT, DEMO_PIN)
-    bank_process.process.send_signal(signal.SIGTERM)
+    bank.server.process.send_signal(signal.SIGTERM)
     atm.expect(re.compile(r"shutting down", re.IGNORECASE))
     atm.expect(pexpect.EOF)
     atm.close()
     assert atm.exitstatus == ExitCode.SERVER_UNAVAILABLE
-    assert bank_process.process.wait(PROCESS_TIMEOUT_S) == 0
-    assert "SIGTERM received" in bank_process.log_path.read_text()
+    assert bank.server.process.wait(PROCESS_TIMEOUT_S) == 0
+    assert "SIGTERM received" in bank.server.log_path.read_text()
 
 
 async def test_a_deposit_whose_reply_is_lost_is_applied_exactly_once(
