@@ -250,3 +250,38 @@ async def test_the_server_process_serves_and_exits_cleanly_on_sigterm(
     text = bank_process.log_path.read_text()
     assert "SIGTERM received" in text and "database closed" in text
     assert DEMO_PIN not in text and DEMO_ACCOUNT not in text  # masked, never a PIN
+
+
+# -- TLS operator commands and start-up ---------------------------------------------------
+
+
+def test_tls_init_and_tls_terminal_write_the_files_and_never_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    tls = tmp_path / "tls"
+    assert main(["tls-init", str(tls), "--host", "127.0.0.1", "--host", "localhost"]) == 0
+    assert main(["tls-terminal", str(tls), "atm-0001"]) == 0
+    assert sorted(path.name for path in tls.iterdir()) == [
+        "ca.key", "ca.pem", "server.key", "server.pem",
+        "terminal-atm-0001.key", "terminal-atm-0001.pem",
+    ]
+    assert {oct(path.stat().st_mode & 0o777) for path in tls.glob("*.key")} == {"0o600"}
+    assert "--tls-cert" in capsys.readouterr().out
+    before = (tls / "ca.key").read_bytes()
+    assert main(["tls-init", str(tls), "--host", "127.0.0.1"]) == 1
+    assert main(["tls-terminal", str(tls), "atm-0001"]) == 1
+    assert (tls / "ca.key").read_bytes() == before
+    errors = capsys.readouterr().err
+    assert errors.count("bank: ") == 2 and "Traceback" not in errors
+
+
+def test_a_server_with_an_unusable_certificate_says_which_file_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    status = main(["--port", "0", "--db", str(tmp_path / "bank.db"),
+                   "--key-file", str(tmp_path / "bank.key"),
+                   "--tls-cert", str(tmp_path / "missing.pem"),
+                   "--tls-key", str(tmp_path / "missing.key")])
+    assert status == 1
+    assert "missing.pem" in capsys.readouterr().err
+    assert not (tmp_path / "bank.db").exists() and not (tmp_path / "bank.key").exists()
