@@ -42,6 +42,7 @@ import trio
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
+from bank.resumption import SessionRegistry
 from bank.session import Session
 from bank.transport import (
     CLOSE_LINGER_S,
@@ -59,8 +60,10 @@ from wire import (
     Message,
     RemoteProtocolError,
     Request,
+    ResumeReply,
     Sender,
     SessionExpired,
+    SessionToken,
     Shutdown,
     State,
     Status,
@@ -110,6 +113,7 @@ class Ending(enum.Enum):
     EVICTED = "evicted: not logged in, and the server is full"
     HANDSHAKE_TIMEOUT = "TLS handshake not completed in time"
     HANDSHAKE_FAILED = "TLS handshake failed"
+    SUPERSEDED = "superseded: the ATM resumed its session on a new connection"
 
 
 class ConnectionEnded(Exception):
@@ -210,6 +214,8 @@ class Connection:
         self._on_handshake_failed = on_handshake_failed
         self._handshaking = False
         self._handshaken = False
+        self._superseded = False
+        session.on_supersede = self.supersede
         self.deadline = math.inf
         """When the current wait on the peer gives up (trio clock), read by the sweeper."""
         self._ending = Ending.IDLE
@@ -252,6 +258,15 @@ class Connection:
         self._interrupt = Interrupt.DEADLINE
         self._expired_as = Ending.EVICTED
         self._scope.cancel()
+
+    def supersede(self) -> None:
+        """The session moved to a new connection (RESUME): end this one now if it waits
+        on its peer, or else at its next wait, once the request in hand is answered."""
+        self._superseded = True
+        if self.deadline < math.inf:
+            self._interrupt = Interrupt.DEADLINE
+            self._expired_as = Ending.SUPERSEDED
+            self._scope.cancel()
 
     def begin_shutdown(self, close_at: float) -> None:
         """Called by the server: send SHUTDOWN soon, serve only LOGOUT, close at ``close_at``."""
@@ -342,7 +357,9 @@ class Connection:
         assert isinstance(request, Request), "a server's engine yields only requests"
         reply = await self.session.answer(self._engine, request)
         await self._send(reply)
-        if isinstance(reply, LoginReply) and self.logged_in:
+        if isinstance(reply, LoginReply | ResumeReply) and self.logged_in:
+            if self.session.token is not None:
+                await self._send(SessionToken(self.session.token))
             self._on_login(self)
         if self._engine.state is State.CLOSED and reply.status is not Status.APPROVED:
             log.info("%s: closing after %s %s", self.name, reply.OPCODE.name, reply.status.name)
@@ -396,7 +413,10 @@ class Connection:
         return deadline, ending
 
     def _wait_until(self, deadline: float, ending: Ending) -> None:
-        """Bound the next wait on the peer: past ``deadline``, the connection ends so."""
+        """Bound the next wait on the peer: past ``deadline``, the connection ends so.
+        A superseded connection's next wait ends at once."""
+        if self._superseded:
+            deadline, ending = trio.current_time(), Ending.SUPERSEDED
         self.deadline = deadline
         self._ending = ending
         self._sweeper.hurry(deadline)
@@ -408,7 +428,7 @@ class Connection:
         does not get it.
         """
         notice: Message | None = None
-        if ending in {Ending.IDLE, Ending.EVICTED}:
+        if ending in {Ending.IDLE, Ending.EVICTED, Ending.SUPERSEDED}:
             notice = SessionExpired()
         elif ending is Ending.FRAME_TIMEOUT:
             notice = Error(Status.FORMAT_ERROR)
@@ -447,6 +467,7 @@ class BankServer:
         self.config = config
         self._tls = tls
         self.leases = Leases()
+        self.sessions = SessionRegistry()
         self._ledger = ledger
         self._refusals = trio.CapacityLimiter(REFUSALS_MAX)
         self._connections: set[Connection] = set()
@@ -532,7 +553,10 @@ class BankServer:
         await self._serve_connection(stream, name, address)
 
     async def _serve_connection(self, stream: trio.SocketStream, name: str, address: str) -> None:
-        session = Session(ledger=self._ledger, leases=self.leases, config=self.config, name=name)
+        session = Session(
+            ledger=self._ledger, leases=self.leases, config=self.config, name=name,
+            sessions=self.sessions,
+        )
         transport: Transport = (
             TlsTransport(stream, self._tls) if self._tls else SocketTransport(stream)
         )

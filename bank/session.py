@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
+import trio
+
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger, PinResult, Posting, PostResult, StorageError
+from bank.resumption import SessionRegistry
 from wire import (
     KIND_OF_REQUEST,
     MONEY_KINDS,
@@ -35,6 +38,8 @@ from wire import (
     PingReply,
     Reply,
     Request,
+    Resume,
+    ResumeReply,
     Status,
     format_cents,
     mask_account,
@@ -43,6 +48,10 @@ from wire import (
 from wire import Connection as Engine
 
 log = logging.getLogger("bank.session")
+
+RESUME_TAKEOVER_S = 5.0
+"""Longest a RESUME waits for the superseded connection to release the lease: it ends at
+once when it is waiting on its peer, or after the request it is working on."""
 
 PIN_STATUS: dict[PinResult, Status] = {
     PinResult.MATCHED: Status.APPROVED,
@@ -92,18 +101,26 @@ class Session:
     """What the bank knows of one connection's session: its account, once logged in."""
 
     def __init__(
-        self, *, ledger: Ledger, leases: Leases, config: ServerConfig, name: str
+        self, *, ledger: Ledger, leases: Leases, config: ServerConfig, name: str,
+        sessions: SessionRegistry | None = None,
     ) -> None:
         self.account: str | None = None
         self.terminal: str | None = None
         """The ATM's identity from its TLS terminal certificate, booked with each entry."""
+        self.token: bytes | None = None
+        """What resumes this session (``bank.resumption``), while it holds its lease."""
+        self.on_supersede: Callable[[], None] = lambda: None
+        """Set by the connection: end it, for a successor that resumed this session."""
         self._ledger = ledger
         self._leases = leases
         self._config = config
         self._name = name
+        self._sessions = sessions
+        self._released = trio.Event()
         # Each handler takes the request type it is filed under: typed Any to say so.
         self._handlers: dict[type[Request], Callable[[Any], Awaitable[Reply]]] = {
             Login: self._login,
+            Resume: self._resume,
             Logout: self._logout,
             Balance: self._balance,
             **{kind.request: self._post for kind in MONEY_KINDS},
@@ -141,11 +158,28 @@ class Session:
         return await self.handle(request)
 
     def end(self) -> None:
-        """Release the lease, if any. Safe to call more than once."""
+        """Release the lease, if any; the token dies with it. Safe to call more than once."""
         if self.account is not None:
+            if self._sessions is not None:
+                self._sessions.forget(self.account, self)
             self._leases.release(self.account)
             log.info("%s: %s released", self._name, mask_account(self.account))
-            self.account = None
+            self.account = self.token = None
+        self._released.set()
+
+    def supersede(self) -> None:
+        """A new connection resumed this session: end this one (``Resumable``)."""
+        log.info("%s: superseded by a resumed connection", self._name)
+        self.on_supersede()
+
+    async def wait_released(self) -> None:
+        await self._released.wait()
+
+    def _hold(self, account: str) -> None:
+        """The lease on ``account`` is this session's: resumable from now on."""
+        self.account = account
+        if self._sessions is not None:
+            self.token = self._sessions.register(account, self)
 
     async def _login(self, request: Login) -> Reply:
         status = PIN_STATUS[await self._ledger.verify_pin(request.account, request.pin)]
@@ -153,8 +187,28 @@ class Session:
             status = Status.ACCOUNT_IN_USE
         log.info("%s: login %s %s", self._name, mask_account(request.account), status.name)
         if status is Status.APPROVED:
-            self.account = request.account
+            self._hold(request.account)
         return LoginReply(status)
+
+    async def _resume(self, request: Resume) -> Reply:
+        """Take over this account's session from its old connection, at once: the old one
+        is superseded and its lease passes here, once released (bounded)."""
+        masked = mask_account(request.account)
+        predecessor = None
+        if self._sessions is not None:
+            predecessor = self._sessions.claim(request.account, request.token)
+        if predecessor is None:
+            log.info("%s: resume %s refused: no such session", self._name, masked)
+            return ResumeReply(Status.UNKNOWN_SESSION)
+        predecessor.supersede()
+        with trio.move_on_after(RESUME_TAKEOVER_S):
+            await predecessor.wait_released()
+        if not self._leases.try_acquire(request.account):  # still held, or taken meanwhile
+            log.info("%s: resume %s refused: the lease was not freed", self._name, masked)
+            return ResumeReply(Status.UNKNOWN_SESSION)
+        self._hold(request.account)
+        log.info("%s: resume %s APPROVED", self._name, masked)
+        return ResumeReply(Status.APPROVED)
 
     async def _logout(self, _request: Logout) -> Reply:
         self.end()

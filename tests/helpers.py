@@ -50,6 +50,7 @@ from wire import (
     Reply,
     Request,
     Sender,
+    SessionToken,
     State,
     Status,
     Withdraw,
@@ -83,6 +84,8 @@ class WireClient:
         self._engine = Engine(Sender.CLIENT)
         self._raw: Decoder | None = None
         self._raw_ids = itertools.count(1)
+        self.tokens: list[bytes] = []
+        """The session tokens the server sent (SESSION_TOKEN), oldest first."""
 
     @classmethod
     async def connect(cls, port: int) -> WireClient:
@@ -106,14 +109,21 @@ class WireClient:
         return self._engine.last_request_id
 
     async def receive(self) -> Frame | None:
-        """The next frame (for an answer, its reply), or None when the server closed."""
+        """The next frame (for an answer, its reply), or None when the server closed.
+
+        SESSION_TOKEN notices are kept in ``tokens``, not returned: they follow every
+        approved LOGIN, and tests that count frames mean the others."""
         with trio.fail_after(RECEIVE_TIMEOUT_S):
-            while (event := self._next_event()) is None:
-                data = await self.stream.receive_some(4096)
-                if not data:
-                    return None
-                self._receive_data(data)
-        return event if isinstance(event, Frame) else Frame(event.request_id, event.message)
+            while True:
+                while (event := self._next_event()) is None:
+                    data = await self.stream.receive_some(4096)
+                    if not data:
+                        return None
+                    self._receive_data(data)
+                if isinstance(event.message, SessionToken):
+                    self.tokens.append(event.message.token)
+                    continue
+                return event if isinstance(event, Frame) else Frame(event.request_id, event.message)
 
     def _next_event(self) -> Frame | Answer | None:
         return self._raw.next_frame() if self._raw is not None else self._engine.next_event()
@@ -138,9 +148,26 @@ class WireClient:
         return frame.message
 
     async def login(self, account: str = DEMO_ACCOUNT, pin: str = DEMO_PIN) -> Status:
+        """LOGIN; once approved, also the SESSION_TOKEN that follows, so that no frame of
+        the login is left unread (a test may turn to raw bytes next)."""
         reply = await self.request(Login(account, pin))
         assert isinstance(reply, LoginReply)
+        if reply.status is Status.APPROVED:
+            await self.token()
         return reply.status
+
+    async def token(self) -> bytes:
+        """The session token the server sent after the last approved LOGIN or RESUME."""
+        count = len(self.tokens)
+        with trio.fail_after(RECEIVE_TIMEOUT_S):
+            while len(self.tokens) == count:
+                while (event := self._next_event()) is None:
+                    data = await self.stream.receive_some(4096)
+                    assert data, "the server closed instead of sending a session token"
+                    self._receive_data(data)
+                assert isinstance(event.message, SessionToken), event
+                self.tokens.append(event.message.token)
+        return self.tokens[-1]
 
     async def closed(self) -> bool:
         """True once the server has closed the connection (after any frames it sent)."""

@@ -31,8 +31,11 @@ from wire import (
     PingReply,
     RemoteProtocolError,
     Request,
+    Resume,
+    ResumeReply,
     Sender,
     SessionExpired,
+    SessionToken,
     Shutdown,
     State,
     Status,
@@ -47,9 +50,11 @@ HELLO = Hello(
     frame_timeout_s=10, login_timeout_s=30, idle_timeout_s=120,
 )
 
+TOKEN = bytes(range(16))
+
 ALL_REQUESTS: list[Request] = [
     Login(DEMO_ACCOUNT, DEMO_PIN), Logout(), Balance(), Deposit(txn_id(), 100),
-    Withdraw(txn_id(), 100), History(5), Ping(),
+    Withdraw(txn_id(), 100), History(5), Ping(), Resume(DEMO_ACCOUNT, TOKEN),
 ]
 
 
@@ -369,3 +374,39 @@ def test_trailing_data_is_what_no_event_was_made_of() -> None:
     client.receive_data(hello + hello[:7])
     assert client.next_event() is not None
     assert client.trailing_data == hello[:7]
+
+
+def test_an_approved_resume_authenticates_and_the_token_reaches_the_client() -> None:
+    pair = Pair()
+    pair.greet()
+    pair.exchange(Resume(DEMO_ACCOUNT, TOKEN))
+    pair.assert_state(State.AUTHENTICATED)
+    assert pair.client.session_token is None
+    pair.to_client(pair.server.send(SessionToken(bytes(16))))
+    assert pair.client.session_token == bytes(16) == pair.server.session_token
+    pair.exchange(Logout())
+    assert pair.client.session_token is None  # it dies with the session
+
+
+def test_resumes_with_a_token_that_opens_nothing_count_as_failed_logins() -> None:
+    pair = Pair(login_attempts_max=2)
+    pair.greet()
+    pair.exchange(Resume(DEMO_ACCOUNT, TOKEN), Status.UNKNOWN_SESSION)
+    assert pair.server.state is State.CONNECTED
+    pair.exchange(Resume(DEMO_ACCOUNT, TOKEN), Status.UNKNOWN_SESSION)
+    assert pair.server.state is State.CLOSED
+
+
+def test_a_session_token_is_only_for_an_authenticated_session() -> None:
+    pair = Pair()
+    pair.greet()
+    with pytest.raises(LocalProtocolError, match="authenticated"):
+        pair.server.send(SessionToken(TOKEN))
+
+
+def test_a_resume_while_logged_in_is_refused_already_logged_in() -> None:
+    pair = logged_in()
+    pair.to_server(pair.client.send(Resume(DEMO_ACCOUNT, TOKEN)))
+    assert pair.server.refusal(Resume(DEMO_ACCOUNT, TOKEN)) is Status.ALREADY_LOGGED_IN
+    pair.to_client(pair.server.send(ResumeReply(Status.ALREADY_LOGGED_IN)))
+    pair.assert_state(State.AUTHENTICATED)

@@ -57,6 +57,7 @@ from wire import (
     Message,
     Request,
     Sender,
+    SessionToken,
     Status,
     Withdraw,
     WithdrawReply,
@@ -178,6 +179,8 @@ class Atm:
         """Send one request and return its answer; the engine checks it answers ours."""
         self.send(message)
         answer = self.receive()
+        while answer is not None and isinstance(answer.message, SessionToken):
+            answer = self.receive()  # follows an approved LOGIN; the engine keeps it
         assert isinstance(answer, Answer), f"{answer} instead of answering {message}"
         return answer.message
 

@@ -37,7 +37,9 @@ from wire._messages import (
     Notice,
     Reply,
     Request,
+    ResumeReply,
     Sender,
+    SessionToken,
     Shutdown,
     reply_type,
 )
@@ -99,6 +101,9 @@ class Connection:
         """True once a shutdown has begun: only LOGOUT is served from then on."""
         self.hello: Hello | None = None
         """The server's greeting, once sent (server) or received (client)."""
+        self.session_token: bytes | None = None
+        """The token that resumes this session (SESSION_TOKEN), once sent or received;
+        None again when the session closes."""
         self._decoder = Decoder(self.their_role, payload_bytes_max=payload_bytes_max)
         self._login_attempts_max = login_attempts_max
         self._failed_logins = 0
@@ -237,6 +242,8 @@ class Connection:
         elif isinstance(message, (Notice, Error)):
             if isinstance(message, Hello) and self.state is not State.OPENING:
                 raise LocalProtocolError("HELLO is sent once, first")
+            if isinstance(message, SessionToken) and self.state is not State.AUTHENTICATED:
+                raise LocalProtocolError("a SESSION_TOKEN is for an authenticated session")
             request_id = 0
         else:
             raise LocalProtocolError(f"a server does not send {message.OPCODE.name}")
@@ -263,7 +270,7 @@ class Connection:
                 f"{request.OPCODE.name} must be refused with {status.name} in {self.state.name}"
             )
         self._unanswered.popleft()
-        if isinstance(reply, LoginReply) and reply.status in LOGIN_FAILURES:
+        if isinstance(reply, LoginReply | ResumeReply) and reply.status in LOGIN_FAILURES:
             self._failed_logins += 1
         return request_id
 
@@ -298,6 +305,8 @@ class Connection:
             self.hello = message
         if isinstance(message, Shutdown):
             self.shutting_down = True
+        if isinstance(message, SessionToken) and self.state is State.AUTHENTICATED:
+            self.session_token = message.token
         self.state = next_state(self.state, message)
         if (
             self._login_attempts_max is not None
@@ -306,6 +315,7 @@ class Connection:
             self.state = State.CLOSED
         if self.state is State.CLOSED:
             self._unanswered.clear()
+            self.session_token = None
 
     def _encode(self, message: Message, request_id: int) -> bytes:
         try:

@@ -39,7 +39,7 @@ from construct import (
     this,
 )
 
-from wire._limits import ACCOUNT_BYTES, MAGIC, PIN_BYTES, TXN_ID_BYTES
+from wire._limits import ACCOUNT_BYTES, MAGIC, PIN_BYTES, SESSION_TOKEN_BYTES, TXN_ID_BYTES
 
 # -- Frame -------------------------------------------------------------------------
 
@@ -68,6 +68,7 @@ EMPTY = Struct()
 LOGIN = Struct("account" / Bytes(ACCOUNT_BYTES), "pin" / Bytes(PIN_BYTES))
 MONEY_REQUEST = Struct("txn_id" / Bytes(TXN_ID_BYTES), "amount_cents" / Int64ub)
 HISTORY = Struct("count" / Int8ub)
+RESUME = Struct("account" / Bytes(ACCOUNT_BYTES), "token" / Bytes(SESSION_TOKEN_BYTES))
 
 STATUS_ONLY = Struct("status" / Int8ub)
 BALANCE_REPLY = Struct("status" / Int8ub, "balance_cents" / Int64ub)
@@ -95,6 +96,7 @@ HELLO = Struct(
     "idle_timeout_s" / Int16ub,
 )
 SHUTDOWN = Struct("grace_s" / Int16ub)
+SESSION_TOKEN = Struct("token" / Bytes(SESSION_TOKEN_BYTES))
 
 
 # -- Derived fast path -------------------------------------------------------------

@@ -26,6 +26,7 @@ from wire._limits import (
     PAYLOAD_BYTES_MAX,
     REQUEST_ID_MAX,
     SECONDS_MAX,
+    SESSION_TOKEN_BYTES,
     TXN_ID_BYTES,
 )
 from wire._status import Status
@@ -41,6 +42,7 @@ class Opcode(IntEnum):
     WITHDRAW = 0x05
     HISTORY = 0x06
     PING = 0x07
+    RESUME = 0x08
     LOGIN_REPLY = 0x81
     LOGOUT_REPLY = 0x82
     BALANCE_REPLY = 0x83
@@ -48,9 +50,11 @@ class Opcode(IntEnum):
     WITHDRAW_REPLY = 0x85
     HISTORY_REPLY = 0x86
     PING_REPLY = 0x87
+    RESUME_REPLY = 0x88
     HELLO = 0xC0
     SHUTDOWN = 0xC1
     SESSION_EXPIRED = 0xC2
+    SESSION_TOKEN = 0xC3
     ERROR = 0xFF
 
 
@@ -184,6 +188,32 @@ class Login(Request):
 
 
 @dataclass(frozen=True, slots=True)
+class Resume(Request):
+    """Take over this ATM's own session from a new connection: the account and the token
+    the server gave it (SESSION_TOKEN). No PIN: the token stands for the login it follows."""
+
+    OPCODE = Opcode.RESUME
+    LAYOUT = layout.RESUME
+
+    account: str
+    token: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.account, str):
+            raise TypeError("account must be str")
+        object.__setattr__(self, "account", canonical_account(self.account))
+        _check_bytes("token", self.token, SESSION_TOKEN_BYTES)
+
+    def wire_values(self) -> tuple[Any, ...]:
+        return self.account.encode("ascii"), self.token
+
+    @classmethod
+    def from_wire(cls, values: tuple[Any, ...]) -> Resume:
+        account, token = values
+        return cls(account.decode("latin-1"), token)  # latin-1: see Login.from_wire
+
+
+@dataclass(frozen=True, slots=True)
 class Logout(Request):
     OPCODE = Opcode.LOGOUT
     LAYOUT = layout.EMPTY
@@ -268,6 +298,11 @@ class Reply(Message):
 @dataclass(frozen=True, slots=True)
 class LoginReply(Reply):
     OPCODE = Opcode.LOGIN_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReply(Reply):
+    OPCODE = Opcode.RESUME_REPLY
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,6 +525,20 @@ class Shutdown(Notice):
 
 
 @dataclass(frozen=True, slots=True)
+class SessionToken(Notice):
+    """The token that resumes this session from another connection (RESUME). Sent right
+    after an approved LOGIN_REPLY or RESUME_REPLY; a new one replaces the old."""
+
+    OPCODE = Opcode.SESSION_TOKEN
+    LAYOUT = layout.SESSION_TOKEN
+
+    token: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_bytes("token", self.token, SESSION_TOKEN_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
 class SessionExpired(Notice):
     """The session was idle too long: the lease is released and the connection closes."""
 
@@ -595,6 +644,10 @@ REPLY_STATUSES: dict[Opcode, frozenset[Status]] = {
     }),
     Opcode.PING_REPLY: frozenset({
         Status.APPROVED, Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
+    }),
+    Opcode.RESUME_REPLY: frozenset({
+        Status.APPROVED, Status.UNKNOWN_SESSION, Status.ALREADY_LOGGED_IN,
+        Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
     }),
 }
 """The statuses a server may answer each request with, by reply opcode.

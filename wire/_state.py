@@ -30,6 +30,8 @@ from wire._messages import (
     Ping,
     Reply,
     Request,
+    Resume,
+    ResumeReply,
     SessionExpired,
     Withdraw,
 )
@@ -45,7 +47,7 @@ class State(enum.Enum):
 
 PERMITTED: dict[State, frozenset[type[Request]]] = {
     State.OPENING: frozenset(),
-    State.CONNECTED: frozenset({Login, Ping, Logout}),
+    State.CONNECTED: frozenset({Login, Resume, Ping, Logout}),
     State.AUTHENTICATED: frozenset({Balance, Deposit, Withdraw, History, Ping, Logout}),
     State.CLOSED: frozenset(),
 }
@@ -66,10 +68,12 @@ SHUTDOWN_REFUSAL = Status.ISSUER_UNAVAILABLE
 """The answer to any other request once a shutdown has begun."""
 
 LOGIN_FAILURES: frozenset[Status] = frozenset(
-    {Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED, Status.ACCOUNT_IN_USE}
+    {Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED, Status.ACCOUNT_IN_USE,
+     Status.UNKNOWN_SESSION}
 )
-"""LOGIN answers that count toward the server's ``login_attempts_max``: the login was
-checked and refused. ISSUER_UNAVAILABLE (storage, or a shutdown) checked nothing."""
+"""LOGIN and RESUME answers that count toward the server's ``login_attempts_max``: the
+login was checked and refused (a RESUME with a token that opens nothing is a guess like a
+wrong PIN). ISSUER_UNAVAILABLE (storage, or a shutdown) checked nothing."""
 
 NON_FATAL_ERRORS: frozenset[Status] = frozenset(
     {Status.INVALID_TRANSACTION, Status.INVALID_AMOUNT}
@@ -108,6 +112,8 @@ _FATAL_ERRORS = frozenset(Status) - NON_FATAL_ERRORS - {Status.APPROVED}
 TRANSITIONS: tuple[Transition, ...] = (
     Transition(Hello, None, frozenset({State.OPENING}), State.CONNECTED),
     Transition(LoginReply, frozenset({Status.APPROVED}), frozenset({State.CONNECTED}),
+               State.AUTHENTICATED),
+    Transition(ResumeReply, frozenset({Status.APPROVED}), frozenset({State.CONNECTED}),
                State.AUTHENTICATED),
     Transition(LogoutReply, None, _OPEN, State.CLOSED),
     Transition(Reply, ENDING_STATUSES, _OPEN, State.CLOSED),

@@ -25,6 +25,7 @@ class Status(IntEnum):
     ALREADY_LOGGED_IN = 0xA2
     SERVER_BUSY = 0xA3
     UNSUPPORTED_VERSION = 0xA4
+    UNKNOWN_SESSION = 0xA5
 
 
 ISO8583_RESPONSE_CODE: dict[Status, str] = {

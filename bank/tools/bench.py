@@ -79,6 +79,7 @@ from wire import (
     Reply,
     Request,
     Sender,
+    SessionToken,
     State,
     Status,
     WireError,
@@ -340,8 +341,10 @@ class BenchSession:
                 event = self._engine.next_event()
             except WireError as error:  # RemoteProtocolError
                 raise BenchError(f"the server broke the protocol: {error}") from None
+            if event is not None and not isinstance(event.message, SessionToken):
+                return event  # (the token that follows a login resumes nothing here)
             if event is not None:
-                return event
+                continue
             data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
             if not data:
                 raise BenchError("the server closed the connection")

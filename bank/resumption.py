@@ -1,0 +1,68 @@
+"""Session resumption: an ATM that lost its connection takes over its own session.
+
+At an approved LOGIN (or RESUME) the server draws a random 128-bit token for the session
+and sends it (SESSION_TOKEN). An ATM that reconnects presents the account and the token
+(RESUME): the session's old connection is superseded (closed, its lease released) and
+the new connection carries the session on, with a fresh token, at once, where a second
+LOGIN would be refused ACCOUNT_IN_USE until the bank noticed the old connection was dead
+(up to the idle timeout, after a silent cut). One ATM per account is unchanged: only the
+holder of the session's token can take it over, and the token dies with the session
+(logout, idle timeout, the connection's end).
+
+Tokens are compared in constant time and never logged. spec/PROTOCOL.md section 6 says
+what a client may assume and section 10 what a stolen token is worth.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from typing import Protocol
+
+from wire import SESSION_TOKEN_BYTES
+
+
+class Resumable(Protocol):
+    """What the registry needs of a session: a way to end it for its successor."""
+
+    def supersede(self) -> None:
+        """End this session's connection now (or as soon as its request in hand is
+        answered); its lease is released when it has ended."""
+        ...
+
+    async def wait_released(self) -> None:
+        """Return once the session has released its lease."""
+        ...
+
+
+class SessionRegistry:
+    """The resumable sessions of this server: at most one per account, with its token."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, tuple[bytes, Resumable]] = {}
+
+    def register(self, account: str, session: Resumable) -> bytes:
+        """``session`` now holds ``account``'s lease: a new token that resumes it."""
+        token = secrets.token_bytes(SESSION_TOKEN_BYTES)
+        self._sessions[account] = (token, session)
+        return token
+
+    def forget(self, account: str, session: Resumable) -> None:
+        """``session`` has ended: its token resumes nothing any more."""
+        entry = self._sessions.get(account)
+        if entry is not None and entry[1] is session:
+            del self._sessions[account]
+
+    def claim(self, account: str, token: bytes) -> Resumable | None:
+        """The session ``token`` resumes, if it is ``account``'s live one; else None.
+
+        The token is forgotten either way it matches (it is single-use: the successor
+        gets a new one), and compared in constant time."""
+        entry = self._sessions.get(account)
+        if entry is None or not hmac.compare_digest(entry[0], token):
+            return None
+        del self._sessions[account]
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._sessions)
