@@ -46,6 +46,7 @@ import trio
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import PinResult, Posting, PostResult, StorageError
+from bank.resumption import SessionRegistry
 from bank.session import Session
 from fuzz.frames import WHOLE_STREAM, Finding, golden_frames, split_input
 from wire import (
@@ -242,7 +243,9 @@ async def _other_atm(
 async def _conversation(
     stream: bytes, control: int, ledger: FakeLedger, leases: Leases, others: frozenset[str]
 ) -> None:
-    session = Session(ledger=ledger, leases=leases, config=CONFIG, name="fuzz")
+    session = Session(
+        ledger=ledger, leases=leases, config=CONFIG, name="fuzz", sessions=SessionRegistry()
+    )
     engine = Engine(Sender.SERVER, login_attempts_max=CONFIG.login_attempts_max)
     engine.send(CONFIG.hello())
     engine.receive_data(stream)

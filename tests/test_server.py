@@ -20,6 +20,7 @@ import trio.testing
 
 from bank.config import ServerConfig
 from bank.leases import Leases
+from bank.resumption import SessionRegistry
 from bank.server import REFUSALS_MAX, Connection, DeadlineSweeper
 from bank.session import Session
 from bank.sqlite_ledger import SqliteLedger
@@ -547,7 +548,9 @@ def connection_and_client(
 ) -> tuple[Connection, WireClient]:
     """One server ``Connection`` (not yet running) and a client, over a socketpair."""
     server_socket, client_socket = trio.socket.socketpair()
-    session = Session(ledger=ledger, leases=Leases(), config=config, name="test")
+    session = Session(
+        ledger=ledger, leases=Leases(), config=config, name="test", sessions=SessionRegistry()
+    )
     connection = Connection(
         SocketTransport(trio.SocketStream(server_socket)), session=session, config=config,
         name="test", sweeper=DeadlineSweeper(),
@@ -561,7 +564,9 @@ async def test_a_whole_session_is_served_over_either_transport(
 ):
     """The plaintext fast path (the socket's descriptor) and the path TLS takes (any
     trio stream, here a memory stream) serve the same conversation and close alike."""
-    session = Session(ledger=ledger, leases=Leases(), config=config, name="test")
+    session = Session(
+        ledger=ledger, leases=Leases(), config=config, name="test", sessions=SessionRegistry()
+    )
     if transport == "socket":
         server_socket, client_socket = trio.socket.socketpair()
         server_end: Transport = SocketTransport(trio.SocketStream(server_socket))
