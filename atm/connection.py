@@ -149,6 +149,12 @@ class Connection:
         raise ConnectFailed(f"the bank sent no greeting within {timeout_s} s")
 
     @property
+    def session_token(self) -> bytes | None:
+        """The token that resumes this connection's session elsewhere, once the bank has
+        sent it (after an approved LOGIN or RESUME) and while the session is open."""
+        return self._engine.session_token
+
+    @property
     def hello(self) -> Hello | None:
         """The bank's greeting, with its limits: never None once ``handshake`` returned."""
         return self._engine.hello

@@ -60,11 +60,17 @@ from wire import (
     MoneyRequest,
     Reply,
     Request,
+    Resume,
+    ResumeReply,
     Status,
 )
 
 LOGIN_ATTEMPTS_MAX = 3
 """Wrong PINs the ATM lets a customer retry; the bank closes the connection after three."""
+
+CONNECT_ATTEMPTS_MAX = 3
+"""Connections tried, a second apart, before a greeting or a LOGIN cut by the network
+ends the visit: a bank that is really down fails them all."""
 
 RECONNECT_BACKOFF_S = 1
 """Wait after the first failed reconnect, doubled after each further one: the bank needs a
@@ -147,6 +153,12 @@ class AtmSession:
         self._tz = tz
         self._connection: Connection | None = None
         self._credentials: Credentials | None = None
+        self._token: bytes | None = None
+        """The token of our session at the bank, kept from the last connection: a new
+        connection resumes the session with it (RESUME) instead of logging in again."""
+        self._lost: ConnectionLost | None = None
+        """Why the connection dropped while the customer was choosing: the next request
+        goes out on a new connection."""
 
     @property
     def _conn(self) -> Connection:
@@ -155,17 +167,32 @@ class AtmSession:
 
     async def run(self) -> None:
         try:
-            self._connection = await self._connect()
+            self._connection = await self._connect_riding_out_cuts()
             self._console.write(text.WELCOME)
             if await self._log_in():
                 await self._serve_menu()
         finally:
-            self._credentials = None
+            self._credentials = self._token = None
             await self._drop_connection()
+
+    async def _connect_riding_out_cuts(self) -> Connection:
+        """A greeted connection; a connection cut before or during HELLO is tried again
+        (``CONNECT_ATTEMPTS_MAX`` times, a second apart), so that one bad moment of the
+        network is not the end of a visit. A bank that is really down ends it still."""
+        for attempt in range(1, CONNECT_ATTEMPTS_MAX + 1):
+            try:
+                return await self._connect()
+            except ConnectionLost:
+                if attempt == CONNECT_ATTEMPTS_MAX:
+                    raise
+                await trio.sleep(RECONNECT_BACKOFF_S)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _drop_connection(self) -> None:
         if self._connection is not None:
             connection, self._connection = self._connection, None
+            if connection.session_token is not None:
+                self._token = connection.session_token
             await connection.aclose()
 
     # -- Input ------------------------------------------------------------------------
@@ -177,7 +204,10 @@ class AtmSession:
         return line
 
     async def _ask_watching(self, prompt: str) -> str:
-        """Ask, while also watching the bank: a notice ends the wait and the session."""
+        """Ask, while also watching the bank: a notice ends the wait and the session.
+
+        A connection that drops meanwhile does not: the customer is told, and the answer
+        goes out on a new connection that resumes the session (``_lost``)."""
         notice: SessionEnded | None = None
         line: str | None = None
         async with trio.open_nursery() as nursery:
@@ -186,11 +216,16 @@ class AtmSession:
                 nonlocal notice
                 try:
                     await self._conn.watch()
+                except ConnectionLost as lost:
+                    self._lost = lost
+                    self._console.write(text.connection_dropped(lost))
+                    return  # keep reading the customer's answer
                 except SessionEnded as ended:
                     notice = ended
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(watch)
+            if self._lost is None:
+                nursery.start_soon(watch)
             line = await self._console.read_line(prompt)
             nursery.cancel_scope.cancel()
         if notice is not None:
@@ -234,14 +269,61 @@ class AtmSession:
 
     async def _send_login_reconnecting(self, credentials: Credentials) -> Status:
         """Log in; if the bank let the connection go while the customer was typing (its
-        login deadline runs from connect), connect once more: before login nothing can
-        have moved, so a fresh connection loses nothing."""
+        login deadline runs from connect), or the network cut it during the LOGIN, log in
+        on a new connection (``CONNECT_ATTEMPTS_MAX`` tries): logging in twice moves
+        nothing. Should the lost LOGIN have been approved, the bank holds our session:
+        ACCOUNT_IN_USE is then waited out as when confirming (``LOGIN_RETRYABLE``)."""
         try:
             return await self._send_login(credentials)
-        except (SessionExpired, ConnectionLost):
+        except (SessionExpired, ConnectionLost) as lost:
+            if isinstance(lost, ConnectionLost):
+                self._console.write(text.reconnecting(text.LOGGING_IN, lost))
+        deadline: float | None = None
+        for attempt in range(1, CONNECT_ATTEMPTS_MAX + 1):
+            await self._drop_connection()
+            try:
+                self._connection = await self._connect()
+                status = await self._send_login(credentials)
+            except (SessionExpired, ConnectionLost) as failure:
+                if attempt == CONNECT_ATTEMPTS_MAX:
+                    raise
+                self._console.write(text.retry_failed(attempt, failure, retry_in_s=1))
+                await trio.sleep(RECONNECT_BACKOFF_S)
+                continue
+            if status is not Status.ACCOUNT_IN_USE:
+                return status
+            # Perhaps our own lost LOGIN's session: wait it out, as when confirming.
+            deadline = deadline or trio.current_time() + self._reconnect_window_s()
+            return await self._login_when_released(credentials, deadline)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _login_when_released(self, credentials: Credentials, deadline: float) -> Status:
+        """LOGIN again, pausing longer each time, while the bank says ACCOUNT_IN_USE and
+        ``deadline`` allows; the last answer is the customer's."""
+        backoff_s = RECONNECT_BACKOFF_S
+        while True:
+            left_s = deadline - trio.current_time()
+            if left_s <= 0:
+                return Status.ACCOUNT_IN_USE
+            pause_s = min(backoff_s, left_s)
+            self._console.write(text.login_waiting(math.ceil(pause_s)))
+            await trio.sleep(pause_s)
+            backoff_s = min(2 * backoff_s, RECONNECT_BACKOFF_S_MAX)
             await self._drop_connection()
             self._connection = await self._connect()
-            return await self._send_login(credentials)
+            status = await self._send_login(credentials)
+            if status is not Status.ACCOUNT_IN_USE:
+                return status
+
+    async def _resume(self) -> Status:
+        """Take our session over on the new connection with its token (RESUME): at once,
+        even if the bank never saw the old connection end. UNKNOWN_SESSION (or no token,
+        or a bank that does not know RESUME) means: log in instead."""
+        if self._token is None or self._credentials is None:
+            return Status.UNKNOWN_SESSION
+        token, self._token = self._token, None  # single use: the bank sends a new one
+        reply = await self._conn.request(Resume(self._credentials.account, token), ResumeReply)
+        return reply.status if isinstance(reply, ResumeReply) else Status.UNKNOWN_SESSION
 
     async def _send_login(self, credentials: Credentials) -> Status:
         reply = await self._conn.request(Login(credentials.account, credentials.pin), LoginReply)
@@ -271,8 +353,12 @@ class AtmSession:
         await self._log_out()
 
     async def _log_out(self) -> None:
-        """Say goodbye to the bank; the customer is leaving, so a failure here is not one."""
+        """Say goodbye to the bank; the customer is leaving, so a failure here is not one.
+        A connection that dropped is resumed once for it, so that the bank releases the
+        account now rather than at its idle timeout."""
         try:
+            if self._lost is not None:
+                await self._resume_for_logout()
             reply = await self._conn.request(Logout(), LogoutReply)
         except SessionEnded:
             self._console.write(text.LOGOUT_UNCONFIRMED)
@@ -361,7 +447,7 @@ class AtmSession:
         """The answer that settles ``request``, and whether it took resending."""
         cause: SessionEnded | Status
         try:
-            reply = await self._conn.request(request, reply_type)
+            reply = await self._first_attempt(request, reply_type)
         except (ConnectionLost, SessionExpired) as lost:
             cause = lost
         else:
@@ -383,11 +469,28 @@ class AtmSession:
         """Send a request that changes nothing; if the connection is lost, ask again on a
         new one. Raises the last failure if that cannot be done in time."""
         try:
-            return await self._conn.request(request, reply_type)
+            return await self._first_attempt(request, reply_type)
         except (ConnectionLost, SessionExpired) as lost:
             self._console.write(text.reconnecting(purpose, lost))
             window_s = self._reconnect_window_s()
         return await self._resend_until_settled(request, reply_type, window_s)
+
+    async def _first_attempt(self, request: Request, reply_type: type[ReplyT]) -> ReplyT | Error:
+        """Send ``request`` on the connection at hand; one that dropped while the customer
+        was choosing is not tried: its loss is raised, for the request to go out on a new
+        connection."""
+        if self._lost is not None:
+            lost, self._lost = self._lost, None
+            raise lost
+        return await self._conn.request(request, reply_type)
+
+    async def _resume_for_logout(self) -> None:
+        """One new connection that resumes the session, for the LOGOUT only."""
+        self._lost = None
+        await self._drop_connection()
+        self._connection = await self._connect()
+        if await self._resume() is not Status.APPROVED:
+            raise ConnectionLost("the session could not be resumed to log out")
 
     def _reconnect_window_s(self) -> float:
         """How long to keep reconnecting: as long as the bank may hold the old session."""
@@ -436,7 +539,9 @@ class AtmSession:
     async def _resend(self, request: Request, reply_type: type[ReplyT]) -> ReplyT | Error:
         assert self._credentials is not None, "requests are sent only after login"
         self._connection = await self._connect()
-        status = await self._send_login(self._credentials)
+        status = await self._resume()
+        if status is not Status.APPROVED:
+            status = await self._send_login(self._credentials)
         if status in LOGIN_RETRYABLE:
             raise _NotLoggedInYet(text.login_not_yet(status), status=status)
         if status is not Status.APPROVED:

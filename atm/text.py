@@ -201,6 +201,20 @@ def format_history(entries: tuple[HistoryEntry, ...], tz: tzinfo | None = None) 
 
 GETTING_BALANCE = "get your balance"
 GETTING_HISTORY = "get your history"
+LOGGING_IN = "log you in"
+
+
+def connection_dropped(cause: SessionEnded) -> str:
+    """Said when the connection drops while the customer is choosing: nothing was in
+    flight, and the next choice goes out on a new connection."""
+    return "The connection to the bank dropped; your next choice will reconnect."
+
+
+def login_waiting(retry_in_s: int) -> str:
+    """Logging in again after a cut LOGIN: the bank still holds the session the lost
+    LOGIN opened, until it notices that connection is gone."""
+    return (f"The bank still holds the session of the login that was cut off; "
+            f"trying again in {retry_in_s} s.")
 
 
 def confirming(kind: TransactionKind) -> str:

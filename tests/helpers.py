@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import os
 import ssl
 import uuid
 import zlib
@@ -49,6 +50,8 @@ from wire import (
     PingReply,
     Reply,
     Request,
+    Resume,
+    ResumeReply,
     Sender,
     SessionToken,
     State,
@@ -398,6 +401,10 @@ class FakeBank:
         """The version byte of the HELLO frame: another one plays a bank of another version."""
         self.accounts = {ACCOUNT: FakeAccount(PIN, START_BALANCE_CENTS)}
         self.leases: set[str] = set()
+        self.tokens: dict[str, tuple[bytes, _FakeSession]] = {}
+        """Per account, the token that resumes its session, and that session."""
+        self.resumes_refused = False
+        """Answer every RESUME UNKNOWN_SESSION, as a bank that lost its sessions would."""
         self.outcomes: dict[bytes, MoneyReply] = {}
         self.requests: list[Frame] = []
         self.connections = 0
@@ -463,14 +470,20 @@ class FakeBank:
             pass
         finally:
             if session.account is not None and self.lease_kept_after_close_s:
-                self._nursery.start_soon(self._release_later, session.account)
+                self._nursery.start_soon(self._release_later, session)
             elif session.account is not None:
-                self.leases.discard(session.account)
+                self._release(session)
             await trio.aclose_forcefully(stream)
 
-    async def _release_later(self, account: str) -> None:
+    async def _release_later(self, session: _FakeSession) -> None:
         await trio.sleep(self.lease_kept_after_close_s)
-        self.leases.discard(account)
+        self._release(session)
+
+    def _release(self, session: _FakeSession) -> None:
+        """End ``session``'s hold on its account, unless a resumed session took it over."""
+        if session.account is not None and not session.superseded:
+            self.leases.discard(session.account)
+            self.tokens.pop(session.account, None)
 
     async def _serve(self, stream: trio.abc.Stream, session: _FakeSession) -> None:
         engine = Engine(Sender.SERVER, login_attempts_max=LOGIN_FAILURES_MAX)
@@ -505,8 +518,15 @@ class FakeBank:
                 reply = self._answer(request, session)
             if not await self._deliver(stream, engine, request, reply):
                 return
+            if isinstance(reply, LoginReply | ResumeReply) and reply.status is Status.APPROVED:
+                token = os.urandom(16)
+                assert session.account is not None
+                self.tokens[session.account] = (token, session)
+                await stream.send_all(engine.send(SessionToken(token)))
             if session.account is not None:
                 self.logged_in.set()  # After the reply went out, so a test may send next.
+            if session.superseded:
+                return
 
     async def _deliver(
         self, stream: trio.abc.Stream, engine: Engine, request: Request, reply: Reply
@@ -547,6 +567,8 @@ class FakeBank:
         match request:
             case Login():
                 return LoginReply(self._log_in(request, session))
+            case Resume():
+                return ResumeReply(self._resume(request, session))
             case Logout():
                 return LogoutReply(Status.APPROVED)
             case Ping():
@@ -563,6 +585,18 @@ class FakeBank:
     def _account(self, session: _FakeSession) -> FakeAccount:
         assert session.account is not None
         return self.accounts[session.account]
+
+    def _resume(self, resume: Resume, session: _FakeSession) -> Status:
+        """Take over the account's session from its old connection, as the bank does
+        (the old one is marked superseded and stops serving; its lease passes here)."""
+        held = self.tokens.get(resume.account)
+        if self.resumes_refused or held is None or held[0] != resume.token:
+            return Status.UNKNOWN_SESSION
+        del self.tokens[resume.account]
+        held[1].superseded = True
+        session.account = resume.account
+        self.leases.add(resume.account)
+        return Status.APPROVED
 
     def _log_in(self, login: Login, session: _FakeSession) -> Status:
         account = self.accounts.get(login.account)
@@ -603,6 +637,7 @@ class FakeBank:
 @dataclass
 class _FakeSession:
     account: str | None = None
+    superseded: bool = False
 
 
 async def _receive_request(stream: trio.abc.Stream, engine: Engine) -> Frame | None:
@@ -628,26 +663,45 @@ async def listen_on_loopback(nursery: trio.Nursery, bank: FakeBank) -> int:
     return listeners[0].socket.getsockname()[1]
 
 
-class ScriptedConsole:
-    """A keyboard that types ``lines`` in order, then ends input (or waits forever)."""
+@dataclass(frozen=True)
+class WaitFor:
+    """In a ScriptedConsole's lines: the customer waits until the ATM has shown a line
+    containing ``text`` before typing the next answer."""
 
-    def __init__(self, lines: list[str], *, then_wait: bool = False) -> None:
+    text: str
+
+
+class ScriptedConsole:
+    """A keyboard that types ``lines`` in order, then ends input (or waits forever).
+    A ``WaitFor`` among the lines holds the next answer until the screen shows its text."""
+
+    def __init__(self, lines: list[str | WaitFor], *, then_wait: bool = False) -> None:
         self._lines = deque(lines)
         self._then_wait = then_wait
         self.prompts: list[tuple[str, bool]] = []
         self.output: list[str] = []
+        self._written = trio.Event()
 
     async def read_line(self, prompt: str, *, secret: bool = False) -> str | None:
         await trio.lowlevel.checkpoint()
         self.prompts.append((prompt, secret))
+        while self._lines and isinstance(self._lines[0], WaitFor):
+            awaited = self._lines.popleft()
+            assert isinstance(awaited, WaitFor)
+            while not any(awaited.text in line for line in self.output):
+                await self._written.wait()
+                self._written = trio.Event()
         if self._lines:
-            return self._lines.popleft()
+            line = self._lines.popleft()
+            assert isinstance(line, str)
+            return line
         if self._then_wait:
             await trio.sleep_forever()
         return None
 
     def write(self, line: str) -> None:
         self.output.append(line)
+        self._written.set()
 
     @property
     def text(self) -> str:

@@ -17,7 +17,7 @@ import trio.testing
 
 from atm import text
 from atm.connection import Connection
-from atm.errors import ExitCode, TransactionUnconfirmed
+from atm.errors import ConnectionLost, ExitCode, TransactionUnconfirmed
 from atm.session import (
     RECONNECT_BACKOFF_S,
     RECONNECT_MARGIN_S,
@@ -31,6 +31,7 @@ from tests.helpers import (
     START_BALANCE_CENTS,
     FakeBank,
     ScriptedConsole,
+    WaitFor,
 )
 from wire import (
     Balance,
@@ -40,6 +41,7 @@ from wire import (
     History,
     Login,
     Logout,
+    Resume,
     SessionExpired,
     Shutdown,
     Status,
@@ -245,16 +247,38 @@ async def test_shutdown_during_a_request_ends_the_session_after_its_reply() -> N
     assert len(bank.sent(Balance)) == 1
 
 
-async def test_connection_lost_while_idle_is_reported() -> None:
+async def test_a_connection_lost_at_the_menu_is_resumed_for_the_next_choice() -> None:
+    """The connection is cut while the customer is choosing, and the bank does not see
+    it (it keeps the session, as after a silent cut): the customer is told, the next
+    choice goes out on a new connection that resumes the session at once (no second
+    LOGIN, no PIN asked again), and the visit ends normally."""
+    async def hang_up(bank: FakeBank) -> None:
+        await bank.logged_in.wait()
+        bank.lease_kept_after_close_s = RECONNECT_WAIT_S_MAX  # a LOGIN would meet 160
+        await bank.streams[-1].aclose()
+
+    lines = [*LOGIN_LINES, WaitFor("The connection to the bank dropped"), "b", "x"]
+    code, console, bank = await run(lines, during=hang_up)
+    assert code is ExitCode.OK
+    assert text.connection_dropped(ConnectionLost("")) in console.output
+    assert text.balance(START_BALANCE_CENTS) in console.output
+    assert console.output[-1] == text.GOODBYE
+    assert len(bank.sent(Login)) == 1 and len(bank.sent(Resume)) == 1
+    assert [prompt for prompt, _ in console.prompts].count(text.PIN_PROMPT) == 1
+
+
+async def test_without_a_resumable_session_the_next_choice_logs_in_again() -> None:
+    """The bank saw the connection close and ended the session: RESUME finds nothing,
+    and the ATM logs in again with the credentials it holds."""
     async def hang_up(bank: FakeBank) -> None:
         await bank.logged_in.wait()
         await bank.streams[-1].aclose()
 
-    code, console, _ = await run(LOGIN_LINES, then_wait=True, during=hang_up)
-    assert code is ExitCode.CONNECTION_LOST
-    assert console.output[-1] == (
-        "The connection to the bank was lost: the bank closed the connection."
-    )
+    lines = [*LOGIN_LINES, WaitFor("The connection to the bank dropped"), "b", "x"]
+    code, console, bank = await run(lines, during=hang_up)
+    assert code is ExitCode.OK
+    assert text.balance(START_BALANCE_CENTS) in console.output
+    assert len(bank.sent(Resume)) == 1 and len(bank.sent(Login)) == 2
 
 
 @pytest.mark.parametrize(("key", "request_type", "noun"),
@@ -457,11 +481,13 @@ async def test_a_first_answer_that_never_settles_ends_unconfirmed(autojump_clock
 
 
 async def test_the_last_attempt_is_made_when_the_window_ends(autojump_clock) -> None:
-    """The bank releases a lease it kept at its idle timeout, near the window's end: the
-    ATM shortens its last pause so that one attempt falls at the end and gets in."""
+    """The bank releases a lease it kept at its idle timeout, near the window's end, and
+    cannot resume sessions: the ATM shortens its last pause so that one attempt falls at
+    the end and gets in."""
     window_s = HELLO.idle_timeout_s + RECONNECT_MARGIN_S
 
     def keep_the_lease_nearly_the_whole_window(bank: FakeBank) -> None:
+        bank.resumes_refused = True
         bank.lose_replies = 1
         bank.lease_kept_after_close_s = window_s - RECONNECT_BACKOFF_S / 2
 
@@ -568,11 +594,37 @@ async def test_an_interrupt_before_a_deposit_settles_names_its_txn_id() -> None:
     ))
 
 
-async def test_a_lease_the_bank_still_holds_is_waited_out(autojump_clock) -> None:
-    """The bank did not see the connection close and keeps the account until the idle
-    timeout: the ATM keeps logging in until it may, then confirms the deposit."""
+async def test_after_a_silent_cut_a_deposit_is_confirmed_at_once_by_resuming(
+    autojump_clock,
+) -> None:
+    """The deposit's reply is lost and the bank keeps the session (it did not see the
+    cut): the ATM resumes its session on a new connection and confirms the deposit at
+    once, where logging in would wait for the bank's idle timeout."""
 
     def lose_and_keep_the_lease(bank: FakeBank) -> None:
+        bank.lose_replies = 1
+        bank.lease_kept_after_close_s = HELLO.idle_timeout_s
+
+    start = trio.current_time()
+    code, console, bank = await run([*LOGIN_LINES, "d", "20", "x"],
+                                    bank_setup=lose_and_keep_the_lease)
+    assert code is ExitCode.OK, console.text
+    assert trio.current_time() - start < RECONNECT_BACKOFF_S  # no pause was needed
+    first, retry = bank.sent(Deposit)
+    assert first == retry
+    assert len(bank.sent(Resume)) == 1 and len(bank.sent(Login)) == 1
+    assert bank.accounts[ACCOUNT].balance_cents == START_BALANCE_CENTS + 20_00
+    assert "...confirmed, your deposit went through once, reference 1." in console.output
+
+
+async def test_a_lease_the_bank_still_holds_is_waited_out(autojump_clock) -> None:
+    """The bank did not see the connection close and keeps the account until the idle
+    timeout, and the session cannot be resumed (a bank without RESUME, or the token
+    was lost with the LOGIN's notice): the ATM keeps logging in until it may, then
+    confirms the deposit."""
+
+    def lose_and_keep_the_lease(bank: FakeBank) -> None:
+        bank.resumes_refused = True
         bank.lose_replies = 1
         bank.lease_kept_after_close_s = 40
 
