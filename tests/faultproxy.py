@@ -172,7 +172,7 @@ class FaultEvent:
     frames_forwarded: int
     partial_bytes: int = 0
     delay_s: float = 0.0
-    """For a ``Delay``: how long this chunk was held."""
+    """For a ``Delay``: how long this chunk is held (recorded as the hold begins)."""
 
 
 class FaultProxy:
@@ -248,11 +248,13 @@ class FaultProxy:
             if bank is None:
                 logger.warning("connection %d: bank did not accept within %s s",
                                index, CONNECT_TIMEOUT_S)
+                _reset(client)
                 return
             link = _Link(self, index, client, bank, self._faults_of(index))
             await link.run()
         except OSError as error:
             logger.warning("connection %d: cannot reach the bank: %s", index, error)
+            _reset(client)
         finally:
             await trio.aclose_forcefully(client)
             if bank is not None:
@@ -402,13 +404,15 @@ class _Flow:
 
     async def forward(self, data: bytes, sink: trio.SocketStream) -> bool:
         """Forward ``data`` up to any cut it triggers; True once a cut has fired."""
+        if self.link.decision is not None:  # the other direction's cut came first
+            return True
         self.held += data
         self.fed += len(data)
         if self.decoder is not None:
             self.decoder.receive_data(data)
         for frame_end, opcode in self._frames():
             cut = self._cut_at(opcode)
-            if cut is not None and self.link.decision is None:
+            if cut is not None:
                 whole = (cut.forward_bytes is None
                          or cut.forward_bytes >= frame_end - self.frame_start)
                 stop = frame_end if whole else self.frame_start + (cut.forward_bytes or 0)

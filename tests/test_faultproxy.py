@@ -338,12 +338,12 @@ async def test_the_plan_is_consumed_connection_by_connection(
 # -- Broken connections -------------------------------------------------------------------
 
 
-async def test_a_bank_that_refuses_ends_only_that_connection(nursery: trio.Nursery) -> None:
+async def test_a_bank_that_refuses_resets_only_that_connection(nursery: trio.Nursery) -> None:
     proxy = FaultProxy(free_port())
     port = await start_proxy(nursery, proxy)
     for _ in range(2):  # the proxy outlives each refusal
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        assert await read_to_end(stream) == (b"", "eof")
+        assert await read_to_end(stream) == (b"", "reset")
         await stream.aclose()
     assert proxy.events == []
 
