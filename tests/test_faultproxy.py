@@ -6,7 +6,7 @@ mid-frame, consumes its plan connection by connection, and records what it did."
 from __future__ import annotations
 
 import functools
-import os
+import random
 import socket
 import struct
 import time
@@ -21,6 +21,7 @@ from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
     DEMO_PIN,
+    HELLO,
     OTHER_ACCOUNT,
     OTHER_PIN,
     RECEIVE_TIMEOUT_S,
@@ -37,9 +38,16 @@ from wire import (
     BalanceReply,
     Deposit,
     DepositReply,
+    Login,
     Opcode,
+    Ping,
     Status,
+    encode,
 )
+
+STUCK_S = 1.0
+"""Real seconds of every task waiting after which the hand-moved clock jumps by itself,
+so that a broken test fails at a deadline instead of hanging."""
 
 READS_MAX = 1000
 """Bound on the reads of one raw exchange; far above what any test needs."""
@@ -48,6 +56,33 @@ AMOUNT_CENTS = 25_00
 
 
 # -- Helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """A clock the test moves with ``jump``; pytest-trio runs the test on it."""
+    return trio.testing.MockClock(autojump_threshold=STUCK_S)
+
+
+class Upstream:
+    """A stand-in for the bank on loopback: greets each connection with ``greeting``,
+    then records all it receives and how the connection ended."""
+
+    def __init__(self, greeting: bytes = b"") -> None:
+        self.greeting = greeting
+        self.received: list[tuple[bytes, str]] = []
+        self.ended = trio.Event()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(self.greeting)
+            self.received.append(await read_to_end(stream))
+            self.ended.set()
+
+    async def start(self, nursery: trio.Nursery) -> int:
+        serve = functools.partial(trio.serve_tcp, host="127.0.0.1")
+        listeners = await nursery.start(serve, self.handle, 0)
+        return int(listeners[0].socket.getsockname()[1])
 
 
 async def echo(stream: trio.SocketStream) -> None:
@@ -159,7 +194,7 @@ async def test_a_clean_relay_carries_a_whole_session(
 async def test_bytes_that_are_not_frames_are_relayed_as_they_are(nursery: trio.Nursery) -> None:
     proxy = FaultProxy(await start_echo(nursery), [Cut(Opcode.DEPOSIT, forward_bytes=0)])
     stream = await trio.open_tcp_stream("127.0.0.1", await start_proxy(nursery, proxy))
-    payload = os.urandom(256 * 1024)  # the decoder gives up at once; the relay goes on
+    payload = random.Random(0).randbytes(256 * 1024)  # no frames: the decoder gives up
     async with trio.open_nursery() as writers:
 
         async def send_then_eof() -> None:
@@ -253,36 +288,37 @@ async def test_a_silent_cut_holds_the_bank_side_until_the_proxy_stops(
     assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_CLIENT, 2)
     await settle()
     assert bank.server.connection_count == 1  # the bank never learnt: its session lives on
-    assert await (await bank.client()).login() is Status.ACCOUNT_IN_USE
+    direct = await bank.client()
+    assert await direct.login() is Status.ACCOUNT_IN_USE
+    await direct.aclose()
 
     await proxy.stop()
     await settle()
     assert bank.server.connection_count == 0
-    assert await (await bank.client()).login() is Status.APPROVED
+    direct = await bank.client()
+    assert await direct.login() is Status.APPROVED  # the session ended, its lease too
+    await direct.aclose()
     await client.aclose()
 
 
 # -- Partial frames -----------------------------------------------------------------------
 
 
-async def test_a_partial_frame_then_a_stall(
-    nursery: trio.Nursery, bank: RunningServer, ledger: SqliteLedger
+async def test_a_partial_frame_then_a_stall_until_the_nursery_is_cancelled(
+    bank: RunningServer, ledger: SqliteLedger
 ) -> None:
     cut = Cut(Opcode.DEPOSIT_REPLY, forward_bytes=5, action=Action.STALL)
     proxy = FaultProxy(bank.port, [cut])
-    client = await logged_in_through(await start_proxy(nursery, proxy))
-    await client.send(Deposit(txn_id(), AMOUNT_CENTS))
-    head = await read_exactly(client.stream, 5)
-    assert head[:4] == MAGIC + bytes([PROTOCOL_VERSION, Opcode.DEPOSIT_REPLY])
-    assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_CLIENT, 2, 5)
-    await nothing_arrives(client.stream)
-    assert bank.server.connection_count == 1
-    assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS + AMOUNT_CENTS
-
-    async with trio.open_nursery() as inner:  # stopped by cancellation this time
-        await inner.start(FaultProxy(bank.port).serve)
-        inner.cancel_scope.cancel()
-    await proxy.stop()
+    async with trio.open_nursery() as proxy_nursery:
+        client = await logged_in_through(await start_proxy(proxy_nursery, proxy))
+        await client.send(Deposit(txn_id(), AMOUNT_CENTS))
+        head = await read_exactly(client.stream, 5)
+        assert head[:4] == MAGIC + bytes([PROTOCOL_VERSION, Opcode.DEPOSIT_REPLY])
+        assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_CLIENT, 2, 5)
+        await nothing_arrives(client.stream)
+        assert bank.server.connection_count == 1
+        assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS + AMOUNT_CENTS
+        proxy_nursery.cancel_scope.cancel()  # not stop(): cancelling closes all as well
     assert await read_to_end(client.stream) == (b"", "eof")
     await settle()
     assert bank.server.connection_count == 0
@@ -301,6 +337,53 @@ async def test_a_reset_in_the_middle_of_a_frame(
     assert head[:4] == MAGIC + bytes([PROTOCOL_VERSION, Opcode.DEPOSIT_REPLY])
     assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_CLIENT, 2, 10)
     await client.aclose()
+
+
+async def test_a_frame_that_arrives_in_pieces_is_cut_at_the_chosen_byte(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = Upstream()
+    cut = Cut(Opcode.LOGIN, forward_bytes=3)
+    proxy = FaultProxy(await upstream.start(nursery), [cut])
+    stream = await trio.open_tcp_stream("127.0.0.1", await start_proxy(nursery, proxy))
+    ping, login = encode(Ping(), 1), encode(Login(DEMO_ACCOUNT, DEMO_PIN), 2)
+    for byte in ping + login:  # one chunk each: the proxy reads each before the next
+        await stream.send_all(bytes([byte]))
+        await settle()
+    await upstream.ended.wait()
+    assert upstream.received == [(ping + login[:3], "eof")]
+    assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_BANK, 1, 3)
+    await stream.aclose()
+
+
+async def test_a_fin_cut_sends_fin_even_with_bytes_left_unread(
+    nursery: trio.Nursery, clock: trio.testing.MockClock
+) -> None:
+    """Linux resets a connection closed with bytes unread; the proxy reads them first.
+    The delay keeps the bytes unread: the proxy is asleep holding the frame before."""
+    hello = encode(HELLO)
+    upstream = Upstream(greeting=hello)
+    delay, cut = Delay(3.0), Cut(Opcode.LOGIN, forward_bytes=0)
+    proxy = FaultProxy(await upstream.start(nursery), [[delay, cut]])
+    stream = await trio.open_tcp_stream("127.0.0.1", await start_proxy(nursery, proxy))
+    await settle()
+    clock.jump(3.0)
+    assert await read_exactly(stream, len(hello)) == hello
+    await stream.send_all(encode(Login(DEMO_ACCOUNT, DEMO_PIN), 1))
+    await settle()  # the proxy has read the LOGIN and holds it for 3 s
+    await stream.send_all(encode(Ping(), 2))
+    await settle()
+    clock.jump(3.0)
+    assert await read_to_end(stream) == (b"", "eof")
+    await upstream.ended.wait()
+    assert upstream.received == [(b"", "eof")]
+    await proxy.wait_for_fault(3)
+    assert proxy.events == [
+        FaultEvent(0, delay, Direction.TO_CLIENT, 0, delay_s=3.0),
+        FaultEvent(0, delay, Direction.TO_BANK, 0, delay_s=3.0),
+        FaultEvent(0, cut, Direction.TO_BANK, 0),
+    ]
+    await stream.aclose()
 
 
 # -- The plan, connection by connection, and the record -----------------------------------
@@ -327,6 +410,7 @@ async def test_the_plan_is_consumed_connection_by_connection(
     for _ in range(3):
         assert isinstance(await fourth.request(Balance()), BalanceReply)
 
+    await proxy.wait_for_fault(2)
     assert proxy.events == [
         FaultEvent(1, reset_login, Direction.TO_BANK, 0),
         FaultEvent(2, second_balance, Direction.TO_CLIENT, 4),
@@ -348,17 +432,14 @@ async def test_a_bank_that_refuses_resets_only_that_connection(nursery: trio.Nur
     assert proxy.events == []
 
 
-async def test_a_client_reset_is_passed_on_to_the_bank(
-    nursery: trio.Nursery, bank: RunningServer
-) -> None:
-    proxy = FaultProxy(bank.port)
-    port = await start_proxy(nursery, proxy)
-    client = await logged_in_through(port)
+async def test_a_reset_is_passed_on_to_the_other_side(nursery: trio.Nursery) -> None:
+    upstream = Upstream()
+    proxy = FaultProxy(await upstream.start(nursery))
+    stream = await trio.open_tcp_stream("127.0.0.1", await start_proxy(nursery, proxy))
+    await stream.send_all(b"before")
     await settle()
-    assert bank.server.connection_count == 1
-    client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    await client.aclose()
-    await settle()
-    assert bank.server.connection_count == 0
-    await (await logged_in_through(port)).aclose()  # the bank released the lease
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+    await upstream.ended.wait()
+    assert upstream.received == [(b"before", "reset")]
     assert proxy.events == []
