@@ -18,7 +18,9 @@ import pytest
 
 from bank.tools.bench import (
     OPS,
+    SETUP_CONCURRENCY_MAX,
     TxnIds,
+    bank_args,
     echo_reply,
     make_request,
     parse_mix,
@@ -68,6 +70,14 @@ def test_idle_mode_reports_memory_and_latency(tmp_path: Path) -> None:
     for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "logins_per_s"):
         assert is_number(report[key]), key
     assert report["count"] == report["probe_requests"] > 0
+
+
+def test_bank_admits_every_session_logging_in_at_once(tmp_path: Path) -> None:
+    """All sessions come from 127.0.0.1, up to SETUP_CONCURRENCY_MAX at once: the bank's
+    limit on connections per address that have not logged in must admit them."""
+    args = bank_args(tmp_path, SETUP_CONCURRENCY_MAX)
+    limit = int(args[args.index("--preauth-per-address-max") + 1])
+    assert limit >= SETUP_CONCURRENCY_MAX
 
 
 def test_mix_parses_weights_and_drops_zeros() -> None:

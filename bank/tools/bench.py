@@ -679,6 +679,9 @@ def bank_args(workdir: Path, connections: int) -> list[str]:
         "--key-file", str(workdir / "bank.key"),
         "--log-level", "WARNING",
         "--connections-max", str(connections + CONNECTIONS_SPARE),
+        # Every session comes from 127.0.0.1 and up to SETUP_CONCURRENCY_MAX log in at
+        # once: the per-address limit on connections not logged in must not refuse them.
+        "--preauth-per-address-max", str(connections + CONNECTIONS_SPARE),
         "--idle-timeout-s", str(IDLE_TIMEOUT_S),
         "--shutdown-grace-s", "1",
     ]
