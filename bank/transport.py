@@ -160,7 +160,9 @@ class TlsTransport:
                     break
                 except ssl.SSLWantReadError:
                     if self._incoming.eof:  # a bound: OpenSSL raises SSLEOFError instead
-                        raise ssl.SSLEOFError("the peer closed the connection") from None
+                        raise HandshakeFailed(
+                            "the other side closed the connection during the TLS handshake"
+                        ) from None
                     await self._flush()
                     if not await self._receive_records():
                         self._incoming.write_eof()  # do_handshake now says how it failed

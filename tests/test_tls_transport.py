@@ -237,3 +237,23 @@ async def test_a_peer_gone_mid_handshake_is_named_as_such(pki: TlsFiles) -> None
     with trio.fail_after(HANG_S), pytest.raises(HandshakeFailed, match="closed the connection"):
         await server.handshake()
     assert await closes_at_once(server)
+
+
+class AlwaysWantsToRead:
+    """An SSL object that never finishes its handshake, even at the end of the stream."""
+
+    def do_handshake(self) -> None:
+        raise ssl.SSLWantReadError
+
+
+async def test_a_handshake_that_waits_past_the_end_of_stream_fails_instead_of_spinning(
+    pki: TlsFiles,
+) -> None:
+    """OpenSSL raises SSLEOFError once the peer has gone; the loop is bounded anyway."""
+    server_socket, client_socket = trio.socket.socketpair()
+    server = TlsTransport(trio.SocketStream(server_socket), mutual(pki))
+    server._tls = AlwaysWantsToRead()  # type: ignore[assignment]
+    client_socket.close()
+    with trio.fail_after(HANG_S), pytest.raises(HandshakeFailed, match="closed the connection"):
+        await server.handshake()
+    await server.aclose()
