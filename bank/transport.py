@@ -1,12 +1,15 @@
-"""How a server connection moves bytes: one small interface, two ways.
+"""How a server connection moves bytes: one small interface, three ways.
 
 ``SocketTransport`` is the plaintext fast path: it reads and writes a TCP socket's file
-descriptor directly. ``StreamTransport`` works on any ``trio.abc.Stream``: TLS
-(``trio.SSLStream``) in production, memory streams in tests. ``bank.server.Connection``
-sees only ``Transport``, so both paths run the same conversation code.
+descriptor directly. ``TlsTransport`` is TLS on that same path: the records go through
+the descriptor, and an ``ssl.SSLObject`` encrypts and decrypts them in memory.
+``StreamTransport`` works on any ``trio.abc.Stream``: memory streams in tests, or
+``trio.SSLStream``. ``bank.server.Connection`` sees only ``Transport``, so every path
+runs the same conversation code.
 
-TLS streams are opened with ``https_compatible=True``: an end of stream without a TLS
-close_notify is read as an ordinary end of stream, and closing sends none. That is safe
+TLS is served as ``trio.SSLStream`` serves it with ``https_compatible=True``: an end of
+stream without a TLS close_notify is read as an ordinary end of stream, and closing
+sends none. That is safe
 here because every frame carries its own length and CRC: a cut can only lose whole
 frames, never make a partial one look complete, and a lost frame is what a dropped TCP
 connection also loses (spec/PROTOCOL.md section 10). It lets a TLS connection close
@@ -97,7 +100,7 @@ class SocketTransport:
 
 
 class StreamTransport:
-    """Any Trio stream: a memory stream in tests, or, as ``TlsTransport``, TLS."""
+    """Any Trio stream: a memory stream in tests, or ``trio.SSLStream``."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
@@ -119,24 +122,98 @@ class HandshakeFailed(Exception):
     """The TLS handshake failed; the message is one plain sentence for the operator."""
 
 
-class TlsTransport(StreamTransport):
+class TlsTransport:
     """TLS over a TCP socket, as ``trio.SSLStream`` does it (https_compatible: see the
     module docstring). The handshake is explicit, so that the server bounds it by the
-    connection's login deadline and knows the terminal before the protocol starts."""
+    connection's login deadline and knows the terminal before the protocol starts.
 
-    stream: trio.SSLStream[trio.SocketStream]
+    It drives an ``ssl.SSLObject`` over two memory BIOs itself, as ``SSLStream`` does,
+    but moves the records with ``SocketTransport``'s reads and writes of the descriptor.
+    ``SSLStream`` cost the server more per request than the rest of the TLS path together
+    (BENCHMARKS.md, section TLS): a lock, and with it a trip through the scheduler, on
+    every read and every send, and before every read a failed read of the socket and a
+    failed read of the TLS object, each an exception. What ``SSLStream`` does that
+    matters here is kept: a TLS 1.3 server's session tickets wait for its first send, as
+    OpenSSL's own timing of them can deadlock a client (trio issue 819); a failed
+    handshake sends no alert; only a connection whose TLS is intact is drained before
+    it closes. Reads never send: what reading makes TLS owe the peer (a key update's
+    answer) leaves with the next send, the reply. Sends do not yield unless the socket's
+    buffer is full, as on the plaintext path.
+    """
 
     def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext) -> None:
-        super().__init__(trio.SSLStream(stream, context, server_side=True, https_compatible=True))
+        self.stream = stream
+        self._socket = SocketTransport(stream)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._intact = False
+        """Handshake done, and no TLS error or cut-short send since: only then does
+        closing drain the peer (as ``SSLStream``, which is broken otherwise)."""
 
     async def handshake(self) -> str | None:
         """The terminal's identity from its verified certificate (None without one)."""
         try:
-            await self.stream.do_handshake()
-        except trio.BrokenResourceError as error:
+            while True:
+                try:
+                    self._tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    if self._incoming.eof:  # a bound: OpenSSL raises SSLEOFError instead
+                        raise HandshakeFailed(
+                            "the other side closed the connection during the TLS handshake"
+                        ) from None
+                    await self._flush()
+                    if not await self._receive_records():
+                        self._incoming.write_eof()  # do_handshake now says how it failed
+            if self._tls.version() != "TLSv1.3":
+                await self._flush()  # TLS 1.2: the server's Finished, which the peer awaits
+        except OSError as error:  # ssl.SSLError, or the socket's own (a reset, say)
             _kind, sentence = describe_verification_error(error)
             raise HandshakeFailed(sentence) from None
-        return peer_identity(self.stream)
+        self._intact = True
+        return peer_identity(self._tls)
+
+    async def receive_some(self) -> bytes:
+        while True:
+            # Only with bytes at hand: a read of the TLS object that can only fail costs
+            # an exception. At a close_notify it returns b"".
+            if self._incoming.pending or self._tls.pending():
+                try:
+                    return self._tls.read(RECEIVE_BYTES_MAX)
+                except ssl.SSLWantReadError:  # part of a record: read on
+                    pass
+                except ssl.SSLError:
+                    self._intact = False
+                    raise
+            if not await self._receive_records():
+                return b""  # the TCP end of stream, with or without a close_notify
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            self._tls.write(data)  # into the memory BIO: never blocks
+            await self._flush()
+        except BaseException:
+            self._intact = False
+            raise
+
+    async def aclose(self) -> None:
+        if self._intact:
+            await self._socket.aclose()
+        else:
+            await trio.aclose_forcefully(self.stream)
+
+    async def _flush(self) -> None:
+        """Send what TLS has written into the outgoing BIO."""
+        records = self._outgoing.read()
+        if records:
+            await self._socket.send_all(records)
+
+    async def _receive_records(self) -> int:
+        """Move the peer's next bytes into the incoming BIO; how many (0 at its end)."""
+        data = await self._socket.receive_some()
+        self._incoming.write(data)
+        return len(data)
 
 
 async def close_gracefully(stream: trio.abc.Stream) -> None:

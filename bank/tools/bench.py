@@ -9,6 +9,14 @@ CPU time each server and the load generator used during the mix is reported too 
 is one core): a side near 100 % is the bottleneck, and when it is the load generator,
 the figure is the generator's ceiling, not the server's.
 
+With ``--tls`` a second bank serves TLS (1.3, requiring a terminal certificate, as a
+deployment would; the run's CA and certificates are made with ``bank.tls``), and the
+plaintext bank, the TLS bank and the echo server take turns in windows of about
+TLS_WINDOW_S, ``--seconds`` in all each, so that the machine's load while the run goes
+on reaches all three alike; ``tls_ratio`` is TLS over plaintext. Connecting, TLS
+handshakes and logins happen before the first window, as logins always have, and their
+rate is reported apart.
+
 Idle mode (``--idle N``) holds N logged-in sessions that send nothing, and measures the
 server's resident memory per session and one more session's round-trip latency while
 they are held.
@@ -39,6 +47,7 @@ import os
 import platform
 import random
 import resource
+import ssl
 import sys
 import tempfile
 import time
@@ -52,6 +61,7 @@ from bank.pins import load_or_create_key
 from bank.readiness import listening_addresses, write_ready_file
 from bank.server import raise_open_files_limit
 from bank.store import AccountExists, Store
+from bank.tls import TlsError, client_context, init_ca_and_server, issue_terminal
 from bank.tools import launcher
 from wire import (
     AMOUNT_CENTS_MAX,
@@ -124,6 +134,17 @@ FDS_RESERVED = 128
 
 PROBE_REQUESTS = 200
 """Sequential BALANCE round trips timed while idle sessions are held."""
+
+TLS_WINDOW_S = 2
+"""With --tls each server is measured in windows of about this many seconds, taking turns,
+so that a change in the machine's load while the run goes on reaches every figure alike."""
+
+GENERATOR_SATURATED_PERCENT = 90.0
+"""Load generator CPU (100 = one core) from which a figure is the generator's ceiling,
+a lower bound on what the server could do, rather than the server's own."""
+
+TERMINAL_NAME = "bench"
+"""The one terminal certificate a --tls run issues; every session presents it."""
 
 RECEIVE_BYTES_MAX = 4096
 PROGRESS_INTERVAL_S = 0.2
@@ -282,17 +303,50 @@ class Recorder:
 # -- The load generator's client ---------------------------------------------------------
 
 
-class BenchSession:
-    """One logged-in connection speaking the wire protocol directly, one request at a time."""
+async def connect(address: Address, tls: ssl.SSLContext | None) -> trio.abc.Stream:
+    """A TCP stream to ``address``; with ``tls``, TLS over it, handshake done.
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    As the ATM opens one (``atm.connection._secure``): the server's certificate checked
+    for the address it was reached at, https_compatible (every frame carries its own
+    length and CRC), and the handshake explicit, so that it is over before HELLO.
+    """
+    tcp = await trio.open_tcp_stream(*address)
+    if tls is None:
+        return tcp
+    host, port = address
+    secure = trio.SSLStream(tcp, tls, server_hostname=host, https_compatible=True)
+    try:
+        with trio.fail_after(REPLY_TIMEOUT_S):
+            await secure.do_handshake()
+    except BaseException as error:
+        await trio.aclose_forcefully(secure)
+        if isinstance(error, trio.TooSlowError):
+            raise BenchError(
+                f"no TLS handshake with {host}:{port} in {REPLY_TIMEOUT_S} s"
+            ) from None
+        if isinstance(error, trio.BrokenResourceError):
+            raise BenchError(
+                f"TLS handshake with {host}:{port} failed: {error.__cause__ or error}"
+            ) from None
+        raise
+    return secure
+
+
+class BenchSession:
+    """One logged-in connection speaking the wire protocol directly, one request at a time,
+    over TCP or over TLS on TCP."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._engine = Engine(Sender.CLIENT)
 
     @classmethod
-    async def open(cls, address: Address, account: str, pin: str) -> BenchSession:
-        """Connect, read HELLO and log in; BenchError unless the login is APPROVED."""
-        stream = await trio.open_tcp_stream(*address)
+    async def open(
+        cls, address: Address, account: str, pin: str, tls: ssl.SSLContext | None = None
+    ) -> BenchSession:
+        """Connect (with ``tls``, over TLS), read HELLO and log in; BenchError unless the
+        login is APPROVED."""
+        stream = await connect(address, tls)
         session = cls(stream)
         try:
             await session._expect_hello()
@@ -352,7 +406,8 @@ class BenchSession:
 
 
 async def open_sessions(
-    address: Address, accounts: Sequence[str], pin: str, opened: list[BenchSession]
+    address: Address, accounts: Sequence[str], pin: str, opened: list[BenchSession],
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Log ``accounts`` in, SETUP_CONCURRENCY_MAX at a time, appending to ``opened``.
 
@@ -362,7 +417,7 @@ async def open_sessions(
 
     async def open_one(account: str) -> None:
         async with limiter:
-            opened.append(await BenchSession.open(address, account, pin))
+            opened.append(await BenchSession.open(address, account, pin, tls))
 
     async with trio.open_nursery() as nursery:
         for account in accounts:
@@ -384,14 +439,16 @@ async def close_sessions(sessions: Sequence[BenchSession]) -> None:
 
 @contextlib.asynccontextmanager
 async def logged_in(
-    address: Address, accounts: Sequence[str], pin: str, label: str
+    address: Address, accounts: Sequence[str], pin: str, label: str,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[tuple[list[BenchSession], int]]:
-    """Sessions for ``accounts`` and the ns it took to open them; all closed on exit."""
+    """Sessions for ``accounts`` and the ns it took to open them (connections, TLS
+    handshakes with ``tls``, HELLOs and logins); all closed on exit."""
     sessions: list[BenchSession] = []
     try:
         started_ns = time.perf_counter_ns()
         async with progress(f"{label} login", lambda: setup_status(sessions, accounts)):
-            await open_sessions(address, accounts, pin, sessions)
+            await open_sessions(address, accounts, pin, sessions, tls)
         yield sessions, time.perf_counter_ns() - started_ns
     finally:
         await close_sessions(sessions)
@@ -446,14 +503,52 @@ class LoadOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """A server to load: where it listens, its pid (for its CPU) and, for a server that
+    speaks TLS, the context its sessions connect with."""
+
+    label: str
+    address: Address
+    pid: int | None
+    tls: ssl.SSLContext | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LoadResult:
     ops_per_s: float
     logins_per_s: float
     elapsed_s: float
     overall: dict[str, float | int]
     per_op: dict[str, dict[str, float | int]]
-    server_cpu_percent: float | None
-    generator_cpu_percent: float
+    server_cpu_s: float | None
+    generator_cpu_s: float
+
+    @property
+    def server_cpu_percent(self) -> float | None:
+        if self.server_cpu_s is None:
+            return None
+        return cpu_percent(self.server_cpu_s, round(self.elapsed_s * 1e9))
+
+    @property
+    def generator_cpu_percent(self) -> float:
+        return cpu_percent(self.generator_cpu_s, round(self.elapsed_s * 1e9))
+
+    @property
+    def server_cpu_us_per_op(self) -> float | None:
+        """The server's CPU time per operation, which the machine's noise moves much
+        less than throughput."""
+        if self.server_cpu_s is None:
+            return None
+        return cpu_us_per_op(self.server_cpu_s, int(self.overall["count"]))
+
+    @property
+    def generator_cpu_us_per_op(self) -> float:
+        return cpu_us_per_op(self.generator_cpu_s, int(self.overall["count"]))
+
+    @property
+    def generator_saturated(self) -> bool:
+        """The load generator kept its core busy: the figure may be its ceiling."""
+        return self.generator_cpu_percent >= GENERATOR_SATURATED_PERCENT
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -462,9 +557,37 @@ class LoadResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "server_cpu_percent": self.server_cpu_percent,
             "generator_cpu_percent": self.generator_cpu_percent,
+            "server_cpu_us_per_op": self.server_cpu_us_per_op,
+            "generator_cpu_us_per_op": self.generator_cpu_us_per_op,
+            "generator_saturated": self.generator_saturated,
             **self.overall,
             "ops": self.per_op,
         }
+
+
+@dataclass(slots=True)
+class Tally:
+    """One target's measurement so far, summed over its windows."""
+
+    recorder: Recorder
+    rngs: list[random.Random]
+    """One per session, kept across windows: each target gets the same request sequence."""
+    setup_ns: int
+    txn_ids: TxnIds = field(default_factory=TxnIds)
+    elapsed_ns: int = 0
+    server_cpu_s: float | None = 0.0
+    generator_cpu_s: float = 0.0
+
+    def result(self, sessions: int) -> LoadResult:
+        return LoadResult(
+            ops_per_s=per_second(self.recorder.count, self.elapsed_ns),
+            logins_per_s=per_second(sessions, self.setup_ns),
+            elapsed_s=self.elapsed_ns / 1e9,
+            overall=self.recorder.overall(),
+            per_op=self.recorder.per_op(),
+            server_cpu_s=self.server_cpu_s,
+            generator_cpu_s=self.generator_cpu_s,
+        )
 
 
 def per_second(count: int, elapsed_ns: int) -> float:
@@ -486,51 +609,91 @@ async def drive(
         )
 
 
-async def run_mix(sessions: Sequence[BenchSession], options: LoadOptions, label: str) -> tuple[
-    Recorder, int
-]:
-    """Drive every session until the deadline; returns the recorder and elapsed ns."""
-    recorder = Recorder(options.mix.names)
-    txn_ids = TxnIds()
+async def run_mix(
+    sessions: Sequence[BenchSession], tally: Tally, mix: Mix, window_ns: int, label: str
+) -> int:
+    """Drive every session for ``window_ns``, recording into ``tally``; the elapsed ns
+    (until the last reply is in)."""
+    recorder = tally.recorder
+    count_before = recorder.count
     started_ns = time.perf_counter_ns()
-    deadline_ns = started_ns + options.seconds * 1_000_000_000
+    deadline_ns = started_ns + window_ns
 
     def status() -> tuple[float, str]:
-        elapsed_s = (time.perf_counter_ns() - started_ns) / 1e9
-        return elapsed_s / options.seconds, (
-            f"{elapsed_s:5.1f}/{options.seconds} s  {recorder.count} ops"
+        elapsed_ns = time.perf_counter_ns() - started_ns
+        return elapsed_ns / window_ns, (
+            f"{elapsed_ns / 1e9:5.1f}/{window_ns / 1e9:.1f} s  "
+            f"{recorder.count - count_before} ops"
         )
 
     async with progress(label, status), trio.open_nursery() as nursery:
-        for index, session in enumerate(sessions):
+        for session, rng in zip(sessions, tally.rngs, strict=True):
             nursery.start_soon(functools.partial(
-                drive, session, mix=options.mix, rng=random.Random(index), txn_ids=txn_ids,
+                drive, session, mix=mix, rng=rng, txn_ids=tally.txn_ids,
                 deadline_ns=deadline_ns, recorder=recorder,
             ))
-    return recorder, time.perf_counter_ns() - started_ns
+    return time.perf_counter_ns() - started_ns
+
+
+async def measure_window(
+    target: Target, sessions: Sequence[BenchSession], tally: Tally, *, mix: Mix,
+    window_ns: int, label: str,
+) -> None:
+    """One window of the mix on ``target``, its CPU (the server's and ours) counted over
+    the window alone."""
+    server_before, own_before = await process_cpu_s(target.pid), own_cpu_s()
+    tally.elapsed_ns += await run_mix(sessions, tally, mix, window_ns, label)
+    server_after, own_after = await process_cpu_s(target.pid), own_cpu_s()
+    tally.generator_cpu_s += own_after - own_before
+    if tally.server_cpu_s is None or server_before is None or server_after is None:
+        tally.server_cpu_s = None
+    else:
+        tally.server_cpu_s += server_after - server_before
+
+
+def turns(count: int, rounds: int) -> Iterator[tuple[int, int]]:
+    """(round, target index) in the order windows run: round by round, the targets'
+    order rotated by one each round, so that none is always first or always follows
+    the same one."""
+    for round_ in range(rounds):
+        for step in range(count):
+            yield round_, (round_ + step) % count
 
 
 async def measure_load(
-    address: Address, options: LoadOptions, label: str, pid: int | None
-) -> LoadResult:
-    """Log in, run the mix, log out; CPU is counted over the mix only, not the logins."""
+    targets: Sequence[Target], options: LoadOptions, rounds: int
+) -> list[LoadResult]:
+    """Log every target's sessions in, run the mix on one target at a time for
+    ``rounds`` windows each (``options.seconds`` in all per target), log out.
+
+    Only the windows are measured: connecting, TLS handshakes and logins come before
+    them (their rate is reported apart), and meanwhile the sessions of the targets not
+    being measured are held idle.
+    """
     accounts = account_names(1, options.sessions)
-    async with logged_in(address, accounts, options.pin, label) as (sessions, setup_ns):
-        server_before, own_before = await process_cpu_s(pid), own_cpu_s()
-        recorder, elapsed_ns = await run_mix(sessions, options, label)
-        server_after, own_after = await process_cpu_s(pid), own_cpu_s()
-    return LoadResult(
-        ops_per_s=per_second(recorder.count, elapsed_ns),
-        logins_per_s=per_second(len(accounts), setup_ns),
-        elapsed_s=elapsed_ns / 1e9,
-        overall=recorder.overall(),
-        per_op=recorder.per_op(),
-        server_cpu_percent=(
-            cpu_percent(server_after - server_before, elapsed_ns)
-            if server_before is not None and server_after is not None else None
-        ),
-        generator_cpu_percent=cpu_percent(own_after - own_before, elapsed_ns),
-    )
+    window_ns = options.seconds * 1_000_000_000 // rounds
+    async with contextlib.AsyncExitStack() as stack:
+        held: list[list[BenchSession]] = []
+        tallies: list[Tally] = []
+        for target in targets:
+            sessions, setup_ns = await stack.enter_async_context(
+                logged_in(target.address, accounts, options.pin, target.label, target.tls)
+            )
+            held.append(sessions)
+            tallies.append(Tally(
+                Recorder(options.mix.names),
+                [random.Random(index) for index in range(len(sessions))],
+                setup_ns,
+            ))
+        for round_, index in turns(len(targets), rounds):
+            label = targets[index].label
+            if rounds > 1:
+                label = f"{label} {round_ + 1}/{rounds}"
+            await measure_window(
+                targets[index], held[index], tallies[index],
+                mix=options.mix, window_ns=window_ns, label=label,
+            )
+    return [tally.result(len(accounts)) for tally in tallies]
 
 
 # -- CPU accounting: which side is the bottleneck -----------------------------------------
@@ -554,6 +717,11 @@ def own_cpu_s() -> float:
 def cpu_percent(cpu_s: float, elapsed_ns: int) -> float:
     """CPU time over wall time: 100 is one core kept busy."""
     return round(cpu_s * 1e11 / max(elapsed_ns, 1), 1)
+
+
+def cpu_us_per_op(cpu_s: float, count: int) -> float:
+    """CPU time per operation, in microseconds."""
+    return round(cpu_s * 1e6 / max(count, 1), 1)
 
 
 # -- Idle mode ---------------------------------------------------------------------------
@@ -682,6 +850,9 @@ def bank_args(workdir: Path, connections: int) -> list[str]:
         "--key-file", str(workdir / "bank.key"),
         "--log-level", "WARNING",
         "--connections-max", str(connections + CONNECTIONS_SPARE),
+        # Every session comes from 127.0.0.1 and up to SETUP_CONCURRENCY_MAX log in at
+        # once: the per-address limit on connections not logged in must not refuse them.
+        "--preauth-per-address-max", str(connections + CONNECTIONS_SPARE),
         "--idle-timeout-s", str(IDLE_TIMEOUT_S),
         "--shutdown-grace-s", "1",
     ]
@@ -698,6 +869,31 @@ def bank_target(
     create_accounts(workdir / "bank.db", workdir / "bank.key", accounts, pin=args.pin)
     with launcher.start(bank_args(workdir, accounts), workdir=workdir, name="bank") as server:
         yield server.address, server.pid
+
+
+@contextlib.contextmanager
+def tls_bank_target(
+    workdir: Path, accounts: int, pin: str
+) -> Iterator[tuple[Address, int, ssl.SSLContext]]:
+    """(address, pid, client context): a second bank, on its own database in ``workdir``,
+    serving TLS and requiring a terminal certificate, as a deployment would.
+
+    The run's CA, the server's certificate for 127.0.0.1 and one terminal certificate
+    are made with ``bank.tls`` in ``workdir/certs``; every session presents that one.
+    """
+    workdir.mkdir(mode=0o700, exist_ok=True)
+    certs = workdir / "certs"
+    server = init_ca_and_server(certs, [launcher.LOOPBACK])
+    terminal = issue_terminal(certs, TERMINAL_NAME)
+    context = client_context(terminal.ca, cert=terminal.cert, key=terminal.key)
+    create_accounts(workdir / "bank.db", workdir / "bank.key", accounts, pin=pin)
+    args = [
+        *bank_args(workdir, accounts),
+        "--tls-cert", str(server.cert), "--tls-key", str(server.key),
+        "--tls-client-ca", str(server.ca),
+    ]
+    with launcher.start(args, workdir=workdir, name="bank") as bank:
+        yield bank.address, bank.pid, context
 
 
 @contextlib.contextmanager
@@ -733,11 +929,14 @@ def machine() -> dict[str, object]:
 
 
 def op_table(title: str, result: LoadResult) -> str:
+    server_percent, server_us = result.server_cpu_percent, result.server_cpu_us_per_op
     lines = [
         f"{title}: {result.ops_per_s:.1f} ops/s over {result.elapsed_s:.2f} s, "
         f"logins {result.logins_per_s:.1f}/s; CPU: server "
-        f"{result.server_cpu_percent if result.server_cpu_percent is not None else '?'} %, "
-        f"load generator {result.generator_cpu_percent} % (100 = one core)",
+        f"{server_percent if server_percent is not None else '?'} % "
+        f"({server_us if server_us is not None else '?'} µs/op), "
+        f"load generator {result.generator_cpu_percent} % "
+        f"({result.generator_cpu_us_per_op} µs/op) (100 % = one core)",
         f"  {'op':<9} {'count':>8} {'refused':>8} {'p50 ms':>8} {'p90 ms':>8} "
         f"{'p99 ms':>8} {'max ms':>8}",
     ]
@@ -745,6 +944,11 @@ def op_table(title: str, result: LoadResult) -> str:
         lines.append(
             f"  {op:<9} {row['count']:>8} {row['refused']:>8} {row['p50_ms']:>8.3f} "
             f"{row['p90_ms']:>8.3f} {row['p99_ms']:>8.3f} {row['max_ms']:>8.3f}"
+        )
+    if result.generator_saturated:
+        lines.append(
+            f"  the load generator kept its core busy ({result.generator_cpu_percent} %): "
+            f"{title}'s figure is the generator's ceiling, a lower bound for the server"
         )
     return "\n".join(lines)
 
@@ -759,13 +963,17 @@ def latency_keys(result: LoadResult | None, prefix: str) -> dict[str, float | No
 
 
 def load_report(
-    options: LoadOptions, bank: LoadResult, echo: LoadResult | None
+    options: LoadOptions, bank: LoadResult, echo: LoadResult | None,
+    tls: LoadResult | None = None, rounds: int = 1,
 ) -> dict[str, object]:
+    """The JSON report: the plaintext bank's keys as they always were, the echo
+    baseline's, and (None without --tls) the TLS bank's, ``tls_ratio`` TLS/plaintext."""
     return {
         "mode": "load",
         **machine(),
         "sessions": options.sessions,
         "seconds": options.seconds,
+        "windows": rounds,
         "mix": options.mix.as_dict(),
         "bank_ops_per_s": round(bank.ops_per_s, 1),
         "echo_ops_per_s": round(echo.ops_per_s, 1) if echo else None,
@@ -777,27 +985,58 @@ def load_report(
         "refused": bank.overall["refused"],
         "bank_cpu_percent": bank.server_cpu_percent,
         "echo_cpu_percent": echo.server_cpu_percent if echo else None,
+        "bank_cpu_us_per_op": bank.server_cpu_us_per_op,
+        "tls_ops_per_s": round(tls.ops_per_s, 1) if tls else None,
+        "tls_ratio": round(tls.ops_per_s / bank.ops_per_s, 4) if tls else None,
+        "tls_logins_per_s": round(tls.logins_per_s, 1) if tls else None,
+        **latency_keys(tls, "tls_"),
+        "tls_refused": tls.overall["refused"] if tls else None,
+        "tls_cpu_percent": tls.server_cpu_percent if tls else None,
+        "tls_cpu_us_per_op": tls.server_cpu_us_per_op if tls else None,
+        "tls_generator_cpu_percent": tls.generator_cpu_percent if tls else None,
+        "tls_generator_cpu_us_per_op": tls.generator_cpu_us_per_op if tls else None,
+        "tls_generator_saturated": tls.generator_saturated if tls else None,
         "ops": bank.per_op,
         "bank": bank.as_dict(),
         "echo": echo.as_dict() if echo else None,
+        "tls": tls.as_dict() if tls else None,
     }
 
 
 def run_load(args: argparse.Namespace) -> dict[str, object]:
+    """The bank, then the echo baseline, one window each; with --tls the bank over
+    plaintext, the bank over TLS and the echo baseline, taking turns in windows of about
+    TLS_WINDOW_S. Every server is started before the first login."""
     options = LoadOptions(args.sessions, args.seconds, args.mix, args.pin)
-    ensure_open_files(options.sessions)
-    with tempfile.TemporaryDirectory(prefix="bank-bench-", dir=args.dir) as tmp:
+    rounds = max(1, options.seconds // TLS_WINDOW_S) if args.tls else 1
+    ensure_open_files(options.sessions * (1 + args.tls + (not args.no_echo)))
+    with (
+        tempfile.TemporaryDirectory(prefix="bank-bench-", dir=args.dir) as tmp,
+        contextlib.ExitStack() as servers,
+    ):
         workdir = Path(tmp)
-        with bank_target(args, workdir, options.sessions) as (address, pid):
-            bank = trio.run(measure_load, address, options, "bank", pid)
-        print(op_table("bank", bank), flush=True)
-        echo = None
+        targets = [Target("bank", *servers.enter_context(
+            bank_target(args, workdir, options.sessions)
+        ))]
+        if args.tls:
+            targets.append(Target("tls", *servers.enter_context(
+                tls_bank_target(workdir / "tls-bank", options.sessions, args.pin)
+            )))
         if not args.no_echo:
-            with echo_target(workdir) as (address, pid):
-                echo = trio.run(measure_load, address, options, "echo", pid)
-            print(op_table("echo", echo))
-            print(f"ratio bank/echo: {bank.ops_per_s / echo.ops_per_s:.4f}")
-    return load_report(options, bank, echo)
+            targets.append(Target("echo", *servers.enter_context(echo_target(workdir))))
+        results = dict(zip(
+            (target.label for target in targets),
+            trio.run(measure_load, targets, options, rounds),
+            strict=True,
+        ))
+    bank, tls, echo = results["bank"], results.get("tls"), results.get("echo")
+    for label, result in results.items():
+        print(op_table(label, result))
+    if echo:
+        print(f"ratio bank/echo: {bank.ops_per_s / echo.ops_per_s:.4f}")
+    if tls:
+        print(f"ratio TLS/plaintext: {tls.ops_per_s / bank.ops_per_s:.4f}")
+    return load_report(options, bank, echo, tls, rounds)
 
 
 def run_idle(args: argparse.Namespace) -> dict[str, object]:
@@ -868,6 +1107,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mix", type=parse_mix, default=parse_mix(DEFAULT_MIX),
                         help=f"operation weights, of {', '.join(OPS)} ({DEFAULT_MIX})")
     parser.add_argument("--no-echo", action="store_true", help="skip the echo baseline")
+    parser.add_argument("--tls", action="store_true",
+                        help="also load a second bank serving TLS with terminal certificates "
+                        "(made for the run), taking turns with the plaintext one; "
+                        "reports tls_ratio, TLS/plaintext")
     parser.add_argument("--host", type=loopback_host, default="127.0.0.1",
                         help="address of a running bank, with --port (%(default)s)")
     parser.add_argument("--port", type=bounded_int(0, 65535),
@@ -894,7 +1137,10 @@ def leaf_messages(error: BaseException) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tls and (args.idle or args.create_accounts or args.port is not None):
+        parser.error("--tls is for load mode, with the banks the bench starts (no --port)")
     if args.echo_server:
         return serve_echo(args.host, args.port or 0, args.ready_file)
     try:
@@ -904,7 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"added {added} accounts; {account_name(1)}..{account_name(count)} exist")
             return EXIT_OK
         report = run_idle(args) if args.idle else run_load(args)
-    except* (BenchError, launcher.LaunchError, WireError, OSError) as group:
+    except* (BenchError, launcher.LaunchError, TlsError, WireError, OSError) as group:
         for message in dict.fromkeys(leaf_messages(group)):  # once each, in order
             print(f"bank.bench: {message}", file=sys.stderr)
         raise SystemExit(EXIT_FAILURE) from None
