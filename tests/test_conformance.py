@@ -35,8 +35,9 @@ from bank import __main__ as bank_main
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
+from bank.resumption import SessionRegistry
 from bank.server import REFUSALS_MAX
-from bank.session import PIN_STATUS, Session
+from bank.session import PIN_STATUS, RESUME_TAKEOVER_S, Session
 from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.store import PinPolicy, Store
 from tests.helpers import (
@@ -74,6 +75,8 @@ from wire import (
     PingReply,
     Reply,
     Request,
+    Resume,
+    ResumeReply,
     Sender,
     Shutdown,
     Status,
@@ -85,6 +88,7 @@ from wire import _layout as wire_layout
 from wire import _limits as limits
 from wire._codec import frame_bytes
 from wire._messages import REPLY_STATUSES
+from wire._state import LOGIN_FAILURES
 from wire._status import ISO8583_RESPONSE_CODE
 
 PIN_TRIES_MAX = ServerConfig().pin_tries_max
@@ -445,6 +449,7 @@ def test_the_servers_fixed_limits_are_the_ones_the_spec_states() -> None:
     prose = " ".join(PROTOCOL.split())
     assert f"once {REFUSALS_MAX} refusals are in progress at once" in prose
     assert f"(0: no locking; at most {PIN_LOCKOUT_S_MAX}, one year)" in prose
+    assert f"(the reference server: at most {RESUME_TAKEOVER_S:g} s)" in prose
 
 
 def test_the_example_in_section_11_is_what_encode_gives() -> None:
@@ -818,20 +823,27 @@ def test_a_withdrawal_limit_above_the_amount_maximum_stops_the_server_from_start
 
 
 COUNTED_LOGIN_REFUSALS = (Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED, Status.ACCOUNT_IN_USE)
+COUNTED_RESUME_REFUSAL = Status.UNKNOWN_SESSION
 
 
-def test_the_spec_names_the_login_answers_that_count() -> None:
+def test_the_spec_names_the_login_and_resume_answers_that_count() -> None:
+    assert {*COUNTED_LOGIN_REFUSALS, COUNTED_RESUME_REFUSAL} == LOGIN_FAILURES
     counted = ", ".join(status.name for status in COUNTED_LOGIN_REFUSALS[:-1])
     counted += f" or {COUNTED_LOGIN_REFUSALS[-1].name}"
     assert_spec_says(
         f"A LOGIN counts toward `login_attempts_max` (default {ServerConfig().login_attempts_max})"
-        f" if and only if it is answered {counted}; when one connection has had that many, the"
-        " server sends that reply and closes the connection. A LOGIN answered"
-        " ISSUER_UNAVAILABLE (the server is shutting down, or its storage failed) does not"
-        " count, nor does one answered ALREADY_LOGGED_IN, nor a LOGIN frame answered with ERROR.",
+        f" if and only if it is answered {counted}, and a RESUME if and only if it is answered"
+        f" {COUNTED_RESUME_REFUSAL.name}; LOGINs and RESUMEs count together, and when one"
+        " connection has had that many, the server sends that reply and closes the connection."
+        " A LOGIN or RESUME answered ISSUER_UNAVAILABLE (the server is shutting down, or its"
+        " storage failed) does not count, nor does one answered ALREADY_LOGGED_IN, nor a LOGIN"
+        " or RESUME frame answered with ERROR.",
     )
     rows = {row["setting"]: row["meaning"] for row in table_with("setting", "default", "in HELLO")}
-    assert rows["`login_attempts_max`"].startswith(f"LOGINs answered {counted} on one connection")
+    assert rows["`login_attempts_max`"].startswith(
+        f"LOGINs answered {counted}, and RESUMEs answered {COUNTED_RESUME_REFUSAL.name}, on one"
+        " connection"
+    )
 
 
 async def test_each_counted_login_refusal_counts(bank: RunningServer):
@@ -846,6 +858,19 @@ async def test_each_counted_login_refusal_counts(bank: RunningServer):
     assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.ACCOUNT_IN_USE
     assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
     assert await client.login(OTHER_ACCOUNT, OTHER_PIN) is Status.PIN_TRIES_EXCEEDED
+    assert await client.closed()
+
+
+async def test_refused_resumes_count_together_with_refused_logins(bank: RunningServer):
+    client = await bank.client()
+    nothing = bytes(limits.SESSION_TOKEN_BYTES)  # no session's token: none was ever sent
+    assert await client.request(Resume(DEMO_ACCOUNT, nothing)) == ResumeReply(
+        COUNTED_RESUME_REFUSAL
+    )
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
+    assert await client.request(Resume(DEMO_ACCOUNT, nothing)) == ResumeReply(
+        COUNTED_RESUME_REFUSAL
+    )
     assert await client.closed()
 
 
@@ -950,11 +975,13 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
         "A server answers each request only with a status in its reply opcode's row below.",
     )
     config = ServerConfig(amount_cents_max=200_000, withdrawal_cents_max=100_000)
-    leases = Leases()
+    leases, sessions = Leases(), SessionRegistry()
     seen: dict[Opcode, set[Status]] = {op: set() for op in REPLY_STATUSES}
 
     def session(ledger: Ledger = ledger) -> ServedSession:
-        return ServedSession(ledger=ledger, leases=leases, config=config, name="conformance")
+        return ServedSession(
+            ledger=ledger, leases=leases, config=config, name="conformance", sessions=sessions
+        )
 
     async def ask(session: ServedSession, *requests: Request) -> None:
         for request in requests:
@@ -964,10 +991,11 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
     def every_request() -> list[Request]:
         return [
             Login(DEMO_ACCOUNT, DEMO_PIN), Balance(), Deposit(txn_id(), 1_00),
-            Withdraw(txn_id(), 1_00), History(5), Ping(), Logout(),
+            Withdraw(txn_id(), 1_00), History(5),
+            Resume(DEMO_ACCOUNT, bytes(limits.SESSION_TOKEN_BYTES)), Ping(), Logout(),
         ]
 
-    # Not logged in: the state refusals, a wrong PIN, and a lock.
+    # Not logged in: the state refusals, a token that opens nothing, a wrong PIN, and a lock.
     await ask(session(), *[r for r in every_request() if not isinstance(r, Login | Logout)])
     await ask(session(), Login(DEMO_ACCOUNT, "0000"), Logout())
     await ask(session(), *[Login(OTHER_ACCOUNT, "0000")] * PIN_TRIES_MAX)
@@ -977,12 +1005,21 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
     async with trio.open_nursery() as nursery:  # a lease belongs to a task: another ATM's
         nursery.start_soon(ask, session(), Login(DEMO_ACCOUNT, DEMO_PIN))  # ACCOUNT_IN_USE
     booked = txn_id()
+    token = atm.session.token
+    assert token is not None
     await ask(
-        atm, Login(DEMO_ACCOUNT, DEMO_PIN), Balance(), History(5), Ping(),
-        Deposit(booked, 1_00), Deposit(booked, 2_00), Deposit(txn_id(), 200_001),
+        atm, Login(DEMO_ACCOUNT, DEMO_PIN), Resume(DEMO_ACCOUNT, token), Balance(), History(5),
+        Ping(), Deposit(booked, 1_00), Deposit(booked, 2_00), Deposit(txn_id(), 200_001),
         Withdraw(booked, 1_00), Withdraw(txn_id(), 100_001),
-        Withdraw(txn_id(), 90_000), Withdraw(txn_id(), 90_000), Logout(),
+        Withdraw(txn_id(), 90_000), Withdraw(txn_id(), 90_000),
     )
+    # Its connection lost, the ATM resumes the session on a new one with the session's
+    # token; the old connection, waiting for its client, ends at once when superseded.
+    atm.session.on_supersede = atm.end
+    resumed = session()
+    await ask(resumed, Resume(DEMO_ACCOUNT, token))
+    await ask(session(), Resume(DEMO_ACCOUNT, token))  # spent: it opens nothing now
+    await ask(resumed, Logout())
     # Shutting down: everything but LOGOUT is refused.
     shutting_down = session()
     shutting_down.begin_shutdown()
@@ -1012,6 +1049,13 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
         with monkeypatch.context() as patch:
             patch.setattr(Session, handler, bug)
             await ask(session(), request)
+
+    def registry_bug(_registry: SessionRegistry, _account: str, _token: bytes) -> None:
+        raise RuntimeError("a bug in the registry of session tokens")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SessionRegistry, "claim", registry_bug)
+        await ask(session(), Resume(DEMO_ACCOUNT, bytes(limits.SESSION_TOKEN_BYTES)))
 
     assert seen == {op: set(statuses) for op, statuses in REPLY_STATUSES.items()}
 

@@ -115,7 +115,7 @@ def test_fatal_error_keeps_raising_even_after_good_bytes() -> None:
 
 def test_non_fatal_error_consumes_its_frame_and_decoding_goes_on() -> None:
     decoder = server_decoder()
-    unknown = frame_from_spec(0x08, 5, b"\x01\x02\x03")
+    unknown = frame_from_spec(0x09, 5, b"\x01\x02\x03")  # 0x09: not assigned
     decoder.receive_data(unknown + encode(Ping(), 6))
     with pytest.raises(WireError) as caught:
         decoder.next_frame()
