@@ -7,9 +7,10 @@ request id, and the running server and the reference ATM's connection treat it a
 the reference construct parse (FRAME and each LAYOUT, not compiled) agrees with the fast
 path; PROTOCOL.md's opcode, status, statuses-per-reply, limit and payload tables and its ABNF
 agree with the code, and so does vectors.json; the generated files are up to date. Rules the
-prose states (PIN lockout, the order of a money request's checks, which LOGINs count, HELLO
-limits, settings refused at start, end of stream) are read from PROTOCOL.md sentence by
-sentence and checked against the server, its session or its store.
+prose states (PIN lockout, the order of a money request's checks, which LOGINs and RESUMEs
+count, HELLO limits, settings refused at start, end of stream, what a session token opens
+and when a RESUME is answered) are read from PROTOCOL.md sentence by sentence and checked
+against the server, its session or its store.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from construct import Struct
 from atm.connection import Connection as AtmConnection
 from atm.errors import ConnectionLost
 from bank import __main__ as bank_main
+from bank import session as bank_session
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
@@ -51,12 +53,16 @@ from tests.helpers import (
     RunningServer,
     ServedSession,
     WireClient,
+    frames_until_closed,
+    logged_in,
+    settle,
     start_server,
     txn_id,
 )
 from wire import (
     MESSAGE_TYPES,
     Balance,
+    BalanceReply,
     Decoder,
     Deposit,
     EntryKind,
@@ -78,6 +84,7 @@ from wire import (
     Resume,
     ResumeReply,
     Sender,
+    SessionExpired,
     Shutdown,
     Status,
     WireError,
@@ -1058,6 +1065,163 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
         await ask(session(), Resume(DEMO_ACCOUNT, bytes(limits.SESSION_TOKEN_BYTES)))
 
     assert seen == {op: set(statuses) for op, statuses in REPLY_STATUSES.items()}
+
+
+# -- Session resumption ------------------------------------------------------------------
+
+
+async def test_a_resume_takes_the_session_over_at_once_and_spends_its_token(
+    bank: RunningServer,
+):
+    assert_spec_says(
+        "The server *supersedes* the session's old connection: it sends SESSION_EXPIRED"
+        " (request id 0) there and closes it, at once if that connection is waiting for its"
+        " client,",
+        "RESUME_REPLY APPROVED, the session is AUTHENTICATED on the new connection, and"
+        " SESSION_TOKEN follows with a new token.",
+        "If the token opens the account's session, it is spent at once: it never opens"
+        " anything again, whatever follows.",
+    )
+    old = await logged_in(bank)
+    token = old.tokens[-1]
+    new = await bank.client()
+    assert await new.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(Status.APPROVED)
+    assert await new.token() != token  # the very next frame, and a new token
+    assert await frames_until_closed(old) == [Frame(0, SessionExpired())]
+    assert await new.request(Balance()) == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)
+    late = await bank.client()
+    assert await late.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+        Status.UNKNOWN_SESSION
+    )
+    assert bank.server.leases.held() == frozenset({DEMO_ACCOUNT})
+
+
+async def test_a_token_opens_only_its_own_accounts_session_and_a_wrong_one_spends_nothing(
+    bank: RunningServer,
+):
+    assert_spec_says(
+        "Nothing else changes; a session the account has on another connection goes on, and"
+        " its token stays valid.",
+    )
+    holder = await logged_in(bank)
+    token = holder.tokens[-1]
+    await logged_in(bank, OTHER_ACCOUNT, OTHER_PIN)  # a live session of another account
+    guesser = await bank.client()
+    wrong = bytes(byte ^ 0xFF for byte in token)
+    for account, presented in ((DEMO_ACCOUNT, wrong), (OTHER_ACCOUNT, token)):
+        assert await guesser.request(Resume(account, presented)) == ResumeReply(
+            Status.UNKNOWN_SESSION
+        )
+    assert await holder.request(Ping()) == PingReply(Status.APPROVED)
+    assert await guesser.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(Status.APPROVED)
+
+
+@pytest.mark.parametrize("ending", ["logout", "client closing", "idle timeout"])
+async def test_a_token_dies_with_its_session(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, ending: str
+):
+    assert_spec_says(
+        "the session has not ended: not by LOGOUT, nor SESSION_EXPIRED (the idle timeout, or"
+        " the session was resumed elsewhere), nor by its connection's end for any other reason"
+        " (the client closing it,",
+    )
+    bank = await start_server(nursery, config, ledger, idle_timeout_s=1)
+    old = await logged_in(bank)
+    token = old.tokens[-1]
+    if ending == "logout":
+        assert await old.request(Logout()) == LogoutReply(Status.APPROVED)
+    elif ending == "client closing":
+        await old.stream.send_eof()  # the end of its stream ends the session (section 8)
+    else:
+        assert await old.receive() == Frame(0, SessionExpired())
+    assert await old.closed()  # the server released the lease before it closed
+    assert bank.server.leases.held() == frozenset()
+    client = await bank.client()
+    assert await client.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+        Status.UNKNOWN_SESSION
+    )
+    assert await client.login() is Status.APPROVED  # what a client does next
+
+
+async def test_a_restarted_server_knows_no_tokens(config: ServerConfig, ledger: SqliteLedger):
+    assert_spec_says("A restarted server knows no tokens: every RESUME to it is answered"
+                     " UNKNOWN_SESSION.")
+    async with trio.open_nursery() as before:
+        old = await logged_in(await start_server(before, config, ledger))
+        token = old.tokens[-1]
+        before.cancel_scope.cancel()
+    await old.aclose()
+    async with trio.open_nursery() as after:
+        client = await (await start_server(after, config, ledger)).client()
+        assert await client.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+            Status.UNKNOWN_SESSION
+        )
+        assert await client.login() is Status.APPROVED
+        await client.aclose()
+        after.cancel_scope.cancel()
+
+
+class GatedLedger(FaultyLedger):
+    """The real ledger, except that BALANCE waits for ``gate`` while one is set: a request
+    the server is working on for as long as a test likes."""
+
+    def __init__(self, real: Ledger) -> None:
+        super().__init__(real)
+        self.gate: trio.Event | None = None
+
+    async def balance(self, account: str) -> int:
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().balance(account)
+
+
+@pytest.mark.parametrize("takeover", ["in time", "too late"])
+async def test_a_resume_is_answered_only_once_the_old_connection_has_ended(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger,
+    monkeypatch: pytest.MonkeyPatch, takeover: str,
+):
+    assert_spec_says(
+        "otherwise as soon as it has answered the request it is working on.",
+        "The server answers APPROVED only after the old connection has ended, so nothing more"
+        " happens there once the client has that answer.",
+        "If the old connection has not ended by then, or another ATM took the account's lease"
+        " between that end and the takeover, the answer is UNKNOWN_SESSION: the token is spent"
+        " and the old connection superseded all the same.",
+    )
+    if takeover == "too late":
+        monkeypatch.setattr(bank_session, "RESUME_TAKEOVER_S", 0.05)
+    gated = GatedLedger(ledger)
+    bank = await start_server(nursery, config, gated)  # type: ignore[arg-type]
+    old = await logged_in(bank)
+    token = old.tokens[-1]
+    gated.gate = trio.Event()
+    asked = await old.send(Balance())  # the old connection works on it until the gate opens
+    new = await bank.client()
+    resume = await new.send(Resume(DEMO_ACCOUNT, token))
+    if takeover == "in time":
+        await settle()
+        with trio.move_on_after(0.1) as waited:
+            await new.receive()
+        assert waited.cancelled_caught, "RESUME answered while its old connection still serves"
+        rival = await bank.client()  # the token was spent when it was presented: no waiting
+        with trio.fail_after(RESUME_TAKEOVER_S / 2):
+            assert await rival.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+                Status.UNKNOWN_SESSION
+            )
+        gated.gate.set()
+        assert await new.receive() == Frame(resume, ResumeReply(Status.APPROVED))
+    else:
+        assert await new.receive() == Frame(resume, ResumeReply(Status.UNKNOWN_SESSION))
+        gated.gate.set()
+    assert await frames_until_closed(old) == [
+        Frame(asked, BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)),
+        Frame(0, SessionExpired()),
+    ]
+    if takeover == "too late":
+        assert await new.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+            Status.UNKNOWN_SESSION
+        )
+        assert await new.login() is Status.APPROVED
 
 
 # -- What each side does with a negative vector ---------------------------------------
