@@ -52,6 +52,7 @@ STATUS_SENTENCES: dict[Status, str] = {
     Status.ALREADY_LOGGED_IN: "Already logged in",
     Status.SERVER_BUSY: "The bank is busy; please try again in a moment",
     Status.UNSUPPORTED_VERSION: "The bank does not support this ATM's protocol version",
+    Status.UNKNOWN_SESSION: "The previous session could not be resumed; please log in again",
 }
 
 

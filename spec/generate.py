@@ -45,8 +45,11 @@ from wire import (
     Opcode,
     Ping,
     PingReply,
+    Resume,
+    ResumeReply,
     Sender,
     SessionExpired,
+    SessionToken,
     Shutdown,
     Status,
     WireError,
@@ -90,6 +93,10 @@ TXN_MAX = bytes.fromhex("00112233445566778899aabbccddeeff")
 TIME_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 ACCOUNT = "AB-12345"
 PIN = "1234"
+TOKEN = bytes.fromhex("9c1e5a7f03d84b26e17f0a95c3b86d42")
+"""The session token of the examples: the one an approved LOGIN was followed by."""
+NEW_TOKEN = bytes.fromhex("4b7d02e9f6a1358c0ed9726fb4135a80")
+"""The one that follows the approved RESUME presenting ``TOKEN``."""
 
 
 # -- Golden frames -----------------------------------------------------------------
@@ -135,6 +142,7 @@ ERROR_REQUEST_IDS: dict[Status, tuple[int, str]] = {
     Status.ALREADY_LOGGED_IN: (23, "every status can travel in an ERROR frame"),
     Status.SERVER_BUSY: (0, "sent instead of HELLO when the server is at its connection limit"),
     Status.UNSUPPORTED_VERSION: (0, "the client's frame carried another protocol version"),
+    Status.UNKNOWN_SESSION: (24, "every status can travel in an ERROR frame"),
 }
 
 
@@ -158,10 +166,14 @@ def golden_frames() -> list[Golden]:
         Golden("ping", Ping(), 8, "keep the session alive"),
         Golden("ping-max-request-id", Ping(), REQUEST_ID_MAX, "the largest request id"),
         Golden("logout", Logout(), 9, "end the session"),
+        Golden("resume", Resume(ACCOUNT, TOKEN), 1,
+               "first request on a new connection: take over the session-token example's session"),
         # Notices, server to client, request id 0.
         Golden("hello", hello, 0, "first frame on every connection: the server's limits"),
         Golden("shutdown", Shutdown(30), 0, "the server stops; the connection closes in 30 s"),
         Golden("session-expired", SessionExpired(), 0, "idle too long; the server closes"),
+        Golden("session-token", SessionToken(TOKEN), 0,
+               "right after an approved LOGIN_REPLY: what resumes this session, once"),
         # Replies, server to client, echoing the request id.
         Golden("login-reply", LoginReply(Status.APPROVED), 1, "session authenticated"),
         Golden("login-reply-incorrect-pin", LoginReply(Status.INCORRECT_PIN), 1,
@@ -200,6 +212,12 @@ def golden_frames() -> list[Golden]:
         Golden("ping-reply", PingReply(Status.APPROVED), 8, "pong"),
         Golden("logout-reply", LogoutReply(Status.APPROVED), 9,
                "lease released; the server closes next"),
+        Golden("resume-reply", ResumeReply(Status.APPROVED), 1,
+               "the old connection has ended; the session goes on here"),
+        Golden("session-token-after-resume", SessionToken(NEW_TOKEN), 0,
+               "right after an approved RESUME_REPLY: a new token; the presented one is spent"),
+        Golden("resume-reply-unknown-session", ResumeReply(Status.UNKNOWN_SESSION), 1,
+               "the token opens no session of this account: log in with LOGIN instead"),
     ]
     for status, (request_id, note) in ERROR_REQUEST_IDS.items():
         name = "error-" + status.name.lower().replace("_", "-")
@@ -288,8 +306,8 @@ def negative_vectors() -> list[Negative]:
                  raw_frame(Opcode.LOGIN, 1, login_payload)[:-5] + b"5"
                  + raw_frame(Opcode.LOGIN, 1, login_payload)[-4:],
                  fmt, True, 1, "PIN digit changed after the CRC was computed"),
-        Negative("unknown-opcode", server, raw_frame(0x08, 11, b""), bad_op, False, 11,
-                 "opcode 0x08 is not assigned; the frame is consumed, decoding goes on"),
+        Negative("unknown-opcode", server, raw_frame(0x09, 11, b""), bad_op, False, 11,
+                 "opcode 0x09 is not assigned; the frame is consumed, decoding goes on"),
         Negative("unknown-opcode-zero", server, raw_frame(0x00, 11, b"\x00\x01"), bad_op, False,
                  11, "opcode 0x00 with a 2-byte payload, consumed whole"),
         Negative("wrong-direction-reply", server, raw_frame(Opcode.LOGIN_REPLY, 12, b"\x00"),
@@ -317,6 +335,11 @@ def negative_vectors() -> list[Negative]:
                  fmt, True, 1, "PIN must be four ASCII digits"),
         Negative("bad-pin-space", server, raw_frame(Opcode.LOGIN, 1, b"AB-12345" + b"123 "),
                  fmt, True, 1, "PIN must be four ASCII digits"),
+        Negative("resume-bad-account", server, raw_frame(Opcode.RESUME, 1, b"AB 12345" + TOKEN),
+                 fmt, True, 1, "RESUME's account follows LOGIN's rule: AA-NNNNN"),
+        Negative("truncated-resume", server,
+                 raw_frame(Opcode.RESUME, 1, ACCOUNT.encode() + TOKEN[:-1]), fmt, True, 1,
+                 "RESUME payload of 23 bytes, CRC repaired"),
         Negative("zero-amount", server, raw_frame(Opcode.DEPOSIT, 3, TXN_DEPOSIT + u64(0)),
                  amount, False, 3, "amount 0: refused, the connection goes on"),
         Negative("amount-over-max", server,
@@ -340,8 +363,8 @@ def negative_vectors() -> list[Negative]:
                  "last CRC bit flipped"),
         Negative("client-wrong-direction-request", client, raw_frame(Opcode.BALANCE, 2, b""),
                  bad_op, False, 2, "BALANCE is a client's opcode"),
-        Negative("client-unknown-opcode", client, raw_frame(0xC3, 0, b""), bad_op, False, 0,
-                 "opcode 0xC3 is not assigned"),
+        Negative("client-unknown-opcode", client, raw_frame(0xC4, 0, b""), bad_op, False, 0,
+                 "opcode 0xC4 is not assigned (a later server's notice, say): skipped"),
         Negative("hello-with-request-id", client,
                  raw_frame(Opcode.HELLO, 1, encode(server_hello(), 0)[10:-4]), fmt, True, 1,
                  "notices carry request id 0"),
@@ -374,6 +397,9 @@ def negative_vectors() -> list[Negative]:
                  raw_frame(Opcode.HELLO, 0, (PAYLOAD_BYTES_MAX + 1).to_bytes(2, "big")
                            + encode(server_hello(), 0)[12:-4]), fmt, True, 0,
                  "payload_bytes_max 1025: a server may announce less than 1024, never more"),
+        Negative("truncated-session-token", client,
+                 raw_frame(Opcode.SESSION_TOKEN, 0, TOKEN[:-1]), fmt, True, 0,
+                 "SESSION_TOKEN payload of 15 bytes, CRC repaired"),
         Negative("truncated-hello", client,
                  raw_frame(Opcode.HELLO, 0, encode(server_hello(), 0)[10:-5]), fmt, True, 0,
                  "HELLO payload one byte short, CRC repaired"),
@@ -530,7 +556,8 @@ def describe(field: str, value: object) -> str:
     leaf = field.rsplit(".", 1)[-1]
     if isinstance(value, bytes):
         printable = all(0x20 <= b < 0x7F for b in value)
-        return f'"{value.decode()}"' if printable and leaf != "txn_id" else value.hex()
+        as_text = printable and leaf not in {"txn_id", "token"}  # random bytes, shown as hex
+        return f'"{value.decode()}"' if as_text else value.hex()
     if leaf == "opcode":
         return f"0x{value:02X} {Opcode(value).name}"
     if leaf == "status":

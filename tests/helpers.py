@@ -24,6 +24,7 @@ from atm.connection import Connection
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger, PinResult, Posting
+from bank.resumption import SessionRegistry
 from bank.server import BankServer
 from bank.session import Session
 from bank.sqlite_ledger import SqliteLedger
@@ -322,9 +323,12 @@ class ServedSession:
     both engines' checks, as the server's connection loop would send it."""
 
     def __init__(
-        self, *, ledger: Ledger, leases: Leases, config: ServerConfig, name: str = "test"
+        self, *, ledger: Ledger, leases: Leases, config: ServerConfig, name: str = "test",
+        sessions: SessionRegistry | None = None,
     ) -> None:
-        self.session = Session(ledger=ledger, leases=leases, config=config, name=name)
+        self.session = Session(
+            ledger=ledger, leases=leases, config=config, name=name, sessions=sessions
+        )
         self.engine = Engine(Sender.SERVER, login_attempts_max=config.login_attempts_max)
         self._client = Engine(Sender.CLIENT)
         self._client.receive_data(self.engine.send(config.hello()))

@@ -7,9 +7,10 @@ request id, and the running server and the reference ATM's connection treat it a
 the reference construct parse (FRAME and each LAYOUT, not compiled) agrees with the fast
 path; PROTOCOL.md's opcode, status, statuses-per-reply, limit and payload tables and its ABNF
 agree with the code, and so does vectors.json; the generated files are up to date. Rules the
-prose states (PIN lockout, the order of a money request's checks, which LOGINs count, HELLO
-limits, settings refused at start, end of stream) are read from PROTOCOL.md sentence by
-sentence and checked against the server, its session or its store.
+prose states (PIN lockout, the order of a money request's checks, which LOGINs and RESUMEs
+count, HELLO limits, settings refused at start, end of stream, what a session token opens
+and when a RESUME is answered) are read from PROTOCOL.md sentence by sentence and checked
+against the server, its session or its store.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from construct import Struct
 from atm.connection import Connection as AtmConnection
 from atm.errors import ConnectionLost
 from bank import __main__ as bank_main
+from bank import session as bank_session
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
+from bank.resumption import SessionRegistry
 from bank.server import REFUSALS_MAX
-from bank.session import PIN_STATUS, Session
+from bank.session import PIN_STATUS, RESUME_TAKEOVER_S, Session
 from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.store import PinPolicy, Store
 from tests.helpers import (
@@ -50,12 +53,16 @@ from tests.helpers import (
     RunningServer,
     ServedSession,
     WireClient,
+    frames_until_closed,
+    logged_in,
+    settle,
     start_server,
     txn_id,
 )
 from wire import (
     MESSAGE_TYPES,
     Balance,
+    BalanceReply,
     Decoder,
     Deposit,
     EntryKind,
@@ -74,7 +81,10 @@ from wire import (
     PingReply,
     Reply,
     Request,
+    Resume,
+    ResumeReply,
     Sender,
+    SessionExpired,
     Shutdown,
     Status,
     WireError,
@@ -85,6 +95,7 @@ from wire import _layout as wire_layout
 from wire import _limits as limits
 from wire._codec import frame_bytes
 from wire._messages import REPLY_STATUSES
+from wire._state import LOGIN_FAILURES
 from wire._status import ISO8583_RESPONSE_CODE
 
 PIN_TRIES_MAX = ServerConfig().pin_tries_max
@@ -445,6 +456,7 @@ def test_the_servers_fixed_limits_are_the_ones_the_spec_states() -> None:
     prose = " ".join(PROTOCOL.split())
     assert f"once {REFUSALS_MAX} refusals are in progress at once" in prose
     assert f"(0: no locking; at most {PIN_LOCKOUT_S_MAX}, one year)" in prose
+    assert f"(the reference server: at most {RESUME_TAKEOVER_S:g} s)" in prose
 
 
 def test_the_example_in_section_11_is_what_encode_gives() -> None:
@@ -818,20 +830,27 @@ def test_a_withdrawal_limit_above_the_amount_maximum_stops_the_server_from_start
 
 
 COUNTED_LOGIN_REFUSALS = (Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED, Status.ACCOUNT_IN_USE)
+COUNTED_RESUME_REFUSAL = Status.UNKNOWN_SESSION
 
 
-def test_the_spec_names_the_login_answers_that_count() -> None:
+def test_the_spec_names_the_login_and_resume_answers_that_count() -> None:
+    assert {*COUNTED_LOGIN_REFUSALS, COUNTED_RESUME_REFUSAL} == LOGIN_FAILURES
     counted = ", ".join(status.name for status in COUNTED_LOGIN_REFUSALS[:-1])
     counted += f" or {COUNTED_LOGIN_REFUSALS[-1].name}"
     assert_spec_says(
         f"A LOGIN counts toward `login_attempts_max` (default {ServerConfig().login_attempts_max})"
-        f" if and only if it is answered {counted}; when one connection has had that many, the"
-        " server sends that reply and closes the connection. A LOGIN answered"
-        " ISSUER_UNAVAILABLE (the server is shutting down, or its storage failed) does not"
-        " count, nor does one answered ALREADY_LOGGED_IN, nor a LOGIN frame answered with ERROR.",
+        f" if and only if it is answered {counted}, and a RESUME if and only if it is answered"
+        f" {COUNTED_RESUME_REFUSAL.name}; LOGINs and RESUMEs count together, and when one"
+        " connection has had that many, the server sends that reply and closes the connection."
+        " A LOGIN or RESUME answered ISSUER_UNAVAILABLE (the server is shutting down, or its"
+        " storage failed) does not count, nor does one answered ALREADY_LOGGED_IN, nor a LOGIN"
+        " or RESUME frame answered with ERROR.",
     )
     rows = {row["setting"]: row["meaning"] for row in table_with("setting", "default", "in HELLO")}
-    assert rows["`login_attempts_max`"].startswith(f"LOGINs answered {counted} on one connection")
+    assert rows["`login_attempts_max`"].startswith(
+        f"LOGINs answered {counted}, and RESUMEs answered {COUNTED_RESUME_REFUSAL.name}, on one"
+        " connection"
+    )
 
 
 async def test_each_counted_login_refusal_counts(bank: RunningServer):
@@ -846,6 +865,19 @@ async def test_each_counted_login_refusal_counts(bank: RunningServer):
     assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.ACCOUNT_IN_USE
     assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
     assert await client.login(OTHER_ACCOUNT, OTHER_PIN) is Status.PIN_TRIES_EXCEEDED
+    assert await client.closed()
+
+
+async def test_refused_resumes_count_together_with_refused_logins(bank: RunningServer):
+    client = await bank.client()
+    nothing = bytes(limits.SESSION_TOKEN_BYTES)  # no session's token: none was ever sent
+    assert await client.request(Resume(DEMO_ACCOUNT, nothing)) == ResumeReply(
+        COUNTED_RESUME_REFUSAL
+    )
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
+    assert await client.request(Resume(DEMO_ACCOUNT, nothing)) == ResumeReply(
+        COUNTED_RESUME_REFUSAL
+    )
     assert await client.closed()
 
 
@@ -950,11 +982,13 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
         "A server answers each request only with a status in its reply opcode's row below.",
     )
     config = ServerConfig(amount_cents_max=200_000, withdrawal_cents_max=100_000)
-    leases = Leases()
+    leases, sessions = Leases(), SessionRegistry()
     seen: dict[Opcode, set[Status]] = {op: set() for op in REPLY_STATUSES}
 
     def session(ledger: Ledger = ledger) -> ServedSession:
-        return ServedSession(ledger=ledger, leases=leases, config=config, name="conformance")
+        return ServedSession(
+            ledger=ledger, leases=leases, config=config, name="conformance", sessions=sessions
+        )
 
     async def ask(session: ServedSession, *requests: Request) -> None:
         for request in requests:
@@ -964,10 +998,11 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
     def every_request() -> list[Request]:
         return [
             Login(DEMO_ACCOUNT, DEMO_PIN), Balance(), Deposit(txn_id(), 1_00),
-            Withdraw(txn_id(), 1_00), History(5), Ping(), Logout(),
+            Withdraw(txn_id(), 1_00), History(5),
+            Resume(DEMO_ACCOUNT, bytes(limits.SESSION_TOKEN_BYTES)), Ping(), Logout(),
         ]
 
-    # Not logged in: the state refusals, a wrong PIN, and a lock.
+    # Not logged in: the state refusals, a token that opens nothing, a wrong PIN, and a lock.
     await ask(session(), *[r for r in every_request() if not isinstance(r, Login | Logout)])
     await ask(session(), Login(DEMO_ACCOUNT, "0000"), Logout())
     await ask(session(), *[Login(OTHER_ACCOUNT, "0000")] * PIN_TRIES_MAX)
@@ -977,12 +1012,21 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
     async with trio.open_nursery() as nursery:  # a lease belongs to a task: another ATM's
         nursery.start_soon(ask, session(), Login(DEMO_ACCOUNT, DEMO_PIN))  # ACCOUNT_IN_USE
     booked = txn_id()
+    token = atm.session.token
+    assert token is not None
     await ask(
-        atm, Login(DEMO_ACCOUNT, DEMO_PIN), Balance(), History(5), Ping(),
-        Deposit(booked, 1_00), Deposit(booked, 2_00), Deposit(txn_id(), 200_001),
+        atm, Login(DEMO_ACCOUNT, DEMO_PIN), Resume(DEMO_ACCOUNT, token), Balance(), History(5),
+        Ping(), Deposit(booked, 1_00), Deposit(booked, 2_00), Deposit(txn_id(), 200_001),
         Withdraw(booked, 1_00), Withdraw(txn_id(), 100_001),
-        Withdraw(txn_id(), 90_000), Withdraw(txn_id(), 90_000), Logout(),
+        Withdraw(txn_id(), 90_000), Withdraw(txn_id(), 90_000),
     )
+    # Its connection lost, the ATM resumes the session on a new one with the session's
+    # token; the old connection, waiting for its client, ends at once when superseded.
+    atm.session.on_supersede = atm.end
+    resumed = session()
+    await ask(resumed, Resume(DEMO_ACCOUNT, token))
+    await ask(session(), Resume(DEMO_ACCOUNT, token))  # spent: it opens nothing now
+    await ask(resumed, Logout())
     # Shutting down: everything but LOGOUT is refused.
     shutting_down = session()
     shutting_down.begin_shutdown()
@@ -1013,7 +1057,171 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
             patch.setattr(Session, handler, bug)
             await ask(session(), request)
 
+    def registry_bug(_registry: SessionRegistry, _account: str, _token: bytes) -> None:
+        raise RuntimeError("a bug in the registry of session tokens")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SessionRegistry, "claim", registry_bug)
+        await ask(session(), Resume(DEMO_ACCOUNT, bytes(limits.SESSION_TOKEN_BYTES)))
+
     assert seen == {op: set(statuses) for op, statuses in REPLY_STATUSES.items()}
+
+
+# -- Session resumption ------------------------------------------------------------------
+
+
+async def test_a_resume_takes_the_session_over_at_once_and_spends_its_token(
+    bank: RunningServer,
+):
+    assert_spec_says(
+        "The server *supersedes* the session's old connection: it sends SESSION_EXPIRED"
+        " (request id 0) there and closes it, at once if that connection is waiting for its"
+        " client,",
+        "RESUME_REPLY APPROVED, the session is AUTHENTICATED on the new connection, and"
+        " SESSION_TOKEN follows with a new token.",
+        "If the token opens the account's session, it is spent at once: it never opens"
+        " anything again, whatever follows.",
+    )
+    old = await logged_in(bank)
+    token = old.tokens[-1]
+    new = await bank.client()
+    assert await new.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(Status.APPROVED)
+    assert await new.token() != token  # the very next frame, and a new token
+    assert await frames_until_closed(old) == [Frame(0, SessionExpired())]
+    assert await new.request(Balance()) == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)
+    late = await bank.client()
+    assert await late.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+        Status.UNKNOWN_SESSION
+    )
+    assert bank.server.leases.held() == frozenset({DEMO_ACCOUNT})
+
+
+async def test_a_token_opens_only_its_own_accounts_session_and_a_wrong_one_spends_nothing(
+    bank: RunningServer,
+):
+    assert_spec_says(
+        "Nothing else changes; a session the account has on another connection goes on, and"
+        " its token stays valid.",
+    )
+    holder = await logged_in(bank)
+    token = holder.tokens[-1]
+    await logged_in(bank, OTHER_ACCOUNT, OTHER_PIN)  # a live session of another account
+    guesser = await bank.client()
+    wrong = bytes(byte ^ 0xFF for byte in token)
+    for account, presented in ((DEMO_ACCOUNT, wrong), (OTHER_ACCOUNT, token)):
+        assert await guesser.request(Resume(account, presented)) == ResumeReply(
+            Status.UNKNOWN_SESSION
+        )
+    assert await holder.request(Ping()) == PingReply(Status.APPROVED)
+    assert await guesser.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(Status.APPROVED)
+
+
+@pytest.mark.parametrize("ending", ["logout", "client closing", "idle timeout"])
+async def test_a_token_dies_with_its_session(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, ending: str
+):
+    assert_spec_says(
+        "the session has not ended: not by LOGOUT, nor SESSION_EXPIRED (the idle timeout, or"
+        " the session was resumed elsewhere), nor by its connection's end for any other reason"
+        " (the client closing it,",
+    )
+    bank = await start_server(nursery, config, ledger, idle_timeout_s=1)
+    old = await logged_in(bank)
+    token = old.tokens[-1]
+    if ending == "logout":
+        assert await old.request(Logout()) == LogoutReply(Status.APPROVED)
+    elif ending == "client closing":
+        await old.stream.send_eof()  # the end of its stream ends the session (section 8)
+    else:
+        assert await old.receive() == Frame(0, SessionExpired())
+    assert await old.closed()  # the server released the lease before it closed
+    assert bank.server.leases.held() == frozenset()
+    client = await bank.client()
+    assert await client.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+        Status.UNKNOWN_SESSION
+    )
+    assert await client.login() is Status.APPROVED  # what a client does next
+
+
+async def test_a_restarted_server_knows_no_tokens(config: ServerConfig, ledger: SqliteLedger):
+    assert_spec_says("A restarted server knows no tokens: every RESUME to it is answered"
+                     " UNKNOWN_SESSION.")
+    async with trio.open_nursery() as before:
+        old = await logged_in(await start_server(before, config, ledger))
+        token = old.tokens[-1]
+        before.cancel_scope.cancel()
+    await old.aclose()
+    async with trio.open_nursery() as after:
+        client = await (await start_server(after, config, ledger)).client()
+        assert await client.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+            Status.UNKNOWN_SESSION
+        )
+        assert await client.login() is Status.APPROVED
+        await client.aclose()
+        after.cancel_scope.cancel()
+
+
+class GatedLedger(FaultyLedger):
+    """The real ledger, except that BALANCE waits for ``gate`` while one is set: a request
+    the server is working on for as long as a test likes."""
+
+    def __init__(self, real: Ledger) -> None:
+        super().__init__(real)
+        self.gate: trio.Event | None = None
+
+    async def balance(self, account: str) -> int:
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().balance(account)
+
+
+@pytest.mark.parametrize("takeover", ["in time", "too late"])
+async def test_a_resume_is_answered_only_once_the_old_connection_has_ended(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger,
+    monkeypatch: pytest.MonkeyPatch, takeover: str,
+):
+    assert_spec_says(
+        "otherwise as soon as it has answered the request it is working on.",
+        "The server answers APPROVED only after the old connection has ended, so nothing more"
+        " happens there once the client has that answer.",
+        "If the old connection has not ended by then, or another ATM took the account's lease"
+        " between that end and the takeover, the answer is UNKNOWN_SESSION: the token is spent"
+        " and the old connection superseded all the same.",
+    )
+    if takeover == "too late":
+        monkeypatch.setattr(bank_session, "RESUME_TAKEOVER_S", 0.05)
+    gated = GatedLedger(ledger)
+    bank = await start_server(nursery, config, gated)  # type: ignore[arg-type]
+    old = await logged_in(bank)
+    token = old.tokens[-1]
+    gated.gate = trio.Event()
+    asked = await old.send(Balance())  # the old connection works on it until the gate opens
+    new = await bank.client()
+    resume = await new.send(Resume(DEMO_ACCOUNT, token))
+    if takeover == "in time":
+        await settle()
+        with trio.move_on_after(0.1) as waited:
+            await new.receive()
+        assert waited.cancelled_caught, "RESUME answered while its old connection still serves"
+        rival = await bank.client()  # the token was spent when it was presented: no waiting
+        with trio.fail_after(RESUME_TAKEOVER_S / 2):
+            assert await rival.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+                Status.UNKNOWN_SESSION
+            )
+        gated.gate.set()
+        assert await new.receive() == Frame(resume, ResumeReply(Status.APPROVED))
+    else:
+        assert await new.receive() == Frame(resume, ResumeReply(Status.UNKNOWN_SESSION))
+        gated.gate.set()
+    assert await frames_until_closed(old) == [
+        Frame(asked, BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)),
+        Frame(0, SessionExpired()),
+    ]
+    if takeover == "too late":
+        assert await new.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+            Status.UNKNOWN_SESSION
+        )
+        assert await new.login() is Status.APPROVED
 
 
 # -- What each side does with a negative vector ---------------------------------------

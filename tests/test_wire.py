@@ -6,7 +6,9 @@ length limit is enforced from the header alone, garbage is refused on its first 
 request id rules on encode and decode; encode's refusal of out-of-range values, wrong types
 and floats (it never truncates); HISTORY_REPLY entries checked a column at a time, and
 entry counts the payload does not hold; account case-insensitivity and non-ASCII login
-bytes; the PIN kept out of repr; and wire._money's exact dollar parsing and formatting.
+bytes; the PIN kept out of repr; RESUME's account read as LOGIN's, session tokens of
+exactly 16 bytes and kept out of repr; and wire._money's exact dollar parsing and
+formatting.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from wire import (
     Opcode,
     Ping,
     PingReply,
+    Resume,
     Sender,
     SessionExpired,
+    SessionToken,
     Shutdown,
     Status,
     WireError,
@@ -115,7 +119,7 @@ def test_fatal_error_keeps_raising_even_after_good_bytes() -> None:
 
 def test_non_fatal_error_consumes_its_frame_and_decoding_goes_on() -> None:
     decoder = server_decoder()
-    unknown = frame_from_spec(0x08, 5, b"\x01\x02\x03")
+    unknown = frame_from_spec(0x09, 5, b"\x01\x02\x03")  # 0x09: not assigned
     decoder.receive_data(unknown + encode(Ping(), 6))
     with pytest.raises(WireError) as caught:
         decoder.next_frame()
@@ -475,6 +479,42 @@ def test_pin_is_not_in_repr() -> None:
     assert "8642" not in repr(login)
     assert "8642" not in repr(Frame(1, login))
     assert "AB-12345" in repr(login)
+
+
+# -- Session tokens ---------------------------------------------------------------------
+
+TOKEN = bytes(range(100, 116))
+
+
+def test_resume_reads_its_account_as_login_does() -> None:
+    decoder = server_decoder()
+    decoder.receive_data(frame_from_spec(Opcode.RESUME, 1, b"ab-12345" + TOKEN))
+    assert decoder.next_frame() == Frame(1, Resume("AB-12345", TOKEN))
+    assert encode(Resume("xy-00001", TOKEN), 2)[10:18] == b"XY-00001"
+    with pytest.raises(WireError):
+        Resume("AB-1234X", TOKEN)
+
+
+@pytest.mark.parametrize("size", [0, 15, 17])
+def test_a_session_token_is_exactly_sixteen_bytes(size: int) -> None:
+    token = bytes(size)
+    for build in (lambda: Resume("AB-12345", token), lambda: SessionToken(token)):
+        with pytest.raises(WireError) as refused:
+            build()
+        assert refused.value.status is Status.FORMAT_ERROR
+
+
+def test_a_session_token_must_be_bytes() -> None:
+    with pytest.raises(TypeError):
+        SessionToken(TOKEN.hex())  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Resume("AB-12345", list(TOKEN))  # type: ignore[arg-type]
+
+
+def test_a_session_token_is_not_in_repr() -> None:
+    for request_id, message in ((1, Resume("AB-12345", TOKEN)), (0, SessionToken(TOKEN))):
+        for shown in (repr(message), repr(Frame(request_id, message))):
+            assert TOKEN.hex() not in shown and repr(TOKEN) not in shown, shown
 
 
 # -- Money ----------------------------------------------------------------------------

@@ -39,7 +39,10 @@ from wire._messages import (
     Message,
     Ping,
     PingReply,
+    Resume,
+    ResumeReply,
     SessionExpired,
+    SessionToken,
     Shutdown,
     Withdraw,
     WithdrawReply,
@@ -50,6 +53,7 @@ TARGET_US = 10.0
 """The budget for encoding plus decoding one frame, in microseconds."""
 
 TXN_ID = bytes(range(16))
+TOKEN = bytes(range(16, 32))
 TIME_MS = 1_700_000_000_000
 
 
@@ -72,6 +76,7 @@ def cases() -> list[tuple[str, Message, int]]:
         ("WITHDRAW", Withdraw(TXN_ID, 6_000), 5),
         ("HISTORY", History(HISTORY_ENTRIES_MAX), 6),
         ("PING", Ping(), 7),
+        ("RESUME", Resume("AB-12345", TOKEN), 8),
         ("LOGIN_REPLY", LoginReply(Status.APPROVED), 1),
         ("LOGOUT_REPLY", LogoutReply(Status.APPROVED), 2),
         ("BALANCE_REPLY", BalanceReply(Status.APPROVED, 123_456), 3),
@@ -81,9 +86,11 @@ def cases() -> list[tuple[str, Message, int]]:
         (f"HISTORY_REPLY[{HISTORY_ENTRIES_MAX}]",
          HistoryReply(Status.APPROVED, _entries(HISTORY_ENTRIES_MAX)), 6),
         ("PING_REPLY", PingReply(Status.APPROVED), 7),
+        ("RESUME_REPLY", ResumeReply(Status.APPROVED), 8),
         ("HELLO", hello, 0),
         ("SHUTDOWN", Shutdown(30), 0),
         ("SESSION_EXPIRED", SessionExpired(), 0),
+        ("SESSION_TOKEN", SessionToken(TOKEN), 0),
         ("ERROR", Error(Status.FORMAT_ERROR), 9),
     ]
 
