@@ -307,6 +307,8 @@ class Connection:
             self._greeted = True
             await self._send(self._config.hello())
         while self._engine.state is not State.CLOSED:
+            if self._superseded:  # not even a request already buffered is carried out
+                await self._end_at_deadline(Ending.SUPERSEDED)
             try:
                 frame = await self._receive_frame()
             except RemoteProtocolError as error:

@@ -119,17 +119,18 @@ def check_stays_stopped(decoder: Decoder) -> None:
 
 
 def canonical(data: bytes) -> bytes:
-    """The bytes ``encode`` gives for a frame the decoder accepted: LOGIN's account in upper case.
+    """The bytes ``encode`` gives for a frame the decoder accepted: the account of a LOGIN
+    or RESUME in upper case.
 
     The account is the one field with two spellings (§3.1: ``ab-12345`` is ``AB-12345``);
     every other field has exactly one encoding, so any other difference is a finding.
     """
-    if data[3] != Opcode.LOGIN:
+    if data[3] not in (Opcode.LOGIN, Opcode.RESUME):
         return data
     account_end = HEADER_BYTES + ACCOUNT_BYTES
     payload = data[HEADER_BYTES:account_end].upper() + data[
         account_end:-CRC_BYTES]
-    return frame_bytes(Opcode.LOGIN, int.from_bytes(data[4:8], "big"), payload)
+    return frame_bytes(data[3], int.from_bytes(data[4:8], "big"), payload)
 
 
 def check_reencodes(frame: Frame, data: bytes) -> None:

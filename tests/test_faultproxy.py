@@ -39,6 +39,7 @@ from wire import (
     Deposit,
     DepositReply,
     Login,
+    LoginReply,
     Opcode,
     Ping,
     Status,
@@ -251,8 +252,8 @@ async def test_a_cut_after_the_first_deposit_reply(
     reply = await client.request(Deposit(txn_id(), AMOUNT_CENTS))
     assert isinstance(reply, DepositReply) and reply.status is Status.APPROVED
     assert await read_to_end(client.stream) == (b"", end)
-    # HELLO, LOGIN_REPLY, DEPOSIT_REPLY went to the client, then the cut.
-    assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_CLIENT, 3)
+    # HELLO, LOGIN_REPLY, SESSION_TOKEN, DEPOSIT_REPLY went to the client, then the cut.
+    assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_CLIENT, 4)
     assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS + AMOUNT_CENTS
     await settle()
     assert bank.server.connection_count == 0  # the bank saw its side end too
@@ -283,8 +284,10 @@ async def test_a_silent_cut_holds_the_bank_side_until_the_proxy_stops(
 ) -> None:
     cut = Cut(Opcode.LOGIN_REPLY, action=action)
     proxy = FaultProxy(bank.port, [cut])
-    client = await logged_in_through(await start_proxy(nursery, proxy))
-    assert await read_to_end(client.stream) == (b"", end)
+    client = await WireClient.connect(await start_proxy(nursery, proxy))
+    await client.hello()
+    assert await client.request(Login(DEMO_ACCOUNT, DEMO_PIN)) == LoginReply(Status.APPROVED)
+    assert await read_to_end(client.stream) == (b"", end)  # not even its SESSION_TOKEN
     assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_CLIENT, 2)
     await settle()
     assert bank.server.connection_count == 1  # the bank never learnt: its session lives on
@@ -314,7 +317,7 @@ async def test_a_partial_frame_then_a_stall_until_the_nursery_is_cancelled(
         await client.send(Deposit(txn_id(), AMOUNT_CENTS))
         head = await read_exactly(client.stream, 5)
         assert head[:4] == MAGIC + bytes([PROTOCOL_VERSION, Opcode.DEPOSIT_REPLY])
-        assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_CLIENT, 2, 5)
+        assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_CLIENT, 3, 5)
         await nothing_arrives(client.stream)
         assert bank.server.connection_count == 1
         assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS + AMOUNT_CENTS
@@ -335,7 +338,7 @@ async def test_a_reset_in_the_middle_of_a_frame(
     head, end = await read_to_end(client.stream)
     assert (len(head), end) == (10, "reset")  # a whole header, then the reset
     assert head[:4] == MAGIC + bytes([PROTOCOL_VERSION, Opcode.DEPOSIT_REPLY])
-    assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_CLIENT, 2, 10)
+    assert await proxy.wait_for_fault() == FaultEvent(0, cut, Direction.TO_CLIENT, 3, 10)
     await client.aclose()
 
 
@@ -413,7 +416,7 @@ async def test_the_plan_is_consumed_connection_by_connection(
     await proxy.wait_for_fault(2)
     assert proxy.events == [
         FaultEvent(1, reset_login, Direction.TO_BANK, 0),
-        FaultEvent(2, second_balance, Direction.TO_CLIENT, 4),
+        FaultEvent(2, second_balance, Direction.TO_CLIENT, 5),
     ]
     for client in (first, second, third, fourth):
         await client.aclose()
