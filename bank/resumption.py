@@ -9,7 +9,9 @@ LOGIN would be refused ACCOUNT_IN_USE until the bank noticed the old connection 
 holder of the session's token can take it over, and the token dies with the session
 (logout, idle timeout, the connection's end).
 
-Tokens are compared in constant time and never logged. spec/PROTOCOL.md section 6 says
+Tokens are compared in constant time and never logged. Under TLS a token is bound to
+the terminal certificate that opened its session: from another terminal it opens
+nothing. spec/PROTOCOL.md section 6 says
 what a client may assume and section 10 what a stolen token is worth.
 """
 
@@ -23,7 +25,11 @@ from wire import SESSION_TOKEN_BYTES
 
 
 class Resumable(Protocol):
-    """What the registry needs of a session: a way to end it for its successor."""
+    """What the registry needs of a session: whose it is, and a way to end it for its
+    successor."""
+
+    terminal: str | None
+    """The TLS terminal certificate's identity the session was opened with, if any."""
 
     def supersede(self) -> None:
         """End this session's connection now (or as soon as its request in hand is
@@ -53,13 +59,18 @@ class SessionRegistry:
         if entry is not None and entry[1] is session:
             del self._sessions[account]
 
-    def claim(self, account: str, token: bytes) -> Resumable | None:
-        """The session ``token`` resumes, if it is ``account``'s live one; else None.
+    def claim(self, account: str, token: bytes, terminal: str | None) -> Resumable | None:
+        """The session ``token`` resumes, if it is ``account``'s live one and, under TLS,
+        was opened by the same ``terminal``; else None.
 
-        The token is forgotten either way it matches (it is single-use: the successor
-        gets a new one), and compared in constant time."""
+        A token that matches is forgotten (it is single-use: the successor gets a new
+        one); tokens are compared in constant time. A token presented by another
+        terminal opens nothing and is not spent: a stolen token is no use from another
+        certificate, and its owner can still resume."""
         entry = self._sessions.get(account)
         if entry is None or not hmac.compare_digest(entry[0], token):
+            return None
+        if entry[1].terminal != terminal:
             return None
         del self._sessions[account]
         return entry[1]

@@ -196,7 +196,7 @@ class Session:
         masked = mask_account(request.account)
         predecessor = None
         if self._sessions is not None:
-            predecessor = self._sessions.claim(request.account, request.token)
+            predecessor = self._sessions.claim(request.account, request.token, self.terminal)
         if predecessor is None:
             log.info("%s: resume %s refused: no such session", self._name, masked)
             return ResumeReply(Status.UNKNOWN_SESSION)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import datetime
 import logging
 import shutil
+import socket
 import ssl
+import struct
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,17 @@ from tests.helpers import (
     start_server,
     txn_id,
 )
-from wire import Deposit, DepositReply, Login, LoginReply, Status
+from wire import (
+    Deposit,
+    DepositReply,
+    Login,
+    LoginReply,
+    Ping,
+    PingReply,
+    Resume,
+    ResumeReply,
+    Status,
+)
 
 HALF_OPEN_HANDSHAKES = 300
 OPENSSL_TIMEOUT_S = 20
@@ -235,3 +247,53 @@ async def test_openssl_s_client_completes_a_tls_1_3_handshake(
     report = result.stderr.decode(errors="replace") + result.stdout.decode(errors="replace")
     assert "Protocol version: TLSv1.3" in report, report
     assert "Verification: OK" in report, report
+
+
+async def test_a_session_token_resumes_only_from_its_own_terminal(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pki: TlsFiles,
+    terminal: TlsFiles, tmp_path: Path,
+):
+    """Under mutual TLS a stolen token is no use over another terminal's certificate,
+    and is not spent by the attempt: its own terminal still resumes with it."""
+    thief_cert = issue_terminal(tmp_path / "tls", "atm-0666")
+    bank = await tls_bank(nursery, config, ledger, mutual(pki))
+    owner = await open_atm(bank, pki.ca, terminal)
+    login = await owner.request(Login(DEMO_ACCOUNT, DEMO_PIN), LoginReply)
+    assert login.status is Status.APPROVED
+    await owner.request(Ping(), PingReply)  # the SESSION_TOKEN notice is read by now
+    token = owner.session_token
+    assert token is not None
+    thief = await open_atm(bank, pki.ca, thief_cert)
+    stolen = await thief.request(Resume(DEMO_ACCOUNT, token), ResumeReply)
+    assert stolen.status is Status.UNKNOWN_SESSION
+    again = await open_atm(bank, pki.ca, terminal)
+    resumed = await again.request(Resume(DEMO_ACCOUNT, token), ResumeReply)
+    assert resumed.status is Status.APPROVED
+    for atm in (owner, thief, again):
+        await atm.aclose()
+
+
+async def test_garbage_records_and_resets_mid_handshake_cost_one_warning(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pki: TlsFiles,
+    terminal: TlsFiles, caplog: pytest.LogCaptureFixture,
+):
+    bank = await tls_bank(nursery, config, ledger, mutual(pki))
+    for payload in (b"\x16\x03\x01\x00\x05hello", b"\x17\x03\x03\x00\x10" + bytes(16)):
+        for _ in range(3):
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", bank.port))
+            await sock.send(payload)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset in the middle of the handshake
+    await settle()
+    assert bank.server.connection_count == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # At most one line per source: 127.0.0.1, and "(peer gone)" for a connection reset
+    # before the server could ask who it was from.
+    sources = [line.split(" fail: ")[0] for line in warnings]
+    assert all(line.startswith("TLS handshakes from ") for line in warnings), warnings
+    assert len(sources) == len(set(sources)) >= 1, warnings
+    atm = await open_atm(bank, pki.ca, terminal)  # and an honest ATM is served
+    login = await atm.request(Login(DEMO_ACCOUNT, DEMO_PIN), LoginReply)
+    assert login.status is Status.APPROVED
+    await atm.aclose()
