@@ -215,6 +215,7 @@ class Connection:
         self._handshaking = False
         self._handshaken = False
         self._superseded = False
+        self._evicted = False
         session.on_supersede = self.supersede
         self.deadline = math.inf
         """When the current wait on the peer gives up (trio clock), read by the sweeper."""
@@ -254,7 +255,9 @@ class Connection:
 
     def evict(self) -> None:
         """Called by the server while ``waiting_on_peer``: tell the peer its session
-        expired, and close. (Only a wait is interrupted, never a request in hand.)"""
+        expired, and close at once, without lingering. (Only a wait is interrupted,
+        never a request in hand.)"""
+        self._evicted = True
         self._interrupt = Interrupt.DEADLINE
         self._expired_as = Ending.EVICTED
         self._scope.cancel()
@@ -288,7 +291,10 @@ class Connection:
             self.deadline = math.inf
             self._engine.close()
             self.session.end()
-            await self._transport.aclose()  # also when cancelled: it always closes
+            if self._evicted:  # no lingering: its slot already went to a newcomer
+                await self._transport.abort()
+            else:
+                await self._transport.aclose()  # also when cancelled: it always closes
 
     async def _serve(self) -> None:
         while self._engine.state is not State.CLOSED:

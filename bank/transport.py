@@ -57,6 +57,11 @@ class Transport(Protocol):
         """End the stream, drain the peer (bounded), close; runs even when cancelled."""
         ...
 
+    async def abort(self) -> None:
+        """Close at once, without the drain: for a connection not worth a lingering
+        socket (one evicted to make room). Our last frame may be lost to a reset."""
+        ...
+
 
 class SocketTransport:
     """A plain TCP socket, read and written through its file descriptor.
@@ -98,6 +103,9 @@ class SocketTransport:
     async def aclose(self) -> None:
         await close_gracefully(self.stream)
 
+    async def abort(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
 
 class StreamTransport:
     """Any Trio stream: a memory stream in tests, or ``trio.SSLStream``."""
@@ -116,6 +124,9 @@ class StreamTransport:
 
     async def aclose(self) -> None:
         await close_gracefully(self.stream)
+
+    async def abort(self) -> None:
+        await trio.aclose_forcefully(self.stream)
 
 
 class HandshakeFailed(Exception):
@@ -201,7 +212,10 @@ class TlsTransport:
         if self._intact:
             await self._socket.aclose()
         else:
-            await trio.aclose_forcefully(self.stream)
+            await self.abort()
+
+    async def abort(self) -> None:
+        await trio.aclose_forcefully(self.stream)
 
     async def _flush(self) -> None:
         """Send what TLS has written into the outgoing BIO."""
