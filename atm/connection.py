@@ -146,7 +146,7 @@ class Connection:
             if isinstance(message, Error):
                 raise ConnectFailed("the bank refused the connection", status=message.status)
             return
-        raise ConnectFailed(f"the bank sent no greeting within {timeout_s} s")
+        raise ConnectFailed(f"the bank did not answer within {timeout_s} s")
 
     @property
     def session_token(self) -> bytes | None:
@@ -189,7 +189,7 @@ class Connection:
             try:
                 data = self._engine.send(message)
             except WireError as error:  # LocalProtocolError: the session has ended
-                raise ConnectionLost(f"the session has ended ({error.detail})") from None
+                raise ConnectionLost("the session has ended", detail=error.detail) from None
             await self._send(data)
             return await self._receive_answer(reply_type)
         raise ReplyTimeout(f"no reply within {self._reply_timeout_s} s")
@@ -245,8 +245,10 @@ class Connection:
                 if not error.fatal:
                     continue  # One intact frame we do not know (a newer peer's): skip it.
                 if self.hello is None:
-                    raise ConnectFailed(f"the bank did not greet us ({error.detail})") from None
-                raise ConnectionLost(f"unreadable data from the bank ({error.detail})") from None
+                    raise ConnectFailed("the bank answered in a way this ATM cannot read",
+                                        detail=error.detail) from None
+                raise ConnectionLost("the bank's answer could not be read",
+                                     detail=error.detail) from None
             if event is not None:
                 return event
             await self._receive_some()

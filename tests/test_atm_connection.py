@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from atm import text
 from atm.connection import HELLO_TIMEOUT_S, REPLY_TIMEOUT_S, Connection, _describe
 from atm.errors import (
     ConnectFailed,
@@ -25,7 +26,7 @@ from atm.errors import (
     ServerShutdown,
     SessionExpired,
 )
-from tests.helpers import HELLO, FakeBank, listen_on_loopback, with_version
+from tests.helpers import HELLO, FakeBank, assert_customer_words, listen_on_loopback, with_version
 from wire import (
     Balance,
     BalanceReply,
@@ -136,8 +137,9 @@ async def test_a_reply_of_another_type_breaks_the_connection() -> None:
 async def test_a_greeting_that_is_not_hello_fails_the_connect() -> None:
     client, server = trio.testing.memory_stream_pair()
     await server.send_all(encode(Shutdown(3)))
-    with pytest.raises(ConnectFailed, match="not HELLO"):
+    with pytest.raises(ConnectFailed, match="not HELLO") as raised:
         await Connection.handshake(client)
+    assert_customer_words(text.ending(raised.value))  # the engine's words are for debugging
 
 
 async def test_error_frame_answers_the_request() -> None:
@@ -174,8 +176,9 @@ async def test_reply_timeout(autojump_clock: trio.abc.Clock) -> None:
 
 async def test_hello_timeout(autojump_clock: trio.abc.Clock) -> None:
     client, _server = trio.testing.memory_stream_pair()
-    with pytest.raises(ConnectFailed, match="no greeting"):
+    with pytest.raises(ConnectFailed, match="did not answer within") as raised:
         await Connection.handshake(client)
+    assert_customer_words(text.ending(raised.value))
     assert trio.current_time() == pytest.approx(HELLO_TIMEOUT_S)
 
 
@@ -203,13 +206,14 @@ async def test_a_bad_version_after_hello_is_a_broken_connection() -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(answer)
-        with pytest.raises(ConnectionLost, match="unreadable data"):
+        with pytest.raises(ConnectionLost, match="could not be read") as raised:
             await connection.request(Ping(), PingReply)
+    assert_customer_words(text.ending(raised.value))
 
 
 @pytest.mark.parametrize(
     ("data", "match"),
-    [(b"", "closed the connection"), (b"HTTP/1.1 400\r\n", "unreadable")],
+    [(b"", "closed the connection"), (b"HTTP/1.1 400\r\n", "could not be read")],
 )
 async def test_closed_or_garbled_connection_is_lost(data: bytes, match: str) -> None:
     connection, peer = await greeted()

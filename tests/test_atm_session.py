@@ -418,7 +418,7 @@ async def test_a_bank_that_never_looks_the_deposit_up_leaves_it_unconfirmed(
     code, console, bank = await run([*LOGIN_LINES, "d", "20"],
                                     bank_setup=lose_then_always_unavailable)
     assert code is ExitCode.UNCONFIRMED_TRANSACTION
-    unsettled = [line for line in console.output if "was not settled" in line]
+    unsettled = [line for line in console.output if "got no clear answer" in line]
     assert len(unsettled) == len(bank.sent(Deposit)) - 1 > 3
     assert "trying again" not in unsettled[-1]
     assert bank.sent(Deposit)[0].txn_id.hex() in console.output[-1]
