@@ -185,16 +185,18 @@ _TRANSACTION_KINDS: dict[EntryKind, TransactionKind] = {
 
 def format_history(entries: tuple[HistoryEntry, ...], tz: tzinfo | None = None) -> str:
     """Recent entries newest first, as the bank sends them; each amount signed by what it
-    did to the balance, so withdrawals show negative."""
+    did to the balance, so withdrawals show negative. Each time names its zone, as on a
+    receipt (entries either side of a daylight-saving change are in different ones)."""
     if not entries:
         return NO_HISTORY
-    lines = [f"{'Time':<20}{'Type':<12}{'Amount':>14}{'Balance':>16}  Reference"]
-    for entry in entries:
+    times = [format_time(entry.time_ms, tz) for entry in entries]
+    width = max(len(time) for time in times) + 1
+    lines = [f"{'Time':<{width}}{'Type':<12}{'Amount':>14}{'Balance':>16}  Reference"]
+    for entry, time in zip(entries, times, strict=True):
         kind = _TRANSACTION_KINDS[entry.kind]
         change_cents = kind.money.balance_change_cents(entry.amount_cents)
         lines.append(
-            f"{format_time(entry.time_ms, tz, pattern='%Y-%m-%d %H:%M:%S'):<19} "
-            f"{kind.title:<12}{format_cents(change_cents):>14}"
+            f"{time:<{width}}{kind.title:<12}{format_cents(change_cents):>14}"
             f"{format_cents(entry.balance_cents):>16}  {entry.entry_id}"
         )
     return "\n".join(lines)

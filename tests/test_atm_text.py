@@ -94,8 +94,8 @@ def test_the_earliest_and_latest_showable_times() -> None:
     assert text.format_time(0, UTC) == "1970-01-01 00:00:00 UTC"
     assert text.format_time(LAST_MS_OF_YEAR_9999, UTC) == "9999-12-31 23:59:59 UTC"
     entry = HistoryEntry(1, 0, EntryKind.DEPOSIT, 1, 1)
-    assert text.format_history((entry,), UTC).splitlines()[1].split()[:2] == [
-        "1970-01-01", "00:00:00"
+    assert text.format_history((entry,), UTC).splitlines()[1].split()[:3] == [
+        "1970-01-01", "00:00:00", "UTC"
     ]
 
 
@@ -105,9 +105,23 @@ def test_history_is_newest_first_with_withdrawals_negative() -> None:
         HistoryEntry(1, TIME_MS, EntryKind.DEPOSIT, 20_00, 20_00),
     )
     lines = text.format_history(entries, UTC).splitlines()
-    assert lines[1].split() == ["2023-11-14", "22:13:21", "Withdrawal", "-$5.00", "$15.00", "2"]
-    assert lines[2].split() == ["2023-11-14", "22:13:20", "Deposit", "$20.00", "$20.00", "1"]
+    assert lines[1].split() == [
+        "2023-11-14", "22:13:21", "UTC", "Withdrawal", "-$5.00", "$15.00", "2"
+    ]
+    assert lines[2].split() == [
+        "2023-11-14", "22:13:20", "UTC", "Deposit", "$20.00", "$20.00", "1"
+    ]
     assert text.format_history((), UTC) == text.NO_HISTORY
+
+
+def test_history_times_name_their_zone_as_receipts_do() -> None:
+    tz = timezone(timedelta(hours=1), "CET")
+    entry = HistoryEntry(1, TIME_MS, EntryKind.DEPOSIT, 20_00, 20_00)
+    receipt = Receipt(kind=TransactionKind.DEPOSIT, account="AC-12345", amount_cents=20_00,
+                      balance_cents=20_00, entry_id=1, time_ms=TIME_MS)
+    row = text.format_history((entry,), tz).splitlines()[1]
+    assert row.startswith("2023-11-14 23:13:20 CET ")
+    assert "2023-11-14 23:13:20 CET" in text.format_receipt(receipt, tz)
 
 
 @pytest.mark.parametrize(("ended", "expected"), [
