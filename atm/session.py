@@ -197,19 +197,16 @@ class AtmSession:
 
     # -- Input ------------------------------------------------------------------------
 
-    async def _ask(self, prompt: str, *, secret: bool = False) -> str:
-        line = await self._console.read_line(prompt, secret=secret)
-        if line is None:
-            raise EndOfInput
-        return line
-
-    async def _ask_watching(self, prompt: str) -> str:
+    async def _ask_watching(self, prompt: str, *, secret: bool = False) -> str:
         """Ask, while also watching the bank: a notice ends the wait and the session.
 
         A connection that drops meanwhile does not: the customer is told, and the answer
-        goes out on a new connection that resumes the session (``_lost``)."""
+        goes out on a new connection that resumes the session (``_lost``). Before login
+        neither a drop nor an expiry (the bank's login deadline) is worth a word: the
+        LOGIN goes out on a new connection anyway (``_send_login_reconnecting``)."""
         notice: SessionEnded | None = None
         line: str | None = None
+        logged_in = self._credentials is not None
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -217,16 +214,21 @@ class AtmSession:
                 try:
                     await self._conn.watch()
                 except ConnectionLost as lost:
-                    self._lost = lost
-                    self._console.write(text.connection_dropped(lost))
+                    if logged_in:
+                        self._lost = lost
+                        self._console.write(text.connection_dropped(lost))
                     return  # keep reading the customer's answer
+                except SessionExpired as expired:
+                    if not logged_in:
+                        return
+                    notice = expired
                 except SessionEnded as ended:
                     notice = ended
                 nursery.cancel_scope.cancel()
 
             if self._lost is None:
                 nursery.start_soon(watch)
-            line = await self._console.read_line(prompt)
+            line = await self._console.read_line(prompt, secret=secret)
             nursery.cancel_scope.cancel()
         if notice is not None:
             raise notice
@@ -239,7 +241,7 @@ class AtmSession:
         """Ask until the answer parses; each refusal explains the expected format."""
         while True:
             try:
-                return parse(await self._ask(prompt, secret=secret))
+                return parse(await self._ask_watching(prompt, secret=secret))
             except InputError as error:
                 self._console.write(str(error))
 

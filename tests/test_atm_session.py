@@ -225,6 +225,25 @@ async def test_shutdown_notice_while_idle_ends_the_session() -> None:
     assert console.output[-1] == "Session ended: the bank is shutting down (closing in 5 s)."
 
 
+@pytest.mark.parametrize("typed", [[], [ACCOUNT]], ids=["account", "pin"])
+async def test_a_shutdown_notice_before_login_is_shown_at_once(
+    autojump_clock, typed: list[str]
+) -> None:
+    """The bank is watched from the first prompt: a customer still typing the account
+    number or PIN hears of a SHUTDOWN at once, not after sending the LOGIN."""
+    async def shut_down(bank: FakeBank) -> None:
+        await trio.testing.wait_all_tasks_blocked()  # the ATM waits for an answer
+        await bank.send_notice(Shutdown(5))
+
+    with trio.fail_after(60):
+        code, console, bank = await run(typed, then_wait=True, during=shut_down)
+    assert code is ExitCode.SERVER_UNAVAILABLE
+    assert len(console.prompts) == len(typed) + 1
+    assert console.output == [text.WELCOME,
+                              "Session ended: the bank is shutting down (closing in 5 s)."]
+    assert not bank.sent(Login)
+
+
 async def test_session_expired_notice_ends_the_session() -> None:
     async def expire(bank: FakeBank) -> None:
         await notify_after_login(bank, SessionExpired())
