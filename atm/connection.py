@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
+from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 import trio
@@ -54,6 +55,10 @@ HELLO_TIMEOUT_S = 10
 
 REPLY_TIMEOUT_S = 15
 """How long one request may wait for its reply; longer than the bank's usual frame timeout."""
+
+STILL_WORKING_AFTER_S = 2
+"""How long a reply may take before the customer is told the ATM is still working on it
+(``request``'s ``on_slow``): long enough that a quick answer needs no word of waiting."""
 
 CLOSE_TIMEOUT_S = 2
 """How long closing may take; closing runs shielded, so it needs its own bound."""
@@ -177,11 +182,13 @@ class Connection:
         assert self.hello is not None, "a Connection is only handed out after HELLO"
         return self.hello.idle_timeout_s
 
-    async def request(self, message: Request, reply_type: type[ReplyT]) -> ReplyT | Error:
+    async def request(self, message: Request, reply_type: type[ReplyT], *,
+                      on_slow: Callable[[], object] | None = None) -> ReplyT | Error:
         """Send ``message`` and return the bank's answer to it: ``reply_type``, which the
         engine has checked, or an ERROR frame when the bank could not decode the request
         (its status is never APPROVED, so checking ``status`` covers both).
 
+        ``on_slow`` is called once if the answer takes over ``STILL_WORKING_AFTER_S``.
         A SHUTDOWN met on the way is kept in ``self.shutdown``: the bank still answers
         requests during its grace period, so the reply is worth waiting for.
         """
@@ -191,6 +198,11 @@ class Connection:
             except WireError as error:  # LocalProtocolError: the session has ended
                 raise ConnectionLost("the session has ended", detail=error.detail) from None
             await self._send(data)
+            if on_slow is not None:
+                # Cancelling the wait loses nothing: see ``watch``.
+                with trio.move_on_after(STILL_WORKING_AFTER_S):
+                    return await self._receive_answer(reply_type)
+                on_slow()
             return await self._receive_answer(reply_type)
         raise ReplyTimeout(f"no reply within {self._reply_timeout_s} s")
 

@@ -245,6 +245,13 @@ class AtmSession:
             except InputError as error:
                 self._console.write(str(error))
 
+    async def _request(self, message: Request, reply_type: type[ReplyT]) -> ReplyT | Error:
+        """``message``'s answer on the connection at hand; a reply slower than
+        ``STILL_WORKING_AFTER_S`` is not waited for in silence."""
+        return await self._conn.request(
+            message, reply_type, on_slow=lambda: self._console.write(text.STILL_WORKING)
+        )
+
     # -- Login ------------------------------------------------------------------------
 
     async def _log_in(self) -> bool:
@@ -324,11 +331,11 @@ class AtmSession:
         if self._token is None or self._credentials is None:
             return Status.UNKNOWN_SESSION
         token, self._token = self._token, None  # single use: the bank sends a new one
-        reply = await self._conn.request(Resume(self._credentials.account, token), ResumeReply)
+        reply = await self._request(Resume(self._credentials.account, token), ResumeReply)
         return reply.status if isinstance(reply, ResumeReply) else Status.UNKNOWN_SESSION
 
     async def _send_login(self, credentials: Credentials) -> Status:
-        reply = await self._conn.request(Login(credentials.account, credentials.pin), LoginReply)
+        reply = await self._request(Login(credentials.account, credentials.pin), LoginReply)
         return reply.status
 
     # -- Menu -------------------------------------------------------------------------
@@ -361,7 +368,7 @@ class AtmSession:
         try:
             if self._lost is not None:
                 await self._resume_for_logout()
-            reply = await self._conn.request(Logout(), LogoutReply)
+            reply = await self._request(Logout(), LogoutReply)
         except SessionEnded:
             self._console.write(text.LOGOUT_UNCONFIRMED)
             return
@@ -484,7 +491,7 @@ class AtmSession:
         if self._lost is not None:
             lost, self._lost = self._lost, None
             raise lost
-        return await self._conn.request(request, reply_type)
+        return await self._request(request, reply_type)
 
     async def _resume_for_logout(self) -> None:
         """One new connection that resumes the session, for the LOGOUT only."""
@@ -548,4 +555,4 @@ class AtmSession:
             raise _NotLoggedInYet(text.login_not_yet(status), status=status)
         if status is not Status.APPROVED:
             raise LoginRefused(status)
-        return await self._conn.request(request, reply_type)
+        return await self._request(request, reply_type)

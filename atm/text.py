@@ -80,6 +80,7 @@ CANCELLED = "Cancelled."
 GOODBYE = "Logged out. Thank you, goodbye."
 LOGOUT_UNCONFIRMED = "The bank did not confirm the logout, but your session has ended. Goodbye."
 INTERRUPTED = "Interrupted; the session has ended."
+STILL_WORKING = "Still working on it; waiting for the bank..."
 NO_HISTORY = "No transactions yet."
 
 

@@ -16,7 +16,13 @@ import trio
 import trio.testing
 
 from atm import text
-from atm.connection import HELLO_TIMEOUT_S, REPLY_TIMEOUT_S, Connection, _describe
+from atm.connection import (
+    HELLO_TIMEOUT_S,
+    REPLY_TIMEOUT_S,
+    STILL_WORKING_AFTER_S,
+    Connection,
+    _describe,
+)
 from atm.errors import (
     ConnectFailed,
     ConnectionLost,
@@ -262,3 +268,28 @@ async def test_open_over_tcp() -> None:
         assert await connection.request(Ping(), PingReply) == PingReply(Status.APPROVED)
         await connection.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("reply_after_s", "told_at"), [
+    (STILL_WORKING_AFTER_S - 1, []),
+    (STILL_WORKING_AFTER_S + 3, [STILL_WORKING_AFTER_S]),  # once, however long it takes
+])
+async def test_a_slow_reply_is_announced_once(
+    autojump_clock: trio.abc.Clock, reply_after_s: float, told_at: list[float]
+) -> None:
+    connection, peer = await greeted()
+    start = trio.current_time()
+    told: list[float] = []
+
+    async def answer() -> None:
+        request_id = await peer.receive_request_id()
+        await trio.sleep(reply_after_s)
+        await peer.send(encode(PingReply(Status.APPROVED), request_id))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        reply = await connection.request(
+            Ping(), PingReply, on_slow=lambda: told.append(trio.current_time() - start)
+        )
+    assert reply == PingReply(Status.APPROVED)
+    assert told == pytest.approx(told_at)

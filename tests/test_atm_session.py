@@ -386,10 +386,18 @@ async def test_withdrawal_without_reply_is_confirmed_after_timeout(autojump_cloc
     assert len(set(bank.sent(Withdraw))) == 1
     assert len(bank.sent(Withdraw)) == 2
     assert bank.accounts[ACCOUNT].balance_cents == START_BALANCE_CENTS - 30_00
-    assert "The bank did not answer in time; reconnecting to confirm your withdrawal..." in (
-        console.output
+    timed_out = console.output.index(
+        "The bank did not answer in time; reconnecting to confirm your withdrawal..."
     )
+    assert console.output[timed_out - 1] == text.STILL_WORKING  # said once, after 2 s
+    assert console.output.count(text.STILL_WORKING) == 1
     assert any(line.startswith("...confirmed") for line in console.output)
+
+
+async def test_a_quick_reply_needs_no_word_of_waiting(autojump_clock) -> None:
+    code, console, _ = await run([*LOGIN_LINES, "b", "w", "30", "h", "x"])
+    assert code is ExitCode.OK
+    assert text.STILL_WORKING not in console.output
 
 
 @pytest.mark.parametrize(("idle_timeout_s", "window_s"), [
