@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
+from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 import trio
@@ -54,6 +55,10 @@ HELLO_TIMEOUT_S = 10
 
 REPLY_TIMEOUT_S = 15
 """How long one request may wait for its reply; longer than the bank's usual frame timeout."""
+
+STILL_WORKING_AFTER_S = 2
+"""How long a reply may take before the customer is told the ATM is still working on it
+(``request``'s ``on_slow``): long enough that a quick answer needs no word of waiting."""
 
 CLOSE_TIMEOUT_S = 2
 """How long closing may take; closing runs shielded, so it needs its own bound."""
@@ -146,7 +151,7 @@ class Connection:
             if isinstance(message, Error):
                 raise ConnectFailed("the bank refused the connection", status=message.status)
             return
-        raise ConnectFailed(f"the bank sent no greeting within {timeout_s} s")
+        raise ConnectFailed(f"the bank did not answer within {timeout_s} s")
 
     @property
     def session_token(self) -> bytes | None:
@@ -177,11 +182,13 @@ class Connection:
         assert self.hello is not None, "a Connection is only handed out after HELLO"
         return self.hello.idle_timeout_s
 
-    async def request(self, message: Request, reply_type: type[ReplyT]) -> ReplyT | Error:
+    async def request(self, message: Request, reply_type: type[ReplyT], *,
+                      on_slow: Callable[[], object] | None = None) -> ReplyT | Error:
         """Send ``message`` and return the bank's answer to it: ``reply_type``, which the
         engine has checked, or an ERROR frame when the bank could not decode the request
         (its status is never APPROVED, so checking ``status`` covers both).
 
+        ``on_slow`` is called once if the answer takes over ``STILL_WORKING_AFTER_S``.
         A SHUTDOWN met on the way is kept in ``self.shutdown``: the bank still answers
         requests during its grace period, so the reply is worth waiting for.
         """
@@ -189,8 +196,13 @@ class Connection:
             try:
                 data = self._engine.send(message)
             except WireError as error:  # LocalProtocolError: the session has ended
-                raise ConnectionLost(f"the session has ended ({error.detail})") from None
+                raise ConnectionLost("the session has ended", detail=error.detail) from None
             await self._send(data)
+            if on_slow is not None:
+                # Cancelling the wait loses nothing: see ``watch``.
+                with trio.move_on_after(STILL_WORKING_AFTER_S):
+                    return await self._receive_answer(reply_type)
+                on_slow()
             return await self._receive_answer(reply_type)
         raise ReplyTimeout(f"no reply within {self._reply_timeout_s} s")
 
@@ -245,8 +257,10 @@ class Connection:
                 if not error.fatal:
                     continue  # One intact frame we do not know (a newer peer's): skip it.
                 if self.hello is None:
-                    raise ConnectFailed(f"the bank did not greet us ({error.detail})") from None
-                raise ConnectionLost(f"unreadable data from the bank ({error.detail})") from None
+                    raise ConnectFailed("the bank answered in a way this ATM cannot read",
+                                        detail=error.detail) from None
+                raise ConnectionLost("the bank's answer could not be read",
+                                     detail=error.detail) from None
             if event is not None:
                 return event
             await self._receive_some()

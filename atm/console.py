@@ -144,7 +144,9 @@ class TerminalConsole:
         self._pending = None
         if not self._interactive:
             self._echo(line, secret=secret)
-        elif line is not None:
+        elif line is None:
+            self._end_line()  # Ctrl-D ended no line; the shell's prompt may come next
+        else:
             self._mid_line = False  # the terminal echoed the Enter that ended it
         return line
 
@@ -163,6 +165,12 @@ class TerminalConsole:
             self.write("")
         else:
             self.write("*" * len(line) if secret else line)
+
+    def _end_line(self) -> None:
+        if self._mid_line:
+            self._mid_line = False
+            self._out.write("\n")
+            self._out.flush()
 
     def write(self, line: str) -> None:
         if self._mid_line:

@@ -39,20 +39,24 @@ class SessionEnded(Exception):
 class ConnectionLost(SessionEnded):
     """The TCP connection closed, broke, timed out, or carried bytes we cannot decode.
 
-    ``reason`` is a short technical phrase for the customer-facing sentence
-    ("the bank closed the connection", "no reply within 15 seconds").
+    ``reason`` is a short phrase in the customer's words for the sentence they read
+    ("the bank closed the connection", "no reply within 15 seconds"); ``detail`` the
+    protocol engine's words for what went wrong, for whoever debugs it (in ``str()``,
+    never on the customer's screen).
     """
 
     exit_code = ExitCode.CONNECTION_LOST
 
-    def __init__(self, reason: str, *, status: Status | None = None) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: str, *, status: Status | None = None,
+                 detail: str | None = None) -> None:
+        super().__init__(reason if detail is None else f"{reason} ({detail})")
         self.reason = reason
         self.status = status
+        self.detail = detail
 
 
 class ConnectFailed(ConnectionLost):
-    """The bank could not be reached at all (refused, unreachable, or no greeting)."""
+    """The bank could not be reached at all (refused, unreachable, or no HELLO)."""
 
 
 class ReplyTimeout(ConnectionLost):

@@ -7,6 +7,7 @@ is the sentence to show before asking again.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 
 from atm import text
@@ -21,10 +22,18 @@ class InputError(ValueError):
     """A typo the customer can fix; ``str(error)`` is the sentence to show."""
 
 
+_WITHOUT_HYPHEN = re.compile(r"([A-Za-z]{2})([0-9]{5})")
+"""An account number typed without its hyphen (ASCII only, as on the wire)."""
+
+
 def parse_account(line: str) -> str:
-    """``ac-12345`` -> ``AC-12345``; the wire accepts any case, receipts show upper."""
+    """``ac-12345`` or ``ac12345`` -> ``AC-12345``; the wire accepts any case, receipts
+    show upper."""
+    typed = line.strip()
+    if without_hyphen := _WITHOUT_HYPHEN.fullmatch(typed):
+        typed = "-".join(without_hyphen.groups())
     try:
-        return canonical_account(line.strip())
+        return canonical_account(typed)
     except ValueError:
         raise InputError(text.ACCOUNT_FORMAT_HINT) from None
 

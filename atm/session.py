@@ -197,19 +197,16 @@ class AtmSession:
 
     # -- Input ------------------------------------------------------------------------
 
-    async def _ask(self, prompt: str, *, secret: bool = False) -> str:
-        line = await self._console.read_line(prompt, secret=secret)
-        if line is None:
-            raise EndOfInput
-        return line
-
-    async def _ask_watching(self, prompt: str) -> str:
+    async def _ask_watching(self, prompt: str, *, secret: bool = False) -> str:
         """Ask, while also watching the bank: a notice ends the wait and the session.
 
         A connection that drops meanwhile does not: the customer is told, and the answer
-        goes out on a new connection that resumes the session (``_lost``)."""
+        goes out on a new connection that resumes the session (``_lost``). Before login
+        neither a drop nor an expiry (the bank's login deadline) is worth a word: the
+        LOGIN goes out on a new connection anyway (``_send_login_reconnecting``)."""
         notice: SessionEnded | None = None
         line: str | None = None
+        logged_in = self._credentials is not None
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -217,16 +214,21 @@ class AtmSession:
                 try:
                     await self._conn.watch()
                 except ConnectionLost as lost:
-                    self._lost = lost
-                    self._console.write(text.connection_dropped(lost))
+                    if logged_in:
+                        self._lost = lost
+                        self._console.write(text.connection_dropped(lost))
                     return  # keep reading the customer's answer
+                except SessionExpired as expired:
+                    if not logged_in:
+                        return
+                    notice = expired
                 except SessionEnded as ended:
                     notice = ended
                 nursery.cancel_scope.cancel()
 
             if self._lost is None:
                 nursery.start_soon(watch)
-            line = await self._console.read_line(prompt)
+            line = await self._console.read_line(prompt, secret=secret)
             nursery.cancel_scope.cancel()
         if notice is not None:
             raise notice
@@ -239,9 +241,16 @@ class AtmSession:
         """Ask until the answer parses; each refusal explains the expected format."""
         while True:
             try:
-                return parse(await self._ask(prompt, secret=secret))
+                return parse(await self._ask_watching(prompt, secret=secret))
             except InputError as error:
                 self._console.write(str(error))
+
+    async def _request(self, message: Request, reply_type: type[ReplyT]) -> ReplyT | Error:
+        """``message``'s answer on the connection at hand; a reply slower than
+        ``STILL_WORKING_AFTER_S`` is not waited for in silence."""
+        return await self._conn.request(
+            message, reply_type, on_slow=lambda: self._console.write(text.STILL_WORKING)
+        )
 
     # -- Login ------------------------------------------------------------------------
 
@@ -322,11 +331,11 @@ class AtmSession:
         if self._token is None or self._credentials is None:
             return Status.UNKNOWN_SESSION
         token, self._token = self._token, None  # single use: the bank sends a new one
-        reply = await self._conn.request(Resume(self._credentials.account, token), ResumeReply)
+        reply = await self._request(Resume(self._credentials.account, token), ResumeReply)
         return reply.status if isinstance(reply, ResumeReply) else Status.UNKNOWN_SESSION
 
     async def _send_login(self, credentials: Credentials) -> Status:
-        reply = await self._conn.request(Login(credentials.account, credentials.pin), LoginReply)
+        reply = await self._request(Login(credentials.account, credentials.pin), LoginReply)
         return reply.status
 
     # -- Menu -------------------------------------------------------------------------
@@ -359,7 +368,7 @@ class AtmSession:
         try:
             if self._lost is not None:
                 await self._resume_for_logout()
-            reply = await self._conn.request(Logout(), LogoutReply)
+            reply = await self._request(Logout(), LogoutReply)
         except SessionEnded:
             self._console.write(text.LOGOUT_UNCONFIRMED)
             return
@@ -482,7 +491,7 @@ class AtmSession:
         if self._lost is not None:
             lost, self._lost = self._lost, None
             raise lost
-        return await self._conn.request(request, reply_type)
+        return await self._request(request, reply_type)
 
     async def _resume_for_logout(self) -> None:
         """One new connection that resumes the session, for the LOGOUT only."""
@@ -546,4 +555,4 @@ class AtmSession:
             raise _NotLoggedInYet(text.login_not_yet(status), status=status)
         if status is not Status.APPROVED:
             raise LoginRefused(status)
-        return await self._conn.request(request, reply_type)
+        return await self._request(request, reply_type)

@@ -42,8 +42,11 @@ STATUS_SENTENCES: dict[Status, str] = {
     Status.FORMAT_ERROR: "The bank could not read the request",
     Status.INSUFFICIENT_FUNDS: "Insufficient funds",
     Status.INCORRECT_PIN: "Incorrect PIN",
-    Status.EXCEEDS_WITHDRAWAL_LIMIT: "Exceeds the withdrawal limit",
-    Status.PIN_TRIES_EXCEEDED: "Too many incorrect PINs: the account is locked",
+    Status.EXCEEDS_WITHDRAWAL_LIMIT: "It is over the bank's limit for one withdrawal",
+    Status.PIN_TRIES_EXCEEDED: (
+        "Too many incorrect PINs: the account is locked for a while"
+        " \N{EM DASH} try again later or ask the bank"
+    ),
     Status.ISSUER_UNAVAILABLE: "The bank is unavailable; please try again later",
     Status.DUPLICATE_TRANSMISSION: "Duplicate transaction",
     Status.SYSTEM_MALFUNCTION: "The bank had a system malfunction; please try again later",
@@ -51,7 +54,7 @@ STATUS_SENTENCES: dict[Status, str] = {
     Status.NOT_LOGGED_IN: "Not logged in",
     Status.ALREADY_LOGGED_IN: "Already logged in",
     Status.SERVER_BUSY: "The bank is busy; please try again in a moment",
-    Status.UNSUPPORTED_VERSION: "The bank does not support this ATM's protocol version",
+    Status.UNSUPPORTED_VERSION: "The bank does not work with this version of the ATM",
     Status.UNKNOWN_SESSION: "The previous session could not be resumed; please log in again",
 }
 
@@ -77,6 +80,7 @@ CANCELLED = "Cancelled."
 GOODBYE = "Logged out. Thank you, goodbye."
 LOGOUT_UNCONFIRMED = "The bank did not confirm the logout, but your session has ended. Goodbye."
 INTERRUPTED = "Interrupted; the session has ended."
+STILL_WORKING = "Still working on it; waiting for the bank..."
 NO_HISTORY = "No transactions yet."
 
 
@@ -182,16 +186,18 @@ _TRANSACTION_KINDS: dict[EntryKind, TransactionKind] = {
 
 def format_history(entries: tuple[HistoryEntry, ...], tz: tzinfo | None = None) -> str:
     """Recent entries newest first, as the bank sends them; each amount signed by what it
-    did to the balance, so withdrawals show negative."""
+    did to the balance, so withdrawals show negative. Each time names its zone, as on a
+    receipt (entries either side of a daylight-saving change are in different ones)."""
     if not entries:
         return NO_HISTORY
-    lines = [f"{'Time':<20}{'Type':<12}{'Amount':>14}{'Balance':>16}  Reference"]
-    for entry in entries:
+    times = [format_time(entry.time_ms, tz) for entry in entries]
+    width = max(len(time) for time in times) + 1
+    lines = [f"{'Time':<{width}}{'Type':<12}{'Amount':>14}{'Balance':>16}  Reference"]
+    for entry, time in zip(entries, times, strict=True):
         kind = _TRANSACTION_KINDS[entry.kind]
         change_cents = kind.money.balance_change_cents(entry.amount_cents)
         lines.append(
-            f"{format_time(entry.time_ms, tz, pattern='%Y-%m-%d %H:%M:%S'):<19} "
-            f"{kind.title:<12}{format_cents(change_cents):>14}"
+            f"{time:<{width}}{kind.title:<12}{format_cents(change_cents):>14}"
             f"{format_cents(entry.balance_cents):>16}  {entry.entry_id}"
         )
     return "\n".join(lines)
@@ -252,7 +258,7 @@ def retry_failed(attempt: int, problem: SessionEnded | Status, *,
     """One reconnect that did not settle the request: it failed, or the bank answered with
     a status that says nothing about the first attempt (``problem``)."""
     if isinstance(problem, Status):
-        sentence = f"Attempt {attempt} was not settled: {status_sentence(problem)}"
+        sentence = f"Attempt {attempt} got no clear answer: {status_sentence(problem)}"
     else:
         sentence = f"Attempt {attempt} failed: {ending_reason(problem)}"
     return f"{sentence}." if retry_in_s is None else f"{sentence}; trying again in {retry_in_s} s."

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import re
 import ssl
 import uuid
 import zlib
@@ -710,3 +711,15 @@ class ScriptedConsole:
     @property
     def text(self) -> str:
         return "\n".join(self.output)
+
+
+PROTOCOL_WORDS = re.compile(
+    r"(?i:greet|protocol|\bframe|\btoken|\blease)|\b(HELLO|LOGIN|RESUME|LOGOUT|PING|ERROR|[A-Z_]+_REPLY)\b"
+)
+"""Words of the wire protocol that mean nothing to a customer."""
+
+
+def assert_customer_words(sentence: str) -> None:
+    """``sentence`` speaks the customer's language: no protocol words in it."""
+    found = PROTOCOL_WORDS.search(sentence)
+    assert found is None, f"{found.group()!r} in a customer sentence: {sentence!r}"

@@ -15,7 +15,14 @@ import pytest
 import trio
 import trio.testing
 
-from atm.connection import HELLO_TIMEOUT_S, REPLY_TIMEOUT_S, Connection, _describe
+from atm import text
+from atm.connection import (
+    HELLO_TIMEOUT_S,
+    REPLY_TIMEOUT_S,
+    STILL_WORKING_AFTER_S,
+    Connection,
+    _describe,
+)
 from atm.errors import (
     ConnectFailed,
     ConnectionLost,
@@ -25,7 +32,7 @@ from atm.errors import (
     ServerShutdown,
     SessionExpired,
 )
-from tests.helpers import HELLO, FakeBank, listen_on_loopback, with_version
+from tests.helpers import HELLO, FakeBank, assert_customer_words, listen_on_loopback, with_version
 from wire import (
     Balance,
     BalanceReply,
@@ -136,8 +143,9 @@ async def test_a_reply_of_another_type_breaks_the_connection() -> None:
 async def test_a_greeting_that_is_not_hello_fails_the_connect() -> None:
     client, server = trio.testing.memory_stream_pair()
     await server.send_all(encode(Shutdown(3)))
-    with pytest.raises(ConnectFailed, match="not HELLO"):
+    with pytest.raises(ConnectFailed, match="not HELLO") as raised:
         await Connection.handshake(client)
+    assert_customer_words(text.ending(raised.value))  # the engine's words are for debugging
 
 
 async def test_error_frame_answers_the_request() -> None:
@@ -174,8 +182,9 @@ async def test_reply_timeout(autojump_clock: trio.abc.Clock) -> None:
 
 async def test_hello_timeout(autojump_clock: trio.abc.Clock) -> None:
     client, _server = trio.testing.memory_stream_pair()
-    with pytest.raises(ConnectFailed, match="no greeting"):
+    with pytest.raises(ConnectFailed, match="did not answer within") as raised:
         await Connection.handshake(client)
+    assert_customer_words(text.ending(raised.value))
     assert trio.current_time() == pytest.approx(HELLO_TIMEOUT_S)
 
 
@@ -203,13 +212,14 @@ async def test_a_bad_version_after_hello_is_a_broken_connection() -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(answer)
-        with pytest.raises(ConnectionLost, match="unreadable data"):
+        with pytest.raises(ConnectionLost, match="could not be read") as raised:
             await connection.request(Ping(), PingReply)
+    assert_customer_words(text.ending(raised.value))
 
 
 @pytest.mark.parametrize(
     ("data", "match"),
-    [(b"", "closed the connection"), (b"HTTP/1.1 400\r\n", "unreadable")],
+    [(b"", "closed the connection"), (b"HTTP/1.1 400\r\n", "could not be read")],
 )
 async def test_closed_or_garbled_connection_is_lost(data: bytes, match: str) -> None:
     connection, peer = await greeted()
@@ -258,3 +268,28 @@ async def test_open_over_tcp() -> None:
         assert await connection.request(Ping(), PingReply) == PingReply(Status.APPROVED)
         await connection.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("reply_after_s", "told_at"), [
+    (STILL_WORKING_AFTER_S - 1, []),
+    (STILL_WORKING_AFTER_S + 3, [STILL_WORKING_AFTER_S]),  # once, however long it takes
+])
+async def test_a_slow_reply_is_announced_once(
+    autojump_clock: trio.abc.Clock, reply_after_s: float, told_at: list[float]
+) -> None:
+    connection, peer = await greeted()
+    start = trio.current_time()
+    told: list[float] = []
+
+    async def answer() -> None:
+        request_id = await peer.receive_request_id()
+        await trio.sleep(reply_after_s)
+        await peer.send(encode(PingReply(Status.APPROVED), request_id))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        reply = await connection.request(
+            Ping(), PingReply, on_slow=lambda: told.append(trio.current_time() - start)
+        )
+    assert reply == PingReply(Status.APPROVED)
+    assert told == pytest.approx(told_at)

@@ -18,13 +18,16 @@ from wire._money import format_cents
 
 @pytest.mark.parametrize(("typed", "account"), [
     ("AC-12345", "AC-12345"), ("ac-12345", "AC-12345"), ("  Zz-00001 \t", "ZZ-00001"),
+    ("ac12345", "AC-12345"), (" AC12345 ", "AC-12345"),  # the hyphen may be left out
 ])
 def test_accounts_in_any_case(typed: str, account: str) -> None:
     assert parse_account(typed) == account
 
 
-@pytest.mark.parametrize("typed", ["", "AC12345", "A1-12345", "AC-1234", "AC-123456", "ÄC-12345",
-                                   "AC-\uff11\uff12\uff13\uff14\uff15"])
+@pytest.mark.parametrize("typed", ["", "A112345", "A1-12345", "AC-1234", "AC-123456", "ÄC-12345",
+                                   "AC-\uff11\uff12\uff13\uff14\uff15", "AC1234",
+                                   "AC123456", "ÄC12345", "AC\uff11\uff12\uff13\uff14\uff15",
+                                   "AC 12345", "AC--12345"])
 def test_account_typos(typed: str) -> None:
     with pytest.raises(InputError, match="two letters"):
         parse_account(typed)

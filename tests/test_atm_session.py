@@ -225,6 +225,25 @@ async def test_shutdown_notice_while_idle_ends_the_session() -> None:
     assert console.output[-1] == "Session ended: the bank is shutting down (closing in 5 s)."
 
 
+@pytest.mark.parametrize("typed", [[], [ACCOUNT]], ids=["account", "pin"])
+async def test_a_shutdown_notice_before_login_is_shown_at_once(
+    autojump_clock, typed: list[str]
+) -> None:
+    """The bank is watched from the first prompt: a customer still typing the account
+    number or PIN hears of a SHUTDOWN at once, not after sending the LOGIN."""
+    async def shut_down(bank: FakeBank) -> None:
+        await trio.testing.wait_all_tasks_blocked()  # the ATM waits for an answer
+        await bank.send_notice(Shutdown(5))
+
+    with trio.fail_after(60):
+        code, console, bank = await run(typed, then_wait=True, during=shut_down)
+    assert code is ExitCode.SERVER_UNAVAILABLE
+    assert len(console.prompts) == len(typed) + 1
+    assert console.output == [text.WELCOME,
+                              "Session ended: the bank is shutting down (closing in 5 s)."]
+    assert not bank.sent(Login)
+
+
 async def test_session_expired_notice_ends_the_session() -> None:
     async def expire(bank: FakeBank) -> None:
         await notify_after_login(bank, SessionExpired())
@@ -367,10 +386,18 @@ async def test_withdrawal_without_reply_is_confirmed_after_timeout(autojump_cloc
     assert len(set(bank.sent(Withdraw))) == 1
     assert len(bank.sent(Withdraw)) == 2
     assert bank.accounts[ACCOUNT].balance_cents == START_BALANCE_CENTS - 30_00
-    assert "The bank did not answer in time; reconnecting to confirm your withdrawal..." in (
-        console.output
+    timed_out = console.output.index(
+        "The bank did not answer in time; reconnecting to confirm your withdrawal..."
     )
+    assert console.output[timed_out - 1] == text.STILL_WORKING  # said once, after 2 s
+    assert console.output.count(text.STILL_WORKING) == 1
     assert any(line.startswith("...confirmed") for line in console.output)
+
+
+async def test_a_quick_reply_needs_no_word_of_waiting(autojump_clock) -> None:
+    code, console, _ = await run([*LOGIN_LINES, "b", "w", "30", "h", "x"])
+    assert code is ExitCode.OK
+    assert text.STILL_WORKING not in console.output
 
 
 @pytest.mark.parametrize(("idle_timeout_s", "window_s"), [
@@ -418,7 +445,7 @@ async def test_a_bank_that_never_looks_the_deposit_up_leaves_it_unconfirmed(
     code, console, bank = await run([*LOGIN_LINES, "d", "20"],
                                     bank_setup=lose_then_always_unavailable)
     assert code is ExitCode.UNCONFIRMED_TRANSACTION
-    unsettled = [line for line in console.output if "was not settled" in line]
+    unsettled = [line for line in console.output if "got no clear answer" in line]
     assert len(unsettled) == len(bank.sent(Deposit)) - 1 > 3
     assert "trying again" not in unsettled[-1]
     assert bank.sent(Deposit)[0].txn_id.hex() in console.output[-1]

@@ -24,6 +24,7 @@ from atm.errors import (
     TransactionUnconfirmed,
 )
 from atm.text import Receipt, TransactionKind
+from tests.helpers import assert_customer_words
 from wire import EntryKind, HistoryEntry, Status
 
 TIME_MS = 1_700_000_000_123  # 2023-11-14 22:13:20.123 UTC
@@ -93,8 +94,8 @@ def test_the_earliest_and_latest_showable_times() -> None:
     assert text.format_time(0, UTC) == "1970-01-01 00:00:00 UTC"
     assert text.format_time(LAST_MS_OF_YEAR_9999, UTC) == "9999-12-31 23:59:59 UTC"
     entry = HistoryEntry(1, 0, EntryKind.DEPOSIT, 1, 1)
-    assert text.format_history((entry,), UTC).splitlines()[1].split()[:2] == [
-        "1970-01-01", "00:00:00"
+    assert text.format_history((entry,), UTC).splitlines()[1].split()[:3] == [
+        "1970-01-01", "00:00:00", "UTC"
     ]
 
 
@@ -104,9 +105,23 @@ def test_history_is_newest_first_with_withdrawals_negative() -> None:
         HistoryEntry(1, TIME_MS, EntryKind.DEPOSIT, 20_00, 20_00),
     )
     lines = text.format_history(entries, UTC).splitlines()
-    assert lines[1].split() == ["2023-11-14", "22:13:21", "Withdrawal", "-$5.00", "$15.00", "2"]
-    assert lines[2].split() == ["2023-11-14", "22:13:20", "Deposit", "$20.00", "$20.00", "1"]
+    assert lines[1].split() == [
+        "2023-11-14", "22:13:21", "UTC", "Withdrawal", "-$5.00", "$15.00", "2"
+    ]
+    assert lines[2].split() == [
+        "2023-11-14", "22:13:20", "UTC", "Deposit", "$20.00", "$20.00", "1"
+    ]
     assert text.format_history((), UTC) == text.NO_HISTORY
+
+
+def test_history_times_name_their_zone_as_receipts_do() -> None:
+    tz = timezone(timedelta(hours=1), "CET")
+    entry = HistoryEntry(1, TIME_MS, EntryKind.DEPOSIT, 20_00, 20_00)
+    receipt = Receipt(kind=TransactionKind.DEPOSIT, account="AC-12345", amount_cents=20_00,
+                      balance_cents=20_00, entry_id=1, time_ms=TIME_MS)
+    row = text.format_history((entry,), tz).splitlines()[1]
+    assert row.startswith("2023-11-14 23:13:20 CET ")
+    assert "2023-11-14 23:13:20 CET" in text.format_receipt(receipt, tz)
 
 
 @pytest.mark.parametrize(("ended", "expected"), [
@@ -117,10 +132,11 @@ def test_history_is_newest_first_with_withdrawals_negative() -> None:
     (ServerShutdown(10), "Session ended: the bank is shutting down (closing in 10 s)."),
     (SessionExpired("idle"), "Session ended: the session expired after being idle too long."),
     (LoginRefused(Status.PIN_TRIES_EXCEEDED),
-     "Login refused: Too many incorrect PINs: the account is locked (75). Session ended."),
+     "Login refused: Too many incorrect PINs: the account is locked for a while \N{EM DASH} "
+     "try again later or ask the bank (75). Session ended."),
     (IncompatibleVersion("protocol version 2"),
-     "This ATM cannot talk to this bank: The bank does not support this ATM's protocol "
-     "version (164). The ATM software needs updating."),
+     "This ATM cannot talk to this bank: The bank does not work with this version of the "
+     "ATM (164). The ATM software needs updating."),
     (TransactionUnconfirmed(kind="deposit", amount_cents=20_00, txn_id=bytes(range(16))),
      "We could not confirm your deposit of $20.00. It was made at most once; ask the bank "
      "about transaction 000102030405060708090a0b0c0d0e0f."),
@@ -146,7 +162,7 @@ def test_a_failed_retry_says_whether_another_follows() -> None:
         "Attempt 2 failed: the bank closed the connection; trying again in 4 s."
     )
     assert text.retry_failed(3, Status.ISSUER_UNAVAILABLE) == (
-        f"Attempt 3 was not settled: {text.status_sentence(Status.ISSUER_UNAVAILABLE)}."
+        f"Attempt 3 got no clear answer: {text.status_sentence(Status.ISSUER_UNAVAILABLE)}."
     )
 
 
@@ -161,3 +177,41 @@ def test_help_documents_every_exit_code() -> None:
         assert f"{code.value:>3}  {text.EXIT_CODE_MEANINGS[code]}" in help_text
     for key in ("ATM_HOST", "ATM_PORT", "balance", "deposit", "withdraw", "history"):
         assert key in help_text
+
+
+def _customer_sentences() -> list[str]:
+    """Every fixed sentence in ``atm.text``, and each kind of retry and ending line."""
+    constants = [value for name, value in vars(text).items()
+                 if name.isupper() and isinstance(value, str)]
+    lost = ConnectionLost("the bank closed the connection")
+    return [
+        *constants,
+        *(text.status_sentence(status) for status in Status),
+        *(text.ending(LoginRefused(status)) for status in Status),
+        text.login_waiting(3),
+        text.login_not_yet(Status.ACCOUNT_IN_USE),
+        text.login_not_yet(Status.ISSUER_UNAVAILABLE),
+        text.connection_dropped(lost),
+        text.reconnecting(text.LOGGING_IN, lost),
+        text.reconnecting(text.confirming(TransactionKind.DEPOSIT), Status.SYSTEM_MALFUNCTION),
+        text.retry_failed(1, lost, retry_in_s=1),
+        text.retry_failed(2, Status.ISSUER_UNAVAILABLE),
+        text.ending(IncompatibleVersion("version 2")),
+        text.ending(ServerShutdown(5)),
+        text.ending(SessionExpired("idle")),
+    ]
+
+
+@pytest.mark.parametrize("sentence", _customer_sentences())
+def test_customer_sentences_have_no_protocol_words(sentence: str) -> None:
+    assert_customer_words(sentence)
+
+
+def test_the_withdrawal_limit_and_the_lock_are_said_plainly() -> None:
+    assert text.refused(TransactionKind.WITHDRAWAL, Status.EXCEEDS_WITHDRAWAL_LIMIT) == (
+        "Your withdrawal was declined: It is over the bank's limit for one withdrawal (61)."
+    )
+    assert text.status_sentence(Status.PIN_TRIES_EXCEEDED) == (
+        "Too many incorrect PINs: the account is locked for a while \N{EM DASH} try again "
+        "later or ask the bank (75)."[:-1]
+    )

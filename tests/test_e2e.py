@@ -183,7 +183,7 @@ def test_three_wrong_pins_lock_the_account(bank: Bank):
     wrong = ["0000", "1111", "2222"]
     result = atm_piped(bank, *[line for pin in wrong for line in (DEMO_ACCOUNT, pin)])
     assert "Incorrect PIN (55)" in result.stdout
-    assert "locked (75)" in result.stdout
+    assert "ask the bank (75)" in result.stdout
     assert result.returncode == ExitCode.ACCOUNT_LOCKED
     right = atm_piped(bank, DEMO_ACCOUNT, DEMO_PIN, "b", "x")
     assert right.returncode == ExitCode.ACCOUNT_LOCKED
