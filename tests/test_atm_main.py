@@ -77,6 +77,16 @@ async def test_refused_login_exits_non_zero_without_a_traceback() -> None:
     assert done.stderr == b""
 
 
+async def test_input_that_ends_after_a_refused_login_exits_with_the_refusal() -> None:
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        port = await listen_on_loopback(nursery, bank)
+        done = await run_atm_process(port, f"{ACCOUNT}\n0000\n".encode())
+        nursery.cancel_scope.cancel()
+    assert done.returncode == ExitCode.LOGIN_REFUSED
+    assert done.stderr == b""
+
+
 async def test_unreachable_bank_exits_1() -> None:
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))  # Bound, not listening: the connect is refused.
