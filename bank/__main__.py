@@ -11,10 +11,12 @@ import argparse
 import contextlib
 import getpass
 import logging
+import re
 import signal
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import trio
@@ -40,15 +42,22 @@ from wire import (
 log = logging.getLogger("bank")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-SHARED_SETTINGS = ["db", "key_file", "log_level"]
+OPERATOR_SETTINGS = ["db", "key_file", "log_level"]
+"""The settings an operator command takes, before or after its name; given in both
+places, the one after the name wins."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unused = settings.given(args) - set(args.settings)
+    if unused:
+        flags = ", ".join(sorted(settings.flag(name) for name in unused))
+        parser.error(f"{args.command} does not take {flags}")
     try:
         config = settings.from_arguments(args)
     except ValueError as error:
-        print(f"bank: {error}", file=sys.stderr)
+        print(f"bank: {flag_names(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(
         level=config.log_level.upper(),
@@ -65,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def flag_names(message: str) -> str:
+    """A settings error as the command line spells it: ``--log-level``, not ``log_level``."""
+    names = "|".join(f.name for f in fields(ServerConfig))
+    return re.sub(rf"(?<![\w-])({names})(?![\w-])", lambda m: settings.flag(m[1]), message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bank",
@@ -74,13 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Run 'python -m bank COMMAND --help' for an operator command's flags.",
     )
     settings.add_arguments(parser)
-    parser.set_defaults(run=serve)
+    every_setting = [f.name for f in fields(ServerConfig)]
+    parser.set_defaults(run=serve, command="serving", settings=every_setting)
     commands = parser.add_subparsers(title="operator commands", metavar="COMMAND")
 
     def command(name: str, run: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        settings.add_arguments(sub, SHARED_SETTINGS)
-        sub.set_defaults(run=run)
+        settings.add_arguments(sub, OPERATOR_SETTINGS)
+        sub.set_defaults(run=run, command=name, settings=OPERATOR_SETTINGS)
         return sub
 
     add = command("add-account", add_account, "add an account; the PIN is asked for")
@@ -106,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", action="append", required=True, dest="hosts", metavar="NAME",
         help="a DNS name or IP address of the server (repeat for each)",
     )
-    init.set_defaults(run=tls_init)
+    init.set_defaults(run=tls_init, command="tls-init", settings=[])
     terminal = commands.add_parser(
         "tls-terminal", help="issue a terminal certificate for one ATM",
         description="Issue DIR/terminal-NAME.pem and .key, signed by the CA that tls-init"
@@ -115,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     terminal.add_argument("directory", type=Path, help="the directory tls-init made")
     terminal.add_argument("name", help="the terminal's name: letters, digits, - _ .")
-    terminal.set_defaults(run=tls_terminal)
+    terminal.set_defaults(run=tls_terminal, command="tls-terminal", settings=[])
     return parser
 
 

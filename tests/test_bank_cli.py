@@ -20,6 +20,7 @@ import trio
 from bank.__main__ import build_parser, main
 from bank.config import ServerConfig, from_arguments
 from bank.ledger import PinResult
+from bank.pins import load_or_create_key
 from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.server import open_files_needed, raise_open_files_limit
 from bank.store import PinPolicy, Store
@@ -42,17 +43,18 @@ def test_flags_override_env_vars_which_override_defaults(monkeypatch: pytest.Mon
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
-        (["--withdrawal-cents-max", "0"], "withdrawal_cents_max"),
-        (["--pin-lockout-s", "-5"], "pin_lockout_s"),
-        (["--log-level", "LOUD"], "log_level"),
+        (["--withdrawal-cents-max", "0"], "--withdrawal-cents-max must"),
+        (["--pin-lockout-s", "-5"], "--pin-lockout-s must"),
+        (["--log-level", "LOUD"], "--log-level must"),
+        (["unlock", "AC-12345", "--log-level", "LOUD"], "--log-level must"),
     ],
 )
-def test_an_impossible_setting_is_refused(
+def test_an_impossible_setting_is_refused_naming_its_flag(
     flags: list[str], named: str, capsys: pytest.CaptureFixture[str]
 ):
     assert main(flags) == 2
     err = capsys.readouterr().err
-    assert named in err and "Traceback" not in err
+    assert named in err and "_" not in err and "Traceback" not in err
 
 
 def test_a_malformed_env_var_is_a_usage_error(
@@ -210,6 +212,42 @@ def test_add_account_reads_the_pin_from_input_not_the_command_line(tmp_path: Pat
 def test_add_account_refuses_a_bad_pin_and_a_duplicate(tmp_path: Path):
     assert operator(tmp_path, "add-account", "XY-00001", stdin="12\n") == 1
     assert operator(tmp_path, "add-account", DEMO_ACCOUNT, stdin="1111\n") == 1
+
+
+def test_database_flags_may_come_before_or_after_the_command_and_after_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    other, key = tmp_path / "other.db", tmp_path / "other.key"
+    Store(other, load_or_create_key(key)).close()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("4321\n"))
+    before = ["--db", str(other), "--key-file", str(key), "--log-level", "ERROR"]
+    assert main([*before, "add-account", "QX-00001", "--balance", "5"]) == 0
+    assert main(["--db", "elsewhere.db", "unlock", "QX-00001", *before]) == 0
+    assert sorted(path.name for path in tmp_path.glob("*.db")) == ["other.db"]
+    with Store(other, key.read_bytes()) as store:
+        assert store.balance("QX-00001") == 5_00
+
+
+@pytest.mark.parametrize(
+    ("argv", "refusal"),
+    [
+        (["--port", "7000", "unlock", "AC-12345"], "unlock does not take --port"),
+        (["unlock", "AC-12345", "--port", "7000"], "unrecognized arguments: --port"),
+        (["--db", "x.db", "tls-init", "tls", "--host", "localhost"],
+         "tls-init does not take --db"),
+    ],
+)
+def test_a_command_refuses_the_flags_it_does_not_use(
+    argv: list[str], refusal: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert refusal in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_reset_pin_and_unlock(tmp_path: Path):
