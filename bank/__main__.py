@@ -198,18 +198,23 @@ async def run_server(config: ServerConfig) -> None:
     """Serve until a signal, then shut down gracefully and close the database."""
     tls = tls_context(config)  # before the database: a bad certificate creates nothing
     log_security(config)
-    ledger = await open_ledger(
-        config.db,
-        config.key_file,
-        pin_tries_max=config.pin_tries_max,
-        lockout_s=config.pin_lockout_s,
-    )
+    try:  # before the database too, so that a port in use creates nothing either
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    except OSError as error:
+        raise CannotServe(f"cannot serve on {config.host}:{config.port}: {error}") from None
+    try:
+        ledger = await open_ledger(
+            config.db,
+            config.key_file,
+            pin_tries_max=config.pin_tries_max,
+            lockout_s=config.pin_lockout_s,
+        )
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
     try:
         server = BankServer(config, ledger, tls=tls)
-        try:  # outside the nursery below, so that a bind error is not an ExceptionGroup
-            listeners = await server.listen()
-        except OSError as error:
-            raise CannotServe(f"cannot serve on {config.host}:{config.port}: {error}") from None
         with (
             trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
             announced(config.ready_file, listeners),
@@ -258,7 +263,16 @@ async def _shutdown_on_signal(signals: AsyncIterator[int], server: BankServer) -
 
 
 def open_store(config: ServerConfig) -> Store:
-    return Store(config.db, load_or_create_key(config.key_file))
+    """The server's database and PIN key, which must exist: an operator command creates
+    neither, so that a mistyped path is an error rather than a new, empty bank."""
+    required = ((config.db, "database", "--db"), (config.key_file, "PIN key", "--key-file"))
+    for path, what, flag in required:
+        if not path.exists():
+            raise StoreError(
+                f"there is no {what} {path}: check {flag} (only the server creates one,"
+                " when it first starts)"
+            )
+    return Store(config.db, load_or_create_key(config.key_file), create=False)
 
 
 def read_new_pin() -> str:

@@ -43,9 +43,11 @@ def _setting(default: object, help_text: str, kind: type | None = None) -> Any:
 class ServerConfig:
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = _setting(65432, "TCP port to listen on (0 picks a free one)")
-    db: Path = _setting(Path("bank.db"), "SQLite database file, created and seeded if missing")
+    db: Path = _setting(
+        Path("bank.db"), "SQLite database file; the server creates and seeds it if missing"
+    )
     key_file: Path = _setting(
-        Path("bank.key"), "secret PIN key file, created with mode 0600 if missing"
+        Path("bank.key"), "secret PIN key file; the server creates it (mode 0600) if missing"
     )
     log_level: str = _setting("INFO", "operator log level: DEBUG, INFO, WARNING or ERROR")
     connections_max: int = _setting(

@@ -87,6 +87,7 @@ def test_a_port_in_use_is_a_clear_message_not_a_traceback(
     assert status == 1
     err = capsys.readouterr().err
     assert f"cannot serve on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_ready_file_is_off_unless_the_flag_or_env_var_names_one(
@@ -190,7 +191,11 @@ def test_a_server_that_could_not_open_all_its_connections_does_not_start(
 
 
 def operator(tmp_path: Path, *args: str, stdin: str = "") -> int:
+    """Run an operator command on the bank in ``tmp_path``, made as the server's first
+    start makes it if there is none yet."""
     db, key = str(tmp_path / "bank.db"), str(tmp_path / "bank.key")
+    if not Path(db).exists():
+        Store(db, load_or_create_key(key)).close()
     sys.stdin = io.StringIO(stdin)
     try:
         return main([args[0], "--db", db, "--key-file", key, *args[1:]])
@@ -248,6 +253,38 @@ def test_a_command_refuses_the_flags_it_does_not_use(
     assert exit_info.value.code == 2
     assert refusal in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "typo", "named"),
+    [
+        (["unlock", DEMO_ACCOUNT], ["--db", "typo.db"], "there is no database typo.db"),
+        (["reset-pin", DEMO_ACCOUNT], ["--key-file", "bank.kye"], "no PIN key bank.kye"),
+        (["import", "accounts.txt"], ["--db", "typo.db"], "there is no database typo.db"),
+    ],
+)
+def test_an_operator_command_creates_no_database_and_no_key(
+    command: list[str], typo: list[str], named: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+):
+    monkeypatch.chdir(tmp_path)
+    Store("bank.db", load_or_create_key("bank.key")).close()
+    Path("accounts.txt").write_text("QX-00001, 1111, 1.00\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("4321\n"))
+    before = sorted(tmp_path.iterdir())
+    assert main([*command, *typo]) == 1
+    assert named in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_an_operator_command_does_not_seed_an_empty_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert operator(tmp_path, "unlock", DEMO_ACCOUNT, "--db", str(empty)) == 1
+    assert f"{empty} is not a bank database" in capsys.readouterr().err
+    assert empty.stat().st_size == 0
 
 
 def test_reset_pin_and_unlock(tmp_path: Path):
