@@ -13,6 +13,7 @@ import getpass
 import logging
 import re
 import signal
+import sqlite3
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -32,6 +33,7 @@ from bank.sqlite_ledger import open_ledger
 from bank.store import SchemaError, Store, StoreError
 from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
 from wire import (
+    BALANCE_CENTS_MAX,
     canonical_account,
     check_pin,
     format_cents,
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         StoreError, StorageError, KeyFileError, AccountsFileError, SchemaError, TlsError
     ) as error:
         print(f"bank: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except sqlite3.Error as error:  # not a database, locked past the busy timeout...
+        print(f"bank: cannot use the database {config.db}: {error}", file=sys.stderr)
         return EXIT_FAILURE
 
 
@@ -294,6 +299,8 @@ def add_account(config: ServerConfig, args: argparse.Namespace) -> int:
         opening_cents = parse_dollars(args.balance)
     except ValueError as error:
         raise StoreError(str(error)) from None
+    if opening_cents > BALANCE_CENTS_MAX:  # refused before the PIN is asked for
+        raise StoreError(f"an opening balance is at most {format_cents(BALANCE_CENTS_MAX)}")
     pin = read_new_pin()
     with open_store(config) as store:
         store.add_account(args.account, pin, opening_cents)

@@ -287,6 +287,28 @@ def test_an_operator_command_does_not_seed_an_empty_file(
     assert empty.stat().st_size == 0
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["import", "/no/such/file"], "cannot read /no/such/file: No such file or directory"),
+        (["import", "{tmp}"], "cannot read {tmp}: Is a directory"),
+        (["import", "{tmp}/binary"], "cannot read {tmp}/binary: it is not UTF-8 text"),
+        (["add-account", "QX-00001", "--balance", "99999999999999999999"],
+         "an opening balance is at most $92,233,720,368,547,758.07"),
+        (["unlock", DEMO_ACCOUNT, "--db", "{tmp}/binary"], "cannot use the database"),
+    ],
+)
+def test_bad_input_to_an_operator_command_is_a_sentence_not_a_traceback(
+    command: list[str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    (tmp_path / "binary").write_bytes(bytes(range(256)) * 64)
+    command = [part.format(tmp=tmp_path) for part in command]
+    assert operator(tmp_path, *command, stdin="4321\n") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bank: ") and said.format(tmp=tmp_path) in err
+    assert "Traceback" not in err
+
+
 def test_reset_pin_and_unlock(tmp_path: Path):
     assert operator(tmp_path, "reset-pin", DEMO_ACCOUNT, stdin="8888\n") == 0
     with open_store(tmp_path) as store:
