@@ -30,7 +30,7 @@ from bank.pins import KeyFileError, load_or_create_key
 from bank.readiness import listening_addresses, remove_ready_file, write_ready_file
 from bank.server import BankServer, open_files_needed, raise_open_files_limit
 from bank.sqlite_ledger import open_ledger
-from bank.store import SchemaError, Store, StoreError
+from bank.store import AccountExists, SchemaError, Store, StoreError
 from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
 from wire import (
     BALANCE_CENTS_MAX,
@@ -326,7 +326,10 @@ def unlock_account(config: ServerConfig, args: argparse.Namespace) -> int:
 def import_accounts(config: ServerConfig, args: argparse.Namespace) -> int:
     records = read_accounts(args.path)  # every line checked before the store is opened
     with open_store(config) as store:
-        count = store.add_accounts(records)
+        try:
+            count = store.add_accounts(records)
+        except AccountExists as error:
+            raise StoreError(f"{error}: nothing was imported from {args.path}") from None
     print(f"imported {count} accounts from {args.path}")
     return EXIT_OK
 

@@ -35,6 +35,7 @@ from wire import (
     HistoryEntry,
     canonical_account,
     check_pin,
+    mask_account,
 )
 
 SCHEMA_VERSION = 3
@@ -180,9 +181,17 @@ class BatchAborted(Exception):
 class UnknownAccount(StoreError, LookupError):
     """No such account."""
 
+    def __init__(self, account: str) -> None:
+        super().__init__(f"no account {mask_account(account)}")
+        self.account = account
+
 
 class AccountExists(StoreError):
     """An account with that number already exists; it is never overwritten."""
+
+    def __init__(self, account: str) -> None:
+        super().__init__(f"account {mask_account(account)} exists already")
+        self.account = account
 
 
 class SchemaError(StoreError):

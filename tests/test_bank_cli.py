@@ -23,10 +23,10 @@ from bank.ledger import PinResult
 from bank.pins import load_or_create_key
 from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.server import open_files_needed, raise_open_files_limit
-from bank.store import PinPolicy, Store
+from bank.store import PinPolicy, Store, UnknownAccount
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
-from wire import Balance, BalanceReply, Shutdown, Status
+from wire import Balance, BalanceReply, Shutdown, Status, mask_account
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = PinPolicy(tries_max=3, lockout_ms=15 * 60 * 1000)
@@ -307,6 +307,29 @@ def test_bad_input_to_an_operator_command_is_a_sentence_not_a_traceback(
     err = capsys.readouterr().err
     assert err.startswith("bank: ") and said.format(tmp=tmp_path) in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["unlock", "ZZ-00000"], "bank: no account ZZ-***00\n"),
+        (["reset-pin", "ZZ-00000"], "bank: no account ZZ-***00\n"),
+        (["add-account", DEMO_ACCOUNT],
+         f"bank: account {mask_account(DEMO_ACCOUNT)} exists already\n"),
+        (["import", "{tmp}/accounts.txt"],
+         f"bank: account {mask_account(DEMO_ACCOUNT)} exists already: nothing was imported"
+         " from {tmp}/accounts.txt\n"),
+    ],
+)
+def test_a_missing_or_existing_account_is_said_in_a_sentence(
+    command: list[str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    (tmp_path / "accounts.txt").write_text(f"QX-00001, 1111, 1\n{DEMO_ACCOUNT}, 1111, 1\n")
+    command = [part.format(tmp=tmp_path) for part in command]
+    assert operator(tmp_path, *command, stdin="4321\n") == 1
+    assert capsys.readouterr().err == said.format(tmp=tmp_path)
+    with open_store(tmp_path) as store, pytest.raises(UnknownAccount):
+        store.balance("QX-00001")
 
 
 def test_reset_pin_and_unlock(tmp_path: Path):
