@@ -18,6 +18,7 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import fields
+from datetime import datetime
 from pathlib import Path
 
 import trio
@@ -30,7 +31,7 @@ from bank.pins import KeyFileError, load_or_create_key
 from bank.readiness import listening_addresses, remove_ready_file, write_ready_file
 from bank.server import BankServer, open_files_needed, raise_open_files_limit
 from bank.sqlite_ledger import open_ledger
-from bank.store import AccountExists, SchemaError, Store, StoreError
+from bank.store import AccountExists, Forgotten, SchemaError, Store, StoreError
 from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
 from wire import (
     BALANCE_CENTS_MAX,
@@ -318,9 +319,25 @@ def reset_pin(config: ServerConfig, args: argparse.Namespace) -> int:
 
 def unlock_account(config: ServerConfig, args: argparse.Namespace) -> int:
     with open_store(config) as store:
-        was_locked = store.unlock(args.account)
-    print(f"{args.account} {'unlocked' if was_locked else 'was not locked'}")
+        forgotten = store.unlock(args.account)
+    print(unlocked(args.account, forgotten, now=datetime.now().astimezone()))
     return EXIT_OK
+
+
+def unlocked(account: str, forgotten: Forgotten, *, now: datetime) -> str:
+    """What ``unlock`` did, in a sentence: lifted a lock, or only forgot wrong PINs."""
+    masked = mask_account(account)
+    if forgotten.locked_until_ms is not None:
+        until = datetime.fromtimestamp(forgotten.locked_until_ms / 1000, now.tzinfo)
+        if until > now:
+            return f"{masked} was locked until {until:%Y-%m-%d %H:%M:%S %Z}; unlocked"
+    match forgotten.failures:
+        case 0:
+            return f"{masked} was not locked and had no wrong PINs; nothing changed"
+        case 1:
+            return f"{masked} was not locked; its 1 wrong PIN is forgotten"
+        case failures:
+            return f"{masked} was not locked; its {failures} wrong PINs are forgotten"
 
 
 def import_accounts(config: ServerConfig, args: argparse.Namespace) -> int:

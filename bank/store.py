@@ -169,6 +169,15 @@ class HistoryQuery:
 BatchRequest = PostRequest | PinCheck | BalanceQuery | HistoryQuery
 
 
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """What ``Store.unlock`` cleared: the wrong PINs it counted, and when the lock they
+    set ends (or ended), if they set one."""
+
+    failures: int
+    locked_until_ms: int | None
+
+
 class StoreError(Exception):
     """Base of the store's own errors: operator mistakes, not storage failures."""
 
@@ -406,13 +415,14 @@ class Store:
             )
             self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
 
-    def unlock(self, account: str) -> bool:
-        """Clear the account's PIN failures and lock; whether there was anything to clear."""
+    def unlock(self, account: str) -> Forgotten:
+        """Clear the account's PIN failures and lock; returns what was cleared."""
         account = canonical_account(account)
         with self._transaction():
             self._require_account(account)
-            cursor = self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
-            return cursor.rowcount > 0
+            failures, locked_until_ms, _ = self._pin_failures(account)
+            self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
+        return Forgotten(failures, locked_until_ms)
 
     def close(self) -> None:
         """Fold the WAL back into the database file and close; safe to call twice.

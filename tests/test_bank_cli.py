@@ -7,10 +7,12 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -341,6 +343,30 @@ def test_reset_pin_and_unlock(tmp_path: Path):
     assert operator(tmp_path, "unlock", DEMO_ACCOUNT) == 0
     with open_store(tmp_path) as store:
         assert store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0, policy=POLICY) is PinResult.MATCHED
+
+
+def test_unlock_says_whether_it_lifted_a_lock_or_only_forgot_wrong_pins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    masked = mask_account(DEMO_ACCOUNT)
+
+    def unlock_after_wrong_pins(count: int) -> str:
+        with open_store(tmp_path) as store:
+            for _ in range(count):
+                store.verify_pin(DEMO_ACCOUNT, "0000", int(time.time() * 1000), POLICY)
+        assert operator(tmp_path, "unlock", DEMO_ACCOUNT) == 0
+        return capsys.readouterr().out
+
+    operator(tmp_path, "unlock", DEMO_ACCOUNT)  # makes the bank
+    capsys.readouterr()
+    assert re.fullmatch(rf"{re.escape(masked)} was locked until 20\d\d-.+; unlocked\n",
+                        unlock_after_wrong_pins(3))
+    forgotten = f"{masked} was not locked; its"
+    assert unlock_after_wrong_pins(2) == f"{forgotten} 2 wrong PINs are forgotten\n"
+    assert unlock_after_wrong_pins(1) == f"{forgotten} 1 wrong PIN is forgotten\n"
+    assert unlock_after_wrong_pins(0) == (
+        f"{masked} was not locked and had no wrong PINs; nothing changed\n"
+    )
 
 
 def test_import_of_a_course_accounts_file(tmp_path: Path):
