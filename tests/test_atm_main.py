@@ -187,16 +187,18 @@ def test_defaults() -> None:
 
 
 def test_environment_then_flags() -> None:
-    environ = {"ATM_HOST": "::1", "ATM_PORT": "4000"}
-    assert (parse_args([], environ).host, parse_args([], environ).port) == ("::1", 4000)
-    args = parse_args(["--host", "127.0.0.2", "--port", "5000"], environ)
-    assert (args.host, args.port) == ("127.0.0.2", 5000)
+    environ = {"ATM_HOST": "::1", "ATM_PORT": "4000", "ATM_REPLY_TIMEOUT_S": "7"}
+    args = parse_args([], environ)
+    assert (args.host, args.port, args.reply_timeout_s) == ("::1", 4000, 7)
+    args = parse_args(["--host", "127.0.0.2", "--port", "5000", "--reply-timeout-s", "9"], environ)
+    assert (args.host, args.port, args.reply_timeout_s) == ("127.0.0.2", 5000, 9)
 
 
 @pytest.mark.parametrize(("argv", "environ"), [
     (["--port", "0"], {}), (["--port", "http"], {}), ([], {"ATM_PORT": "70000"}),
+    (["--reply-timeout-s", "0"], {}), ([], {"ATM_REPLY_TIMEOUT_S": "soon"}),
 ])
-def test_bad_ports_are_usage_errors(argv: list[str], environ: dict[str, str]) -> None:
+def test_bad_ports_and_timeouts_are_usage_errors(argv: list[str], environ: dict[str, str]) -> None:
     with pytest.raises(SystemExit) as raised:
         parse_args(argv, environ)
     assert raised.value.code == ExitCode.USAGE
