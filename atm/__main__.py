@@ -49,6 +49,17 @@ def port_number(value: str) -> int:
     return port
 
 
+def seconds(value: str) -> int:
+    """An argparse type: a whole number of seconds, at least 1."""
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {value!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 second, not {count}")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m atm",
@@ -81,10 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--reply-timeout-s",
-        type=int,
-        default=REPLY_TIMEOUT_S,
-        help=(f"seconds to wait for the bank's reply before reconnecting "
-              f"(default {REPLY_TIMEOUT_S}); connecting may take {CONNECT_TIMEOUT_S} s"),
+        type=seconds,
+        help=(f"seconds to wait for the bank's reply before reconnecting (env "
+              f"ATM_REPLY_TIMEOUT_S; default {REPLY_TIMEOUT_S}); connecting may take "
+              f"{CONNECT_TIMEOUT_S} s"),
     )
     return parser
 
@@ -92,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ
 ) -> argparse.Namespace:
-    """Flags win over ATM_HOST / ATM_PORT, which win over the defaults."""
+    """Flags win over the ATM_ environment variables, which win over the defaults."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.host is None:
@@ -102,8 +113,11 @@ def parse_args(
             args.port = port_number(environ.get("ATM_PORT", str(DEFAULT_PORT)))
         except argparse.ArgumentTypeError as error:
             parser.error(f"ATM_PORT: {error}")
-    if args.reply_timeout_s < 1:
-        parser.error("--reply-timeout-s must be at least 1")
+    if args.reply_timeout_s is None:
+        try:
+            args.reply_timeout_s = seconds(environ.get("ATM_REPLY_TIMEOUT_S", str(REPLY_TIMEOUT_S)))
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"ATM_REPLY_TIMEOUT_S: {error}")
     for name in ("tls_ca", "tls_cert", "tls_key"):
         if getattr(args, name) is None and f"ATM_{name.upper()}" in environ:
             setattr(args, name, Path(environ[f"ATM_{name.upper()}"]))

@@ -255,11 +255,15 @@ class AtmSession:
     # -- Login ------------------------------------------------------------------------
 
     async def _log_in(self) -> bool:
-        """True once logged in; False if input ended first. Raises LoginRefused."""
+        """True once logged in; False if input ended before any login was tried. Raises
+        LoginRefused, also when input ends after a refusal: a script must see it failed."""
+        refused: Status | None = None
         for attempt in range(1, LOGIN_ATTEMPTS_MAX + 1):
             try:
                 credentials = await self._ask_credentials()
             except EndOfInput:
+                if refused is not None:
+                    raise LoginRefused(refused) from None
                 return False
             status = await self._send_login_reconnecting(credentials)
             if status is Status.APPROVED:
@@ -268,6 +272,7 @@ class AtmSession:
                 return True
             if status is not Status.INCORRECT_PIN or attempt == LOGIN_ATTEMPTS_MAX:
                 raise LoginRefused(status)
+            refused = status
             self._console.write(f"{text.status_sentence(status)}. {text.TRY_AGAIN}")
         raise AssertionError("unreachable: the last attempt returns or raises")
 

@@ -11,10 +11,14 @@ import argparse
 import contextlib
 import getpass
 import logging
+import re
 import signal
+import sqlite3
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import fields
+from datetime import datetime
 from pathlib import Path
 
 import trio
@@ -27,9 +31,10 @@ from bank.pins import KeyFileError, load_or_create_key
 from bank.readiness import listening_addresses, remove_ready_file, write_ready_file
 from bank.server import BankServer, open_files_needed, raise_open_files_limit
 from bank.sqlite_ledger import open_ledger
-from bank.store import SchemaError, Store, StoreError
+from bank.store import AccountExists, Forgotten, SchemaError, Store, StoreError
 from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
 from wire import (
+    BALANCE_CENTS_MAX,
     canonical_account,
     check_pin,
     format_cents,
@@ -40,15 +45,22 @@ from wire import (
 log = logging.getLogger("bank")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-SHARED_SETTINGS = ["db", "key_file", "log_level"]
+OPERATOR_SETTINGS = ["db", "key_file", "log_level"]
+"""The settings an operator command takes, before or after its name; given in both
+places, the one after the name wins."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unused = settings.given(args) - set(args.settings)
+    if unused:
+        flags = ", ".join(sorted(settings.flag(name) for name in unused))
+        parser.error(f"{args.command} does not take {flags}")
     try:
         config = settings.from_arguments(args)
     except ValueError as error:
-        print(f"bank: {error}", file=sys.stderr)
+        print(f"bank: {flag_names(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(
         level=config.log_level.upper(),
@@ -63,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     ) as error:
         print(f"bank: {error}", file=sys.stderr)
         return EXIT_FAILURE
+    except sqlite3.Error as error:  # not a database, locked past the busy timeout...
+        print(f"bank: cannot use the database {config.db}: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def flag_names(message: str) -> str:
+    """A settings error as the command line spells it: ``--log-level``, not ``log_level``."""
+    names = "|".join(f.name for f in fields(ServerConfig))
+    return re.sub(rf"(?<![\w-])({names})(?![\w-])", lambda m: settings.flag(m[1]), message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,13 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Run 'python -m bank COMMAND --help' for an operator command's flags.",
     )
     settings.add_arguments(parser)
-    parser.set_defaults(run=serve)
+    every_setting = [f.name for f in fields(ServerConfig)]
+    parser.set_defaults(run=serve, command="serving", settings=every_setting)
     commands = parser.add_subparsers(title="operator commands", metavar="COMMAND")
 
     def command(name: str, run: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        settings.add_arguments(sub, SHARED_SETTINGS)
-        sub.set_defaults(run=run)
+        settings.add_arguments(sub, OPERATOR_SETTINGS)
+        sub.set_defaults(run=run, command=name, settings=OPERATOR_SETTINGS)
         return sub
 
     add = command("add-account", add_account, "add an account; the PIN is asked for")
@@ -106,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", action="append", required=True, dest="hosts", metavar="NAME",
         help="a DNS name or IP address of the server (repeat for each)",
     )
-    init.set_defaults(run=tls_init)
+    init.set_defaults(run=tls_init, command="tls-init", settings=[])
     terminal = commands.add_parser(
         "tls-terminal", help="issue a terminal certificate for one ATM",
         description="Issue DIR/terminal-NAME.pem and .key, signed by the CA that tls-init"
@@ -115,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     terminal.add_argument("directory", type=Path, help="the directory tls-init made")
     terminal.add_argument("name", help="the terminal's name: letters, digits, - _ .")
-    terminal.set_defaults(run=tls_terminal)
+    terminal.set_defaults(run=tls_terminal, command="tls-terminal", settings=[])
     return parser
 
 
@@ -182,18 +204,23 @@ async def run_server(config: ServerConfig) -> None:
     """Serve until a signal, then shut down gracefully and close the database."""
     tls = tls_context(config)  # before the database: a bad certificate creates nothing
     log_security(config)
-    ledger = await open_ledger(
-        config.db,
-        config.key_file,
-        pin_tries_max=config.pin_tries_max,
-        lockout_s=config.pin_lockout_s,
-    )
+    try:  # before the database too, so that a port in use creates nothing either
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    except OSError as error:
+        raise CannotServe(f"cannot serve on {config.host}:{config.port}: {error}") from None
+    try:
+        ledger = await open_ledger(
+            config.db,
+            config.key_file,
+            pin_tries_max=config.pin_tries_max,
+            lockout_s=config.pin_lockout_s,
+        )
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
     try:
         server = BankServer(config, ledger, tls=tls)
-        try:  # outside the nursery below, so that a bind error is not an ExceptionGroup
-            listeners = await server.listen()
-        except OSError as error:
-            raise CannotServe(f"cannot serve on {config.host}:{config.port}: {error}") from None
         with (
             trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
             announced(config.ready_file, listeners),
@@ -242,7 +269,16 @@ async def _shutdown_on_signal(signals: AsyncIterator[int], server: BankServer) -
 
 
 def open_store(config: ServerConfig) -> Store:
-    return Store(config.db, load_or_create_key(config.key_file))
+    """The server's database and PIN key, which must exist: an operator command creates
+    neither, so that a mistyped path is an error rather than a new, empty bank."""
+    required = ((config.db, "database", "--db"), (config.key_file, "PIN key", "--key-file"))
+    for path, what, flag in required:
+        if not path.exists():
+            raise StoreError(
+                f"there is no {what} {path}: check {flag} (only the server creates one,"
+                " when it first starts)"
+            )
+    return Store(config.db, load_or_create_key(config.key_file), create=False)
 
 
 def read_new_pin() -> str:
@@ -264,6 +300,8 @@ def add_account(config: ServerConfig, args: argparse.Namespace) -> int:
         opening_cents = parse_dollars(args.balance)
     except ValueError as error:
         raise StoreError(str(error)) from None
+    if opening_cents > BALANCE_CENTS_MAX:  # refused before the PIN is asked for
+        raise StoreError(f"an opening balance is at most {format_cents(BALANCE_CENTS_MAX)}")
     pin = read_new_pin()
     with open_store(config) as store:
         store.add_account(args.account, pin, opening_cents)
@@ -281,15 +319,34 @@ def reset_pin(config: ServerConfig, args: argparse.Namespace) -> int:
 
 def unlock_account(config: ServerConfig, args: argparse.Namespace) -> int:
     with open_store(config) as store:
-        was_locked = store.unlock(args.account)
-    print(f"{args.account} {'unlocked' if was_locked else 'was not locked'}")
+        forgotten = store.unlock(args.account)
+    print(unlocked(args.account, forgotten, now=datetime.now().astimezone()))
     return EXIT_OK
+
+
+def unlocked(account: str, forgotten: Forgotten, *, now: datetime) -> str:
+    """What ``unlock`` did, in a sentence: lifted a lock, or only forgot wrong PINs."""
+    masked = mask_account(account)
+    if forgotten.locked_until_ms is not None:
+        until = datetime.fromtimestamp(forgotten.locked_until_ms / 1000, now.tzinfo)
+        if until > now:
+            return f"{masked} was locked until {until:%Y-%m-%d %H:%M:%S %Z}; unlocked"
+    match forgotten.failures:
+        case 0:
+            return f"{masked} was not locked and had no wrong PINs; nothing changed"
+        case 1:
+            return f"{masked} was not locked; its 1 wrong PIN is forgotten"
+        case failures:
+            return f"{masked} was not locked; its {failures} wrong PINs are forgotten"
 
 
 def import_accounts(config: ServerConfig, args: argparse.Namespace) -> int:
     records = read_accounts(args.path)  # every line checked before the store is opened
     with open_store(config) as store:
-        count = store.add_accounts(records)
+        try:
+            count = store.add_accounts(records)
+        except AccountExists as error:
+            raise StoreError(f"{error}: nothing was imported from {args.path}") from None
     print(f"imported {count} accounts from {args.path}")
     return EXIT_OK
 

@@ -49,12 +49,32 @@ class AccountsFileError(ValueError):
         super().__init__(f"{len(problems)} bad line(s) in {source}:\n{lines}")
 
 
+class UnreadableAccountsFile(AccountsFileError):
+    """The file cannot be read as text at all: missing, a directory, not UTF-8..."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        ValueError.__init__(self, f"cannot read {source}: {reason}")
+        self.source = source
+        self.problems = []
+
+
 def read_accounts(path: str | os.PathLike[str]) -> list[AccountRecord]:
-    """Parse the accounts file at ``path``; AccountsFileError lists every bad line."""
+    """Parse the accounts file at ``path``; AccountsFileError lists every bad line, or
+    (UnreadableAccountsFile) says why the file cannot be read."""
     path = Path(path)
-    if path.stat().st_size > ACCOUNTS_FILE_BYTES_MAX:
-        raise AccountsFileError(str(path), [(0, f"file exceeds {ACCOUNTS_FILE_BYTES_MAX} bytes")])
-    return parse_accounts(path.read_text(encoding="utf-8"), source=str(path))
+    try:
+        if path.stat().st_size > ACCOUNTS_FILE_BYTES_MAX:
+            raise AccountsFileError(
+                str(path), [(0, f"file exceeds {ACCOUNTS_FILE_BYTES_MAX} bytes")]
+            )
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise UnreadableAccountsFile(str(path), error.strerror or str(error)) from None
+    except UnicodeDecodeError as error:
+        raise UnreadableAccountsFile(
+            str(path), f"it is not UTF-8 text (see byte {error.start})"
+        ) from None
+    return parse_accounts(text, source=str(path))
 
 
 def parse_accounts(text: str, *, source: str = "<accounts>") -> list[AccountRecord]:

@@ -43,9 +43,11 @@ def _setting(default: object, help_text: str, kind: type | None = None) -> Any:
 class ServerConfig:
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = _setting(65432, "TCP port to listen on (0 picks a free one)")
-    db: Path = _setting(Path("bank.db"), "SQLite database file, created and seeded if missing")
+    db: Path = _setting(
+        Path("bank.db"), "SQLite database file; the server creates and seeds it if missing"
+    )
     key_file: Path = _setting(
-        Path("bank.key"), "secret PIN key file, created with mode 0600 if missing"
+        Path("bank.key"), "secret PIN key file; the server creates it (mode 0600) if missing"
     )
     log_level: str = _setting("INFO", "operator log level: DEBUG, INFO, WARNING or ERROR")
     connections_max: int = _setting(
@@ -108,7 +110,9 @@ class ServerConfig:
         if not 1 <= self.amount_cents_max <= AMOUNT_CENTS_MAX:
             raise ValueError(f"amount_cents_max must be 1..{AMOUNT_CENTS_MAX} cents")
         if not 1 <= self.withdrawal_cents_max <= self.amount_cents_max:
-            raise ValueError("withdrawal_cents_max must be 1..amount_cents_max cents")
+            raise ValueError(
+                "withdrawal_cents_max must be at least 1 cent and at most amount_cents_max"
+            )
         for name in (
             "connections_max", "preauth_per_address_max", "login_attempts_max", "pin_tries_max"
         ):
@@ -169,27 +173,60 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a yes or no: {text!r}")
 
 
+def flag(name: str) -> str:
+    """The command-line spelling of a setting: ``log_level`` is ``--log-level``."""
+    return "--" + name.replace("_", "-")
+
+
 def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
-    """Add a flag per setting (or the named ones), defaulting to its env var, then default."""
+    """Add a flag per setting (or the named ones). A flag not given leaves no attribute
+    (``argparse.SUPPRESS``), so a flag given before a subcommand is not undone by the
+    subcommand's own copy of it; ``from_arguments`` fills in the env var, then default."""
+    defaults = _defaults(parser)
     for f in fields(ServerConfig):
         if names is not None and f.name not in names:
             continue
+        kind = f.metadata["kind"]
+        env = ENV_PREFIX + f.name.upper()
+        help_text = f"{f.metadata['help']} (env {env}; now {defaults[f.name]})".replace("%", "%%")
+        if kind is bool:  # a switch: --tls12, or --no-tls12 over the env var
+            parser.add_argument(
+                flag(f.name), action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag(f.name), type=kind, default=argparse.SUPPRESS, help=help_text
+            )
+
+
+def given(args: argparse.Namespace) -> set[str]:
+    """The settings given as flags, by field name."""
+    return {f.name for f in fields(ServerConfig)} & set(vars(args))
+
+
+def from_arguments(args: argparse.Namespace) -> ServerConfig:
+    """The settings: each flag given, else its env var, else its default."""
+    defaults = env_defaults()
+    return ServerConfig(**{**defaults, **{name: getattr(args, name) for name in given(args)}})
+
+
+def env_defaults() -> dict[str, Any]:
+    """Each setting's env var if set, else its default; ValueError names a bad env var."""
+    defaults: dict[str, Any] = {}
+    for f in fields(ServerConfig):
         env = ENV_PREFIX + f.name.upper()
         kind = f.metadata["kind"]
         parse = _parse_bool if kind is bool else kind
         try:
-            default = parse(os.environ[env]) if env in os.environ else f.default
+            defaults[f.name] = parse(os.environ[env]) if env in os.environ else f.default
         except ValueError:
-            parser.error(f"{env}={os.environ[env]!r} is not a valid {kind.__name__}")
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (env {env}; now %(default)s)"
-        if kind is bool:  # a switch: --tls12, or --no-tls12 over the env var
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=help_text)
+            raise ValueError(f"{env}={os.environ[env]!r} is not a valid {kind.__name__}") from None
+    return defaults
 
 
-def from_arguments(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+def _defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    try:
+        return env_defaults()
+    except ValueError as error:
+        parser.error(str(error))

@@ -35,6 +35,7 @@ from wire import (
     HistoryEntry,
     canonical_account,
     check_pin,
+    mask_account,
 )
 
 SCHEMA_VERSION = 3
@@ -168,6 +169,15 @@ class HistoryQuery:
 BatchRequest = PostRequest | PinCheck | BalanceQuery | HistoryQuery
 
 
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """What ``Store.unlock`` cleared: the wrong PINs it counted, and when the lock they
+    set ends (or ended), if they set one."""
+
+    failures: int
+    locked_until_ms: int | None
+
+
 class StoreError(Exception):
     """Base of the store's own errors: operator mistakes, not storage failures."""
 
@@ -180,9 +190,17 @@ class BatchAborted(Exception):
 class UnknownAccount(StoreError, LookupError):
     """No such account."""
 
+    def __init__(self, account: str) -> None:
+        super().__init__(f"no account {mask_account(account)}")
+        self.account = account
+
 
 class AccountExists(StoreError):
     """An account with that number already exists; it is never overwritten."""
+
+    def __init__(self, account: str) -> None:
+        super().__init__(f"account {mask_account(account)} exists already")
+        self.account = account
 
 
 class SchemaError(StoreError):
@@ -197,13 +215,17 @@ class Store:
     """The bank's accounts, ledger entries and PIN failure counters in one SQLite file."""
 
     def __init__(
-        self, db_path: str | os.PathLike[str], key: bytes, *, seed_demo: bool = True
+        self, db_path: str | os.PathLike[str], key: bytes, *, seed_demo: bool = True,
+        create: bool = True,
     ) -> None:
+        """Open the database at ``db_path``, creating (and seeding, if ``seed_demo``) it
+        when missing or empty; with ``create`` false a missing file is an
+        sqlite3.OperationalError and an empty one a StoreError, and nothing is written."""
         self._key = key
         # An unknown account is checked against this, so it costs one HMAC like a real one.
         self._dummy_salt = new_salt()
         self._dummy_hmac = bytes(PIN_HMAC_BYTES)
-        self._conn = _connect(Path(db_path))
+        self._conn = _connect(Path(db_path), create=create)
         try:
             self._create_schema_if_new(seed_demo=seed_demo)
         except BaseException:
@@ -393,13 +415,14 @@ class Store:
             )
             self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
 
-    def unlock(self, account: str) -> bool:
-        """Clear the account's PIN failures and lock; whether there was anything to clear."""
+    def unlock(self, account: str) -> Forgotten:
+        """Clear the account's PIN failures and lock; returns what was cleared."""
         account = canonical_account(account)
         with self._transaction():
             self._require_account(account)
-            cursor = self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
-            return cursor.rowcount > 0
+            failures, locked_until_ms, _ = self._pin_failures(account)
+            self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
+        return Forgotten(failures, locked_until_ms)
 
     def close(self) -> None:
         """Fold the WAL back into the database file and close; safe to call twice.
@@ -461,9 +484,12 @@ class Store:
         finally:
             self._conn.execute("COMMIT")
 
+    def _schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
     def _create_schema_if_new(self, *, seed_demo: bool) -> None:
         with self._transaction():
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            version = self._schema_version()
             if version > SCHEMA_VERSION:
                 raise SchemaError(
                     f"database schema version {version} is newer than {SCHEMA_VERSION}"
@@ -644,11 +670,15 @@ _BALANCE_CHANGES: dict[int, _BalanceChange] = {
 """By a kind's sign (``wire._kinds``): a kind moves money the one way or the other."""
 
 
-def _connect(db_path: Path) -> sqlite3.Connection:
-    """Autocommit mode (we issue BEGIN ourselves), usable from whichever worker thread."""
-    conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+def _connect(db_path: Path, *, create: bool = True) -> sqlite3.Connection:
+    """Autocommit mode (we issue BEGIN ourselves), usable from whichever worker thread;
+    without ``create``, a missing file is an error rather than a new database."""
+    target, uri = (db_path, False) if create else (f"{db_path.resolve().as_uri()}?mode=rw", True)
+    conn = sqlite3.connect(target, uri=uri, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if not create and conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            raise StoreError(f"{db_path} is not a bank database")  # checked before any write
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise sqlite3.OperationalError(f"could not enable WAL (journal_mode={mode})")

@@ -77,6 +77,16 @@ async def test_refused_login_exits_non_zero_without_a_traceback() -> None:
     assert done.stderr == b""
 
 
+async def test_input_that_ends_after_a_refused_login_exits_with_the_refusal() -> None:
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        port = await listen_on_loopback(nursery, bank)
+        done = await run_atm_process(port, f"{ACCOUNT}\n0000\n".encode())
+        nursery.cancel_scope.cancel()
+    assert done.returncode == ExitCode.LOGIN_REFUSED
+    assert done.stderr == b""
+
+
 async def test_unreachable_bank_exits_1() -> None:
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))  # Bound, not listening: the connect is refused.
@@ -177,16 +187,18 @@ def test_defaults() -> None:
 
 
 def test_environment_then_flags() -> None:
-    environ = {"ATM_HOST": "::1", "ATM_PORT": "4000"}
-    assert (parse_args([], environ).host, parse_args([], environ).port) == ("::1", 4000)
-    args = parse_args(["--host", "127.0.0.2", "--port", "5000"], environ)
-    assert (args.host, args.port) == ("127.0.0.2", 5000)
+    environ = {"ATM_HOST": "::1", "ATM_PORT": "4000", "ATM_REPLY_TIMEOUT_S": "7"}
+    args = parse_args([], environ)
+    assert (args.host, args.port, args.reply_timeout_s) == ("::1", 4000, 7)
+    args = parse_args(["--host", "127.0.0.2", "--port", "5000", "--reply-timeout-s", "9"], environ)
+    assert (args.host, args.port, args.reply_timeout_s) == ("127.0.0.2", 5000, 9)
 
 
 @pytest.mark.parametrize(("argv", "environ"), [
     (["--port", "0"], {}), (["--port", "http"], {}), ([], {"ATM_PORT": "70000"}),
+    (["--reply-timeout-s", "0"], {}), ([], {"ATM_REPLY_TIMEOUT_S": "soon"}),
 ])
-def test_bad_ports_are_usage_errors(argv: list[str], environ: dict[str, str]) -> None:
+def test_bad_ports_and_timeouts_are_usage_errors(argv: list[str], environ: dict[str, str]) -> None:
     with pytest.raises(SystemExit) as raised:
         parse_args(argv, environ)
     assert raised.value.code == ExitCode.USAGE

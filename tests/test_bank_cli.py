@@ -7,10 +7,12 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,12 +22,13 @@ import trio
 from bank.__main__ import build_parser, main
 from bank.config import ServerConfig, from_arguments
 from bank.ledger import PinResult
+from bank.pins import load_or_create_key
 from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.server import open_files_needed, raise_open_files_limit
-from bank.store import PinPolicy, Store
+from bank.store import PinPolicy, Store, UnknownAccount
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
-from wire import Balance, BalanceReply, Shutdown, Status
+from wire import Balance, BalanceReply, Shutdown, Status, mask_account
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = PinPolicy(tries_max=3, lockout_ms=15 * 60 * 1000)
@@ -42,17 +45,18 @@ def test_flags_override_env_vars_which_override_defaults(monkeypatch: pytest.Mon
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
-        (["--withdrawal-cents-max", "0"], "withdrawal_cents_max"),
-        (["--pin-lockout-s", "-5"], "pin_lockout_s"),
-        (["--log-level", "LOUD"], "log_level"),
+        (["--withdrawal-cents-max", "0"], "--withdrawal-cents-max must"),
+        (["--pin-lockout-s", "-5"], "--pin-lockout-s must"),
+        (["--log-level", "LOUD"], "--log-level must"),
+        (["unlock", "AC-12345", "--log-level", "LOUD"], "--log-level must"),
     ],
 )
-def test_an_impossible_setting_is_refused(
+def test_an_impossible_setting_is_refused_naming_its_flag(
     flags: list[str], named: str, capsys: pytest.CaptureFixture[str]
 ):
     assert main(flags) == 2
     err = capsys.readouterr().err
-    assert named in err and "Traceback" not in err
+    assert named in err and "_" not in err and "Traceback" not in err
 
 
 def test_a_malformed_env_var_is_a_usage_error(
@@ -85,6 +89,7 @@ def test_a_port_in_use_is_a_clear_message_not_a_traceback(
     assert status == 1
     err = capsys.readouterr().err
     assert f"cannot serve on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_ready_file_is_off_unless_the_flag_or_env_var_names_one(
@@ -188,7 +193,11 @@ def test_a_server_that_could_not_open_all_its_connections_does_not_start(
 
 
 def operator(tmp_path: Path, *args: str, stdin: str = "") -> int:
+    """Run an operator command on the bank in ``tmp_path``, made as the server's first
+    start makes it if there is none yet."""
     db, key = str(tmp_path / "bank.db"), str(tmp_path / "bank.key")
+    if not Path(db).exists():
+        Store(db, load_or_create_key(key)).close()
     sys.stdin = io.StringIO(stdin)
     try:
         return main([args[0], "--db", db, "--key-file", key, *args[1:]])
@@ -212,6 +221,119 @@ def test_add_account_refuses_a_bad_pin_and_a_duplicate(tmp_path: Path):
     assert operator(tmp_path, "add-account", DEMO_ACCOUNT, stdin="1111\n") == 1
 
 
+def test_database_flags_may_come_before_or_after_the_command_and_after_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    other, key = tmp_path / "other.db", tmp_path / "other.key"
+    Store(other, load_or_create_key(key)).close()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("4321\n"))
+    before = ["--db", str(other), "--key-file", str(key), "--log-level", "ERROR"]
+    assert main([*before, "add-account", "QX-00001", "--balance", "5"]) == 0
+    assert main(["--db", "elsewhere.db", "unlock", "QX-00001", *before]) == 0
+    assert sorted(path.name for path in tmp_path.glob("*.db")) == ["other.db"]
+    with Store(other, key.read_bytes()) as store:
+        assert store.balance("QX-00001") == 5_00
+
+
+@pytest.mark.parametrize(
+    ("argv", "refusal"),
+    [
+        (["--port", "7000", "unlock", "AC-12345"], "unlock does not take --port"),
+        (["unlock", "AC-12345", "--port", "7000"], "unrecognized arguments: --port"),
+        (["--db", "x.db", "tls-init", "tls", "--host", "localhost"],
+         "tls-init does not take --db"),
+    ],
+)
+def test_a_command_refuses_the_flags_it_does_not_use(
+    argv: list[str], refusal: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert refusal in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "typo", "named"),
+    [
+        (["unlock", DEMO_ACCOUNT], ["--db", "typo.db"], "there is no database typo.db"),
+        (["reset-pin", DEMO_ACCOUNT], ["--key-file", "bank.kye"], "no PIN key bank.kye"),
+        (["import", "accounts.txt"], ["--db", "typo.db"], "there is no database typo.db"),
+    ],
+)
+def test_an_operator_command_creates_no_database_and_no_key(
+    command: list[str], typo: list[str], named: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+):
+    monkeypatch.chdir(tmp_path)
+    Store("bank.db", load_or_create_key("bank.key")).close()
+    Path("accounts.txt").write_text("QX-00001, 1111, 1.00\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("4321\n"))
+    before = sorted(tmp_path.iterdir())
+    assert main([*command, *typo]) == 1
+    assert named in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_an_operator_command_does_not_seed_an_empty_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert operator(tmp_path, "unlock", DEMO_ACCOUNT, "--db", str(empty)) == 1
+    assert f"{empty} is not a bank database" in capsys.readouterr().err
+    assert empty.stat().st_size == 0
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["import", "/no/such/file"], "cannot read /no/such/file: No such file or directory"),
+        (["import", "{tmp}"], "cannot read {tmp}: Is a directory"),
+        (["import", "{tmp}/binary"], "cannot read {tmp}/binary: it is not UTF-8 text"),
+        (["add-account", "QX-00001", "--balance", "99999999999999999999"],
+         "an opening balance is at most $92,233,720,368,547,758.07"),
+        (["unlock", DEMO_ACCOUNT, "--db", "{tmp}/binary"], "cannot use the database"),
+    ],
+)
+def test_bad_input_to_an_operator_command_is_a_sentence_not_a_traceback(
+    command: list[str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    (tmp_path / "binary").write_bytes(bytes(range(256)) * 64)
+    command = [part.format(tmp=tmp_path) for part in command]
+    assert operator(tmp_path, *command, stdin="4321\n") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bank: ") and said.format(tmp=tmp_path) in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["unlock", "ZZ-00000"], "bank: no account ZZ-***00\n"),
+        (["reset-pin", "ZZ-00000"], "bank: no account ZZ-***00\n"),
+        (["add-account", DEMO_ACCOUNT],
+         f"bank: account {mask_account(DEMO_ACCOUNT)} exists already\n"),
+        (["import", "{tmp}/accounts.txt"],
+         f"bank: account {mask_account(DEMO_ACCOUNT)} exists already: nothing was imported"
+         " from {tmp}/accounts.txt\n"),
+    ],
+)
+def test_a_missing_or_existing_account_is_said_in_a_sentence(
+    command: list[str], said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    (tmp_path / "accounts.txt").write_text(f"QX-00001, 1111, 1\n{DEMO_ACCOUNT}, 1111, 1\n")
+    command = [part.format(tmp=tmp_path) for part in command]
+    assert operator(tmp_path, *command, stdin="4321\n") == 1
+    assert capsys.readouterr().err == said.format(tmp=tmp_path)
+    with open_store(tmp_path) as store, pytest.raises(UnknownAccount):
+        store.balance("QX-00001")
+
+
 def test_reset_pin_and_unlock(tmp_path: Path):
     assert operator(tmp_path, "reset-pin", DEMO_ACCOUNT, stdin="8888\n") == 0
     with open_store(tmp_path) as store:
@@ -221,6 +343,30 @@ def test_reset_pin_and_unlock(tmp_path: Path):
     assert operator(tmp_path, "unlock", DEMO_ACCOUNT) == 0
     with open_store(tmp_path) as store:
         assert store.verify_pin(DEMO_ACCOUNT, "8888", now_ms=0, policy=POLICY) is PinResult.MATCHED
+
+
+def test_unlock_says_whether_it_lifted_a_lock_or_only_forgot_wrong_pins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    masked = mask_account(DEMO_ACCOUNT)
+
+    def unlock_after_wrong_pins(count: int) -> str:
+        with open_store(tmp_path) as store:
+            for _ in range(count):
+                store.verify_pin(DEMO_ACCOUNT, "0000", int(time.time() * 1000), POLICY)
+        assert operator(tmp_path, "unlock", DEMO_ACCOUNT) == 0
+        return capsys.readouterr().out
+
+    operator(tmp_path, "unlock", DEMO_ACCOUNT)  # makes the bank
+    capsys.readouterr()
+    assert re.fullmatch(rf"{re.escape(masked)} was locked until 20\d\d-.+; unlocked\n",
+                        unlock_after_wrong_pins(3))
+    forgotten = f"{masked} was not locked; its"
+    assert unlock_after_wrong_pins(2) == f"{forgotten} 2 wrong PINs are forgotten\n"
+    assert unlock_after_wrong_pins(1) == f"{forgotten} 1 wrong PIN is forgotten\n"
+    assert unlock_after_wrong_pins(0) == (
+        f"{masked} was not locked and had no wrong PINs; nothing changed\n"
+    )
 
 
 def test_import_of_a_course_accounts_file(tmp_path: Path):

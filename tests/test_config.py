@@ -73,9 +73,8 @@ def test_switches_take_flags_and_yes_or_no_env_vars() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser, ["tls12", "insecure_plaintext"])
     assert parser.parse_args(["--tls12"]).tls12 is True
-    assert parser.parse_args([]).insecure_plaintext is False
+    assert from_arguments(parser.parse_args([])).insecure_plaintext is False
     with mock.patch.dict(os.environ, {"BANK_INSECURE_PLAINTEXT": "yes"}):
-        parser = argparse.ArgumentParser()
-        add_arguments(parser, ["insecure_plaintext"])
-    assert parser.parse_args([]).insecure_plaintext is True
-    assert parser.parse_args(["--no-insecure-plaintext"]).insecure_plaintext is False
+        assert from_arguments(parser.parse_args([])).insecure_plaintext is True
+        plain = from_arguments(parser.parse_args(["--no-insecure-plaintext"]))
+        assert plain.insecure_plaintext is False

@@ -25,6 +25,7 @@ from bank.store import (
     BalanceQuery,
     BatchAborted,
     BookEntry,
+    Forgotten,
     PinCheck,
     PinPolicy,
     PostRequest,
@@ -284,9 +285,9 @@ def test_the_policy_comes_with_each_check(store: Store):
 def test_operator_unlock(store: Store):
     for _ in range(3):
         store.verify_pin("ac-12345", "0000", T0, POLICY)
-    assert store.unlock("ac-12345") is True
+    assert store.unlock("ac-12345") == Forgotten(3, T0 + POLICY.lockout_ms)
     assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.MATCHED
-    assert store.unlock("AC-12345") is False
+    assert store.unlock("AC-12345") == Forgotten(0, None)
     with pytest.raises(UnknownAccount):
         store.unlock("QQ-00000")
 
