@@ -16,6 +16,7 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -41,6 +42,7 @@ log = logging.getLogger("bank")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 SHARED_SETTINGS = ["db", "key_file", "log_level"]
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,14 +190,18 @@ async def run_server(config: ServerConfig) -> None:
         pin_tries_max=config.pin_tries_max,
         lockout_s=config.pin_lockout_s,
     )
+    ignored: dict[int, Any] = {}
     try:
         server = BankServer(config, ledger, tls=tls)
         try:  # outside the nursery below, so that a bind error is not an ExceptionGroup
             listeners = await server.listen()
         except OSError as error:
             raise CannotServe(f"cannot serve on {config.host}:{config.port}: {error}") from None
+        # Once the receiver below closes, serving is over and the database closes next:
+        # a signal then (or one left pending in the receiver) is ignored, not our death.
+        ignored = _ignore_signals(SHUTDOWN_SIGNALS)
         with (
-            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+            trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals,
             announced(config.ready_file, listeners),
         ):
             async with trio.open_nursery() as nursery:
@@ -206,6 +212,13 @@ async def run_server(config: ServerConfig) -> None:
         with trio.CancelScope(shield=True):
             await ledger.aclose()
         log.info("database closed")
+        for signum, handler in ignored.items():
+            signal.signal(signum, handler)
+
+
+def _ignore_signals(signums: tuple[signal.Signals, ...]) -> dict[int, Any]:
+    """Ignore ``signums``; return their handlers before, to restore."""
+    return {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
 
 
 @contextlib.contextmanager
@@ -232,10 +245,23 @@ def announced(ready_file: Path | None, listeners: list[trio.SocketListener]) -> 
 
 
 async def _shutdown_on_signal(signals: AsyncIterator[int], server: BankServer) -> None:
+    """The first signal begins a graceful shutdown; the second ends its grace period at
+    once (the connections still open are closed, the database still closes cleanly)."""
+    received = 0
     async for signum in signals:
-        log.info("%s received", signal.Signals(signum).name)
-        server.shutdown()
-        return
+        received += 1
+        name = signal.Signals(signum).name
+        if received == 1:
+            log.info("%s received", name)
+            server.shutdown()
+        elif received == 2:
+            log.warning(
+                "%s received again: ending the grace period now (connections still"
+                " open: %d)", name, server.connection_count,
+            )
+            server.hurry()
+        else:
+            log.info("%s received: already closing", name)
 
 
 # -- Operator commands -------------------------------------------------------------------

@@ -485,6 +485,9 @@ class BankServer:
         self._numbers = itertools.count(1)
         self._stop = trio.Event()
         self._shutdown_at: float | None = None
+        self._hurried = False
+        self._backstop: trio.CancelScope | None = None
+        """The handlers' scope, whose deadline is the shutdown backstop, once shutting down."""
 
     @property
     def connection_count(self) -> int:
@@ -493,6 +496,17 @@ class BankServer:
     def shutdown(self) -> None:
         """Begin a graceful shutdown; ``serve`` returns when it is complete."""
         self._stop.set()
+
+    def hurry(self) -> None:
+        """End the shutdown grace period now (an operator's second signal): connections
+        still open are cancelled at once, as at the backstop, and ``serve`` returns.
+
+        Safe: a commit that started finishes first (the ledger shields it), and an ATM
+        that has sent a transaction learns its outcome by its id on reconnecting."""
+        self._hurried = True
+        self._stop.set()
+        if self._backstop is not None:
+            self._backstop.deadline = trio.current_time()
 
     async def listen(self) -> list[trio.SocketListener]:
         """Bind the configured address; raises OSError (e.g. the port is in use)."""
@@ -523,13 +537,19 @@ class BankServer:
                     await self._stop.wait()
                     acceptors.cancel_scope.cancel()  # stop accepting; closes the listeners
                 self._shutdown_at = trio.current_time() + self.config.shutdown_grace_s
+                count = len(self._connections)
                 log.info(
-                    "shutting down: %d connections get %d s",
-                    len(self._connections), self.config.shutdown_grace_s,
+                    "shutting down: %d %s %s %d s", count,
+                    "connection" if count == 1 else "connections",
+                    "gets" if count == 1 else "get", self.config.shutdown_grace_s,
                 )
                 for connection in self._connections:
                     connection.begin_shutdown(self._shutdown_at)
-                handlers.cancel_scope.deadline = self._shutdown_at + SHUTDOWN_BACKSTOP_S
+                self._backstop = handlers.cancel_scope
+                handlers.cancel_scope.deadline = (
+                    trio.current_time() if self._hurried
+                    else self._shutdown_at + SHUTDOWN_BACKSTOP_S
+                )
             sweeping.cancel_scope.cancel()  # every connection it watched has closed
         log.info("all connections closed")
 
