@@ -222,13 +222,23 @@ class Session:
         posting = await self._posting(request, kind)
         status = POST_STATUS[kind.entry_kind][posting.result]
         if log.isEnabledFor(logging.INFO):  # the arguments cost more than the check
-            log.info(
-                "%s: %s %s %s %s entry %d balance %s",
-                self._name, mask_account(self._account()), request.OPCODE.name,
-                format_cents(request.amount_cents), status.name, posting.entry_id,
-                format_cents(posting.balance_cents),
-            )
+            self._log_post(request, status, posting)
         return kind.reply(status, posting.balance_cents, posting.entry_id, posting.time_ms)
+
+    def _log_post(self, request: MoneyRequest, status: Status, posting: Posting) -> None:
+        """One line per deposit or withdrawal: the transaction id the ATM tells its
+        customer to quote, and the entry once booked (or replayed). Never a balance: the
+        log is not a statement, and a declined one has none to show."""
+        result = posting.result
+        booked = result in {PostResult.BOOKED, PostResult.REPLAYED}
+        log.log(
+            logging.WARNING if result is PostResult.TXN_ID_REUSED else logging.INFO,
+            "%s: %s %s %s %s%s txn %s%s",
+            self._name, mask_account(self._account()), request.OPCODE.name,
+            format_cents(request.amount_cents), status.name,
+            " (replayed)" if result is PostResult.REPLAYED else "", request.txn_id.hex(),
+            f" entry {posting.entry_id}" if booked else "",
+        )
 
     async def _posting(self, request: MoneyRequest, kind: MoneyKind) -> Posting:
         return await self._ledger.post(

@@ -1,0 +1,72 @@
+"""The operator log: what each level shows, and what it never shows.
+
+INFO is one line per session event and per transaction: the transaction id an ATM tells
+its customer to quote, and the entry it was booked as, but never a balance (the log is
+not a statement). WARNING is hostile input and refusals; DEBUG adds every frame.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tests.helpers import DEMO_BALANCE_CENTS, RunningServer, logged_in, txn_id
+from wire import Deposit, DepositReply, Logout, Status, Withdraw, WithdrawReply, format_cents
+
+
+def lines(caplog: pytest.LogCaptureFixture, needle: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if needle in r.getMessage()]
+
+
+async def test_a_declined_withdrawal_logs_no_balance_and_its_transaction_id(
+    bank: RunningServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    client = await logged_in(bank)
+    first = await client.request(Withdraw(txn_id(), 1000_00))
+    assert first.status is Status.APPROVED
+    txn = txn_id()
+    reply = await client.request(Withdraw(txn, 700_00))
+    assert isinstance(reply, WithdrawReply) and reply.status is Status.INSUFFICIENT_FUNDS
+    _, line = lines(caplog, "WITHDRAW")
+    assert line.endswith(f"AC-***45 WITHDRAW $700.00 INSUFFICIENT_FUNDS txn {txn.hex()}")
+    assert "entry" not in line
+    left = format_cents(DEMO_BALANCE_CENTS - 1000_00)
+    assert "balance" not in caplog.text and "$0.00" not in caplog.text
+    assert left not in caplog.text
+    await client.aclose()
+
+
+async def test_a_booked_deposit_logs_its_transaction_id_and_entry_but_no_balance(
+    bank: RunningServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    client = await logged_in(bank)
+    txn = txn_id()
+    reply = await client.request(Deposit(txn, 12_34))
+    assert isinstance(reply, DepositReply) and reply.status is Status.APPROVED
+    (line,) = lines(caplog, "DEPOSIT")
+    assert line.endswith(f"DEPOSIT $12.34 APPROVED txn {txn.hex()} entry {reply.entry_id}")
+    text = caplog.text
+    assert format_cents(reply.balance_cents) not in text and "balance" not in text
+    await client.aclose()
+
+
+async def test_a_replayed_deposit_is_logged_as_replayed(
+    bank: RunningServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    client = await logged_in(bank)
+    txn = txn_id()
+    first = await client.request(Deposit(txn, 5_00))
+    again = await client.request(Deposit(txn, 5_00))
+    assert first == again
+    assert isinstance(first, DepositReply)
+    booked, replayed = lines(caplog, "DEPOSIT")
+    assert "replayed" not in booked
+    assert replayed.endswith(
+        f"DEPOSIT $5.00 APPROVED (replayed) txn {txn.hex()} entry {first.entry_id}"
+    )
+    assert await client.request(Logout())
+    await client.aclose()
