@@ -207,11 +207,16 @@ class Connection:
         sweeper: DeadlineSweeper,
         on_login: Callable[[Connection], None] = lambda connection: None,
         on_handshake_failed: Callable[[str], None] = lambda reason: None,
+        on_bad_frame: Callable[[str], None] = lambda problem: None,
     ) -> None:
         self.name = name
         self.session = session
+        self.ended_because: str | None = None
+        """Why the connection ended, for the operator's "closed" line; None when its
+        session closed it in the ordinary way (LOGOUT)."""
         self._on_login = on_login
         self._on_handshake_failed = on_handshake_failed
+        self._on_bad_frame = on_bad_frame
         self._handshaking = False
         self._handshaken = False
         self._superseded = False
@@ -281,9 +286,9 @@ class Connection:
         try:
             await self._serve()
         except ConnectionEnded as end:
-            log.info("%s: %s", self.name, end.ending.value)
+            self.ended_because = end.ending.value
         except (trio.BrokenResourceError, OSError) as error:
-            log.info("%s: connection lost: %s", self.name, error)
+            self.ended_because = f"connection lost: {error}"
         finally:
             self.deadline = math.inf
             self._engine.close()
@@ -312,7 +317,7 @@ class Connection:
             try:
                 frame = await self._receive_frame()
             except RemoteProtocolError as error:
-                log.info("%s: bad frame: %s", self.name, error)
+                self._on_bad_frame(f"{error} ({self.name})")
                 await self._send_data(self._engine.send_error(error))
                 if error.fatal:
                     return
@@ -358,13 +363,18 @@ class Connection:
         request = frame.message
         assert isinstance(request, Request), "a server's engine yields only requests"
         reply = await self.session.answer(self._engine, request)
+        log.debug(
+            "%s: %s -> %s %s", self.name, request.OPCODE.name, reply.OPCODE.name,
+            reply.status.name,
+        )
         await self._send(reply)
         if isinstance(reply, LoginReply | ResumeReply) and self.logged_in:
             if self.session.token is not None:
+                log.debug("%s: -> SESSION_TOKEN", self.name)
                 await self._send(SessionToken(self.session.token))
             self._on_login(self)
         if self._engine.state is State.CLOSED and reply.status is not Status.APPROVED:
-            log.info("%s: closing after %s %s", self.name, reply.OPCODE.name, reply.status.name)
+            self.ended_because = f"after {reply.OPCODE.name} {reply.status.name}"
 
     async def _receive_frame(self) -> Frame | None:
         """The next whole frame; None if an interrupt came with the bytes read.
@@ -586,6 +596,7 @@ class BankServer:
             transport, session=session, config=self.config, name=name,
             sweeper=self._sweeper, on_login=self._logged_in,
             on_handshake_failed=functools.partial(self._handshake_failed, address),
+            on_bad_frame=functools.partial(self._bad_frame, address),
         )
         self._connections.add(connection)
         self._slotted.add(connection)
@@ -604,12 +615,18 @@ class BankServer:
             self._release_slot(connection)
             self._evicting.discard(connection)
             self._connections.discard(connection)
-            log.info("%s: closed", name)
+            if connection.ended_because is None:
+                log.info("%s: closed", connection.name)
+            else:
+                log.info("%s: closed: %s", connection.name, connection.ended_because)
 
     def _handshake_failed(self, address: str, reason: str) -> None:
         self._warnings.warn(
             f"tls {address}", "TLS handshakes from %s fail: %s", address, reason
         )
+
+    def _bad_frame(self, address: str, problem: str) -> None:
+        self._warnings.warn(f"frame {address}", "bad frames from %s: %s", address, problem)
 
     def _logged_in(self, connection: Connection) -> None:
         """``connection`` logged in: it no longer counts against its address, and is

@@ -159,17 +159,22 @@ class Session:
 
     def end(self) -> None:
         """Release the lease, if any; the token dies with it. Safe to call more than once."""
+        self._release("%s: %s released")
+
+    def _release(self, message: str) -> None:
+        """``end``, logging ``message`` (with the name and the masked account) if the
+        session held an account."""
         if self.account is not None:
             if self._sessions is not None:
                 self._sessions.forget(self.account, self)
             self._leases.release(self.account)
-            log.info("%s: %s released", self._name, mask_account(self.account))
+            log.info(message, self._name, mask_account(self.account))
             self.account = self.token = None
         self._released.set()
 
     def supersede(self) -> None:
         """A new connection resumed this session: end this one (``Resumable``)."""
-        log.info("%s: superseded by a resumed connection", self._name)
+        log.debug("%s: superseded by a resumed connection", self._name)
         self.on_supersede()
 
     async def wait_released(self) -> None:
@@ -211,7 +216,7 @@ class Session:
         return ResumeReply(Status.APPROVED)
 
     async def _logout(self, _request: Logout) -> Reply:
-        self.end()
+        self._release("%s: logout %s")
         return LogoutReply(Status.APPROVED)
 
     async def _balance(self, _request: Balance) -> Reply:

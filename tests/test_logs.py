@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from tests.helpers import DEMO_BALANCE_CENTS, RunningServer, logged_in, txn_id
+from tests.helpers import DEMO_BALANCE_CENTS, DEMO_PIN, RunningServer, logged_in, settle, txn_id
 from wire import Deposit, DepositReply, Logout, Status, Withdraw, WithdrawReply, format_cents
 
 
@@ -69,4 +69,59 @@ async def test_a_replayed_deposit_is_logged_as_replayed(
         f"DEPOSIT $5.00 APPROVED (replayed) txn {txn.hex()} entry {first.entry_id}"
     )
     assert await client.request(Logout())
+    await client.aclose()
+
+
+async def test_info_has_one_line_per_session_event_and_debug_adds_the_frames(
+    bank: RunningServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.DEBUG, logger="bank")
+    client = await logged_in(bank)
+    txn = txn_id()
+    deposit = await client.request(Deposit(txn, 1_00))
+    assert isinstance(deposit, DepositReply)
+    assert await client.request(Logout())
+    assert await client.closed()
+    await client.aclose()
+    await settle()
+    info = [
+        r.getMessage().split(": ", 1)[1] for r in caplog.records
+        if r.levelno == logging.INFO and r.getMessage().startswith("conn 1 ")
+    ]
+    assert info == [
+        "connected",
+        "login AC-***45 APPROVED",
+        f"AC-***45 DEPOSIT $1.00 APPROVED txn {txn.hex()} entry {deposit.entry_id}",
+        "logout AC-***45",
+        "closed",
+    ]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(line.endswith(": LOGIN -> LOGIN_REPLY APPROVED") for line in debug)
+    assert any(line.endswith(": DEPOSIT -> DEPOSIT_REPLY APPROVED") for line in debug)
+    assert DEMO_PIN not in caplog.text
+
+
+async def test_a_bad_frame_is_a_warning_and_the_close_says_why(
+    bank: RunningServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    client = await bank.client()
+    await client.send_raw(b"\xff" * 64)
+    while await client.receive() is not None:
+        pass
+    await client.aclose()
+    await settle()
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage().startswith("bad frames from 127.0.0.1: ")
+    assert [line for line in lines(caplog, "conn 1 ") if ": closed" in line]
+
+
+async def test_the_shutdown_line_counts_one_connection_in_the_singular(
+    bank: RunningServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    client = await logged_in(bank)
+    bank.server.shutdown()
+    await settle()
+    assert "shutting down: 1 connection gets 10 s" in caplog.messages
     await client.aclose()
