@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import getpass
+import json
 import logging
 import signal
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import trio
 
@@ -53,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bank: {error}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=config.log_level.upper(), handlers=[log_handler(config.log_format, sys.stderr)]
     )
     command: Callable[[ServerConfig, argparse.Namespace], int] = args.run
     try:
@@ -65,6 +65,36 @@ def main(argv: list[str] | None = None) -> int:
     ) as error:
         print(f"bank: {error}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (time, level, logger, message; a traceback as
+    exception), for log shippers: a message's own newlines stay inside its string."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def log_handler(log_format: str, stream: TextIO) -> logging.Handler:
+    """The operator log's handler on ``stream``, in ``log_format`` (text or json)."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        JsonLogFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
+    )
+    return handler
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,11 +7,32 @@ not a statement). WARNING is hostile input and refusals; DEBUG adds every frame.
 
 from __future__ import annotations
 
+import datetime
+import functools
+import io
+import json
 import logging
+import signal
+from pathlib import Path
 
 import pytest
+import trio
 
-from tests.helpers import DEMO_BALANCE_CENTS, DEMO_PIN, RunningServer, logged_in, settle, txn_id
+from bank.__main__ import build_parser, log_handler
+from bank.config import ServerConfig, from_arguments
+from bank.tools import launcher
+from tests.helpers import (
+    DEMO_ACCOUNT,
+    DEMO_BALANCE_CENTS,
+    DEMO_PIN,
+    RECEIVE_TIMEOUT_S,
+    RunningServer,
+    WireClient,
+    bank_process_args,
+    logged_in,
+    settle,
+    txn_id,
+)
 from wire import Deposit, DepositReply, Logout, Status, Withdraw, WithdrawReply, format_cents
 
 
@@ -125,3 +146,56 @@ async def test_the_shutdown_line_counts_one_connection_in_the_singular(
     await settle()
     assert "shutting down: 1 connection gets 10 s" in caplog.messages
     await client.aclose()
+
+
+def test_the_json_format_is_one_object_per_line_even_for_a_traceback():
+    stream = io.StringIO()
+    logger = logging.getLogger("bank.test-json")
+    logger.propagate = False
+    logger.addHandler(log_handler("json", stream))
+    try:
+        logger.warning("two\nlines from %s", "127.0.0.1")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        logger.handlers.clear()
+        logger.propagate = True
+    first, second = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert first.keys() == {"time", "level", "logger", "message"}
+    assert (first["level"], first["logger"], first["message"]) == (
+        "WARNING", "bank.test-json", "two\nlines from 127.0.0.1"
+    )
+    assert datetime.datetime.fromisoformat(first["time"]).tzinfo is not None
+    assert "RuntimeError: boom" in second["exception"]
+
+
+def test_the_log_format_is_text_by_default_json_by_flag_or_env_var_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    assert from_arguments(build_parser().parse_args([])).log_format == "text"
+    assert from_arguments(build_parser().parse_args(["--log-format", "json"])).log_format == "json"
+    monkeypatch.setenv("BANK_LOG_FORMAT", "json")
+    assert from_arguments(build_parser().parse_args([])).log_format == "json"
+    with pytest.raises(ValueError, match="log_format"):
+        ServerConfig(log_format="xml")
+
+
+async def test_a_server_logging_json_writes_nothing_but_json_lines(tmp_path: Path):
+    server = launcher.start(
+        bank_process_args(tmp_path), workdir=tmp_path, env={"BANK_LOG_FORMAT": "json"}
+    )
+    with server:
+        with trio.fail_after(RECEIVE_TIMEOUT_S):
+            client = await WireClient.connect(server.port)
+            await client.hello()
+            assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+            await client.aclose()
+            server.process.send_signal(signal.SIGTERM)
+            exited = functools.partial(server.process.wait, RECEIVE_TIMEOUT_S)
+            assert await trio.to_thread.run_sync(exited) == 0
+    entries = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    messages = [entry["message"] for entry in entries]
+    assert any(message.endswith(": login AC-***45 APPROVED") for message in messages)
+    assert messages[-1] == "database closed"
