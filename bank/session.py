@@ -8,6 +8,7 @@ account leases. It awaits the ledger, so it runs in Trio, but it does no I/O of 
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -95,6 +96,12 @@ POST_STATUS: dict[EntryKind, dict[PostResult, Status]] = {
 }
 """The DEPOSIT_REPLY or WITHDRAW_REPLY answer to each outcome of a post, by kind (spec
 §3.3, §9): the kinds differ only in the refusal of their own limit."""
+
+
+def format_time_ms(time_ms: int) -> str:
+    """A Unix time in milliseconds for the log: ``2026-12-02 14:24:03 UTC``."""
+    moment = datetime.datetime.fromtimestamp(time_ms / 1000, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class Session:
@@ -187,10 +194,20 @@ class Session:
             self.token = self._sessions.register(account, self)
 
     async def _login(self, request: Login) -> Reply:
-        status = PIN_STATUS[await self._ledger.verify_pin(request.account, request.pin)]
+        verdict = await self._ledger.verify_pin(request.account, request.pin)
+        status = PIN_STATUS[verdict.result]
         if status is Status.APPROVED and not self._leases.try_acquire(request.account):
             status = Status.ACCOUNT_IN_USE
-        log.info("%s: login %s %s", self._name, mask_account(request.account), status.name)
+        # The operator learns what the customer is not told: that there is no such account.
+        unknown = "" if verdict.account_known else " (no such account)"
+        masked = mask_account(request.account)
+        if verdict.locked_until_ms is not None:
+            log.warning(
+                "%s: login %s %s%s: locked until %s", self._name, masked, status.name,
+                unknown, format_time_ms(verdict.locked_until_ms),
+            )
+        else:
+            log.info("%s: login %s %s%s", self._name, masked, status.name, unknown)
         if status is Status.APPROVED:
             self._hold(request.account)
         return LoginReply(status)

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ import trio
 
 from bank.__main__ import build_parser, log_handler
 from bank.config import ServerConfig, from_arguments
+from bank.ledger import PinResult
+from bank.sqlite_ledger import SqliteLedger
 from bank.tools import launcher
 from tests.helpers import (
     DEMO_ACCOUNT,
@@ -199,3 +202,45 @@ async def test_a_server_logging_json_writes_nothing_but_json_lines(tmp_path: Pat
     messages = [entry["message"] for entry in entries]
     assert any(message.endswith(": login AC-***45 APPROVED") for message in messages)
     assert messages[-1] == "database closed"
+
+
+async def test_a_login_to_no_such_account_is_logged_as_such_but_answered_alike(
+    bank: RunningServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    client = await bank.client()
+    assert await client.login("ZZ-00000", DEMO_PIN) is Status.INCORRECT_PIN
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
+    await client.aclose()
+    logins = [line.split(": ", 1)[1] for line in lines(caplog, ": login ")]
+    assert logins == [
+        "login ZZ-***00 INCORRECT_PIN (no such account)", "login AC-***45 INCORRECT_PIN",
+    ]
+
+
+async def test_a_lockout_is_a_warning_that_says_until_when(
+    bank: RunningServer, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    client = await bank.client()
+    before_ms = time.time_ns() // 1_000_000
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.INCORRECT_PIN
+    assert await client.login(DEMO_ACCOUNT, "0000") is Status.PIN_TRIES_EXCEEDED
+    await client.aclose()
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    message = warning.getMessage()
+    assert ": login AC-***45 PIN_TRIES_EXCEEDED: locked until " in message
+    until = datetime.datetime.strptime(
+        message.rsplit("locked until ", 1)[1], "%Y-%m-%d %H:%M:%S UTC"
+    ).replace(tzinfo=datetime.UTC)
+    expected_s = before_ms / 1000 + ServerConfig().pin_lockout_s
+    assert abs(until.timestamp() - expected_s) < 5
+
+
+async def test_the_ledger_tells_an_unknown_account_even_once_it_is_locked(ledger: SqliteLedger):
+    verdicts = [await ledger.verify_pin("ZZ-00000", "0000") for _ in range(4)]
+    assert [v.result for v in verdicts] == [PinResult.WRONG] * 2 + [PinResult.LOCKED] * 2
+    assert not any(v.account_known for v in verdicts)
+    assert verdicts[2].locked_until_ms == verdicts[3].locked_until_ms is not None
+    assert (await ledger.verify_pin(DEMO_ACCOUNT, DEMO_PIN)).account_known
