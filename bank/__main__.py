@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import json
 import logging
 import re
 import signal
@@ -18,8 +19,9 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import fields
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TextIO
 
 import trio
 
@@ -48,6 +50,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 OPERATOR_SETTINGS = ["db", "key_file", "log_level"]
 """The settings an operator command takes, before or after its name; given in both
 places, the one after the name wins."""
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bank: {flag_names(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=config.log_level.upper(), handlers=[log_handler(config.log_format, sys.stderr)]
     )
     command: Callable[[ServerConfig, argparse.Namespace], int] = args.run
     try:
@@ -84,6 +85,36 @@ def flag_names(message: str) -> str:
     """A settings error as the command line spells it: ``--log-level``, not ``log_level``."""
     names = "|".join(f.name for f in fields(ServerConfig))
     return re.sub(rf"(?<![\w-])({names})(?![\w-])", lambda m: settings.flag(m[1]), message)
+
+
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (time, level, logger, message; a traceback as
+    exception), for log shippers: a message's own newlines stay inside its string."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def log_handler(log_format: str, stream: TextIO) -> logging.Handler:
+    """The operator log's handler on ``stream``, in ``log_format`` (text or json)."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        JsonLogFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
+    )
+    return handler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,10 +250,14 @@ async def run_server(config: ServerConfig) -> None:
         for listener in listeners:
             listener.socket.close()
         raise
+    ignored: dict[int, Any] = {}
     try:
         server = BankServer(config, ledger, tls=tls)
+        # Once the receiver below closes, serving is over and the database closes next:
+        # a signal then (or one left pending in the receiver) is ignored, not our death.
+        ignored = _ignore_signals(SHUTDOWN_SIGNALS)
         with (
-            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+            trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals,
             announced(config.ready_file, listeners),
         ):
             async with trio.open_nursery() as nursery:
@@ -233,6 +268,13 @@ async def run_server(config: ServerConfig) -> None:
         with trio.CancelScope(shield=True):
             await ledger.aclose()
         log.info("database closed")
+        for signum, handler in ignored.items():
+            signal.signal(signum, handler)
+
+
+def _ignore_signals(signums: tuple[signal.Signals, ...]) -> dict[int, Any]:
+    """Ignore ``signums``; return their handlers before, to restore."""
+    return {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
 
 
 @contextlib.contextmanager
@@ -259,10 +301,23 @@ def announced(ready_file: Path | None, listeners: list[trio.SocketListener]) -> 
 
 
 async def _shutdown_on_signal(signals: AsyncIterator[int], server: BankServer) -> None:
+    """The first signal begins a graceful shutdown; the second ends its grace period at
+    once (the connections still open are closed, the database still closes cleanly)."""
+    received = 0
     async for signum in signals:
-        log.info("%s received", signal.Signals(signum).name)
-        server.shutdown()
-        return
+        received += 1
+        name = signal.Signals(signum).name
+        if received == 1:
+            log.info("%s received", name)
+            server.shutdown()
+        elif received == 2:
+            log.warning(
+                "%s received again: ending the grace period now (connections still"
+                " open: %d)", name, server.connection_count,
+            )
+            server.hurry()
+        else:
+            log.info("%s received: already closing", name)
 
 
 # -- Operator commands -------------------------------------------------------------------

@@ -25,6 +25,7 @@ from wire import (
 
 ENV_PREFIX = "BANK_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 PIN_LOCKOUT_S_MAX = LOCKOUT_MS_MAX // 1000
 """Longest ``pin_lockout_s``: one year (31,536,000 seconds), the storage's LOCKOUT_MS_MAX.
@@ -50,6 +51,10 @@ class ServerConfig:
         Path("bank.key"), "secret PIN key file; the server creates it (mode 0600) if missing"
     )
     log_level: str = _setting("INFO", "operator log level: DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting(
+        "text", "operator log format: text, or json (one object per line: time, level,"
+        " logger, message) for a log shipper"
+    )
     connections_max: int = _setting(
         1000, "connections served at once; when full, a new one evicts the oldest that has"
         " not logged in, or if every one has, gets SERVER_BUSY and is closed"
@@ -122,6 +127,8 @@ class ServerConfig:
             raise ValueError(f"pin_lockout_s must be 0..{PIN_LOCKOUT_S_MAX} seconds (one year)")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be 0..65535")
         self._check_tls()

@@ -37,6 +37,18 @@ class PinResult(Enum):
     checked, or was wrong."""
 
 
+@dataclass(frozen=True, slots=True)
+class PinVerdict:
+    """A PIN check's outcome, with what only the operator's log may learn of it: the
+    customer is told ``result`` alone, the same for an unknown account as a known one."""
+
+    result: PinResult
+    account_known: bool = True
+    """False when there is no such account (``result`` is then WRONG or LOCKED)."""
+    locked_until_ms: int | None = None
+    """When ``result`` is LOCKED: when the lock ends (Unix milliseconds)."""
+
+
 class PostResult(Enum):
     """What a deposit or withdrawal did to the books."""
 
@@ -73,8 +85,9 @@ class Posting:
 
 
 class Ledger(Protocol):
-    async def verify_pin(self, account: str, pin: str) -> PinResult:
-        """MATCHED, WRONG (also for an unknown account), or LOCKED.
+    async def verify_pin(self, account: str, pin: str) -> PinVerdict:
+        """MATCHED, WRONG (also for an unknown account), or LOCKED, with whether the
+        account exists and until when it is locked, for the operator's log.
 
         Counts consecutive failures and locks the account after too many; a success
         resets the count. Unknown accounts and wrong PINs take comparable time.

@@ -207,11 +207,16 @@ class Connection:
         sweeper: DeadlineSweeper,
         on_login: Callable[[Connection], None] = lambda connection: None,
         on_handshake_failed: Callable[[str], None] = lambda reason: None,
+        on_bad_frame: Callable[[str], None] = lambda problem: None,
     ) -> None:
         self.name = name
         self.session = session
+        self.ended_because: str | None = None
+        """Why the connection ended, for the operator's "closed" line; None when its
+        session closed it in the ordinary way (LOGOUT)."""
         self._on_login = on_login
         self._on_handshake_failed = on_handshake_failed
+        self._on_bad_frame = on_bad_frame
         self._handshaking = False
         self._handshaken = False
         self._superseded = False
@@ -284,9 +289,9 @@ class Connection:
         try:
             await self._serve()
         except ConnectionEnded as end:
-            log.info("%s: %s", self.name, end.ending.value)
+            self.ended_because = end.ending.value
         except (trio.BrokenResourceError, OSError) as error:
-            log.info("%s: connection lost: %s", self.name, error)
+            self.ended_because = f"connection lost: {error}"
         finally:
             self.deadline = math.inf
             self._engine.close()
@@ -318,7 +323,7 @@ class Connection:
             try:
                 frame = await self._receive_frame()
             except RemoteProtocolError as error:
-                log.info("%s: bad frame: %s", self.name, error)
+                self._on_bad_frame(f"{error} ({self.name})")
                 await self._send_data(self._engine.send_error(error))
                 if error.fatal:
                     return
@@ -364,13 +369,18 @@ class Connection:
         request = frame.message
         assert isinstance(request, Request), "a server's engine yields only requests"
         reply = await self.session.answer(self._engine, request)
+        log.debug(
+            "%s: %s -> %s %s", self.name, request.OPCODE.name, reply.OPCODE.name,
+            reply.status.name,
+        )
         await self._send(reply)
         if isinstance(reply, LoginReply | ResumeReply) and self.logged_in:
             if self.session.token is not None:
+                log.debug("%s: -> SESSION_TOKEN", self.name)
                 await self._send(SessionToken(self.session.token))
             self._on_login(self)
         if self._engine.state is State.CLOSED and reply.status is not Status.APPROVED:
-            log.info("%s: closing after %s %s", self.name, reply.OPCODE.name, reply.status.name)
+            self.ended_because = f"after {reply.OPCODE.name} {reply.status.name}"
 
     async def _receive_frame(self) -> Frame | None:
         """The next whole frame; None if an interrupt came with the bytes read.
@@ -491,6 +501,9 @@ class BankServer:
         self._numbers = itertools.count(1)
         self._stop = trio.Event()
         self._shutdown_at: float | None = None
+        self._hurried = False
+        self._backstop: trio.CancelScope | None = None
+        """The handlers' scope, whose deadline is the shutdown backstop, once shutting down."""
 
     @property
     def connection_count(self) -> int:
@@ -499,6 +512,17 @@ class BankServer:
     def shutdown(self) -> None:
         """Begin a graceful shutdown; ``serve`` returns when it is complete."""
         self._stop.set()
+
+    def hurry(self) -> None:
+        """End the shutdown grace period now (an operator's second signal): connections
+        still open are cancelled at once, as at the backstop, and ``serve`` returns.
+
+        Safe: a commit that started finishes first (the ledger shields it), and an ATM
+        that has sent a transaction learns its outcome by its id on reconnecting."""
+        self._hurried = True
+        self._stop.set()
+        if self._backstop is not None:
+            self._backstop.deadline = trio.current_time()
 
     async def listen(self) -> list[trio.SocketListener]:
         """Bind the configured address; raises OSError (e.g. the port is in use)."""
@@ -529,13 +553,19 @@ class BankServer:
                     await self._stop.wait()
                     acceptors.cancel_scope.cancel()  # stop accepting; closes the listeners
                 self._shutdown_at = trio.current_time() + self.config.shutdown_grace_s
+                count = len(self._connections)
                 log.info(
-                    "shutting down: %d connections get %d s",
-                    len(self._connections), self.config.shutdown_grace_s,
+                    "shutting down: %d %s %s %d s", count,
+                    "connection" if count == 1 else "connections",
+                    "gets" if count == 1 else "get", self.config.shutdown_grace_s,
                 )
                 for connection in self._connections:
                     connection.begin_shutdown(self._shutdown_at)
-                handlers.cancel_scope.deadline = self._shutdown_at + SHUTDOWN_BACKSTOP_S
+                self._backstop = handlers.cancel_scope
+                handlers.cancel_scope.deadline = (
+                    trio.current_time() if self._hurried
+                    else self._shutdown_at + SHUTDOWN_BACKSTOP_S
+                )
             sweeping.cancel_scope.cancel()  # every connection it watched has closed
         log.info("all connections closed")
 
@@ -572,6 +602,7 @@ class BankServer:
             transport, session=session, config=self.config, name=name,
             sweeper=self._sweeper, on_login=self._logged_in,
             on_handshake_failed=functools.partial(self._handshake_failed, address),
+            on_bad_frame=functools.partial(self._bad_frame, address),
         )
         self._connections.add(connection)
         self._slotted.add(connection)
@@ -590,12 +621,18 @@ class BankServer:
             self._release_slot(connection)
             self._evicting.discard(connection)
             self._connections.discard(connection)
-            log.info("%s: closed", name)
+            if connection.ended_because is None:
+                log.info("%s: closed", connection.name)
+            else:
+                log.info("%s: closed: %s", connection.name, connection.ended_because)
 
     def _handshake_failed(self, address: str, reason: str) -> None:
         self._warnings.warn(
             f"tls {address}", "TLS handshakes from %s fail: %s", address, reason
         )
+
+    def _bad_frame(self, address: str, problem: str) -> None:
+        self._warnings.warn(f"frame {address}", "bad frames from %s: %s", address, problem)
 
     def _logged_in(self, connection: Connection) -> None:
         """``connection`` logged in: it no longer counts against its address, and is

@@ -8,6 +8,7 @@ account leases. It awaits the ledger, so it runs in Trio, but it does no I/O of 
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -97,6 +98,12 @@ POST_STATUS: dict[EntryKind, dict[PostResult, Status]] = {
 §3.3, §9): the kinds differ only in the refusal of their own limit."""
 
 
+def format_time_ms(time_ms: int) -> str:
+    """A Unix time in milliseconds for the log: ``2026-12-02 14:24:03 UTC``."""
+    moment = datetime.datetime.fromtimestamp(time_ms / 1000, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 class Session:
     """What the bank knows of one connection's session: its account, once logged in."""
 
@@ -159,17 +166,22 @@ class Session:
 
     def end(self) -> None:
         """Release the lease, if any; the token dies with it. Safe to call more than once."""
+        self._release("%s: %s released")
+
+    def _release(self, message: str) -> None:
+        """``end``, logging ``message`` (with the name and the masked account) if the
+        session held an account."""
         if self.account is not None:
             if self._sessions is not None:
                 self._sessions.forget(self.account, self)
             self._leases.release(self.account)
-            log.info("%s: %s released", self._name, mask_account(self.account))
+            log.info(message, self._name, mask_account(self.account))
             self.account = self.token = None
         self._released.set()
 
     def supersede(self) -> None:
         """A new connection resumed this session: end this one (``Resumable``)."""
-        log.info("%s: superseded by a resumed connection", self._name)
+        log.debug("%s: superseded by a resumed connection", self._name)
         self.on_supersede()
 
     async def wait_released(self) -> None:
@@ -182,10 +194,20 @@ class Session:
             self.token = self._sessions.register(account, self)
 
     async def _login(self, request: Login) -> Reply:
-        status = PIN_STATUS[await self._ledger.verify_pin(request.account, request.pin)]
+        verdict = await self._ledger.verify_pin(request.account, request.pin)
+        status = PIN_STATUS[verdict.result]
         if status is Status.APPROVED and not self._leases.try_acquire(request.account):
             status = Status.ACCOUNT_IN_USE
-        log.info("%s: login %s %s", self._name, mask_account(request.account), status.name)
+        # The operator learns what the customer is not told: that there is no such account.
+        unknown = "" if verdict.account_known else " (no such account)"
+        masked = mask_account(request.account)
+        if verdict.locked_until_ms is not None:
+            log.warning(
+                "%s: login %s %s%s: locked until %s", self._name, masked, status.name,
+                unknown, format_time_ms(verdict.locked_until_ms),
+            )
+        else:
+            log.info("%s: login %s %s%s", self._name, masked, status.name, unknown)
         if status is Status.APPROVED:
             self._hold(request.account)
         return LoginReply(status)
@@ -211,7 +233,7 @@ class Session:
         return ResumeReply(Status.APPROVED)
 
     async def _logout(self, _request: Logout) -> Reply:
-        self.end()
+        self._release("%s: logout %s")
         return LogoutReply(Status.APPROVED)
 
     async def _balance(self, _request: Balance) -> Reply:
@@ -222,13 +244,23 @@ class Session:
         posting = await self._posting(request, kind)
         status = POST_STATUS[kind.entry_kind][posting.result]
         if log.isEnabledFor(logging.INFO):  # the arguments cost more than the check
-            log.info(
-                "%s: %s %s %s %s entry %d balance %s",
-                self._name, mask_account(self._account()), request.OPCODE.name,
-                format_cents(request.amount_cents), status.name, posting.entry_id,
-                format_cents(posting.balance_cents),
-            )
+            self._log_post(request, status, posting)
         return kind.reply(status, posting.balance_cents, posting.entry_id, posting.time_ms)
+
+    def _log_post(self, request: MoneyRequest, status: Status, posting: Posting) -> None:
+        """One line per deposit or withdrawal: the transaction id the ATM tells its
+        customer to quote, and the entry once booked (or replayed). Never a balance: the
+        log is not a statement, and a declined one has none to show."""
+        result = posting.result
+        booked = result in {PostResult.BOOKED, PostResult.REPLAYED}
+        log.log(
+            logging.WARNING if result is PostResult.TXN_ID_REUSED else logging.INFO,
+            "%s: %s %s %s %s%s txn %s%s",
+            self._name, mask_account(self._account()), request.OPCODE.name,
+            format_cents(request.amount_cents), status.name,
+            " (replayed)" if result is PostResult.REPLAYED else "", request.txn_id.hex(),
+            f" entry {posting.entry_id}" if booked else "",
+        )
 
     async def _posting(self, request: MoneyRequest, kind: MoneyKind) -> Posting:
         return await self._ledger.post(

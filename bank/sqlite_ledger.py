@@ -25,7 +25,7 @@ from typing import TypeVar, cast
 import trio
 
 from bank.config import ServerConfig
-from bank.ledger import PinResult, Posting, StorageError
+from bank.ledger import PinVerdict, Posting, StorageError
 from bank.pins import load_or_create_key
 from bank.store import (
     BalanceQuery,
@@ -81,8 +81,8 @@ class SqliteLedger:
         self._open_batch: _Batch | None = None
         self._closed = False
 
-    async def verify_pin(self, account: str, pin: str) -> PinResult:
-        return cast(PinResult, await self._submit(PinCheck(account, pin, self._pin_policy)))
+    async def verify_pin(self, account: str, pin: str) -> PinVerdict:
+        return cast(PinVerdict, await self._submit(PinCheck(account, pin, self._pin_policy)))
 
     async def balance(self, account: str) -> int:
         return cast(int, await self._submit(BalanceQuery(account)))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bank.accounts_file import AccountRecord
-from bank.ledger import PinResult, Posting, PostResult
+from bank.ledger import PinResult, PinVerdict, Posting, PostResult
 from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import PIN_HMAC_BYTES, hash_pin, new_salt, verify
 from wire import (
@@ -207,7 +207,7 @@ class SchemaError(StoreError):
     """The database was written by a newer version of this program."""
 
 
-Outcome = Posting | PinResult | int | list[HistoryEntry] | StoreError | ValueError
+Outcome = Posting | PinVerdict | int | list[HistoryEntry] | StoreError | ValueError
 """What ``Store.execute_batch`` gives each request: its result, or its refusal."""
 
 
@@ -251,20 +251,28 @@ class Store:
         has already refused those.
         """
         with self._transaction():
-            return self._check_pin(PinCheck(account, pin, policy), now_ms)
+            return self._check_pin(PinCheck(account, pin, policy), now_ms).result
 
-    def _check_pin(self, check: PinCheck, now_ms: int) -> PinResult:
-        """``verify_pin`` inside the caller's transaction."""
+    def _check_pin(self, check: PinCheck, now_ms: int) -> PinVerdict:
+        """``verify_pin`` inside the caller's transaction, with what the operator's log
+        may know besides: whether the account exists, and until when it is locked. It
+        costs the same either way (an unknown account is checked against a dummy)."""
         account, policy = canonical_account(check.account), check.policy
         failures, locked_until_ms, last_failure_ms = self._pin_failures(account)
         if locked_until_ms is not None and locked_until_ms > now_ms:
-            return PinResult.LOCKED
+            return PinVerdict(
+                PinResult.LOCKED, self._account_exists(account), int(locked_until_ms)
+            )
         if locked_until_ms is not None or last_failure_ms <= now_ms - policy.lockout_ms:
             failures = 0  # The lock expired, or the last failure is forgotten: a fresh start.
-        if self._pin_matches(account, check.pin):
+        matches, known = self._pin_matches(account, check.pin)
+        if matches:
             self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
-            return PinResult.MATCHED
-        return self._record_pin_failure(account, failures + 1, now_ms, policy)
+            return PinVerdict(PinResult.MATCHED)
+        result = self._record_pin_failure(account, failures + 1, now_ms, policy)
+        if result is PinResult.LOCKED:
+            return PinVerdict(result, known, now_ms + policy.lockout_ms)
+        return PinVerdict(result, known)
 
     def balance(self, account: str) -> int:
         """The balance in cents; UnknownAccount if there is no such account."""
@@ -542,14 +550,15 @@ class Store:
         ).fetchone()
         return (0, None, 0) if row is None else (int(row[0]), row[1], int(row[2]))
 
-    def _pin_matches(self, account: str, pin: str) -> bool:
-        """One HMAC and one compare whether or not the account exists."""
+    def _pin_matches(self, account: str, pin: str) -> tuple[bool, bool]:
+        """(the PIN matches, the account exists): one HMAC and one compare whether or
+        not the account exists."""
         row = self._conn.execute(
             "SELECT pin_salt, pin_hmac FROM accounts WHERE account = ?", (account,)
         ).fetchone()
         salt, expected = (self._dummy_salt, self._dummy_hmac) if row is None else row
         matches = verify(self._key, salt, account, pin, expected)
-        return matches and row is not None
+        return matches and row is not None, row is not None
 
     def _record_pin_failure(
         self, account: str, failures: int, now_ms: int, policy: PinPolicy

@@ -45,7 +45,7 @@ import trio
 
 from bank.config import ServerConfig
 from bank.leases import Leases
-from bank.ledger import PinResult, Posting, PostResult, StorageError
+from bank.ledger import PinResult, PinVerdict, Posting, PostResult, StorageError
 from bank.resumption import SessionRegistry
 from bank.session import Session
 from fuzz.frames import WHOLE_STREAM, Finding, golden_frames, split_input
@@ -128,7 +128,10 @@ class FakeLedger:
         known = self.accounts.get(account)
         return known is not None and known.pin == pin
 
-    async def verify_pin(self, account: str, pin: str) -> PinResult:
+    async def verify_pin(self, account: str, pin: str) -> PinVerdict:
+        return PinVerdict(self._check_pin(account, pin), account in self.accounts)
+
+    def _check_pin(self, account: str, pin: str) -> PinResult:
         failures = self._failures.get(account, 0)
         if failures >= self._pin_tries_max:
             return PinResult.LOCKED

@@ -24,7 +24,7 @@ import trio.testing
 from atm.connection import Connection
 from bank.config import ServerConfig
 from bank.leases import Leases
-from bank.ledger import Ledger, PinResult, Posting
+from bank.ledger import Ledger, PinVerdict, Posting
 from bank.resumption import SessionRegistry
 from bank.server import BankServer
 from bank.session import Session
@@ -302,8 +302,8 @@ class FaultyLedger:
             raise fault.error
         return result
 
-    async def verify_pin(self, account: str, pin: str) -> PinResult:
-        return cast(PinResult, await self._call("verify_pin", account, pin))
+    async def verify_pin(self, account: str, pin: str) -> PinVerdict:
+        return cast(PinVerdict, await self._call("verify_pin", account, pin))
 
     async def balance(self, account: str) -> int:
         return cast(int, await self._call("balance", account))

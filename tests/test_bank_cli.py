@@ -398,6 +398,30 @@ async def test_the_server_process_serves_and_exits_cleanly_on_sigterm(
     assert DEMO_PIN not in text and DEMO_ACCOUNT not in text  # masked, never a PIN
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_second_signal_ends_the_grace_at_once_and_still_closes_cleanly(
+    bank_process: launcher.Server, signum: signal.Signals,
+):
+    """The operator who cannot wait the grace out (5 s here) signals again: the server
+    closes the open connection at once, still closes the database (no -wal file left),
+    and exits 0 without a traceback, rather than being killed by the signal."""
+    with trio.fail_after(RECEIVE_TIMEOUT_S):
+        client = await WireClient.connect(bank_process.port)
+        await client.hello()
+        assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+        bank_process.process.send_signal(signum)
+        frame = await client.receive()
+        assert frame is not None and isinstance(frame.message, Shutdown)
+        bank_process.process.send_signal(signum)
+        exited = functools.partial(bank_process.process.wait, 3.0)  # before the grace ends
+        assert await trio.to_thread.run_sync(exited) == 0
+        await client.aclose()
+    text = bank_process.log_path.read_text()
+    assert f"{signum.name} received again" in text and "database closed" in text
+    assert "Traceback" not in text
+    assert not list(bank_process.log_path.parent.glob("*-wal"))
+
+
 # -- TLS operator commands and start-up ---------------------------------------------------
 
 

@@ -16,7 +16,7 @@ import zlib
 import pytest
 
 from bank.leases import Leases
-from bank.ledger import PinResult, Posting, PostResult
+from bank.ledger import PinResult, PinVerdict, Posting, PostResult
 from fuzz import fuzz_decoder, fuzz_session
 from fuzz.frames import (
     WHOLE_STREAM,
@@ -254,8 +254,8 @@ class LeakyLeases(Leases):
 class LeaseIgnoringLedger(fuzz_session.FakeLedger):
     """A ledger whose PIN check approves anyone: ACCOUNT_IN_USE then leaks to strangers."""
 
-    async def verify_pin(self, account: str, pin: str) -> PinResult:
-        return PinResult.MATCHED
+    async def verify_pin(self, account: str, pin: str) -> PinVerdict:
+        return PinVerdict(PinResult.MATCHED)
 
 
 def test_a_correct_conversation_passes() -> None:

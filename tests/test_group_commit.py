@@ -170,7 +170,7 @@ async def test_reads_and_writes_share_one_batch_in_arrival_order(
             gate.set()
     assert sizes == [1, 4]  # two thread hops for five requests
     assert seen["balance"] == OPENING_CENTS + 5_00  # after the deposit it queued behind
-    assert seen["pin"] is PinResult.MATCHED
+    assert seen["pin"].result is PinResult.MATCHED
     assert [e.amount_cents for e in seen["history"]] == [5_00]
 
 

@@ -74,14 +74,14 @@ async def test_first_start_creates_key_and_database(tmp_path: Path):
     key = key_path.read_bytes()
     ledger = await open_ledger(tmp_path / "bank.db", key_path)
     try:
-        assert await ledger.verify_pin("ac-12345", "1324") is PinResult.MATCHED
+        assert (await ledger.verify_pin("ac-12345", "1324")).result is PinResult.MATCHED
     finally:
         await ledger.aclose()
     assert key_path.read_bytes() == key
 
 
 async def test_protocol_methods(ledger: SqliteLedger, clock: FakeClock):
-    assert await ledger.verify_pin("AC-12345", "1324") is PinResult.MATCHED
+    assert (await ledger.verify_pin("AC-12345", "1324")).result is PinResult.MATCHED
     assert await ledger.balance("ac-12345") == 102_432
     deposit = await ledger.post(
         account="AC-12345", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=568,
@@ -107,11 +107,11 @@ async def test_protocol_methods(ledger: SqliteLedger, clock: FakeClock):
 
 async def test_lock_expiry_follows_the_injected_clock(ledger: SqliteLedger, clock: FakeClock):
     for expected in (PinResult.WRONG, PinResult.WRONG, PinResult.LOCKED):
-        assert await ledger.verify_pin("AC-12345", "0000") is expected
+        assert (await ledger.verify_pin("AC-12345", "0000")).result is expected
     clock.now_ms += ServerConfig().pin_lockout_s * 1000 - 1  # opened with the defaults
-    assert await ledger.verify_pin("AC-12345", "1324") is PinResult.LOCKED
+    assert (await ledger.verify_pin("AC-12345", "1324")).result is PinResult.LOCKED
     clock.now_ms += 1
-    assert await ledger.verify_pin("AC-12345", "1324") is PinResult.MATCHED
+    assert (await ledger.verify_pin("AC-12345", "1324")).result is PinResult.MATCHED
 
 
 async def test_open_ledger_passes_lockout_settings(tmp_path: Path, clock: FakeClock):
@@ -119,10 +119,10 @@ async def test_open_ledger_passes_lockout_settings(tmp_path: Path, clock: FakeCl
         tmp_path / "bank.db", tmp_path / "pin.key", pin_tries_max=1, lockout_s=2, clock_ms=clock
     )
     try:
-        assert await ledger.verify_pin("QQ-00000", "0000") is PinResult.LOCKED
+        assert (await ledger.verify_pin("QQ-00000", "0000")).result is PinResult.LOCKED
         clock.now_ms += 2_000
-        assert await ledger.verify_pin("QQ-00000", "0000") is PinResult.LOCKED
-        assert await ledger.verify_pin("AC-12345", "1324") is PinResult.MATCHED
+        assert (await ledger.verify_pin("QQ-00000", "0000")).result is PinResult.LOCKED
+        assert (await ledger.verify_pin("AC-12345", "1324")).result is PinResult.MATCHED
     finally:
         await ledger.aclose()
 

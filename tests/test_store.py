@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bank.accounts_file import parse_accounts
-from bank.ledger import PinResult, Posting, PostResult
+from bank.ledger import PinResult, PinVerdict, Posting, PostResult
 from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import KEY_BYTES, PIN_HMAC_BYTES, SALT_BYTES, hash_pin
 from bank.store import (
@@ -360,14 +360,14 @@ def test_the_longest_lockout_still_counts_wrong_pins_and_locks(store: Store, now
     wrong = [PinCheck("AC-12345", "0000", policy)] * 3
     deposit = PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX)
     outcomes = store.execute_batch([*wrong, BalanceQuery("AC-12345"), deposit], now_ms)
+    locked_until = now_ms + LOCKOUT_MS_MAX
     assert outcomes == [
-        PinResult.WRONG,
-        PinResult.WRONG,
-        PinResult.LOCKED,
+        PinVerdict(PinResult.WRONG),
+        PinVerdict(PinResult.WRONG),
+        PinVerdict(PinResult.LOCKED, locked_until_ms=locked_until),
         102_432,
         Posting(PostResult.BOOKED, 542_922, 1, now_ms),
     ]
-    locked_until = now_ms + LOCKOUT_MS_MAX
     assert store.verify_pin("AC-12345", "1324", locked_until - 1, policy) is PinResult.LOCKED
     assert store.verify_pin("AC-12345", "1324", locked_until, policy) is PinResult.MATCHED
 
