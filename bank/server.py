@@ -33,12 +33,14 @@ import logging
 import math
 import resource
 import ssl
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
 
+from bank.admin import Metrics, open_admin_listeners, serve_admin
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
@@ -207,8 +209,15 @@ class Connection:
         sweeper: DeadlineSweeper,
         on_login: Callable[[Connection], None] = lambda connection: None,
         on_handshake_failed: Callable[[str], None] = lambda reason: None,
+        metrics: Metrics | None = None,
+        peer: str = "",
     ) -> None:
         self.name = name
+        self.peer = peer
+        self._metrics = metrics or Metrics()
+        self.connected_perf = time.perf_counter()
+        self.last_request_perf: float | None = None
+        """When the last request's frame was whole (time.perf_counter), for /sessions."""
         self.session = session
         self._on_login = on_login
         self._on_handshake_failed = on_handshake_failed
@@ -357,8 +366,12 @@ class Connection:
         """Send the state table's refusal, or else the session's reply, to one request."""
         request = frame.message
         assert isinstance(request, Request), "a server's engine yields only requests"
+        self.last_request_perf = started = time.perf_counter()
         reply = await self.session.answer(self._engine, request)
         await self._send(reply)
+        self._metrics.observe_request(
+            request.OPCODE.name, reply.status.name, time.perf_counter() - started
+        )
         if isinstance(reply, LoginReply | ResumeReply) and self.logged_in:
             if self.session.token is not None:
                 await self._send(SessionToken(self.session.token))
@@ -485,17 +498,29 @@ class BankServer:
         self._numbers = itertools.count(1)
         self._stop = trio.Event()
         self._shutdown_at: float | None = None
+        self.metrics = Metrics(ledger)
+        self._admin_listeners: list[trio.SocketListener] = []
 
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    def connections(self) -> list[Connection]:
+        """Every connection being served, for the admin endpoint."""
+        return list(self._connections)
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown; ``serve`` returns when it is complete."""
         self._stop.set()
 
     async def listen(self) -> list[trio.SocketListener]:
-        """Bind the configured address; raises OSError (e.g. the port is in use)."""
+        """Bind the configured address (and the admin port, if configured); raises
+        OSError (e.g. the port is in use)."""
+        if self.config.admin_port is not None and not self._admin_listeners:
+            try:
+                self._admin_listeners = await open_admin_listeners(self.config.admin_port)
+            except OSError as error:
+                raise OSError(f"admin port {self.config.admin_port}: {error}") from None
         return await trio.open_tcp_listeners(self.config.port, host=self.config.host)
 
     async def serve(
@@ -511,6 +536,8 @@ class BankServer:
             log.info("listening on %s", _address(listener.socket.getsockname()))
         async with trio.open_nursery() as sweeping:
             sweeping.start_soon(self._sweeper.run)
+            if self._admin_listeners:  # serves until every connection has closed
+                await sweeping.start(serve_admin, self, self._admin_listeners)
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as acceptors:
                     acceptors.start_soon(
@@ -543,6 +570,7 @@ class BankServer:
                 address, "refused connections from %s: %d not logged in already",
                 address, self._preauth_per_address[address],
             )
+            self.metrics.refusals["per_address_cap"] += 1
             await self._refuse_busy(stream)
             return
         if len(self._slotted) >= self.config.connections_max and not self._evict_one():
@@ -550,6 +578,7 @@ class BankServer:
                 "full", "refused connections: all %d slots hold logged-in sessions"
                 " or connections busy with a request", len(self._slotted),
             )
+            self.metrics.refusals["busy"] += 1
             await self._refuse_busy(stream)
             return
         await self._serve_connection(stream, name, address)
@@ -566,6 +595,7 @@ class BankServer:
             transport, session=session, config=self.config, name=name,
             sweeper=self._sweeper, on_login=self._logged_in,
             on_handshake_failed=functools.partial(self._handshake_failed, address),
+            metrics=self.metrics, peer=_peer_address(stream),
         )
         self._connections.add(connection)
         self._slotted.add(connection)
@@ -587,6 +617,7 @@ class BankServer:
             log.info("%s: closed", name)
 
     def _handshake_failed(self, address: str, reason: str) -> None:
+        self.metrics.refusals["tls_handshake_failed"] += 1
         self._warnings.warn(
             f"tls {address}", "TLS handshakes from %s fail: %s", address, reason
         )
@@ -608,6 +639,7 @@ class BankServer:
             "evicting", "server full (%d slots): evicting connections that have not"
             " logged in, oldest first (%s)", self.config.connections_max, victim.name,
         )
+        self.metrics.refusals["evicted"] += 1
         self._release_slot(victim)
         self._evicting.add(victim)
         victim.evict()
