@@ -3,6 +3,7 @@ from the in-process server, as it serves; and its limits against hostile clients
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import socket
@@ -10,10 +11,12 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import trio
 
+from atm.connection import Connection as Atm
 from bank.admin import (
     ADMIN_CONNECTIONS_MAX,
     ADMIN_HEADERS_MAX,
@@ -22,17 +25,23 @@ from bank.admin import (
     serve_admin,
 )
 from bank.config import ServerConfig
+from bank.server import BankServer
 from bank.sqlite_ledger import SqliteLedger
+from bank.tls import client_context, init_ca_and_server, issue_terminal, server_context
 from tests.helpers import (
     DEMO_ACCOUNT,
+    DEMO_PIN,
     OTHER_ACCOUNT,
     OTHER_PIN,
     RunningServer,
+    WireClient,
+    frames_until_closed,
     legit_session,
     logged_in,
+    settle,
     start_server,
 )
-from wire import Balance, Ping, Status, mask_account
+from wire import Balance, Login, LoginReply, Ping, Status, mask_account
 
 HTTP_TIMEOUT_S = 10
 """Guard on the test's HTTP client against a hung test; far above any honest wait."""
@@ -204,6 +213,66 @@ async def test_refusals_are_counted_by_reason(
     assert samples["bank_refusals_total", '{reason="busy"}'] == 0
     await first.aclose()
     await refused.aclose()
+
+
+async def admin_of(nursery: trio.Nursery, bank: RunningServer) -> int:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(serve_admin, bank.server, listeners)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def test_evictions_are_counted(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+) -> None:
+    bank = await start_server(nursery, config, ledger, connections_max=1)
+    port = await admin_of(nursery, bank)
+    idle = await bank.client()
+    newcomer = await bank.client()  # takes the idle one's slot
+    assert len(await frames_until_closed(idle)) == 1  # SESSION_EXPIRED, then closed
+    await settle()
+    samples = await scrape(port)
+    assert samples["bank_refusals_total", '{reason="evicted"}'] == 1
+    await idle.aclose()
+    await newcomer.aclose()
+
+
+async def test_tls_terminal_and_failed_handshakes(
+    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, tmp_path: Path
+) -> None:
+    pki = init_ca_and_server(tmp_path / "tls", ["127.0.0.1"])
+    terminal = issue_terminal(tmp_path / "tls", "atm-0042")
+    context = server_context(pki.cert, pki.key, client_ca=pki.ca)
+    bank = await start_server(nursery, config, ledger, tls=context)
+    port = await admin_of(nursery, bank)
+    plain = await WireClient.connect(bank.port)  # no TLS at the TLS port
+    await plain.send_raw(b"AT\x01\x01" + bytes(20))
+    assert await plain.closed()
+    await plain.aclose()
+    atm = await Atm.open(
+        "127.0.0.1", bank.port, tls=client_context(pki.ca, cert=terminal.cert, key=terminal.key)
+    )
+    login = await atm.request(Login(DEMO_ACCOUNT, DEMO_PIN), LoginReply)
+    assert login.status is Status.APPROVED
+    await settle()
+    samples = await scrape(port)
+    assert samples["bank_refusals_total", '{reason="tls_handshake_failed"}'] == 1
+    _, _, body = await get(port, "/sessions")
+    [entry] = json.loads(body)["connections"]
+    assert entry["terminal"] == "CN=atm-0042"
+    assert entry["account"] == mask_account(DEMO_ACCOUNT)
+    await atm.aclose()
+
+
+async def test_admin_port_in_use_is_named(
+    config: ServerConfig, ledger: SqliteLedger
+) -> None:
+    taken = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = taken[0].socket.getsockname()[1]
+    server = BankServer(dataclasses.replace(config, admin_port=port), ledger)
+    with pytest.raises(OSError, match=f"admin port {port}"):
+        await server.listen()
+    await taken[0].aclose()
 
 
 async def test_sessions_json(bank: RunningServer, admin: int) -> None:
