@@ -521,7 +521,13 @@ class BankServer:
                 self._admin_listeners = await open_admin_listeners(self.config.admin_port)
             except OSError as error:
                 raise OSError(f"admin port {self.config.admin_port}: {error}") from None
-        return await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        try:
+            return await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        except OSError:
+            for listener in self._admin_listeners:  # never to be served
+                await listener.aclose()
+            self._admin_listeners = []
+            raise
 
     async def serve(
         self,

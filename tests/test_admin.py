@@ -380,3 +380,19 @@ def test_admin_port_is_validated(port: int) -> None:
 
 def test_admin_port_is_off_by_default() -> None:
     assert ServerConfig().admin_port is None
+
+
+async def test_admin_port_is_freed_when_the_bank_port_is_taken(
+    config: ServerConfig, ledger: SqliteLedger
+) -> None:
+    taken = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    admin_port = free_port()
+    server = BankServer(
+        dataclasses.replace(config, port=taken[0].socket.getsockname()[1], admin_port=admin_port),
+        ledger,
+    )
+    with pytest.raises(OSError):
+        await server.listen()
+    again = await trio.open_tcp_listeners(admin_port, host="127.0.0.1")  # not held
+    for listener in [*taken, *again]:
+        await listener.aclose()
