@@ -31,7 +31,7 @@ from bank.config import ServerConfig
 from bank.ledger import StorageError
 from bank.pins import KeyFileError, load_or_create_key
 from bank.readiness import listening_addresses, remove_ready_file, write_ready_file
-from bank.server import BankServer, open_files_needed, raise_open_files_limit
+from bank.server import BankServer, bind, open_files_needed, raise_open_files_limit
 from bank.sqlite_ledger import open_ledger
 from bank.store import AccountExists, Forgotten, SchemaError, Store, StoreError
 from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
@@ -236,7 +236,7 @@ async def run_server(config: ServerConfig) -> None:
     tls = tls_context(config)  # before the database: a bad certificate creates nothing
     log_security(config)
     try:  # before the database too, so that a port in use creates nothing either
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        listeners, admin_listeners = await bind(config)
     except OSError as error:
         raise CannotServe(f"cannot serve on {config.host}:{config.port}: {error}") from None
     try:
@@ -247,12 +247,13 @@ async def run_server(config: ServerConfig) -> None:
             lockout_s=config.pin_lockout_s,
         )
     except BaseException:
-        for listener in listeners:
+        for listener in [*listeners, *admin_listeners]:
             listener.socket.close()
         raise
     ignored: dict[int, Any] = {}
     try:
         server = BankServer(config, ledger, tls=tls)
+        server.adopt_admin_listeners(admin_listeners)
         # Once the receiver below closes, serving is over and the database closes next:
         # a signal then (or one left pending in the receiver) is ignored, not our death.
         ignored = _ignore_signals(SHUTDOWN_SIGNALS)

@@ -105,6 +105,10 @@ class ServerConfig:
         None, "once listening, write the pid and the addresses served to this JSON file"
         " (atomically), for a launcher to wait on; removed on exit", kind=Path,
     )
+    admin_port: int | None = _setting(
+        None, "serve /metrics (Prometheus) and /sessions (JSON) over HTTP on this port of"
+        " 127.0.0.1 only (off by default; 1..65535)", kind=int,
+    )
 
     def __post_init__(self) -> None:
         for name in ("frame_timeout_s", "login_timeout_s", "idle_timeout_s"):
@@ -131,6 +135,8 @@ class ServerConfig:
             raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be 0..65535")
+        if self.admin_port is not None and not 1 <= self.admin_port <= 65535:
+            raise ValueError("admin_port must be 1..65535")
         self._check_tls()
 
     def _check_tls(self) -> None:

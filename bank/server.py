@@ -33,12 +33,14 @@ import logging
 import math
 import resource
 import ssl
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
 
+from bank.admin import Metrics, open_admin_listeners, serve_admin
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
@@ -208,8 +210,15 @@ class Connection:
         on_login: Callable[[Connection], None] = lambda connection: None,
         on_handshake_failed: Callable[[str], None] = lambda reason: None,
         on_bad_frame: Callable[[str], None] = lambda problem: None,
+        metrics: Metrics | None = None,
+        peer: str = "",
     ) -> None:
         self.name = name
+        self.peer = peer
+        self._metrics = metrics or Metrics()
+        self.connected_perf = time.perf_counter()
+        self.last_request_perf: float | None = None
+        """When the last request's frame was whole (time.perf_counter), for /sessions."""
         self.session = session
         self.ended_because: str | None = None
         """Why the connection ended, for the operator's "closed" line; None when its
@@ -368,12 +377,16 @@ class Connection:
         """Send the state table's refusal, or else the session's reply, to one request."""
         request = frame.message
         assert isinstance(request, Request), "a server's engine yields only requests"
+        self.last_request_perf = started = time.perf_counter()
         reply = await self.session.answer(self._engine, request)
         log.debug(
             "%s: %s -> %s %s", self.name, request.OPCODE.name, reply.OPCODE.name,
             reply.status.name,
         )
         await self._send(reply)
+        self._metrics.observe_request(
+            request.OPCODE.name, reply.status.name, time.perf_counter() - started
+        )
         if isinstance(reply, LoginReply | ResumeReply) and self.logged_in:
             if self.session.token is not None:
                 log.debug("%s: -> SESSION_TOKEN", self.name)
@@ -504,10 +517,16 @@ class BankServer:
         self._hurried = False
         self._backstop: trio.CancelScope | None = None
         """The handlers' scope, whose deadline is the shutdown backstop, once shutting down."""
+        self.metrics = Metrics(ledger)
+        self._admin_listeners: list[trio.SocketListener] = []
 
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    def connections(self) -> list[Connection]:
+        """Every connection being served, for the admin endpoint."""
+        return list(self._connections)
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown; ``serve`` returns when it is complete."""
@@ -525,8 +544,14 @@ class BankServer:
             self._backstop.deadline = trio.current_time()
 
     async def listen(self) -> list[trio.SocketListener]:
-        """Bind the configured address; raises OSError (e.g. the port is in use)."""
-        return await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        """Bind the configured address (and the admin port, if configured); raises
+        OSError (e.g. the port is in use)."""
+        listeners, self._admin_listeners = await bind(self.config)
+        return listeners
+
+    def adopt_admin_listeners(self, admin_listeners: list[trio.SocketListener]) -> None:
+        """Serve the admin endpoint on these, bound by ``bind`` before the server was made."""
+        self._admin_listeners = admin_listeners
 
     async def serve(
         self,
@@ -541,6 +566,8 @@ class BankServer:
             log.info("listening on %s", _address(listener.socket.getsockname()))
         async with trio.open_nursery() as sweeping:
             sweeping.start_soon(self._sweeper.run)
+            if self._admin_listeners:  # serves until every connection has closed
+                await sweeping.start(serve_admin, self, self._admin_listeners)
             async with trio.open_nursery() as handlers:
                 async with trio.open_nursery() as acceptors:
                     acceptors.start_soon(
@@ -579,6 +606,7 @@ class BankServer:
                 address, "refused connections from %s: %d not logged in already",
                 address, self._preauth_per_address[address],
             )
+            self.metrics.refusals["per_address_cap"] += 1
             await self._refuse_busy(stream)
             return
         if len(self._slotted) >= self.config.connections_max and not self._evict_one():
@@ -586,6 +614,7 @@ class BankServer:
                 "full", "refused connections: all %d slots hold logged-in sessions"
                 " or connections busy with a request", len(self._slotted),
             )
+            self.metrics.refusals["busy"] += 1
             await self._refuse_busy(stream)
             return
         await self._serve_connection(stream, name, address)
@@ -603,6 +632,7 @@ class BankServer:
             sweeper=self._sweeper, on_login=self._logged_in,
             on_handshake_failed=functools.partial(self._handshake_failed, address),
             on_bad_frame=functools.partial(self._bad_frame, address),
+            metrics=self.metrics, peer=_peer_address(stream),
         )
         self._connections.add(connection)
         self._slotted.add(connection)
@@ -627,6 +657,7 @@ class BankServer:
                 log.info("%s: closed: %s", connection.name, connection.ended_because)
 
     def _handshake_failed(self, address: str, reason: str) -> None:
+        self.metrics.refusals["tls_handshake_failed"] += 1
         self._warnings.warn(
             f"tls {address}", "TLS handshakes from %s fail: %s", address, reason
         )
@@ -651,6 +682,7 @@ class BankServer:
             "evicting", "server full (%d slots): evicting connections that have not"
             " logged in, oldest first (%s)", self.config.connections_max, victim.name,
         )
+        self.metrics.refusals["evicted"] += 1
         self._release_slot(victim)
         self._evicting.add(victim)
         victim.evict()
@@ -727,6 +759,25 @@ def address_key(host: str) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, IPV6_PREFIX_BITS), strict=False))
     return str(ip)
+
+
+async def bind(
+    config: ServerConfig,
+) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
+    """Bind the bank's address and, if configured, the admin port: both or neither.
+    Raises OSError (e.g. a port in use), naming the admin port when it is that one."""
+    admin: list[trio.SocketListener] = []
+    if config.admin_port is not None:
+        try:
+            admin = await open_admin_listeners(config.admin_port)
+        except OSError as error:
+            raise OSError(f"admin port {config.admin_port}: {error}") from None
+    try:
+        return await trio.open_tcp_listeners(config.port, host=config.host), admin
+    except OSError:
+        for listener in admin:  # never to be served
+            await listener.aclose()
+        raise
 
 
 def open_files_needed(connections_max: int) -> int:

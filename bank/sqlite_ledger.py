@@ -80,6 +80,8 @@ class SqliteLedger:
         self._committer = trio.Lock()
         self._open_batch: _Batch | None = None
         self._closed = False
+        self.on_commit: Callable[[int, float], None] | None = None
+        """Told each batch's size (requests) and seconds on its thread (``bank.admin``)."""
 
     async def verify_pin(self, account: str, pin: str) -> PinVerdict:
         return cast(PinVerdict, await self._submit(PinCheck(account, pin, self._pin_policy)))
@@ -142,10 +144,13 @@ class SqliteLedger:
             async with self._committer:
                 # Only a batch's leader closes it, so it is still the open one here.
                 self._open_batch = None  # later requests start the next batch
+                started = time.perf_counter()
                 try:
                     batch.outcomes = await self._to_thread(
                         self._store.execute_batch, batch.requests, self._clock_ms()
                     )
+                    if self.on_commit is not None:
+                        self.on_commit(len(batch.requests), time.perf_counter() - started)
                 except Exception as error:  # every member must see it, not only the leader
                     batch.failure = error
                 finally:
