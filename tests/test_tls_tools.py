@@ -507,7 +507,10 @@ def test_issuing_with_another_cas_key_says_so(pki: TlsFiles, other_pki: TlsFiles
 
 # --- What openssl says of the files ----------------------------------------------------------
 
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl binary")
+needs_openssl = pytest.mark.skipif(
+    shutil.which("openssl") is None and os.environ.get("CI") != "true",
+    reason="no openssl binary (under CI=true the test runs, and fails without one)",
+)
 
 
 def run_openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
