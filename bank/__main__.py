@@ -32,7 +32,7 @@ from bank.ledger import StorageError
 from bank.pins import KeyFileError, load_or_create_key
 from bank.readiness import listening_addresses, remove_ready_file, write_ready_file
 from bank.server import BankServer, bind, open_files_needed, raise_open_files_limit
-from bank.sqlite_ledger import open_ledger, wall_clock_ms
+from bank.sqlite_ledger import Opened, open_ledger, wall_clock_ms
 from bank.store import (
     AccountExists,
     Forgotten,
@@ -288,6 +288,27 @@ def log_security(config: ServerConfig) -> None:
         )
 
 
+def log_opened(config: ServerConfig, opened: Opened) -> None:
+    """Say what start-up did to the database and the PIN key."""
+    if opened.db_created:
+        log.info("database created: %s", config.db)
+        if opened.seeded:
+            log.info(
+                "demo accounts seeded: %s (their PINs are in the README: not for real money)",
+                ", ".join(mask_account(account) for account in opened.seeded),
+            )
+        elif config.demo_accounts is False:
+            log.info("no demo accounts seeded (--no-demo-accounts)")
+        else:
+            log.info(
+                "no demo accounts seeded: %s is not loopback (add accounts with"
+                " add-account or import; --demo-accounts seeds them anyway)", config.host,
+            )
+    else:
+        log.info("database opened: %s", config.db)
+    log.info("PIN key file %s: %s", "created" if opened.key_created else "loaded", config.key_file)
+
+
 async def run_server(config: ServerConfig) -> None:
     """Serve until a signal, then shut down gracefully and close the database."""
     tls = tls_context(config)  # before the database: a bad certificate creates nothing
@@ -302,11 +323,13 @@ async def run_server(config: ServerConfig) -> None:
             config.key_file,
             pin_tries_max=config.pin_tries_max,
             lockout_s=config.pin_lockout_s,
+            seed_demo=config.seeds_demo_accounts,
         )
     except BaseException:
         for listener in [*listeners, *admin_listeners]:
             listener.socket.close()
         raise
+    log_opened(config, ledger.opened)
     ignored: dict[int, Any] = {}
     try:
         server = BankServer(config, ledger, tls=tls)

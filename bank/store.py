@@ -226,6 +226,10 @@ class Store:
         self._dummy_salt = new_salt()
         self._dummy_hmac = bytes(PIN_HMAC_BYTES)
         self._conn = _connect(Path(db_path), create=create)
+        self.created = False
+        """Whether this open created the database (made the schema in an empty file)."""
+        self.seeded: tuple[str, ...] = ()
+        """The demo accounts this open seeded into the new database."""
         try:
             self._create_schema_if_new(seed_demo=seed_demo)
         except BaseException:
@@ -509,6 +513,8 @@ class Store:
                 if seed_demo:
                     for account, pin, balance_cents in DEMO_ACCOUNTS:
                         self._insert_account(account, pin, balance_cents)
+                self.created = True
+                self.seeded = tuple(account for account, _, _ in DEMO_ACCOUNTS) if seed_demo else ()
             else:
                 for step in range(version, SCHEMA_VERSION):
                     self._execute_script(_MIGRATIONS[step])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 import re
 import resource
@@ -23,6 +24,7 @@ from bank.__main__ import (
     STATEMENT_LIMIT_DEFAULT,
     STATEMENT_LIMIT_MAX,
     build_parser,
+    log_opened,
     main,
 )
 from bank.config import ServerConfig, from_arguments
@@ -30,7 +32,8 @@ from bank.ledger import PinResult
 from bank.pins import load_or_create_key
 from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.server import open_files_needed, raise_open_files_limit
-from bank.store import PinPolicy, Store, UnknownAccount
+from bank.sqlite_ledger import open_ledger
+from bank.store import DEMO_ACCOUNTS, PinPolicy, Store, UnknownAccount
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
 from wire import Balance, BalanceReply, EntryKind, Shutdown, Status, mask_account
@@ -401,6 +404,10 @@ async def test_the_server_process_serves_and_exits_cleanly_on_sigterm(
     text = bank_process.log_path.read_text()
     assert "SIGTERM received" in text and "database closed" in text
     assert DEMO_PIN not in text and DEMO_ACCOUNT not in text  # masked, never a PIN
+    assert f"database created: {bank_process.log_path.parent / 'bank.db'}" in text
+    assert "demo accounts seeded: AC-***45, WF-***51," in text
+    assert "(their PINs are in the README: not for real money)" in text
+    assert f"PIN key file created: {bank_process.log_path.parent / 'bank.key'}" in text
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -607,3 +614,73 @@ def test_the_reading_commands_read_while_the_server_holds_the_database_open(
         store.post(account=DEMO_ACCOUNT, txn_id=TXN_B, kind=EntryKind.DEPOSIT,
                    amount_cents=1_00, now_ms=0, limit_cents=10**9)  # the server still writes
         assert store.balance(DEMO_ACCOUNT) == 1_026_32
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "seeds"),
+    [
+        ([], {}, True),
+        (["--host", "::1"], {}, True),
+        (["--no-demo-accounts"], {}, False),
+        ([], {"BANK_DEMO_ACCOUNTS": "0"}, False),
+        (["--demo-accounts"], {"BANK_DEMO_ACCOUNTS": "0"}, True),
+        (["--host", "0.0.0.0", "--insecure-plaintext"], {}, False),
+        (["--host", "192.0.2.1", "--insecure-plaintext"], {"BANK_DEMO_ACCOUNTS": "1"}, True),
+    ],
+)
+def test_demo_accounts_are_seeded_only_on_loopback_and_can_be_turned_off(
+    argv: list[str], env: dict[str, str], seeds: bool, monkeypatch: pytest.MonkeyPatch
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert from_arguments(build_parser().parse_args(argv)).seeds_demo_accounts is seeds
+
+
+def start_up_lines(config: ServerConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                   ) -> list[str]:
+    """What starting ``config``'s server logs about its database and key, and no more."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bank"):
+        ledger = trio.run(functools.partial(
+            open_ledger, config.db, config.key_file, seed_demo=config.seeds_demo_accounts
+        ))
+        trio.run(ledger.aclose)
+        log_opened(config, ledger.opened)
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_start_up_says_what_it_created_seeded_and_opened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    db, key = tmp_path / "bank.db", tmp_path / "bank.key"
+    config = ServerConfig(db=db, key_file=key)
+    first = start_up_lines(config, tmp_path, caplog)
+    masked = ", ".join(mask_account(account) for account, _, _ in DEMO_ACCOUNTS)
+    assert first == [
+        f"database created: {db}",
+        f"demo accounts seeded: {masked} (their PINs are in the README: not for real money)",
+        f"PIN key file created: {key}",
+    ]
+    assert start_up_lines(config, tmp_path, caplog) == [
+        f"database opened: {db}", f"PIN key file loaded: {key}",
+    ]
+
+
+def test_start_up_says_why_it_seeded_no_demo_accounts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    off = ServerConfig(db=tmp_path / "off.db", key_file=tmp_path / "bank.key",
+                       demo_accounts=False)
+    assert "no demo accounts seeded (--no-demo-accounts)" in start_up_lines(off, tmp_path, caplog)
+    remote = ServerConfig(db=tmp_path / "remote.db", key_file=tmp_path / "bank.key",
+                          host="0.0.0.0", insecure_plaintext=True)
+    said = start_up_lines(remote, tmp_path, caplog)
+    assert "no demo accounts seeded: 0.0.0.0 is not loopback (add accounts with add-account" \
+        " or import; --demo-accounts seeds them anyway)" in said
+    assert not any("demo accounts seeded:" in line and "AC-" in line for line in said)
+    for db in (off.db, remote.db):
+        with (
+            Store(db, (tmp_path / "bank.key").read_bytes(), create=False) as store,
+            pytest.raises(UnknownAccount),
+        ):
+            store.balance(DEMO_ACCOUNT)
