@@ -32,11 +32,21 @@ from bank.ledger import StorageError
 from bank.pins import KeyFileError, load_or_create_key
 from bank.readiness import listening_addresses, remove_ready_file, write_ready_file
 from bank.server import BankServer, bind, open_files_needed, raise_open_files_limit
-from bank.sqlite_ledger import open_ledger
-from bank.store import AccountExists, Forgotten, SchemaError, Store, StoreError
+from bank.sqlite_ledger import Opened, open_ledger, wall_clock_ms
+from bank.store import (
+    AccountExists,
+    Forgotten,
+    SchemaError,
+    Store,
+    StoreError,
+    read_accounts_summary,
+    read_entry_by_txn_id,
+    read_statement,
+)
 from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
 from wire import (
     BALANCE_CENTS_MAX,
+    TXN_ID_BYTES,
     canonical_account,
     check_pin,
     format_cents,
@@ -50,6 +60,13 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 OPERATOR_SETTINGS = ["db", "key_file", "log_level"]
 """The settings an operator command takes, before or after its name; given in both
 places, the one after the name wins."""
+READER_SETTINGS = ["db", "log_level"]
+"""The settings of the commands that only read the books: no PIN key."""
+EXIT_NOT_BOOKED = 3
+"""``txn``'s status for a transaction that moved no money, so that scripts can tell."""
+STATEMENT_LIMIT_DEFAULT = 20
+STATEMENT_LIMIT_MAX = 1_000
+"""How many entries ``statement`` shows by default, and at most."""
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -130,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(run=serve, command="serving", settings=every_setting)
     commands = parser.add_subparsers(title="operator commands", metavar="COMMAND")
 
-    def command(name: str, run: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, run: Callable[..., int], help_text: str, names: list[str] = OPERATOR_SETTINGS
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        settings.add_arguments(sub, OPERATOR_SETTINGS)
-        sub.set_defaults(run=run, command=name, settings=OPERATOR_SETTINGS)
+        settings.add_arguments(sub, names)
+        sub.set_defaults(run=run, command=name, settings=names)
         return sub
 
     add = command("add-account", add_account, "add an account; the PIN is asked for")
@@ -147,6 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
         "import", import_accounts, "add accounts from a course accounts.txt file"
     )
     load.add_argument("path", help="file of 'account, pin, balance' lines; # comments")
+    command(
+        "accounts", list_accounts, "list every account: balance and wrong-PIN lock (read-only)",
+        READER_SETTINGS,
+    )
+    statement = command(
+        "statement", show_statement, "an account's entries, newest first (read-only)",
+        READER_SETTINGS,
+    )
+    statement.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
+    statement.add_argument(
+        "--limit", type=statement_limit, default=STATEMENT_LIMIT_DEFAULT, metavar="N",
+        help=f"show the N newest entries, 1..{STATEMENT_LIMIT_MAX}"
+        f" (default {STATEMENT_LIMIT_DEFAULT})",
+    )
+    txn = command(
+        "txn", show_txn, "what a transaction booked, if anything (read-only); exit status"
+        f" {EXIT_NOT_BOOKED} if it moved no money", READER_SETTINGS,
+    )
+    txn.add_argument("txn_id", type=txn_id_argument, help=f"transaction id: {TXN_ID_FORM}")
     init = commands.add_parser(
         "tls-init", help="create a private CA and the server's certificate",
         description="Create DIR (mode 0700) with a private CA (ca.pem, ca.key) and a server"
@@ -179,6 +217,25 @@ def account_argument(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an account number like AC-12345"
         ) from None
+
+
+TXN_ID_FORM = f"{2 * TXN_ID_BYTES} hexadecimal digits"
+
+
+def txn_id_argument(text: str) -> bytes:
+    if re.fullmatch(rf"[0-9a-fA-F]{{{2 * TXN_ID_BYTES}}}", text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a transaction id: {TXN_ID_FORM}")
+    return bytes.fromhex(text)
+
+
+def statement_limit(text: str) -> int:
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= STATEMENT_LIMIT_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number 1..{STATEMENT_LIMIT_MAX}")
+    return limit
 
 
 # -- Serving ---------------------------------------------------------------------------
@@ -231,6 +288,27 @@ def log_security(config: ServerConfig) -> None:
         )
 
 
+def log_opened(config: ServerConfig, opened: Opened) -> None:
+    """Say what start-up did to the database and the PIN key."""
+    if opened.db_created:
+        log.info("database created: %s", config.db)
+        if opened.seeded:
+            log.info(
+                "demo accounts seeded: %s (their PINs are in the README: not for real money)",
+                ", ".join(mask_account(account) for account in opened.seeded),
+            )
+        elif config.demo_accounts is False:
+            log.info("no demo accounts seeded (--no-demo-accounts)")
+        else:
+            log.info(
+                "no demo accounts seeded: %s is not loopback (add accounts with"
+                " add-account or import; --demo-accounts seeds them anyway)", config.host,
+            )
+    else:
+        log.info("database opened: %s", config.db)
+    log.info("PIN key file %s: %s", "created" if opened.key_created else "loaded", config.key_file)
+
+
 async def run_server(config: ServerConfig) -> None:
     """Serve until a signal, then shut down gracefully and close the database."""
     tls = tls_context(config)  # before the database: a bad certificate creates nothing
@@ -245,11 +323,13 @@ async def run_server(config: ServerConfig) -> None:
             config.key_file,
             pin_tries_max=config.pin_tries_max,
             lockout_s=config.pin_lockout_s,
+            seed_demo=config.seeds_demo_accounts,
         )
     except BaseException:
         for listener in [*listeners, *admin_listeners]:
             listener.socket.close()
         raise
+    log_opened(config, ledger.opened)
     ignored: dict[int, Any] = {}
     try:
         server = BankServer(config, ledger, tls=tls)
@@ -335,6 +415,92 @@ def open_store(config: ServerConfig) -> Store:
                 " when it first starts)"
             )
     return Store(config.db, load_or_create_key(config.key_file), create=False)
+
+
+def require_database(config: ServerConfig) -> Path:
+    """The database a reading command reads, which must exist (see ``open_store``)."""
+    if not config.db.exists():
+        raise StoreError(
+            f"there is no database {config.db}: check --db (only the server creates one,"
+            " when it first starts)"
+        )
+    return config.db
+
+
+def utc_time(time_ms: int) -> str:
+    return f"{datetime.fromtimestamp(time_ms / 1000, UTC):%Y-%m-%d %H:%M:%S}"
+
+
+def print_table(
+    header: tuple[str, ...], rows: list[tuple[str, ...]], *, right: frozenset[int] = frozenset()
+) -> None:
+    """Columns padded to their widest cell; the columns numbered in ``right`` (money,
+    ids) aligned right."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    for row in [header, *rows]:
+        cells = (
+            cell.rjust(width) if index in right else cell.ljust(width)
+            for index, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        print("  ".join(cells).rstrip())
+
+
+def list_accounts(config: ServerConfig, _args: argparse.Namespace) -> int:
+    now_ms = wall_clock_ms()
+    summaries = read_accounts_summary(require_database(config))
+    print_table(
+        ("account", "balance", "locked until (UTC)"),
+        [
+            (
+                summary.account,
+                format_cents(summary.balance_cents),
+                utc_time(summary.locked_until_ms)
+                if summary.locked_until_ms is not None and summary.locked_until_ms > now_ms
+                else "-",
+            )
+            for summary in summaries
+        ],
+        right=frozenset({1}),
+    )
+    return EXIT_OK
+
+
+def show_statement(config: ServerConfig, args: argparse.Namespace) -> int:
+    entries = read_statement(require_database(config), args.account, args.limit)
+    if not entries:
+        print(f"{args.account} has no entries")
+        return EXIT_OK
+    print_table(
+        ("entry", "time (UTC)", "kind", "amount", "balance after", "txn id", "terminal"),
+        [
+            (
+                str(entry.entry_id),
+                utc_time(entry.time_ms),
+                entry.kind.name.lower(),
+                format_cents(entry.amount_cents),
+                format_cents(entry.balance_cents),
+                entry.txn_id.hex(),
+                entry.terminal or "-",
+            )
+            for entry in entries
+        ],
+        right=frozenset({0, 3, 4}),
+    )
+    return EXIT_OK
+
+
+def show_txn(config: ServerConfig, args: argparse.Namespace) -> int:
+    entry = read_entry_by_txn_id(require_database(config), args.txn_id)
+    if entry is None:
+        print(f"not booked: transaction {args.txn_id.hex()} moved no money")
+        return EXIT_NOT_BOOKED
+    print(
+        f"booked: transaction {entry.txn_id.hex()}, {entry.kind.name.lower()} of"
+        f" {format_cents(entry.amount_cents)}, account {entry.account}, at"
+        f" {utc_time(entry.time_ms)} UTC, entry {entry.entry_id}, balance after"
+        f" {format_cents(entry.balance_cents)}, terminal {entry.terminal or '-'}"
+    )
+    return EXIT_OK
 
 
 def read_new_pin() -> str:

@@ -97,6 +97,10 @@ class ServerConfig:
         " (mutual TLS); `python -m bank tls-terminal` issues them", kind=Path,
     )
     tls12: bool = _setting(False, "accept TLS 1.2 as well as TLS 1.3 (1.3 only by default)")
+    demo_accounts: bool | None = _setting(
+        None, "seed a new database with the course's demo accounts, whose PINs are public"
+        " (None, the default: only when --host is loopback)", kind=bool,
+    )
     insecure_plaintext: bool = _setting(
         False, "serve without TLS on an address that is not loopback: PINs then cross the"
         " network in clear, so only on a network you trust"
@@ -151,6 +155,15 @@ class ServerConfig:
                 " tls-init makes them; see the README's TLS section), or insecure_plaintext"
                 " on a network you trust"
             )
+
+    @property
+    def seeds_demo_accounts(self) -> bool:
+        """Whether a new database gets the demo accounts: as ``demo_accounts`` says, and
+        if it says nothing, only on loopback (an address others can reach is no place for
+        accounts whose PINs are public)."""
+        if self.demo_accounts is None:
+            return is_loopback(self.host)
+        return self.demo_accounts
 
     def hello(self) -> Hello:
         """The greeting that announces these settings' limits to every ATM."""

@@ -12,7 +12,6 @@ Nothing here logs, stores or formats a plaintext PIN; error messages never echo 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import os
@@ -73,22 +72,29 @@ def verify(key: bytes, salt: bytes, account: str, pin: str, expected: bytes) -> 
 
 
 def load_or_create_key(path: str | os.PathLike[str]) -> bytes:
-    """The PIN key at ``path``, created (32 random bytes, mode 0600) if it does not exist.
+    """The PIN key at ``path``, created if it does not exist (see ``open_key``)."""
+    return open_key(path)[0]
+
+
+def open_key(path: str | os.PathLike[str]) -> tuple[bytes, bool]:
+    """The PIN key at ``path``, created (32 random bytes, mode 0600) if it does not
+    exist, and whether this call created it.
 
     Creation is atomic: the key is written and fsynced under a temporary name opened with
     O_CREAT|O_EXCL and mode 0600, then hard-linked to ``path``, which fails if another
     process got there first. So ``path`` never exists half-written, and two servers
-    starting together end up with the same key. An existing file is refused if it is not
-    a regular file of exactly 32 bytes or if group or others may read or write it.
+    starting together end up with the same key (and only one says it created it). An
+    existing file is refused if it is not a regular file of exactly 32 bytes or if group
+    or others may read or write it.
     """
     path = Path(path)
     try:
         try:
-            return _read_key(path)
+            return _read_key(path), False
         except FileNotFoundError:
             pass
-        _create_key(path)
-        return _read_key(path)
+        created = _create_key(path)
+        return _read_key(path), created
     except OSError as error:  # a symlink (O_NOFOLLOW), no permission, a directory...
         raise KeyFileError(f"{path}: cannot use the PIN key: {error.strerror}") from error
 
@@ -121,7 +127,8 @@ def _check_key_file(path: Path, info: os.stat_result) -> None:
         )
 
 
-def _create_key(path: Path) -> None:
+def _create_key(path: Path) -> bool:
+    """Whether the key at ``path`` is the one this call wrote (not another process's)."""
     temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -131,11 +138,14 @@ def _create_key(path: Path) -> None:
         finally:
             os.close(fd)
         # Fails if another process created the key first; _read_key then checks theirs.
-        with contextlib.suppress(FileExistsError):
+        try:
             os.link(temp, path)
+        except FileExistsError:
+            return False
     finally:
         temp.unlink(missing_ok=True)
     _fsync_directory(path.parent)
+    return True
 
 
 def _write_all(fd: int, data: bytes) -> None:

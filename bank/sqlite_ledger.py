@@ -26,7 +26,7 @@ import trio
 
 from bank.config import ServerConfig
 from bank.ledger import PinVerdict, Posting, StorageError
-from bank.pins import load_or_create_key
+from bank.pins import open_key
 from bank.store import (
     BalanceQuery,
     BatchRequest,
@@ -45,7 +45,7 @@ _DEFAULTS = ServerConfig()
 """The settings a ledger opened without them (by a test or a tool) runs with: the
 server's own defaults, which ``ServerConfig`` alone defines."""
 
-__all__ = ["SqliteLedger", "StorageError", "open_ledger", "wall_clock_ms"]
+__all__ = ["Opened", "SqliteLedger", "StorageError", "open_ledger", "wall_clock_ms"]
 
 
 def wall_clock_ms() -> int:
@@ -67,6 +67,18 @@ class _Batch:
         return self.failure if self.failure is not None else self.outcomes[index]
 
 
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """What ``open_ledger`` did to open the ledger, for the operator's log."""
+
+    db_created: bool
+    """The database was created (else an existing one was opened)."""
+    seeded: tuple[str, ...]
+    """The demo accounts seeded into the new database, if any."""
+    key_created: bool
+    """The PIN key file was created (else an existing one was loaded)."""
+
+
 class SqliteLedger:
     """A Ledger backed by one Store; build it with ``open_ledger``."""
 
@@ -80,6 +92,8 @@ class SqliteLedger:
         self._committer = trio.Lock()
         self._open_batch: _Batch | None = None
         self._closed = False
+        self.opened = Opened(db_created=False, seeded=(), key_created=False)
+        """What ``open_ledger`` did; as here, nothing, for a ledger built directly."""
         self.on_commit: Callable[[int, float], None] | None = None
         """Told each batch's size (requests) and seconds on its thread (``bank.admin``)."""
 
@@ -198,11 +212,16 @@ async def open_ledger(
     """
     pin_policy = PinPolicy(tries_max=pin_tries_max, lockout_ms=lockout_s * 1000)
 
-    def open_store() -> Store:
-        return Store(db_path, load_or_create_key(key_path), seed_demo=seed_demo)
+    def open_store() -> tuple[Store, bool]:
+        key, key_created = open_key(key_path)
+        return Store(db_path, key, seed_demo=seed_demo), key_created
 
     try:
-        store = await trio.to_thread.run_sync(open_store)
+        store, key_created = await trio.to_thread.run_sync(open_store)
     except sqlite3.Error as error:
         raise StorageError(f"cannot open {db_path}: {error}") from error
-    return SqliteLedger(store, pin_policy=pin_policy, clock_ms=clock_ms)
+    ledger = SqliteLedger(store, pin_policy=pin_policy, clock_ms=clock_ms)
+    ledger.opened = Opened(
+        db_created=store.created, seeded=store.seeded, key_created=key_created
+    )
+    return ledger

@@ -226,6 +226,10 @@ class Store:
         self._dummy_salt = new_salt()
         self._dummy_hmac = bytes(PIN_HMAC_BYTES)
         self._conn = _connect(Path(db_path), create=create)
+        self.created = False
+        """Whether this open created the database (made the schema in an empty file)."""
+        self.seeded: tuple[str, ...] = ()
+        """The demo accounts this open seeded into the new database."""
         try:
             self._create_schema_if_new(seed_demo=seed_demo)
         except BaseException:
@@ -509,6 +513,8 @@ class Store:
                 if seed_demo:
                     for account, pin, balance_cents in DEMO_ACCOUNTS:
                         self._insert_account(account, pin, balance_cents)
+                self.created = True
+                self.seeded = tuple(account for account, _, _ in DEMO_ACCOUNTS) if seed_demo else ()
             else:
                 for step in range(version, SCHEMA_VERSION):
                     self._execute_script(_MIGRATIONS[step])
@@ -743,6 +749,86 @@ class Books:
     opening_cents: dict[str, int]
     balance_cents: dict[str, int]
     entries: tuple[BookEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSummary:
+    """One account as ``python -m bank accounts`` lists it."""
+
+    account: str
+    balance_cents: int
+    locked_until_ms: int | None
+    """When its wrong-PIN lock ends (or ended); None if wrong PINs never locked it."""
+
+
+@contextmanager
+def _read_only(db_path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection]:
+    """A read-only connection in one snapshot: creates, seeds and migrates nothing, so a
+    missing file is an sqlite3.OperationalError and one that is not a bank database (an
+    empty file, say) a StoreError. A server may be running meanwhile (WAL)."""
+    uri = f"{Path(db_path).resolve().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("BEGIN")  # one snapshot for every SELECT; closing rolls it back
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version == 0:
+            raise StoreError(f"{db_path} is not a bank database")
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"database schema version {version} is newer than {SCHEMA_VERSION}")
+        yield conn
+    finally:
+        conn.close()
+
+
+_ENTRY_COLUMNS = (
+    "entry_id, account, txn_id, kind, amount_cents, balance_cents, time_ms, terminal"
+)
+
+
+def _book_entry(row: tuple[int, str, bytes, int, int, int, int, str | None]) -> BookEntry:
+    entry_id, account, txn_id, kind, amount, balance, time_ms, terminal = row
+    return BookEntry(entry_id, account, txn_id, EntryKind(kind), amount, balance, time_ms, terminal)
+
+
+def read_accounts_summary(db_path: str | os.PathLike[str]) -> list[AccountSummary]:
+    """Every account in account order, with its balance and wrong-PIN lock, read-only."""
+    with _read_only(db_path) as conn:
+        rows = conn.execute(
+            "SELECT accounts.account, balance_cents, locked_until_ms FROM accounts"
+            " LEFT JOIN pin_failures ON pin_failures.account = accounts.account"
+            " ORDER BY accounts.account"
+        ).fetchall()
+    return [AccountSummary(account, balance, locked) for account, balance, locked in rows]
+
+
+def read_statement(
+    db_path: str | os.PathLike[str], account: str, limit: int
+) -> list[BookEntry]:
+    """The account's ``limit`` newest entries, newest first, read-only; UnknownAccount
+    if there is no such account (an account with no entries gives an empty list)."""
+    account = canonical_account(account)
+    if limit < 1:
+        raise ValueError("a statement's limit is at least 1")
+    with _read_only(db_path) as conn:
+        if conn.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone() is None:
+            raise UnknownAccount(account)
+        rows = conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE account = ?"
+            " ORDER BY entry_id DESC LIMIT ?",
+            (account, limit),
+        ).fetchall()
+    return [_book_entry(row) for row in rows]
+
+
+def read_entry_by_txn_id(db_path: str | os.PathLike[str], txn_id: bytes) -> BookEntry | None:
+    """The entry that transaction ``txn_id`` booked, read-only; None if it moved no money."""
+    _check_txn_id(txn_id)
+    with _read_only(db_path) as conn:
+        row = conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE txn_id = ?", (txn_id,)
+        ).fetchone()
+    return None if row is None else _book_entry(row)
 
 
 def read_books(db_path: str | os.PathLike[str]) -> Books:

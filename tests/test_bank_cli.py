@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 import re
 import resource
@@ -19,16 +20,23 @@ from pathlib import Path
 import pytest
 import trio
 
-from bank.__main__ import build_parser, main
+from bank.__main__ import (
+    STATEMENT_LIMIT_DEFAULT,
+    STATEMENT_LIMIT_MAX,
+    build_parser,
+    log_opened,
+    main,
+)
 from bank.config import ServerConfig, from_arguments
 from bank.ledger import PinResult
 from bank.pins import load_or_create_key
 from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.server import open_files_needed, raise_open_files_limit
-from bank.store import PinPolicy, Store, UnknownAccount
+from bank.sqlite_ledger import open_ledger
+from bank.store import DEMO_ACCOUNTS, PinPolicy, Store, UnknownAccount
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
-from wire import Balance, BalanceReply, Shutdown, Status, mask_account
+from wire import Balance, BalanceReply, EntryKind, Shutdown, Status, mask_account
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = PinPolicy(tries_max=3, lockout_ms=15 * 60 * 1000)
@@ -396,6 +404,10 @@ async def test_the_server_process_serves_and_exits_cleanly_on_sigterm(
     text = bank_process.log_path.read_text()
     assert "SIGTERM received" in text and "database closed" in text
     assert DEMO_PIN not in text and DEMO_ACCOUNT not in text  # masked, never a PIN
+    assert f"database created: {bank_process.log_path.parent / 'bank.db'}" in text
+    assert "demo accounts seeded: AC-***45, WF-***51," in text
+    assert "(their PINs are in the README: not for real money)" in text
+    assert f"PIN key file created: {bank_process.log_path.parent / 'bank.key'}" in text
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -455,3 +467,220 @@ def test_a_server_with_an_unusable_certificate_says_which_file_and_creates_nothi
     assert status == 1
     assert "missing.pem" in capsys.readouterr().err
     assert not (tmp_path / "bank.db").exists() and not (tmp_path / "bank.key").exists()
+
+
+def reader(tmp_path: Path, *args: str) -> int:
+    """Run a reading command (no PIN key) on the bank ``operator`` makes in ``tmp_path``."""
+    db = tmp_path / "bank.db"
+    if not db.exists():
+        Store(db, load_or_create_key(tmp_path / "bank.key")).close()
+    return main([args[0], "--db", str(db), *args[1:]])
+
+
+TXN_A, TXN_B = bytes(range(16)), bytes(range(16, 32))
+
+
+def book_two_entries(tmp_path: Path) -> None:
+    """A withdrawal by terminal atm-7, then a deposit by no terminal, on the demo account."""
+    with open_store(tmp_path) as store:
+        store.post(account=DEMO_ACCOUNT, txn_id=TXN_A, kind=EntryKind.WITHDRAWAL,
+                   amount_cents=20_00, now_ms=1_700_000_000_000, limit_cents=10**9,
+                   terminal="atm-7")
+        store.post(account=DEMO_ACCOUNT, txn_id=TXN_B, kind=EntryKind.DEPOSIT,
+                   amount_cents=5_50, now_ms=1_700_000_060_000, limit_cents=10**9)
+
+
+def test_accounts_lists_every_balance_in_dollars_and_the_locks_in_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    reader(tmp_path, "accounts")  # makes the bank
+    capsys.readouterr()
+    far_future_ms = 4_102_444_800_000  # 2100-01-01 UTC
+    with open_store(tmp_path) as store:
+        for _ in range(POLICY.tries_max):
+            store.verify_pin("WF-14351", "0000", now_ms=far_future_ms, policy=POLICY)
+        store.verify_pin("TN-13731", "0000", now_ms=0, policy=POLICY)  # not locked
+    assert reader(tmp_path, "accounts") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["account", "balance", "locked", "until", "(UTC)"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert len(rows) == 7
+    assert rows["AC-12345"] == ["$1,024.32", "-"]
+    assert rows["TN-13731"] == ["$6,462.75", "-"]
+    assert rows["WF-14351"] == ["$5,428.22", "2100-01-01", "00:15:00"]
+
+
+def test_statement_shows_the_newest_entries_first_with_their_details(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    reader(tmp_path, "accounts")
+    book_two_entries(tmp_path)
+    capsys.readouterr()
+    assert reader(tmp_path, "statement", DEMO_ACCOUNT.lower()) == 0
+    header, newest, oldest = (line.split() for line in capsys.readouterr().out.splitlines())
+    assert header[0] == "entry" and "terminal" in header
+    assert newest == ["2", "2023-11-14", "22:14:20", "deposit", "$5.50", "$1,009.82",
+                      TXN_B.hex(), "-"]
+    assert oldest == ["1", "2023-11-14", "22:13:20", "withdrawal", "$20.00", "$1,004.32",
+                      TXN_A.hex(), "atm-7"]
+    assert reader(tmp_path, "statement", DEMO_ACCOUNT, "--limit", "1") == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert reader(tmp_path, "statement", "WF-14351") == 0
+    assert capsys.readouterr().out == "WF-14351 has no entries\n"
+    assert reader(tmp_path, "statement", "QX-00001") == 1
+    assert "no account QX-***01" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", str(STATEMENT_LIMIT_MAX + 1), "ten"])
+def test_a_statement_limit_out_of_bounds_is_a_usage_error(
+    limit: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    with pytest.raises(SystemExit) as exit_info:
+        reader(tmp_path, "statement", DEMO_ACCOUNT, "--limit", limit)
+    assert exit_info.value.code == 2
+    assert f"1..{STATEMENT_LIMIT_MAX}" in capsys.readouterr().err
+    assert STATEMENT_LIMIT_DEFAULT <= STATEMENT_LIMIT_MAX
+
+
+def test_txn_shows_the_booked_entry_or_exits_3_when_it_moved_no_money(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    reader(tmp_path, "accounts")
+    book_two_entries(tmp_path)
+    capsys.readouterr()
+    assert reader(tmp_path, "txn", TXN_A.hex().upper()) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"booked: transaction {TXN_A.hex()}, withdrawal of $20.00,")
+    for detail in (f"account {DEMO_ACCOUNT}", "2023-11-14 22:13:20 UTC", "entry 1",
+                   "balance after $1,004.32", "terminal atm-7"):
+        assert detail in out
+    unknown = "ab" * 16
+    assert reader(tmp_path, "txn", unknown) == 3
+    assert capsys.readouterr().out == f"not booked: transaction {unknown} moved no money\n"
+
+
+@pytest.mark.parametrize("txn_id", ["ab" * 15, "ab" * 17, "zz" * 16, "0x" + "ab" * 15])
+def test_a_malformed_txn_id_is_a_usage_error_naming_the_form(
+    txn_id: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    with pytest.raises(SystemExit) as exit_info:
+        reader(tmp_path, "txn", txn_id)
+    assert exit_info.value.code == 2
+    assert "32 hexadecimal digits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command", [["accounts"], ["statement", DEMO_ACCOUNT], ["txn", "ab" * 16]]
+)
+def test_the_reading_commands_create_nothing_and_change_nothing(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--db", "typo.db"]) == 1
+    assert "there is no database typo.db: check --db" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    Path("empty.db").touch()
+    assert main([*command, "--db", "empty.db"]) == 1
+    assert "empty.db is not a bank database" in capsys.readouterr().err
+    assert Path("empty.db").stat().st_size == 0
+    Store("bank.db", load_or_create_key("bank.key")).close()
+    before, files = Path("bank.db").read_bytes(), sorted(tmp_path.iterdir())
+    assert main([*command, "--db", "bank.db"]) in (0, 3)
+    assert Path("bank.db").read_bytes() == before
+    # A read-only connection cannot fold the WAL back and remove it: SQLite may leave an
+    # empty one (and its shared-memory index) beside the database, but nothing else.
+    assert {path.name for path in tmp_path.iterdir()} - {path.name for path in files} <= {
+        "bank.db-wal", "bank.db-shm"
+    }
+    assert not Path("bank.db-wal").exists() or Path("bank.db-wal").stat().st_size == 0
+    with pytest.raises(SystemExit):
+        main([*command, "--key-file", "bank.key"])  # a reader needs no PIN key
+    assert "unrecognized arguments: --key-file" in capsys.readouterr().err
+
+
+def test_the_reading_commands_read_while_the_server_holds_the_database_open(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    reader(tmp_path, "accounts")
+    with open_store(tmp_path) as store:  # as the server holds it: WAL, writes uncheckpointed
+        store.post(account=DEMO_ACCOUNT, txn_id=TXN_A, kind=EntryKind.DEPOSIT,
+                   amount_cents=1_00, now_ms=0, limit_cents=10**9)
+        capsys.readouterr()
+        assert reader(tmp_path, "txn", TXN_A.hex()) == 0
+        assert reader(tmp_path, "accounts") == 0
+        out = capsys.readouterr().out
+        assert "deposit of $1.00" in out and "$1,025.32" in out
+        store.post(account=DEMO_ACCOUNT, txn_id=TXN_B, kind=EntryKind.DEPOSIT,
+                   amount_cents=1_00, now_ms=0, limit_cents=10**9)  # the server still writes
+        assert store.balance(DEMO_ACCOUNT) == 1_026_32
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "seeds"),
+    [
+        ([], {}, True),
+        (["--host", "::1"], {}, True),
+        (["--no-demo-accounts"], {}, False),
+        ([], {"BANK_DEMO_ACCOUNTS": "0"}, False),
+        (["--demo-accounts"], {"BANK_DEMO_ACCOUNTS": "0"}, True),
+        (["--host", "0.0.0.0", "--insecure-plaintext"], {}, False),
+        (["--host", "192.0.2.1", "--insecure-plaintext"], {"BANK_DEMO_ACCOUNTS": "1"}, True),
+    ],
+)
+def test_demo_accounts_are_seeded_only_on_loopback_and_can_be_turned_off(
+    argv: list[str], env: dict[str, str], seeds: bool, monkeypatch: pytest.MonkeyPatch
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert from_arguments(build_parser().parse_args(argv)).seeds_demo_accounts is seeds
+
+
+def start_up_lines(config: ServerConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                   ) -> list[str]:
+    """What starting ``config``'s server logs about its database and key, and no more."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bank"):
+        ledger = trio.run(functools.partial(
+            open_ledger, config.db, config.key_file, seed_demo=config.seeds_demo_accounts
+        ))
+        trio.run(ledger.aclose)
+        log_opened(config, ledger.opened)
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_start_up_says_what_it_created_seeded_and_opened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    db, key = tmp_path / "bank.db", tmp_path / "bank.key"
+    config = ServerConfig(db=db, key_file=key)
+    first = start_up_lines(config, tmp_path, caplog)
+    masked = ", ".join(mask_account(account) for account, _, _ in DEMO_ACCOUNTS)
+    assert first == [
+        f"database created: {db}",
+        f"demo accounts seeded: {masked} (their PINs are in the README: not for real money)",
+        f"PIN key file created: {key}",
+    ]
+    assert start_up_lines(config, tmp_path, caplog) == [
+        f"database opened: {db}", f"PIN key file loaded: {key}",
+    ]
+
+
+def test_start_up_says_why_it_seeded_no_demo_accounts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    off = ServerConfig(db=tmp_path / "off.db", key_file=tmp_path / "bank.key",
+                       demo_accounts=False)
+    assert "no demo accounts seeded (--no-demo-accounts)" in start_up_lines(off, tmp_path, caplog)
+    remote = ServerConfig(db=tmp_path / "remote.db", key_file=tmp_path / "bank.key",
+                          host="0.0.0.0", insecure_plaintext=True)
+    said = start_up_lines(remote, tmp_path, caplog)
+    assert "no demo accounts seeded: 0.0.0.0 is not loopback (add accounts with add-account" \
+        " or import; --demo-accounts seeds them anyway)" in said
+    assert not any("demo accounts seeded:" in line and "AC-" in line for line in said)
+    for db in (off.db, remote.db):
+        with (
+            Store(db, (tmp_path / "bank.key").read_bytes(), create=False) as store,
+            pytest.raises(UnknownAccount),
+        ):
+            store.balance(DEMO_ACCOUNT)
