@@ -51,7 +51,6 @@ from wire import (
     check_pin,
     format_cents,
     mask_account,
-    parse_dollars,
 )
 
 log = logging.getLogger("bank")
@@ -157,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add = command("add-account", add_account, "add an account; the PIN is asked for")
     add.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
-    add.add_argument("--balance", default="0", help="opening balance in dollars, e.g. 25.00")
+    add.add_argument(
+        "--balance-cents", default="0", metavar="CENTS",
+        help="opening balance in cents, e.g. 2500 for $25.00 (every money flag takes"
+        " cents, as its name says)",
+    )
     reset = command("reset-pin", reset_pin, "set a new PIN for an account (asked for)")
     reset.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
     unlock = command("unlock", unlock_account, "unlock an account locked by wrong PINs")
@@ -517,11 +520,18 @@ def read_new_pin() -> str:
         raise StoreError("a PIN is exactly four digits") from None
 
 
+def cents_argument(text: str) -> int:
+    """A money flag's value: whole cents, as every money flag's name says (``_cents``);
+    a plain sentence, not a traceback, for anything else."""
+    if not text.strip().isdigit():
+        raise StoreError(
+            f"--balance-cents takes whole cents, e.g. 2500 for $25.00, not {text!r}"
+        )
+    return int(text)
+
+
 def add_account(config: ServerConfig, args: argparse.Namespace) -> int:
-    try:
-        opening_cents = parse_dollars(args.balance)
-    except ValueError as error:
-        raise StoreError(str(error)) from None
+    opening_cents = cents_argument(args.balance_cents)
     if opening_cents > BALANCE_CENTS_MAX:  # refused before the PIN is asked for
         raise StoreError(f"an opening balance is at most {format_cents(BALANCE_CENTS_MAX)}")
     pin = read_new_pin()

@@ -218,7 +218,8 @@ def open_store(tmp_path: Path) -> Store:
 
 
 def test_add_account_reads_the_pin_from_input_not_the_command_line(tmp_path: Path):
-    assert operator(tmp_path, "add-account", "xy-00001", "--balance", "$12.34", stdin="4321\n") == 0
+    assert operator(tmp_path, "add-account", "xy-00001", "--balance-cents", "1234",
+                    stdin="4321\n") == 0
     with open_store(tmp_path) as store:
         assert store.balance("XY-00001") == 12_34
         assert store.verify_pin("XY-00001", "4321", now_ms=0, policy=POLICY) is PinResult.MATCHED
@@ -237,7 +238,7 @@ def test_database_flags_may_come_before_or_after_the_command_and_after_wins(
     Store(other, load_or_create_key(key)).close()
     monkeypatch.setattr(sys, "stdin", io.StringIO("4321\n"))
     before = ["--db", str(other), "--key-file", str(key), "--log-level", "ERROR"]
-    assert main([*before, "add-account", "QX-00001", "--balance", "5"]) == 0
+    assert main([*before, "add-account", "QX-00001", "--balance-cents", "500"]) == 0
     assert main(["--db", "elsewhere.db", "unlock", "QX-00001", *before]) == 0
     assert sorted(path.name for path in tmp_path.glob("*.db")) == ["other.db"]
     with Store(other, key.read_bytes()) as store:
@@ -303,8 +304,10 @@ def test_an_operator_command_does_not_seed_an_empty_file(
         (["import", "/no/such/file"], "cannot read /no/such/file: No such file or directory"),
         (["import", "{tmp}"], "cannot read {tmp}: Is a directory"),
         (["import", "{tmp}/binary"], "cannot read {tmp}/binary: it is not UTF-8 text"),
-        (["add-account", "QX-00001", "--balance", "99999999999999999999"],
+        (["add-account", "QX-00001", "--balance-cents", "99999999999999999999"],
          "an opening balance is at most $92,233,720,368,547,758.07"),
+        (["add-account", "QX-00001", "--balance-cents", "12.34"],
+         "--balance-cents takes whole cents, e.g. 2500 for $25.00"),
         (["unlock", DEMO_ACCOUNT, "--db", "{tmp}/binary"], "cannot use the database"),
     ],
 )
