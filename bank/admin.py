@@ -18,6 +18,7 @@ import bisect
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -189,7 +190,7 @@ def _histogram(lines: list[str], name: str, help_text: str, histogram: Histogram
     lines.append(f"# HELP {name} {_escape_help(help_text)}")
     lines.append(f"# TYPE {name} histogram")
     cumulative = 0
-    for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts, strict=True):
+    for bound, count in zip((*histogram.bounds, math.inf), histogram.counts, strict=True):
         cumulative += count
         lines.append(f"{name}_bucket{_labels(le=_number(bound))} {cumulative}")
     lines.append(f"{name}_sum {_number(histogram.sum)}")
@@ -210,7 +211,8 @@ def _escape_help(text: str) -> str:
 
 
 def _number(value: float) -> str:
-    if value == float("inf"):
+    """A sample value (seconds or a count; never money) as the exposition format writes it."""
+    if value == math.inf:
         return "+Inf"
     if isinstance(value, int) or value.is_integer():
         return str(int(value)) if abs(value) < 2**53 else repr(float(value))
