@@ -161,10 +161,11 @@ def _packet(element: ET.Element) -> Packet:
                   int(show("tcp.dstport") or 0), show("frame.comment"), frames)
 
 
-def run_tshark(capture: Path, *args: str) -> str:
+def run_tshark(capture: Path, *args: str, resolve_names: bool = False) -> str:
     assert TSHARK is not None, "tshark is needed (Debian's tshark package; .ci/run installs it)"
     result = subprocess.run(
-        [TSHARK, "-n", "-r", str(capture), *args], capture_output=True, text=True,
+        [TSHARK, *([] if resolve_names else ["-n"]), "-r", str(capture), *args],
+        capture_output=True, text=True,
         timeout=TSHARK_TIMEOUT_S, check=False,
     )
     assert result.returncode == 0, result.stderr
@@ -499,3 +500,21 @@ def test_the_capture_tool_records_a_session_the_dissector_decodes(tmp_path: Path
     assert port != BANK_PORT
     opcodes = assert_session_decodes(output, port)
     assert opcodes["DEPOSIT"] == opcodes["WITHDRAW"] == 1
+
+
+README_DEPOSIT_FILTER = "atmbank.opcode == 0x04 || atmbank.opcode == 0x84"
+
+
+def test_the_readme_shows_tshark_decoding_the_sample_deposit() -> None:
+    """The README's decoded deposit is what tshark prints for the sample capture today, so
+    it stays real output: remaking session.pcapng means pasting the new view there."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"-O atmbank -Y '{README_DEPOSIT_FILTER}'" in readme
+    view = run_tshark(SESSION_CAPTURE, "-X", f"lua_script:{DISSECTOR}", "-O", PROTO,
+                      "-Y", README_DEPOSIT_FILTER, resolve_names=True)  # as the README runs it
+    indented = "\n".join(f"    {line}" if line else "" for line in view.strip().splitlines())
+    assert indented in readme, (
+        "README.md's decoded deposit is not tshark's view of spec/wireshark/session.pcapng:"
+        f" paste the output of tshark -X lua_script:spec/wireshark/atm.lua -r"
+        f" spec/wireshark/session.pcapng -O atmbank -Y '{README_DEPOSIT_FILTER}'"
+    )
