@@ -929,12 +929,16 @@ def same_sender_runs(golden: list[dict[str, object]]) -> list[tuple[bool, list[d
 
 
 def send_glued(conversation: Conversation, from_client: bool, frames: list[dict[str, object]],
-               rng: random.Random) -> None:
+               rng: random.Random, *, first_bytes_min: int = 1) -> None:
+    """``frames`` back to back, cut into segments of sizes drawn from SPLIT_SIZES (the
+    first at least ``first_bytes_min``), each named in the comment of the segments
+    holding a part of it."""
     data = b"".join(bytes.fromhex(str(v["hex"])) for v in frames)
     ends = list(itertools.accumulate(len(str(v["hex"])) // 2 for v in frames))
     start = 0
     while start < len(data):
-        end = min(len(data), start + rng.choice(SPLIT_SIZES))
+        size = rng.choice(SPLIT_SIZES)
+        end = min(len(data), start + (max(size, first_bytes_min) if start == 0 else size))
         first = bisect.bisect_right(ends, start)
         last = bisect.bisect_left(ends, end)
         names = ", ".join(str(v["name"]) for v in frames[first : last + 1])
@@ -946,29 +950,30 @@ def send_glued(conversation: Conversation, from_client: bool, frames: list[dict[
 def vectors_capture(document: dict[str, object]) -> bytes:
     """Every vector of ``document`` as TCP over loopback, in four kinds of conversation:
     each golden frame in a segment of its own; all of them glued back to back by sender
-    and cut at seeded random points; all of them again on a port that is not the bank's
-    (found by the heuristic); each negative vector alone on a connection of its own, sent
-    to its receiver. Each data packet's comment names the vectors it carries."""
+    and cut at seeded random points; the same again on a port that is not the bank's,
+    found by the heuristic (whose first segment holds a whole header, as the heuristic
+    needs); each negative vector alone on a connection of its own, sent to its receiver.
+    Each data packet's comment names the vectors it carries."""
     golden = typing.cast(list[dict[str, object]], document["golden"])
     negative = typing.cast(list[dict[str, object]], document["negative"])
     port = ServerConfig().port
     capture = Capture(start_us=CAPTURE_START_US, application="spec/generate.py")
-    for kind, server_port in (("segments", port), ("heuristic", HEURISTIC_SERVER_PORT)):
-        conversation = capture.conversation(
-            client_port=GOLDEN_CLIENT_PORTS[kind], server_port=server_port
-        )
-        for vector in golden:
-            conversation.send(bytes.fromhex(str(vector["hex"])),
-                              from_client=vector["sender"] == Sender.CLIENT.value,
-                              comment=f"golden {vector['name']}")
-        conversation.close()
-        if kind == "segments":
-            glued = capture.conversation(client_port=GOLDEN_CLIENT_PORTS["glued"],
-                                         server_port=port)
-            rng = random.Random(SPLIT_SEED)
-            for from_client, frames in same_sender_runs(golden):
-                send_glued(glued, from_client, frames, rng)
-            glued.close()
+    segments = capture.conversation(client_port=GOLDEN_CLIENT_PORTS["segments"],
+                                    server_port=port)
+    for vector in golden:
+        segments.send(bytes.fromhex(str(vector["hex"])),
+                      from_client=vector["sender"] == Sender.CLIENT.value,
+                      comment=f"golden {vector['name']}")
+    segments.close()
+    for kind, server_port, seed in (("glued", port, SPLIT_SEED),
+                                    ("heuristic", HEURISTIC_SERVER_PORT, SPLIT_SEED + 1)):
+        glued = capture.conversation(client_port=GOLDEN_CLIENT_PORTS[kind],
+                                     server_port=server_port)
+        rng = random.Random(seed)
+        for index, (from_client, frames) in enumerate(same_sender_runs(golden)):
+            first_bytes_min = HEADER_BYTES if kind == "heuristic" and index == 0 else 1
+            send_glued(glued, from_client, frames, rng, first_bytes_min=first_bytes_min)
+        glued.close()
     for index, vector in enumerate(negative):
         conversation = capture.conversation(
             client_port=NEGATIVE_CLIENT_PORT_FIRST + index, server_port=port

@@ -5,12 +5,13 @@ request id, length, status (value, name and ISO 8583 code), every payload field 
 order, each at its offset, and a good CRC, in each of the three conversations of
 spec/wireshark/vectors.pcapng: a segment per frame on the bank's port; all of them glued
 and cut at random points, so that frames span segments and segments hold several frames;
-and on another port, found by the heuristic. Every negative vector decodes its header
-and raises exactly the expert info that its defect calls for, as predicted from wire's
-own decoder and layouts (a flipped CRC bit: atmbank.crc_ok false and the CRC warning).
-PINs and session tokens are hidden unless the preference atmbank.show_secrets asks. The
-real session of spec/wireshark/session.pcapng decodes frame for frame as wire's decoder
-reads its TCP streams, and so does a fresh one made by ``python -m bank.tools.capture``.
+and glued and cut again on another port, found by the heuristic. Every negative vector
+decodes its header and raises exactly the expert info that its defect calls for, as
+predicted from wire's own decoder and layouts (a flipped CRC bit: atmbank.crc_ok false
+and the CRC warning). PINs and session tokens are hidden unless the preference
+atmbank.show_secrets asks. The real session of spec/wireshark/session.pcapng decodes frame
+for frame as wire's decoder reads its TCP streams, and so does a fresh one made by
+``python -m bank.tools.capture``; the README's decoded deposit is tshark's real output.
 
 tshark is Debian's package; ``.ci/run`` installs it. Under CI=true a missing tshark fails
 these tests, as a missing openssl fails the TLS tests; elsewhere they skip.
