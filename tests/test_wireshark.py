@@ -19,11 +19,13 @@ these tests, as a missing openssl fails the TLS tests; elsewhere they skip.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
+import ssl
 import struct
 import subprocess
 import sys
@@ -37,6 +39,8 @@ from pathlib import Path
 import pytest
 
 from bank.config import ServerConfig
+from bank.tls import client_context, init_ca_and_server, server_context
+from bank.tools.pcapng import Capture
 from wire import (
     MAGIC,
     MESSAGE_TYPES,
@@ -44,9 +48,11 @@ from wire import (
     PROTOCOL_VERSION,
     Decoder,
     HistoryEntry,
+    Login,
     Message,
     Sender,
     WireError,
+    encode,
     frame_bytes,
 )
 from wire._layout import CRC_BYTES, HEADER_BYTES
@@ -123,6 +129,7 @@ class Packet:
     dst_port: int
     comment: str
     frames: list[Decoded]
+    protocols: list[str]
 
 
 def _field(element: ET.Element) -> Field:
@@ -159,7 +166,8 @@ def _packet(element: ET.Element) -> Packet:
             _walk(proto, decoded)
             frames.append(decoded)
     return Packet(int(show("frame.number")), int(show("tcp.srcport") or 0),
-                  int(show("tcp.dstport") or 0), show("frame.comment"), frames)
+                  int(show("tcp.dstport") or 0), show("frame.comment"), frames,
+                  [proto.get("name", "") for proto in element.findall("proto")])
 
 
 def run_tshark(capture: Path, *args: str) -> str:
@@ -523,3 +531,58 @@ def test_the_readme_shows_tshark_decoding_the_sample_deposit() -> None:
             " the output of tshark -X lua_script:spec/wireshark/atm.lua -r"
             f" spec/wireshark/session.pcapng -O atmbank -Y '{README_DEPOSIT_FILTER}'"
         )
+
+
+@dataclass
+class TlsEnd:
+    tls: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+
+
+def tls_end(context: ssl.SSLContext, **wrap: object) -> TlsEnd:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    return TlsEnd(context.wrap_bio(incoming, outgoing, **wrap), incoming, outgoing)
+
+
+def tls_conversation(tmp_path: Path) -> bytes:
+    """A real TLS 1.3 handshake between the bank's and the ATM's contexts, then a LOGIN
+    inside it, as TCP on the bank's port; each flight cut in two segments."""
+    pki = init_ca_and_server(tmp_path / "tls", ["127.0.0.1"])
+    bank = tls_end(server_context(pki.cert, pki.key, client_ca=None), server_side=True)
+    atm = tls_end(client_context(pki.ca, cert=None, key=None), server_hostname="127.0.0.1")
+    capture = Capture(start_us=0, application="tests/test_wireshark.py")
+    conversation = capture.conversation(client_port=40000, server_port=BANK_PORT)
+
+    def flight(sender: TlsEnd, receiver: TlsEnd, *, from_client: bool) -> None:
+        data = sender.outgoing.read()
+        if data:
+            half = len(data) // 2
+            conversation.send(data[:half], from_client=from_client)
+            conversation.send(data[half:], from_client=from_client)
+            receiver.incoming.write(data)
+
+    for _ in range(3):  # a TLS 1.3 handshake takes one round trip and a half
+        for end in (atm, bank):
+            with contextlib.suppress(ssl.SSLWantReadError):  # waiting on the other end
+                end.tls.do_handshake()
+        flight(atm, bank, from_client=True)
+        flight(bank, atm, from_client=False)
+    atm.tls.write(encode(Login("AC-12345", "1324"), 1))
+    flight(atm, bank, from_client=True)
+    conversation.close()
+    return capture.pcapng()
+
+
+def test_a_bank_serving_tls_on_its_port_is_shown_as_tls(tmp_path: Path) -> None:
+    """A TLS capture holds TLS records, and the dissector hands them to Wireshark's TLS
+    dissector instead of calling them broken frames."""
+    capture = tmp_path / "tls.pcapng"
+    capture.write_bytes(tls_conversation(tmp_path))
+    packets = [p for p in dissect(capture, show_secrets=True) if "tls" in p.protocols
+               or PROTO in p.protocols]
+    assert len(packets) >= 3  # ClientHello, the server's flight, the ATM's Finished, data
+    assert all(PROTO not in p.protocols for p in packets)
+    summary = run_tshark(capture, "-X", f"lua_script:{DISSECTOR}", "-Y", "tls")
+    assert "Client Hello" in summary
+    assert "Application Data" in summary
