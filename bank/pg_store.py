@@ -600,6 +600,15 @@ class PgStore:
 
     # -- checks for tests and tools --------------------------------------------------------
 
+    def integrity_ok(self) -> bool:
+        """What the foreign keys cannot say: every transaction has its entry (the
+        source's, on the transaction's own account). PostgreSQL checks its pages itself."""
+        row = self._connection().execute(
+            "SELECT NOT EXISTS (SELECT 1 FROM transactions t WHERE NOT EXISTS ("
+            " SELECT 1 FROM entries e WHERE e.txn_id = t.txn_id AND e.account = t.account))"
+        ).fetchone()
+        return row is not None and bool(row[0])
+
     def check_invariants(self) -> list[str]:
         """As ``Store.check_invariants``, in one snapshot (REPEATABLE READ)."""
         books = self._read(_read_books)

@@ -1,8 +1,12 @@
-"""The synchronous SQLite store: schema, seeding, PINs, lockout, postings, invariants, and
+"""The synchronous stores: schema, seeding, PINs, lockout, postings, invariants, and
 ``read_books``, the read-only view of the ledger from outside a Store.
 
-Each test gets a fresh database in tmp_path. Times are plain integers passed as
-``now_ms``, so lock expiry is tested without waiting.
+Every test that takes ``store`` or ``any_db`` runs twice, on SQLite (``bank.store.Store``,
+a fresh file in tmp_path) and on PostgreSQL (``bank.pg_store.PgStore``, a fresh schema in
+the session's throwaway cluster): one suite, one set of money rules. What only SQLite has
+(pragmas, its migrations, the WAL, its files) takes ``sqlite_store`` or ``db_path``;
+PostgreSQL's own (fencing, migrations, reconnection) is in test_pg_store.py. Times are
+plain integers passed as ``now_ms``, so lock expiry is tested without waiting.
 """
 
 import dataclasses
@@ -10,12 +14,14 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bank.accounts_file import parse_accounts
 from bank.ledger import PinResult, PinVerdict, Posting, PostResult
 from bank.limits import LOCKOUT_MS_MAX
+from bank.pg_store import PgStore
 from bank.pins import KEY_BYTES, PIN_HMAC_BYTES, SALT_BYTES, hash_pin
 from bank.store import (
     DEMO_ACCOUNTS,
@@ -34,6 +40,7 @@ from bank.store import (
     UnknownAccount,
     read_books,
 )
+from tests.pg import open_store, raw
 from wire import EntryKind, HistoryEntry
 from wire._limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
 
@@ -56,18 +63,34 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
+def store(any_db: str) -> Iterator[Store | PgStore]:
+    with open_store(any_db, KEY) as opened:
+        yield opened
+
+
+@pytest.fixture
+def sqlite_store(db_path: Path) -> Iterator[Store]:
     with Store(db_path, KEY) as opened:
         yield opened
 
 
-def raw(db_path: Path) -> closing[sqlite3.Connection]:
+def raw_sqlite(db_path: Path) -> closing[sqlite3.Connection]:
     """A second connection, as a hand edit or another tool would use; closed on exit."""
     return closing(sqlite3.connect(db_path, isolation_level=None))
 
 
+AnyStore = Store | PgStore
+
+
+def select(store: AnyStore, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of a parameterless SELECT on the store's own connection (either driver)."""
+    conn = store._conn
+    assert conn is not None
+    return list(conn.execute(sql).fetchall())
+
+
 def post(
-    store: Store,
+    store: AnyStore,
     n: int,
     kind: EntryKind,
     amount_cents: int,
@@ -81,30 +104,33 @@ def post(
     )
 
 
-def entry_count(store: Store) -> int:
-    return store._conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+def entry_count(store: AnyStore) -> int:
+    return select(store, "SELECT count(*) FROM entries")[0][0]
 
 
 # -- schema, pragmas, seeding -------------------------------------------------------------
 
 
-def test_pragmas(store: Store):
-    conn = store._conn
+def test_pragmas(sqlite_store: Store):
+    conn = sqlite_store._conn
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
     assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
-def test_schema_tables(store: Store):
+def test_schema_tables(sqlite_store: Store):
     tables = {
-        name for (name,) in store._conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")
+        name
+        for (name,) in sqlite_store._conn.execute(
+            "SELECT name FROM sqlite_schema WHERE type='table'"
+        )
     }
     assert {"accounts", "entries", "pin_failures"} <= tables
-    assert store.integrity_ok()
+    assert sqlite_store.integrity_ok()
 
 
-def test_demo_accounts_are_seeded(store: Store):
+def test_demo_accounts_are_seeded(store: AnyStore):
     assert len(DEMO_ACCOUNTS) == 7
     for account, pin, balance_cents in DEMO_ACCOUNTS:
         assert store.balance(account) == balance_cents
@@ -115,18 +141,20 @@ def test_demo_accounts_are_seeded(store: Store):
     assert store.check_invariants() == []
 
 
-def test_reopening_keeps_data_and_does_not_reseed(db_path: Path):
-    with Store(db_path, KEY) as store:
+def test_reopening_keeps_data_and_does_not_reseed(any_db: str):
+    with open_store(any_db, KEY) as store:
         assert post(store, 1, WITHDRAWAL, 432).result is PostResult.BOOKED
         store.reset_pin("AC-12345", "0000")
-    with Store(db_path, KEY) as store:
+    with open_store(any_db, KEY) as store:
+        assert not store.created
         assert store.balance("AC-12345") == 102_000
         assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.MATCHED
         assert store.history("AC-12345", 10)[0].amount_cents == 432
 
 
-def test_empty_database_without_demo_accounts(db_path: Path):
-    with Store(db_path, KEY, seed_demo=False) as store:
+def test_empty_database_without_demo_accounts(any_db: str):
+    with open_store(any_db, KEY, seed_demo=False) as store:
+        assert store.created and store.seeded == ()
         with pytest.raises(UnknownAccount):
             store.balance("AC-12345")
         assert store.check_invariants() == []
@@ -134,7 +162,7 @@ def test_empty_database_without_demo_accounts(db_path: Path):
 
 def test_newer_schema_is_refused(db_path: Path):
     Store(db_path, KEY).close()
-    with raw(db_path) as conn:
+    with raw_sqlite(db_path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(SchemaError):
         Store(db_path, KEY)
@@ -142,7 +170,7 @@ def test_newer_schema_is_refused(db_path: Path):
 
 def test_a_version_1_database_is_migrated_and_its_locks_kept(db_path: Path):
     Store(db_path, KEY).close()
-    with raw(db_path) as conn:  # back to version 1: pin_failures without its time column
+    with raw_sqlite(db_path) as conn:  # back to version 1: pin_failures without its time column
         conn.executescript(
             """
             ALTER TABLE entries DROP COLUMN terminal;
@@ -174,7 +202,7 @@ def test_a_version_2_database_is_migrated_and_new_entries_name_their_terminal(
 ):
     with Store(db_path, KEY) as store:
         before = post(store, 1, DEPOSIT, 100)
-    with raw(db_path) as conn:  # back to version 2: entries without their terminal
+    with raw_sqlite(db_path) as conn:  # back to version 2: entries without their terminal
         conn.executescript("ALTER TABLE entries DROP COLUMN terminal; PRAGMA user_version = 2;")
     with Store(db_path, KEY) as store:
         assert store._conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
@@ -201,8 +229,8 @@ def test_close_checkpoints_the_wal_and_is_idempotent(db_path: Path):
 # -- PINs are never stored in plaintext ---------------------------------------------------
 
 
-def test_pin_columns_hold_salt_and_hmac(store: Store):
-    rows = store._conn.execute("SELECT account, pin_salt, pin_hmac FROM accounts").fetchall()
+def test_pin_columns_hold_salt_and_hmac(store: AnyStore):
+    rows = select(store, "SELECT account, pin_salt, pin_hmac FROM accounts")
     pins = {account: pin for account, pin, _ in DEMO_ACCOUNTS}
     salts = set()
     for account, salt, pin_hmac in rows:
@@ -213,18 +241,27 @@ def test_pin_columns_hold_salt_and_hmac(store: Store):
     assert len(salts) == len(rows)  # one random salt per account
 
 
+def every_cell(store: AnyStore) -> list[object]:
+    tables = ["accounts", "entries", "pin_failures"]
+    return [cell for table in tables for row in select(store, f"SELECT * FROM {table}")
+            for cell in row]
+
+
+def test_no_cell_holds_a_plaintext_pin(store: AnyStore):
+    for account, pin, _ in DEMO_ACCOUNTS:
+        store.verify_pin(account, pin, T0, POLICY)
+        store.verify_pin(account, "0000", T0, POLICY)  # failures are recorded too
+    cells = every_cell(store)
+    for _, pin, _ in DEMO_ACCOUNTS:
+        assert pin not in cells and pin.encode() not in cells and int(pin) not in cells
+
+
 def test_no_cell_and_no_file_byte_holds_a_plaintext_pin(db_path: Path):
     store = Store(db_path, KEY)
     for account, pin, _ in DEMO_ACCOUNTS:
         store.verify_pin(account, pin, T0, POLICY)
         store.verify_pin(account, "0000", T0, POLICY)  # failures are recorded too
-    tables = ["accounts", "entries", "pin_failures"]
-    cells = [
-        cell
-        for table in tables
-        for row in store._conn.execute(f"SELECT * FROM {table}")
-        for cell in row
-    ]
+    cells = every_cell(store)
     store.close()
     contents = b"".join(p.read_bytes() for p in db_path.parent.iterdir())
     for account, _, _ in DEMO_ACCOUNTS:  # "ZZ-99999" contains the PIN "9999"
@@ -234,9 +271,9 @@ def test_no_cell_and_no_file_byte_holds_a_plaintext_pin(db_path: Path):
         assert pin.encode() not in contents
 
 
-def test_a_different_key_fails_every_pin(db_path: Path):
-    Store(db_path, KEY).close()
-    with Store(db_path, OTHER_KEY) as store:
+def test_a_different_key_fails_every_pin(any_db: str):
+    open_store(any_db, KEY).close()
+    with open_store(any_db, OTHER_KEY) as store:
         for account, pin, _ in DEMO_ACCOUNTS:
             assert store.verify_pin(account, pin, T0, POLICY) is PinResult.WRONG
 
@@ -244,7 +281,7 @@ def test_a_different_key_fails_every_pin(db_path: Path):
 # -- PIN failures and lockout --------------------------------------------------------------
 
 
-def test_third_failure_locks_and_even_the_right_pin_is_refused(store: Store):
+def test_third_failure_locks_and_even_the_right_pin_is_refused(store: AnyStore):
     assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
     assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
     assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.LOCKED
@@ -252,20 +289,20 @@ def test_third_failure_locks_and_even_the_right_pin_is_refused(store: Store):
     assert store.verify_pin("WF-14351", "9834", T0, POLICY) is PinResult.MATCHED  # not others
 
 
-def test_success_resets_the_count(store: Store):
+def test_success_resets_the_count(store: AnyStore):
     for _ in range(3):
         assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
         assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
         assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.MATCHED
 
 
-def test_lock_expires(store: Store):
+def test_lock_expires(store: AnyStore):
     for _ in range(3):
         store.verify_pin("AC-12345", "0000", T0, POLICY)
     assert store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS, POLICY) is PinResult.MATCHED
 
 
-def test_an_expired_lock_starts_a_fresh_count(store: Store):
+def test_an_expired_lock_starts_a_fresh_count(store: AnyStore):
     for _ in range(3):
         store.verify_pin("AC-12345", "0000", T0, POLICY)
     later = T0 + LOCKOUT_MS
@@ -275,14 +312,14 @@ def test_an_expired_lock_starts_a_fresh_count(store: Store):
     assert store.verify_pin("AC-12345", "1324", later + 1, POLICY) is PinResult.LOCKED
 
 
-def test_the_policy_comes_with_each_check(store: Store):
+def test_the_policy_comes_with_each_check(store: AnyStore):
     policy = PinPolicy(tries_max=1, lockout_ms=10)
     assert store.verify_pin("AC-12345", "0000", T0, policy) is PinResult.LOCKED
     assert store.verify_pin("AC-12345", "1324", T0 + 9, policy) is PinResult.LOCKED
     assert store.verify_pin("AC-12345", "1324", T0 + 10, policy) is PinResult.MATCHED
 
 
-def test_operator_unlock(store: Store):
+def test_operator_unlock(store: AnyStore):
     for _ in range(3):
         store.verify_pin("ac-12345", "0000", T0, POLICY)
     assert store.unlock("ac-12345") == Forgotten(3, T0 + POLICY.lockout_ms)
@@ -292,7 +329,7 @@ def test_operator_unlock(store: Store):
         store.unlock("QQ-00000")
 
 
-def test_reset_pin_replaces_the_pin_and_lifts_the_lock(store: Store):
+def test_reset_pin_replaces_the_pin_and_lifts_the_lock(store: AnyStore):
     for _ in range(3):
         store.verify_pin("AC-12345", "0000", T0, POLICY)
     store.reset_pin("ac-12345", "4321")
@@ -304,7 +341,7 @@ def test_reset_pin_replaces_the_pin_and_lifts_the_lock(store: Store):
         store.reset_pin("AC-12345", "43210")
 
 
-def test_unknown_account_locks_like_a_real_one(store: Store):
+def test_unknown_account_locks_like_a_real_one(store: AnyStore):
     real = [store.verify_pin("AC-12345", "0000", T0, POLICY) for _ in range(4)]
     unknown = [store.verify_pin("qq-00000", "0000", T0, POLICY) for _ in range(4)]
     assert (
@@ -319,8 +356,8 @@ def test_unknown_account_locks_like_a_real_one(store: Store):
     )
     rows = {
         account: (failures, locked, last)
-        for account, failures, locked, last in store._conn.execute(
-            "SELECT account, failures, locked_until_ms, last_failure_ms FROM pin_failures"
+        for account, failures, locked, last in select(
+            store, "SELECT account, failures, locked_until_ms, last_failure_ms FROM pin_failures"
         )
     }
     assert rows == {
@@ -330,7 +367,7 @@ def test_unknown_account_locks_like_a_real_one(store: Store):
     assert store.verify_pin("QQ-00000", "0000", T0 + LOCKOUT_MS, POLICY) is PinResult.WRONG
 
 
-def test_wrong_pins_older_than_the_lockout_period_are_forgotten(store: Store):
+def test_wrong_pins_older_than_the_lockout_period_are_forgotten(store: AnyStore):
     for account in ("AC-12345", "BC-01373"):
         assert store.verify_pin(account, "0000", T0, POLICY) is PinResult.WRONG
         assert store.verify_pin(account, "0000", T0 + 1, POLICY) is PinResult.WRONG
@@ -339,7 +376,7 @@ def test_wrong_pins_older_than_the_lockout_period_are_forgotten(store: Store):
     assert store.verify_pin("BC-01373", "0000", T0 + 1 + LOCKOUT_MS, POLICY) is PinResult.WRONG
 
 
-def test_a_lockout_of_zero_turns_locking_off(store: Store):
+def test_a_lockout_of_zero_turns_locking_off(store: AnyStore):
     policy = PinPolicy(tries_max=3, lockout_ms=0)
     statuses = {store.verify_pin("AC-12345", "0000", T0, policy) for _ in range(5)}
     assert statuses == {PinResult.WRONG}
@@ -355,7 +392,7 @@ def test_impossible_pin_settings_are_refused(tries_max: int, lockout_ms: int):
 
 
 @pytest.mark.parametrize("now_ms", [T0, 253_402_300_799_999])  # now, and the end of year 9999
-def test_the_longest_lockout_still_counts_wrong_pins_and_locks(store: Store, now_ms: int):
+def test_the_longest_lockout_still_counts_wrong_pins_and_locks(store: AnyStore, now_ms: int):
     policy = PinPolicy(tries_max=3, lockout_ms=LOCKOUT_MS_MAX)
     wrong = [PinCheck("AC-12345", "0000", policy)] * 3
     deposit = PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX)
@@ -372,11 +409,11 @@ def test_the_longest_lockout_still_counts_wrong_pins_and_locks(store: Store, now
     assert store.verify_pin("AC-12345", "1324", locked_until, policy) is PinResult.MATCHED
 
 
-def pin_failure_rows(store: Store) -> int:
-    return store._conn.execute("SELECT count(*) FROM pin_failures").fetchone()[0]
+def pin_failure_rows(store: AnyStore) -> int:
+    return select(store, "SELECT count(*) FROM pin_failures")[0][0]
 
 
-def test_guessing_account_numbers_cannot_grow_the_failure_table_without_bound(store: Store):
+def test_guessing_account_numbers_cannot_grow_the_failure_table_without_bound(store: AnyStore):
     guesses_per_period = 50
     for period in range(5):
         now_ms = T0 + period * (LOCKOUT_MS + 1)
@@ -390,7 +427,7 @@ def test_guessing_account_numbers_cannot_grow_the_failure_table_without_bound(st
 # -- postings ---------------------------------------------------------------------------
 
 
-def test_deposit_withdraw_balance_history(store: Store):
+def test_deposit_withdraw_balance_history(store: AnyStore):
     first = post(store, 1, DEPOSIT, 1_000, now_ms=T0)
     second = post(store, 2, WITHDRAWAL, 2_432, account="ac-12345", now_ms=T0 + 5)
     assert first == Posting(PostResult.BOOKED, 103_432, first.entry_id, T0)
@@ -406,7 +443,7 @@ def test_deposit_withdraw_balance_history(store: Store):
     assert store.history("WF-14351", 10) == []
 
 
-def test_history_is_newest_first_and_per_account(store: Store):
+def test_history_is_newest_first_and_per_account(store: AnyStore):
     for n in range(30):
         post(store, n, DEPOSIT, n + 1, account="AC-12345" if n % 2 else "WF-14351")
     history = store.history("AC-12345", 20)
@@ -414,12 +451,12 @@ def test_history_is_newest_first_and_per_account(store: Store):
     assert [e.entry_id for e in history] == sorted((e.entry_id for e in history), reverse=True)
 
 
-def test_withdraw_the_whole_balance(store: Store):
+def test_withdraw_the_whole_balance(store: AnyStore):
     assert post(store, 1, WITHDRAWAL, 4_572, account="BC-01373").balance_cents == 0
     assert store.balance("BC-01373") == 0
 
 
-def test_overdraft_is_refused_and_nothing_is_recorded(store: Store):
+def test_overdraft_is_refused_and_nothing_is_recorded(store: AnyStore):
     before = entry_count(store)
     assert post(store, 1, WITHDRAWAL, 4_573, account="BC-01373") == Posting(
         PostResult.INSUFFICIENT_FUNDS
@@ -431,7 +468,7 @@ def test_overdraft_is_refused_and_nothing_is_recorded(store: Store):
     assert post(store, 1, WITHDRAWAL, 4_573, account="BC-01373").result is PostResult.BOOKED
 
 
-def test_replay_returns_the_original_outcome_and_moves_no_money(store: Store):
+def test_replay_returns_the_original_outcome_and_moves_no_money(store: AnyStore):
     original = post(store, 1, WITHDRAWAL, 2_432, now_ms=T0)
     post(store, 2, DEPOSIT, 5_000, now_ms=T0 + 1)
     before = (store.balance("AC-12345"), entry_count(store))
@@ -446,7 +483,7 @@ def test_replay_returns_the_original_outcome_and_moves_no_money(store: Store):
     [("AC-12345", DEPOSIT, 100), ("AC-12345", WITHDRAWAL, 101), ("WF-14351", WITHDRAWAL, 100)],
 )
 def test_same_id_different_content_is_a_duplicate(
-    store: Store, account: str, kind: EntryKind, amount_cents: int
+    store: AnyStore, account: str, kind: EntryKind, amount_cents: int
 ):
     post(store, 1, WITHDRAWAL, 100)
     before = (store.balance("AC-12345"), store.balance("WF-14351"), entry_count(store))
@@ -456,13 +493,13 @@ def test_same_id_different_content_is_a_duplicate(
 
 
 @pytest.mark.parametrize("amount_cents", [0, -1, AMOUNT_CENTS_MAX + 1, True])
-def test_amount_out_of_range_is_invalid(store: Store, amount_cents: int):
+def test_amount_out_of_range_is_invalid(store: AnyStore, amount_cents: int):
     for kind in EntryKind:
         assert post(store, 1, kind, amount_cents) == Posting(PostResult.AMOUNT_OUT_OF_RANGE)
     assert entry_count(store) == 0
 
 
-def test_a_new_transaction_over_the_callers_limit_is_refused_but_a_replay_is_not(store: Store):
+def test_a_new_transaction_over_the_callers_limit_is_refused_but_a_replay_is_not(store: AnyStore):
     def post_limited(n: int, amount_cents: int, limit_cents: int) -> Posting:
         return store.post(account="AC-12345", txn_id=txn(n), kind=WITHDRAWAL,
                           amount_cents=amount_cents, now_ms=T0, limit_cents=limit_cents)
@@ -476,11 +513,11 @@ def test_a_new_transaction_over_the_callers_limit_is_refused_but_a_replay_is_not
     assert replay == dataclasses.replace(booked, result=PostResult.REPLAYED)
 
 
-def test_largest_amount_is_accepted(store: Store):
+def test_largest_amount_is_accepted(store: AnyStore):
     assert post(store, 1, DEPOSIT, AMOUNT_CENTS_MAX).result is PostResult.BOOKED
 
 
-def test_deposit_past_the_largest_balance_is_refused(store: Store):
+def test_deposit_past_the_largest_balance_is_refused(store: AnyStore):
     store.add_account("RR-00001", "1111", BALANCE_CENTS_MAX - 5)
     refused = post(store, 1, DEPOSIT, 6, account="RR-00001")
     assert refused == Posting(PostResult.BALANCE_FULL)
@@ -488,7 +525,7 @@ def test_deposit_past_the_largest_balance_is_refused(store: Store):
     assert store.check_invariants() == []
 
 
-def test_unknown_account_and_bad_txn_id(store: Store):
+def test_unknown_account_and_bad_txn_id(store: AnyStore):
     with pytest.raises(UnknownAccount):
         post(store, 1, DEPOSIT, 100, account="QQ-00000")
     with pytest.raises(UnknownAccount):
@@ -504,7 +541,7 @@ def test_unknown_account_and_bad_txn_id(store: Store):
 # -- batches ----------------------------------------------------------------------------
 
 
-def test_a_request_refused_before_writing_leaves_the_rest_of_its_batch(store: Store):
+def test_a_request_refused_before_writing_leaves_the_rest_of_its_batch(store: AnyStore):
     outcomes = store.execute_batch(
         [
             PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX),
@@ -521,20 +558,20 @@ def test_a_request_refused_before_writing_leaves_the_rest_of_its_batch(store: St
 
 
 def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
 ):
     """A refusal raised after the balance UPDATE, before the entry (a bug: checks come
     first): committing the others would commit half of this one, so nothing commits."""
-    insert_entry = store._insert_entry
+    insert_entry = sqlite_store._insert_entry
 
     def insert_entry_unless_txn_2(**columns: object) -> int:
         if columns["txn_id"] == txn(2):
             raise ValueError("refused after the balance UPDATE")
         return insert_entry(**columns)
 
-    monkeypatch.setattr(store, "_insert_entry", insert_entry_unless_txn_2)
+    monkeypatch.setattr(sqlite_store, "_insert_entry", insert_entry_unless_txn_2)
     with pytest.raises(BatchAborted, match="PostRequest was refused after it wrote"):
-        store.execute_batch(
+        sqlite_store.execute_batch(
             [
                 PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX),
                 PostRequest("AC-12345", txn(2), WITHDRAWAL, 500, AMOUNT_CENTS_MAX),
@@ -542,14 +579,14 @@ def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
             ],
             T0,
         )
-    assert store.balance("WF-14351") == 542_822
-    assert store.balance("AC-12345") == 102_432
-    assert entry_count(store) == 0
-    assert pin_failure_rows(store) == 0
-    assert store.check_invariants() == []
+    assert sqlite_store.balance("WF-14351") == 542_822
+    assert sqlite_store.balance("AC-12345") == 102_432
+    assert entry_count(sqlite_store) == 0
+    assert pin_failure_rows(sqlite_store) == 0
+    assert sqlite_store.check_invariants() == []
     monkeypatch.undo()  # nothing of the batch remains: a retry is judged afresh
-    assert post(store, 2, WITHDRAWAL, 500).result is PostResult.BOOKED
-    assert store.balance("AC-12345") == 101_932
+    assert post(sqlite_store, 2, WITHDRAWAL, 500).result is PostResult.BOOKED
+    assert sqlite_store.balance("AC-12345") == 101_932
 
 
 # -- the database's own last line -----------------------------------------------------------
@@ -569,15 +606,15 @@ def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
         " VALUES ('AC-12345', zeroblob(15), 1, 1, 1, 0)",
     ],
 )
-def test_constraints_refuse_direct_writes(store: Store, db_path: Path, statement: str):
-    with raw(db_path) as conn, pytest.raises(sqlite3.IntegrityError):
+def test_constraints_refuse_direct_writes(sqlite_store: Store, db_path: Path, statement: str):
+    with raw_sqlite(db_path) as conn, pytest.raises(sqlite3.IntegrityError):
         conn.execute(statement)
-    assert store.balance("AC-12345") == 102_432
+    assert sqlite_store.balance("AC-12345") == 102_432
 
 
-def test_foreign_key_refuses_an_entry_for_no_account(store: Store):
+def test_foreign_key_refuses_an_entry_for_no_account(sqlite_store: Store):
     with pytest.raises(sqlite3.IntegrityError):
-        store._conn.execute(
+        sqlite_store._conn.execute(
             "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
             " VALUES ('QQ-00000', zeroblob(16), 1, 1, 1, 0)"
         )
@@ -586,7 +623,7 @@ def test_foreign_key_refuses_an_entry_for_no_account(store: Store):
 # -- invariants ---------------------------------------------------------------------------
 
 
-def test_invariants_hold_after_a_mix_of_operations(store: Store):
+def test_invariants_hold_after_a_mix_of_operations(store: AnyStore):
     accounts = [account for account, _, _ in DEMO_ACCOUNTS]
     outcomes = set()
     for n in range(300):
@@ -599,9 +636,9 @@ def test_invariants_hold_after_a_mix_of_operations(store: Store):
     assert store.integrity_ok()
 
 
-def test_invariants_report_a_tampered_balance(store: Store, db_path: Path):
+def test_invariants_report_a_tampered_balance(store: AnyStore, any_db: str):
     post(store, 1, DEPOSIT, 100)
-    with raw(db_path) as conn:
+    with raw(any_db) as conn:
         conn.execute(
             "UPDATE accounts SET balance_cents = balance_cents + 1 WHERE account = 'AC-12345'"
         )
@@ -614,7 +651,7 @@ def test_invariants_report_a_tampered_balance(store: Store, db_path: Path):
 # -- operator operations --------------------------------------------------------------------
 
 
-def test_add_account(store: Store):
+def test_add_account(store: AnyStore):
     store.add_account("rr-00001", "1111", 0)
     assert store.balance("RR-00001") == 0
     assert store.verify_pin("RR-00001", "1111", T0, POLICY) is PinResult.MATCHED
@@ -635,14 +672,14 @@ def test_add_account(store: Store):
         ("RR-00001", "1111", BALANCE_CENTS_MAX + 1),
     ],
 )
-def test_add_account_validates(store: Store, account: str, pin: str, opening_cents: int):
+def test_add_account_validates(store: AnyStore, account: str, pin: str, opening_cents: int):
     with pytest.raises(ValueError):
         store.add_account(account, pin, opening_cents)
     with pytest.raises(UnknownAccount):
         store.balance("RR-00001")
 
 
-def test_add_accounts_from_an_accounts_file(store: Store):
+def test_add_accounts_from_an_accounts_file(store: AnyStore):
     records = parse_accounts("# new branch\nrr-00001, 1111, 10.00\nRR-00002, 2222, 0.5\n")
     assert store.add_accounts(records) == 2
     assert store.balance("RR-00001") == 1_000
@@ -650,7 +687,7 @@ def test_add_accounts_from_an_accounts_file(store: Store):
     assert store.verify_pin("RR-00002", "2222", T0, POLICY) is PinResult.MATCHED
 
 
-def test_adding_accounts_is_all_or_nothing(store: Store):
+def test_adding_accounts_is_all_or_nothing(store: AnyStore):
     with pytest.raises(AccountExists):
         store.add_accounts(parse_accounts("RR-00001, 1111, 10.00\nAC-12345, 2222, 0.5\n"))
     with pytest.raises(UnknownAccount):
@@ -660,11 +697,11 @@ def test_adding_accounts_is_all_or_nothing(store: Store):
 # -- reading the books from outside -------------------------------------------------------
 
 
-def test_read_books_gives_every_balance_and_entry_as_stored(store: Store, db_path: Path):
+def test_read_books_gives_every_balance_and_entry_as_stored(store: AnyStore, any_db: str):
     deposit = post(store, 1, DEPOSIT, 500)
     withdrawal = post(store, 2, WITHDRAWAL, 200, now_ms=T0 + 1)
     assert post(store, 3, WITHDRAWAL, AMOUNT_CENTS_MAX).result is PostResult.INSUFFICIENT_FUNDS
-    books = read_books(db_path)  # with the Store still open, as with a server running
+    books = read_books(any_db)  # with the Store still open, as with a server running
     assert books.opening_cents == {account: cents for account, _, cents in DEMO_ACCOUNTS}
     assert books.balance_cents == {**books.opening_cents, "AC-12345": 1024_32 + 300}
     assert books.entries == (
