@@ -12,12 +12,16 @@ self-contained statement (a data-modifying CTE: look up the transaction id, chec
 fence, move the money under its rule, write the transaction and its entry, say what
 happened) sent together in psycopg's pipeline mode between BEGIN and COMMIT. Refusals
 are results, never errors, so one customer's overdraft cannot abort the others' batch.
-Measured here (2 cores shared with PostgreSQL, Unix socket, fsync on, 100 deposits to
-distinct accounts per batch): one statement after another, about 2,400 postings/s;
-pipelined, about 9,000 postings/s. One statement per request kind over arrays
-(``unnest``) was not done: a batch's requests must see each other in order (a deposit
-then a withdrawal of it, the same transaction id twice), which one set-based statement
-cannot express without reimplementing the ordering in SQL.
+Measured here (2 cores shared with PostgreSQL and other work, Unix socket, fsync on,
+batches of 100 deposits to distinct accounts through PgStore, each statement
+waited for in turn against the same statements pipelined): 2,700-2,800 against
+3,200-3,700 postings/s, and 1,300-1,800 against 1,600-1,700 on a busier run. Pipelining
+saves the round trips, which are cheap on a local socket and dear across a network; what
+is left is the server's work per statement. One statement per request kind over arrays
+(``unnest``), which the issue measured at 24-35k postings/s, is not done yet: a batch's
+requests must see each other in order (a deposit then a withdrawal of it, the same
+transaction id twice), so it needs a check that the batch's postings touch distinct
+accounts and ids, and a fallback to this path when they do not.
 
 The money rules are the database's too: CHECK constraints on every amount and balance,
 and the no-overdraft and balance-limit rules in the UPDATE's WHERE clause (the very
