@@ -96,9 +96,10 @@ async def test_a_storage_failure_fails_the_whole_batch_and_moves_nothing(
         def plan_then_fail(request, now_ms):
             nonlocal calls
             calls += 1
+            plan = real_plan(request, now_ms)
             if calls == 2:  # a statement the server refuses, mid-pipeline
-                return _Statement("SELECT 1 / 0", {}, lambda rows: rows)
-            return real_plan(request, now_ms)
+                return _Statement("SELECT 1 / 0", plan.params, plan.decode)
+            return plan
 
         monkeypatch.setattr(ledger._store, "_plan_post", plan_then_fail)
     else:

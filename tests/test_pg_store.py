@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import trio
 
+from bank import pg_store
 from bank.__main__ import main
 from bank.batch_ledger import open_ledger
 from bank.config import ServerConfig
@@ -29,11 +30,18 @@ from bank.pg_store import (
     SCHEMA_VERSION,
     PgStore,
 )
-from bank.store import PostRequest, SchemaError, StoreError, read_books
+from bank.store import (
+    BalanceQuery,
+    PostRequest,
+    SchemaError,
+    StoreError,
+    UnknownAccount,
+    read_books,
+)
 from tests.helpers import DEMO_ACCOUNT, logged_in, start_server
 from tests.pg import Cluster, free_port, raw
 from wire import Deposit, DepositReply, EntryKind, Status
-from wire._limits import AMOUNT_CENTS_MAX
+from wire._limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
 
 KEY = bytes(32)
 T0 = 1_700_000_000_000
@@ -340,3 +348,84 @@ def test_a_batch_request_carries_its_fence(store: PgStore, pg_db: str):
 
 def txn(n: int) -> bytes:
     return n.to_bytes(16, "big")
+
+
+# -- a batch's posts as one statement over arrays ----------------------------------------------
+
+
+def independent_posts() -> list[PostRequest]:
+    """A post of every outcome, each on an account of its own, and a PIN check."""
+    limit = AMOUNT_CENTS_MAX
+    return [
+        PostRequest("AC-12345", txn(10), EntryKind.DEPOSIT, 5_00, limit),  # booked
+        PostRequest("BC-01373", txn(11), EntryKind.WITHDRAWAL, 45_73, limit),  # overdraft
+        PostRequest("QQ-00000", txn(12), EntryKind.DEPOSIT, 1_00, limit),  # no such account
+        PostRequest("WF-14351", txn(13), EntryKind.WITHDRAWAL, 2_00, 1_00),  # over the limit
+        PostRequest("TN-13731", txn(1), EntryKind.DEPOSIT, 1_00, limit),  # replayed
+        PostRequest("FE-63912", txn(2), EntryKind.DEPOSIT, 9_99, limit),  # id reused
+        PostRequest("KH-10406", txn(14), EntryKind.WITHDRAWAL, 6_00, limit, fence=9),  # fenced
+        PostRequest("RR-00001", txn(15), EntryKind.DEPOSIT, 2, limit),  # balance full
+        PostRequest("ZZ-99999", txn(16), EntryKind.WITHDRAWAL, 655_35, limit),  # the whole
+    ]
+
+
+def run_independent_posts(db: str) -> list[Any]:
+    with PgStore(db, KEY) as store:
+        store.add_account("RR-00001", "1111", BALANCE_CENTS_MAX - 1)
+        store.post(account="TN-13731", txn_id=txn(1), kind=EntryKind.DEPOSIT, amount_cents=1_00,
+                   now_ms=T0 - 1, limit_cents=AMOUNT_CENTS_MAX)
+        store.post(account="FE-63912", txn_id=txn(2), kind=EntryKind.DEPOSIT, amount_cents=1_00,
+                   now_ms=T0 - 1, limit_cents=AMOUNT_CENTS_MAX)
+        outcomes = store.execute_batch(independent_posts(), T0)
+        assert store.check_invariants() == []
+        return [*outcomes, read_books(db)]
+
+
+def test_independent_posts_run_as_one_statement_with_the_outcomes_of_one_each(
+    pg_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+):
+    statements: list[str] = []
+    execute = psycopg.Connection.execute
+
+    def counting(conn: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        statements.append(str(query))
+        return execute(conn, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", counting)
+    grouped = run_independent_posts(pg_cluster.new_database())
+    assert sum("unnest" in statement for statement in statements) == 1
+    monkeypatch.setattr(pg_store, "GROUPED_POSTS_MIN", len(independent_posts()) + 1)
+    statements.clear()
+    one_each = run_independent_posts(pg_cluster.new_database())
+    assert not any("unnest" in statement for statement in statements)
+    assert [type(o) for o in grouped] == [type(o) for o in one_each]
+    assert [o for o in grouped if not isinstance(o, Exception)] == [
+        o for o in one_each if not isinstance(o, Exception)
+    ]
+    assert [o.result for o in grouped[:2]] == [PostResult.BOOKED, PostResult.INSUFFICIENT_FUNDS]
+    assert isinstance(grouped[2], UnknownAccount)
+    assert [o.result for o in grouped[3:9]] == [
+        PostResult.OVER_LIMIT, PostResult.REPLAYED, PostResult.TXN_ID_REUSED,
+        PostResult.FENCED, PostResult.BALANCE_FULL, PostResult.BOOKED,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("second", "expected"),
+    [
+        (PostRequest(DEMO_ACCOUNT, txn(2), EntryKind.WITHDRAWAL, OPENING_CENTS + 1, 10**12),
+         PostResult.BOOKED),  # only with the deposit before it
+        (PostRequest("WF-14351", txn(1), EntryKind.DEPOSIT, 1, 10**12),
+         PostResult.TXN_ID_REUSED),  # only once the first is booked
+    ],
+    ids=["same account", "same txn id"],
+)
+def test_posts_that_see_each_other_run_in_order(
+    store: PgStore, second: PostRequest, expected: PostResult
+):
+    """A withdrawal of a deposit made in the same batch, or the same id twice: one
+    statement has one snapshot, so these run one statement each, in order."""
+    first = PostRequest(DEMO_ACCOUNT, txn(1), EntryKind.DEPOSIT, 1, 10**12)
+    outcomes = store.execute_batch([first, second, BalanceQuery("WF-14351")], T0)
+    assert [outcomes[0].result, outcomes[1].result] == [PostResult.BOOKED, expected]
+    assert store.check_invariants() == []
