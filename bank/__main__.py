@@ -39,18 +39,20 @@ from bank.readiness import listening_addresses, remove_ready_file, write_ready_f
 from bank.server import BankServer, bind, open_files_needed, raise_open_files_limit
 from bank.store import (
     AccountExists,
+    BookEntry,
     Forgotten,
     SchemaError,
     Store,
     StoreError,
     read_accounts_summary,
-    read_entry_by_txn_id,
+    read_entries_by_txn_id,
     read_statement,
 )
 from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
 from wire import (
     BALANCE_CENTS_MAX,
     TXN_ID_BYTES,
+    EntryKind,
     canonical_account,
     check_pin,
     format_cents,
@@ -478,6 +480,14 @@ def list_accounts(config: ServerConfig, _args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def statement_kind(entry: BookEntry) -> str:
+    """``deposit``, ``withdrawal``, ``transfer_out to WF-14351``, ``transfer_in from ...``."""
+    if entry.counterparty is None:
+        return entry.kind.name.lower()
+    direction = "to" if entry.kind is EntryKind.TRANSFER_OUT else "from"
+    return f"{entry.kind.name.lower()} {direction} {entry.counterparty}"
+
+
 def show_statement(config: ServerConfig, args: argparse.Namespace) -> int:
     entries = read_statement(require_database(config), args.account, args.limit)
     if not entries:
@@ -489,7 +499,7 @@ def show_statement(config: ServerConfig, args: argparse.Namespace) -> int:
             (
                 str(entry.entry_id),
                 utc_time(entry.time_ms),
-                entry.kind.name.lower(),
+                statement_kind(entry),
                 format_cents(entry.amount_cents),
                 format_cents(entry.balance_cents),
                 entry.txn_id.hex(),
@@ -503,16 +513,29 @@ def show_statement(config: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def show_txn(config: ServerConfig, args: argparse.Namespace) -> int:
-    entry = read_entry_by_txn_id(require_database(config), args.txn_id)
-    if entry is None:
+    entries = read_entries_by_txn_id(require_database(config), args.txn_id)
+    if not entries:
         print(f"not booked: transaction {args.txn_id.hex()} moved no money")
         return EXIT_NOT_BOOKED
+    entry = entries[0]
+    if entry.counterparty is None:
+        print(
+            f"booked: transaction {entry.txn_id.hex()}, {entry.kind.name.lower()} of"
+            f" {format_cents(entry.amount_cents)}, account {entry.account}, at"
+            f" {utc_time(entry.time_ms)} UTC, entry {entry.entry_id}, balance after"
+            f" {format_cents(entry.balance_cents)}, terminal {entry.terminal or '-'}"
+        )
+        return EXIT_OK
     print(
-        f"booked: transaction {entry.txn_id.hex()}, {entry.kind.name.lower()} of"
-        f" {format_cents(entry.amount_cents)}, account {entry.account}, at"
-        f" {utc_time(entry.time_ms)} UTC, entry {entry.entry_id}, balance after"
-        f" {format_cents(entry.balance_cents)}, terminal {entry.terminal or '-'}"
+        f"booked: transaction {entry.txn_id.hex()}, transfer of"
+        f" {format_cents(entry.amount_cents)} from {entry.account} to {entry.counterparty},"
+        f" at {utc_time(entry.time_ms)} UTC, terminal {entry.terminal or '-'}"
     )
+    for leg in entries:  # the source's leg, then the destination's
+        print(
+            f"  {leg.kind.name.lower()}: account {leg.account}, entry {leg.entry_id},"
+            f" balance after {format_cents(leg.balance_cents)}"
+        )
     return EXIT_OK
 
 

@@ -53,19 +53,29 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
 import psycopg.errors
 
 from bank.accounts_file import AccountRecord
 from bank.config import redact_db
-from bank.ledger import PinResult, PinVerdict, Posting, PostResult
+from bank.ledger import (
+    PinChangeResult,
+    PinChangeVerdict,
+    PinResult,
+    PinVerdict,
+    Posting,
+    PostResult,
+)
 from bank.pins import PIN_HMAC_BYTES, new_salt, verify
 from bank.store import (
     _BALANCE_CHANGES,
+    _ENTRIES,
+    _ENTRY_COLUMNS,
     DEMO_ACCOUNTS,
     PIN_FAILURES_PRUNED_MAX,
+    TRANSFER_TXN_KIND,
     AccountExists,
     AccountSummary,
     BalanceQuery,
@@ -75,24 +85,32 @@ from bank.store import (
     Forgotten,
     HistoryQuery,
     Outcome,
+    PinChange,
     PinCheck,
     PinPolicy,
     PostRequest,
     SchemaError,
     StoreError,
+    TransferRequest,
     UnknownAccount,
+    _book_entry,
     _check_txn_id,
+    _Prior,
     _replay,
     account_problems,
     new_account_row,
+    transaction_problems,
 )
 from wire import (
     AMOUNT_CENTS_MAX,
     BALANCE_CENTS_MAX,
     KIND_OF_ENTRY,
+    TRANSFER,
     EntryKind,
     HistoryEntry,
     canonical_account,
+    check_pin,
+    is_trivial_pin,
 )
 
 SCHEMA_VERSION = 4
@@ -186,8 +204,6 @@ MIGRATIONS: dict[int, str] = {4: _SCHEMA_4}
 the first, from nothing), each run in one transaction under MIGRATION_LOCK_ID. A new
 database runs them all in order; later versions add an entry here, never edit one."""
 
-TXN_KIND_OF_ENTRY = {EntryKind.DEPOSIT: 1, EntryKind.WITHDRAWAL: 2}
-"""``transactions.kind`` of a deposit or withdrawal (a transfer is 3)."""
 
 
 def _named(sql: str) -> str:
@@ -319,9 +335,14 @@ def _grouped_posts(
     if len(accounts) < len(rows) or len({row["txn_id"] for row in rows}) < len(rows):
         return None
     for request in requests:
-        if isinstance(request, BalanceQuery | HistoryQuery):
+        touched = (
+            [request.account] if isinstance(request, BalanceQuery | HistoryQuery)
+            else [request.account, request.to_account] if isinstance(request, TransferRequest)
+            else []
+        )
+        for account in touched:
             try:
-                if canonical_account(request.account) in accounts:
+                if canonical_account(account) in accounts:
                     return None
             except ValueError:
                 continue
@@ -344,7 +365,7 @@ _FRESH_COUNT = (
 )
 """A failure's count: one more, or the first if the lock expired or the last is forgotten."""
 
-_PIN_SQL = f"""
+_PIN_CHECK_SQL = f"""
 WITH locked AS (
     SELECT locked_until_ms FROM pin_failures
     WHERE account = %(account)s AND locked_until_ms > %(now)s
@@ -368,16 +389,95 @@ WITH locked AS (
         last_failure_ms = %(now)s
     WHERE p.locked_until_ms IS NULL OR p.locked_until_ms <= %(now)s
     RETURNING locked_until_ms
-)
+){{changed}}
 SELECT (SELECT locked_until_ms FROM locked), EXISTS (SELECT 1 FROM failed),
     (SELECT locked_until_ms FROM failed)
 """
+_PIN_SQL = _PIN_CHECK_SQL.format(changed="")
+_PIN_CHANGE_SQL = _PIN_CHECK_SQL.format(changed=""", changed AS (
+    UPDATE accounts SET pin_salt = %(new_salt)s, pin_hmac = %(new_hmac)s
+    WHERE account = %(account)s AND %(matches)s AND NOT EXISTS (SELECT 1 FROM locked)
+)""")
 """One PIN check's bookkeeping as one statement, given whether the PIN matched (hashed
 in Python with the salt read before the batch: the key never reaches the database).
 Like ``Store._check_pin``: a lock in force answers LOCKED and changes nothing; a match
 clears the failures; a miss prunes a few forgotten rows and counts, locking at the
 limit. The upsert counts from the row's latest version, so two processes checking one
-account at once both count."""
+account at once both count. A PIN change (``_PIN_CHANGE_SQL``) is the same check plus,
+on a match, the new salt and keyed hash, made in Python like every hash."""
+
+
+def _transfer_sql() -> str:
+    """One transfer as one statement, after its two account rows were locked in account
+    order (``_LOCK_ACCOUNTS_SQL``), so its reads are the latest and cannot change under
+    it: every check of ``Store._transfer_one`` in its order, then both legs under
+    ``bank.store``'s rules, the transaction and both entries (source first). A leg its
+    rule refused after the checks passed (a bug) divides by zero, which rolls the
+    whole batch back rather than commit one leg."""
+    debit = _named(_BALANCE_CHANGES[-1].sql)
+    credit = _named(_BALANCE_CHANGES[+1].sql).replace("%(account)s", "%(to)s")
+    return f"""
+WITH prior AS (
+    SELECT t.kind, t.account, t.counterparty, t.amount_cents,
+           e.entry_id, e.balance_cents, e.time_ms
+    FROM transactions t JOIN entries e ON e.txn_id = t.txn_id AND e.account = t.account
+    WHERE t.txn_id = %(txn_id)s
+), fenced AS (
+    SELECT %(fence)s::bigint IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM leases WHERE account = %(account)s AND fence = %(fence)s::bigint
+        AND holder IS NOT NULL AND expires_at > now() FOR SHARE
+    ) AS fenced
+), source AS (
+    SELECT balance_cents FROM accounts WHERE account = %(account)s
+), destination AS (
+    SELECT balance_cents FROM accounts WHERE account = %(to)s
+), allowed AS (
+    SELECT coalesce(NOT EXISTS (SELECT 1 FROM prior) AND NOT (SELECT fenced FROM fenced)
+        AND %(account)s <> %(to)s AND %(amount)s::bigint <= %(limit)s::bigint
+        AND (SELECT balance_cents FROM source) >= %(amount)s::bigint
+        AND (SELECT balance_cents FROM destination) <= %(max)s::bigint - %(amount)s::bigint,
+        false) AS allowed
+), debited AS (
+    {debit} AND (SELECT allowed FROM allowed)
+    RETURNING balance_cents
+), credited AS (
+    {credit} AND (SELECT allowed FROM allowed)
+    RETURNING balance_cents
+), booked AS (
+    INSERT INTO transactions
+        (txn_id, kind, account, counterparty, amount_cents, time_ms, terminal)
+    SELECT %(txn_id)s, {TRANSFER_TXN_KIND}, %(account)s, %(to)s, %(amount)s, %(now_ms)s,
+        %(terminal)s
+    FROM debited, credited
+), legs AS (
+    SELECT 1 AS leg, %(account)s AS account, {int(TRANSFER.debit)} AS kind, balance_cents
+    FROM debited
+    UNION ALL
+    SELECT 2, %(to)s, {int(TRANSFER.credit)}, balance_cents FROM credited
+), entry AS (
+    INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms, terminal)
+    SELECT account, %(txn_id)s, kind, %(amount)s, balance_cents, %(now_ms)s, %(terminal)s
+    FROM legs ORDER BY leg
+    RETURNING entry_id, account, balance_cents
+)
+SELECT p.account, p.kind, p.counterparty, p.amount_cents, p.entry_id, p.balance_cents,
+    p.time_ms, (SELECT fenced FROM fenced), (SELECT balance_cents FROM source),
+    EXISTS (SELECT 1 FROM destination), (SELECT balance_cents FROM destination),
+    e.entry_id, e.balance_cents,
+    1 / CASE WHEN (SELECT allowed FROM allowed)
+        AND (SELECT count(*) FROM debited) + (SELECT count(*) FROM credited) <> 2
+        THEN 0 ELSE 1 END
+FROM (SELECT 1) AS one LEFT JOIN prior p ON true
+LEFT JOIN entry e ON e.account = %(account)s
+"""
+
+
+_TRANSFER_SQL = _transfer_sql()
+_LOCK_ACCOUNTS_SQL = (
+    "SELECT 1 FROM accounts WHERE account = ANY(%(accounts)s) ORDER BY account FOR UPDATE"
+)
+"""A transfer's two account rows, locked in account order: two opposite transfers (in
+two processes) then wait for each other instead of deadlocking."""
 
 _HISTORY_SQL = """
 SELECT a.account IS NOT NULL, e.entry_id, e.time_ms, e.kind, e.amount_cents, e.balance_cents
@@ -389,6 +489,7 @@ LEFT JOIN LATERAL (
 ) e ON a.account IS NOT NULL
 """
 
+T = TypeVar("T")
 Decode = Callable[[list[tuple[Any, ...]]], Outcome]
 
 
@@ -399,6 +500,8 @@ class _Statement:
     sql: str
     params: dict[str, object]
     decode: Decode
+    before: tuple[tuple[str, dict[str, object]], ...] = ()
+    """Statements sent just before it, whose rows nobody reads (a transfer's locks)."""
 
 
 def connect(conninfo: str) -> psycopg.Connection[tuple[Any, ...]]:
@@ -505,6 +608,34 @@ class PgStore:
         assert isinstance(outcome, Posting)
         return outcome
 
+    def transfer(
+        self,
+        *,
+        account: str,
+        txn_id: bytes,
+        to_account: str,
+        amount_cents: int,
+        now_ms: int,
+        limit_cents: int,
+        terminal: str | None = None,
+        fence: int | None = None,
+    ) -> Posting:
+        """As ``Store.transfer``, and FENCED (after the replay check) for a stale fence."""
+        request = TransferRequest(
+            account, txn_id, to_account, amount_cents, limit_cents, terminal, fence
+        )
+        outcome = self._one(request, now_ms)
+        assert isinstance(outcome, Posting)
+        return outcome
+
+    def change_pin(
+        self, account: str, pin: str, new_pin: str, now_ms: int, policy: PinPolicy
+    ) -> PinChangeVerdict:
+        """As ``Store.change_pin``."""
+        outcome = self._one(PinChange(account, pin, new_pin, policy), now_ms)
+        assert isinstance(outcome, PinChangeVerdict)
+        return outcome
+
     def _one(self, request: BatchRequest, now_ms: int) -> Outcome:
         (outcome,) = self.execute_batch([request], now_ms)
         if isinstance(outcome, Exception):
@@ -525,7 +656,9 @@ class PgStore:
 
     def _execute_batch(self, requests: Sequence[BatchRequest], now_ms: int) -> list[Outcome]:
         try:
-            salts = self._salts([r.account for r in requests if isinstance(r, PinCheck)])
+            salts = self._salts(
+                [r.account for r in requests if isinstance(r, PinCheck | PinChange)]
+            )
             plans: list[_Statement | Outcome] = []
             for request in requests:
                 try:
@@ -544,11 +677,12 @@ class PgStore:
                 }
                 statements[first] = statement
             conn = self._connection()
+            cursors = {}
             with conn.pipeline(), conn.transaction():
-                cursors = {
-                    index: conn.execute(statements[index].sql, statements[index].params)
-                    for index in sorted(statements)
-                }
+                for index in sorted(statements):
+                    for sql, params in statements[index].before:
+                        conn.execute(sql, params)
+                    cursors[index] = conn.execute(statements[index].sql, statements[index].params)
             results = {index: cursor.fetchall() for index, cursor in cursors.items()}
         except psycopg.OperationalError:
             self._drop_connection()
@@ -589,8 +723,12 @@ class PgStore:
         match request:
             case PostRequest():
                 return self._plan_post(request, now_ms)
+            case TransferRequest():
+                return self._plan_transfer(request, now_ms)
             case PinCheck():
                 return self._plan_pin_check(request, now_ms, salts)
+            case PinChange():
+                return self._plan_pin_change(request, now_ms, salts)
             case BalanceQuery(account):
                 account = canonical_account(account)
                 return _Statement(
@@ -618,7 +756,7 @@ class PgStore:
         sign = KIND_OF_ENTRY[kind].sign
         params: dict[str, object] = {
             "txn_id": request.txn_id, "account": account, "kind": int(kind),
-            "txn_kind": TXN_KIND_OF_ENTRY[kind], "amount": amount_cents,
+            "txn_kind": int(kind), "amount": amount_cents,
             "limit": request.limit_cents, "fence": request.fence, "now_ms": now_ms,
             "terminal": request.terminal, "max": BALANCE_CENTS_MAX,
         }
@@ -626,13 +764,7 @@ class PgStore:
         def decode(rows: list[tuple[Any, ...]]) -> Outcome:
             ((*prior, fenced, known, entry_id, balance_cents),) = rows
             if prior[0] is not None:
-                p_account, p_kind, counterparty, p_amount, p_entry, p_balance, p_time = prior
-                if counterparty is not None:
-                    return Posting(PostResult.TXN_ID_REUSED)
-                return _replay(
-                    (p_account, p_kind, p_amount, p_entry, p_balance, p_time),
-                    account=account, kind=kind, amount_cents=amount_cents,
-                )
+                return _replay(_prior(prior), (int(kind), account, None, amount_cents))
             if fenced:
                 return Posting(PostResult.FENCED)
             if amount_cents > request.limit_cents:
@@ -644,6 +776,68 @@ class PgStore:
             return Posting(PostResult.BOOKED, int(balance_cents), int(entry_id), now_ms)
 
         return _Statement(_POST_SQL[sign], params, decode)
+
+    def _plan_transfer(self, request: TransferRequest, now_ms: int) -> _Statement | Outcome:
+        source = canonical_account(request.account)
+        destination = canonical_account(request.to_account)
+        _check_txn_id(request.txn_id)
+        amount_cents = request.amount_cents
+        if type(amount_cents) is not int or not 1 <= amount_cents <= AMOUNT_CENTS_MAX:
+            return Posting(PostResult.AMOUNT_OUT_OF_RANGE)
+        params: dict[str, object] = {
+            "txn_id": request.txn_id, "account": source, "to": destination,
+            "amount": amount_cents, "limit": request.limit_cents, "fence": request.fence,
+            "now_ms": now_ms, "terminal": request.terminal, "max": BALANCE_CENTS_MAX,
+        }
+
+        def decode(rows: list[tuple[Any, ...]]) -> Outcome:
+            ((*prior, fenced, source_cents, known, destination_cents, entry_id, balance_cents,
+              _),) = rows
+            if prior[0] is not None:
+                content = (TRANSFER_TXN_KIND, source, destination, amount_cents)
+                return _replay(_prior(prior), content)
+            if fenced:
+                return Posting(PostResult.FENCED)
+            if source == destination:
+                return Posting(PostResult.SAME_ACCOUNT)
+            if amount_cents > request.limit_cents:
+                return Posting(PostResult.OVER_LIMIT)
+            if source_cents is None:
+                raise UnknownAccount(source)
+            if source_cents < amount_cents:
+                return Posting(PostResult.INSUFFICIENT_FUNDS)
+            if not known:
+                return Posting(PostResult.UNKNOWN_DESTINATION)
+            if destination_cents > BALANCE_CENTS_MAX - amount_cents:
+                return Posting(PostResult.BALANCE_FULL)
+            return Posting(PostResult.BOOKED, int(balance_cents), int(entry_id), now_ms)
+
+        lock: tuple[str, dict[str, object]] = (
+            _LOCK_ACCOUNTS_SQL, {"accounts": sorted({source, destination})}
+        )
+        return _Statement(_TRANSFER_SQL, params, decode, before=(lock,))
+
+    def _plan_pin_change(
+        self, change: PinChange, now_ms: int, salts: dict[str, tuple[bytes, bytes]]
+    ) -> _Statement | Outcome:
+        account = canonical_account(change.account)
+        check_pin(change.pin)
+        if is_trivial_pin(change.new_pin):
+            return PinChangeVerdict(PinChangeResult.TRIVIAL)
+        _, new_salt, new_hmac, _, _ = new_account_row(self._key, account, change.new_pin, 0)
+        check = self._plan_pin_check(PinCheck(account, change.pin, change.policy), now_ms, salts)
+
+        def decode(rows: list[tuple[Any, ...]]) -> Outcome:
+            verdict = check.decode(rows)
+            assert isinstance(verdict, PinVerdict)
+            if verdict.result is PinResult.LOCKED:
+                return PinChangeVerdict(PinChangeResult.LOCKED, verdict.locked_until_ms)
+            if verdict.result is PinResult.WRONG:
+                return PinChangeVerdict(PinChangeResult.WRONG)
+            return PinChangeVerdict(PinChangeResult.CHANGED)
+
+        params = {**check.params, "new_salt": new_salt, "new_hmac": new_hmac}
+        return _Statement(_PIN_CHANGE_SQL, params, decode)
 
     def _plan_pin_check(
         self, check: PinCheck, now_ms: int, salts: dict[str, tuple[bytes, bytes]]
@@ -731,18 +925,20 @@ class PgStore:
 
     def check_invariants(self) -> list[str]:
         """As ``Store.check_invariants``, in one snapshot (REPEATABLE READ)."""
-        books = self._read(_read_books)
+        books, transactions = self._read(
+            lambda conn: (_read_books(conn), transaction_problems(conn))
+        )
+        problems: list[str] = []
         by_account: dict[str, list[tuple[int, EntryKind, int, int]]] = {}
         for entry in books.entries:
             by_account.setdefault(entry.account, []).append(
                 (entry.entry_id, entry.kind, entry.amount_cents, entry.balance_cents)
             )
-        problems: list[str] = []
         for account, opening_cents in books.opening_cents.items():
             problems += account_problems(
                 account, opening_cents, books.balance_cents[account], by_account.get(account, [])
             )
-        return problems
+        return problems + transactions
 
     # -- internals -----------------------------------------------------------------------
 
@@ -770,7 +966,7 @@ class PgStore:
             self._drop_connection()
             raise
 
-    def _read(self, reader: Callable[[psycopg.Connection[tuple[Any, ...]]], Books]) -> Books:
+    def _read(self, reader: Callable[[psycopg.Connection[tuple[Any, ...]]], T]) -> T:
         conn = self._connection()
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         try:
@@ -828,6 +1024,16 @@ class PgStore:
                     self.seeded = tuple(account for account, _, _ in DEMO_ACCOUNTS)
 
 
+def _prior(row: list[Any]) -> _Prior:
+    """A booked transaction from a statement's (account, kind, counterparty, amount,
+    entry_id, balance_cents, time_ms) columns, as ``bank.store._replay`` judges it."""
+    account, kind, counterparty, amount, entry_id, balance_cents, time_ms = row
+    return _Prior(
+        (int(kind), account, counterparty, int(amount)), int(entry_id), int(balance_cents),
+        int(time_ms),
+    )
+
+
 def _schema_version(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     """The database's schema version; 0 for one without the bank's schema."""
     exists = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
@@ -875,22 +1081,13 @@ def _read_only(conninfo: str | os.PathLike[str]) -> Iterator[psycopg.Connection[
             yield conn
 
 
-_ENTRY_COLUMNS = "entry_id, account, txn_id, kind, amount_cents, balance_cents, time_ms, terminal"
-
-
-def _book_entry(row: tuple[Any, ...]) -> BookEntry:
-    entry_id, account, txn_id, kind, amount, balance, time_ms, terminal = row
-    return BookEntry(
-        int(entry_id), account, bytes(txn_id), EntryKind(kind), int(amount), int(balance),
-        int(time_ms), terminal,
-    )
-
-
 def _read_books(conn: psycopg.Connection[tuple[Any, ...]]) -> Books:
     accounts = conn.execute(
         "SELECT account, opening_cents, balance_cents FROM accounts ORDER BY account"
     ).fetchall()
-    entries = conn.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries ORDER BY entry_id").fetchall()
+    entries = conn.execute(
+        f"SELECT {_ENTRY_COLUMNS} FROM {_ENTRIES} ORDER BY e.entry_id"
+    ).fetchall()
     return Books(
         opening_cents={account: int(opening) for account, opening, _ in accounts},
         balance_cents={account: int(balance) for account, _, balance in accounts},
@@ -928,19 +1125,21 @@ def read_statement(
                 is None:
             raise UnknownAccount(account)
         rows = conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE account = %s"
-            " ORDER BY entry_id DESC LIMIT %s",
+            f"SELECT {_ENTRY_COLUMNS} FROM {_ENTRIES} WHERE e.account = %s"
+            " ORDER BY e.entry_id DESC LIMIT %s",
             (account, limit),
         ).fetchall()
     return [_book_entry(row) for row in rows]
 
 
-def read_entry_by_txn_id(conninfo: str | os.PathLike[str], txn_id: bytes) -> BookEntry | None:
+def read_entries_by_txn_id(
+    conninfo: str | os.PathLike[str], txn_id: bytes
+) -> tuple[BookEntry, ...]:
+    """As ``bank.store.read_entries_by_txn_id``: a transfer's source first."""
     _check_txn_id(txn_id)
     with _read_only(conninfo) as conn:
-        row = conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries e WHERE txn_id = %s AND account ="
-            " (SELECT account FROM transactions t WHERE t.txn_id = e.txn_id)",
+        rows = conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM {_ENTRIES} WHERE e.txn_id = %s ORDER BY e.entry_id",
             (txn_id,),
-        ).fetchone()
-    return None if row is None else _book_entry(row)
+        ).fetchall()
+    return tuple(_book_entry(row) for row in rows)

@@ -563,6 +563,26 @@ def test_txn_shows_the_booked_entry_or_exits_3_when_it_moved_no_money(
     assert capsys.readouterr().out == f"not booked: transaction {unknown} moved no money\n"
 
 
+def test_statement_and_txn_show_both_legs_of_a_transfer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    reader(tmp_path, "accounts")
+    with open_store(tmp_path) as store:
+        store.transfer(account=DEMO_ACCOUNT, txn_id=TXN_A, to_account="WF-14351",
+                       amount_cents=20_00, now_ms=1_700_000_000_000, limit_cents=10**9)
+    capsys.readouterr()
+    assert reader(tmp_path, "statement", "WF-14351") == 0
+    _, row = (line.split() for line in capsys.readouterr().out.splitlines())
+    assert row[3:8] == ["transfer_in", "from", DEMO_ACCOUNT, "$20.00", "$5,448.22"]
+    assert reader(tmp_path, "txn", TXN_A.hex()) == 0
+    first, source, destination = capsys.readouterr().out.splitlines()
+    assert first.startswith(
+        f"booked: transaction {TXN_A.hex()}, transfer of $20.00 from {DEMO_ACCOUNT} to WF-14351,"
+    )
+    assert source == f"  transfer_out: account {DEMO_ACCOUNT}, entry 1, balance after $1,004.32"
+    assert destination == "  transfer_in: account WF-14351, entry 2, balance after $5,448.22"
+
+
 @pytest.mark.parametrize("txn_id", ["ab" * 15, "ab" * 17, "zz" * 16, "0x" + "ab" * 15])
 def test_a_malformed_txn_id_is_a_usage_error_naming_the_form(
     txn_id: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

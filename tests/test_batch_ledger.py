@@ -20,13 +20,21 @@ import pytest
 import trio
 
 from bank.batch_ledger import BatchLedger, open_ledger
-from bank.config import ServerConfig
-from bank.ledger import Ledger, PinResult, Posting, PostResult, StorageError
+from bank.config import ServerConfig, is_postgresql
+from bank.ledger import (
+    Ledger,
+    PinChangeResult,
+    PinChangeVerdict,
+    PinResult,
+    Posting,
+    PostResult,
+    StorageError,
+)
 from bank.pins import KEY_BYTES
 from bank.store import PinPolicy
 from tests.pg import open_store, raw
 from wire import EntryKind
-from wire._kinds import KIND_OF_ENTRY
+from wire._kinds import KIND_OF_ENTRY, MONEY_KINDS
 from wire._limits import AMOUNT_CENTS_MAX
 
 T0 = 1_700_000_000_000
@@ -182,7 +190,11 @@ async def test_concurrent_posts_keep_the_invariants(ledger: BatchLedger):
     accounts = {"AC-12345": 102_432, "BC-01373": 4_572}
     rng = random.Random(1)
     requests = [
-        (rng.choice(list(accounts)), rng.choice(list(EntryKind)), rng.randint(1, 50_000))
+        (
+            rng.choice(list(accounts)),
+            rng.choice([kind.entry_kind for kind in MONEY_KINDS]),
+            rng.randint(1, 50_000),
+        )
         for _ in range(300)
     ]
     # Tasks draw from one pool of (id -> request), so the same id often arrives several
@@ -222,3 +234,42 @@ async def test_concurrent_posts_keep_the_invariants(ledger: BatchLedger):
     assert PostResult.REPLAYED in results
     assert PostResult.TXN_ID_REUSED in results
     assert PostResult.INSUFFICIENT_FUNDS in results
+
+
+async def test_transfer_and_change_pin_through_the_ledger(ledger: BatchLedger, any_db: str):
+    if is_postgresql(any_db):  # the source's lease, as the cluster's code writes it
+        with raw(any_db) as conn:
+            conn.execute("INSERT INTO leases (account, fence, holder, expires_at)"
+                         " VALUES ('AC-12345', 7, 'boot-1', now() + interval '1 minute')")
+    moved = await ledger.transfer(
+        account="AC-12345", txn_id=txn(1), to_account="BC-01373", amount_cents=2_432,
+        limit_cents=AMOUNT_CENTS_MAX, fence=7,  # SQLite ignores the fence
+    )
+    assert moved.result is PostResult.BOOKED
+    assert await ledger.balance("AC-12345") == 100_000
+    assert await ledger.balance("BC-01373") == 4_572 + 2_432
+    assert (await ledger.history("BC-01373", 1))[0].kind is EntryKind.TRANSFER_IN
+    changed = await ledger.change_pin("AC-12345", "1324", "2580")
+    assert changed == PinChangeVerdict(PinChangeResult.CHANGED)
+    assert (await ledger.verify_pin("AC-12345", "2580")).result is PinResult.MATCHED
+    assert await ledger.check_invariants() == []
+
+
+async def test_concurrent_opposite_transfers_conserve_money(ledger: BatchLedger):
+    accounts = ["AC-12345", "BC-01373", "WF-14351"]
+    total = sum([await ledger.balance(account) for account in accounts])
+    rng = random.Random(2)
+
+    async def worker(task: int) -> None:
+        for step in range(20):
+            source, destination = rng.sample(accounts, 2)
+            await ledger.transfer(
+                account=source, txn_id=txn(task * 100 + step % 15), to_account=destination,
+                amount_cents=rng.randint(1, 5_000), limit_cents=AMOUNT_CENTS_MAX,
+            )
+
+    async with trio.open_nursery() as nursery:
+        for task in range(10):
+            nursery.start_soon(worker, task)
+    assert sum([await ledger.balance(account) for account in accounts]) == total
+    assert await ledger.check_invariants() == []

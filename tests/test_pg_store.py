@@ -429,3 +429,47 @@ def test_posts_that_see_each_other_run_in_order(
     outcomes = store.execute_batch([first, second, BalanceQuery("WF-14351")], T0)
     assert [outcomes[0].result, outcomes[1].result] == [PostResult.BOOKED, expected]
     assert store.check_invariants() == []
+
+
+def test_a_transfer_is_fenced_by_its_source_lease_not_its_destinations(
+    store: PgStore, pg_db: str
+):
+    lease(pg_db, fence=5)  # the source's
+    lease(pg_db, fence=9, account="WF-14351")  # the destination is another session's
+    moved = store.transfer(account=DEMO_ACCOUNT, txn_id=txn(1), to_account="WF-14351",
+                           amount_cents=100, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX, fence=5)
+    assert moved.result is PostResult.BOOKED
+    lease(pg_db, fence=6)  # taken over
+    stale = store.transfer(account=DEMO_ACCOUNT, txn_id=txn(2), to_account="WF-14351",
+                           amount_cents=100, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX, fence=5)
+    assert stale == Posting(PostResult.FENCED)
+    replay = store.transfer(account=DEMO_ACCOUNT, txn_id=txn(1), to_account="WF-14351",
+                            amount_cents=100, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX, fence=5)
+    assert replay.result is PostResult.REPLAYED and replay.entry_id == moved.entry_id
+    assert store.balance(DEMO_ACCOUNT) == OPENING_CENTS - 100
+    assert store.check_invariants() == []
+
+
+def test_opposite_transfers_from_two_processes_conserve_money(pg_db: str):
+    """Two stores (two processes' connections) moving money both ways between the same
+    two accounts at once: their rows are locked in account order, so each batch waits
+    its turn, and every cent is where the books say."""
+    with PgStore(pg_db, KEY) as first, PgStore(pg_db, KEY) as second:
+        total = first.balance(DEMO_ACCOUNT) + first.balance("WF-14351")
+
+        def shuttle(store: PgStore, source: str, destination: str, base: int) -> None:
+            for n in range(30):
+                store.transfer(account=source, txn_id=txn(base + n), to_account=destination,
+                               amount_cents=1_00 + n, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX)
+
+        threads = [
+            threading.Thread(target=shuttle, args=(first, DEMO_ACCOUNT, "WF-14351", 1_000)),
+            threading.Thread(target=shuttle, args=(second, "WF-14351", DEMO_ACCOUNT, 2_000)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_TIMEOUT_S)
+        assert first.balance(DEMO_ACCOUNT) + first.balance("WF-14351") == total
+        assert first.check_invariants() == []
+        assert one(pg_db, "SELECT count(*) FROM transactions") == 60

@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 
 from bank.accounts_file import parse_accounts
-from bank.ledger import PinResult, PinVerdict, Posting, PostResult
+from bank.ledger import (
+    PinChangeResult,
+    PinChangeVerdict,
+    PinResult,
+    PinVerdict,
+    Posting,
+    PostResult,
+)
 from bank.limits import LOCKOUT_MS_MAX
 from bank.pg_store import PgStore
 from bank.pins import KEY_BYTES, PIN_HMAC_BYTES, SALT_BYTES, hash_pin
@@ -37,6 +44,7 @@ from bank.store import (
     PostRequest,
     SchemaError,
     Store,
+    TransferRequest,
     UnknownAccount,
     read_books,
 )
@@ -168,9 +176,75 @@ def test_newer_schema_is_refused(db_path: Path):
         Store(db_path, KEY)
 
 
+SCHEMA_3_DOWNGRADE = """
+CREATE TABLE entries_v3 (
+    entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account TEXT NOT NULL REFERENCES accounts (account),
+    txn_id BLOB NOT NULL UNIQUE CHECK (length(txn_id) = 16),
+    kind INTEGER NOT NULL CHECK (kind IN (1, 2)),
+    amount_cents INTEGER NOT NULL CHECK (amount_cents > 0),
+    balance_cents INTEGER NOT NULL CHECK (balance_cents >= 0),
+    time_ms INTEGER NOT NULL CHECK (time_ms >= 0),
+    terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80)
+) STRICT;
+INSERT INTO entries_v3 SELECT entry_id, account, txn_id, kind, amount_cents, balance_cents,
+    time_ms, terminal FROM entries;
+DROP TABLE entries;
+DROP TABLE transactions;
+ALTER TABLE entries_v3 RENAME TO entries;
+CREATE INDEX entries_by_account ON entries (account, entry_id);
+PRAGMA user_version = 3;
+"""
+"""Takes a version 4 database (with deposits and withdrawals only) back to version 3:
+entries as they were, each txn_id unique, and no transactions table."""
+
+
+def test_a_version_3_database_is_migrated_with_every_entry_a_transaction(db_path: Path):
+    with Store(db_path, KEY) as store:
+        deposit = post(store, 1, DEPOSIT, 100)
+        withdrawal = store.post(
+            account="WF-14351", txn_id=txn(2), kind=WITHDRAWAL, amount_cents=300, now_ms=T0 + 1,
+            limit_cents=AMOUNT_CENTS_MAX, terminal="CN=atm-0042",
+        )
+    with raw_sqlite(db_path) as conn:
+        conn.executescript(SCHEMA_3_DOWNGRADE)
+    with raw_sqlite(db_path) as conn:
+        before = conn.execute("SELECT * FROM entries ORDER BY entry_id").fetchall()
+    with pytest.raises(SchemaError, match="older than"):  # readers migrate nothing
+        read_books(db_path)
+    with Store(db_path, KEY) as store:
+        assert store._conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        rows = store._conn.execute(
+            "SELECT txn_id, kind, account, counterparty, amount_cents, time_ms, terminal"
+            " FROM transactions ORDER BY txn_id"
+        ).fetchall()
+        assert rows == [
+            (txn(1), 1, "AC-12345", None, 100, T0, None),
+            (txn(2), 2, "WF-14351", None, 300, T0 + 1, "CN=atm-0042"),
+        ]
+        # Retries of the migrated transactions are still recognised.
+        assert post(store, 1, DEPOSIT, 100) == dataclasses.replace(
+            deposit, result=PostResult.REPLAYED
+        )
+        assert post(store, 2, DEPOSIT, 300).result is PostResult.TXN_ID_REUSED
+        # Entry ids keep rising past the migrated ones, and a transfer books both legs.
+        moved = store.transfer(
+            account="AC-12345", txn_id=txn(3), to_account="WF-14351", amount_cents=50,
+            now_ms=T0, limit_cents=AMOUNT_CENTS_MAX,
+        )
+        assert moved.result is PostResult.BOOKED
+        assert moved.entry_id > withdrawal.entry_id
+        assert store.check_invariants() == []
+        assert store.integrity_ok()
+    with raw_sqlite(db_path) as conn:
+        after = conn.execute("SELECT * FROM entries ORDER BY entry_id").fetchall()
+    assert after[:2] == before
+
+
 def test_a_version_1_database_is_migrated_and_its_locks_kept(db_path: Path):
     Store(db_path, KEY).close()
     with raw_sqlite(db_path) as conn:  # back to version 1: pin_failures without its time column
+        conn.executescript(SCHEMA_3_DOWNGRADE)
         conn.executescript(
             """
             ALTER TABLE entries DROP COLUMN terminal;
@@ -203,6 +277,7 @@ def test_a_version_2_database_is_migrated_and_new_entries_name_their_terminal(
     with Store(db_path, KEY) as store:
         before = post(store, 1, DEPOSIT, 100)
     with raw_sqlite(db_path) as conn:  # back to version 2: entries without their terminal
+        conn.executescript(SCHEMA_3_DOWNGRADE)
         conn.executescript("ALTER TABLE entries DROP COLUMN terminal; PRAGMA user_version = 2;")
     with Store(db_path, KEY) as store:
         assert store._conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
@@ -601,7 +676,7 @@ def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
         "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
         " VALUES ('AC-12345', zeroblob(16), 1, 0, 1, 0)",
         "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
-        " VALUES ('AC-12345', zeroblob(16), 3, 1, 1, 0)",
+        " VALUES ('AC-12345', zeroblob(16), 5, 1, 1, 0)",
         "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
         " VALUES ('AC-12345', zeroblob(15), 1, 1, 1, 0)",
     ],
@@ -644,8 +719,9 @@ def test_invariants_report_a_tampered_balance(store: AnyStore, any_db: str):
         )
         conn.execute("UPDATE entries SET balance_cents = 7")
     problems = store.check_invariants()
-    assert len(problems) == 2
-    assert all(problem.startswith("AC-12345:") for problem in problems)
+    assert len(problems) == 3
+    assert all(problem.startswith("AC-12345:") for problem in problems[:2])
+    assert problems[2].startswith("money not conserved")
 
 
 # -- operator operations --------------------------------------------------------------------
@@ -715,3 +791,256 @@ def test_read_books_never_creates_a_database(tmp_path: Path):
     with pytest.raises(sqlite3.OperationalError):
         read_books(tmp_path / "missing.db")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- transfers: one transaction, two entries --------------------------------------------
+
+
+def transfer(
+    store: AnyStore, n: int, amount_cents: int, *, source: str = "AC-12345",
+    destination: str = "WF-14351", limit_cents: int = AMOUNT_CENTS_MAX, now_ms: int = T0,
+) -> Posting:
+    return store.transfer(
+        account=source, txn_id=txn(n), to_account=destination, amount_cents=amount_cents,
+        now_ms=now_ms, limit_cents=limit_cents,
+    )
+
+
+def test_a_transfer_books_both_legs_under_one_id(store: AnyStore, any_db: str):
+    moved = transfer(store, 1, 2_432, destination="wf-14351")
+    assert moved == Posting(PostResult.BOOKED, 100_000, moved.entry_id, T0)
+    assert store.balance("AC-12345") == 100_000
+    assert store.balance("WF-14351") == 542_822 + 2_432
+    books = read_books(any_db)
+    assert [(e.account, e.txn_id, e.kind, e.amount_cents, e.balance_cents)
+            for e in books.entries] == [
+        ("AC-12345", txn(1), EntryKind.TRANSFER_OUT, 2_432, 100_000),
+        ("WF-14351", txn(1), EntryKind.TRANSFER_IN, 2_432, 542_822 + 2_432),
+    ]
+    assert books.entries[0].entry_id == moved.entry_id
+    # Each side's history shows its own leg, with its own balance after it.
+    assert store.history("WF-14351", 5) == [
+        HistoryEntry(moved.entry_id + 1, T0, EntryKind.TRANSFER_IN, 2_432, 545_254)
+    ]
+    assert store.history("AC-12345", 5)[0].kind is EntryKind.TRANSFER_OUT
+    assert store.check_invariants() == []
+
+
+def test_a_transfer_replays_its_source_entry_and_moves_nothing_again(store: AnyStore):
+    moved = transfer(store, 1, 500)
+    later = post(store, 2, DEPOSIT, 100)  # the source's balance moves on meanwhile
+    again = transfer(store, 1, 500, now_ms=T0 + 60_000)
+    assert again == dataclasses.replace(moved, result=PostResult.REPLAYED)
+    assert store.balance("AC-12345") == later.balance_cents
+    assert store.balance("WF-14351") == 542_822 + 500
+    assert entry_count(store) == 3
+
+
+@pytest.mark.parametrize(
+    ("source", "destination", "amount_cents"),
+    [
+        ("AC-12345", "WF-14351", 501),  # another amount
+        ("AC-12345", "TN-13731", 500),  # another destination
+        ("BC-01373", "WF-14351", 500),  # another source
+    ],
+)
+def test_a_transfer_id_reused_with_other_content_is_refused(
+    store: AnyStore, source: str, destination: str, amount_cents: int
+):
+    transfer(store, 1, 500)
+    reused = transfer(store, 1, amount_cents, source=source, destination=destination)
+    assert reused == Posting(PostResult.TXN_ID_REUSED)
+    assert entry_count(store) == 2
+
+
+def test_ids_are_shared_between_kinds(store: AnyStore):
+    """One id space: a deposit's id cannot be a transfer's, nor the other way round."""
+    post(store, 1, DEPOSIT, 500)
+    assert transfer(store, 1, 500).result is PostResult.TXN_ID_REUSED
+    transfer(store, 2, 500)
+    assert post(store, 2, WITHDRAWAL, 500).result is PostResult.TXN_ID_REUSED
+    # Even as the destination's own deposit of the same amount.
+    assert post(store, 2, DEPOSIT, 500, account="WF-14351").result is PostResult.TXN_ID_REUSED
+
+
+@pytest.mark.parametrize(
+    ("amount_cents", "limit_cents", "destination", "result"),
+    [
+        (0, AMOUNT_CENTS_MAX, "WF-14351", PostResult.AMOUNT_OUT_OF_RANGE),
+        (AMOUNT_CENTS_MAX + 1, AMOUNT_CENTS_MAX, "WF-14351", PostResult.AMOUNT_OUT_OF_RANGE),
+        (500, AMOUNT_CENTS_MAX, "AC-12345", PostResult.SAME_ACCOUNT),
+        (500, AMOUNT_CENTS_MAX, "ac-12345", PostResult.SAME_ACCOUNT),
+        (501, 500, "WF-14351", PostResult.OVER_LIMIT),
+        (102_433, AMOUNT_CENTS_MAX, "WF-14351", PostResult.INSUFFICIENT_FUNDS),
+        (500, AMOUNT_CENTS_MAX, "QQ-00000", PostResult.UNKNOWN_DESTINATION),
+        # Checked in order: an unknown destination is not looked up for money one lacks.
+        (102_433, AMOUNT_CENTS_MAX, "QQ-00000", PostResult.INSUFFICIENT_FUNDS),
+        (501, 500, "AC-12345", PostResult.SAME_ACCOUNT),
+    ],
+)
+def test_refused_transfers_record_nothing(
+    store: AnyStore, amount_cents: int, limit_cents: int, destination: str, result: PostResult
+):
+    refused = transfer(store, 1, amount_cents, destination=destination, limit_cents=limit_cents)
+    assert refused == Posting(result)
+    assert store.balance("AC-12345") == 102_432
+    assert store._conn.execute("SELECT count(*) FROM transactions").fetchone() == (0,)
+    assert entry_count(store) == 0
+    # Nothing was recorded, so the same id is judged afresh.
+    assert transfer(store, 1, 500).result is PostResult.BOOKED
+
+
+def test_a_transfer_of_the_whole_balance_is_booked(store: AnyStore):
+    assert transfer(store, 1, 102_432).balance_cents == 0
+    assert store.check_invariants() == []
+
+
+def test_a_transfer_that_would_overfill_the_destination_is_refused(store: AnyStore):
+    store.add_account("RR-00001", "2580", BALANCE_CENTS_MAX - 100)
+    assert transfer(store, 1, 101, destination="RR-00001") == Posting(PostResult.BALANCE_FULL)
+    assert store.balance("AC-12345") == 102_432
+    assert transfer(store, 2, 100, destination="RR-00001").result is PostResult.BOOKED
+    assert store.balance("RR-00001") == BALANCE_CENTS_MAX
+    assert store.check_invariants() == []  # sums past 2**63 are not SQLite's to overflow
+
+
+def test_a_transfer_failing_between_its_legs_writes_nothing(
+    sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+):
+    """Atomic: a failure after the source's debit, before the credit, leaves no leg."""
+    move_money = sqlite_store._move_money
+
+    def fail_the_credit(account: str, change: object, amount_cents: int) -> bool:
+        if account == "WF-14351":
+            raise sqlite3.OperationalError("disk I/O error")
+        return move_money(account, change, amount_cents)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite_store, "_move_money", fail_the_credit)
+    with pytest.raises(sqlite3.OperationalError):
+        transfer(sqlite_store, 1, 500)
+    monkeypatch.undo()
+    balances = (sqlite_store.balance("AC-12345"), sqlite_store.balance("WF-14351"))
+    assert balances == (102_432, 542_822)
+    assert entry_count(sqlite_store) == 0
+    assert transfer(sqlite_store, 1, 500).result is PostResult.BOOKED
+
+
+def test_a_leg_refused_after_its_checks_rolls_back_the_batch(
+    sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+):
+    move_money = sqlite_store._move_money
+    monkeypatch.setattr(
+        sqlite_store, "_move_money",
+        lambda account, change, amount: account != "WF-14351" and move_money(
+            account, change, amount),
+    )
+    with pytest.raises(BatchAborted):
+        sqlite_store.execute_batch(
+            [TransferRequest("AC-12345", txn(1), "WF-14351", 500, AMOUNT_CENTS_MAX)], T0
+        )
+    assert sqlite_store.balance("AC-12345") == 102_432
+
+
+def test_a_transfer_between_many_accounts_conserves_money(store: AnyStore):
+    accounts = [account for account, _, _ in DEMO_ACCOUNTS]
+    total = sum(store.balance(account) for account in accounts)
+    results = set()
+    for n in range(200):
+        source, destination = accounts[n % 7], accounts[(n * 3 + 1) % 7]
+        amount_cents = (n * 7919) % 300_000 + 1
+        results.add(transfer(store, n % 150, amount_cents, source=source,
+                             destination=destination).result)
+    assert {PostResult.BOOKED, PostResult.INSUFFICIENT_FUNDS, PostResult.SAME_ACCOUNT,
+            PostResult.TXN_ID_REUSED} <= results
+    assert sum(store.balance(account) for account in accounts) == total
+    assert store.check_invariants() == []
+    assert store.integrity_ok()
+
+
+def test_invariants_report_a_transfer_missing_a_leg(store: AnyStore, any_db: str):
+    transfer(store, 1, 500)
+    with raw(any_db) as conn:
+        conn.execute("DELETE FROM entries WHERE kind = 4")
+        conn.execute("UPDATE accounts SET balance_cents = 542822 WHERE account = 'WF-14351'")
+    problems = store.check_invariants()
+    assert len(problems) == 2
+    assert problems[0].startswith(f"transaction {txn(1).hex()}: entries")
+    assert problems[1].startswith("money not conserved")
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        # A transfer names a counterparty; nothing else does; never the account itself.
+        "INSERT INTO transactions VALUES (zeroblob(16), 3, 'AC-12345', NULL, 1, 0, NULL)",
+        "INSERT INTO transactions VALUES (zeroblob(16), 1, 'AC-12345', 'WF-14351', 1, 0, NULL)",
+        "INSERT INTO transactions VALUES (zeroblob(16), 3, 'AC-12345', 'AC-12345', 1, 0, NULL)",
+        "INSERT INTO transactions VALUES (zeroblob(16), 4, 'AC-12345', 'WF-14351', 1, 0, NULL)",
+        "INSERT INTO transactions VALUES (zeroblob(16), 1, 'AC-12345', NULL, 0, 0, NULL)",
+    ],
+)
+def test_the_transactions_table_refuses_what_no_kind_books(db_path: Path, statement: str):
+    Store(db_path, KEY).close()
+    with raw_sqlite(db_path) as conn, pytest.raises(sqlite3.IntegrityError):
+        conn.execute(statement)
+
+
+# -- a customer's PIN change --------------------------------------------------------------
+
+
+def change(store: AnyStore, pin: str, new_pin: str, *, now_ms: int = T0) -> PinChangeResult:
+    return store.change_pin("ac-12345", pin, new_pin, now_ms, POLICY).result
+
+
+def test_a_pin_change_stores_a_new_salt_and_keyed_hash(store: AnyStore):
+    (salt_before,) = store._conn.execute(
+        "SELECT pin_salt FROM accounts WHERE account = 'AC-12345'").fetchone()
+    assert change(store, "1324", "2580") is PinChangeResult.CHANGED
+    salt, pin_hmac = store._conn.execute(
+        "SELECT pin_salt, pin_hmac FROM accounts WHERE account = 'AC-12345'").fetchone()
+    assert salt != salt_before
+    assert pin_hmac == hash_pin(KEY, salt, "AC-12345", "2580")
+    assert store.verify_pin("AC-12345", "2580", T0, POLICY) is PinResult.MATCHED
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.WRONG
+
+
+def test_a_wrong_current_pin_counts_toward_the_lockout_like_a_login(store: AnyStore):
+    assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
+    assert change(store, "0001", "2580") is PinChangeResult.WRONG
+    verdict = store.change_pin("AC-12345", "0002", "2580", T0, POLICY)
+    assert verdict == PinChangeVerdict(PinChangeResult.LOCKED, T0 + LOCKOUT_MS)
+    # Locked: the right PIN changes nothing, and LOGIN is locked too.
+    assert change(store, "1324", "2580") is PinChangeResult.LOCKED
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.LOCKED
+    assert change(store, "1324", "2580", now_ms=T0 + LOCKOUT_MS) is PinChangeResult.CHANGED
+
+
+def test_a_pin_change_clears_the_failures(store: AnyStore):
+    assert change(store, "0000", "2580") is PinChangeResult.WRONG
+    assert change(store, "0001", "2580") is PinChangeResult.WRONG
+    assert change(store, "1324", "2580") is PinChangeResult.CHANGED
+    assert pin_failure_rows(store) == 0
+
+
+@pytest.mark.parametrize("new_pin", ["0000", "1234", "0123", "6789", "9876", "3210", "7777"])
+def test_a_trivial_new_pin_is_refused_and_counts_nothing(store: AnyStore, new_pin: str):
+    for _ in range(POLICY.tries_max + 1):  # not even a wrong current PIN counts
+        assert change(store, "0000", new_pin) is PinChangeResult.TRIVIAL
+    assert pin_failure_rows(store) == 0
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.MATCHED
+
+
+def test_a_retried_pin_change_is_safe(store: AnyStore):
+    """A change whose answer was lost: the retry with the new PIN as both finds it done
+    and clears the one failure that the retry with the old PIN counted."""
+    assert change(store, "1324", "2580") is PinChangeResult.CHANGED
+    assert change(store, "1324", "2580") is PinChangeResult.WRONG  # the retry, as sent
+    assert change(store, "2580", "2580") is PinChangeResult.CHANGED  # confirmation
+    assert pin_failure_rows(store) == 0
+    assert store.verify_pin("AC-12345", "2580", T0, POLICY) is PinResult.MATCHED
+
+
+def test_a_pin_change_for_no_account_is_wrong_and_counts(store: AnyStore):
+    verdict = store.change_pin("QQ-00000", "1324", "2580", T0, POLICY)
+    assert verdict.result is PinChangeResult.WRONG
+    assert pin_failure_rows(store) == 1
