@@ -2,7 +2,8 @@
 
 Any number of bank processes, on one host or several, may share one database: that is
 what this store is for. It takes the same batch requests (``bank.store.PostRequest``,
-``PinCheck``, ``BalanceQuery``, ``HistoryQuery``) and gives the same outcomes, so
+``TransferRequest``, ``PinCheck``, ``PinChange``, ``BalanceQuery``, ``HistoryQuery``)
+and gives the same outcomes, so
 ``bank.batch_ledger.BatchLedger`` runs it exactly as it runs SQLite: one batch, one
 transaction, on one connection, in a worker thread.
 
