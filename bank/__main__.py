@@ -2,7 +2,9 @@
 
 With no subcommand the server runs until SIGINT or SIGTERM, then shuts down gracefully.
 Operator subcommands work on the database directly (stop the server first or not:
-SQLite's locking keeps both safe) and never print or take a PIN on the command line.
+SQLite's locking, or PostgreSQL's, keeps both safe) and never print or take a PIN on the
+command line. ``--db`` is an SQLite file or a PostgreSQL URL (``bank.config.is_postgresql``);
+a password in it is never printed or logged.
 """
 
 from __future__ import annotations
@@ -23,30 +25,34 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+import psycopg
 import trio
 
 from bank import config as settings
 from bank.accounts_file import AccountsFileError, read_accounts
-from bank.config import ServerConfig
+from bank.batch_ledger import Opened, one_line, open_ledger, wall_clock_ms
+from bank.config import ServerConfig, hide_password, is_postgresql, redact_db
 from bank.ledger import StorageError
+from bank.pg_store import PgStore
 from bank.pins import KeyFileError, load_or_create_key
 from bank.readiness import listening_addresses, remove_ready_file, write_ready_file
 from bank.server import BankServer, bind, open_files_needed, raise_open_files_limit
-from bank.sqlite_ledger import Opened, open_ledger, wall_clock_ms
 from bank.store import (
     AccountExists,
+    BookEntry,
     Forgotten,
     SchemaError,
     Store,
     StoreError,
     read_accounts_summary,
-    read_entry_by_txn_id,
+    read_entries_by_txn_id,
     read_statement,
 )
 from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
 from wire import (
     BALANCE_CENTS_MAX,
     TXN_ID_BYTES,
+    EntryKind,
     canonical_account,
     check_pin,
     format_cents,
@@ -90,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     except (
         StoreError, StorageError, KeyFileError, AccountsFileError, SchemaError, TlsError
     ) as error:
-        print(f"bank: {error}", file=sys.stderr)
+        print(f"bank: {hide_password(str(error), config.db)}", file=sys.stderr)
         return EXIT_FAILURE
-    except sqlite3.Error as error:  # not a database, locked past the busy timeout...
-        print(f"bank: cannot use the database {config.db}: {error}", file=sys.stderr)
+    except (sqlite3.Error, psycopg.Error) as error:  # not a database, locked, unreachable...
+        message = hide_password(one_line(error), config.db)
+        print(f"bank: cannot use the database {redact_db(config.db)}: {message}",
+              file=sys.stderr)
         return EXIT_FAILURE
 
 
@@ -294,7 +302,7 @@ def log_security(config: ServerConfig) -> None:
 def log_opened(config: ServerConfig, opened: Opened) -> None:
     """Say what start-up did to the database and the PIN key."""
     if opened.db_created:
-        log.info("database created: %s", config.db)
+        log.info("database created: %s", redact_db(config.db))
         if opened.seeded:
             log.info(
                 "demo accounts seeded: %s (their PINs are in the README: not for real money)",
@@ -308,7 +316,7 @@ def log_opened(config: ServerConfig, opened: Opened) -> None:
                 " add-account or import; --demo-accounts seeds them anyway)", config.host,
             )
     else:
-        log.info("database opened: %s", config.db)
+        log.info("database opened: %s", redact_db(config.db))
     log.info("PIN key file %s: %s", "created" if opened.key_created else "loaded", config.key_file)
 
 
@@ -407,22 +415,26 @@ async def _shutdown_on_signal(signals: AsyncIterator[int], server: BankServer) -
 # -- Operator commands -------------------------------------------------------------------
 
 
-def open_store(config: ServerConfig) -> Store:
+def open_store(config: ServerConfig) -> Store | PgStore:
     """The server's database and PIN key, which must exist: an operator command creates
-    neither, so that a mistyped path is an error rather than a new, empty bank."""
-    required = ((config.db, "database", "--db"), (config.key_file, "PIN key", "--key-file"))
-    for path, what, flag in required:
-        if not path.exists():
-            raise StoreError(
-                f"there is no {what} {path}: check {flag} (only the server creates one,"
-                " when it first starts)"
-            )
-    return Store(config.db, load_or_create_key(config.key_file), create=False)
+    neither, so that a mistyped path is an error rather than a new, empty bank (in
+    PostgreSQL, a database without the bank's schema is refused likewise)."""
+    require_database(config)
+    if not config.key_file.exists():
+        raise StoreError(
+            f"there is no PIN key {config.key_file}: check --key-file (only the server"
+            " creates one, when it first starts)"
+        )
+    key = load_or_create_key(config.key_file)
+    if is_postgresql(config.db):
+        return PgStore(config.db, key, create=False)
+    return Store(config.db, key, create=False)
 
 
-def require_database(config: ServerConfig) -> Path:
-    """The database a reading command reads, which must exist (see ``open_store``)."""
-    if not config.db.exists():
+def require_database(config: ServerConfig) -> str:
+    """The database a reading command reads, which must exist (see ``open_store``);
+    whether a PostgreSQL one does, connecting tells."""
+    if not is_postgresql(config.db) and not Path(config.db).exists():
         raise StoreError(
             f"there is no database {config.db}: check --db (only the server creates one,"
             " when it first starts)"
@@ -468,6 +480,14 @@ def list_accounts(config: ServerConfig, _args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def statement_kind(entry: BookEntry) -> str:
+    """``deposit``, ``withdrawal``, ``transfer_out to WF-14351``, ``transfer_in from ...``."""
+    if entry.counterparty is None:
+        return entry.kind.name.lower()
+    direction = "to" if entry.kind is EntryKind.TRANSFER_OUT else "from"
+    return f"{entry.kind.name.lower()} {direction} {entry.counterparty}"
+
+
 def show_statement(config: ServerConfig, args: argparse.Namespace) -> int:
     entries = read_statement(require_database(config), args.account, args.limit)
     if not entries:
@@ -479,7 +499,7 @@ def show_statement(config: ServerConfig, args: argparse.Namespace) -> int:
             (
                 str(entry.entry_id),
                 utc_time(entry.time_ms),
-                entry.kind.name.lower(),
+                statement_kind(entry),
                 format_cents(entry.amount_cents),
                 format_cents(entry.balance_cents),
                 entry.txn_id.hex(),
@@ -493,16 +513,29 @@ def show_statement(config: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def show_txn(config: ServerConfig, args: argparse.Namespace) -> int:
-    entry = read_entry_by_txn_id(require_database(config), args.txn_id)
-    if entry is None:
+    entries = read_entries_by_txn_id(require_database(config), args.txn_id)
+    if not entries:
         print(f"not booked: transaction {args.txn_id.hex()} moved no money")
         return EXIT_NOT_BOOKED
+    entry = entries[0]
+    if entry.counterparty is None:
+        print(
+            f"booked: transaction {entry.txn_id.hex()}, {entry.kind.name.lower()} of"
+            f" {format_cents(entry.amount_cents)}, account {entry.account}, at"
+            f" {utc_time(entry.time_ms)} UTC, entry {entry.entry_id}, balance after"
+            f" {format_cents(entry.balance_cents)}, terminal {entry.terminal or '-'}"
+        )
+        return EXIT_OK
     print(
-        f"booked: transaction {entry.txn_id.hex()}, {entry.kind.name.lower()} of"
-        f" {format_cents(entry.amount_cents)}, account {entry.account}, at"
-        f" {utc_time(entry.time_ms)} UTC, entry {entry.entry_id}, balance after"
-        f" {format_cents(entry.balance_cents)}, terminal {entry.terminal or '-'}"
+        f"booked: transaction {entry.txn_id.hex()}, transfer of"
+        f" {format_cents(entry.amount_cents)} from {entry.account} to {entry.counterparty},"
+        f" at {utc_time(entry.time_ms)} UTC, terminal {entry.terminal or '-'}"
     )
+    for leg in entries:  # the source's leg, then the destination's
+        print(
+            f"  {leg.kind.name.lower()}: account {leg.account}, entry {leg.entry_id},"
+            f" balance after {format_cents(leg.balance_cents)}"
+        )
     return EXIT_OK
 
 

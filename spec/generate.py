@@ -403,8 +403,8 @@ def negative_vectors() -> list[Negative]:
                            + good_entry * (HISTORY_ENTRIES_MAX + 1)), fmt, True, 6,
                  "21 entries"),
         Negative("history-entry-unknown-kind", client,
-                 raw_frame(Opcode.HISTORY_REPLY, 6, b"\x00\x01" + entry_bytes(1, TIME_MS, 3, 1, 1)),
-                 fmt, True, 6, "entry kind 3 is not assigned"),
+                 raw_frame(Opcode.HISTORY_REPLY, 6, b"\x00\x01" + entry_bytes(1, TIME_MS, 5, 1, 1)),
+                 fmt, True, 6, "entry kind 5 is not assigned"),
         Negative("hello-payload-bytes-max-over-limit", client,
                  raw_frame(Opcode.HELLO, 0, (PAYLOAD_BYTES_MAX + 1).to_bytes(2, "big")
                            + encode(server_hello(), 0)[12:-4]), fmt, True, 0,
