@@ -92,7 +92,7 @@ local WIRE = {
       [164] = "UNSUPPORTED_VERSION",
       [165] = "UNKNOWN_SESSION",
     },
-    EntryKind = { [1] = "DEPOSIT", [2] = "WITHDRAWAL" },
+    EntryKind = { [1] = "DEPOSIT", [2] = "WITHDRAWAL", [3] = "TRANSFER_OUT", [4] = "TRANSFER_IN" },
   },
   iso8583 = {
     [0] = "00",
