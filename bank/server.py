@@ -32,6 +32,7 @@ import itertools
 import logging
 import math
 import resource
+import socket
 import ssl
 import time
 from collections import Counter
@@ -762,10 +763,12 @@ def address_key(host: str) -> str:
 
 
 async def bind(
-    config: ServerConfig,
+    config: ServerConfig, *, reuse_port: bool = False
 ) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
     """Bind the bank's address and, if configured, the admin port: both or neither.
-    Raises OSError (e.g. a port in use), naming the admin port when it is that one."""
+    Raises OSError (e.g. a port in use), naming the admin port when it is that one.
+    ``reuse_port``: share the address with the other workers of one ``--workers`` parent
+    (SO_REUSEPORT: the kernel spreads new connections over every listening socket)."""
     admin: list[trio.SocketListener] = []
     if config.admin_port is not None:
         try:
@@ -773,11 +776,52 @@ async def bind(
         except OSError as error:
             raise OSError(f"admin port {config.admin_port}: {error}") from None
     try:
+        if reuse_port:
+            return await open_reuse_port_listeners(config.port, config.host), admin
         return await trio.open_tcp_listeners(config.port, host=config.host), admin
     except OSError:
         for listener in admin:  # never to be served
             await listener.aclose()
         raise
+
+
+async def reuse_port_sockets(port: int, host: str) -> list[trio.socket.SocketType]:
+    """Bound (not listening) SO_REUSEPORT sockets on every address of ``host``; port 0
+    picks one free port for all of them. OSError if one cannot be bound."""
+    addresses = await trio.socket.getaddrinfo(
+        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+    )
+    sockets: list[trio.socket.SocketType] = []
+    try:
+        for family, kind, proto, _, resolved in addresses:
+            sockaddr = resolved
+            sock = trio.socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+            if family == trio.socket.AF_INET6:
+                sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # the port the first one was given
+                sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
+            await sock.bind(sockaddr)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def open_reuse_port_listeners(port: int, host: str) -> list[trio.SocketListener]:
+    """Listeners on ``host``:``port`` that other processes may listen on too."""
+    sockets = await reuse_port_sockets(port, host)
+    try:
+        for sock in sockets:
+            sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return [trio.SocketListener(sock) for sock in sockets]
 
 
 def open_files_needed(connections_max: int) -> int:
