@@ -41,15 +41,22 @@ class Resumable(Protocol):
         ...
 
 
+def new_token() -> bytes:
+    """A fresh session token: 128 bits from a cryptographically secure source."""
+    return secrets.token_bytes(SESSION_TOKEN_BYTES)
+
+
 class SessionRegistry:
     """The resumable sessions of this server: at most one per account, with its token."""
 
     def __init__(self) -> None:
         self._sessions: dict[str, tuple[bytes, Resumable]] = {}
 
-    def register(self, account: str, session: Resumable) -> bytes:
-        """``session`` now holds ``account``'s lease: a new token that resumes it."""
-        token = secrets.token_bytes(SESSION_TOKEN_BYTES)
+    def register(self, account: str, session: Resumable, token: bytes | None = None) -> bytes:
+        """``session`` now holds ``account``'s lease: the token that resumes it, new
+        unless given (a cluster lease stores its hash before the session holds it)."""
+        if token is None:
+            token = new_token()
         self._sessions[account] = (token, session)
         return token
 

@@ -46,7 +46,7 @@ from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
 from bank.resumption import SessionRegistry
-from bank.session import Session
+from bank.session import LeaseLost, Session
 from bank.transport import (
     CLOSE_LINGER_S,
     HandshakeFailed,
@@ -117,6 +117,7 @@ class Ending(enum.Enum):
     HANDSHAKE_TIMEOUT = "TLS handshake not completed in time"
     HANDSHAKE_FAILED = "TLS handshake failed"
     SUPERSEDED = "superseded: the ATM resumed its session on a new connection"
+    LEASE_LOST = "lease lost: another bank process took the account's session over"
 
 
 class ConnectionEnded(Exception):
@@ -229,9 +230,11 @@ class Connection:
         self._on_bad_frame = on_bad_frame
         self._handshaking = False
         self._handshaken = False
-        self._superseded = False
+        self._superseded: Ending | None = None
+        """Set once the session moved elsewhere: SUPERSEDED, or LEASE_LOST."""
         self._evicted = False
         session.on_supersede = self.supersede
+        session.on_lease_lost = functools.partial(self.supersede, Ending.LEASE_LOST)
         self.deadline = math.inf
         """When the current wait on the peer gives up (trio clock), read by the sweeper."""
         self._ending = Ending.IDLE
@@ -277,13 +280,15 @@ class Connection:
         self._expired_as = Ending.EVICTED
         self._scope.cancel()
 
-    def supersede(self) -> None:
-        """The session moved to a new connection (RESUME): end this one now if it waits
-        on its peer, or else at its next wait, once the request in hand is answered."""
-        self._superseded = True
+    def supersede(self, ending: Ending = Ending.SUPERSEDED) -> None:
+        """The session moved to a new connection (RESUME), here or in another process
+        (LEASE_LOST): end this one now if it waits on its peer, or else at its next
+        wait, once the request in hand is answered."""
+        if self._superseded is None:
+            self._superseded = ending
         if self.deadline < math.inf:
             self._interrupt = Interrupt.DEADLINE
-            self._expired_as = Ending.SUPERSEDED
+            self._expired_as = self._superseded
             self._scope.cancel()
 
     def begin_shutdown(self, close_at: float) -> None:
@@ -329,7 +334,7 @@ class Connection:
             await self._send(self._config.hello())
         while self._engine.state is not State.CLOSED:
             if self._superseded:  # not even a request already buffered is carried out
-                await self._end_at_deadline(Ending.SUPERSEDED)
+                await self._end_at_deadline(self._superseded)
             try:
                 frame = await self._receive_frame()
             except RemoteProtocolError as error:
@@ -379,7 +384,15 @@ class Connection:
         request = frame.message
         assert isinstance(request, Request), "a server's engine yields only requests"
         self.last_request_perf = started = time.perf_counter()
-        reply = await self.session.answer(self._engine, request)
+        try:
+            reply = await self.session.answer(self._engine, request)
+        except LeaseLost:  # its fence refused a money write: nothing moved
+            self._metrics.fenced_writes += 1
+            log.warning(
+                "%s: %s FENCED: the lease was taken over; nothing moved, the session ends",
+                self.name, request.OPCODE.name,
+            )
+            await self._end_at_deadline(Ending.LEASE_LOST)
         log.debug(
             "%s: %s -> %s %s", self.name, request.OPCODE.name, reply.OPCODE.name,
             reply.status.name,
@@ -448,7 +461,7 @@ class Connection:
         """Bound the next wait on the peer: past ``deadline``, the connection ends so.
         A superseded connection's next wait ends at once."""
         if self._superseded:
-            deadline, ending = trio.current_time(), Ending.SUPERSEDED
+            deadline, ending = trio.current_time(), self._superseded
         self.deadline = deadline
         self._ending = ending
         self._sweeper.hurry(deadline)
@@ -460,7 +473,7 @@ class Connection:
         does not get it.
         """
         notice: Message | None = None
-        if ending in {Ending.IDLE, Ending.EVICTED, Ending.SUPERSEDED}:
+        if ending in {Ending.IDLE, Ending.EVICTED, Ending.SUPERSEDED, Ending.LEASE_LOST}:
             notice = SessionExpired()
         elif ending is Ending.FRAME_TIMEOUT:
             notice = Error(Status.FORMAT_ERROR)
