@@ -376,6 +376,8 @@ class ClusterLeases(Leases):
         finally:
             self._running = False
             with trio.CancelScope(shield=True):
+                with trio.move_on_after(SETTLE_TIMEOUT_S):
+                    await self._write_waiting_releases()
                 await trio.to_thread.run_sync(self._close)
 
     async def heartbeat(self) -> None:
@@ -446,22 +448,35 @@ class ClusterLeases(Leases):
         """Write queued releases, as many as are waiting in one UPDATE; a failure keeps
         them for the next heartbeat."""
         async for first in self._receive:
-            items: list[Lease | trio.Event] = [first]
-            while len(items) < RELEASES_PER_STATEMENT_MAX:
-                try:
-                    items.append(self._receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            leases = [item for item in items if isinstance(item, Lease)]
-            if leases:
-                try:
-                    await self._pool.run(_release_rows, self.holder.boot_id, leases)
-                except StorageError as error:
-                    log.warning("%d lease releases failed (retried): %s", len(leases), error)
-                    self._unreleased += leases
-            for item in items:
-                if isinstance(item, trio.Event):
-                    item.set()
+            await self._write(self._take_waiting([first]))
+
+    def _take_waiting(self, items: list[Lease | trio.Event]) -> list[Lease | trio.Event]:
+        while len(items) < RELEASES_PER_STATEMENT_MAX:
+            try:
+                items.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+        return items
+
+    async def _write_waiting_releases(self) -> None:
+        """At the end (a graceful shutdown): the releases of the sessions that just
+        closed, so that their ATMs may log in elsewhere at once."""
+        self._unreleased, waiting = [], list(self._unreleased)
+        while items := self._take_waiting(list(waiting)):
+            waiting = []
+            await self._write(items)
+
+    async def _write(self, items: list[Lease | trio.Event]) -> None:
+        leases = [item for item in items if isinstance(item, Lease)]
+        if leases:
+            try:
+                await self._pool.run(_release_rows, self.holder.boot_id, leases)
+            except StorageError as error:
+                log.warning("%d lease releases failed (retried): %s", len(leases), error)
+                self._unreleased += leases
+        for item in items:
+            if isinstance(item, trio.Event):
+                item.set()
 
     def _close(self) -> None:
         self._pool.close()

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import trio
 
 from bank.admin import Metrics, open_admin_listeners, serve_admin
+from bank.cluster_leases import ClusterLeases
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
@@ -511,7 +512,7 @@ class BankServer:
     ) -> None:
         self.config = config
         self._tls = tls
-        self.leases = Leases()
+        self.leases = cluster_or_local_leases(config)
         self.sessions = SessionRegistry()
         self._ledger = ledger
         self._refusals = trio.CapacityLimiter(REFUSALS_MAX)
@@ -580,6 +581,8 @@ class BankServer:
             log.info("listening on %s", _address(listener.socket.getsockname()))
         async with trio.open_nursery() as sweeping:
             sweeping.start_soon(self._sweeper.run)
+            if isinstance(self.leases, ClusterLeases):  # liveness lock before any login
+                await sweeping.start(self.leases.run)
             if self._admin_listeners:  # serves until every connection has closed
                 await sweeping.start(serve_admin, self, self._admin_listeners)
             async with trio.open_nursery() as handlers:
@@ -759,6 +762,14 @@ class OncePerInterval:
         self._last[key] = (now, 0)
         while len(self._last) > self._keys_max:
             del self._last[next(iter(self._last))]
+
+
+def cluster_or_local_leases(config: ServerConfig) -> Leases:
+    """Over PostgreSQL the account leases are the cluster's (any number of processes may
+    share the database); over SQLite, this process's lock is the whole lease."""
+    if config.uses_postgresql:
+        return ClusterLeases(config.db, expiry_s=config.lease_expiry_s)
+    return Leases()
 
 
 def address_key(host: str) -> str:

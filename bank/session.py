@@ -287,6 +287,8 @@ class Session:
     async def _post(self, request: MoneyRequest) -> Reply:
         kind = KIND_OF_REQUEST[type(request)]
         posting = await self._posting(request, kind)
+        if posting.result is PostResult.FENCED:
+            raise LeaseLost(request.txn_id.hex())
         status = POST_STATUS[kind.entry_kind][posting.result]
         if log.isEnabledFor(logging.INFO):  # the arguments cost more than the check
             self._log_post(request, status, posting)
@@ -315,6 +317,7 @@ class Session:
             amount_cents=request.amount_cents,
             limit_cents=SERVER_LIMITS[kind.entry_kind].cents_max(self._config),
             terminal=self.terminal,
+            fence=None if self.lease is None else self.lease.fence,
         )
 
     async def _history(self, request: History) -> Reply:

@@ -7,51 +7,33 @@ written, and lost leases reported at the next heartbeat."""
 from __future__ import annotations
 
 import secrets
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
 import pytest
 import trio
 
-from bank.cluster_leases import MIGRATION_SQL, ClusterLeases
-from tests.pg_throwaway import pg_server
+from bank.cluster_leases import ClusterLeases
+from bank.pg_store import PgStore
+from bank.store import DEMO_ACCOUNTS
+from tests.pg import pg_cluster, pg_db
 
-__all__ = ["pg_server"]
+__all__ = ["pg_cluster", "pg_db"]
 
-ACCOUNTS = ["AC-00001", "AC-00002"]
+ACCOUNTS = [account for account, _, _ in DEMO_ACCOUNTS[:2]]
 ACCOUNT = ACCOUNTS[0]
 EXPIRY_S = 1
 POLL_S = 0.05
 POLLS_MAX = 200
 """Bounded polls of the lease table: 10 s at most, for an expiry of 1 s."""
 
-LEASES_DDL = """
-CREATE TABLE accounts (account TEXT PRIMARY KEY);
-CREATE TABLE leases (
-    account TEXT PRIMARY KEY REFERENCES accounts (account),
-    fence BIGINT NOT NULL CHECK (fence > 0),
-    holder TEXT, holder_host TEXT, holder_pid INTEGER,
-    expires_at TIMESTAMPTZ NOT NULL
-);
-"""
-
 
 @pytest.fixture
-def pg_db(pg_server: str) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    url = pg_server.replace("/postgres?", f"/{name}?")
-    with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute(LEASES_DDL)
-        connection.execute(MIGRATION_SQL)
-        for account in ACCOUNTS:
-            connection.execute("INSERT INTO accounts VALUES (%s)", (account,))
-    yield url
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+def bank_db(pg_db: str) -> str:
+    """A fresh bank database with the demo accounts (schema created by the store)."""
+    PgStore(pg_db, secrets.token_bytes(32), seed_demo=True).close()
+    return pg_db
 
 
 class Process:
@@ -77,9 +59,9 @@ class FrozenLeases(ClusterLeases):
 
 
 @pytest.fixture
-async def start(pg_db: str, nursery: trio.Nursery) -> AsyncIterator[Any]:
+async def start(bank_db: str, nursery: trio.Nursery) -> AsyncIterator[Any]:
     async def started(kind: type[ClusterLeases] = ClusterLeases) -> Process:
-        leases = kind(pg_db, expiry_s=EXPIRY_S)
+        leases = kind(bank_db, expiry_s=EXPIRY_S)
         scope = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[None]) -> None:
@@ -102,7 +84,7 @@ def row(url: str, account: str = ACCOUNT) -> tuple[Any, ...]:
     return tuple(found)
 
 
-async def test_one_holder_across_processes_and_the_fence_rises(start: Any, pg_db: str) -> None:
+async def test_one_holder_across_processes_and_the_fence_rises(start: Any, bank_db: str) -> None:
     a, b = await start(), await start()
     first = await a.leases.acquire(ACCOUNT)
     assert first is not None and first.fence == 1
@@ -111,12 +93,12 @@ async def test_one_holder_across_processes_and_the_fence_rises(start: Any, pg_db
     assert other is not None
     a.leases.end(first)
     await a.leases.settle()
-    assert row(pg_db)[1] is None
+    assert row(bank_db)[1] is None
     second = await b.leases.acquire(ACCOUNT)
     assert second is not None and second.fence == 2
 
 
-async def test_a_dead_holders_lease_is_taken_at_once(start: Any, pg_db: str) -> None:
+async def test_a_dead_holders_lease_is_taken_at_once(start: Any, bank_db: str) -> None:
     a, b = await start(), await start()
     lease = await a.leases.acquire(ACCOUNT)
     assert lease is not None
@@ -128,18 +110,18 @@ async def test_a_dead_holders_lease_is_taken_at_once(start: Any, pg_db: str) -> 
             break
         await trio.sleep(POLL_S)  # the crashed task's connection closes in its thread
     assert taken is not None and taken.fence == lease.fence + 1
-    fence, holder, unexpired = row(pg_db)
+    fence, holder, unexpired = row(bank_db)
     assert (fence, holder, unexpired) == (2, b.leases.holder.boot_id, True)
 
 
-async def test_a_frozen_holders_lease_only_after_expiry(start: Any, pg_db: str) -> None:
+async def test_a_frozen_holders_lease_only_after_expiry(start: Any, bank_db: str) -> None:
     a, b = await start(FrozenLeases), await start()
     lease = await a.leases.acquire(ACCOUNT)
     assert lease is not None
     a.leases.frozen = True
     refused_while_unexpired = 0
     for _ in range(POLLS_MAX):
-        unexpired = row(pg_db)[2]
+        unexpired = row(bank_db)[2]
         taken = await b.leases.acquire(ACCOUNT)
         if taken is not None:
             break
@@ -156,24 +138,24 @@ async def test_a_frozen_holders_lease_only_after_expiry(start: Any, pg_db: str) 
 
 
 async def test_heartbeat_keeps_a_lease_and_renews_an_expired_one_not_taken(
-    start: Any, pg_db: str
+    start: Any, bank_db: str
 ) -> None:
     a = await start(FrozenLeases)
     lease = await a.leases.acquire(ACCOUNT)
     assert lease is not None
     a.leases.frozen = True
     for _ in range(POLLS_MAX):
-        if not row(pg_db)[2]:
+        if not row(bank_db)[2]:
             break
         await trio.sleep(POLL_S)
-    assert not row(pg_db)[2]
+    assert not row(bank_db)[2]
     a.leases.frozen = False
     await a.leases.heartbeat()
-    assert row(pg_db) == (1, a.leases.holder.boot_id, True)
+    assert row(bank_db) == (1, a.leases.holder.boot_id, True)
     assert a.leases.lost_count == 0
 
 
-async def test_resume_token_takes_over_from_another_process(start: Any, pg_db: str) -> None:
+async def test_resume_token_takes_over_from_another_process(start: Any, bank_db: str) -> None:
     a, b = await start(), await start()
     token, new_token = secrets.token_bytes(16), secrets.token_bytes(16)
     lost: list[str] = []
@@ -205,7 +187,7 @@ async def test_resume_token_takes_over_from_another_process(start: Any, pg_db: s
     ) is None
 
 
-async def test_stale_release_does_not_free_the_new_holders_lease(start: Any, pg_db: str) -> None:
+async def test_stale_release_does_not_free_the_new_holders_lease(start: Any, bank_db: str) -> None:
     a, b = await start(FrozenLeases), await start()
     lease = await a.leases.acquire(ACCOUNT, token=b"t" * 16)
     assert lease is not None
@@ -219,4 +201,4 @@ async def test_stale_release_does_not_free_the_new_holders_lease(start: Any, pg_
     c.leases.holder = a.leases.holder  # the old holder's identity, releasing late
     c.leases._send.send_nowait(lease)
     await c.leases.settle()
-    assert row(pg_db) == (2, b.leases.holder.boot_id, True)
+    assert row(bank_db) == (2, b.leases.holder.boot_id, True)
