@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
+import psycopg.errors
 import trio
 
 from bank.leases import Lease, Leases, _nothing
@@ -496,7 +497,10 @@ def _lock_liveness(connection: psycopg.Connection[Any], key: int) -> bool:
 
 
 def _acquire_row(connection: psycopg.Connection[Any], params: dict[str, Any]) -> int | None:
-    row = connection.execute(ACQUIRE_SQL, params).fetchone()
+    try:
+        row = connection.execute(ACQUIRE_SQL, params).fetchone()
+    except psycopg.errors.LockNotAvailable:  # a write of the holder's in progress: in use
+        return None
     return None if row is None else int(row[0])
 
 
@@ -506,6 +510,15 @@ def _take_over_row(
     """The session's lease from another process, if ``token`` opens it: the row is held
     (not released), by another process, with this token's hash, for this terminal. A
     token that opens nothing changes nothing (a wrong guess spends no one's token)."""
+    try:
+        return _take_over_checked(connection, params, token)
+    except psycopg.errors.LockNotAvailable:  # the row stayed locked: nothing opened or spent
+        return None
+
+
+def _take_over_checked(
+    connection: psycopg.Connection[Any], params: dict[str, Any], token: bytes
+) -> int | None:
     with connection.transaction():
         row = connection.execute(TAKE_OVER_SELECT_SQL, (params["account"],)).fetchone()
         if row is None:

@@ -18,7 +18,9 @@ workers and writes its ready file once every one of them serves. Then:
   server does (a second signal hurries them, as it hurries one); the parent exits 0 when
   every worker did. A worker outliving its stop by STOP_BACKSTOP_S is killed;
 - a worker whose parent dies (even by kill -9) sees its stdin, a pipe from the parent,
-  end, and shuts down gracefully: no orphan keeps serving.
+  end, and shuts down gracefully: no orphan keeps serving. Each worker runs in a session
+  of its own, so a Ctrl-C at the terminal reaches the parent alone, which passes it on
+  once (the terminal's own SIGINT to every worker would count as a second signal).
 
 With ``--admin-port P``, worker k serves its own /metrics and /sessions on P + k.
 """
@@ -162,9 +164,9 @@ class Supervisor:
 
     async def _spawn(self, index: int) -> trio.Process:
         remove_ready_file(self._ready_path(index))
-        process = await trio.lowlevel.open_process(
+        process = await trio.lowlevel.open_process(  # in a session of its own (below)
             self.command(index), stdin=subprocess.PIPE,
-            env={**os.environ, WORKER_ENV: str(index)},
+            env={**os.environ, WORKER_ENV: str(index)}, start_new_session=True,
         )
         self._processes[index] = process
         log.info("worker %d started (pid %d)", index, process.pid)
