@@ -11,7 +11,10 @@ holder of the session's token can take it over, and the token dies with the sess
 
 Tokens are compared in constant time and never logged. Under TLS a token is bound to
 the terminal certificate that opened its session: from another terminal it opens
-nothing. spec/PROTOCOL.md section 6 says
+nothing. This registry holds the sessions of this process. Over PostgreSQL the token's
+hash also goes into the session's lease row (``bank.cluster_leases``), so that another
+process can resume a session this one holds, or held when it died
+(``Leases.take_over``). spec/PROTOCOL.md section 6 says
 what a client may assume and section 10 what a stolen token is worth.
 """
 
