@@ -247,13 +247,26 @@ class _Pool:
         self, connection: psycopg.Connection[Any] | None, function: Callable[..., T],
         args: Sequence[object],
     ) -> tuple[T, psycopg.Connection[Any]]:
+        """``function`` on ``connection``; an idle connection found dead (PostgreSQL
+        restarted since it was last used) is replaced and the call made once more."""
+        reused = connection is not None and not connection.closed
         if connection is None or connection.closed:
             connection = connect(self._conninfo)
         try:
             return function(connection, *args), connection
+        except psycopg.OperationalError:
+            connection.close()
+            if not reused:
+                raise
         except psycopg.Error:
             if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 connection.close()  # broken or mid-transaction: never reuse it
+            raise
+        connection = connect(self._conninfo)
+        try:
+            return function(connection, *args), connection
+        except psycopg.Error:
+            connection.close()
             raise
 
     def close(self) -> None:
@@ -441,6 +454,12 @@ class ClusterLeases(Leases):
                 raise
 
         try:
+            return await trio.to_thread.run_sync(call, limiter=self._liveness_limiter)
+        except psycopg.OperationalError:
+            pass  # the connection was lost (a restarted PostgreSQL): at once, a new one
+        except psycopg.Error as error:
+            raise StorageError(f"{type(error).__name__}: {error}") from error
+        try:  # re-taking the liveness lock soon keeps others from taking our leases
             return await trio.to_thread.run_sync(call, limiter=self._liveness_limiter)
         except psycopg.Error as error:
             raise StorageError(f"{type(error).__name__}: {error}") from error

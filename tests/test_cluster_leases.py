@@ -202,3 +202,22 @@ async def test_stale_release_does_not_free_the_new_holders_lease(start: Any, ban
     c.leases._send.send_nowait(lease)
     await c.leases.settle()
     assert row(bank_db) == (2, b.leases.holder.boot_id, True)
+
+
+async def test_a_restarted_postgresql_costs_no_lease(
+    start: Any, bank_db: str, pg_cluster: Any
+) -> None:
+    a, b = await start(), await start()
+    lease = await a.leases.acquire(ACCOUNT)
+    assert lease is not None and await b.leases.acquire(ACCOUNT) is None  # pool in use
+    await trio.to_thread.run_sync(pg_cluster.restart)
+    # Every connection died with the server: the next heartbeat reconnects at once and
+    # takes the liveness lock again, so the holder is alive again for the others.
+    await a.leases.heartbeat()
+    assert row(bank_db) == (1, a.leases.holder.boot_id, True)
+    assert await b.leases.acquire(ACCOUNT) is None  # a stale pooled connection is replaced
+    assert a.leases.lost_count == 0
+    a.leases.end(lease)
+    await a.leases.settle()
+    taken = await b.leases.acquire(ACCOUNT)
+    assert taken is not None and taken.fence == 2
