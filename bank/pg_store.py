@@ -60,6 +60,7 @@ import psycopg
 import psycopg.errors
 
 from bank.accounts_file import AccountRecord
+from bank.cluster_leases import MIGRATION_SQL as CLUSTER_LEASES_SQL
 from bank.config import redact_db
 from bank.ledger import (
     PinChangeResult,
@@ -114,10 +115,11 @@ from wire import (
     is_trivial_pin,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The version this program writes, in the ``schema_version`` table: the same numbering
 as SQLite's (``bank.store``), which PostgreSQL joined at version 4 (transactions and
-entries, double entry) plus the cluster's ``leases``."""
+entries, double entry) plus the cluster's ``leases``; version 5 (PostgreSQL only: SQLite
+has no cluster) adds what cluster leases keep in their row (``bank.cluster_leases``)."""
 
 CONNECT_TIMEOUT_S = 5
 """How long connecting may take before PostgreSQL counts as down (libpq connect_timeout)."""
@@ -200,7 +202,7 @@ CREATE TABLE leases (
 );
 """
 
-MIGRATIONS: dict[int, str] = {4: _SCHEMA_4}
+MIGRATIONS: dict[int, str] = {4: _SCHEMA_4, 5: CLUSTER_LEASES_SQL}
 """The statements that take a database to version N, from the one before it (or, for
 the first, from nothing), each run in one transaction under MIGRATION_LOCK_ID. A new
 database runs them all in order; later versions add an entry here, never edit one."""
