@@ -56,6 +56,12 @@ STATUS_SENTENCES: dict[Status, str] = {
     Status.SERVER_BUSY: "The bank is busy; please try again in a moment",
     Status.UNSUPPORTED_VERSION: "The bank does not work with this version of the ATM",
     Status.UNKNOWN_SESSION: "The previous session could not be resumed; please log in again",
+    Status.INVALID_TO_ACCOUNT: "There is no account with that number",
+    Status.SAME_ACCOUNT: "Money cannot be moved from an account to itself",
+    Status.PIN_NOT_ALLOWED: (
+        "That PIN is too easy to guess: choose one that is not four equal digits"
+        " or four digits in a row"
+    ),
 }
 
 

@@ -24,7 +24,7 @@ import trio.testing
 from atm.connection import Connection
 from bank.config import ServerConfig
 from bank.leases import Leases
-from bank.ledger import Ledger, PinVerdict, Posting
+from bank.ledger import Ledger, PinChangeVerdict, PinVerdict, Posting
 from bank.resumption import SessionRegistry
 from bank.server import BankServer
 from bank.session import Session
@@ -310,6 +310,12 @@ class FaultyLedger:
 
     async def post(self, **posting: Any) -> Posting:
         return cast(Posting, await self._call("post", **posting))
+
+    async def transfer(self, **transfer: Any) -> Posting:
+        return cast(Posting, await self._call("transfer", **transfer))
+
+    async def change_pin(self, account: str, pin: str, new_pin: str) -> PinChangeVerdict:
+        return cast(PinChangeVerdict, await self._call("change_pin", account, pin, new_pin))
 
     async def history(self, account: str, count: int) -> list[HistoryEntry]:
         return cast(list[HistoryEntry], await self._call("history", account, count))
