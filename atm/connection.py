@@ -33,6 +33,7 @@ from bank.tls import TlsFailure, describe_verification_error
 from wire import (
     Answer,
     Error,
+    Feature,
     Frame,
     Hello,
     RemoteProtocolError,
@@ -85,6 +86,8 @@ class Connection:
         self._reply_timeout_s = reply_timeout_s
         self.shutdown: Shutdown | None = None
         """A SHUTDOWN that arrived while we waited for a reply; the session ends after it."""
+        self.features: Feature | None = None
+        """What the bank answered FEATURES with on this connection; None until asked."""
 
     @classmethod
     async def open(

@@ -67,11 +67,14 @@ class Choice(Enum):
     DEPOSIT = "d"
     WITHDRAW = "w"
     HISTORY = "h"
+    TRANSFER = "t"
+    CHANGE_PIN = "p"
     EXIT = "x"
 
 
 _WORDS = {"balance": Choice.BALANCE, "deposit": Choice.DEPOSIT, "withdraw": Choice.WITHDRAW,
-          "history": Choice.HISTORY, "exit": Choice.EXIT, "quit": Choice.EXIT,
+          "history": Choice.HISTORY, "transfer": Choice.TRANSFER, "pin": Choice.CHANGE_PIN,
+          "exit": Choice.EXIT, "quit": Choice.EXIT,
           "q": Choice.EXIT, "logout": Choice.EXIT}
 
 

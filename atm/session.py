@@ -45,11 +45,17 @@ from atm.errors import (
     TransactionUnconfirmed,
 )
 from atm.inputs import Choice, InputError, parse_account, parse_amount, parse_choice, parse_pin
-from atm.text import Receipt, TransactionKind
+from atm.text import Receipt, TransactionKind, TransferReceipt
 from wire import (
+    ALL_FEATURES,
     Balance,
     BalanceReply,
+    ChangePin,
+    ChangePinReply,
     Error,
+    Feature,
+    Features,
+    FeaturesReply,
     History,
     HistoryReply,
     Login,
@@ -63,6 +69,10 @@ from wire import (
     Resume,
     ResumeReply,
     Status,
+    Transfer,
+    TransferReply,
+    canonical_account,
+    is_trivial_pin,
 )
 
 LOGIN_ATTEMPTS_MAX = 3
@@ -100,6 +110,18 @@ declined. That includes the ISSUER_UNAVAILABLE a shutting-down bank gives every 
 it moves nothing, but it can reach the ATM before the SHUTDOWN notice, so it cannot be
 told apart from a storage failure after the commit."""
 
+TRANSFER_SETTLED: frozenset[Status] = SETTLED | {Status.INVALID_TO_ACCOUNT, Status.SAME_ACCOUNT}
+"""Answers that settle a transfer: a withdrawal's, and its own two refusals."""
+
+PIN_CHANGE_SETTLED: frozenset[Status] = frozenset({
+    Status.APPROVED, Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED, Status.PIN_NOT_ALLOWED,
+})
+"""Answers for which the bank checked a CHANGE_PIN; any other leaves it unknown."""
+
+ANNOUNCED_BEFORE: tuple[type[Request], ...] = (History, Transfer, ChangePin)
+"""Requests sent only after FEATURES on their connection (spec §3.16): HISTORY's entries
+come in transfer kinds only once the bank knows this ATM reads them."""
+
 LOGIN_RETRYABLE: frozenset[Status] = frozenset({Status.ACCOUNT_IN_USE, Status.ISSUER_UNAVAILABLE})
 """Login answers, while confirming, that waiting may change: the bank still holds the old
 session's lease (160), or is shutting down or its storage briefly failed (91)."""
@@ -119,10 +141,6 @@ class EndOfInput(Exception):
 class _NotLoggedInYet(ConnectionLost):
     """On reconnect the bank could not log us in yet (``LOGIN_RETRYABLE``): worth another
     try within the window."""
-
-
-def _settles(reply: Reply | Error) -> bool:
-    return reply.status in SETTLED
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +369,8 @@ class AtmSession:
             Choice.DEPOSIT: self._deposit,
             Choice.WITHDRAW: self._withdraw,
             Choice.HISTORY: self._show_history,
+            Choice.TRANSFER: self._transfer,
+            Choice.CHANGE_PIN: self._change_pin,
         }
         try:
             while True:
@@ -387,7 +407,35 @@ class AtmSession:
         else:
             self._console.write(text.request_failed(reply.status))
 
+    async def _served_features(self) -> Feature:
+        """What the bank serves of the optional requests, asked once per connection
+        (FEATURES); a bank from before them answers ERROR, and serves none. A connection
+        that dropped is not asked: the request goes out on a new one, which asks there."""
+        if self._lost is not None:
+            return ALL_FEATURES  # not known yet; the new connection will ask
+        try:
+            return await self._ask_features()
+        except ConnectionLost as lost:
+            self._lost = lost  # the request goes out on a new connection, which asks
+            return ALL_FEATURES
+
+    async def _ask_features(self) -> Feature:
+        """FEATURES on the connection at hand, once; raises if the connection is lost."""
+        connection = self._conn
+        if connection.features is None:
+            reply = await self._request(Features(int(ALL_FEATURES)), FeaturesReply)
+            served = reply.features if isinstance(reply, FeaturesReply) else 0
+            connection.features = Feature(served)
+        return connection.features
+
+    async def _offered(self, feature: Feature) -> bool:
+        if feature in await self._served_features():
+            return True
+        self._console.write(text.NOT_OFFERED)
+        return False
+
     async def _show_history(self) -> None:
+        await self._served_features()
         count = min(HISTORY_ENTRIES_SHOWN, self._conn.history_entries_max)
         reply = await self._read(History(count), HistoryReply, purpose=text.GETTING_HISTORY)
         if isinstance(reply, HistoryReply) and reply.status is Status.APPROVED:
@@ -403,11 +451,11 @@ class AtmSession:
     async def _withdraw(self) -> None:
         await self._move_money(TransactionKind.WITHDRAWAL)
 
-    async def _ask_amount(self, kind: TransactionKind) -> int | None:
+    async def _ask_amount(self, prompt: str) -> int | None:
         """Cents to move, or None if the customer cancelled with an empty line."""
         amount_cents_max = self._conn.amount_cents_max
         while True:
-            line = await self._ask_watching(text.amount_prompt(kind))
+            line = await self._ask_watching(prompt)
             if not line.strip():
                 return None
             try:
@@ -416,7 +464,7 @@ class AtmSession:
                 self._console.write(str(error))
 
     async def _move_money(self, kind: TransactionKind) -> None:
-        amount_cents = await self._ask_amount(kind)
+        amount_cents = await self._ask_amount(text.amount_prompt(kind))
         if amount_cents is None:
             self._console.write(text.CANCELLED)
             return
@@ -433,8 +481,106 @@ class AtmSession:
                           entry_id=reply.entry_id, time_ms=reply.time_ms)
         self._console.write(text.format_receipt(receipt, self._tz))
 
-    async def _send_money(self, kind: TransactionKind, request: MoneyRequest,
-                          reply_type: type[MoneyReply]) -> MoneyReply | Error:
+    async def _transfer(self) -> None:
+        """Key ``t``: destination, amount, a confirmation naming both, then the receipt,
+        which shows the source's new balance and never the destination's."""
+        if not await self._offered(Feature.TRANSFER):
+            return
+        assert self._credentials is not None, "money moves only after login"
+        line = await self._ask_watching(text.DESTINATION_PROMPT)
+        if not line.strip():
+            self._console.write(text.CANCELLED)
+            return
+        try:
+            destination = parse_account(line)
+        except InputError as error:
+            self._console.write(str(error))
+            return
+        if canonical_account(destination) == canonical_account(self._credentials.account):
+            self._console.write(text.refused(text.TRANSFER_NOUN, Status.SAME_ACCOUNT))
+            return
+        amount_cents = await self._ask_amount(text.TRANSFER_AMOUNT_PROMPT)
+        if amount_cents is None or not await self._confirm(
+            text.transfer_confirmation(destination, amount_cents)
+        ):
+            self._console.write(text.CANCELLED)
+            return
+        request = Transfer(uuid.uuid4().bytes, amount_cents, destination)
+        reply = await self._send_money(text.TRANSFER_NOUN, request, TransferReply,
+                                       settled=TRANSFER_SETTLED)
+        if not isinstance(reply, TransferReply) or reply.status is not Status.APPROVED:
+            self._console.write(text.refused(text.TRANSFER_NOUN, reply.status))
+            return
+        receipt = TransferReceipt(
+            account=self._credentials.account, destination=request.to_account,
+            amount_cents=amount_cents, balance_cents=reply.balance_cents,
+            entry_id=reply.entry_id, time_ms=reply.time_ms,
+        )
+        self._console.write(text.format_transfer_receipt(receipt, self._tz))
+
+    async def _confirm(self, question: str) -> bool:
+        while True:
+            answer = (await self._ask_watching(question)).strip().lower()
+            if answer in {"y", "yes"}:
+                return True
+            if answer in {"n", "no", ""}:
+                return False
+            self._console.write(text.CONFIRM_HINT)
+
+    async def _change_pin(self) -> None:
+        """Key ``p``: the current PIN, the new one twice (all hidden). A mismatch or a
+        trivial new PIN is refused here; only the bank's answer changes anything."""
+        if not await self._offered(Feature.CHANGE_PIN):
+            return
+        assert self._credentials is not None, "a PIN is changed only after login"
+        pin = await self._ask_parsed(text.CURRENT_PIN_PROMPT, parse_pin, secret=True)
+        new_pin = await self._ask_parsed(text.NEW_PIN_PROMPT, parse_pin, secret=True)
+        repeated = await self._ask_parsed(text.REPEAT_PIN_PROMPT, parse_pin, secret=True)
+        if repeated != new_pin:
+            self._console.write(text.PINS_DIFFER)
+            return
+        if is_trivial_pin(new_pin):
+            self._console.write(text.pin_change_refused(Status.PIN_NOT_ALLOWED))
+            return
+        status = await self._send_pin_change(ChangePin(pin, new_pin))
+        if status is Status.APPROVED:
+            self._credentials = Credentials(self._credentials.account, new_pin)
+            self._console.write(text.PIN_CHANGED)
+        else:
+            self._console.write(text.pin_change_refused(status))
+
+    async def _send_pin_change(self, request: ChangePin) -> Status:
+        """The bank's answer, confirmed as spec §3.20 says if it was lost: the same
+        request again, and if that finds the old PIN wrong, the new PIN as both (which
+        succeeds only if the first one went through)."""
+        def settles(reply: ChangePinReply | Error) -> bool:
+            return reply.status in PIN_CHANGE_SETTLED
+
+        try:
+            first = await self._first_attempt(request, ChangePinReply)
+        except (ConnectionLost, SessionExpired) as lost:
+            cause: SessionEnded | Status = lost
+        else:
+            if settles(first):
+                return first.status
+            cause = first.status
+        self._console.write(text.reconnecting(text.CONFIRMING_PIN_CHANGE, cause))
+        window_s = self._reconnect_window_s()
+        try:
+            again = await self._resend_until_settled(request, ChangePinReply, window_s,
+                                                     settles=settles)
+            if again.status is not Status.INCORRECT_PIN:
+                return again.status
+            done = ChangePin(request.new_pin, request.new_pin)
+            reply = await self._request(done, ChangePinReply)
+        except SessionEnded:
+            self._console.write(text.PIN_CHANGE_UNCONFIRMED)
+            raise
+        return Status.APPROVED if reply.status is Status.APPROVED else Status.INCORRECT_PIN
+
+    async def _send_money(self, kind: TransactionKind | str, request: MoneyRequest | Transfer,
+                          reply_type: type[MoneyReply], *,
+                          settled: frozenset[Status] = SETTLED) -> MoneyReply | Error:
         """The bank's settled answer to ``request``, confirmed by resending it if the reply
         is lost or does not settle it.
 
@@ -443,38 +589,45 @@ class AtmSession:
         have moved. ``TransactionUnconfirmed`` tells it itself, when the session ends.
         """
         try:
-            reply, resent = await self._settle_money(kind, request, reply_type)
+            reply, resent = await self._settle_money(kind, request, reply_type, settled)
         except TransactionUnconfirmed:
             raise
         except BaseException:
             with contextlib.suppress(OSError):  # the screen may be what failed
                 self._console.write(text.ending(TransactionUnconfirmed(
-                    kind=kind.noun, amount_cents=request.amount_cents, txn_id=request.txn_id
+                    kind=text.noun(kind), amount_cents=request.amount_cents,
+                    txn_id=request.txn_id,
                 )))
             raise
         if resent and isinstance(reply, MoneyReply) and reply.status is Status.APPROVED:
             self._console.write(text.confirmed(kind, reply.entry_id))
         return reply  # a refusal is told once, by the caller
 
-    async def _settle_money(self, kind: TransactionKind, request: MoneyRequest,
-                            reply_type: type[MoneyReply]) -> tuple[MoneyReply | Error, bool]:
+    async def _settle_money(
+        self, kind: TransactionKind | str, request: MoneyRequest | Transfer,
+        reply_type: type[MoneyReply], settled: frozenset[Status],
+    ) -> tuple[MoneyReply | Error, bool]:
         """The answer that settles ``request``, and whether it took resending."""
         cause: SessionEnded | Status
+
+        def settles(reply: MoneyReply | Error) -> bool:
+            return reply.status in settled
+
         try:
             reply = await self._first_attempt(request, reply_type)
         except (ConnectionLost, SessionExpired) as lost:
             cause = lost
         else:
-            if _settles(reply):
+            if settles(reply):
                 return reply, False
             cause = reply.status  # 91, 96, an ERROR...: it may have gone through
         self._console.write(text.reconnecting(text.confirming(kind), cause))
         window_s = self._reconnect_window_s()
         try:
             reply = await self._resend_until_settled(request, reply_type, window_s,
-                                                     settles=_settles)
+                                                     settles=settles)
         except SessionEnded:
-            raise TransactionUnconfirmed(kind=kind.noun, amount_cents=request.amount_cents,
+            raise TransactionUnconfirmed(kind=text.noun(kind), amount_cents=request.amount_cents,
                                          txn_id=request.txn_id) from None
         return reply, True
 
@@ -556,8 +709,18 @@ class AtmSession:
         status = await self._resume()
         if status is not Status.APPROVED:
             status = await self._send_login(self._credentials)
+        if status is Status.INCORRECT_PIN and isinstance(request, ChangePin):
+            # The lost CHANGE_PIN went through: the new PIN logs in, and asking for the
+            # PIN it already is confirms it (spec §3.20).
+            credentials = Credentials(self._credentials.account, request.new_pin)
+            status = await self._send_login(credentials)
+            if status is Status.APPROVED:
+                self._credentials = credentials
+                request = ChangePin(request.new_pin, request.new_pin)
         if status in LOGIN_RETRYABLE:
             raise _NotLoggedInYet(text.login_not_yet(status), status=status)
         if status is not Status.APPROVED:
             raise LoginRefused(status)
+        if isinstance(request, ANNOUNCED_BEFORE):
+            await self._ask_features()
         return await self._request(request, reply_type)

@@ -56,6 +56,12 @@ STATUS_SENTENCES: dict[Status, str] = {
     Status.SERVER_BUSY: "The bank is busy; please try again in a moment",
     Status.UNSUPPORTED_VERSION: "The bank does not work with this version of the ATM",
     Status.UNKNOWN_SESSION: "The previous session could not be resumed; please log in again",
+    Status.INVALID_TO_ACCOUNT: "There is no account with that number",
+    Status.SAME_ACCOUNT: "Money cannot be moved from an account to itself",
+    Status.PIN_NOT_ALLOWED: (
+        "That PIN is too easy to guess: choose one that is not four equal digits"
+        " or four digits in a row"
+    ),
 }
 
 
@@ -72,8 +78,20 @@ PIN_PROMPT = "PIN (4 digits): "
 ACCOUNT_FORMAT_HINT = "An account number is two letters, a hyphen and five digits, like AC-12345."
 PIN_FORMAT_HINT = "A PIN is exactly four digits."
 TRY_AGAIN = "Please try again."
-MENU_PROMPT = "[b]alance  [d]eposit  [w]ithdraw  [h]istory  e[x]it: "
-MENU_HELP = "Type b for balance, d to deposit, w to withdraw, h for history or x to exit."
+MENU_PROMPT = "[b]alance  [d]eposit  [w]ithdraw  [t]ransfer  [h]istory  [p]IN  e[x]it: "
+MENU_HELP = (
+    "Type b for balance, d to deposit, w to withdraw, t to transfer to another account,"
+    " h for history, p to change your PIN or x to exit."
+)
+DESTINATION_PROMPT = "Transfer to account number (AA-NNNNN, empty line to cancel): "
+TRANSFER_AMOUNT_PROMPT = "Amount to transfer in dollars (empty line to cancel): "
+CONFIRM_HINT = "Please type y to go ahead or n to cancel."
+CURRENT_PIN_PROMPT = "Current PIN (4 digits): "
+NEW_PIN_PROMPT = "New PIN (4 digits): "
+REPEAT_PIN_PROMPT = "New PIN again: "
+PINS_DIFFER = "The two new PINs differ; your PIN is unchanged."
+PIN_CHANGED = "Your PIN is changed. Use the new one from now on."
+NOT_OFFERED = "This bank does not offer that here."
 AMOUNT_HINT = "Type an amount in dollars with at most two decimals, like 20, 20.50 or $1,000.00."
 AMOUNT_NOT_POSITIVE = "The amount must be more than $0.00."
 CANCELLED = "Cancelled."
@@ -100,9 +118,27 @@ def balance(balance_cents: int) -> str:
     return f"Your balance is {format_cents(balance_cents)}."
 
 
-def refused(kind: TransactionKind, status: Status) -> str:
+def refused(kind: TransactionKind | str, status: Status) -> str:
     """A transaction the bank declined: no money moved."""
-    return f"Your {kind.noun} was declined: {status_sentence(status)}."
+    return f"Your {noun(kind)} was declined: {status_sentence(status)}."
+
+
+TRANSFER_NOUN = "transfer"
+"""A transfer in sentences shared with deposits and withdrawals (``noun``)."""
+
+
+def noun(kind: TransactionKind | str) -> str:
+    """``deposit``, ``withdrawal``, or a transfer's ``TRANSFER_NOUN``."""
+    return kind if isinstance(kind, str) else kind.noun
+
+
+def transfer_confirmation(destination: str, amount_cents: int) -> str:
+    """The question before a transfer: the masked destination and the amount."""
+    return f"Transfer {format_cents(amount_cents)} to {mask_account(destination)}? [y/n]: "
+
+
+def pin_change_refused(status: Status) -> str:
+    return f"Your PIN was not changed: {status_sentence(status)}."
 
 
 def request_failed(status: Status) -> str:
@@ -164,6 +200,30 @@ def format_time(time_ms: int, tz: tzinfo | None = None, *,
         return raw_time(time_ms)
 
 
+@dataclass(frozen=True, slots=True)
+class TransferReceipt:
+    """What a transfer's receipt shows: the source's new balance, never the destination's."""
+
+    account: str
+    destination: str
+    amount_cents: int
+    balance_cents: int
+    entry_id: int
+    time_ms: int
+
+
+def format_transfer_receipt(receipt: TransferReceipt, tz: tzinfo | None = None) -> str:
+    rows = [
+        ("Transfer", format_cents(receipt.amount_cents)),
+        ("From", mask_account(receipt.account)),
+        ("To", mask_account(receipt.destination)),
+        ("New balance", format_cents(receipt.balance_cents)),
+        ("Reference", str(receipt.entry_id)),
+        ("Time", format_time(receipt.time_ms, tz)),
+    ]
+    return _receipt_lines(rows)
+
+
 def format_receipt(receipt: Receipt, tz: tzinfo | None = None) -> str:
     """A fixed-width receipt, one labelled value per line."""
     rows = [
@@ -173,15 +233,22 @@ def format_receipt(receipt: Receipt, tz: tzinfo | None = None) -> str:
         ("Reference", str(receipt.entry_id)),
         ("Time", format_time(receipt.time_ms, tz)),
     ]
+    return _receipt_lines(rows)
+
+
+def _receipt_lines(rows: list[tuple[str, str]]) -> str:
     lines = [" RECEIPT ".center(RECEIPT_WIDTH, "-")]
     lines += [f"{label:<12}{value:>{RECEIPT_WIDTH - 12}}" for label, value in rows]
     lines.append("-" * RECEIPT_WIDTH)
     return "\n".join(lines)
 
 
-_TRANSACTION_KINDS: dict[EntryKind, TransactionKind] = {
-    kind.money.entry_kind: kind for kind in TransactionKind
+ENTRY_TITLES: dict[EntryKind, str] = {
+    **{kind.money.entry_kind: kind.title for kind in TransactionKind},
+    EntryKind.TRANSFER_OUT: "Transfer out",
+    EntryKind.TRANSFER_IN: "Transfer in",
 }
+"""What a history line calls each kind of entry."""
 
 
 def format_history(entries: tuple[HistoryEntry, ...], tz: tzinfo | None = None) -> str:
@@ -194,10 +261,9 @@ def format_history(entries: tuple[HistoryEntry, ...], tz: tzinfo | None = None) 
     width = max(len(time) for time in times) + 1
     lines = [f"{'Time':<{width}}{'Type':<12}{'Amount':>14}{'Balance':>16}  Reference"]
     for entry, time in zip(entries, times, strict=True):
-        kind = _TRANSACTION_KINDS[entry.kind]
-        change_cents = kind.money.balance_change_cents(entry.amount_cents)
+        change_cents = wire.entry_change_cents(entry.kind, entry.amount_cents)
         lines.append(
-            f"{time:<{width}}{kind.title:<12}{format_cents(change_cents):>14}"
+            f"{time:<{width}}{ENTRY_TITLES[entry.kind]:<12}{format_cents(change_cents):>14}"
             f"{format_cents(entry.balance_cents):>16}  {entry.entry_id}"
         )
     return "\n".join(lines)
@@ -224,8 +290,8 @@ def login_waiting(retry_in_s: int) -> str:
             f"trying again in {retry_in_s} s.")
 
 
-def confirming(kind: TransactionKind) -> str:
-    return f"confirm your {kind.noun}"
+def confirming(kind: TransactionKind | str) -> str:
+    return f"confirm your {noun(kind)}"
 
 
 def reconnecting(purpose: str, cause: SessionEnded | Status) -> str:
@@ -264,8 +330,14 @@ def retry_failed(attempt: int, problem: SessionEnded | Status, *,
     return f"{sentence}." if retry_in_s is None else f"{sentence}; trying again in {retry_in_s} s."
 
 
-def confirmed(kind: TransactionKind, entry_id: int) -> str:
-    return f"...confirmed, your {kind.noun} went through once, reference {entry_id}."
+def confirmed(kind: TransactionKind | str, entry_id: int) -> str:
+    return f"...confirmed, your {noun(kind)} went through once, reference {entry_id}."
+
+
+CONFIRMING_PIN_CHANGE = "confirm your PIN change"
+PIN_CHANGE_UNCONFIRMED = (
+    "We could not confirm your PIN change: next time, try your new PIN first, then the old one."
+)
 
 
 # -- How a session ended --------------------------------------------------------------
@@ -330,7 +402,7 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.SERVER_UNAVAILABLE: "bank busy or shutting down",
     ExitCode.SESSION_EXPIRED: "session expired after being idle",
     ExitCode.INCOMPATIBLE_VERSION: "the bank speaks another protocol version",
-    ExitCode.UNCONFIRMED_TRANSACTION: "a deposit or withdrawal could not be confirmed",
+    ExitCode.UNCONFIRMED_TRANSACTION: "a deposit, withdrawal or transfer could not be confirmed",
     ExitCode.TLS_FAILED: "no secure connection: a certificate problem (unknown CA, wrong host"
     " name, expired, no terminal certificate) or no TLS at the other end",
     ExitCode.INTERRUPTED: "interrupted with Ctrl-C",

@@ -19,15 +19,31 @@ import trio
 
 from bank.config import ServerConfig
 from bank.leases import Lease, Leases
-from bank.ledger import Ledger, PinResult, Posting, PostResult, StorageError
+from bank.ledger import (
+    Ledger,
+    PinChangeResult,
+    PinChangeVerdict,
+    PinResult,
+    Posting,
+    PostResult,
+    StorageError,
+)
 from bank.resumption import SessionRegistry, new_token
 from wire import (
+    ALL_FEATURES,
     KIND_OF_REQUEST,
     MONEY_KINDS,
+    TRANSFER,
     Balance,
     BalanceReply,
+    ChangePin,
+    ChangePinReply,
     EntryKind,
+    Feature,
+    Features,
+    FeaturesReply,
     History,
+    HistoryEntry,
     HistoryReply,
     Login,
     LoginReply,
@@ -42,6 +58,8 @@ from wire import (
     Resume,
     ResumeReply,
     Status,
+    Transfer,
+    TransferReply,
     format_cents,
     mask_account,
     reply_type,
@@ -99,6 +117,35 @@ POST_STATUS: dict[EntryKind, dict[PostResult, Status]] = {
 §3.3, §9): the kinds differ only in the refusal of their own limit."""
 
 
+TRANSFER_STATUS: dict[PostResult, Status] = {
+    **{result: status for result, status in _POST_STATUS_ANY_KIND.items()},
+    # Money leaving by transfer is held to the limit money leaving in cash is (spec §3.18).
+    PostResult.OVER_LIMIT: SERVER_LIMITS[EntryKind.WITHDRAWAL].refusal,
+    PostResult.UNKNOWN_DESTINATION: Status.INVALID_TO_ACCOUNT,
+    PostResult.SAME_ACCOUNT: Status.SAME_ACCOUNT,
+}
+"""The TRANSFER_REPLY answer to each outcome of a transfer (spec §3.18). A full
+destination is INVALID_AMOUNT, as a deposit into it would be: nothing more is revealed."""
+
+PIN_CHANGE_STATUS: dict[PinChangeResult, Status] = {
+    PinChangeResult.CHANGED: Status.APPROVED,
+    PinChangeResult.WRONG: Status.INCORRECT_PIN,
+    PinChangeResult.LOCKED: Status.PIN_TRIES_EXCEEDED,
+    PinChangeResult.TRIVIAL: Status.PIN_NOT_ALLOWED,
+}
+"""The CHANGE_PIN_REPLY answer to each outcome of a PIN change (spec §3.20)."""
+
+SERVED_FEATURES = ALL_FEATURES
+"""The optional requests this server serves, as FEATURES_REPLY says (spec §3.16)."""
+
+OLD_CLIENT_ENTRY_KIND: dict[int, EntryKind] = {
+    int(TRANSFER.debit): EntryKind.WITHDRAWAL,
+    int(TRANSFER.credit): EntryKind.DEPOSIT,
+}
+"""A transfer's entry as shown to a client that did not announce TRANSFER (spec §3.16):
+what it did to the balance, in the kinds that client can decode."""
+
+
 class LeaseLost(Exception):
     """The session's cluster lease was taken over (or expired and taken) by another
     process: a money write was refused by its fence (FENCED, nothing moved). Not
@@ -137,6 +184,9 @@ class Session:
         self._name = name
         self._sessions = sessions
         self._released = trio.Event()
+        self.features = Feature(0)
+        """What this connection's client announced it speaks, of what this server serves
+        (FEATURES); nothing until it says so, which keeps an old client safe."""
         # Each handler takes the request type it is filed under: typed Any to say so.
         self._handlers: dict[type[Request], Callable[[Any], Awaitable[Reply]]] = {
             Login: self._login,
@@ -145,6 +195,9 @@ class Session:
             Balance: self._balance,
             **{kind.request: self._post for kind in MONEY_KINDS},
             History: self._history,
+            Transfer: self._transfer,
+            ChangePin: self._change_pin,
+            Features: self._features,
             Ping: self._ping,
         }
 
@@ -320,8 +373,62 @@ class Session:
             fence=None if self.lease is None else self.lease.fence,
         )
 
+    async def _transfer(self, request: Transfer) -> Reply:
+        posting = await self._ledger.transfer(
+            account=self._account(),
+            txn_id=request.txn_id,
+            to_account=request.to_account,
+            amount_cents=request.amount_cents,
+            limit_cents=SERVER_LIMITS[EntryKind.WITHDRAWAL].cents_max(self._config),
+            terminal=self.terminal,
+            fence=None if self.lease is None else self.lease.fence,
+        )
+        if posting.result is PostResult.FENCED:
+            raise LeaseLost(request.txn_id.hex())
+        status = TRANSFER_STATUS[posting.result]
+        if log.isEnabledFor(logging.INFO):
+            self._log_transfer(request, status, posting)
+        return TransferReply(status, posting.balance_cents, posting.entry_id, posting.time_ms)
+
+    def _log_transfer(self, request: Transfer, status: Status, posting: Posting) -> None:
+        """One line per transfer, as ``_log_post``'s: both accounts masked, the id to
+        quote and the source's entry once booked; never a balance, either side's."""
+        result = posting.result
+        booked = result in {PostResult.BOOKED, PostResult.REPLAYED}
+        log.log(
+            logging.WARNING if result is PostResult.TXN_ID_REUSED else logging.INFO,
+            "%s: %s TRANSFER %s to %s %s%s txn %s%s",
+            self._name, mask_account(self._account()), format_cents(request.amount_cents),
+            mask_account(request.to_account), status.name,
+            " (replayed)" if result is PostResult.REPLAYED else "", request.txn_id.hex(),
+            f" entry {posting.entry_id}" if booked else "",
+        )
+
+    async def _change_pin(self, request: ChangePin) -> Reply:
+        verdict = await self._ledger.change_pin(self._account(), request.pin, request.new_pin)
+        status = PIN_CHANGE_STATUS[verdict.result]
+        self._log_pin_change(status, verdict)
+        return ChangePinReply(status)
+
+    def _log_pin_change(self, status: Status, verdict: PinChangeVerdict) -> None:
+        """The outcome, never a PIN; a lock it set is a warning, as a LOGIN's is."""
+        masked = mask_account(self._account())
+        if verdict.locked_until_ms is not None:
+            log.warning(
+                "%s: change PIN %s %s: locked until %s", self._name, masked, status.name,
+                format_time_ms(verdict.locked_until_ms),
+            )
+        else:
+            log.info("%s: change PIN %s %s", self._name, masked, status.name)
+
+    async def _features(self, request: Features) -> Reply:
+        self.features = Feature(request.features & SERVED_FEATURES)
+        return FeaturesReply(Status.APPROVED, int(self.features))
+
     async def _history(self, request: History) -> Reply:
         entries = await self._ledger.history(self._account(), request.count)
+        if Feature.TRANSFER not in self.features:
+            entries = [_for_old_client(entry) for entry in entries]
         return HistoryReply(Status.APPROVED, tuple(entries))
 
     async def _ping(self, _request: Ping) -> Reply:
@@ -331,3 +438,12 @@ class Session:
         if self.account is None:  # the engine's state table makes this unreachable
             raise RuntimeError("no account in an authenticated state")
         return self.account
+
+
+def _for_old_client(entry: HistoryEntry) -> HistoryEntry:
+    """``entry`` in the kinds a client from before TRANSFER decodes (spec §3.16)."""
+    kind = OLD_CLIENT_ENTRY_KIND.get(entry[2])
+    if kind is None:
+        return entry
+    return HistoryEntry(entry.entry_id, entry.time_ms, kind, entry.amount_cents,
+                        entry.balance_cents)

@@ -20,7 +20,9 @@ by ``handle``'s last resort); a request outside the state table not answered wit
 state's refusal, or changing the state; during shutdown anything but ISSUER_UNAVAILABLE;
 a reply that does not encode and decode back to itself; ACCOUNT_IN_USE said to someone
 without the account's PIN; money moving on a refusal, on a non-money request, on another
-account, or by other than the amount; a negative balance or a balance that does not
+account, or by other than the amount (a TRANSFER: exactly the amount out of the session's
+account and into its destination, so money is conserved across all accounts at every
+step); a negative balance or a balance that does not
 match its entries; an approved BALANCE not the ledger's; more than the session's one
 account leased (besides the other ATM's), an authenticated session without its lease, or
 any lease left after ``session.end()``; a full account number in the session's log.
@@ -45,18 +47,29 @@ import trio
 
 from bank.config import ServerConfig
 from bank.leases import Leases
-from bank.ledger import PinResult, PinVerdict, Posting, PostResult, StorageError
+from bank.ledger import (
+    PinChangeResult,
+    PinChangeVerdict,
+    PinResult,
+    PinVerdict,
+    Posting,
+    PostResult,
+    StorageError,
+)
 from bank.resumption import SessionRegistry
 from bank.session import Session
 from fuzz.frames import WHOLE_STREAM, Finding, golden_frames, split_input
 from wire import (
+    BALANCE_CENTS_MAX,
     PERMITTED,
     REFUSAL,
     Balance,
     BalanceReply,
+    ChangePin,
     Decoder,
     Deposit,
     EntryKind,
+    Features,
     Frame,
     History,
     HistoryEntry,
@@ -69,12 +82,14 @@ from wire import (
     Sender,
     State,
     Status,
+    Transfer,
     WireError,
     Withdraw,
     encode,
+    is_trivial_pin,
 )
 from wire import Connection as Engine
-from wire._kinds import KIND_OF_ENTRY, KIND_OF_REQUEST
+from wire._kinds import KIND_OF_ENTRY, KIND_OF_REQUEST, TRANSFER, entry_change_cents
 from wire._messages import MoneyRequest, reply_type
 
 OTHER_ATM_BIT = 0x01
@@ -119,7 +134,7 @@ class FakeLedger:
         }
         self._pin_tries_max = pin_tries_max
         self._failures: dict[str, int] = {}
-        self._postings: dict[bytes, tuple[tuple[str, EntryKind, int], Posting]] = {}
+        self._postings: dict[bytes, tuple[tuple[object, ...], Posting]] = {}
         self._entry_ids = itertools.count(1)
         self._time_ms = itertools.count(TIME_MS_START)
 
@@ -184,6 +199,64 @@ class FakeLedger:
         posting = Posting(PostResult.BOOKED, entry.balance_cents, entry.entry_id, entry.time_ms)
         self._postings[txn_id] = (content, posting)
         return posting
+
+    async def transfer(
+        self,
+        *,
+        account: str,
+        txn_id: bytes,
+        to_account: str,
+        amount_cents: int,
+        limit_cents: int,
+        terminal: str | None = None,
+        fence: int | None = None,
+    ) -> Posting:
+        """As ``Store.transfer``: the same checks in the same order, both legs or none."""
+        if txn_id[: len(STORAGE_FAILURE_TXN_PREFIX)] == STORAGE_FAILURE_TXN_PREFIX:
+            raise StorageError("fake disk failure")
+        content = ("transfer", account, to_account, amount_cents)
+        earlier = self._postings.get(txn_id)
+        if earlier is not None:
+            if earlier[0] == content:
+                return dataclasses.replace(earlier[1], result=PostResult.REPLAYED)
+            return Posting(PostResult.TXN_ID_REUSED)
+        source = self.accounts[account]
+        destination = self.accounts.get(to_account)
+        if to_account == account:
+            return Posting(PostResult.SAME_ACCOUNT)
+        if amount_cents > limit_cents:
+            return Posting(PostResult.OVER_LIMIT)
+        if source.balance_cents < amount_cents:
+            return Posting(PostResult.INSUFFICIENT_FUNDS)
+        if destination is None:
+            return Posting(PostResult.UNKNOWN_DESTINATION)
+        if destination.balance_cents > BALANCE_CENTS_MAX - amount_cents:
+            return Posting(PostResult.BALANCE_FULL)
+        time_ms = next(self._time_ms)
+        legs = ((source, TRANSFER.debit, -amount_cents), (destination, TRANSFER.credit,
+                                                          amount_cents))
+        entries = []
+        for record, kind, change_cents in legs:
+            record.balance_cents += change_cents
+            entry = HistoryEntry(next(self._entry_ids), time_ms, kind, amount_cents,
+                                 record.balance_cents)
+            record.entries.insert(0, entry)
+            entries.append(entry)
+        posting = Posting(PostResult.BOOKED, entries[0].balance_cents, entries[0].entry_id,
+                          time_ms)
+        self._postings[txn_id] = (content, posting)
+        return posting
+
+    async def change_pin(self, account: str, pin: str, new_pin: str) -> PinChangeVerdict:
+        if is_trivial_pin(new_pin):
+            return PinChangeVerdict(PinChangeResult.TRIVIAL)
+        result = self._check_pin(account, pin)
+        if result is PinResult.LOCKED:
+            return PinChangeVerdict(PinChangeResult.LOCKED, TIME_MS_START)
+        if result is PinResult.WRONG:
+            return PinChangeVerdict(PinChangeResult.WRONG)
+        self.accounts[account].pin = new_pin
+        return PinChangeVerdict(PinChangeResult.CHANGED)
 
     async def history(self, account: str, count: int) -> list[HistoryEntry]:
         return self.accounts[account].entries[:count]
@@ -345,16 +418,23 @@ def check_money(
     for name, record in ledger.accounts.items():
         if record.balance_cents < 0:
             raise Finding(f"{name} balance is negative: {record.balance_cents}")
-        booked = sum(KIND_OF_ENTRY[e.kind].balance_change_cents(e.amount_cents)
-                     for e in record.entries)
+        booked = sum(entry_change_cents(e.kind, e.amount_cents) for e in record.entries)
         if record.opening_cents + booked != record.balance_cents:
             raise Finding(f"{name} balance {record.balance_cents} does not match its entries")
+    if sum(after.values()) - sum(before.values()) != sum(moved.values()) or (
+        isinstance(request, Transfer) and sum(moved.values()) != 0
+    ):
+        raise Finding(f"{request!r} created or destroyed money: {moved}")
     if not moved:
         return
-    if not isinstance(request, MoneyRequest) or reply.status is not Status.APPROVED:
+    if not isinstance(request, MoneyRequest | Transfer) or reply.status is not Status.APPROVED:
         raise Finding(f"{request!r} answered {reply.status.name} moved money: {moved}")
-    change_cents = KIND_OF_REQUEST[type(request)].balance_change_cents(request.amount_cents)
-    if moved != {account: change_cents}:
+    if isinstance(request, Transfer):
+        expected = {account: -request.amount_cents, request.to_account: request.amount_cents}
+    else:
+        change_cents = KIND_OF_REQUEST[type(request)].balance_change_cents(request.amount_cents)
+        expected = {account: change_cents}
+    if moved != expected:
         raise Finding(f"{request!r} for {account} moved {moved}")
 
 
@@ -438,6 +518,15 @@ def seeds() -> list[bytes]:
         _stream(login, Deposit(_txn(9, STORAGE_FAILURE_TXN_PREFIX), 100), Balance(), Logout()),
         _stream(Login("EF-00001", "0000"), Withdraw(_txn(10), 50_000), History(2), Logout(),
                 Ping()),
+        _stream(Features(3), login, Transfer(_txn(11), 500, OTHER_ACCOUNT),
+                Transfer(_txn(11), 500, OTHER_ACCOUNT), Transfer(_txn(11), 501, OTHER_ACCOUNT),
+                Transfer(_txn(12), 500, "AB-12345"), Transfer(_txn(13), 500, "ZZ-00000"),
+                Transfer(_txn(14), 100_001, OTHER_ACCOUNT), History(5), Features(0), History(5)),
+        _stream(login, ChangePin("0000", "2580"), ChangePin("1234", "1111"),
+                ChangePin("1234", "2580"), Balance(), Logout(), Login("AB-12345", "2580")),
+        _stream(Transfer(_txn(15), 1, OTHER_ACCOUNT), ChangePin("1234", "2580"), login,
+                Transfer(_txn(16, STORAGE_FAILURE_TXN_PREFIX), 1, OTHER_ACCOUNT),
+                *[ChangePin("0000", "2580")] * 3, Balance()),
     ]
     return [
         bytes([control]) + conversation

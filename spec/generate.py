@@ -33,13 +33,18 @@ from construct import Bytes, Const, Construct, FormatField, Struct
 from bank.config import ServerConfig
 from bank.tools.pcapng import Capture, Conversation
 from wire import (
+    ALL_FEATURES,
     Balance,
     BalanceReply,
+    ChangePin,
+    ChangePinReply,
     Decoder,
     Deposit,
     DepositReply,
     EntryKind,
     Error,
+    Features,
+    FeaturesReply,
     Hello,
     History,
     HistoryEntry,
@@ -59,6 +64,8 @@ from wire import (
     SessionToken,
     Shutdown,
     Status,
+    Transfer,
+    TransferReply,
     WireError,
     Withdraw,
     WithdrawReply,
@@ -102,6 +109,9 @@ STATE_TABLES_END = "<!-- end of generated state tables -->"
 TXN_DEPOSIT = bytes.fromhex("6f9619ff8b86d011b42d00c04fc964ff")
 TXN_WITHDRAW = bytes.fromhex("3f2504e04f8941d39a0c0305e82c3301")
 TXN_MAX = bytes.fromhex("00112233445566778899aabbccddeeff")
+TXN_TRANSFER = bytes.fromhex("b3a1c2d4e5f60718293a4b5c6d7e8f90")
+DESTINATION = "WF-14351"
+NEW_PIN = "2580"
 TIME_MS = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 ACCOUNT = "AB-12345"
 PIN = "1234"
@@ -134,7 +144,7 @@ def _entry(index: int) -> HistoryEntry:
     )
 
 
-def _approved_money_reply(cls: type[DepositReply | WithdrawReply]) -> Message:
+def _approved_money_reply(cls: type[DepositReply | WithdrawReply | TransferReply]) -> Message:
     return cls(Status.APPROVED, balance_cents=273_456, entry_id=42, time_ms=TIME_MS)
 
 
@@ -155,6 +165,9 @@ ERROR_REQUEST_IDS: dict[Status, tuple[int, str]] = {
     Status.SERVER_BUSY: (0, "sent instead of HELLO when the server is at its connection limit"),
     Status.UNSUPPORTED_VERSION: (0, "the client's frame carried another protocol version"),
     Status.UNKNOWN_SESSION: (24, "every status can travel in an ERROR frame"),
+    Status.INVALID_TO_ACCOUNT: (25, "every status can travel in an ERROR frame"),
+    Status.SAME_ACCOUNT: (26, "every status can travel in an ERROR frame"),
+    Status.PIN_NOT_ALLOWED: (27, "every status can travel in an ERROR frame"),
 }
 
 
@@ -230,6 +243,31 @@ def golden_frames() -> list[Golden]:
                "right after an approved RESUME_REPLY: a new token; the presented one is spent"),
         Golden("resume-reply-unknown-session", ResumeReply(Status.UNKNOWN_SESSION), 1,
                "the token opens no session of this account: log in with LOGIN instead"),
+        # The optional requests (section 3.16 on): FEATURES first, then what it offers.
+        Golden("features", Features(int(ALL_FEATURES)), 1,
+               "right after HELLO: this client speaks TRANSFER and CHANGE_PIN"),
+        Golden("features-reply", FeaturesReply(Status.APPROVED, int(ALL_FEATURES)), 1,
+               "the server serves both; HISTORY may now carry entry kinds 3 and 4"),
+        Golden("transfer", Transfer(TXN_TRANSFER, 5_000, DESTINATION), 11,
+               "move $50.00 from the session's account to WF-14351"),
+        Golden("transfer-reply", _approved_money_reply(TransferReply), 11,
+               "receipt of the source's entry: its new balance, never the destination's"),
+        Golden("transfer-reply-invalid-to-account", TransferReply(Status.INVALID_TO_ACCOUNT), 11,
+               "no account has the destination's number; nothing moved"),
+        Golden("transfer-reply-same-account", TransferReply(Status.SAME_ACCOUNT), 11,
+               "the destination is the session's own account"),
+        Golden("change-pin", ChangePin(PIN, NEW_PIN), 12, "current PIN, then the new one"),
+        Golden("change-pin-reply", ChangePinReply(Status.APPROVED), 12,
+               "the new PIN is stored; the session goes on"),
+        Golden("change-pin-reply-pin-not-allowed", ChangePinReply(Status.PIN_NOT_ALLOWED), 12,
+               "a trivial new PIN (section 3.18): nothing changed, nothing counted"),
+        Golden("change-pin-reply-incorrect-pin", ChangePinReply(Status.INCORRECT_PIN), 12,
+               "the current PIN is wrong: counted toward the lock as a LOGIN's"),
+        Golden("history-reply-transfers",
+               HistoryReply(Status.APPROVED, (
+                   HistoryEntry(101, TIME_MS + 60_000, EntryKind.TRANSFER_IN, 1_500, 274_956),
+                   HistoryEntry(43, TIME_MS, EntryKind.TRANSFER_OUT, 5_000, 273_456),
+               )), 6, "to a client that announced TRANSFER: a transfer in, then one out"),
     ]
     for status, (request_id, note) in ERROR_REQUEST_IDS.items():
         name = "error-" + status.name.lower().replace("_", "-")
@@ -318,8 +356,8 @@ def negative_vectors() -> list[Negative]:
                  raw_frame(Opcode.LOGIN, 1, login_payload)[:-5] + b"5"
                  + raw_frame(Opcode.LOGIN, 1, login_payload)[-4:],
                  fmt, True, 1, "PIN digit changed after the CRC was computed"),
-        Negative("unknown-opcode", server, raw_frame(0x09, 11, b""), bad_op, False, 11,
-                 "opcode 0x09 is not assigned; the frame is consumed, decoding goes on"),
+        Negative("unknown-opcode", server, raw_frame(0x0C, 11, b""), bad_op, False, 11,
+                 "opcode 0x0C is not assigned; the frame is consumed, decoding goes on"),
         Negative("unknown-opcode-zero", server, raw_frame(0x00, 11, b"\x00\x01"), bad_op, False,
                  11, "opcode 0x00 with a 2-byte payload, consumed whole"),
         Negative("wrong-direction-reply", server, raw_frame(Opcode.LOGIN_REPLY, 12, b"\x00"),
@@ -360,6 +398,21 @@ def negative_vectors() -> list[Negative]:
         Negative("amount-max-u64", server,
                  raw_frame(Opcode.DEPOSIT, 3, TXN_DEPOSIT + u64(2**64 - 1)),
                  amount, False, 3, "amount 2^64 - 1"),
+        Negative("transfer-bad-destination", server,
+                 raw_frame(Opcode.TRANSFER, 11, TXN_TRANSFER + u64(5_000) + b"WF 14351"),
+                 fmt, True, 11, "the destination follows LOGIN's account rule: AA-NNNNN"),
+        Negative("transfer-zero-amount", server,
+                 raw_frame(Opcode.TRANSFER, 11, TXN_TRANSFER + u64(0) + DESTINATION.encode()),
+                 amount, False, 11, "amount 0: refused as a deposit's, the connection goes on"),
+        Negative("truncated-transfer", server,
+                 raw_frame(Opcode.TRANSFER, 11, TXN_TRANSFER + u64(5_000) + b"WF-1435"),
+                 fmt, True, 11, "TRANSFER payload of 31 bytes, CRC repaired"),
+        Negative("change-pin-bad-new-pin", server,
+                 raw_frame(Opcode.CHANGE_PIN, 12, PIN.encode() + b"25a0"), fmt, True, 12,
+                 "the new PIN must be four ASCII digits too"),
+        Negative("truncated-change-pin", server,
+                 raw_frame(Opcode.CHANGE_PIN, 12, PIN.encode() + b"258"), fmt, True, 12,
+                 "CHANGE_PIN payload of 7 bytes, CRC repaired"),
         Negative("request-id-zero", server, raw_frame(Opcode.PING, 0, b""), fmt, True, 0,
                  "request id 0 is reserved for notices"),
         Negative("history-count-zero", server, raw_frame(Opcode.HISTORY, 6, b"\x00"),
@@ -409,6 +462,10 @@ def negative_vectors() -> list[Negative]:
                  raw_frame(Opcode.HELLO, 0, (PAYLOAD_BYTES_MAX + 1).to_bytes(2, "big")
                            + encode(server_hello(), 0)[12:-4]), fmt, True, 0,
                  "payload_bytes_max 1025: a server may announce less than 1024, never more"),
+        Negative("refused-transfer-reply-with-balance", client,
+                 raw_frame(Opcode.TRANSFER_REPLY, 11, bytes([Status.SAME_ACCOUNT]) + u64(5)
+                           + u64(0) + u64(0)), fmt, True, 11,
+                 "fields after a refusing status must be zero"),
         Negative("truncated-session-token", client,
                  raw_frame(Opcode.SESSION_TOKEN, 0, TOKEN[:-1]), fmt, True, 0,
                  "SESSION_TOKEN payload of 15 bytes, CRC repaired"),

@@ -25,19 +25,25 @@ from atm.connection import Connection
 from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig
 from bank.leases import Leases
-from bank.ledger import Ledger, PinVerdict, Posting
+from bank.ledger import Ledger, PinChangeVerdict, PinVerdict, Posting
 from bank.resumption import SessionRegistry
 from bank.server import BankServer
 from bank.session import Session
 from wire import (
+    ALL_FEATURES,
     AMOUNT_CENTS_MAX,
     PROTOCOL_VERSION,
     Answer,
     Balance,
     BalanceReply,
+    ChangePin,
+    ChangePinReply,
     Decoder,
     Deposit,
+    EntryKind,
     Error,
+    Features,
+    FeaturesReply,
     Frame,
     Hello,
     History,
@@ -58,8 +64,11 @@ from wire import (
     SessionToken,
     State,
     Status,
+    Transfer,
+    TransferReply,
     Withdraw,
     encode,
+    is_trivial_pin,
 )
 from wire import Connection as Engine
 from wire import SessionExpired as SessionExpiredNotice
@@ -311,6 +320,12 @@ class FaultyLedger:
     async def post(self, **posting: Any) -> Posting:
         return cast(Posting, await self._call("post", **posting))
 
+    async def transfer(self, **transfer: Any) -> Posting:
+        return cast(Posting, await self._call("transfer", **transfer))
+
+    async def change_pin(self, account: str, pin: str, new_pin: str) -> PinChangeVerdict:
+        return cast(PinChangeVerdict, await self._call("change_pin", account, pin, new_pin))
+
     async def history(self, account: str, count: int) -> list[HistoryEntry]:
         return cast(list[HistoryEntry], await self._call("history", account, count))
 
@@ -411,6 +426,10 @@ class FakeBank:
         self.resumes_refused = False
         """Answer every RESUME UNKNOWN_SESSION, as a bank that lost its sessions would."""
         self.outcomes: dict[bytes, MoneyReply] = {}
+        self.transfers: dict[bytes, TransferReply] = {}
+        self.served_features = int(ALL_FEATURES)
+        """What FEATURES is answered with (of what was asked): 0 plays a bank that has none."""
+        self.features_seen = False
         self.requests: list[Frame] = []
         self.connections = 0
         self.busy_after_connections: int | None = None
@@ -542,7 +561,7 @@ class FakeBank:
         if type(request) in self.close_once_instead_of:
             self.close_once_instead_of.discard(type(request))
             return False
-        if isinstance(request, MoneyRequest) and self.lose_replies:
+        if isinstance(request, MoneyRequest | Transfer | ChangePin) and self.lose_replies:
             self.lose_replies -= 1
             return False
         if isinstance(request, MoneyRequest) and self.hang_replies:
@@ -585,7 +604,50 @@ class FakeBank:
                 return HistoryReply(Status.APPROVED, entries)
             case MoneyRequest():
                 return self._move_money(request, self._account(session))
+            case Features(features=features):
+                self.features_seen = True
+                return FeaturesReply(Status.APPROVED, features & self.served_features)
+            case Transfer():
+                assert session.account is not None
+                return self._transfer(request, session.account)
+            case ChangePin():
+                return ChangePinReply(self._change_pin(request, self._account(session)))
         raise AssertionError(f"the fake does not serve {request}")
+
+    def _transfer(self, request: Transfer, source: str) -> TransferReply:
+        """As the bank: replay by id, then SAME_ACCOUNT, funds, destination; both legs."""
+        if request.txn_id in self.transfers:
+            return self.transfers[request.txn_id]
+        if request.to_account == source:
+            return TransferReply(Status.SAME_ACCOUNT)
+        account = self.accounts[source]
+        if account.balance_cents < request.amount_cents:
+            return TransferReply(Status.INSUFFICIENT_FUNDS)
+        destination = self.accounts.get(request.to_account)
+        if destination is None:
+            return TransferReply(Status.INVALID_TO_ACCOUNT)
+        legs = ((account, EntryKind.TRANSFER_OUT, -1), (destination, EntryKind.TRANSFER_IN, 1))
+        for record, kind, sign in legs:
+            record.balance_cents += sign * request.amount_cents
+            record.entries.append(HistoryEntry(
+                entry_id=len(record.entries) + 1,
+                time_ms=START_TIME_MS + 1000 * len(record.entries), kind=kind,
+                amount_cents=request.amount_cents, balance_cents=record.balance_cents,
+            ))
+        first = account.entries[-1]
+        reply = TransferReply(Status.APPROVED, account.balance_cents, first.entry_id,
+                              first.time_ms)
+        self.transfers[request.txn_id] = reply
+        return reply
+
+    @staticmethod
+    def _change_pin(request: ChangePin, account: FakeAccount) -> Status:
+        if is_trivial_pin(request.new_pin):
+            return Status.PIN_NOT_ALLOWED
+        if account.pin != request.pin:
+            return Status.INCORRECT_PIN
+        account.pin = request.new_pin
+        return Status.APPROVED
 
     def _account(self, session: _FakeSession) -> FakeAccount:
         assert session.account is not None

@@ -8,6 +8,7 @@ issued) and a real database, to prove it can fail and not only pass.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import trio
 
 from bank.pins import load_or_create_key
-from bank.store import BookEntry, Books, Store
+from bank.store import BookEntry, Books, Store, read_books
 from bank.tools.chaos import (
     BankState,
     Operation,
@@ -94,6 +95,7 @@ async def test_a_short_run_with_crashes_loses_and_duplicates_nothing(tmp_path: P
     )
     history = (workdir / "history.jsonl").read_text().splitlines()
     assert len(history) == figures["operations"]
+    assert any(json.loads(line)["to_account"] for line in history)  # transfers ran too
     assert "crash 2: kill -9" in stderr
     assert "SIGTERM received" in (workdir / "server-3.log").read_text()  # the clean stop
 
@@ -202,3 +204,19 @@ def test_keep_refuses_a_directory_with_a_database(tmp_path: Path, capsys):
     (tmp_path / "bank.db").write_bytes(b"")
     assert main(["--keep", str(tmp_path), "--seconds", "1"]) == 2
     assert "fresh database" in capsys.readouterr().err
+
+
+def test_the_checker_judges_both_legs_of_a_transfer(tmp_path: Path):
+    with Store(tmp_path / "bank.db", bytes(32)) as store:
+        moved = store.transfer(account=ACCOUNT, txn_id=txn(1), to_account="WF-14351",
+                               amount_cents=500, now_ms=0, limit_cents=10**6)
+    books = read_books(tmp_path / "bank.db")
+    op = Operation(txn(1), ACCOUNT, EntryKind.TRANSFER_OUT, 500, Outcome.ACKNOWLEDGED,
+                   Status.APPROVED, moved.entry_id, moved.balance_cents, attempts=1,
+                   to_account="WF-14351")
+    assert check_history([op], BankState(books)).problems == []
+    # A credit lost (or sent elsewhere) is caught, and so is the money it leaves out.
+    one_leg = dataclasses.replace(books, entries=books.entries[:1])
+    assert any("one leg" in p for p in check_history([op], BankState(one_leg)).problems)
+    elsewhere = dataclasses.replace(op, to_account="TN-13731")
+    assert check_history([elsewhere], BankState(books)).problems

@@ -60,13 +60,17 @@ from tests.helpers import (
     txn_id,
 )
 from wire import (
+    ALL_FEATURES,
+    BALANCE_CENTS_MAX,
     MESSAGE_TYPES,
     Balance,
     BalanceReply,
+    ChangePin,
     Decoder,
     Deposit,
     EntryKind,
     Error,
+    Features,
     Frame,
     Hello,
     History,
@@ -87,6 +91,7 @@ from wire import (
     SessionExpired,
     Shutdown,
     Status,
+    Transfer,
     WireError,
     Withdraw,
     encode,
@@ -997,10 +1002,13 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
             seen[reply.OPCODE].add(reply.status)
 
     def every_request() -> list[Request]:
+        """Those that use the ledger first (LOGIN to CHANGE_PIN), then the rest."""
         return [
             Login(DEMO_ACCOUNT, DEMO_PIN), Balance(), Deposit(txn_id(), 1_00),
-            Withdraw(txn_id(), 1_00), History(5),
-            Resume(DEMO_ACCOUNT, bytes(limits.SESSION_TOKEN_BYTES)), Ping(), Logout(),
+            Withdraw(txn_id(), 1_00), History(5), Transfer(txn_id(), 1_00, OTHER_ACCOUNT),
+            ChangePin(DEMO_PIN, DEMO_PIN),
+            Resume(DEMO_ACCOUNT, bytes(limits.SESSION_TOKEN_BYTES)),
+            Features(int(ALL_FEATURES)), Ping(), Logout(),
         ]
 
     # Not logged in: the state refusals, a token that opens nothing, a wrong PIN, and a lock.
@@ -1021,6 +1029,20 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
         Withdraw(booked, 1_00), Withdraw(txn_id(), 100_001),
         Withdraw(txn_id(), 90_000), Withdraw(txn_id(), 90_000),
     )
+    # Transfers and PIN changes: every outcome (a destination that cannot take more too).
+    ledger._store.add_account("FL-00001", "2580", BALANCE_CENTS_MAX)
+    moved = txn_id()
+    await ask(
+        atm, Features(int(ALL_FEATURES)), Transfer(moved, 1_00, OTHER_ACCOUNT),
+        Transfer(moved, 1_00, OTHER_ACCOUNT), Transfer(moved, 2_00, OTHER_ACCOUNT),
+        Transfer(txn_id(), 1_00, DEMO_ACCOUNT), Transfer(txn_id(), 100_001, OTHER_ACCOUNT),
+        Transfer(txn_id(), 90_000, OTHER_ACCOUNT), Transfer(txn_id(), 1_00, "QQ-00000"),
+        Transfer(txn_id(), 1_00, "FL-00001"),
+        ChangePin("0000", "2580"), ChangePin(DEMO_PIN, "1234"), ChangePin(DEMO_PIN, DEMO_PIN),
+    )
+    locker = session()
+    await ask(locker, Login("WF-14351", "9834"), *[ChangePin("0000", "2580")] * PIN_TRIES_MAX)
+    locker.end()
     # Its connection lost, the ATM resumes the session on a new one with the session's
     # token; the old connection, waiting for its client, ends at once when superseded.
     atm.session.on_supersede = atm.end
@@ -1041,7 +1063,7 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
     await ask(session(broken), Login(DEMO_ACCOUNT, DEMO_PIN))
     # A bug: each request on its own session, since SYSTEM_MALFUNCTION ends it.
     faulty = FaultyLedger(ledger)
-    for request in every_request()[:5]:
+    for request in every_request()[:7]:
         victim = session(faulty)
         if not isinstance(request, Login):
             await ask(victim, Login(DEMO_ACCOUNT, DEMO_PIN))
@@ -1053,7 +1075,9 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
     async def bug(_session: Session, _request: Request) -> Reply:
         raise RuntimeError("a bug in a handler that uses neither ledger nor leases")
 
-    for handler, request in (("_ping", Ping()), ("_logout", Logout())):
+    for handler, request in (
+        ("_ping", Ping()), ("_logout", Logout()), ("_features", Features(0))
+    ):
         with monkeypatch.context() as patch:
             patch.setattr(Session, handler, bug)
             await ask(session(), request)

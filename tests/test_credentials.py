@@ -1,10 +1,18 @@
 """Account numbers and PINs (wire._credentials): the one format LOGIN, the bank's storage,
 its accounts file and operator commands, and the ATM's input checks all use."""
 
+import itertools
+
 import pytest
 
 from wire import Login, Status, WireError
-from wire._credentials import canonical_account, check_pin, mask_account
+from wire._credentials import (
+    TRIVIAL_PINS,
+    canonical_account,
+    check_pin,
+    is_trivial_pin,
+    mask_account,
+)
 
 
 @pytest.mark.parametrize(("account", "canonical"), [
@@ -44,3 +52,34 @@ def test_a_bad_pin_is_refused_without_echoing_it(pin: object):
 ])
 def test_a_masked_account_keeps_only_its_last_digits(account: str, masked: str):
     assert mask_account(account) == masked
+
+
+TRIVIAL = ["0000", "1111", "9999", "0123", "1234", "6789", "9876", "5432", "3210"]
+ALLOWED = ["1324", "7890", "8901", "2109", "1122", "1233", "0124", "2580", "1357", "9998"]
+
+
+@pytest.mark.parametrize("pin", TRIVIAL)
+def test_the_trivial_pins_are_refused(pin: str):
+    assert is_trivial_pin(pin)
+
+
+@pytest.mark.parametrize("pin", ALLOWED)
+def test_pins_near_a_trivial_one_are_allowed(pin: str):
+    assert not is_trivial_pin(pin)
+
+
+def test_the_trivial_pins_are_exactly_the_24_documented():
+    """Four equal digits (10), a rising run (7) and a falling run (7), no wrap-around."""
+    def kind(pin: str) -> str | None:
+        steps = {int(b) - int(a) for a, b in itertools.pairwise(pin)}
+        return {frozenset({0}): "same", frozenset({1}): "up", frozenset({-1}): "down"}.get(
+            frozenset(steps))
+
+    every_pin = [f"{n:04d}" for n in range(10_000)]
+    assert {pin for pin in every_pin if kind(pin)} == TRIVIAL_PINS
+    assert len(TRIVIAL_PINS) == 24
+
+
+def test_a_malformed_pin_is_a_format_error_not_trivial():
+    with pytest.raises(WireError):
+        is_trivial_pin("12a4")

@@ -28,6 +28,7 @@ import pexpect
 import pytest
 import trio
 
+from atm import text
 from atm.errors import ExitCode
 from bank.store import read_books
 from bank.tls import init_ca_and_server, issue_terminal
@@ -42,7 +43,7 @@ PROCESS_TIMEOUT_S = 30
 
 PG_PASSWORD = "s3cret-never-logged"
 
-MENU = re.escape("[b]alance  [d]eposit  [w]ithdraw  [h]istory  e[x]it: ")
+MENU = re.escape(text.MENU_PROMPT)
 
 
 def balance_cents(db: str | Path, account: str) -> int:
@@ -268,3 +269,27 @@ async def relay(atm: trio.SocketStream, *, bank_port: int, cut: trio.Event) -> N
 
         nursery.start_soon(upstream)
         nursery.start_soon(downstream)
+
+
+def test_a_transfer_and_a_pin_change_with_the_real_programs(bank: Bank, tmp_path: Path):
+    """Both new keys through ``python -m atm`` and ``python -m bank``: the money is in
+    the other account, the other ATM's balance shows it, and the new PIN logs in."""
+    holder = atm_terminal(bank)  # the destination is in use at another ATM meanwhile
+    log_in_at_terminal(holder, OTHER_ACCOUNT, OTHER_PIN)
+    done = atm_piped(bank, DEMO_ACCOUNT, DEMO_PIN, "t", OTHER_ACCOUNT.lower(), "24.32", "y",
+                     "p", DEMO_PIN, "2580", "2580", "x")
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+    assert "Transfer $24.32 to BC-***73? [y/n]: " in done.stdout
+    assert "$1,000.00" in done.stdout  # the source's new balance on the receipt
+    assert text.PIN_CHANGED in done.stdout
+    holder.sendline("b")
+    holder.expect_exact("Your balance is $70.04.")
+    holder.expect(MENU)
+    holder.sendline("h")
+    holder.expect_exact("Transfer in")
+    holder.expect(MENU)
+    holder.sendline("x")
+    holder.expect(pexpect.EOF)
+    assert balance_cents(tmp_path / "bank.db", OTHER_ACCOUNT) == 45_72 + 24_32
+    again = atm_piped(bank, DEMO_ACCOUNT, "2580", "b", "x")
+    assert "Your balance is $1,000.00." in again.stdout

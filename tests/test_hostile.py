@@ -2,7 +2,8 @@
 
 Every case attacks the server (random bytes, oversized or corrupted frames, slowloris,
 floods of connections, wrong PINs, requests out of state, hostile amounts, replayed
-transaction ids, pipelining, resets, a client that never reads) and then checks that
+transaction ids, pipelined and racing transfers, pipelining, resets, a client that never
+reads) and then checks that
 the bank is unharmed: a legitimate ATM session (login, deposit, withdraw, balance,
 logout) succeeds, no lease is left behind, every connection is gone and the books
 balance. ``tests/test_server.py`` covers each feature once; this module pushes on the
@@ -19,6 +20,7 @@ import contextlib
 import random
 import socket
 import struct
+import zlib
 
 import pytest
 import trio
@@ -50,6 +52,8 @@ from wire import (
     PAYLOAD_BYTES_MAX,
     Balance,
     BalanceReply,
+    ChangePin,
+    ChangePinReply,
     Deposit,
     DepositReply,
     Error,
@@ -68,6 +72,8 @@ from wire import (
     SessionExpired,
     Shutdown,
     Status,
+    Transfer,
+    TransferReply,
     Withdraw,
     WithdrawReply,
     encode,
@@ -680,4 +686,53 @@ async def test_a_client_that_never_reads_is_dropped_without_blocking_others(
         assert bank.server.connection_count == 0
         nursery.cancel_scope.cancel()  # the writer, if still blocked
     await deaf.aclose()
+    await assert_unharmed(bank, ledger)
+
+
+async def test_hostile_transfers_and_pin_changes_move_money_once_and_leak_nothing(
+    bank: RunningServer, ledger: BatchLedger
+):
+    """Fifty pipelined copies of one transfer, opposite transfers racing from two ATMs,
+    a transfer before login, malformed destinations and PINs: money moves once per id,
+    is conserved across all accounts, and the server stays unharmed."""
+    total = sum([await ledger.balance(a) for a in (DEMO_ACCOUNT, OTHER_ACCOUNT)])
+    stranger = await bank.client()
+    assert await stranger.request(Transfer(txn_id(), 1_00, DEMO_ACCOUNT)) == TransferReply(
+        Status.NOT_LOGGED_IN
+    )
+    assert await stranger.request(ChangePin(DEMO_PIN, "2580")) == ChangePinReply(
+        Status.NOT_LOGGED_IN
+    )
+    await stranger.aclose()
+    client = await logged_in(bank)
+    other = await logged_in(bank, OTHER_ACCOUNT, OTHER_PIN)
+    key = txn_id()
+    await client.send_raw(b"".join(
+        encode(Transfer(key, 7_77, OTHER_ACCOUNT), i + 1) for i in range(50)
+    ))
+    replies = [await client.receive() for _ in range(50)]
+    assert len({f.message for f in replies}) == 1  # one receipt, fifty times
+    assert await ledger.balance(OTHER_ACCOUNT) == 45_72 + 7_77
+    # The same id from the destination, back the other way: a conflict, nothing moves.
+    assert await other.request(Transfer(key, 7_77, DEMO_ACCOUNT)) == TransferReply(
+        Status.DUPLICATE_TRANSMISSION
+    )
+
+    async def back_and_forth(atm: WireClient, destination: str) -> None:
+        for _ in range(20):
+            await atm.request(Transfer(txn_id(), 1_00, destination))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(back_and_forth, client, OTHER_ACCOUNT)
+        nursery.start_soon(back_and_forth, other, DEMO_ACCOUNT)
+    assert sum([await ledger.balance(a) for a in (DEMO_ACCOUNT, OTHER_ACCOUNT)]) == total
+    # A destination or PIN that is not well-formed is a broken peer: ERROR, and closed.
+    bad = bytearray(encode(Transfer(txn_id(), 1_00, OTHER_ACCOUNT), 99))
+    bad[10 + 24 + 2] = ord(" ")
+    body = bytes(bad[:-4])
+    await client.send_raw(body + zlib.crc32(body).to_bytes(4, "big"))
+    frames = await frames_until_closed(client)
+    assert frames[-1].message == Error(Status.FORMAT_ERROR)
+    for c in (client, other):
+        await c.aclose()
     await assert_unharmed(bank, ledger)

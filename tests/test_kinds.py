@@ -33,13 +33,15 @@ def test_every_entry_kind_and_money_message_has_exactly_one_row():
     transfer_entries = [TRANSFER.debit, TRANSFER.credit]
     assert sorted([kind.entry_kind for kind in MONEY_KINDS] + transfer_entries) == list(EntryKind)
     assert set(KIND_OF_REQUEST) == messages_of(MoneyRequest)
-    assert {kind.reply for kind in MONEY_KINDS} == messages_of(MoneyReply)
+    assert {kind.reply for kind in MONEY_KINDS} | {TRANSFER.reply} == messages_of(MoneyReply)
     assert set(ENTRY_SIGN) == set(EntryKind)
 
 
 def test_a_transfer_debits_its_source_and_credits_its_destination_alike():
     assert entry_change_cents(TRANSFER.debit, 5_00) == -5_00
     assert entry_change_cents(TRANSFER.credit, 5_00) == 5_00
+    assert reply_type(TRANSFER.request(bytes(16), 1, "AC-12345")) is TRANSFER.reply
+    assert TRANSFER.request in PERMITTED[State.AUTHENTICATED]
 
 
 @pytest.mark.parametrize("kind", MONEY_KINDS)

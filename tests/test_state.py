@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, txn_id
+from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, OTHER_ACCOUNT, txn_id
 from wire import (
     PERMITTED,
     REFUSAL,
     Answer,
     Balance,
     BalanceReply,
+    ChangePin,
     Connection,
     Deposit,
     DepositReply,
     Error,
+    Features,
     Hello,
     History,
     LocalProtocolError,
@@ -39,6 +41,7 @@ from wire import (
     Shutdown,
     State,
     Status,
+    Transfer,
     Withdraw,
     encode,
 )
@@ -55,6 +58,7 @@ TOKEN = bytes(range(16))
 ALL_REQUESTS: list[Request] = [
     Login(DEMO_ACCOUNT, DEMO_PIN), Logout(), Balance(), Deposit(txn_id(), 100),
     Withdraw(txn_id(), 100), History(5), Ping(), Resume(DEMO_ACCOUNT, TOKEN),
+    Transfer(txn_id(), 100, OTHER_ACCOUNT), ChangePin(DEMO_PIN, "2580"), Features(3),
 ]
 
 

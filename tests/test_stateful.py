@@ -4,15 +4,19 @@ A ``RuleBasedStateMachine`` (which cannot be async) runs a real ``BankServer`` o
 over a fresh SQLite ledger in a background thread with its own Trio loop, and plays up to
 three ATMs over plain blocking loopback sockets: connect, login with the right or a wrong
 PIN, deposit, withdraw (overdrafts and over-limit amounts included), balance, history,
-logout, abrupt disconnects (FIN or RST, also with a money request in flight) and retries
-of the last money request with the same transaction id. Every rule works in any state:
-a request before login expects NOT_LOGGED_IN, a second login ALREADY_LOGGED_IN.
+logout, abrupt disconnects (FIN or RST, also with a money request in flight), retries
+of the last money request with the same transaction id, transfers between the accounts
+(to itself and to no account too, and their retries) and PIN changes (right or wrong
+current PIN, trivial new ones), modelled with the lockout they count toward. Every rule
+works in any state: a request before login expects NOT_LOGGED_IN, a second login
+ALREADY_LOGGED_IN.
 
 The model holds each account's balance and entries, the approved transaction ids, which
 ATM holds which account, consecutive PIN failures and locks (modelled exactly), and each
 connection's refused logins. After every step: each balance equals the model's and is not
-negative, the server's leases equal the model's holders (so at most one session per
-account), and the ledger's own invariants hold.
+negative (so money is conserved across all accounts), the server's leases equal the
+model's holders (so at most one session per account), and the ledger's own invariants
+hold.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from wire import (
     Answer,
     Balance,
     BalanceReply,
+    ChangePin,
+    ChangePinReply,
     Deposit,
     DepositReply,
     EntryKind,
@@ -59,8 +65,11 @@ from wire import (
     Sender,
     SessionToken,
     Status,
+    Transfer,
+    TransferReply,
     Withdraw,
     WithdrawReply,
+    is_trivial_pin,
 )
 from wire import Connection as Engine
 
@@ -228,6 +237,7 @@ amounts = st.one_of(st.integers(1, 10_000), st.integers(10_000, 2 * CONFIG.withd
 atm_index = st.integers(0, ATMS - 1)
 accounts = st.sampled_from(ACCOUNTS)
 money_kinds = st.sampled_from([Deposit, Withdraw])
+destinations = st.sampled_from([*ACCOUNTS, "QQ-00000"])
 
 
 class BankMachine(RuleBasedStateMachine):
@@ -241,6 +251,10 @@ class BankMachine(RuleBasedStateMachine):
         self.pin_failures = dict.fromkeys(ACCOUNTS, 0)
         self.locked: set[str] = set()
         self.last_entry_id = 0
+        self.pins = dict(PINS)
+        self.transfers: dict[bytes, tuple[str, str, int, Entry]] = {}
+        """Booked transfers: source, destination, amount and the source's entry."""
+        self.last_transfer: tuple[bytes, str, int] | None = None
 
     def teardown(self) -> None:
         for slot in self.slots:
@@ -353,7 +367,7 @@ class BankMachine(RuleBasedStateMachine):
     def login(self, i: int, account: str, right_pin: bool) -> None:
         slot = self.slots[i]
         atm = self.connected(i)
-        pin = PINS[account] if right_pin else WRONG_PIN
+        pin = self.pins[account] if right_pin else WRONG_PIN
         reply = atm.request(Login(account, pin))
         if slot.account is not None:
             assert reply == LoginReply(Status.ALREADY_LOGGED_IN)
@@ -395,6 +409,91 @@ class BankMachine(RuleBasedStateMachine):
             self.post(i, Withdraw, txn_id(), 1)
         else:
             self.post(i, *last)
+
+    @rule(i=atm_index, destination=destinations, amount=amounts)
+    def transfer(self, i: int, destination: str, amount: int) -> None:
+        self.send_transfer(i, txn_id(), destination, amount)
+
+    @rule(i=atm_index)
+    def retry_last_transfer(self, i: int) -> None:
+        """The same transfer id again, from whichever ATM: replayed, or reused."""
+        if self.last_transfer is None:
+            self.send_transfer(i, txn_id(), ACCOUNTS[0], 1)
+        else:
+            self.send_transfer(i, *self.last_transfer)
+
+    def judge_transfer(
+        self, source: str, key: bytes, destination: str, amount: int
+    ) -> tuple[Status, Entry | None]:
+        """What the server must answer a transfer, in the spec's order (§3.18)."""
+        prior = self.transfers.get(key)
+        if prior is not None:
+            if prior[:3] != (source, destination, amount):
+                return Status.DUPLICATE_TRANSMISSION, None
+            return Status.APPROVED, prior[3]
+        if key in self.txns:
+            return Status.DUPLICATE_TRANSMISSION, None
+        if destination == source:
+            return Status.SAME_ACCOUNT, None
+        if amount > CONFIG.withdrawal_cents_max:
+            return Status.EXCEEDS_WITHDRAWAL_LIMIT, None
+        if amount > self.balances[source]:
+            return Status.INSUFFICIENT_FUNDS, None
+        if destination not in self.balances:
+            return Status.INVALID_TO_ACCOUNT, None
+        return Status.APPROVED, None
+
+    def send_transfer(self, i: int, key: bytes, destination: str, amount: int) -> None:
+        slot = self.slots[i]
+        reply = self.connected(i).request(Transfer(key, amount, destination))
+        self.last_transfer = (key, destination, amount)
+        if slot.account is None:
+            assert reply == TransferReply(Status.NOT_LOGGED_IN)
+            return
+        status, prior = self.judge_transfer(slot.account, key, destination, amount)
+        event(f"Transfer: {status.name}{' (replay)' if prior else ''}")
+        if status is not Status.APPROVED:
+            assert reply == TransferReply(status)
+            return
+        if prior is not None:
+            assert reply == TransferReply(
+                Status.APPROVED, prior.balance_cents, prior.entry_id, prior.time_ms
+            )
+            return
+        assert isinstance(reply, TransferReply) and reply.status is Status.APPROVED
+        assert reply.entry_id > self.last_entry_id
+        self.balances[slot.account] -= amount
+        self.balances[destination] += amount
+        assert reply.balance_cents == self.balances[slot.account]
+        # Shown to this ATM (which never sent FEATURES) as a withdrawal and a deposit.
+        out = Entry(reply.entry_id, reply.time_ms, EntryKind.WITHDRAWAL, amount,
+                    reply.balance_cents)
+        into = Entry(reply.entry_id + 1, reply.time_ms, EntryKind.DEPOSIT, amount,
+                     self.balances[destination])
+        self.entries[slot.account].append(out)
+        self.entries[destination].append(into)
+        self.last_entry_id = into.entry_id
+        self.transfers[key] = (slot.account, destination, amount, out)
+
+    @rule(i=atm_index, right_pin=st.booleans(), new_pin=st.sampled_from(["2580", "1357", "1111"]))
+    def change_pin(self, i: int, right_pin: bool, new_pin: str) -> None:
+        slot = self.slots[i]
+        account = slot.account
+        current = self.pins[account] if right_pin and account is not None else WRONG_PIN
+        reply = self.connected(i).request(ChangePin(current, new_pin))
+        if account is None:
+            assert reply == ChangePinReply(Status.NOT_LOGGED_IN)
+            return
+        if is_trivial_pin(new_pin):
+            expected = Status.PIN_NOT_ALLOWED  # nothing counted
+        else:
+            expected = self.expected_login(account, right_pin=right_pin)
+            if expected is Status.ACCOUNT_IN_USE:  # our own lease: a PIN change has none
+                expected = Status.APPROVED
+            if expected is Status.APPROVED:
+                self.pins[account] = new_pin
+        event(f"change PIN: {expected.name}")
+        assert reply == ChangePinReply(expected)
 
     @rule(i=atm_index)
     def balance(self, i: int) -> None:

@@ -26,10 +26,13 @@ from wire import (
     REQUEST_ID_MAX,
     Balance,
     BalanceReply,
+    ChangePin,
     Decoder,
     Deposit,
     EntryKind,
     Error,
+    Features,
+    FeaturesReply,
     Frame,
     Hello,
     History,
@@ -46,6 +49,8 @@ from wire import (
     SessionToken,
     Shutdown,
     Status,
+    Transfer,
+    TransferReply,
     WireError,
     Withdraw,
     WithdrawReply,
@@ -119,7 +124,7 @@ def test_fatal_error_keeps_raising_even_after_good_bytes() -> None:
 
 def test_non_fatal_error_consumes_its_frame_and_decoding_goes_on() -> None:
     decoder = server_decoder()
-    unknown = frame_from_spec(0x09, 5, b"\x01\x02\x03")  # 0x09: not assigned
+    unknown = frame_from_spec(0x0C, 5, b"\x01\x02\x03")  # 0x0C: not assigned
     decoder.receive_data(unknown + encode(Ping(), 6))
     with pytest.raises(WireError) as caught:
         decoder.next_frame()
@@ -549,3 +554,72 @@ def test_format_cents(cents: int, text: str) -> None:
 @pytest.mark.parametrize("cents", [0, 1, 99, 100, 123_456, 10**15 + 7])
 def test_format_then_parse_is_exact(cents: int) -> None:
     assert parse_dollars(format_cents(cents)) == cents
+
+
+# -- TRANSFER, CHANGE_PIN and FEATURES ----------------------------------------------------
+
+
+def test_a_transfer_round_trips_with_its_destination_in_upper_case() -> None:
+    transfer = Transfer(bytes(range(16)), 5_000, "wf-14351")
+    assert transfer.to_account == "WF-14351"
+    decoder = server_decoder()
+    decoder.receive_data(encode(transfer, 11))
+    frame = decoder.next_frame()
+    assert frame is not None and frame.message == transfer and frame.request_id == 11
+
+
+def test_a_transfer_amount_out_of_range_is_refused_but_not_fatal() -> None:
+    with pytest.raises(WireError) as caught:
+        Transfer(bytes(16), 0, "WF-14351")
+    assert (caught.value.status, caught.value.fatal) == (Status.INVALID_AMOUNT, False)
+
+
+@pytest.mark.parametrize("destination", ["WF14351", "WF-1435", "WF-1435X", "\u00c4F-14351"])
+def test_a_malformed_destination_is_a_format_error(destination: str) -> None:
+    with pytest.raises(WireError) as caught:
+        Transfer(bytes(16), 100, destination)
+    assert (caught.value.status, caught.value.fatal) == (Status.FORMAT_ERROR, True)
+
+
+def test_a_transfer_reply_is_a_receipt_like_a_withdrawals() -> None:
+    reply = TransferReply(Status.APPROVED, 1_000, 7, 1_700_000_000_000)
+    decoder = client_decoder()
+    decoder.receive_data(encode(reply, 11))
+    frame = decoder.next_frame()
+    assert frame is not None and frame.message == reply
+    with pytest.raises(WireError):
+        TransferReply(Status.SAME_ACCOUNT, balance_cents=1)
+
+
+def test_change_pin_round_trips_and_never_shows_a_pin() -> None:
+    change = ChangePin("1324", "2580")
+    assert "1324" not in repr(change) and "2580" not in repr(change)
+    decoder = server_decoder()
+    decoder.receive_data(encode(change, 12))
+    frame = decoder.next_frame()
+    assert frame is not None and frame.message == change
+    with pytest.raises(WireError):
+        ChangePin("1324", "25 0")
+
+
+@pytest.mark.parametrize("features", [0, 1, 2, 3, 0xFF])
+def test_features_carry_any_bits_and_a_refused_reply_carries_none(features: int) -> None:
+    for message in (Features(features), FeaturesReply(Status.APPROVED, features)):
+        decoder = server_decoder() if message.SENDER is Sender.CLIENT else client_decoder()
+        decoder.receive_data(encode(message, 1))
+        frame = decoder.next_frame()
+        assert frame is not None and frame.message == message
+    if features:
+        with pytest.raises(WireError):
+            FeaturesReply(Status.ISSUER_UNAVAILABLE, features)
+
+
+def test_transfer_entry_kinds_round_trip_in_history() -> None:
+    entries = (
+        HistoryEntry(2, 1, EntryKind.TRANSFER_IN, 5, 10),
+        HistoryEntry(1, 0, EntryKind.TRANSFER_OUT, 5, 5),
+    )
+    decoder = client_decoder()
+    decoder.receive_data(encode(HistoryReply(Status.APPROVED, entries), 6))
+    frame = decoder.next_frame()
+    assert frame is not None and frame.message.entries == entries

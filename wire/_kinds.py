@@ -10,7 +10,7 @@ server's policy or the ATM's wording is theirs to say, not the protocol's.
 
 A transfer is not a row of MONEY_KINDS: it names two accounts and books two entries, a
 debit of the source (TRANSFER_OUT) and a credit of the destination (TRANSFER_IN), so it
-is ``TRANSFER``. Every entry kind's sign, the transfer's
+is ``TRANSFER`` with a message pair of its own. Every entry kind's sign, the transfer's
 two included, is ``ENTRY_SIGN``: what a checker replays a ledger with.
 """
 
@@ -24,6 +24,8 @@ from wire._messages import (
     EntryKind,
     MoneyReply,
     MoneyRequest,
+    Transfer,
+    TransferReply,
     Withdraw,
     WithdrawReply,
 )
@@ -67,9 +69,11 @@ class TransferKind:
     """The source's entry (its balance falls)."""
     credit: EntryKind
     """The destination's entry (its balance rises)."""
+    request: type[Transfer]
+    reply: type[TransferReply]
 
 
-TRANSFER = TransferKind(EntryKind.TRANSFER_OUT, EntryKind.TRANSFER_IN)
+TRANSFER = TransferKind(EntryKind.TRANSFER_OUT, EntryKind.TRANSFER_IN, Transfer, TransferReply)
 
 ENTRY_SIGN: dict[EntryKind, int] = {
     **{kind.entry_kind: kind.sign for kind in MONEY_KINDS},

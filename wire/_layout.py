@@ -69,6 +69,13 @@ LOGIN = Struct("account" / Bytes(ACCOUNT_BYTES), "pin" / Bytes(PIN_BYTES))
 MONEY_REQUEST = Struct("txn_id" / Bytes(TXN_ID_BYTES), "amount_cents" / Int64ub)
 HISTORY = Struct("count" / Int8ub)
 RESUME = Struct("account" / Bytes(ACCOUNT_BYTES), "token" / Bytes(SESSION_TOKEN_BYTES))
+TRANSFER = Struct(
+    "txn_id" / Bytes(TXN_ID_BYTES),
+    "amount_cents" / Int64ub,
+    "to_account" / Bytes(ACCOUNT_BYTES),
+)
+CHANGE_PIN = Struct("pin" / Bytes(PIN_BYTES), "new_pin" / Bytes(PIN_BYTES))
+FEATURES = Struct("features" / Int8ub)
 
 STATUS_ONLY = Struct("status" / Int8ub)
 BALANCE_REPLY = Struct("status" / Int8ub, "balance_cents" / Int64ub)
@@ -86,6 +93,7 @@ HISTORY_ENTRY = Struct(
     "balance_cents" / Int64ub,
 )
 HISTORY_REPLY = Struct("status" / Int8ub, "entries" / PrefixedArray(Int8ub, HISTORY_ENTRY))
+FEATURES_REPLY = Struct("status" / Int8ub, "features" / Int8ub)
 
 HELLO = Struct(
     "payload_bytes_max" / Int16ub,

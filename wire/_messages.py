@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from enum import Enum, IntEnum
+from enum import Enum, IntEnum, IntFlag
 from itertools import repeat
 from operator import attrgetter, itemgetter
 from typing import Any, ClassVar, TypeVar, cast
@@ -43,6 +43,9 @@ class Opcode(IntEnum):
     HISTORY = 0x06
     PING = 0x07
     RESUME = 0x08
+    TRANSFER = 0x09
+    CHANGE_PIN = 0x0A
+    FEATURES = 0x0B
     LOGIN_REPLY = 0x81
     LOGOUT_REPLY = 0x82
     BALANCE_REPLY = 0x83
@@ -51,6 +54,9 @@ class Opcode(IntEnum):
     HISTORY_REPLY = 0x86
     PING_REPLY = 0x87
     RESUME_REPLY = 0x88
+    TRANSFER_REPLY = 0x89
+    CHANGE_PIN_REPLY = 0x8A
+    FEATURES_REPLY = 0x8B
     HELLO = 0xC0
     SHUTDOWN = 0xC1
     SESSION_EXPIRED = 0xC2
@@ -70,13 +76,28 @@ class EntryKind(IntEnum):
     """What a ledger entry in a HISTORY reply did to the balance.
 
     A transfer books two entries under one transaction id: TRANSFER_OUT on the source
-    account, TRANSFER_IN on the destination."""
+    account, TRANSFER_IN on the destination. A client that announced no transfer support
+    is never sent kinds 3 and 4 (spec/PROTOCOL.md section 3.16)."""
 
     DEPOSIT = 1
     WITHDRAWAL = 2
     TRANSFER_OUT = 3
     TRANSFER_IN = 4
 
+
+class Feature(IntFlag):
+    """The optional parts of version 1, one bit each in FEATURES and FEATURES_REPLY.
+
+    They came after the rest of version 1. A client that never sends FEATURES is served
+    as before them: it is never sent what it might not decode (spec section 3.16)."""
+
+    TRANSFER = 0x01
+    """TRANSFER, and entry kinds TRANSFER_OUT and TRANSFER_IN in HISTORY_REPLY."""
+    CHANGE_PIN = 0x02
+    """CHANGE_PIN."""
+
+
+ALL_FEATURES = Feature.TRANSFER | Feature.CHANGE_PIN
 
 ANY_REQUEST_ID = range(0, REQUEST_ID_MAX + 1)
 NONZERO_REQUEST_ID = range(1, REQUEST_ID_MAX + 1)
@@ -257,6 +278,76 @@ class Withdraw(MoneyRequest):
 
 
 @dataclass(frozen=True, slots=True)
+class Transfer(Request):
+    """Move money from the session's account to another, under one idempotency key.
+
+    Not a MoneyRequest: it names a second account, and books an entry on each."""
+
+    OPCODE = Opcode.TRANSFER
+    LAYOUT = layout.TRANSFER
+
+    txn_id: bytes
+    amount_cents: int
+    to_account: str
+
+    def __post_init__(self) -> None:
+        _check_bytes("txn_id", self.txn_id, TXN_ID_BYTES)
+        if not isinstance(self.to_account, str):
+            raise TypeError("to_account must be str")
+        object.__setattr__(self, "to_account", canonical_account(self.to_account))
+        # As a deposit's: an amount out of range is a refused request, not fatal.
+        _check_int("amount_cents", self.amount_cents, AMOUNT_CENTS, Status.INVALID_AMOUNT,
+                   fatal=False)
+
+    def wire_values(self) -> tuple[Any, ...]:
+        return self.txn_id, self.amount_cents, self.to_account.encode("ascii")
+
+    @classmethod
+    def from_wire(cls, values: tuple[Any, ...]) -> Transfer:
+        txn_id, amount_cents, to_account = values
+        return cls(txn_id, amount_cents, to_account.decode("latin-1"))  # see Login.from_wire
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePin(Request):
+    """Replace the session's PIN: the current one (checked as a LOGIN's) and the new one."""
+
+    OPCODE = Opcode.CHANGE_PIN
+    LAYOUT = layout.CHANGE_PIN
+
+    pin: str = field(repr=False)
+    new_pin: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pin, str) or not isinstance(self.new_pin, str):
+            raise TypeError("pin and new_pin must be str")
+        check_pin(self.pin)
+        check_pin(self.new_pin)
+
+    def wire_values(self) -> tuple[Any, ...]:
+        return self.pin.encode("ascii"), self.new_pin.encode("ascii")
+
+    @classmethod
+    def from_wire(cls, values: tuple[Any, ...]) -> ChangePin:
+        pin, new_pin = values
+        return cls(pin.decode("latin-1"), new_pin.decode("latin-1"))  # see Login.from_wire
+
+
+@dataclass(frozen=True, slots=True)
+class Features(Request):
+    """The optional parts of the protocol this client speaks (``Feature`` bits)."""
+
+    OPCODE = Opcode.FEATURES
+    LAYOUT = layout.FEATURES
+
+    features: int
+
+    def __post_init__(self) -> None:
+        # Any bits: those a server does not know are a later client's, and ignored.
+        _check_int("features", self.features, range(0, 256))
+
+
+@dataclass(frozen=True, slots=True)
 class History(Request):
     """Ask for the ``count`` most recent ledger entries of the session's account."""
 
@@ -358,6 +449,33 @@ class DepositReply(MoneyReply):
 @dataclass(frozen=True, slots=True)
 class WithdrawReply(MoneyReply):
     OPCODE = Opcode.WITHDRAW_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class TransferReply(MoneyReply):
+    """A transfer's receipt: the SOURCE account's entry and balance, never the
+    destination's (which the customer may not see)."""
+
+    OPCODE = Opcode.TRANSFER_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePinReply(Reply):
+    OPCODE = Opcode.CHANGE_PIN_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class FeaturesReply(Reply):
+    """The optional parts both sides speak: the request's bits that this server serves."""
+
+    OPCODE = Opcode.FEATURES_REPLY
+    LAYOUT = layout.FEATURES_REPLY
+
+    features: int = 0
+
+    def __post_init__(self) -> None:
+        Reply.__post_init__(self)
+        _check_int("features", self.features, range(0, 256))
 
 
 class HistoryEntry(tuple[Any, ...]):
@@ -653,6 +771,20 @@ REPLY_STATUSES: dict[Opcode, frozenset[Status]] = {
     Opcode.RESUME_REPLY: frozenset({
         Status.APPROVED, Status.UNKNOWN_SESSION, Status.ALREADY_LOGGED_IN,
         Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
+    }),
+    Opcode.TRANSFER_REPLY: frozenset({
+        Status.APPROVED, Status.INVALID_AMOUNT, Status.INSUFFICIENT_FUNDS,
+        Status.EXCEEDS_WITHDRAWAL_LIMIT, Status.INVALID_TO_ACCOUNT, Status.SAME_ACCOUNT,
+        Status.DUPLICATE_TRANSMISSION,
+        Status.NOT_LOGGED_IN, Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
+    }),
+    Opcode.CHANGE_PIN_REPLY: frozenset({
+        Status.APPROVED, Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED,
+        Status.PIN_NOT_ALLOWED,
+        Status.NOT_LOGGED_IN, Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
+    }),
+    Opcode.FEATURES_REPLY: frozenset({
+        Status.APPROVED, Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
     }),
 }
 """The statuses a server may answer each request with, by reply opcode.

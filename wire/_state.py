@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 from wire._messages import (
     Balance,
+    ChangePin,
     Deposit,
     Error,
+    Features,
     Hello,
     History,
     Login,
@@ -33,6 +35,7 @@ from wire._messages import (
     Resume,
     ResumeReply,
     SessionExpired,
+    Transfer,
     Withdraw,
 )
 from wire._status import Status
@@ -47,8 +50,10 @@ class State(enum.Enum):
 
 PERMITTED: dict[State, frozenset[type[Request]]] = {
     State.OPENING: frozenset(),
-    State.CONNECTED: frozenset({Login, Resume, Ping, Logout}),
-    State.AUTHENTICATED: frozenset({Balance, Deposit, Withdraw, History, Ping, Logout}),
+    State.CONNECTED: frozenset({Login, Resume, Features, Ping, Logout}),
+    State.AUTHENTICATED: frozenset(
+        {Balance, Deposit, Withdraw, Transfer, ChangePin, History, Features, Ping, Logout}
+    ),
     State.CLOSED: frozenset(),
 }
 """Which requests each state serves."""

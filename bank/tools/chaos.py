@@ -1,16 +1,18 @@
 """``python -m bank.chaos``: crash the real server under load and check no money moved wrongly.
 
 Modelled on Jepsen's bank workload. A real ``python -m bank`` process serves a fresh
-database; one concurrent ATM session per demo account deposits and withdraws random
-amounts (each with a fresh random 16-byte transaction id) while the harness kill -9s
-the server at random moments and restarts it on the same database. Every operation
-ends acknowledged (APPROVED, with entry id and balance), refused (nothing moved), or
-unknown (the connection died before the reply); a client retries each unknown one with
-the same transaction id until the bank answers, so the idempotency key, not luck,
-decides whether it happened. At the end the server is stopped cleanly and the database
-is checked against the history: nothing acknowledged lost, nothing refused applied,
-nothing applied twice or from nowhere, balances replayable and non-negative, and the
-money total equal to the opening total plus the acknowledged movements.
+database; one concurrent ATM session per demo account deposits, withdraws and transfers
+to another demo account random amounts (each with a fresh random 16-byte transaction id)
+while the harness kill -9s the server at random moments and restarts it on the same
+database. Every operation ends acknowledged (APPROVED, with entry id and balance),
+refused (nothing moved), or unknown (the connection died before the reply); a client
+retries each unknown one with the same transaction id until the bank answers, so the
+idempotency key, not luck, decides whether it happened. At the end the server is stopped
+cleanly and the database is checked against the history: nothing acknowledged lost,
+nothing refused applied, nothing applied twice or from nowhere, every applied transfer
+with both legs, balances replayable and non-negative, and the money total equal to the
+opening total plus the acknowledged deposits and withdrawals (transfers conserve it
+across all accounts).
 
 kill -9 tests that a process crash cannot lose or tear a committed transaction (the
 page cache survives it); it does not simulate a power cut.
@@ -56,6 +58,7 @@ from bank.tools import launcher
 from wire import (
     KIND_OF_ENTRY,
     MONEY_KINDS,
+    TRANSFER,
     TXN_ID_BYTES,
     Answer,
     EntryKind,
@@ -65,6 +68,7 @@ from wire import (
     LoginReply,
     Logout,
     Message,
+    MoneyReply,
     Request,
     Resume,
     ResumeReply,
@@ -72,7 +76,10 @@ from wire import (
     SessionExpired,
     SessionToken,
     Status,
+    Transfer,
+    TransferReply,
     WireError,
+    entry_change_cents,
 )
 from wire import Connection as Engine
 
@@ -157,6 +164,8 @@ REFUSALS = frozenset({
     Status.INVALID_AMOUNT,
     Status.EXCEEDS_WITHDRAWAL_LIMIT,
     Status.DUPLICATE_TRANSMISSION,
+    Status.INVALID_TO_ACCOUNT,
+    Status.SAME_ACCOUNT,
 })
 """Definite answers that moved nothing. Any other non-APPROVED status (ISSUER_UNAVAILABLE:
 a storage error may come after the commit) leaves the outcome unknown, to be retried."""
@@ -186,7 +195,8 @@ class Outcome(enum.Enum):
 
 @dataclass(slots=True)
 class Operation:
-    """One deposit or withdrawal as the client saw it, across all its attempts."""
+    """One deposit, withdrawal or transfer as the client saw it, across all its attempts
+    (a transfer's ``kind`` is its source leg's, TRANSFER_OUT, with ``to_account``)."""
 
     txn_id: bytes
     account: str
@@ -199,10 +209,13 @@ class Operation:
     attempts: int = 0
     was_unknown: bool = False
     """An attempt ended without an answer: a crash (or timeout) hit this operation."""
+    to_account: str | None = None
+    """A transfer's destination; None for a deposit or withdrawal."""
 
     @property
     def signed_cents(self) -> int:
-        return KIND_OF_ENTRY[self.kind].balance_change_cents(self.amount_cents)
+        """What it does to its own account's balance."""
+        return entry_change_cents(self.kind, self.amount_cents)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -211,6 +224,7 @@ class Operation:
             "status": None if self.status is None else self.status.name,
             "entry_id": self.entry_id, "balance_cents": self.balance_cents,
             "attempts": self.attempts, "was_unknown": self.was_unknown,
+            "to_account": self.to_account,
         }
 
 
@@ -249,10 +263,14 @@ def check_history(operations: Sequence[Operation], state: BankState) -> Verdict:
     ledger decides, and an applied one is counted in the expected balances.
     """
     verdict = Verdict()
-    counts = Counter(entry.txn_id for entry in state.books.entries)
-    entries = {entry.txn_id: entry for entry in state.books.entries}
+    # A transaction's own entry: a transfer's source leg (its credit is checked apart).
+    own = [e for e in state.books.entries if e.kind is not TRANSFER.credit]
+    counts = Counter(entry.txn_id for entry in own)
+    entries = {entry.txn_id: entry for entry in own}
+    credits = {e.txn_id: e for e in state.books.entries if e.kind is TRANSFER.credit}
     _check_duplicates(counts, verdict)
     _check_operations(operations, entries, verdict)
+    _check_credits(operations, entries, credits, verdict)
     _check_unexpected(operations, entries, verdict)
     _check_money(operations, entries, state, verdict)
     verdict.problems += [f"invariant: {p}" for p in state.invariant_problems]
@@ -286,10 +304,32 @@ def _check_operations(
             verdict.problems.append(f"txn {op.txn_id.hex()}: client saw {op}, ledger has {entry}")
 
 
+def _check_credits(
+    operations: Sequence[Operation], entries: dict[bytes, BookEntry],
+    credits: dict[bytes, BookEntry], verdict: Verdict,
+) -> None:
+    """Each applied transfer credited its destination with its amount, once; and no
+    credit without its debit."""
+    transfers = {op.txn_id: op for op in operations if op.to_account is not None}
+    for txn_id, op in transfers.items():
+        credit = credits.get(txn_id)
+        if (txn_id in entries) != (credit is not None):
+            verdict.mismatched += 1
+            verdict.problems.append(f"txn {txn_id.hex()}: a transfer with one leg only")
+        elif credit is not None and (credit.account, credit.amount_cents) != (
+            op.to_account, op.amount_cents
+        ):
+            verdict.mismatched += 1
+            verdict.problems.append(f"txn {txn_id.hex()}: credit {credit} is not {op}")
+    for txn_id in credits.keys() - transfers.keys():
+        verdict.unexpected += 1
+        verdict.problems.append(f"txn {txn_id.hex()}: a credit no transfer issued")
+
+
 def _differs(op: Operation, entry: BookEntry) -> bool:
     """Whether the ledger's entry is not what the client asked for (or was told)."""
-    asked = (op.account, op.kind, op.amount_cents)
-    if asked != (entry.account, entry.kind, entry.amount_cents):
+    asked = (op.account, op.kind, op.amount_cents, op.to_account)
+    if asked != (entry.account, entry.kind, entry.amount_cents, entry.counterparty):
         return True
     receipt = (op.entry_id, op.balance_cents)
     return op.outcome is Outcome.ACKNOWLEDGED and receipt != (entry.entry_id, entry.balance_cents)
@@ -320,6 +360,8 @@ def _check_money(
             verdict.problems.append(f"txn {op.txn_id.hex()} on unknown account {op.account}")
         elif applied:
             expected[op.account] += op.signed_cents
+            if op.to_account is not None:
+                expected[op.to_account] = expected.get(op.to_account, 0) + op.amount_cents
     for account, balance_cents in sorted(state.books.balance_cents.items()):
         if balance_cents < 0:
             verdict.problems.append(f"{account}: negative balance {balance_cents}")
@@ -646,20 +688,39 @@ async def connect(
     raise ChaosError(f"{account}: no connection after {RECONNECT_ATTEMPTS_MAX} tries ({last})")
 
 
-def new_operation(rng: random.Random, account: str) -> Operation:
-    """Kind and amount from the seeded generator; the txn id from the OS, so ids never
-    repeat across runs or clients whatever the seed."""
+TRANSFER_SHARE = 3
+"""One operation in this many is a transfer to another demo account."""
+
+
+def new_operation(
+    rng: random.Random, account: str, destinations: Sequence[str] = ()
+) -> Operation:
+    """Kind, amount and destination from the seeded generator; the txn id from the OS,
+    so ids never repeat across runs or clients whatever the seed. A transfer goes to
+    one of ``destinations`` (the other clients' accounts, leased by their sessions)."""
+    others = [other for other in destinations if other != account]
+    txn_id = secrets.token_bytes(TXN_ID_BYTES)
+    if others and rng.randrange(TRANSFER_SHARE) == 0:
+        amount_cents = rng.randint(1, AMOUNT_DRAWN_CENTS_MAX)
+        return Operation(txn_id, account, TRANSFER.debit, amount_cents,
+                         to_account=rng.choice(others))
     kind = rng.choice(MONEY_KINDS).entry_kind
     amount_cents = rng.randint(1, AMOUNT_DRAWN_CENTS_MAX)
-    return Operation(secrets.token_bytes(TXN_ID_BYTES), account, kind, amount_cents)
+    return Operation(txn_id, account, kind, amount_cents)
 
 
 async def attempt(link: AtmLink, op: Operation) -> bool:
     """Send ``op`` once; whether the bank answered it definitely (LinkBroken otherwise)."""
     op.attempts += 1
-    kind = KIND_OF_ENTRY[op.kind]
-    reply = await link.request(kind.request(op.txn_id, op.amount_cents))
-    if not isinstance(reply, kind.reply):
+    reply_type: type[Message]
+    if op.to_account is not None:
+        request: Request = Transfer(op.txn_id, op.amount_cents, op.to_account)
+        reply_type = TransferReply
+    else:
+        kind = KIND_OF_ENTRY[op.kind]
+        request, reply_type = kind.request(op.txn_id, op.amount_cents), kind.reply
+    reply = await link.request(request)
+    if not isinstance(reply, reply_type) or not isinstance(reply, MoneyReply):
         raise LinkBroken(f"unexpected reply {reply}")
     op.status = reply.status
     if reply.status is Status.APPROVED:
@@ -691,6 +752,8 @@ class Client:
     rng: random.Random
     home: int = 0
     """The server slot it connects to first (clients spread over the servers)."""
+    destinations: tuple[str, ...] = ()
+    """The accounts it may transfer to: the other clients'."""
 
 
 async def drive_account(
@@ -705,7 +768,7 @@ async def drive_account(
         with trio.move_on_at(deadlines.drain_at):
             while pending is not None or trio.current_time() < deadlines.stop_at:
                 if pending is None:
-                    pending = new_operation(client.rng, account)
+                    pending = new_operation(client.rng, account, client.destinations)
                     history.append(pending)
                 if pending.attempts >= OPERATION_ATTEMPTS_MAX:
                     raise ChaosError(f"{account}: txn {pending.txn_id.hex()} never answered")
@@ -846,8 +909,12 @@ async def drive(harness: Harness, options: Options, history: list[Operation]) ->
             nursery.start_soon(crash_loop, harness, offsets_s, deadlines)
             if harness.cluster:
                 nursery.start_soon(freeze_once, harness, deadlines, options.seconds)
-            for home, (account, pin, _) in enumerate(accounts_for(options.clients)):
-                client = Client(account, pin, random.Random(rng.getrandbits(64)), home)
+            chosen = accounts_for(options.clients)
+            destinations = tuple(account for account, _, _ in chosen)
+            for home, (account, pin, _) in enumerate(chosen):
+                client = Client(
+                    account, pin, random.Random(rng.getrandbits(64)), home, destinations
+                )
                 nursery.start_soon(drive_account, harness, client, history, deadlines)
         outer.cancel_scope.cancel()
 
