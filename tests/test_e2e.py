@@ -271,7 +271,7 @@ async def relay(atm: trio.SocketStream, *, bank_port: int, cut: trio.Event) -> N
         nursery.start_soon(downstream)
 
 
-def test_a_transfer_and_a_pin_change_with_the_real_programs(bank: Bank, tmp_path: Path):
+def test_a_transfer_and_a_pin_change_with_the_real_programs(bank: Bank):
     """Both new keys through ``python -m atm`` and ``python -m bank``: the money is in
     the other account, the other ATM's balance shows it, and the new PIN logs in."""
     holder = atm_terminal(bank)  # the destination is in use at another ATM meanwhile
@@ -290,6 +290,6 @@ def test_a_transfer_and_a_pin_change_with_the_real_programs(bank: Bank, tmp_path
     holder.expect(MENU)
     holder.sendline("x")
     holder.expect(pexpect.EOF)
-    assert balance_cents(tmp_path / "bank.db", OTHER_ACCOUNT) == 45_72 + 24_32
+    assert balance_cents(bank.db, OTHER_ACCOUNT) == 45_72 + 24_32
     again = atm_piped(bank, DEMO_ACCOUNT, "2580", "b", "x")
     assert "Your balance is $1,000.00." in again.stdout
