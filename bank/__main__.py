@@ -2,7 +2,9 @@
 
 With no subcommand the server runs until SIGINT or SIGTERM, then shuts down gracefully.
 Operator subcommands work on the database directly (stop the server first or not:
-SQLite's locking keeps both safe) and never print or take a PIN on the command line.
+SQLite's locking, or PostgreSQL's, keeps both safe) and never print or take a PIN on the
+command line. ``--db`` is an SQLite file or a PostgreSQL URL (``bank.config.is_postgresql``);
+a password in it is never printed or logged.
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+import psycopg
 import trio
 
 from bank import config as settings
 from bank.accounts_file import AccountsFileError, read_accounts
-from bank.config import ServerConfig
+from bank.batch_ledger import Opened, one_line, open_ledger, wall_clock_ms
+from bank.config import ServerConfig, hide_password, is_postgresql, redact_db
 from bank.ledger import StorageError
+from bank.pg_store import PgStore
 from bank.pins import KeyFileError, load_or_create_key
 from bank.readiness import listening_addresses, remove_ready_file, write_ready_file
 from bank.server import BankServer, bind, open_files_needed, raise_open_files_limit
-from bank.sqlite_ledger import Opened, open_ledger, wall_clock_ms
 from bank.store import (
     AccountExists,
     Forgotten,
@@ -90,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     except (
         StoreError, StorageError, KeyFileError, AccountsFileError, SchemaError, TlsError
     ) as error:
-        print(f"bank: {error}", file=sys.stderr)
+        print(f"bank: {hide_password(str(error), config.db)}", file=sys.stderr)
         return EXIT_FAILURE
-    except sqlite3.Error as error:  # not a database, locked past the busy timeout...
-        print(f"bank: cannot use the database {config.db}: {error}", file=sys.stderr)
+    except (sqlite3.Error, psycopg.Error) as error:  # not a database, locked, unreachable...
+        message = hide_password(one_line(error), config.db)
+        print(f"bank: cannot use the database {redact_db(config.db)}: {message}",
+              file=sys.stderr)
         return EXIT_FAILURE
 
 
@@ -294,7 +300,7 @@ def log_security(config: ServerConfig) -> None:
 def log_opened(config: ServerConfig, opened: Opened) -> None:
     """Say what start-up did to the database and the PIN key."""
     if opened.db_created:
-        log.info("database created: %s", config.db)
+        log.info("database created: %s", redact_db(config.db))
         if opened.seeded:
             log.info(
                 "demo accounts seeded: %s (their PINs are in the README: not for real money)",
@@ -308,7 +314,7 @@ def log_opened(config: ServerConfig, opened: Opened) -> None:
                 " add-account or import; --demo-accounts seeds them anyway)", config.host,
             )
     else:
-        log.info("database opened: %s", config.db)
+        log.info("database opened: %s", redact_db(config.db))
     log.info("PIN key file %s: %s", "created" if opened.key_created else "loaded", config.key_file)
 
 
@@ -407,22 +413,26 @@ async def _shutdown_on_signal(signals: AsyncIterator[int], server: BankServer) -
 # -- Operator commands -------------------------------------------------------------------
 
 
-def open_store(config: ServerConfig) -> Store:
+def open_store(config: ServerConfig) -> Store | PgStore:
     """The server's database and PIN key, which must exist: an operator command creates
-    neither, so that a mistyped path is an error rather than a new, empty bank."""
-    required = ((config.db, "database", "--db"), (config.key_file, "PIN key", "--key-file"))
-    for path, what, flag in required:
-        if not path.exists():
-            raise StoreError(
-                f"there is no {what} {path}: check {flag} (only the server creates one,"
-                " when it first starts)"
-            )
-    return Store(config.db, load_or_create_key(config.key_file), create=False)
+    neither, so that a mistyped path is an error rather than a new, empty bank (in
+    PostgreSQL, a database without the bank's schema is refused likewise)."""
+    require_database(config)
+    if not config.key_file.exists():
+        raise StoreError(
+            f"there is no PIN key {config.key_file}: check --key-file (only the server"
+            " creates one, when it first starts)"
+        )
+    key = load_or_create_key(config.key_file)
+    if is_postgresql(config.db):
+        return PgStore(config.db, key, create=False)
+    return Store(config.db, key, create=False)
 
 
-def require_database(config: ServerConfig) -> Path:
-    """The database a reading command reads, which must exist (see ``open_store``)."""
-    if not config.db.exists():
+def require_database(config: ServerConfig) -> str:
+    """The database a reading command reads, which must exist (see ``open_store``);
+    whether a PostgreSQL one does, connecting tells."""
+    if not is_postgresql(config.db) and not Path(config.db).exists():
         raise StoreError(
             f"there is no database {config.db}: check --db (only the server creates one,"
             " when it first starts)"

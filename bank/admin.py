@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from bank.batch_ledger import BatchLedger
 from bank.ledger import Ledger
-from bank.sqlite_ledger import SqliteLedger
 from wire import mask_account
 
 if TYPE_CHECKING:
@@ -106,8 +106,8 @@ class Metrics:
         """Connections refused or evicted, by a reason of REFUSAL_REASONS."""
         self.batch_sizes: Histogram | None = None
         self.commit_seconds: Histogram | None = None
-        # The SQLite ledger reports each group commit; another ledger does not.
-        if isinstance(ledger, SqliteLedger):
+        # The batch ledger (SQLite or PostgreSQL) reports each group commit; another does not.
+        if isinstance(ledger, BatchLedger):
             self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
             self.commit_seconds = Histogram(COMMIT_BUCKETS_S)
             ledger.on_commit = self.observe_commit

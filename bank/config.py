@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,10 @@ def _setting(default: object, help_text: str, kind: type | None = None) -> Any:
 class ServerConfig:
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
     port: int = _setting(65432, "TCP port to listen on (0 picks a free one)")
-    db: Path = _setting(
-        Path("bank.db"), "SQLite database file; the server creates and seeds it if missing"
+    db: str = _setting(
+        "bank.db", "the database: an SQLite file (created and seeded if missing), or a"
+        " PostgreSQL postgresql:// URL or libpq key=value string (schema created and"
+        " migrated on start)"
     )
     key_file: Path = _setting(
         Path("bank.key"), "secret PIN key file; the server creates it (mode 0600) if missing"
@@ -177,6 +181,60 @@ class ServerConfig:
         )
 
 
+POSTGRESQL_URL_SCHEMES = ("postgresql://", "postgres://")
+_LIBPQ_KEYWORD = re.compile(
+    r"\s*(host|hostaddr|port|dbname|user|password|passfile|service|sslmode|options"
+    r"|application_name|connect_timeout|target_session_attrs)\s*="
+)
+"""A libpq key=value string starts with one of its keywords, ``host=`` or ``dbname=``
+say; no file name an operator would give does."""
+
+
+def is_postgresql(db: str | os.PathLike[str]) -> bool:
+    """Whether ``--db`` names a PostgreSQL database (a ``postgresql://`` URL or a libpq
+    key=value string) rather than an SQLite file: the one place that decides."""
+    text = os.fspath(db)
+    return text.startswith(POSTGRESQL_URL_SCHEMES) or _LIBPQ_KEYWORD.match(text) is not None
+
+
+_URL_PASSWORD = re.compile(r"^(postgres(?:ql)?://[^:@/?#]*:)[^@/?#]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)")
+REDACTED = "***"
+
+
+def redact_db(db: str | os.PathLike[str]) -> str:
+    """``--db`` as it may be logged, printed or put in an error: a password in a
+    PostgreSQL URL (``user:secret@``, ``?password=``) or key=value string
+    (``password=secret``) becomes ``***``; a file name is itself."""
+    text = os.fspath(db)
+    if not is_postgresql(text):
+        return text
+    if text.startswith(POSTGRESQL_URL_SCHEMES):
+        text = _URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
+        return _QUERY_PASSWORD.sub(rf"\g<1>{REDACTED}", text)
+    return _KEYWORD_PASSWORD.sub(rf"\g<1>{REDACTED}", text)
+
+
+def hide_password(text: str, db: str | os.PathLike[str]) -> str:
+    """``text`` (an error message, say) with ``--db`` redacted in it, and with the
+    password itself as ``***`` should a driver ever quote it, raw or URL-decoded."""
+    target = os.fspath(db)
+    if not is_postgresql(target):
+        return text
+    text = text.replace(target, redact_db(target))
+    if target.startswith(POSTGRESQL_URL_SCHEMES):
+        found = [m.group(0)[len(m.group(1)):-1] for m in _URL_PASSWORD.finditer(target)]
+        found += [target[m.end(1):m.end()] for m in _QUERY_PASSWORD.finditer(target)]
+    else:
+        found = [m.group(2) for m in _KEYWORD_PASSWORD.finditer(target)]
+    for password in found:
+        for spelling in {password, password.strip("'"), urllib.parse.unquote(password)}:
+            if spelling:
+                text = text.replace(spelling, REDACTED)
+    return text
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is a loopback address (or ``localhost``): only there may the
     server listen without TLS by default. A host name other than localhost may resolve
@@ -214,7 +272,8 @@ def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = Non
             continue
         kind = f.metadata["kind"]
         env = ENV_PREFIX + f.name.upper()
-        help_text = f"{f.metadata['help']} (env {env}; now {defaults[f.name]})".replace("%", "%%")
+        now = redact_db(defaults[f.name]) if f.name == "db" else defaults[f.name]
+        help_text = f"{f.metadata['help']} (env {env}; now {now})".replace("%", "%%")
         if kind is bool:  # a switch: --tls12, or --no-tls12 over the env var
             parser.add_argument(
                 flag(f.name), action=argparse.BooleanOptionalAction,

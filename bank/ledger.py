@@ -67,6 +67,9 @@ class PostResult(Enum):
     """A debit larger than the balance."""
     BALANCE_FULL = auto()
     """A credit that would take the balance past BALANCE_CENTS_MAX."""
+    FENCED = auto()
+    """The session's lease was taken over or expired (its fence is no longer the
+    account's); nothing moved."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,7 @@ class Ledger(Protocol):
         amount_cents: int,
         limit_cents: int,
         terminal: str | None = None,
+        fence: int | None = None,
     ) -> Posting:
         """Apply a deposit or withdrawal once, durably, before returning.
 
@@ -118,6 +122,8 @@ class Ledger(Protocol):
         OVER_LIMIT. The limit is checked after the transaction id, so a retry of an
         applied transaction gets its original entry even if the limit changed since.
         ``terminal`` (the ATM's TLS identity, if known) is recorded with a new entry.
+        With ``fence`` (the session's cluster lease), a new transaction is FENCED unless
+        the lease still holds it; a replay is answered as ever.
         """
         ...
 

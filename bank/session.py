@@ -88,6 +88,7 @@ _POST_STATUS_ANY_KIND: dict[PostResult, Status] = {
     PostResult.AMOUNT_OUT_OF_RANGE: Status.INVALID_AMOUNT,
     PostResult.INSUFFICIENT_FUNDS: Status.INSUFFICIENT_FUNDS,
     PostResult.BALANCE_FULL: Status.INVALID_AMOUNT,
+    PostResult.FENCED: Status.ISSUER_UNAVAILABLE,
 }
 
 POST_STATUS: dict[EntryKind, dict[PostResult, Status]] = {

@@ -1,7 +1,7 @@
 """The bank's SQLite store: all SQL lives here, behind plain synchronous methods.
 
 One ``Store`` owns one connection. It is not safe for concurrent use; the async
-``bank.sqlite_ledger.SqliteLedger`` runs it in one worker thread at a time. Every write
+``bank.batch_ledger.BatchLedger`` runs it in one worker thread at a time. Every write
 happens inside ``BEGIN IMMEDIATE ... COMMIT``: the write lock is taken up front, so a
 read-then-write (the idempotency check, the PIN failure counter) cannot interleave with
 another writer, and a method returns only after its commit. With ``synchronous=FULL``
@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bank.accounts_file import AccountRecord
+from bank.config import is_postgresql
 from bank.ledger import PinResult, PinVerdict, Posting, PostResult
 from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import PIN_HMAC_BYTES, hash_pin, new_salt, verify
@@ -144,6 +145,9 @@ class PostRequest:
     """The server's own limit for a new transaction of this kind (see ``Store.post``)."""
     terminal: str | None = None
     """The booking ATM's identity, from its TLS terminal certificate, if it had one."""
+    fence: int | None = None
+    """The session's lease fence: with PostgreSQL, money moves only while the account's
+    lease still holds it (else FENCED); SQLite, one process, ignores it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +217,11 @@ Outcome = Posting | PinVerdict | int | list[HistoryEntry] | StoreError | ValueEr
 
 class Store:
     """The bank's accounts, ledger entries and PIN failure counters in one SQLite file."""
+
+    driver_errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    """What a failing database raises (``bank.batch_ledger`` makes it StorageError)."""
+    connections = 1
+    """One connection, so one thread at a time."""
 
     def __init__(
         self, db_path: str | os.PathLike[str], key: bytes, *, seed_demo: bool = True,
@@ -298,6 +307,7 @@ class Store:
         now_ms: int,
         limit_cents: int,
         terminal: str | None = None,
+        fence: int | None = None,
     ) -> Posting:
         """Apply a deposit or withdrawal once, in one committed transaction.
 
@@ -306,9 +316,10 @@ class Store:
         to ``limit_cents``, so a retry's outcome cannot change with the server's
         settings. Refusals (AMOUNT_OUT_OF_RANGE, OVER_LIMIT, INSUFFICIENT_FUNDS,
         BALANCE_FULL) record nothing, so a retry with the same id is judged afresh.
+        ``fence`` is ignored: one process serves an SQLite file (see ``PostRequest``).
         """
         request = PostRequest(
-            account, txn_id, EntryKind(kind), amount_cents, limit_cents, terminal
+            account, txn_id, EntryKind(kind), amount_cents, limit_cents, terminal, fence
         )
         (outcome,) = self.execute_batch([request], now_ms)
         if isinstance(outcome, Exception):
@@ -527,16 +538,13 @@ class Store:
                 self._conn.execute(statement)
 
     def _insert_account(self, account: str, pin: str, opening_cents: int) -> None:
-        check_pin(pin)
-        if type(opening_cents) is not int or not 0 <= opening_cents <= BALANCE_CENTS_MAX:
-            raise ValueError(f"opening balance out of range: {opening_cents!r}")
+        row = new_account_row(self._key, account, pin, opening_cents)
         if self._account_exists(account):
             raise AccountExists(account)
-        salt = new_salt()
         self._conn.execute(
             "INSERT INTO accounts (account, pin_salt, pin_hmac, opening_cents, balance_cents)"
             " VALUES (?, ?, ?, ?, ?)",
-            (account, salt, hash_pin(self._key, salt, account, pin), opening_cents, opening_cents),
+            row,
         )
 
     def _account_exists(self, account: str) -> bool:
@@ -633,29 +641,39 @@ class Store:
         return cursor.lastrowid
 
     def _account_problems(self, account: str, opening_cents: int, balance_cents: int) -> list[str]:
-        problems: list[str] = []
-        running = opening_cents
         entries = self._conn.execute(
             "SELECT entry_id, kind, amount_cents, balance_cents FROM entries"
             " WHERE account = ? ORDER BY entry_id",
             (account,),
         )
-        for entry_id, kind, amount_cents, recorded_cents in entries:
-            running += KIND_OF_ENTRY[kind].balance_change_cents(amount_cents)
-            if running != recorded_cents:
-                problems.append(
-                    f"{account}: entry {entry_id} records {recorded_cents}, replay gives {running}"
-                )
-            if running < 0:
-                problems.append(f"{account}: negative balance {running} after {entry_id}")
-        if running != balance_cents:
+        return account_problems(account, opening_cents, balance_cents, entries)
+
+
+def account_problems(
+    account: str, opening_cents: int, balance_cents: int,
+    entries: Iterable[tuple[int, EntryKind, int, int]],
+) -> list[str]:
+    """One account's broken money rules (see ``Store.check_invariants``), from its
+    (entry_id, kind, amount_cents, balance_cents) rows in entry_id order: the same rules
+    for every store."""
+    problems: list[str] = []
+    running = opening_cents
+    for entry_id, kind, amount_cents, recorded_cents in entries:
+        running += KIND_OF_ENTRY[kind].balance_change_cents(amount_cents)
+        if running != recorded_cents:
             problems.append(
-                f"{account}: balance {balance_cents} != opening + deposits - withdrawals"
-                f" = {running}"
+                f"{account}: entry {entry_id} records {recorded_cents}, replay gives {running}"
             )
-        if balance_cents < 0:
-            problems.append(f"{account}: negative balance {balance_cents}")
-        return problems
+        if running < 0:
+            problems.append(f"{account}: negative balance {running} after {entry_id}")
+    if running != balance_cents:
+        problems.append(
+            f"{account}: balance {balance_cents} != opening + deposits - withdrawals"
+            f" = {running}"
+        )
+    if balance_cents < 0:
+        problems.append(f"{account}: negative balance {balance_cents}")
+    return problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -705,6 +723,18 @@ def _connect(db_path: Path, *, create: bool = True) -> sqlite3.Connection:
     return conn
 
 
+def new_account_row(
+    key: bytes, account: str, pin: str, opening_cents: int
+) -> tuple[str, bytes, bytes, int, int]:
+    """A new account's (account, pin_salt, pin_hmac, opening_cents, balance_cents), its
+    PIN and opening balance checked (ValueError): the same for every store."""
+    check_pin(pin)
+    if type(opening_cents) is not int or not 0 <= opening_cents <= BALANCE_CENTS_MAX:
+        raise ValueError(f"opening balance out of range: {opening_cents!r}")
+    salt = new_salt()
+    return account, salt, hash_pin(key, salt, account, pin), opening_cents, opening_cents
+
+
 def _check_txn_id(txn_id: bytes) -> None:
     if not isinstance(txn_id, bytes) or len(txn_id) != TXN_ID_BYTES:
         raise ValueError(f"txn_id must be {TXN_ID_BYTES} bytes")
@@ -725,6 +755,7 @@ def _replay(
 
 
 # -- Reading the books from outside: audits and bank.tools.chaos's checker ----------------
+# Each reader takes an SQLite path or a PostgreSQL URL (``bank.config.is_postgresql``).
 
 
 @dataclass(frozen=True, slots=True)
@@ -793,6 +824,10 @@ def _book_entry(row: tuple[int, str, bytes, int, int, int, int, str | None]) -> 
 
 def read_accounts_summary(db_path: str | os.PathLike[str]) -> list[AccountSummary]:
     """Every account in account order, with its balance and wrong-PIN lock, read-only."""
+    if is_postgresql(db_path):
+        from bank import pg_store  # noqa: PLC0415 (it imports this module)
+
+        return pg_store.read_accounts_summary(db_path)
     with _read_only(db_path) as conn:
         rows = conn.execute(
             "SELECT accounts.account, balance_cents, locked_until_ms FROM accounts"
@@ -807,6 +842,10 @@ def read_statement(
 ) -> list[BookEntry]:
     """The account's ``limit`` newest entries, newest first, read-only; UnknownAccount
     if there is no such account (an account with no entries gives an empty list)."""
+    if is_postgresql(db_path):
+        from bank import pg_store  # noqa: PLC0415 (it imports this module)
+
+        return pg_store.read_statement(db_path, account, limit)
     account = canonical_account(account)
     if limit < 1:
         raise ValueError("a statement's limit is at least 1")
@@ -823,6 +862,10 @@ def read_statement(
 
 def read_entry_by_txn_id(db_path: str | os.PathLike[str], txn_id: bytes) -> BookEntry | None:
     """The entry that transaction ``txn_id`` booked, read-only; None if it moved no money."""
+    if is_postgresql(db_path):
+        from bank import pg_store  # noqa: PLC0415 (it imports this module)
+
+        return pg_store.read_entry_by_txn_id(db_path, txn_id)
     _check_txn_id(txn_id)
     with _read_only(db_path) as conn:
         row = conn.execute(
@@ -837,7 +880,12 @@ def read_books(db_path: str | os.PathLike[str]) -> Books:
     For a checker, which must not change what it judges: unlike a ``Store`` this creates,
     seeds and migrates nothing and needs no PIN key, and a missing database is an error
     (sqlite3.OperationalError), not a new one. A server may be running meanwhile.
+    A PostgreSQL URL is read from PostgreSQL (``bank.pg_store.read_books``).
     """
+    if is_postgresql(db_path):
+        from bank import pg_store  # noqa: PLC0415 (it imports this module)
+
+        return pg_store.read_books(db_path)
     uri = f"{Path(db_path).resolve().as_uri()}?mode=ro"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None)
     try:

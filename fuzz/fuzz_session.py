@@ -107,7 +107,7 @@ class FakeAccount:
 class FakeLedger:
     """The ``Ledger`` protocol in memory: integer cents, lockout, idempotent txn ids.
 
-    It follows the protocol's contract (and SqliteLedger's behaviour) closely enough
+    It follows the protocol's contract (and BatchLedger's behaviour) closely enough
     that a finding is about the session; a clock that ticks once per posting keeps
     runs deterministic, which libFuzzer needs to reproduce a crash.
     """
@@ -156,6 +156,7 @@ class FakeLedger:
         amount_cents: int,
         limit_cents: int,
         terminal: str | None = None,
+        fence: int | None = None,
     ) -> Posting:
         if txn_id[: len(STORAGE_FAILURE_TXN_PREFIX)] == STORAGE_FAILURE_TXN_PREFIX:
             raise StorageError("fake disk failure")

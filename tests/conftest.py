@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from bank.batch_ledger import BatchLedger, open_ledger
 from bank.config import ServerConfig
-from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.tools import launcher
 from tests.helpers import RunningServer, bank_process_args, start_server
 
@@ -22,7 +22,7 @@ def config() -> ServerConfig:
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
+async def ledger(tmp_path: Path) -> AsyncIterator[BatchLedger]:
     ledger = await open_ledger(tmp_path / "bank.db", tmp_path / "bank.key")
     try:
         yield ledger
@@ -31,7 +31,7 @@ async def ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
 
 
 @pytest.fixture
-async def bank(nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger) -> RunningServer:
+async def bank(nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger) -> RunningServer:
     return await start_server(nursery, config, ledger)
 
 

@@ -22,13 +22,13 @@ import trio
 import trio.testing
 
 from atm.connection import Connection
+from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger, PinVerdict, Posting
 from bank.resumption import SessionRegistry
 from bank.server import BankServer
 from bank.session import Session
-from bank.sqlite_ledger import SqliteLedger
 from wire import (
     AMOUNT_CENTS_MAX,
     PROTOCOL_VERSION,
@@ -199,7 +199,7 @@ class RunningServer:
 
 
 async def start_server(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, *,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, *,
     tls: ssl.SSLContext | None = None, **overrides: object,
 ) -> RunningServer:
     server = BankServer(dataclasses.replace(config, **overrides), ledger, tls=tls)

@@ -24,9 +24,9 @@ from bank.admin import (
     ADMIN_REQUEST_BYTES_MAX,
     serve_admin,
 )
+from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig
 from bank.server import BankServer
-from bank.sqlite_ledger import SqliteLedger
 from bank.tls import client_context, init_ca_and_server, issue_terminal, server_context
 from tests.helpers import (
     DEMO_ACCOUNT,
@@ -198,7 +198,7 @@ async def test_exposition_names_and_types(bank: RunningServer, admin: int) -> No
 
 
 async def test_refusals_are_counted_by_reason(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger
 ) -> None:
     bank = await start_server(nursery, config, ledger, preauth_per_address_max=1)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -223,7 +223,7 @@ async def admin_of(nursery: trio.Nursery, bank: RunningServer) -> int:
 
 
 async def test_evictions_are_counted(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger
 ) -> None:
     bank = await start_server(nursery, config, ledger, connections_max=1)
     port = await admin_of(nursery, bank)
@@ -238,7 +238,7 @@ async def test_evictions_are_counted(
 
 
 async def test_tls_terminal_and_failed_handshakes(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, tmp_path: Path
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, tmp_path: Path
 ) -> None:
     pki = init_ca_and_server(tmp_path / "tls", ["127.0.0.1"])
     terminal = issue_terminal(tmp_path / "tls", "atm-0042")
@@ -265,7 +265,7 @@ async def test_tls_terminal_and_failed_handshakes(
 
 
 async def test_admin_port_in_use_is_named(
-    config: ServerConfig, ledger: SqliteLedger
+    config: ServerConfig, ledger: BatchLedger
 ) -> None:
     taken = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = taken[0].socket.getsockname()[1]
@@ -360,7 +360,7 @@ async def test_admin_connections_are_capped(autojump_clock: trio.abc.Clock, admi
 
 
 async def test_admin_port_setting_serves_on_loopback(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger
 ) -> None:
     port = free_port()
     bank = await start_server(nursery, config, ledger, admin_port=port)
@@ -383,7 +383,7 @@ def test_admin_port_is_off_by_default() -> None:
 
 
 async def test_admin_port_is_freed_when_the_bank_port_is_taken(
-    config: ServerConfig, ledger: SqliteLedger
+    config: ServerConfig, ledger: BatchLedger
 ) -> None:
     taken = await trio.open_tcp_listeners(0, host="127.0.0.1")
     admin_port = free_port()

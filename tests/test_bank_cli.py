@@ -27,12 +27,12 @@ from bank.__main__ import (
     log_opened,
     main,
 )
+from bank.batch_ledger import open_ledger
 from bank.config import ServerConfig, from_arguments
 from bank.ledger import PinResult
 from bank.pins import load_or_create_key
 from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.server import open_files_needed, raise_open_files_limit
-from bank.sqlite_ledger import open_ledger
 from bank.store import DEMO_ACCOUNTS, PinPolicy, Store, UnknownAccount
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient

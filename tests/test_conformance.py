@@ -34,13 +34,13 @@ from atm.connection import Connection as AtmConnection
 from atm.errors import ConnectionLost
 from bank import __main__ as bank_main
 from bank import session as bank_session
+from bank.batch_ledger import BatchLedger, open_ledger
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
 from bank.resumption import SessionRegistry
 from bank.server import REFUSALS_MAX
 from bank.session import PIN_STATUS, RESUME_TAKEOVER_S, Session
-from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.store import PinPolicy, Store
 from tests.helpers import (
     DEMO_ACCOUNT,
@@ -758,7 +758,7 @@ def statuses_named(text: str) -> list[Status]:
     return [Status[word] for word in words if word in Status.__members__]
 
 
-async def test_money_checks_run_in_the_order_the_spec_gives(ledger: SqliteLedger):
+async def test_money_checks_run_in_the_order_the_spec_gives(ledger: BatchLedger):
     steps = numbered_steps(section_for(Opcode.DEPOSIT))
     assert [statuses_named(step) for step in steps] == [
         [Status.ISSUER_UNAVAILABLE],
@@ -882,7 +882,7 @@ async def test_refused_resumes_count_together_with_refused_logins(bank: RunningS
 
 
 async def test_logins_answered_issuer_unavailable_for_storage_do_not_count(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     await ledger.aclose()  # every request that needs the store now meets a StorageError
     client = await bank.client()
@@ -892,7 +892,7 @@ async def test_logins_answered_issuer_unavailable_for_storage_do_not_count(
 
 
 async def test_logins_answered_issuer_unavailable_in_shutdown_do_not_count(
-    config: ServerConfig, ledger: SqliteLedger
+    config: ServerConfig, ledger: BatchLedger
 ):
     with trio.fail_after(RECEIVE_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
@@ -909,7 +909,7 @@ async def test_logins_answered_issuer_unavailable_in_shutdown_do_not_count(
 
 
 async def test_a_frame_cut_short_by_the_clients_eof_gets_no_answer(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     assert_spec_says(
         "Every whole frame that arrived before the end of the stream is answered first, in"
@@ -974,7 +974,7 @@ def test_a_known_status_outside_its_row_is_not_a_format_error(op: Opcode) -> Non
 
 
 async def test_the_server_answers_each_request_only_with_its_rows_statuses(
-    ledger: SqliteLedger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ledger: BatchLedger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Every way the session answers a request, each taken once: the statuses seen per
     reply opcode are exactly the rows of REPLY_STATUSES, no more and no fewer."""
@@ -1118,7 +1118,7 @@ async def test_a_token_opens_only_its_own_accounts_session_and_a_wrong_one_spend
 
 @pytest.mark.parametrize("ending", ["logout", "client closing", "idle timeout"])
 async def test_a_token_dies_with_its_session(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, ending: str
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, ending: str
 ):
     assert_spec_says(
         "the session has not ended: not by LOGOUT, nor SESSION_EXPIRED (the idle timeout, or"
@@ -1143,7 +1143,7 @@ async def test_a_token_dies_with_its_session(
     assert await client.login() is Status.APPROVED  # what a client does next
 
 
-async def test_a_restarted_server_knows_no_tokens(config: ServerConfig, ledger: SqliteLedger):
+async def test_a_restarted_server_knows_no_tokens(config: ServerConfig, ledger: BatchLedger):
     assert_spec_says("A restarted server knows no tokens: every RESUME to it is answered"
                      " UNKNOWN_SESSION.")
     async with trio.open_nursery() as before:
@@ -1177,7 +1177,7 @@ class GatedLedger(FaultyLedger):
 
 @pytest.mark.parametrize("takeover", ["in time", "too late"])
 async def test_a_resume_is_answered_only_once_the_old_connection_has_ended(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger,
     monkeypatch: pytest.MonkeyPatch, takeover: str,
 ):
     assert_spec_says(

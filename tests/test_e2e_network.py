@@ -19,8 +19,8 @@ import pytest
 import trio
 
 from atm.errors import ExitCode
+from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig
-from bank.sqlite_ledger import SqliteLedger
 from bank.store import read_books
 from tests.faultproxy import Action, Cut, Delay, FaultProxy, PlanEntry
 from tests.helpers import DEMO_ACCOUNT, DEMO_BALANCE_CENTS, DEMO_PIN, start_server
@@ -43,7 +43,7 @@ WAITED_OUT = "still holds the session"
 
 
 async def visit_through(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger,
     plan: list[PlanEntry], *, lines: list[str] = VISIT, **settings: object,
 ) -> tuple[int, str, FaultProxy]:
     """Run the real ATM through a proxy with ``plan`` to an in-process bank."""
@@ -86,7 +86,7 @@ CUTS: dict[str, PlanEntry] = {
 
 @pytest.mark.parametrize("cut", list(CUTS.values()), ids=list(CUTS))
 async def test_an_open_cut_anywhere_ends_well_and_moves_money_once(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, tmp_path: Path,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, tmp_path: Path,
     cut: PlanEntry,
 ):
     code, output, proxy = await visit_through(nursery, config, ledger, [cut])
@@ -108,7 +108,7 @@ SILENT: dict[str, PlanEntry] = {
 
 @pytest.mark.parametrize("cut", list(SILENT.values()), ids=list(SILENT))
 async def test_after_a_silent_cut_the_atm_resumes_its_session_at_once(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, tmp_path: Path,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, tmp_path: Path,
     cut: PlanEntry,
 ):
     """The bank never sees the connection end and keeps the session (and its lease) until
@@ -121,7 +121,7 @@ async def test_after_a_silent_cut_the_atm_resumes_its_session_at_once(
 
 
 async def test_a_confirmed_deposit_after_a_silent_cut_says_so(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, tmp_path: Path,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, tmp_path: Path,
 ):
     cut = Cut(Opcode.DEPOSIT, action=Action.SILENT_RST)
     code, output, _ = await visit_through(
@@ -135,7 +135,7 @@ async def test_a_confirmed_deposit_after_a_silent_cut_says_so(
 
 
 async def test_a_silent_cut_at_login_is_waited_out_as_the_bank_lets_go(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, tmp_path: Path,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, tmp_path: Path,
 ):
     """The LOGIN's answer never arrives and the bank keeps the session it opened, of
     which the ATM has no token: it logs in again once the bank's idle timeout (short
@@ -149,7 +149,7 @@ async def test_a_silent_cut_at_login_is_waited_out_as_the_bank_lets_go(
 
 
 async def test_a_slow_jittery_network_only_slows_the_visit(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, tmp_path: Path,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, tmp_path: Path,
 ):
     code, output, proxy = await visit_through(
         nursery, config, ledger, [Delay(0.03, jitter_s=0.02)]

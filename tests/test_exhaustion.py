@@ -19,9 +19,9 @@ import pytest
 import trio
 import trio.testing
 
+from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig
 from bank.server import IPV6_PREFIX_BITS, WARNING_INTERVAL_S, OncePerInterval, address_key
-from bank.sqlite_ledger import SqliteLedger
 from tests.helpers import (
     OTHER_ACCOUNT,
     OTHER_PIN,
@@ -63,7 +63,7 @@ def frozen_clock(mock_clock: trio.testing.MockClock) -> trio.testing.MockClock:
 @pytest.mark.parametrize("addresses", [1, 10], ids=["one address", "ten addresses"])
 async def test_a_flood_of_idle_connections_does_not_lock_an_atm_out(
     frozen_clock: trio.testing.MockClock, nursery: trio.Nursery, config: ServerConfig,
-    ledger: SqliteLedger, addresses: int,
+    ledger: BatchLedger, addresses: int,
 ):
     bank = await start_server(nursery, config, ledger)  # the defaults: 1,000 and 16
     before = await logged_in(bank, OTHER_ACCOUNT, OTHER_PIN)  # logged in before the flood
@@ -84,7 +84,7 @@ async def test_a_flood_of_idle_connections_does_not_lock_an_atm_out(
 
 async def test_a_full_server_evicts_the_oldest_connection_not_logged_in(
     frozen_clock: trio.testing.MockClock, nursery: trio.Nursery, config: ServerConfig,
-    ledger: SqliteLedger, caplog: pytest.LogCaptureFixture,
+    ledger: BatchLedger, caplog: pytest.LogCaptureFixture,
 ):
     """Many addresses, each under its cap, fill every slot; newcomers evict the oldest."""
     slots, sources = 40, [f"127.0.0.{2 + i}" for i in range(5)]
@@ -114,7 +114,7 @@ async def test_a_full_server_evicts_the_oldest_connection_not_logged_in(
 
 async def test_a_logged_in_session_is_never_evicted(
     frozen_clock: trio.testing.MockClock, nursery: trio.Nursery, config: ServerConfig,
-    ledger: SqliteLedger,
+    ledger: BatchLedger,
 ):
     bank = await start_server(nursery, config, ledger, connections_max=2)
     first = await logged_in(bank)
@@ -129,7 +129,7 @@ async def test_a_logged_in_session_is_never_evicted(
 
 
 async def test_the_per_address_cap_counts_only_connections_not_logged_in(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger,
     caplog: pytest.LogCaptureFixture,
 ):
     bank = await start_server(nursery, config, ledger, preauth_per_address_max=2)

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from bank.sqlite_ledger import SqliteLedger
+from bank.batch_ledger import BatchLedger
 from tests.faultproxy import Action, Cut, Delay, Direction, FaultEvent, FaultProxy
 from tests.helpers import (
     DEMO_ACCOUNT,
@@ -244,7 +244,7 @@ async def test_delay_holds_each_chunk_in_virtual_time(
 
 @pytest.mark.parametrize(("action", "end"), [(Action.FIN, "eof"), (Action.RST, "reset")])
 async def test_a_cut_after_the_first_deposit_reply(
-    nursery: trio.Nursery, bank: RunningServer, ledger: SqliteLedger, action: Action, end: str
+    nursery: trio.Nursery, bank: RunningServer, ledger: BatchLedger, action: Action, end: str
 ) -> None:
     cut = Cut(Opcode.DEPOSIT_REPLY, action=action)
     proxy = FaultProxy(bank.port, [cut])
@@ -261,7 +261,7 @@ async def test_a_cut_after_the_first_deposit_reply(
 
 
 async def test_a_cut_instead_of_the_first_deposit_loses_it(
-    nursery: trio.Nursery, bank: RunningServer, ledger: SqliteLedger
+    nursery: trio.Nursery, bank: RunningServer, ledger: BatchLedger
 ) -> None:
     cut = Cut(Opcode.DEPOSIT, forward_bytes=0)
     proxy = FaultProxy(bank.port, [cut])
@@ -308,7 +308,7 @@ async def test_a_silent_cut_holds_the_bank_side_until_the_proxy_stops(
 
 
 async def test_a_partial_frame_then_a_stall_until_the_nursery_is_cancelled(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ) -> None:
     cut = Cut(Opcode.DEPOSIT_REPLY, forward_bytes=5, action=Action.STALL)
     proxy = FaultProxy(bank.port, [cut])

@@ -1,4 +1,4 @@
-"""Batching in SqliteLedger: requests that arrive together (posts, PIN checks, balances,
+"""Batching in BatchLedger: requests that arrive together (posts, PIN checks, balances,
 history) share one transaction and one thread hop, yet each gets exactly its own
 outcome, durably, and no caller can be stranded."""
 
@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
+from bank.batch_ledger import BatchLedger
 from bank.ledger import PinResult, PostResult, StorageError
-from bank.sqlite_ledger import SqliteLedger
 from bank.store import UnknownAccount
 from wire import EntryKind
 from wire._limits import AMOUNT_CENTS_MAX
@@ -23,7 +23,7 @@ RELEASE_TIMEOUT_S = 10
 """Bound on the gated commit's wait, so a broken test fails instead of hanging."""
 
 
-def count_batches(ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def count_batches(ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the size of every batch the store is asked to commit."""
     sizes: list[int] = []
     execute_batch = ledger._store.execute_batch
@@ -36,7 +36,7 @@ def count_batches(ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch) -> list
     return sizes
 
 
-async def deposit(ledger: SqliteLedger, cents: int, results: list, account: str = ACCOUNT):
+async def deposit(ledger: BatchLedger, cents: int, results: list, account: str = ACCOUNT):
     try:
         results.append(await ledger.post(
             account=account, txn_id=uuid.uuid4().bytes, kind=EntryKind.DEPOSIT,
@@ -47,7 +47,7 @@ async def deposit(ledger: SqliteLedger, cents: int, results: list, account: str 
 
 
 async def test_concurrent_posts_share_commits_and_each_gets_its_outcome(
-    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+    ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
     sizes = count_batches(ledger, monkeypatch)
     results: list = []
@@ -61,7 +61,7 @@ async def test_concurrent_posts_share_commits_and_each_gets_its_outcome(
     assert await ledger.check_invariants() == []
 
 
-async def test_one_bad_request_does_not_spoil_its_batch(ledger: SqliteLedger):
+async def test_one_bad_request_does_not_spoil_its_batch(ledger: BatchLedger):
     results: list = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(deposit, ledger, 1_00, results)
@@ -72,7 +72,7 @@ async def test_one_bad_request_does_not_spoil_its_batch(ledger: SqliteLedger):
 
 
 async def test_a_storage_failure_fails_the_whole_batch_and_moves_nothing(
-    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+    ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
     real_insert = ledger._store._insert_entry
     calls = 0
@@ -95,7 +95,7 @@ async def test_a_storage_failure_fails_the_whole_batch_and_moves_nothing(
 
 
 async def test_a_cancelled_leader_still_commits_for_its_followers(
-    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+    ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
     gate = threading.Event()  # holds the first commit in its thread until the test says
     real_execute_batch = ledger._store.execute_batch
@@ -134,7 +134,7 @@ async def test_a_cancelled_leader_still_commits_for_its_followers(
 
 
 async def test_reads_and_writes_share_one_batch_in_arrival_order(
-    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+    ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
     gate = threading.Event()  # holds a first batch so the next one gathers behind it
     real_execute_batch = ledger._store.execute_batch
@@ -175,7 +175,7 @@ async def test_reads_and_writes_share_one_batch_in_arrival_order(
 
 
 async def test_a_bug_in_a_batch_reaches_every_member_as_itself(
-    ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+    ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
     def broken(requests, now_ms):
         raise OverflowError("a bug, not the database")

@@ -25,8 +25,8 @@ import trio
 import trio.testing
 
 from bank import pins, store
+from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig
-from bank.sqlite_ledger import SqliteLedger
 from bank.store import DEMO_ACCOUNTS
 from bank.transport import CLOSE_LINGER_S
 from tests.helpers import (
@@ -82,7 +82,7 @@ WRONG_PIN = "0000"
 
 async def assert_unharmed(
     bank: RunningServer,
-    ledger: SqliteLedger,
+    ledger: BatchLedger,
     account: str = DEMO_ACCOUNT,
     pin: str = DEMO_PIN,
 ) -> None:
@@ -113,7 +113,7 @@ def money_payload(amount_cents: int, key: bytes | None = None) -> bytes:
 
 
 async def test_random_bytes_get_at_most_one_error_and_a_close(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     sizes = (1, 2, 3, 9, 10, 11, 64, PAYLOAD_BYTES_MAX + 14, 5000)
     for seed in range(3):
@@ -135,7 +135,7 @@ async def test_random_bytes_get_at_most_one_error_and_a_close(
 
 
 async def test_an_oversized_length_is_refused_from_the_header_alone(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     for length in (PAYLOAD_BYTES_MAX + 1, 2**16 - 1):
         for opcode in (Deposit.OPCODE, Login.OPCODE, 0x3E):
@@ -153,7 +153,7 @@ async def test_an_oversized_length_is_refused_from_the_header_alone(
 
 
 async def test_every_single_bit_flip_in_a_deposit_is_refused_and_moves_nothing(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     """CRC-32 catches every one-bit error: wherever it lands, no money moves."""
     good = encode(Deposit(txn_id(), 100_00), 31)
@@ -179,7 +179,7 @@ async def test_every_single_bit_flip_in_a_deposit_is_refused_and_moves_nothing(
 
 
 async def test_an_unsupported_version_is_refused_at_its_third_byte(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     for version in (0, PROTOCOL_VERSION + 1, 0x7F, 0xFF):
         attacker = await logged_in(bank)
@@ -193,7 +193,7 @@ async def test_an_unsupported_version_is_refused_at_its_third_byte(
 
 
 async def test_every_opcode_a_client_may_not_send_is_answered_and_the_session_goes_on(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     client_opcodes = {op for op, cls in MESSAGE_TYPES.items() if issubclass(cls, Request)}
     foreign = [op for op in range(256) if op not in client_opcodes]
@@ -213,7 +213,7 @@ async def test_every_opcode_a_client_may_not_send_is_answered_and_the_session_go
 
 
 async def test_server_messages_sent_by_a_client_are_refused_and_grant_nothing(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     """Well-formed replies and notices from a client: no forged login, no forged money."""
     rich = 10**12
@@ -247,7 +247,7 @@ async def test_server_messages_sent_by_a_client_are_refused_and_grant_nothing(
 
 
 async def test_money_requests_before_login_move_nothing_and_consume_no_txn_id(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     keys = [txn_id() for _ in range(10)]
     attacker = await bank.client()
@@ -269,7 +269,7 @@ async def test_money_requests_before_login_move_nothing_and_consume_no_txn_id(
 
 
 async def test_logins_on_an_authenticated_connection_are_refused_without_a_pin_check(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     client = await logged_in(bank)
     attempts = [Login(DEMO_ACCOUNT, DEMO_PIN), Login(OTHER_ACCOUNT, OTHER_PIN)]
@@ -287,7 +287,7 @@ async def test_logins_on_an_authenticated_connection_are_refused_without_a_pin_c
 
 
 async def test_a_leased_account_refuses_intruders_and_exactly_one_contender_wins(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     holder = await logged_in(bank)
     intruder = await bank.client()
@@ -346,7 +346,7 @@ async def pin_flood(
 
 
 async def test_a_wrong_pin_flood_locks_alike_for_known_and_unknown_accounts(
-    bank: RunningServer, ledger: SqliteLedger, config: ServerConfig
+    bank: RunningServer, ledger: BatchLedger, config: ServerConfig
 ):
     assert config.login_attempts_max == 3
     known = await pin_flood(bank, DEMO_ACCOUNT, attempts=12, per_connection=3)
@@ -364,7 +364,7 @@ async def test_a_wrong_pin_flood_locks_alike_for_known_and_unknown_accounts(
 
 
 async def test_unknown_account_and_wrong_pin_do_the_same_pin_work(
-    bank: RunningServer, ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+    bank: RunningServer, ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
     """An unknown account is checked against a dummy PIN value, so it costs the keyed
     HMAC a wrong PIN for a real account costs; skipping it would make unknown accounts
@@ -397,7 +397,7 @@ async def test_unknown_account_and_wrong_pin_do_the_same_pin_work(
 
 
 async def test_hostile_amounts_are_refused_and_the_session_goes_on(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger
 ):
     amount_cents_max = 1000_00
     bank = await start_server(
@@ -436,7 +436,7 @@ async def test_hostile_amounts_are_refused_and_the_session_goes_on(
 
 
 async def test_replays_and_conflicting_txn_ids_move_money_once(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     client = await logged_in(bank)
     key = txn_id()
@@ -480,7 +480,7 @@ async def test_replays_and_conflicting_txn_ids_move_money_once(
 
 
 async def test_two_hundred_pipelined_requests_are_answered_in_order(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     client = await logged_in(bank)
     requests: list[Request] = []
@@ -506,7 +506,7 @@ async def test_two_hundred_pipelined_requests_are_answered_in_order(
 
 
 async def test_frames_pipelined_behind_a_fatal_error_or_a_logout_never_run(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     client = await logged_in(bank)
     corrupt = bytearray(encode(Deposit(txn_id(), 1_00), 6))
@@ -534,7 +534,7 @@ async def test_frames_pipelined_behind_a_fatal_error_or_a_logout_never_run(
 
 
 async def test_resets_mid_frame_release_the_lease_and_move_nothing(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     frame = encode(Deposit(txn_id(), 50_00), 3)
     for cut in (0, 1, 2, 3, 9, 10, 11, 20, len(frame) - 4, len(frame) - 1):
@@ -549,7 +549,7 @@ async def test_resets_mid_frame_release_the_lease_and_move_nothing(
 
 
 async def test_a_reset_after_a_whole_deposit_then_a_retry_moves_money_exactly_once(
-    bank: RunningServer, ledger: SqliteLedger
+    bank: RunningServer, ledger: BatchLedger
 ):
     key = txn_id()
     attacker = await logged_in(bank)
@@ -572,7 +572,7 @@ async def test_a_reset_after_a_whole_deposit_then_a_retry_moves_money_exactly_on
 
 
 async def test_when_every_slot_is_logged_in_clients_are_told_busy_at_once_and_never_queued(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger
 ):
     bank = await start_server(nursery, config, ledger, connections_max=3)
     served = [await logged_in(bank, account, pin) for account, pin, _ in DEMO_ACCOUNTS[:3]]
@@ -597,7 +597,7 @@ SLOWLORIS_CONNECTIONS = 200
 
 
 async def test_slowloris_connections_are_dropped_at_the_frame_deadline(
-    mock_clock: trio.testing.MockClock, nursery: trio.Nursery, ledger: SqliteLedger,
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery, ledger: BatchLedger,
     config: ServerConfig,
 ):
     # All from 127.0.0.1: the per-address cap (tests/test_exhaustion.py) is lifted here
@@ -651,7 +651,7 @@ async def send_ignoring_breakage(client: WireClient, data: bytes, sent: trio.Eve
 
 
 async def test_a_client_that_never_reads_is_dropped_without_blocking_others(
-    mock_clock: trio.testing.MockClock, bank: RunningServer, ledger: SqliteLedger,
+    mock_clock: trio.testing.MockClock, bank: RunningServer, ledger: BatchLedger,
     config: ServerConfig,
 ):
     setup = await logged_in(bank)

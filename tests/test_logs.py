@@ -20,9 +20,9 @@ import pytest
 import trio
 
 from bank.__main__ import build_parser, log_handler
+from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig, from_arguments
 from bank.ledger import PinResult
-from bank.sqlite_ledger import SqliteLedger
 from bank.tools import launcher
 from tests.helpers import (
     DEMO_ACCOUNT,
@@ -238,7 +238,7 @@ async def test_a_lockout_is_a_warning_that_says_until_when(
     assert abs(until.timestamp() - expected_s) < 5
 
 
-async def test_the_ledger_tells_an_unknown_account_even_once_it_is_locked(ledger: SqliteLedger):
+async def test_the_ledger_tells_an_unknown_account_even_once_it_is_locked(ledger: BatchLedger):
     verdicts = [await ledger.verify_pin("ZZ-00000", "0000") for _ in range(4)]
     assert [v.result for v in verdicts] == [PinResult.WRONG] * 2 + [PinResult.LOCKED] * 2
     assert not any(v.account_known for v in verdicts)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig
 from bank.session import RESUME_TAKEOVER_S
-from bank.sqlite_ledger import SqliteLedger
 from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
@@ -98,7 +98,7 @@ async def test_a_wrong_token_or_another_account_resumes_nothing(bank: RunningSer
 
 
 async def test_failed_resumes_count_toward_the_login_limit(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger
 ):
     bank = await start_server(nursery, config, ledger, login_attempts_max=2)
     guesser = await bank.client()
@@ -121,7 +121,7 @@ async def test_the_token_dies_with_the_session(bank: RunningServer):
 
 
 async def test_a_request_in_hand_is_answered_before_the_session_moves(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger
 ):
     """The old connection is working on a deposit when the ATM resumes elsewhere: the
     deposit completes (and is booked once), then the old connection ends and the new one
@@ -167,7 +167,7 @@ async def test_a_request_in_hand_is_answered_before_the_session_moves(
 
 async def test_a_session_that_never_lets_go_is_not_taken_over(
     mock_clock: trio.testing.MockClock, nursery: trio.Nursery, config: ServerConfig,
-    ledger: SqliteLedger,
+    ledger: BatchLedger,
 ):
     faulty = FaultyLedger(ledger)
 

@@ -18,12 +18,12 @@ import pytest
 import trio
 import trio.testing
 
+from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.resumption import SessionRegistry
 from bank.server import REFUSALS_MAX, Connection, DeadlineSweeper
 from bank.session import Session
-from bank.sqlite_ledger import SqliteLedger
 from bank.transport import SocketTransport, StreamTransport, Transport
 from tests.helpers import (
     DEMO_ACCOUNT,
@@ -115,7 +115,7 @@ async def test_logout_releases_the_lease_and_closes(bank: RunningServer):
 
 
 async def test_failed_logins_close_the_connection_at_the_limit(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger
 ):
     bank = await start_server(nursery, config, ledger, login_attempts_max=2, pin_tries_max=5)
     client = await bank.client()
@@ -208,7 +208,7 @@ async def test_overdraft_is_refused_and_moves_nothing(bank: RunningServer):
 
 
 async def test_withdrawal_over_the_servers_limit_is_refused(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger
 ):
     bank = await start_server(nursery, config, ledger, withdrawal_cents_max=100_00)
     client = await logged_in(bank)
@@ -231,7 +231,7 @@ async def test_retry_with_the_same_txn_id_returns_the_original_outcome(bank: Run
 
 
 async def test_a_retry_keeps_its_original_outcome_when_the_limit_changed(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger
 ):
     before = await start_server(nursery, config, ledger, withdrawal_cents_max=500_00)
     client = await logged_in(before)
@@ -340,7 +340,7 @@ async def test_random_bytes_do_not_hurt_other_sessions(bank: RunningServer):
 
 
 async def test_beyond_the_connection_limit_a_client_is_told_busy(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger
 ):
     bank = await start_server(nursery, config, ledger, connections_max=1)
     first = await logged_in(bank)  # logged in: never evicted to make room
@@ -368,7 +368,7 @@ async def test_a_peer_that_resets_before_it_is_accepted_hurts_nobody(bank: Runni
 
 async def test_refusals_in_progress_are_bounded(
     mock_clock: trio.testing.MockClock, nursery: trio.Nursery, config: ServerConfig,
-    ledger: SqliteLedger,
+    ledger: BatchLedger,
 ):
     bank = await start_server(nursery, config, ledger, connections_max=1)
     holder = await logged_in(bank)  # holds the only slot (kept referenced: GC would close it)
@@ -430,7 +430,7 @@ async def test_pinging_does_not_extend_the_login_deadline(
 
 async def test_trickled_partial_frames_do_not_extend_the_login_deadline(
     mock_clock: trio.testing.MockClock, nursery: trio.Nursery, config: ServerConfig,
-    ledger: SqliteLedger,
+    ledger: BatchLedger,
 ):
     bank = await start_server(nursery, config, ledger, login_timeout_s=5, frame_timeout_s=10)
     client = await bank.client()
@@ -502,7 +502,7 @@ async def test_a_frame_behind_a_refused_one_gets_its_own_frame_timeout(
 
 
 async def test_shutdown_notifies_refuses_new_work_and_lets_clients_log_out(
-    config: ServerConfig, ledger: SqliteLedger
+    config: ServerConfig, ledger: BatchLedger
 ):
     with trio.fail_after(RECEIVE_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
@@ -524,7 +524,7 @@ async def test_shutdown_notifies_refuses_new_work_and_lets_clients_log_out(
 
 
 async def test_shutdown_closes_lingering_sessions_after_the_grace_period(
-    mock_clock: trio.testing.MockClock, config: ServerConfig, ledger: SqliteLedger
+    mock_clock: trio.testing.MockClock, config: ServerConfig, ledger: BatchLedger
 ):
     # Beyond the jumped grace period; fires once autojump is armed if serve() never ends.
     with trio.fail_after(config.shutdown_grace_s + RECEIVE_TIMEOUT_S):
@@ -544,7 +544,7 @@ async def test_shutdown_closes_lingering_sessions_after_the_grace_period(
 
 
 def connection_and_client(
-    config: ServerConfig, ledger: SqliteLedger
+    config: ServerConfig, ledger: BatchLedger
 ) -> tuple[Connection, WireClient]:
     """One server ``Connection`` (not yet running) and a client, over a socketpair."""
     server_socket, client_socket = trio.socket.socketpair()
@@ -560,7 +560,7 @@ def connection_and_client(
 
 @pytest.mark.parametrize("transport", ["socket", "stream"])
 async def test_a_whole_session_is_served_over_either_transport(
-    config: ServerConfig, ledger: SqliteLedger, transport: str
+    config: ServerConfig, ledger: BatchLedger, transport: str
 ):
     """The plaintext fast path (the socket's descriptor) and the path TLS takes (any
     trio stream, here a memory stream) serve the same conversation and close alike."""
@@ -591,7 +591,7 @@ async def test_a_whole_session_is_served_over_either_transport(
 
 
 async def test_a_cancelled_connection_still_closes_its_socket(
-    config: ServerConfig, ledger: SqliteLedger
+    config: ServerConfig, ledger: BatchLedger
 ):
     """The shutdown backstop cancels connections still open after the grace period:
     their sockets must close then too, not linger until garbage collection."""
@@ -605,7 +605,7 @@ async def test_a_cancelled_connection_still_closes_its_socket(
 
 @pytest.mark.parametrize("refused", [False, True], ids=["answered", "refused"])
 async def test_pipelined_requests_do_not_hold_the_event_loop(
-    config: ServerConfig, ledger: SqliteLedger, refused: bool
+    config: ServerConfig, ledger: BatchLedger, refused: bool
 ):
     """Sends do not yield (``Connection._send_bytes``), so a burst of pipelined frames
     that need no storage (PINGs, or frames of an unknown opcode, each answered with an
@@ -639,7 +639,7 @@ async def test_pipelined_requests_do_not_hold_the_event_loop(
 
 @pytest.mark.parametrize("pipelined", [False, True], ids=["alone", "pipelined"])
 async def test_a_deadline_passing_as_a_reply_goes_out_ends_as_a_send_timeout(
-    config: ServerConfig, ledger: SqliteLedger, pipelined: bool
+    config: ServerConfig, ledger: BatchLedger, pipelined: bool
 ):
     """If the send deadline is enforced just as the send completes, the connection ends
     as a send timeout: a request already buffered behind it is not started (its reply
@@ -670,7 +670,7 @@ async def test_a_deadline_passing_as_a_reply_goes_out_ends_as_a_send_timeout(
 
 
 async def test_a_read_woken_with_nothing_to_read_waits_again(
-    config: ServerConfig, ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+    config: ServerConfig, ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
     """Readiness can be reported with nothing to read after all (EAGAIN): the connection
     waits again instead of treating it as a broken socket."""
@@ -694,7 +694,7 @@ async def test_a_read_woken_with_nothing_to_read_waits_again(
 
 
 async def test_replies_wait_for_room_when_the_client_reads_slowly(
-    config: ServerConfig, ledger: SqliteLedger
+    config: ServerConfig, ledger: BatchLedger
 ):
     """With small socket buffers, a burst of pipelined requests fills the server's send
     buffer: each write that finds it full waits for room and goes on, losing nothing."""
@@ -731,7 +731,7 @@ def shut_down_on_read(connection: Connection) -> None:
 
 
 async def test_a_request_read_as_shutdown_begins_is_answered_not_lost(
-    config: ServerConfig, ledger: SqliteLedger
+    config: ServerConfig, ledger: BatchLedger
 ):
     connection, client = connection_and_client(config, ledger)
     shut_down_on_read(connection)

@@ -20,9 +20,9 @@ from collections.abc import Callable
 import pytest
 import trio
 
+from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig
 from bank.ledger import StorageError
-from bank.sqlite_ledger import SqliteLedger
 from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
@@ -56,7 +56,7 @@ from wire import (
 
 
 @pytest.fixture
-def faulty(ledger: SqliteLedger) -> FaultyLedger:
+def faulty(ledger: BatchLedger) -> FaultyLedger:
     return FaultyLedger(ledger)
 
 
@@ -128,7 +128,7 @@ async def test_a_storage_failure_is_issuer_unavailable_and_the_session_goes_on(
 
 @pytest.mark.parametrize("after_work", [False, True], ids=["before-write", "after-write"])
 async def test_a_deposit_retried_after_a_storage_failure_moves_the_money_once(
-    bank: RunningServer, faulty: FaultyLedger, ledger: SqliteLedger, after_work: bool
+    bank: RunningServer, faulty: FaultyLedger, ledger: BatchLedger, after_work: bool
 ):
     client = await logged_in(bank)
     deposit = Deposit(txn_id(), 25_00)
@@ -218,7 +218,7 @@ LOGIN_ATTEMPTS_MAX = 4
     ids=["in-use-only", "wrong-pin-first", "mixed"],
 )
 async def test_account_in_use_counts_toward_the_login_limit(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pins: list[str]
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, pins: list[str]
 ):
     """§5: after ``login_attempts_max`` refused LOGINs on one connection (INCORRECT_PIN,
     PIN_TRIES_EXCEEDED or ACCOUNT_IN_USE alike) the server sends that reply and closes."""

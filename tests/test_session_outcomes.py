@@ -38,6 +38,7 @@ POST_ANSWERS: dict[PostResult, tuple[Status, str]] = {
     PostResult.BALANCE_FULL: (
         Status.INVALID_AMOUNT, "would take the balance past 9223372036854775807"
     ),
+    PostResult.FENCED: (Status.ISSUER_UNAVAILABLE, "retry later"),
 }
 """Each post outcome but OVER_LIMIT, its status, and the words of that status's meaning."""
 

@@ -33,9 +33,9 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from bank.batch_ledger import BatchLedger, open_ledger
 from bank.config import ServerConfig
 from bank.server import BankServer
-from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.store import DEMO_ACCOUNTS
 from tests.helpers import settle, txn_id
 from wire import (
@@ -89,7 +89,7 @@ class Started:
     """What the server thread hands back once it listens."""
 
     server: BankServer
-    ledger: SqliteLedger
+    ledger: BatchLedger
     port: int
     token: trio.lowlevel.TrioToken
 

@@ -26,8 +26,8 @@ import trio.testing
 
 from atm.connection import Connection
 from atm.errors import ExitCode, TlsFailed
+from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig
-from bank.sqlite_ledger import SqliteLedger
 from bank.store import read_books
 from bank.tls import (
     TlsFailure,
@@ -78,7 +78,7 @@ def mutual(pki: TlsFiles) -> ssl.SSLContext:
 
 
 async def tls_bank(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, context: ssl.SSLContext
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, context: ssl.SSLContext
 ) -> RunningServer:
     return await start_server(nursery, config, ledger, tls=context)
 
@@ -93,7 +93,7 @@ async def open_atm(
 
 
 async def test_a_terminal_with_its_certificate_logs_in_and_its_entries_name_it(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pki: TlsFiles,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, pki: TlsFiles,
     terminal: TlsFiles, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ):
     caplog.set_level(logging.INFO)
@@ -110,7 +110,7 @@ async def test_a_terminal_with_its_certificate_logs_in_and_its_entries_name_it(
 
 
 async def test_without_a_client_ca_no_terminal_certificate_is_needed(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pki: TlsFiles,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, pki: TlsFiles,
 ):
     context = server_context(pki.cert, pki.key, client_ca=None)
     bank = await tls_bank(nursery, config, ledger, context)
@@ -120,7 +120,7 @@ async def test_without_a_client_ca_no_terminal_certificate_is_needed(
 
 
 async def test_an_atm_without_a_terminal_certificate_is_refused(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pki: TlsFiles,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, pki: TlsFiles,
     caplog: pytest.LogCaptureFixture,
 ):
     bank = await tls_bank(nursery, config, ledger, mutual(pki))
@@ -134,7 +134,7 @@ async def test_an_atm_without_a_terminal_certificate_is_refused(
 
 
 async def test_a_terminal_certificate_from_another_ca_is_refused(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pki: TlsFiles,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, pki: TlsFiles,
     tmp_path: Path,
 ):
     stranger = init_ca_and_server(tmp_path / "other", ["127.0.0.1"])
@@ -155,7 +155,7 @@ async def test_a_terminal_certificate_from_another_ca_is_refused(
     ids=["unknown CA", "wrong host name", "expired"],
 )
 async def test_the_atm_refuses_a_bank_it_cannot_verify(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, tmp_path: Path,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, tmp_path: Path,
     server_hosts: list[str], connect_to: str, days_ago: int, kind: TlsFailure,
 ):
     then = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=days_ago)
@@ -172,7 +172,7 @@ async def test_the_atm_refuses_a_bank_it_cannot_verify(
 
 
 async def test_plaintext_at_the_tls_port_costs_nothing_but_a_warning(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pki: TlsFiles,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, pki: TlsFiles,
     terminal: TlsFiles, caplog: pytest.LogCaptureFixture,
 ):
     bank = await tls_bank(nursery, config, ledger, mutual(pki))
@@ -190,7 +190,7 @@ async def test_plaintext_at_the_tls_port_costs_nothing_but_a_warning(
 
 
 async def test_tls_at_a_plaintext_port_is_named_as_such(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pki: TlsFiles,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, pki: TlsFiles,
 ):
     bank = await start_server(nursery, config, ledger)
     with pytest.raises(TlsFailed) as refused:
@@ -200,7 +200,7 @@ async def test_tls_at_a_plaintext_port_is_named_as_such(
 
 async def test_half_open_handshakes_neither_lock_atms_out_nor_outlive_the_login_deadline(
     mock_clock: trio.testing.MockClock, nursery: trio.Nursery, config: ServerConfig,
-    ledger: SqliteLedger, pki: TlsFiles, terminal: TlsFiles,
+    ledger: BatchLedger, pki: TlsFiles, terminal: TlsFiles,
 ):
     """300 connections that start a TLS handshake (a few bytes of a ClientHello, or
     nothing) from 30 addresses, under each address's cap: an honest ATM is served at once
@@ -230,7 +230,7 @@ async def test_half_open_handshakes_neither_lock_atms_out_nor_outlive_the_login_
 
 
 async def test_openssl_s_client_completes_a_tls_1_3_handshake(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pki: TlsFiles,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, pki: TlsFiles,
     terminal: TlsFiles,
 ):
     openssl = shutil.which("openssl")
@@ -250,7 +250,7 @@ async def test_openssl_s_client_completes_a_tls_1_3_handshake(
 
 
 async def test_a_session_token_resumes_only_from_its_own_terminal(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pki: TlsFiles,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, pki: TlsFiles,
     terminal: TlsFiles, tmp_path: Path,
 ):
     """Under mutual TLS a stolen token is no use over another terminal's certificate,
@@ -274,7 +274,7 @@ async def test_a_session_token_resumes_only_from_its_own_terminal(
 
 
 async def test_garbage_records_and_resets_mid_handshake_cost_one_warning(
-    nursery: trio.Nursery, config: ServerConfig, ledger: SqliteLedger, pki: TlsFiles,
+    nursery: trio.Nursery, config: ServerConfig, ledger: BatchLedger, pki: TlsFiles,
     terminal: TlsFiles, caplog: pytest.LogCaptureFixture,
 ):
     bank = await tls_bank(nursery, config, ledger, mutual(pki))

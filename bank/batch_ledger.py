@@ -1,30 +1,34 @@
-"""The Ledger protocol over SQLite, with every database call off the event loop.
+"""The Ledger protocol over a batch store (SQLite's or PostgreSQL's), off the event loop.
 
-SQLite calls block (disk, fsync on commit, the write lock), so they run in
-``trio.to_thread.run_sync`` behind a CapacityLimiter(1): one connection, used by one
-worker thread at a time. Requests that arrive together run as one batch in one
-transaction (``SqliteLedger._submit`` says why), in the order they arrived. A worker
+Database calls block (disk, fsync on commit, locks, the network), so they run in
+``trio.to_thread.run_sync`` behind a CapacityLimiter as large as the store's pool of
+connections (one, for either store). Requests that arrive together run as one batch in
+one transaction (``BatchLedger._submit`` says why), in the order they arrived. A worker
 thread is not abandoned on cancellation, so a commit that started always finishes
 before its caller sees the cancellation.
 
-A failing database (disk full, I/O error, a corrupt file, a closed ledger) surfaces as
-``bank.ledger.StorageError``, which the session answers with ISSUER_UNAVAILABLE; no
-sqlite3 exception crosses this interface. For a post, the transaction either committed
-before the failure or rolled back; a retry with the same transaction id finds out which.
+Both stores (``bank.store.Store``, ``bank.pg_store.PgStore``) take the same batch
+requests and give the same outcomes; ``open_ledger`` picks one by ``--db``
+(``bank.config.is_postgresql``).
+
+A failing database (disk full, I/O error, a corrupt file, PostgreSQL down or restarted,
+a closed ledger) surfaces as ``bank.ledger.StorageError``, which the session answers
+with ISSUER_UNAVAILABLE; no driver exception crosses this interface. For a post, the
+transaction either committed before the failure or rolled back (or, for a connection
+lost during COMMIT, nobody knows which); a retry with the same transaction id finds out.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import trio
 
-from bank.config import ServerConfig
+from bank.config import ServerConfig, is_postgresql, redact_db
 from bank.ledger import PinVerdict, Posting, StorageError
 from bank.pins import open_key
 from bank.store import (
@@ -39,13 +43,33 @@ from bank.store import (
 )
 from wire import EntryKind, HistoryEntry
 
+if TYPE_CHECKING:
+    from bank.pg_store import PgStore
+
 T = TypeVar("T")
 
 _DEFAULTS = ServerConfig()
 """The settings a ledger opened without them (by a test or a tool) runs with: the
 server's own defaults, which ``ServerConfig`` alone defines."""
 
-__all__ = ["Opened", "SqliteLedger", "StorageError", "open_ledger", "wall_clock_ms"]
+__all__ = ["BatchLedger", "BatchStore", "Opened", "StorageError", "open_ledger", "wall_clock_ms"]
+
+
+class BatchStore(Protocol):
+    """What the ledger needs of a store: ``bank.store.Store`` and ``bank.pg_store.PgStore``."""
+
+    driver_errors: tuple[type[Exception], ...]
+    """The driver's exceptions, which mean the database failed: StorageError to callers."""
+    connections: int
+    """Connections the store holds: how many threads may use it at once."""
+    created: bool
+    seeded: tuple[str, ...]
+
+    def execute_batch(self, requests: Sequence[BatchRequest], now_ms: int) -> list[Outcome]: ...
+
+    def check_invariants(self) -> list[str]: ...
+
+    def close(self) -> None: ...
 
 
 def wall_clock_ms() -> int:
@@ -79,16 +103,17 @@ class Opened:
     """The PIN key file was created (else an existing one was loaded)."""
 
 
-class SqliteLedger:
-    """A Ledger backed by one Store; build it with ``open_ledger``."""
+class BatchLedger:
+    """A Ledger backed by one batch store; build it with ``open_ledger``."""
 
     def __init__(
-        self, store: Store, *, pin_policy: PinPolicy, clock_ms: Callable[[], int] = wall_clock_ms
+        self, store: BatchStore, *, pin_policy: PinPolicy,
+        clock_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self._store = store
         self._pin_policy = pin_policy
         self._clock_ms = clock_ms
-        self._limiter = trio.CapacityLimiter(1)
+        self._limiter = trio.CapacityLimiter(store.connections)
         self._committer = trio.Lock()
         self._open_batch: _Batch | None = None
         self._closed = False
@@ -112,9 +137,10 @@ class SqliteLedger:
         amount_cents: int,
         limit_cents: int,
         terminal: str | None = None,
+        fence: int | None = None,
     ) -> Posting:
         request = PostRequest(
-            account, txn_id, EntryKind(kind), amount_cents, limit_cents, terminal
+            account, txn_id, EntryKind(kind), amount_cents, limit_cents, terminal, fence
         )
         return cast(Posting, await self._submit(request))
 
@@ -191,20 +217,26 @@ class SqliteLedger:
     async def _to_thread(self, function: Callable[..., T], *args: object) -> T:
         try:
             return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
-        except sqlite3.Error as error:
-            raise StorageError(f"{type(error).__name__}: {error}") from error
+        except self._store.driver_errors as error:
+            raise StorageError(f"{type(error).__name__}: {one_line(error)}") from error
+
+
+def one_line(error: Exception) -> str:
+    """A driver's message on one line: libpq's come with newlines and hints."""
+    return " ".join(str(error).split())
 
 
 async def open_ledger(
-    db_path: str | os.PathLike[str],
+    db: str | os.PathLike[str],
     key_path: str | os.PathLike[str],
     *,
     pin_tries_max: int = _DEFAULTS.pin_tries_max,
     lockout_s: int = _DEFAULTS.pin_lockout_s,
     clock_ms: Callable[[], int] = wall_clock_ms,
     seed_demo: bool = True,
-) -> SqliteLedger:
-    """Open (creating on first start) the PIN key file and the database, off the loop.
+) -> BatchLedger:
+    """Open (creating on first start) the PIN key file and the database, off the loop:
+    an SQLite file, or PostgreSQL for a URL or key=value string (``is_postgresql``).
 
     KeyFileError (bank.pins) and SchemaError (bank.store) pass through unchanged: they
     are start-up configuration problems for the operator, not request failures; so is
@@ -212,16 +244,26 @@ async def open_ledger(
     """
     pin_policy = PinPolicy(tries_max=pin_tries_max, lockout_ms=lockout_s * 1000)
 
-    def open_store() -> tuple[Store, bool]:
+    store_class = _store_class(db)
+
+    def open_store() -> tuple[BatchStore, bool]:
         key, key_created = open_key(key_path)
-        return Store(db_path, key, seed_demo=seed_demo), key_created
+        return store_class(db, key, seed_demo=seed_demo), key_created
 
     try:
         store, key_created = await trio.to_thread.run_sync(open_store)
-    except sqlite3.Error as error:
-        raise StorageError(f"cannot open {db_path}: {error}") from error
-    ledger = SqliteLedger(store, pin_policy=pin_policy, clock_ms=clock_ms)
+    except store_class.driver_errors as error:
+        raise StorageError(f"cannot open {redact_db(db)}: {one_line(error)}") from error
+    ledger = BatchLedger(store, pin_policy=pin_policy, clock_ms=clock_ms)
     ledger.opened = Opened(
         db_created=store.created, seeded=store.seeded, key_created=key_created
     )
     return ledger
+
+
+def _store_class(db: str | os.PathLike[str]) -> type[Store] | type[PgStore]:
+    if is_postgresql(db):
+        from bank.pg_store import PgStore  # noqa: PLC0415 (psycopg only when asked for)
+
+        return PgStore
+    return Store

@@ -1,4 +1,4 @@
-"""SqliteLedger: the Ledger protocol over the Store, off the event loop.
+"""BatchLedger: the Ledger protocol over the Store, off the event loop.
 
 Covers first start (key and database created), the protocol's methods, lock expiry
 through an injected clock, storage failures surfacing as StorageError, and many trio
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from bank.batch_ledger import BatchLedger, open_ledger
 from bank.config import ServerConfig
 from bank.ledger import Ledger, PinResult, Posting, PostResult, StorageError
 from bank.pins import KEY_BYTES
-from bank.sqlite_ledger import SqliteLedger, open_ledger
 from bank.store import PinPolicy, Store
 from wire import EntryKind
 from wire._kinds import KIND_OF_ENTRY
@@ -45,7 +45,7 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path, clock: FakeClock) -> AsyncIterator[SqliteLedger]:
+async def ledger(tmp_path: Path, clock: FakeClock) -> AsyncIterator[BatchLedger]:
     opened = await open_ledger(tmp_path / "bank.db", tmp_path / "pin.key", clock_ms=clock)
     try:
         yield opened
@@ -60,7 +60,7 @@ def txn(n: int) -> bytes:
 def test_sqlite_ledger_has_the_ledger_protocol_signatures():
     for name, member in inspect.getmembers(Ledger, inspect.isfunction):
         if not name.startswith("_"):
-            ours = getattr(SqliteLedger, name)
+            ours = getattr(BatchLedger, name)
             assert inspect.iscoroutinefunction(ours), name
             assert inspect.signature(ours) == inspect.signature(member), name
 
@@ -80,7 +80,7 @@ async def test_first_start_creates_key_and_database(tmp_path: Path):
     assert key_path.read_bytes() == key
 
 
-async def test_protocol_methods(ledger: SqliteLedger, clock: FakeClock):
+async def test_protocol_methods(ledger: BatchLedger, clock: FakeClock):
     assert (await ledger.verify_pin("AC-12345", "1324")).result is PinResult.MATCHED
     assert await ledger.balance("ac-12345") == 102_432
     deposit = await ledger.post(
@@ -105,7 +105,7 @@ async def test_protocol_methods(ledger: SqliteLedger, clock: FakeClock):
     ]
 
 
-async def test_lock_expiry_follows_the_injected_clock(ledger: SqliteLedger, clock: FakeClock):
+async def test_lock_expiry_follows_the_injected_clock(ledger: BatchLedger, clock: FakeClock):
     for expected in (PinResult.WRONG, PinResult.WRONG, PinResult.LOCKED):
         assert (await ledger.verify_pin("AC-12345", "0000")).result is expected
     clock.now_ms += ServerConfig().pin_lockout_s * 1000 - 1  # opened with the defaults
@@ -135,7 +135,7 @@ async def test_store_runs_in_a_worker_thread(tmp_path: Path):
             threads.append(threading.get_ident())
             return super().balance(account)
 
-    ledger = SqliteLedger(
+    ledger = BatchLedger(
         RecordingStore(tmp_path / "bank.db", bytes(KEY_BYTES)),
         pin_policy=PinPolicy(tries_max=3, lockout_ms=0),
     )
@@ -146,7 +146,7 @@ async def test_store_runs_in_a_worker_thread(tmp_path: Path):
     assert threads and threading.get_ident() not in threads
 
 
-async def test_sqlite_error_becomes_storage_error(ledger: SqliteLedger, tmp_path: Path):
+async def test_sqlite_error_becomes_storage_error(ledger: BatchLedger, tmp_path: Path):
     with closing(sqlite3.connect(tmp_path / "bank.db", isolation_level=None)) as conn:
         conn.execute("DROP TABLE pin_failures")
     with pytest.raises(StorageError) as caught:
@@ -169,7 +169,7 @@ async def test_unopenable_database_is_a_storage_error(tmp_path: Path):
         await open_ledger(tmp_path / "bank.db", tmp_path / "pin.key")
 
 
-async def test_concurrent_posts_keep_the_invariants(ledger: SqliteLedger):
+async def test_concurrent_posts_keep_the_invariants(ledger: BatchLedger):
     accounts = {"AC-12345": 102_432, "BC-01373": 4_572}
     rng = random.Random(1)
     requests = [
