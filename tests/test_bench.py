@@ -35,6 +35,7 @@ from bank.tools.bench import (
     reply_status,
     turns,
 )
+from tests.pg import pg_cluster, pg_db  # noqa: F401  (fixtures: a throwaway PostgreSQL)
 from wire import (
     HISTORY_ENTRIES_MAX,
     BalanceReply,
@@ -166,6 +167,19 @@ def test_idle_mode_reports_memory_and_latency(tmp_path: Path) -> None:
     for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "logins_per_s"):
         assert is_number(report[key]), key
     assert report["count"] == report["probe_requests"] > 0
+
+
+def test_a_postgresql_bank_is_loaded_beside_the_sqlite_one(
+    pg_db: str, tmp_path: Path  # noqa: F811
+) -> None:
+    """issue 14: ``--db URL`` reports the same JSON; with --compare-db, the two in turns."""
+    report = run_bench(
+        "--sessions", "2", "--seconds", "2", "--no-echo", "--compare-db", pg_db,
+        "--key-file", str(tmp_path / "bench.key"), tmp_path=tmp_path,
+    )
+    assert report["db"] == "sqlite" and report["compare_db"] == "postgresql"
+    assert report["compare_ops_per_s"] > 0 and is_number(report["compare_ratio"])
+    assert set(report["compare"]["ops"]) == {"balance", "deposit", "withdraw"}
 
 
 def test_workers_and_database_pass_through_to_the_bank(tmp_path: Path) -> None:

@@ -66,7 +66,6 @@ import resource
 import select
 import ssl
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +78,8 @@ from typing import Any
 
 import trio
 
+from bank.config import is_postgresql
+from bank.pg_store import PgStore
 from bank.pins import load_or_create_key
 from bank.readiness import listening_addresses, write_ready_file
 from bank.server import raise_open_files_limit
@@ -214,14 +215,18 @@ def account_names(first: int, count: int) -> list[str]:
     return [account_name(n) for n in range(first, first + count)]
 
 
-def create_accounts(db: Path, key_file: Path, count: int, *, pin: str = BENCH_PIN) -> int:
+def create_accounts(
+    db: Path | str, key_file: Path, count: int, *, pin: str = BENCH_PIN
+) -> int:
     """Add BN-00001..count (skipping those that exist); returns how many were added.
 
-    Through ``Store`` rather than the server, so a bench database is made like an
-    operator's: the same schema, PIN key and checks.
+    Through ``Store`` (or ``PgStore`` for a PostgreSQL ``db``) rather than the server,
+    so a bench database is made like an operator's: the same schema, PIN key and checks.
     """
     added = 0
-    with Store(db, load_or_create_key(key_file)) as store:
+    key = load_or_create_key(key_file)
+    opened = PgStore(db, key) if is_postgresql(db) else Store(Path(db), key)
+    with opened as store:
         for account in account_names(1, count):
             with contextlib.suppress(AccountExists):
                 store.add_account(account, pin, OPENING_CENTS)
@@ -1447,9 +1452,9 @@ async def run_echo_server(host: str, port: int, ready_file: Path | None) -> None
 
 
 def is_database_url(db: str) -> bool:
-    """A PostgreSQL URL or libpq connection string, as the bank's --db takes it, rather
-    than a SQLite path."""
-    return db.startswith(("postgresql://", "postgres://")) or "=" in db
+    """A PostgreSQL URL or libpq connection string rather than a SQLite path: as the
+    bank decides it (``bank.config.is_postgresql``)."""
+    return is_postgresql(db)
 
 
 def bank_args(
@@ -1477,35 +1482,9 @@ def bank_args(
 
 def prepare_database(db: str | None, workdir: Path, key_file: Path, accounts: int,
                      pin: str) -> None:
-    """Add the bench accounts the database lacks: through ``Store`` for SQLite (the temp
-    file in ``workdir`` without ``db``), through ``python -m bank import`` for a URL."""
-    if db is None or not is_database_url(db):
-        create_accounts(Path(db) if db else workdir / "bank.db", key_file, accounts, pin=pin)
-        return
-    import_bench_accounts(db, workdir, key_file, accounts, pin)
-
-
-IMPORT_TIMEOUT_S = 300
-"""Bound on the operator import that adds the bench accounts to a PostgreSQL database."""
-
-
-def import_bench_accounts(db: str, workdir: Path, key_file: Path, accounts: int,
-                          pin: str) -> None:
-    """The operator's own import, for a backend the bench has no direct access to. It
-    refuses a file with accounts that exist, so only a database without BN-00001 gets
-    them all; one that has it is taken to hold them from an earlier run."""
-    path = workdir / "bench-accounts.txt"
-    path.write_text("".join(
-        f"{account}, {pin}, {OPENING_CENTS // 100}.{OPENING_CENTS % 100:02d}\\n"
-        for account in account_names(1, accounts)
-    ))
-    run = subprocess.run(
-        [sys.executable, "-m", "bank", "import", str(path), "--db", db,
-         "--key-file", str(key_file)],
-        capture_output=True, text=True, timeout=IMPORT_TIMEOUT_S, check=False,
-    )
-    if run.returncode != 0 and "exists" not in run.stdout + run.stderr:
-        raise BenchError(f"importing the bench accounts failed: {run.stderr.strip()}")
+    """Add the bench accounts the database lacks (the temporary SQLite file in
+    ``workdir`` without ``db``)."""
+    create_accounts(db if db else workdir / "bank.db", key_file, accounts, pin=pin)
 
 
 @contextlib.contextmanager
@@ -1898,7 +1877,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.create_accounts:
             count = args.create_accounts
-            db = Path(args.db or "bank.db")
+            db = args.db or "bank.db"
             added = create_accounts(db, args.key_file, count, pin=args.pin)
             print(f"added {added} accounts; {account_name(1)}..{account_name(count)} exist")
             return EXIT_OK
