@@ -259,8 +259,13 @@ def table(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wire.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run, not a measurement")
+    parser.add_argument("--number", type=int, default=20_000,
+                        help="iterations per timed repeat (%(default)s)")
+    parser.add_argument("--repeat", type=int, default=7,
+                        help="timed repeats, of which the best counts (%(default)s); on a "
+                        "busy machine, many short repeats find its quiet moments")
     args = parser.parse_args(argv)
-    number, repeat = (200, 2) if args.quick else (20_000, 7)
+    number, repeat = (200, 2) if args.quick else (max(1, args.number), max(1, args.repeat))
 
     results = [measure(*case, number=number, repeat=repeat) for case in cases()]
     served = [measure_server(*pair, number=number, repeat=repeat)
