@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import getpass
 import json
 import logging
@@ -39,18 +40,21 @@ from bank.readiness import listening_addresses, remove_ready_file, write_ready_f
 from bank.server import BankServer, bind, open_files_needed, raise_open_files_limit
 from bank.store import (
     AccountExists,
+    BookEntry,
     Forgotten,
     SchemaError,
     Store,
     StoreError,
     read_accounts_summary,
-    read_entry_by_txn_id,
+    read_entries_by_txn_id,
     read_statement,
 )
 from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
+from bank.workers import exit_when_parent_ends, supervise, worker_index
 from wire import (
     BALANCE_CENTS_MAX,
     TXN_ID_BYTES,
+    EntryKind,
     canonical_account,
     check_pin,
     format_cents,
@@ -86,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bank: {flag_names(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(
-        level=config.log_level.upper(), handlers=[log_handler(config.log_format, sys.stderr)]
+        level=config.log_level.upper(),
+        handlers=[log_handler(config.log_format, sys.stderr, worker=worker_index())],
     )
+    args.argv = sys.argv[1:] if argv is None else argv
     command: Callable[[ServerConfig, argparse.Namespace], int] = args.run
     try:
         return command(config, args)
@@ -114,10 +120,15 @@ TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line (time, level, logger, message; a traceback as
-    exception), for log shippers: a message's own newlines stay inside its string."""
+    exception; the worker's index under --workers), for log shippers: a message's own
+    newlines stay inside its string."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(
                 timespec="milliseconds"
             ),
@@ -127,14 +138,20 @@ class JsonLogFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        if self.worker is not None:
+            entry["worker"] = self.worker
         return json.dumps(entry, ensure_ascii=False)
 
 
-def log_handler(log_format: str, stream: TextIO) -> logging.Handler:
-    """The operator log's handler on ``stream``, in ``log_format`` (text or json)."""
+def log_handler(log_format: str, stream: TextIO, *, worker: int | None = None) -> logging.Handler:
+    """The operator log's handler on ``stream``, in ``log_format`` (text or json); a
+    worker of ``--workers`` names itself in each line."""
     handler = logging.StreamHandler(stream)
+    text_format = TEXT_LOG_FORMAT if worker is None else TEXT_LOG_FORMAT.replace(
+        "%(name)s", f"worker-{worker} %(name)s"
+    )
     handler.setFormatter(
-        JsonLogFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
+        JsonLogFormatter(worker) if log_format == "json" else logging.Formatter(text_format)
     )
     return handler
 
@@ -255,7 +272,9 @@ class CannotServe(Exception):
     ready file cannot be written."""
 
 
-def serve(config: ServerConfig, _args: argparse.Namespace) -> int:
+def serve(config: ServerConfig, args: argparse.Namespace) -> int:
+    if config.workers > 1:
+        return trio.run(supervise, config, args.argv, functools.partial(prepare_database, config))
     needed = open_files_needed(config.connections_max)
     allowed = raise_open_files_limit(needed)
     if allowed < needed:
@@ -322,8 +341,9 @@ async def run_server(config: ServerConfig) -> None:
     """Serve until a signal, then shut down gracefully and close the database."""
     tls = tls_context(config)  # before the database: a bad certificate creates nothing
     log_security(config)
+    worker = worker_index()
     try:  # before the database too, so that a port in use creates nothing either
-        listeners, admin_listeners = await bind(config)
+        listeners, admin_listeners = await bind(config, reuse_port=worker is not None)
     except OSError as error:
         raise CannotServe(f"cannot serve on {config.host}:{config.port}: {error}") from None
     try:
@@ -352,6 +372,8 @@ async def run_server(config: ServerConfig) -> None:
         ):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_shutdown_on_signal, signals, server)
+                if worker is not None:
+                    nursery.start_soon(exit_when_parent_ends, server.shutdown)
                 await server.serve(listeners)
                 nursery.cancel_scope.cancel()
     finally:
@@ -360,6 +382,20 @@ async def run_server(config: ServerConfig) -> None:
         log.info("database closed")
         for signum, handler in ignored.items():
             signal.signal(signum, handler)
+
+
+async def prepare_database(config: ServerConfig) -> None:
+    """Under --workers, the parent creates or migrates (and seeds) the database once,
+    before any worker opens it, and says what it did."""
+    ledger = await open_ledger(
+        config.db,
+        config.key_file,
+        pin_tries_max=config.pin_tries_max,
+        lockout_s=config.pin_lockout_s,
+        seed_demo=config.seeds_demo_accounts,
+    )
+    log_opened(config, ledger.opened)
+    await ledger.aclose()
 
 
 def _ignore_signals(signums: tuple[signal.Signals, ...]) -> dict[int, Any]:
@@ -478,6 +514,14 @@ def list_accounts(config: ServerConfig, _args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def statement_kind(entry: BookEntry) -> str:
+    """``deposit``, ``withdrawal``, ``transfer_out to WF-14351``, ``transfer_in from ...``."""
+    if entry.counterparty is None:
+        return entry.kind.name.lower()
+    direction = "to" if entry.kind is EntryKind.TRANSFER_OUT else "from"
+    return f"{entry.kind.name.lower()} {direction} {entry.counterparty}"
+
+
 def show_statement(config: ServerConfig, args: argparse.Namespace) -> int:
     entries = read_statement(require_database(config), args.account, args.limit)
     if not entries:
@@ -489,7 +533,7 @@ def show_statement(config: ServerConfig, args: argparse.Namespace) -> int:
             (
                 str(entry.entry_id),
                 utc_time(entry.time_ms),
-                entry.kind.name.lower(),
+                statement_kind(entry),
                 format_cents(entry.amount_cents),
                 format_cents(entry.balance_cents),
                 entry.txn_id.hex(),
@@ -503,16 +547,29 @@ def show_statement(config: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def show_txn(config: ServerConfig, args: argparse.Namespace) -> int:
-    entry = read_entry_by_txn_id(require_database(config), args.txn_id)
-    if entry is None:
+    entries = read_entries_by_txn_id(require_database(config), args.txn_id)
+    if not entries:
         print(f"not booked: transaction {args.txn_id.hex()} moved no money")
         return EXIT_NOT_BOOKED
+    entry = entries[0]
+    if entry.counterparty is None:
+        print(
+            f"booked: transaction {entry.txn_id.hex()}, {entry.kind.name.lower()} of"
+            f" {format_cents(entry.amount_cents)}, account {entry.account}, at"
+            f" {utc_time(entry.time_ms)} UTC, entry {entry.entry_id}, balance after"
+            f" {format_cents(entry.balance_cents)}, terminal {entry.terminal or '-'}"
+        )
+        return EXIT_OK
     print(
-        f"booked: transaction {entry.txn_id.hex()}, {entry.kind.name.lower()} of"
-        f" {format_cents(entry.amount_cents)}, account {entry.account}, at"
-        f" {utc_time(entry.time_ms)} UTC, entry {entry.entry_id}, balance after"
-        f" {format_cents(entry.balance_cents)}, terminal {entry.terminal or '-'}"
+        f"booked: transaction {entry.txn_id.hex()}, transfer of"
+        f" {format_cents(entry.amount_cents)} from {entry.account} to {entry.counterparty},"
+        f" at {utc_time(entry.time_ms)} UTC, terminal {entry.terminal or '-'}"
     )
+    for leg in entries:  # the source's leg, then the destination's
+        print(
+            f"  {leg.kind.name.lower()}: account {leg.account}, entry {leg.entry_id},"
+            f" balance after {format_cents(leg.balance_cents)}"
+        )
     return EXIT_OK
 
 

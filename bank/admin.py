@@ -104,6 +104,8 @@ class Metrics:
         self.latency = Histogram(LATENCY_BUCKETS_S)
         self.refusals: Counter[str] = Counter()
         """Connections refused or evicted, by a reason of REFUSAL_REASONS."""
+        self.fenced_writes = 0
+        """Money writes refused by their session's cluster lease fence (nothing moved)."""
         self.batch_sizes: Histogram | None = None
         self.commit_seconds: Histogram | None = None
         # The batch ledger (SQLite or PostgreSQL) reports each group commit; another does not.
@@ -161,6 +163,12 @@ def render_metrics(server: BankServer) -> str:
         "Connections refused (busy: every slot taken; per_address_cap: too many not"
         " logged in from one address), evicted, or whose TLS handshake failed.",
         [(_labels(reason=reason), metrics.refusals[reason]) for reason in REFUSAL_REASONS],
+    )
+    _family(
+        lines, "bank_fenced_writes_total", "counter",
+        "Money writes refused because another process had taken the session's lease"
+        " over (nothing moved; the session ended).",
+        [("", metrics.fenced_writes)],
     )
     if metrics.batch_sizes is not None and metrics.commit_seconds is not None:
         _histogram(

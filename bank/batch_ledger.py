@@ -29,17 +29,19 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 import trio
 
 from bank.config import ServerConfig, is_postgresql, redact_db
-from bank.ledger import PinVerdict, Posting, StorageError
+from bank.ledger import PinChangeVerdict, PinVerdict, Posting, StorageError
 from bank.pins import open_key
 from bank.store import (
     BalanceQuery,
     BatchRequest,
     HistoryQuery,
     Outcome,
+    PinChange,
     PinCheck,
     PinPolicy,
     PostRequest,
     Store,
+    TransferRequest,
 )
 from wire import EntryKind, HistoryEntry
 
@@ -143,6 +145,26 @@ class BatchLedger:
             account, txn_id, EntryKind(kind), amount_cents, limit_cents, terminal, fence
         )
         return cast(Posting, await self._submit(request))
+
+    async def transfer(
+        self,
+        *,
+        account: str,
+        txn_id: bytes,
+        to_account: str,
+        amount_cents: int,
+        limit_cents: int,
+        terminal: str | None = None,
+        fence: int | None = None,
+    ) -> Posting:
+        request = TransferRequest(
+            account, txn_id, to_account, amount_cents, limit_cents, terminal, fence
+        )
+        return cast(Posting, await self._submit(request))
+
+    async def change_pin(self, account: str, pin: str, new_pin: str) -> PinChangeVerdict:
+        request = PinChange(account, pin, new_pin, self._pin_policy)
+        return cast(PinChangeVerdict, await self._submit(request))
 
     async def history(self, account: str, count: int) -> list[HistoryEntry]:
         return cast(list[HistoryEntry], await self._submit(HistoryQuery(account, count)))

@@ -26,6 +26,8 @@ from wire import (
 )
 
 ENV_PREFIX = "BANK_"
+WORKERS_MAX = 64
+"""Most server processes ``--workers`` starts: far past the cores of one machine."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -115,7 +117,17 @@ class ServerConfig:
     )
     admin_port: int | None = _setting(
         None, "serve /metrics (Prometheus) and /sessions (JSON) over HTTP on this port of"
-        " 127.0.0.1 only (off by default; 1..65535)", kind=int,
+        " 127.0.0.1 only (off by default; 1..65535); with --workers N, worker k (0..N-1)"
+        " serves its own on this port plus k", kind=int,
+    )
+    workers: int = _setting(
+        1, "server processes sharing the port (SO_REUSEPORT), supervised by this one: a"
+        " worker that dies is restarted; more than 1 needs a PostgreSQL --db"
+    )
+    lease_expiry_s: int = _setting(
+        10, "PostgreSQL only: seconds an account's cluster lease outlives its process's"
+        " last heartbeat (a third of it apart); a frozen or cut-off server's sessions can"
+        " be taken over after this, a dead one's at once"
     )
 
     def __post_init__(self) -> None:
@@ -145,7 +157,26 @@ class ServerConfig:
             raise ValueError("port must be 0..65535")
         if self.admin_port is not None and not 1 <= self.admin_port <= 65535:
             raise ValueError("admin_port must be 1..65535")
+        self._check_cluster()
         self._check_tls()
+
+    def _check_cluster(self) -> None:
+        if not 1 <= self.workers <= WORKERS_MAX:
+            raise ValueError(f"workers must be 1..{WORKERS_MAX}")
+        if self.workers > 1 and not self.uses_postgresql:
+            raise ValueError(
+                "workers above 1 needs a PostgreSQL db (a postgresql:// URL): SQLite serves"
+                " one process, whose in-process lock is the whole account lease"
+            )
+        if self.admin_port is not None and self.admin_port + self.workers - 1 > 65535:
+            raise ValueError("admin_port plus workers - 1 must be at most 65535")
+        if not 1 <= self.lease_expiry_s <= SECONDS_MAX:
+            raise ValueError(f"lease_expiry_s must be 1..{SECONDS_MAX} seconds")
+
+    @property
+    def uses_postgresql(self) -> bool:
+        """Whether ``db`` names a PostgreSQL database rather than an SQLite file."""
+        return is_postgresql(self.db)
 
     def _check_tls(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

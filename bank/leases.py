@@ -4,11 +4,33 @@ The table holds only accounts in use: a lock is created when its account is leas
 dropped when the lease is released, so the table never grows with accounts that were
 merely seen. Nobody ever waits for a lease (a second ATM is refused at once), which is
 what makes dropping the lock on release safe: no other task can be parked on it.
+
+This in-process lock is the whole lease for one process over SQLite. Several processes
+over PostgreSQL put a lease row behind it (``bank.cluster_leases.ClusterLeases``, a
+subclass): sessions ask for a ``Lease`` through ``acquire`` / ``take_over`` / ``end`` and
+do not know which of the two they hold.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import trio
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A session's hold on its account."""
+
+    account: str
+    fence: int | None = None
+    """The cluster lease's fencing token, which every money write of the session carries
+    (``Ledger.post(fence=...)``); None for the in-process lease alone (SQLite)."""
+
+
+def _nothing() -> None:
+    return None
 
 
 class Leases:
@@ -32,3 +54,41 @@ class Leases:
     def held(self) -> frozenset[str]:
         """Accounts leased right now, for operators and tests."""
         return frozenset(self._locks)
+
+    # -- What sessions call: the same for one process and for a cluster --------------------
+
+    async def acquire(
+        self,
+        account: str,
+        *,
+        token: bytes | None = None,
+        terminal: str | None = None,
+        on_lost: Callable[[], None] = _nothing,
+    ) -> Lease | None:
+        """The lease on ``account`` for a LOGIN whose PIN matched, or None if another
+        session holds it. ``token`` (the session's resumption token, if any), ``terminal``
+        and ``on_lost`` (called if another process takes the lease over) matter only to a
+        cluster lease."""
+        return Lease(account) if self.try_acquire(account) else None
+
+    async def take_over(
+        self,
+        account: str,
+        *,
+        token: bytes,
+        new_token: bytes,
+        terminal: str | None,
+        on_lost: Callable[[], None] = _nothing,
+    ) -> Lease | None:
+        """A RESUME's lease from a session of another process, or None: one process has no
+        other (the session registry resumes this process's own sessions)."""
+        return None
+
+    def end(self, lease: Lease) -> None:
+        """Release ``lease`` (the session ended); synchronous, so that it can run in any
+        ``finally``."""
+        self.release(lease.account)
+
+    async def settle(self) -> None:
+        """Return once every lease ended so far is free for other processes too (a
+        LOGOUT's reply waits for it, so the ATM may log in anywhere at once)."""

@@ -50,7 +50,7 @@ class PinVerdict:
 
 
 class PostResult(Enum):
-    """What a deposit or withdrawal did to the books."""
+    """What a deposit, withdrawal or transfer did to the books."""
 
     BOOKED = auto()
     """A new entry was written and the balance moved."""
@@ -66,18 +66,49 @@ class PostResult(Enum):
     INSUFFICIENT_FUNDS = auto()
     """A debit larger than the balance."""
     BALANCE_FULL = auto()
-    """A credit that would take the balance past BALANCE_CENTS_MAX."""
+    """A credit that would take the balance past BALANCE_CENTS_MAX (for a transfer: the
+    destination's)."""
+    UNKNOWN_DESTINATION = auto()
+    """A transfer to an account that does not exist."""
+    SAME_ACCOUNT = auto()
+    """A transfer from an account to itself: it would move nothing, so it is refused."""
     FENCED = auto()
-    """The session's lease was taken over or expired (its fence is no longer the
-    account's); nothing moved."""
+    """The session's lease was taken over or expired (PostgreSQL's fencing check,
+    /work/coord/DESIGN.md): nothing moved. SQLite, one process, never answers it."""
+
+
+class PinChangeResult(Enum):
+    """What a customer's PIN change did."""
+
+    CHANGED = auto()
+    """The current PIN matched and the new one is stored (new salt, new keyed hash); the
+    account's PIN failures are cleared. Changing to the PIN it already is, as a retry of
+    a change that went through does with its new PIN as both, is CHANGED too."""
+    WRONG = auto()
+    """The current PIN is wrong: one more failure counted, as for a LOGIN."""
+    LOCKED = auto()
+    """The account is locked, by earlier failures or by this one; nothing changed."""
+    TRIVIAL = auto()
+    """The new PIN is one of ``wire._credentials.TRIVIAL_PINS``; refused before the
+    current PIN is checked, so it counts nothing and changes nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class PinChangeVerdict:
+    """A PIN change's outcome, with when a lock ends for the operator's log."""
+
+    result: PinChangeResult
+    locked_until_ms: int | None = None
+    """When ``result`` is LOCKED: when the lock ends (Unix milliseconds)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Posting:
-    """The outcome of a deposit or withdrawal, as the ledger records it.
+    """The outcome of a deposit, withdrawal or transfer, as the ledger records it.
 
     When ``result`` is BOOKED or REPLAYED, the entry's id, time and the balance right
-    after it: the data of a receipt (a replay's are the original entry's). Otherwise
+    after it: the data of a receipt (a replay's are the original entry's; a transfer's
+    are its source entry's, never the destination's). Otherwise
     nothing moved, nothing was recorded, and the other fields are 0.
     """
 
@@ -125,6 +156,35 @@ class Ledger(Protocol):
         With ``fence`` (the session's cluster lease), a new transaction is FENCED unless
         the lease still holds it; a replay is answered as ever.
         """
+        ...
+
+    async def transfer(
+        self,
+        *,
+        account: str,
+        txn_id: bytes,
+        to_account: str,
+        amount_cents: int,
+        limit_cents: int,
+        terminal: str | None = None,
+        fence: int | None = None,
+    ) -> Posting:
+        """Move money from ``account`` to ``to_account`` once, durably: both balances,
+        the transaction and its two entries commit together, or nothing does.
+
+        Idempotent under ``txn_id`` as ``post`` is (the same source, destination and
+        amount is REPLAYED with the source's original entry). A new transfer is refused
+        SAME_ACCOUNT, OVER_LIMIT (``limit_cents``), INSUFFICIENT_FUNDS, then
+        UNKNOWN_DESTINATION, then BALANCE_FULL (the destination's), in that order;
+        refusals record nothing. The destination may be leased by another session: a
+        lease stops a second session, not incoming money.
+        """
+        ...
+
+    async def change_pin(self, account: str, pin: str, new_pin: str) -> PinChangeVerdict:
+        """Replace the PIN if ``pin`` is the current one, which is checked as a LOGIN's
+        is (a wrong one counts toward the lockout); a trivial ``new_pin`` is refused
+        first (TRIVIAL), counting nothing."""
         ...
 
     async def history(self, account: str, count: int) -> list[HistoryEntry]:

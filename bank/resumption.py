@@ -11,7 +11,10 @@ holder of the session's token can take it over, and the token dies with the sess
 
 Tokens are compared in constant time and never logged. Under TLS a token is bound to
 the terminal certificate that opened its session: from another terminal it opens
-nothing. spec/PROTOCOL.md section 6 says
+nothing. This registry holds the sessions of this process. Over PostgreSQL the token's
+hash also goes into the session's lease row (``bank.cluster_leases``), so that another
+process can resume a session this one holds, or held when it died
+(``Leases.take_over``). spec/PROTOCOL.md section 6 says
 what a client may assume and section 10 what a stolen token is worth.
 """
 
@@ -41,15 +44,22 @@ class Resumable(Protocol):
         ...
 
 
+def new_token() -> bytes:
+    """A fresh session token: 128 bits from a cryptographically secure source."""
+    return secrets.token_bytes(SESSION_TOKEN_BYTES)
+
+
 class SessionRegistry:
     """The resumable sessions of this server: at most one per account, with its token."""
 
     def __init__(self) -> None:
         self._sessions: dict[str, tuple[bytes, Resumable]] = {}
 
-    def register(self, account: str, session: Resumable) -> bytes:
-        """``session`` now holds ``account``'s lease: a new token that resumes it."""
-        token = secrets.token_bytes(SESSION_TOKEN_BYTES)
+    def register(self, account: str, session: Resumable, token: bytes | None = None) -> bytes:
+        """``session`` now holds ``account``'s lease: the token that resumes it, new
+        unless given (a cluster lease stores its hash before the session holds it)."""
+        if token is None:
+            token = new_token()
         self._sessions[account] = (token, session)
         return token
 

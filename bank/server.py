@@ -32,6 +32,7 @@ import itertools
 import logging
 import math
 import resource
+import socket
 import ssl
 import time
 from collections import Counter
@@ -41,11 +42,12 @@ from typing import Any, Protocol
 import trio
 
 from bank.admin import Metrics, open_admin_listeners, serve_admin
+from bank.cluster_leases import ClusterLeases
 from bank.config import ServerConfig
 from bank.leases import Leases
 from bank.ledger import Ledger
 from bank.resumption import SessionRegistry
-from bank.session import Session
+from bank.session import LeaseLost, Session
 from bank.transport import (
     CLOSE_LINGER_S,
     HandshakeFailed,
@@ -116,6 +118,7 @@ class Ending(enum.Enum):
     HANDSHAKE_TIMEOUT = "TLS handshake not completed in time"
     HANDSHAKE_FAILED = "TLS handshake failed"
     SUPERSEDED = "superseded: the ATM resumed its session on a new connection"
+    LEASE_LOST = "lease lost: another bank process took the account's session over"
 
 
 class ConnectionEnded(Exception):
@@ -228,9 +231,11 @@ class Connection:
         self._on_bad_frame = on_bad_frame
         self._handshaking = False
         self._handshaken = False
-        self._superseded = False
+        self._superseded: Ending | None = None
+        """Set once the session moved elsewhere: SUPERSEDED, or LEASE_LOST."""
         self._evicted = False
         session.on_supersede = self.supersede
+        session.on_lease_lost = functools.partial(self.supersede, Ending.LEASE_LOST)
         self.deadline = math.inf
         """When the current wait on the peer gives up (trio clock), read by the sweeper."""
         self._ending = Ending.IDLE
@@ -276,13 +281,15 @@ class Connection:
         self._expired_as = Ending.EVICTED
         self._scope.cancel()
 
-    def supersede(self) -> None:
-        """The session moved to a new connection (RESUME): end this one now if it waits
-        on its peer, or else at its next wait, once the request in hand is answered."""
-        self._superseded = True
+    def supersede(self, ending: Ending = Ending.SUPERSEDED) -> None:
+        """The session moved to a new connection (RESUME), here or in another process
+        (LEASE_LOST): end this one now if it waits on its peer, or else at its next
+        wait, once the request in hand is answered."""
+        if self._superseded is None:
+            self._superseded = ending
         if self.deadline < math.inf:
             self._interrupt = Interrupt.DEADLINE
-            self._expired_as = Ending.SUPERSEDED
+            self._expired_as = self._superseded
             self._scope.cancel()
 
     def begin_shutdown(self, close_at: float) -> None:
@@ -328,7 +335,7 @@ class Connection:
             await self._send(self._config.hello())
         while self._engine.state is not State.CLOSED:
             if self._superseded:  # not even a request already buffered is carried out
-                await self._end_at_deadline(Ending.SUPERSEDED)
+                await self._end_at_deadline(self._superseded)
             try:
                 frame = await self._receive_frame()
             except RemoteProtocolError as error:
@@ -378,7 +385,15 @@ class Connection:
         request = frame.message
         assert isinstance(request, Request), "a server's engine yields only requests"
         self.last_request_perf = started = time.perf_counter()
-        reply = await self.session.answer(self._engine, request)
+        try:
+            reply = await self.session.answer(self._engine, request)
+        except LeaseLost:  # its fence refused a money write: nothing moved
+            self._metrics.fenced_writes += 1
+            log.warning(
+                "%s: %s FENCED: the lease was taken over; nothing moved, the session ends",
+                self.name, request.OPCODE.name,
+            )
+            await self._end_at_deadline(Ending.LEASE_LOST)
         log.debug(
             "%s: %s -> %s %s", self.name, request.OPCODE.name, reply.OPCODE.name,
             reply.status.name,
@@ -447,7 +462,7 @@ class Connection:
         """Bound the next wait on the peer: past ``deadline``, the connection ends so.
         A superseded connection's next wait ends at once."""
         if self._superseded:
-            deadline, ending = trio.current_time(), Ending.SUPERSEDED
+            deadline, ending = trio.current_time(), self._superseded
         self.deadline = deadline
         self._ending = ending
         self._sweeper.hurry(deadline)
@@ -459,7 +474,7 @@ class Connection:
         does not get it.
         """
         notice: Message | None = None
-        if ending in {Ending.IDLE, Ending.EVICTED, Ending.SUPERSEDED}:
+        if ending in {Ending.IDLE, Ending.EVICTED, Ending.SUPERSEDED, Ending.LEASE_LOST}:
             notice = SessionExpired()
         elif ending is Ending.FRAME_TIMEOUT:
             notice = Error(Status.FORMAT_ERROR)
@@ -497,7 +512,7 @@ class BankServer:
     ) -> None:
         self.config = config
         self._tls = tls
-        self.leases = Leases()
+        self.leases = cluster_or_local_leases(config)
         self.sessions = SessionRegistry()
         self._ledger = ledger
         self._refusals = trio.CapacityLimiter(REFUSALS_MAX)
@@ -566,6 +581,8 @@ class BankServer:
             log.info("listening on %s", _address(listener.socket.getsockname()))
         async with trio.open_nursery() as sweeping:
             sweeping.start_soon(self._sweeper.run)
+            if isinstance(self.leases, ClusterLeases):  # liveness lock before any login
+                await sweeping.start(self.leases.run)
             if self._admin_listeners:  # serves until every connection has closed
                 await sweeping.start(serve_admin, self, self._admin_listeners)
             async with trio.open_nursery() as handlers:
@@ -747,6 +764,14 @@ class OncePerInterval:
             del self._last[next(iter(self._last))]
 
 
+def cluster_or_local_leases(config: ServerConfig) -> Leases:
+    """Over PostgreSQL the account leases are the cluster's (any number of processes may
+    share the database); over SQLite, this process's lock is the whole lease."""
+    if config.uses_postgresql:
+        return ClusterLeases(config.db, expiry_s=config.lease_expiry_s)
+    return Leases()
+
+
 def address_key(host: str) -> str:
     """What ``preauth_per_address_max`` counts by: the IPv4 address, or the /64 of an
     IPv6 one (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
@@ -762,10 +787,12 @@ def address_key(host: str) -> str:
 
 
 async def bind(
-    config: ServerConfig,
+    config: ServerConfig, *, reuse_port: bool = False
 ) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
     """Bind the bank's address and, if configured, the admin port: both or neither.
-    Raises OSError (e.g. a port in use), naming the admin port when it is that one."""
+    Raises OSError (e.g. a port in use), naming the admin port when it is that one.
+    ``reuse_port``: share the address with the other workers of one ``--workers`` parent
+    (SO_REUSEPORT: the kernel spreads new connections over every listening socket)."""
     admin: list[trio.SocketListener] = []
     if config.admin_port is not None:
         try:
@@ -773,11 +800,52 @@ async def bind(
         except OSError as error:
             raise OSError(f"admin port {config.admin_port}: {error}") from None
     try:
+        if reuse_port:
+            return await open_reuse_port_listeners(config.port, config.host), admin
         return await trio.open_tcp_listeners(config.port, host=config.host), admin
     except OSError:
         for listener in admin:  # never to be served
             await listener.aclose()
         raise
+
+
+async def reuse_port_sockets(port: int, host: str) -> list[trio.socket.SocketType]:
+    """Bound (not listening) SO_REUSEPORT sockets on every address of ``host``; port 0
+    picks one free port for all of them. OSError if one cannot be bound."""
+    addresses = await trio.socket.getaddrinfo(
+        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+    )
+    sockets: list[trio.socket.SocketType] = []
+    try:
+        for family, kind, proto, _, resolved in addresses:
+            sockaddr = resolved
+            sock = trio.socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+            if family == trio.socket.AF_INET6:
+                sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # the port the first one was given
+                sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
+            await sock.bind(sockaddr)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def open_reuse_port_listeners(port: int, host: str) -> list[trio.SocketListener]:
+    """Listeners on ``host``:``port`` that other processes may listen on too."""
+    sockets = await reuse_port_sockets(port, host)
+    try:
+        for sock in sockets:
+            sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return [trio.SocketListener(sock) for sock in sockets]
 
 
 def open_files_needed(connections_max: int) -> int:

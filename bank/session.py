@@ -18,9 +18,9 @@ from typing import Any
 import trio
 
 from bank.config import ServerConfig
-from bank.leases import Leases
+from bank.leases import Lease, Leases
 from bank.ledger import Ledger, PinResult, Posting, PostResult, StorageError
-from bank.resumption import SessionRegistry
+from bank.resumption import SessionRegistry, new_token
 from wire import (
     KIND_OF_REQUEST,
     MONEY_KINDS,
@@ -99,6 +99,13 @@ POST_STATUS: dict[EntryKind, dict[PostResult, Status]] = {
 §3.3, §9): the kinds differ only in the refusal of their own limit."""
 
 
+class LeaseLost(Exception):
+    """The session's cluster lease was taken over (or expired and taken) by another
+    process: a money write was refused by its fence (FENCED, nothing moved). Not
+    answered: the connection ends with SESSION_EXPIRED, as a superseded one does
+    (spec/PROTOCOL.md §6, In a cluster)."""
+
+
 def format_time_ms(time_ms: int) -> str:
     """A Unix time in milliseconds for the log: ``2026-12-02 14:24:03 UTC``."""
     moment = datetime.datetime.fromtimestamp(time_ms / 1000, datetime.UTC)
@@ -119,6 +126,11 @@ class Session:
         """What resumes this session (``bank.resumption``), while it holds its lease."""
         self.on_supersede: Callable[[], None] = lambda: None
         """Set by the connection: end it, for a successor that resumed this session."""
+        self.on_lease_lost: Callable[[], None] = lambda: None
+        """Set by the connection: end it, another process has this session's lease."""
+        self.lease: Lease | None = None
+        """The account's lease while the session holds it; its fence goes with every
+        money write."""
         self._ledger = ledger
         self._leases = leases
         self._config = config
@@ -149,6 +161,8 @@ class Session:
         """
         try:
             return await self._handlers[type(request)](request)
+        except LeaseLost:
+            raise  # the connection ends it, unanswered
         except StorageError:
             log.exception("%s: storage unavailable during %s", self._name, request.OPCODE.name)
             return reply_type(request)(Status.ISSUER_UNAVAILABLE)
@@ -172,12 +186,12 @@ class Session:
     def _release(self, message: str) -> None:
         """``end``, logging ``message`` (with the name and the masked account) if the
         session held an account."""
-        if self.account is not None:
+        if self.account is not None and self.lease is not None:
             if self._sessions is not None:
                 self._sessions.forget(self.account, self)
-            self._leases.release(self.account)
+            self._leases.end(self.lease)
             log.info(message, self._name, mask_account(self.account))
-            self.account = self.token = None
+            self.account = self.token = self.lease = None
         self._released.set()
 
     def supersede(self) -> None:
@@ -188,17 +202,34 @@ class Session:
     async def wait_released(self) -> None:
         await self._released.wait()
 
-    def _hold(self, account: str) -> None:
-        """The lease on ``account`` is this session's: resumable from now on."""
-        self.account = account
-        if self._sessions is not None:
-            self.token = self._sessions.register(account, self)
+    def _lease_lost(self) -> None:
+        """Another process took this session's cluster lease (a RESUME there, or a
+        LOGIN after it expired): end this connection, as a superseded one."""
+        log.warning("%s: lease taken over by another process: ending", self._name)
+        self.on_lease_lost()
+
+    async def _acquire(self, account: str, token: bytes | None) -> Lease | None:
+        return await self._leases.acquire(
+            account, token=token, terminal=self.terminal, on_lost=self._lease_lost
+        )
+
+    def _new_token(self) -> bytes | None:
+        return new_token() if self._sessions is not None else None
+
+    def _hold(self, lease: Lease, token: bytes | None) -> None:
+        """``lease`` is this session's: resumable with ``token`` from now on."""
+        self.account, self.lease = lease.account, lease
+        if self._sessions is not None and token is not None:
+            self.token = self._sessions.register(lease.account, self, token)
 
     async def _login(self, request: Login) -> Reply:
         verdict = await self._ledger.verify_pin(request.account, request.pin)
         status = PIN_STATUS[verdict.result]
-        if status is Status.APPROVED and not self._leases.try_acquire(request.account):
-            status = Status.ACCOUNT_IN_USE
+        token, lease = self._new_token(), None
+        if status is Status.APPROVED:
+            lease = await self._acquire(request.account, token)
+            if lease is None:
+                status = Status.ACCOUNT_IN_USE
         # The operator learns what the customer is not told: that there is no such account.
         unknown = "" if verdict.account_known else " (no such account)"
         masked = mask_account(request.account)
@@ -209,32 +240,45 @@ class Session:
             )
         else:
             log.info("%s: login %s %s%s", self._name, masked, status.name, unknown)
-        if status is Status.APPROVED:
-            self._hold(request.account)
+        if lease is not None:
+            self._hold(lease, token)
         return LoginReply(status)
 
     async def _resume(self, request: Resume) -> Reply:
         """Take over this account's session from its old connection, at once: the old one
         is superseded and its lease passes here, once released (bounded)."""
         masked = mask_account(request.account)
-        predecessor = None
-        if self._sessions is not None:
-            predecessor = self._sessions.claim(request.account, request.token, self.terminal)
-        if predecessor is None:
+        if self._sessions is None:
             log.info("%s: resume %s refused: no such session", self._name, masked)
             return ResumeReply(Status.UNKNOWN_SESSION)
-        predecessor.supersede()
-        with trio.move_on_after(RESUME_TAKEOVER_S):
-            await predecessor.wait_released()
-        if not self._leases.try_acquire(request.account):  # still held, or taken meanwhile
-            log.info("%s: resume %s refused: the lease was not freed", self._name, masked)
-            return ResumeReply(Status.UNKNOWN_SESSION)
-        self._hold(request.account)
-        log.info("%s: resume %s APPROVED", self._name, masked)
+        predecessor = self._sessions.claim(request.account, request.token, self.terminal)
+        token = new_token()
+        if predecessor is None:  # none here; in a cluster, perhaps another process's
+            lease = await self._leases.take_over(
+                request.account, token=request.token, new_token=token,
+                terminal=self.terminal, on_lost=self._lease_lost,
+            )
+            if lease is None:
+                log.info("%s: resume %s refused: no such session", self._name, masked)
+                return ResumeReply(Status.UNKNOWN_SESSION)
+        else:
+            predecessor.supersede()
+            with trio.move_on_after(RESUME_TAKEOVER_S):
+                await predecessor.wait_released()
+            lease = await self._acquire(request.account, token)
+            if lease is None:  # still held, or taken meanwhile
+                log.info("%s: resume %s refused: the lease was not freed", self._name, masked)
+                return ResumeReply(Status.UNKNOWN_SESSION)
+        self._hold(lease, token)
+        log.info(
+            "%s: resume %s APPROVED%s", self._name, masked,
+            " (taken over from another process)" if predecessor is None else "",
+        )
         return ResumeReply(Status.APPROVED)
 
     async def _logout(self, _request: Logout) -> Reply:
         self._release("%s: logout %s")
+        await self._leases.settle()  # free in the whole cluster before the ATM hears so
         return LogoutReply(Status.APPROVED)
 
     async def _balance(self, _request: Balance) -> Reply:
@@ -243,6 +287,8 @@ class Session:
     async def _post(self, request: MoneyRequest) -> Reply:
         kind = KIND_OF_REQUEST[type(request)]
         posting = await self._posting(request, kind)
+        if posting.result is PostResult.FENCED:
+            raise LeaseLost(request.txn_id.hex())
         status = POST_STATUS[kind.entry_kind][posting.result]
         if log.isEnabledFor(logging.INFO):  # the arguments cost more than the check
             self._log_post(request, status, posting)
@@ -271,6 +317,7 @@ class Session:
             amount_cents=request.amount_cents,
             limit_cents=SERVER_LIMITS[kind.entry_kind].cents_max(self._config),
             terminal=self.terminal,
+            fence=None if self.lease is None else self.lease.fence,
         )
 
     async def _history(self, request: History) -> Reply:

@@ -11,6 +11,11 @@ back the whole batch, so no half of a request is ever committed.
 
 The schema states the money rules a second time, as CHECK constraints: a bug (or a hand
 edit) that tries to make a balance negative is refused by the database itself.
+
+Every entry belongs to a transaction record (double entry, as TigerBeetle's transfers):
+a deposit or withdrawal is one transaction with one entry, a transfer one transaction
+with two (TRANSFER_OUT on its source, TRANSFER_IN on its destination). The transaction
+id is the idempotency key, so a transfer's two legs share one id; schema version 4.
 """
 
 from __future__ import annotations
@@ -21,25 +26,36 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bank.accounts_file import AccountRecord
 from bank.config import is_postgresql
-from bank.ledger import PinResult, PinVerdict, Posting, PostResult
+from bank.ledger import (
+    PinChangeResult,
+    PinChangeVerdict,
+    PinResult,
+    PinVerdict,
+    Posting,
+    PostResult,
+)
 from bank.limits import LOCKOUT_MS_MAX
 from bank.pins import PIN_HMAC_BYTES, hash_pin, new_salt, verify
 from wire import (
     AMOUNT_CENTS_MAX,
     BALANCE_CENTS_MAX,
     KIND_OF_ENTRY,
+    TRANSFER,
     TXN_ID_BYTES,
     EntryKind,
     HistoryEntry,
     canonical_account,
     check_pin,
+    entry_change_cents,
+    is_trivial_pin,
     mask_account,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Stored in ``PRAGMA user_version``; 0 means a new database, to be created and seeded."""
 
 PIN_FAILURES_PRUNED_MAX = 2
@@ -70,15 +86,28 @@ CREATE TABLE accounts (
     balance_cents INTEGER NOT NULL CHECK (balance_cents >= 0)
 ) STRICT;
 
+CREATE TABLE transactions (
+    txn_id BLOB PRIMARY KEY CHECK (length(txn_id) = 16),
+    kind INTEGER NOT NULL CHECK (kind IN (1, 2, 3)),
+    account TEXT NOT NULL REFERENCES accounts (account),
+    counterparty TEXT REFERENCES accounts (account),
+    amount_cents INTEGER NOT NULL CHECK (amount_cents > 0),
+    time_ms INTEGER NOT NULL CHECK (time_ms >= 0),
+    terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80),
+    CHECK ((kind = 3) = (counterparty IS NOT NULL)),
+    CHECK (counterparty <> account)
+) STRICT;
+
 CREATE TABLE entries (
     entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
     account TEXT NOT NULL REFERENCES accounts (account),
-    txn_id BLOB NOT NULL UNIQUE CHECK (length(txn_id) = 16),
-    kind INTEGER NOT NULL CHECK (kind IN (1, 2)),
+    txn_id BLOB NOT NULL REFERENCES transactions (txn_id) CHECK (length(txn_id) = 16),
+    kind INTEGER NOT NULL CHECK (kind IN (1, 2, 3, 4)),
     amount_cents INTEGER NOT NULL CHECK (amount_cents > 0),
     balance_cents INTEGER NOT NULL CHECK (balance_cents >= 0),
     time_ms INTEGER NOT NULL CHECK (time_ms >= 0),
-    terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80)
+    terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80),
+    UNIQUE (txn_id, account)
 ) STRICT;
 
 CREATE INDEX entries_by_account ON entries (account, entry_id);
@@ -106,13 +135,40 @@ CREATE INDEX pin_failures_by_age ON pin_failures (last_failure_ms);
 ALTER TABLE entries
     ADD COLUMN terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80);
 """,
+    3: _SCHEMA[_SCHEMA.index("CREATE TABLE transactions") : _SCHEMA.index("CREATE TABLE entries")]
+    + """
+INSERT INTO transactions (txn_id, kind, account, counterparty, amount_cents, time_ms, terminal)
+    SELECT txn_id, kind, account, NULL, amount_cents, time_ms, terminal FROM entries;
+"""
+    + _SCHEMA[_SCHEMA.index("CREATE TABLE entries") : _SCHEMA.index("CREATE INDEX entries_by")]
+    .replace("CREATE TABLE entries (", "CREATE TABLE entries_v4 (")
+    + """
+INSERT INTO entries_v4
+    (entry_id, account, txn_id, kind, amount_cents, balance_cents, time_ms, terminal)
+    SELECT entry_id, account, txn_id, kind, amount_cents, balance_cents, time_ms, terminal
+    FROM entries;
+UPDATE sqlite_sequence SET seq = (SELECT seq FROM sqlite_sequence WHERE name = 'entries')
+    WHERE name = 'entries_v4';
+DROP TABLE entries;
+ALTER TABLE entries_v4 RENAME TO entries;
+CREATE INDEX entries_by_account ON entries (account, entry_id);
+""",
 }
 """Statements that take a database from version N to N + 1, run in one transaction.
 
 1 -> 2: PIN failures carry their time, so that old ones are forgotten and their rows
 deleted; rows from version 1 count as old, but a lock in force is kept until it ends.
 2 -> 3: an entry records the terminal (its TLS certificate's identity) that booked it;
-NULL for entries booked without one, as all earlier entries were."""
+NULL for entries booked without one, as all earlier entries were.
+3 -> 4: transactions, which every entry belongs to (a transfer has two entries under one
+id): each existing entry gets a transaction row with its own kind, account, amount, time
+and terminal and no counterparty, and ``entries`` is rebuilt (SQLite cannot drop a
+constraint in place) with UNIQUE (txn_id, account) instead of UNIQUE (txn_id), keeping
+every entry's id and the AUTOINCREMENT counter."""
+
+TRANSFER_TXN_KIND = int(TRANSFER.debit)
+"""``transactions.kind`` of a transfer, 3. A transaction's kind is the kind of its entry
+on ``transactions.account``: 1 deposit, 2 withdrawal, 3 a transfer's source entry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +202,34 @@ class PostRequest:
     terminal: str | None = None
     """The booking ATM's identity, from its TLS terminal certificate, if it had one."""
     fence: int | None = None
-    """The session's lease fence: with PostgreSQL, money moves only while the account's
-    lease still holds it (else FENCED); SQLite, one process, ignores it."""
+    """The session's lease fence, for a backend that fences leases (PostgreSQL); SQLite,
+    one process holding every lease, ignores it."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRequest:
+    """Money from ``account`` (the session's) to ``to_account`` (see ``Store.transfer``)."""
+
+    account: str
+    txn_id: bytes
+    to_account: str
+    amount_cents: int
+    limit_cents: int
+    """The server's own limit for a new transfer (its withdrawal limit)."""
+    terminal: str | None = None
+    fence: int | None = None
+    """As ``PostRequest.fence``: the source's lease fence; SQLite ignores it."""
+
+
+@dataclass(frozen=True, slots=True)
+class PinChange:
+    """See ``Store.change_pin``."""
+
+    account: str
+    pin: str = field(repr=False)
+    """The current PIN, checked as a LOGIN's is."""
+    new_pin: str = field(repr=False)
+    policy: PinPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +252,9 @@ class HistoryQuery:
     count: int
 
 
-BatchRequest = PostRequest | PinCheck | BalanceQuery | HistoryQuery
+BatchRequest = (
+    PostRequest | TransferRequest | PinCheck | PinChange | BalanceQuery | HistoryQuery
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +295,9 @@ class SchemaError(StoreError):
     """The database was written by a newer version of this program."""
 
 
-Outcome = Posting | PinVerdict | int | list[HistoryEntry] | StoreError | ValueError
+Outcome = (
+    Posting | PinVerdict | PinChangeVerdict | int | list[HistoryEntry] | StoreError | ValueError
+)
 """What ``Store.execute_batch`` gives each request: its result, or its refusal."""
 
 
@@ -321,6 +407,50 @@ class Store:
         request = PostRequest(
             account, txn_id, EntryKind(kind), amount_cents, limit_cents, terminal, fence
         )
+        return self._posting_alone(request, now_ms)
+
+    def transfer(
+        self,
+        *,
+        account: str,
+        txn_id: bytes,
+        to_account: str,
+        amount_cents: int,
+        now_ms: int,
+        limit_cents: int,
+        terminal: str | None = None,
+    ) -> Posting:
+        """Move money from ``account`` to ``to_account`` once, in one committed
+        transaction: both balances, the transaction row and both entries, or nothing.
+
+        Judged in this order, the first that holds answering: a malformed account or id
+        is a ValueError; AMOUNT_OUT_OF_RANGE; a known ``txn_id`` is REPLAYED with the
+        source's original entry if source, destination and amount match (TXN_ID_REUSED
+        otherwise); SAME_ACCOUNT; OVER_LIMIT (``limit_cents``); INSUFFICIENT_FUNDS;
+        UNKNOWN_DESTINATION; BALANCE_FULL (the destination's). The destination is looked
+        up only once the source could pay, so a customer learns whether an account
+        exists only by offering money they have, as a deposit slip would tell them.
+        Refusals record nothing. The source must exist (it is the session's account).
+        """
+        request = TransferRequest(
+            account, txn_id, to_account, amount_cents, limit_cents, terminal
+        )
+        return self._posting_alone(request, now_ms)
+
+    def change_pin(
+        self, account: str, pin: str, new_pin: str, now_ms: int, policy: PinPolicy
+    ) -> PinChangeVerdict:
+        """A customer's PIN change (see ``PinChangeResult``): TRIVIAL first, counting
+        nothing; then the current PIN is checked exactly as ``verify_pin`` checks it, a
+        wrong one counting toward the lockout; if it matches, the new PIN is stored with
+        a new salt and the failures are cleared."""
+        (outcome,) = self.execute_batch([PinChange(account, pin, new_pin, policy)], now_ms)
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert isinstance(outcome, PinChangeVerdict)
+        return outcome
+
+    def _posting_alone(self, request: PostRequest | TransferRequest, now_ms: int) -> Posting:
         (outcome,) = self.execute_batch([request], now_ms)
         if isinstance(outcome, Exception):
             raise outcome
@@ -360,8 +490,12 @@ class Store:
         match request:
             case PostRequest():
                 return self._post_one(request, now_ms)
+            case TransferRequest():
+                return self._transfer_one(request, now_ms)
             case PinCheck():
                 return self._check_pin(request, now_ms)
+            case PinChange():
+                return self._change_pin(request, now_ms)
             case BalanceQuery(account):
                 return self.balance(account)
             case HistoryQuery(account, count):
@@ -376,15 +510,19 @@ class Store:
         amount_cents = request.amount_cents
         if type(amount_cents) is not int or not 1 <= amount_cents <= AMOUNT_CENTS_MAX:
             return Posting(PostResult.AMOUNT_OUT_OF_RANGE)
-        prior = self._entry_by_txn_id(request.txn_id)
+        prior = self._prior_transaction(request.txn_id)
         if prior is not None:
-            return _replay(prior, account=account, kind=request.kind, amount_cents=amount_cents)
+            return _replay(prior, (int(request.kind), account, None, amount_cents))
         if amount_cents > request.limit_cents:
             return Posting(PostResult.OVER_LIMIT)
         self._require_account(account)
         change = _BALANCE_CHANGES[KIND_OF_ENTRY[request.kind].sign]
         if not self._move_money(account, change, amount_cents):
             return Posting(change.refusal)
+        self._insert_transaction(
+            request.txn_id, int(request.kind), account=account, counterparty=None,
+            amount_cents=amount_cents, now_ms=now_ms, terminal=request.terminal,
+        )
         balance_cents = self.balance(account)
         entry_id = self._insert_entry(
             account=account,
@@ -396,6 +534,66 @@ class Store:
             terminal=request.terminal,
         )
         return Posting(PostResult.BOOKED, balance_cents, entry_id, now_ms)
+
+    def _transfer_one(self, request: TransferRequest, now_ms: int) -> Posting:
+        """One transfer inside the caller's transaction (``transfer`` gives the order of
+        its checks); every refusal comes before any write. The two balance updates
+        cannot then refuse, and if one did (a bug) it raises after a write, which rolls
+        back the whole batch (``execute_batch``)."""
+        source = canonical_account(request.account)
+        destination = canonical_account(request.to_account)
+        _check_txn_id(request.txn_id)
+        amount_cents = request.amount_cents
+        if type(amount_cents) is not int or not 1 <= amount_cents <= AMOUNT_CENTS_MAX:
+            return Posting(PostResult.AMOUNT_OUT_OF_RANGE)
+        prior = self._prior_transaction(request.txn_id)
+        if prior is not None:
+            return _replay(prior, (TRANSFER_TXN_KIND, source, destination, amount_cents))
+        if source == destination:
+            return Posting(PostResult.SAME_ACCOUNT)
+        if amount_cents > request.limit_cents:
+            return Posting(PostResult.OVER_LIMIT)
+        if self.balance(source) < amount_cents:
+            return Posting(PostResult.INSUFFICIENT_FUNDS)
+        if not self._account_exists(destination):
+            return Posting(PostResult.UNKNOWN_DESTINATION)
+        if self.balance(destination) > BALANCE_CENTS_MAX - amount_cents:
+            return Posting(PostResult.BALANCE_FULL)
+        for account, kind in ((source, TRANSFER.debit), (destination, TRANSFER.credit)):
+            change = _BALANCE_CHANGES[entry_change_cents(kind, 1)]
+            if not self._move_money(account, change, amount_cents):
+                raise StoreError(f"the {kind.name} leg was refused after its checks passed")
+        self._insert_transaction(
+            request.txn_id, TRANSFER_TXN_KIND, account=source, counterparty=destination,
+            amount_cents=amount_cents, now_ms=now_ms, terminal=request.terminal,
+        )
+        entry_ids: dict[str, int] = {}
+        for account, kind in ((source, TRANSFER.debit), (destination, TRANSFER.credit)):
+            entry_ids[account] = self._insert_entry(
+                account=account,
+                txn_id=request.txn_id,
+                kind=kind,
+                amount_cents=amount_cents,
+                balance_cents=self.balance(account),
+                now_ms=now_ms,
+                terminal=request.terminal,
+            )
+        return Posting(PostResult.BOOKED, self.balance(source), entry_ids[source], now_ms)
+
+    def _change_pin(self, request: PinChange, now_ms: int) -> PinChangeVerdict:
+        """``change_pin`` inside the caller's transaction. The current PIN goes through
+        ``_check_pin``, so its counting, locking and forgetting are a LOGIN's exactly."""
+        account = canonical_account(request.account)
+        check_pin(request.pin)
+        if is_trivial_pin(request.new_pin):
+            return PinChangeVerdict(PinChangeResult.TRIVIAL)
+        verdict = self._check_pin(PinCheck(account, request.pin, request.policy), now_ms)
+        if verdict.result is PinResult.LOCKED:
+            return PinChangeVerdict(PinChangeResult.LOCKED, verdict.locked_until_ms)
+        if verdict.result is PinResult.WRONG:
+            return PinChangeVerdict(PinChangeResult.WRONG)
+        self._store_pin(account, request.new_pin)  # _check_pin cleared the failures
+        return PinChangeVerdict(PinChangeResult.CHANGED)
 
     def history(self, account: str, count: int) -> list[HistoryEntry]:
         """The ``count`` most recent entries, newest first."""
@@ -428,14 +626,9 @@ class Store:
     def reset_pin(self, account: str, pin: str) -> None:
         """Set a new PIN (with a new salt) and lift any lock on the account."""
         account = canonical_account(account)
-        salt = new_salt()
-        pin_hmac = hash_pin(self._key, salt, account, pin)
         with self._transaction():
             self._require_account(account)
-            self._conn.execute(
-                "UPDATE accounts SET pin_salt = ?, pin_hmac = ? WHERE account = ?",
-                (salt, pin_hmac, account),
-            )
+            self._store_pin(account, pin)
             self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
 
     def unlock(self, account: str) -> Forgotten:
@@ -473,7 +666,10 @@ class Store:
 
         Per account: replaying its entries in order from the opening balance must give
         each entry's recorded balance and end at the stored balance (so balance ==
-        opening + deposits - withdrawals), and no balance may be negative.
+        opening + credits - debits), and no balance may be negative. Per transaction:
+        its entries are exactly what its kind books (``transaction_problems``), so a
+        transfer's two legs move the same amount and money is conserved across all
+        accounts: their balances sum to their openings plus deposits minus withdrawals.
         """
         problems: list[str] = []
         with self._read_snapshot():
@@ -482,6 +678,7 @@ class Store:
             ).fetchall()
             for account, opening_cents, balance_cents in accounts:
                 problems += self._account_problems(account, opening_cents, balance_cents)
+            problems += transaction_problems(self._conn)
         return problems
 
     # -- internals -----------------------------------------------------------------------
@@ -547,6 +744,14 @@ class Store:
             row,
         )
 
+    def _store_pin(self, account: str, pin: str) -> None:
+        """The PIN's keyed hash under a new salt, replacing the account's."""
+        salt = new_salt()
+        self._conn.execute(
+            "UPDATE accounts SET pin_salt = ?, pin_hmac = ? WHERE account = ?",
+            (salt, hash_pin(self._key, salt, account, check_pin(pin)), account),
+        )
+
     def _account_exists(self, account: str) -> bool:
         row = self._conn.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone()
         return row is not None
@@ -607,13 +812,30 @@ class Store:
             },
         )
 
-    def _entry_by_txn_id(self, txn_id: bytes) -> tuple[str, int, int, int, int, int] | None:
-        row: tuple[str, int, int, int, int, int] | None = self._conn.execute(
-            "SELECT account, kind, amount_cents, entry_id, balance_cents, time_ms"
-            " FROM entries WHERE txn_id = ?",
+    def _prior_transaction(self, txn_id: bytes) -> _Prior | None:
+        """The transaction booked under ``txn_id``, with its own account's entry."""
+        row = self._conn.execute(
+            "SELECT t.kind, t.account, t.counterparty, t.amount_cents,"
+            " e.entry_id, e.balance_cents, e.time_ms"
+            " FROM transactions AS t JOIN entries AS e"
+            " ON e.txn_id = t.txn_id AND e.account = t.account WHERE t.txn_id = ?",
             (txn_id,),
         ).fetchone()
-        return row
+        if row is None:
+            return None
+        kind, account, counterparty, amount, entry_id, balance, time_ms = row
+        return _Prior((kind, account, counterparty, amount), entry_id, balance, time_ms)
+
+    def _insert_transaction(
+        self, txn_id: bytes, kind: int, *, account: str, counterparty: str | None,
+        amount_cents: int, now_ms: int, terminal: str | None,
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO transactions"
+            " (txn_id, kind, account, counterparty, amount_cents, time_ms, terminal)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (txn_id, kind, account, counterparty, amount_cents, now_ms, terminal),
+        )
 
     def _move_money(self, account: str, change: _BalanceChange, amount_cents: int) -> bool:
         """Change the balance if ``change``'s rule allows; whether a row changed."""
@@ -659,7 +881,7 @@ def account_problems(
     problems: list[str] = []
     running = opening_cents
     for entry_id, kind, amount_cents, recorded_cents in entries:
-        running += KIND_OF_ENTRY[kind].balance_change_cents(amount_cents)
+        running += entry_change_cents(kind, amount_cents)
         if running != recorded_cents:
             problems.append(
                 f"{account}: entry {entry_id} records {recorded_cents}, replay gives {running}"
@@ -668,11 +890,63 @@ def account_problems(
             problems.append(f"{account}: negative balance {running} after {entry_id}")
     if running != balance_cents:
         problems.append(
-            f"{account}: balance {balance_cents} != opening + deposits - withdrawals"
+            f"{account}: balance {balance_cents} != opening + credits - debits"
             f" = {running}"
         )
     if balance_cents < 0:
         problems.append(f"{account}: negative balance {balance_cents}")
+    return problems
+
+
+def transaction_problems(conn: sqlite3.Connection | Any) -> list[str]:
+    """Every transaction whose entries are not what its kind books, and money that is
+    not conserved across all accounts, as text; empty when all is well.
+
+    A deposit or withdrawal has one entry of its own kind, on its account, for its
+    amount; a transfer two, TRANSFER_OUT on its account and TRANSFER_IN on its
+    counterparty, both for its amount; every entry belongs to a transaction (a foreign
+    key). Then, transfers netting to zero, the balances of all accounts sum to their
+    openings plus every deposit minus every withdrawal. Its SQL takes no parameters, so
+    either store's connection (sqlite3's or psycopg's) runs it.
+    """
+    problems: list[str] = []
+    rows = conn.execute(
+        "SELECT t.txn_id, t.kind, t.account, t.counterparty, t.amount_cents,"
+        " e.account, e.kind, e.amount_cents"
+        " FROM transactions AS t LEFT JOIN entries AS e ON e.txn_id = t.txn_id"
+        " ORDER BY t.txn_id, e.entry_id"
+    ).fetchall()
+    booked: dict[bytes, tuple[tuple[str, int, int], ...]] = {}
+    expected: dict[bytes, tuple[tuple[str, int, int], ...]] = {}
+    for txn_id, kind, account, counterparty, amount, e_account, e_kind, e_amount in rows:
+        if kind == TRANSFER_TXN_KIND:
+            expected[txn_id] = (
+                (account, int(TRANSFER.debit), amount),
+                (counterparty, int(TRANSFER.credit), amount),
+            )
+        else:
+            expected[txn_id] = ((account, kind, amount),)
+        if e_account is not None:
+            booked[txn_id] = (*booked.get(txn_id, ()), (e_account, e_kind, e_amount))
+    for txn_id, legs in expected.items():
+        if sorted(booked.get(txn_id, ())) != sorted(legs):
+            problems.append(f"transaction {txn_id.hex()}: entries {booked.get(txn_id, ())}"
+                            f" are not its legs {legs}")
+    # Summed in Python: SQLite's sum() raises on overflow, and balances go up to 2**63 - 1.
+    accounts = conn.execute("SELECT opening_cents, balance_cents FROM accounts").fetchall()
+    opening = sum(row[0] for row in accounts)
+    balance = sum(row[1] for row in accounts)
+    net = sum(
+        entry_change_cents(kind, amount)
+        for kind, amount in conn.execute(
+            f"SELECT kind, amount_cents FROM transactions WHERE kind <> {TRANSFER_TXN_KIND}"
+        )
+    )
+    if balance != opening + net:
+        problems.append(
+            f"money not conserved: balances sum to {balance}, openings {opening}"
+            f" + deposits - withdrawals {net} = {opening + net}"
+        )
     return problems
 
 
@@ -740,18 +1014,23 @@ def _check_txn_id(txn_id: bytes) -> None:
         raise ValueError(f"txn_id must be {TXN_ID_BYTES} bytes")
 
 
-def _replay(
-    prior: tuple[str, int, int, int, int, int],
-    *,
-    account: str,
-    kind: EntryKind,
-    amount_cents: int,
-) -> Posting:
-    """The original entry if the retry asks for the same thing."""
-    prior_account, prior_kind, prior_amount, entry_id, balance_cents, time_ms = prior
-    if (prior_account, prior_kind, prior_amount) != (account, kind, amount_cents):
+@dataclass(frozen=True, slots=True)
+class _Prior:
+    """A booked transaction as a retry is judged against it: what it asked for (kind,
+    account, counterparty, amount), and its own account's entry, the receipt's data."""
+
+    content: tuple[int, str, str | None, int]
+    entry_id: int
+    balance_cents: int
+    time_ms: int
+
+
+def _replay(prior: _Prior, content: tuple[int, str, str | None, int]) -> Posting:
+    """The original entry if the retry asks for the same thing (kind, account,
+    counterparty, amount), else TXN_ID_REUSED."""
+    if prior.content != content:
         return Posting(PostResult.TXN_ID_REUSED)
-    return Posting(PostResult.REPLAYED, balance_cents, entry_id, time_ms)
+    return Posting(PostResult.REPLAYED, prior.balance_cents, prior.entry_id, prior.time_ms)
 
 
 # -- Reading the books from outside: audits and bank.tools.chaos's checker ----------------
@@ -771,6 +1050,9 @@ class BookEntry:
     time_ms: int
     terminal: str | None = None
     """The TLS identity of the ATM that booked it; None if it had none."""
+    counterparty: str | None = None
+    """For a transfer's entry, the other account: the destination of a TRANSFER_OUT,
+    the source of a TRANSFER_IN. None for a deposit or withdrawal."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -807,19 +1089,32 @@ def _read_only(db_path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection]:
             raise StoreError(f"{db_path} is not a bank database")
         if version > SCHEMA_VERSION:
             raise SchemaError(f"database schema version {version} is newer than {SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:  # a reader migrates nothing, and reads only this one
+            raise SchemaError(
+                f"database schema version {version} is older than {SCHEMA_VERSION}: start"
+                " the server (or run any command that writes) once to migrate it"
+            )
         yield conn
     finally:
         conn.close()
 
 
 _ENTRY_COLUMNS = (
-    "entry_id, account, txn_id, kind, amount_cents, balance_cents, time_ms, terminal"
+    "e.entry_id, e.account, e.txn_id, e.kind, e.amount_cents, e.balance_cents, e.time_ms,"
+    " e.terminal, CASE WHEN e.account = t.account THEN t.counterparty ELSE t.account END"
 )
+_ENTRIES = "entries AS e JOIN transactions AS t ON t.txn_id = e.txn_id"
+"""Entries with their transaction, for ``_ENTRY_COLUMNS``'s counterparty."""
 
 
-def _book_entry(row: tuple[int, str, bytes, int, int, int, int, str | None]) -> BookEntry:
-    entry_id, account, txn_id, kind, amount, balance, time_ms, terminal = row
-    return BookEntry(entry_id, account, txn_id, EntryKind(kind), amount, balance, time_ms, terminal)
+def _book_entry(
+    row: tuple[int, str, bytes, int, int, int, int, str | None, str | None],
+) -> BookEntry:
+    entry_id, account, txn_id, kind, amount, balance, time_ms, terminal, counterparty = row
+    return BookEntry(
+        entry_id, account, txn_id, EntryKind(kind), amount, balance, time_ms, terminal,
+        counterparty,
+    )
 
 
 def read_accounts_summary(db_path: str | os.PathLike[str]) -> list[AccountSummary]:
@@ -853,25 +1148,36 @@ def read_statement(
         if conn.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone() is None:
             raise UnknownAccount(account)
         rows = conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE account = ?"
-            " ORDER BY entry_id DESC LIMIT ?",
+            f"SELECT {_ENTRY_COLUMNS} FROM {_ENTRIES} WHERE e.account = ?"
+            " ORDER BY e.entry_id DESC LIMIT ?",
             (account, limit),
         ).fetchall()
     return [_book_entry(row) for row in rows]
 
 
-def read_entry_by_txn_id(db_path: str | os.PathLike[str], txn_id: bytes) -> BookEntry | None:
-    """The entry that transaction ``txn_id`` booked, read-only; None if it moved no money."""
+def read_entries_by_txn_id(
+    db_path: str | os.PathLike[str], txn_id: bytes
+) -> tuple[BookEntry, ...]:
+    """The entries transaction ``txn_id`` booked, in entry order (a transfer's source
+    first), read-only; empty if it moved no money."""
     if is_postgresql(db_path):
         from bank import pg_store  # noqa: PLC0415 (it imports this module)
 
-        return pg_store.read_entry_by_txn_id(db_path, txn_id)
+        return pg_store.read_entries_by_txn_id(db_path, txn_id)
     _check_txn_id(txn_id)
     with _read_only(db_path) as conn:
-        row = conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE txn_id = ?", (txn_id,)
-        ).fetchone()
-    return None if row is None else _book_entry(row)
+        rows = conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM {_ENTRIES} WHERE e.txn_id = ? ORDER BY e.entry_id",
+            (txn_id,),
+        ).fetchall()
+    return tuple(_book_entry(row) for row in rows)
+
+
+def read_entry_by_txn_id(db_path: str | os.PathLike[str], txn_id: bytes) -> BookEntry | None:
+    """The entry that transaction ``txn_id`` booked on its own account (a transfer's:
+    the source's), read-only; None if it moved no money."""
+    entries = read_entries_by_txn_id(db_path, txn_id)
+    return entries[0] if entries else None
 
 
 def read_books(db_path: str | os.PathLike[str]) -> Books:
@@ -886,27 +1192,15 @@ def read_books(db_path: str | os.PathLike[str]) -> Books:
         from bank import pg_store  # noqa: PLC0415 (it imports this module)
 
         return pg_store.read_books(db_path)
-    uri = f"{Path(db_path).resolve().as_uri()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("BEGIN")  # one snapshot for both SELECTs; closing rolls it back
+    with _read_only(db_path) as conn:
         accounts = conn.execute(
             "SELECT account, opening_cents, balance_cents FROM accounts ORDER BY account"
         ).fetchall()
         entries = conn.execute(
-            "SELECT entry_id, account, txn_id, kind, amount_cents, balance_cents, time_ms,"
-            " terminal FROM entries ORDER BY entry_id"
+            f"SELECT {_ENTRY_COLUMNS} FROM {_ENTRIES} ORDER BY e.entry_id"
         ).fetchall()
-    finally:
-        conn.close()
     return Books(
         opening_cents={account: opening for account, opening, _ in accounts},
         balance_cents={account: balance for account, _, balance in accounts},
-        entries=tuple(
-            BookEntry(
-                entry_id, account, txn_id, EntryKind(kind), amount, balance, time_ms, terminal
-            )
-            for entry_id, account, txn_id, kind, amount, balance, time_ms, terminal in entries
-        ),
+        entries=tuple(_book_entry(row) for row in entries),
     )

@@ -14,6 +14,9 @@ from bank.batch_ledger import BatchLedger, open_ledger
 from bank.config import ServerConfig
 from bank.tools import launcher
 from tests.helpers import RunningServer, bank_process_args, start_server
+from tests.pg import any_db, pg_cluster, pg_db
+
+__all__ = ["any_db", "pg_cluster", "pg_db"]  # fixtures for every test module
 
 
 @pytest.fixture

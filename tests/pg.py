@@ -20,13 +20,20 @@ import itertools
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+
+from bank.config import is_postgresql
+from bank.pg_store import PgStore
+from bank.store import Store
 
 DATABASE = "bank"
 START_TIMEOUT_S = 60
@@ -180,3 +187,36 @@ def pg_cluster() -> Iterator[Cluster]:
 def pg_db(pg_cluster: Cluster) -> str:
     """A fresh, empty PostgreSQL bank database (a schema of its own) as a conninfo."""
     return pg_cluster.new_database()
+
+
+# -- The same tests on either backend ------------------------------------------------------
+
+BACKENDS = ["sqlite", "postgresql"]
+INTEGRITY_ERRORS = (sqlite3.IntegrityError, psycopg.IntegrityError)
+"""What either database raises for a write its constraints refuse."""
+
+
+@pytest.fixture(params=BACKENDS)
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh bank database on each backend in turn: an SQLite path or a PostgreSQL
+    conninfo (``bank.config.is_postgresql`` tells them apart, as the server does)."""
+    if request.param == "postgresql":
+        db: str = request.getfixturevalue("pg_db")
+        return db
+    return str(tmp_path / "bank.db")
+
+
+def open_store(db: str, key: bytes, **options: Any) -> Store | PgStore:
+    """The store for ``db``, as ``bank.batch_ledger.open_ledger`` would choose it."""
+    return (PgStore if is_postgresql(db) else Store)(db, key, **options)
+
+
+@contextmanager
+def raw(db: str) -> Iterator[sqlite3.Connection | psycopg.Connection[tuple[Any, ...]]]:
+    """A second connection in autocommit mode, as a hand edit or another tool would use."""
+    if is_postgresql(db):
+        with psycopg.connect(db, autocommit=True) as conn:
+            yield conn
+    else:
+        with closing(sqlite3.connect(db, isolation_level=None)) as lite:
+            yield lite

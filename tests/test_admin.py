@@ -191,6 +191,7 @@ async def test_exposition_names_and_types(bank: RunningServer, admin: int) -> No
         "bank_requests_total": "counter",
         "bank_request_duration_seconds": "histogram",
         "bank_refusals_total": "counter",
+        "bank_fenced_writes_total": "counter",
         "bank_ledger_batch_requests": "histogram",
         "bank_ledger_commit_duration_seconds": "histogram",
     }

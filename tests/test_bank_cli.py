@@ -36,6 +36,7 @@ from bank.server import open_files_needed, raise_open_files_limit
 from bank.store import DEMO_ACCOUNTS, PinPolicy, Store, UnknownAccount
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
+from tests.pg import open_store as bank_store
 from wire import Balance, BalanceReply, EntryKind, Shutdown, Status, mask_account
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -562,6 +563,26 @@ def test_txn_shows_the_booked_entry_or_exits_3_when_it_moved_no_money(
     assert capsys.readouterr().out == f"not booked: transaction {unknown} moved no money\n"
 
 
+def test_statement_and_txn_show_both_legs_of_a_transfer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    reader(tmp_path, "accounts")
+    with open_store(tmp_path) as store:
+        store.transfer(account=DEMO_ACCOUNT, txn_id=TXN_A, to_account="WF-14351",
+                       amount_cents=20_00, now_ms=1_700_000_000_000, limit_cents=10**9)
+    capsys.readouterr()
+    assert reader(tmp_path, "statement", "WF-14351") == 0
+    _, row = (line.split() for line in capsys.readouterr().out.splitlines())
+    assert row[3:8] == ["transfer_in", "from", DEMO_ACCOUNT, "$20.00", "$5,448.22"]
+    assert reader(tmp_path, "txn", TXN_A.hex()) == 0
+    first, source, destination = capsys.readouterr().out.splitlines()
+    assert first.startswith(
+        f"booked: transaction {TXN_A.hex()}, transfer of $20.00 from {DEMO_ACCOUNT} to WF-14351,"
+    )
+    assert source == f"  transfer_out: account {DEMO_ACCOUNT}, entry 1, balance after $1,004.32"
+    assert destination == "  transfer_in: account WF-14351, entry 2, balance after $5,448.22"
+
+
 @pytest.mark.parametrize("txn_id", ["ab" * 15, "ab" * 17, "zz" * 16, "0x" + "ab" * 15])
 def test_a_malformed_txn_id_is_a_usage_error_naming_the_form(
     txn_id: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -687,3 +708,48 @@ def test_start_up_says_why_it_seeded_no_demo_accounts(
             pytest.raises(UnknownAccount),
         ):
             store.balance(DEMO_ACCOUNT)
+
+
+def test_every_operator_command_works_on_either_backend(
+    any_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """add-account, import, unlock, reset-pin, accounts, statement and txn, each against
+    an SQLite file and a PostgreSQL database made as the server's first start makes them."""
+    key = tmp_path / "bank.key"
+    bank_store(any_db, load_or_create_key(key)).close()
+
+    def run(*args: str, stdin: str = "") -> tuple[int, str]:
+        sys.stdin = io.StringIO(stdin)
+        try:
+            status = main([*args, "--db", any_db])
+        finally:
+            sys.stdin = sys.__stdin__
+        return status, capsys.readouterr().out
+
+    keyed = ("--key-file", str(key))
+    assert run("add-account", "XY-00001", "--balance-cents", "1234", *keyed,
+               stdin="4321\n") == (0, "added XY-00001 with $12.34\n")
+    accounts = tmp_path / "accounts.txt"
+    accounts.write_text("qq-11111, 1111, 10.50\nqq-22222, 2222, 0\n")
+    assert run("import", str(accounts), *keyed) == (0, f"imported 2 accounts from {accounts}\n")
+    with bank_store(any_db, key.read_bytes()) as store:
+        for _ in range(POLICY.tries_max):
+            store.verify_pin("XY-00001", "0000", now_ms=4_102_444_800_000, policy=POLICY)
+        store.post(account="XY-00001", txn_id=TXN_A, kind=EntryKind.WITHDRAWAL,
+                   amount_cents=2_34, now_ms=1_700_000_000_000, limit_cents=10**9)
+    status, out = run("accounts")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
+    assert status == 0 and len(rows) == 7 + 3
+    assert rows["XY-00001"] == ["$10.00", "2100-01-01", "00:15:00"]
+    assert rows["QQ-11111"] == ["$10.50", "-"]
+    status, out = run("unlock", "XY-00001", *keyed)
+    assert status == 0 and out.startswith("XY-***01 was locked until 2100-01-01")
+    assert run("reset-pin", "XY-00001", *keyed, stdin="5555\n") == (0, "PIN reset for XY-***01\n")
+    status, out = run("statement", "XY-00001")
+    assert status == 0 and out.splitlines()[1].split()[3:6] == ["withdrawal", "$2.34", "$10.00"]
+    status, out = run("txn", TXN_A.hex())
+    assert status == 0 and out.startswith(f"booked: transaction {TXN_A.hex()}, withdrawal")
+    assert run("txn", TXN_B.hex()) == (3, f"not booked: transaction {TXN_B.hex()} moved no money\n")
+    with bank_store(any_db, key.read_bytes()) as store:
+        assert store.verify_pin("XY-00001", "5555", now_ms=0, policy=POLICY) is PinResult.MATCHED
+        assert store.balance("QQ-11111") == 10_50

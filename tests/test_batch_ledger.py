@@ -1,8 +1,9 @@
-"""BatchLedger: the Ledger protocol over the Store, off the event loop.
+"""BatchLedger: the Ledger protocol over a store, off the event loop.
 
 Covers first start (key and database created), the protocol's methods, lock expiry
 through an injected clock, storage failures surfacing as StorageError, and many trio
-tasks posting at once without breaking the money invariants.
+tasks posting at once without breaking the money invariants: each on SQLite and on
+PostgreSQL (``any_db``), since the ledger serves both.
 """
 
 import inspect
@@ -11,19 +12,29 @@ import sqlite3
 import stat
 import threading
 from collections.abc import AsyncIterator
-from contextlib import closing
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import trio
 
 from bank.batch_ledger import BatchLedger, open_ledger
-from bank.config import ServerConfig
-from bank.ledger import Ledger, PinResult, Posting, PostResult, StorageError
+from bank.config import ServerConfig, is_postgresql
+from bank.ledger import (
+    Ledger,
+    PinChangeResult,
+    PinChangeVerdict,
+    PinResult,
+    Posting,
+    PostResult,
+    StorageError,
+)
 from bank.pins import KEY_BYTES
-from bank.store import PinPolicy, Store
+from bank.store import PinPolicy
+from tests.pg import open_store, raw
 from wire import EntryKind
-from wire._kinds import KIND_OF_ENTRY
+from wire._kinds import KIND_OF_ENTRY, MONEY_KINDS
 from wire._limits import AMOUNT_CENTS_MAX
 
 T0 = 1_700_000_000_000
@@ -45,8 +56,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path, clock: FakeClock) -> AsyncIterator[BatchLedger]:
-    opened = await open_ledger(tmp_path / "bank.db", tmp_path / "pin.key", clock_ms=clock)
+async def ledger(any_db: str, tmp_path: Path, clock: FakeClock) -> AsyncIterator[BatchLedger]:
+    opened = await open_ledger(any_db, tmp_path / "pin.key", clock_ms=clock)
     try:
         yield opened
     finally:
@@ -65,14 +76,16 @@ def test_sqlite_ledger_has_the_ledger_protocol_signatures():
             assert inspect.signature(ours) == inspect.signature(member), name
 
 
-async def test_first_start_creates_key_and_database(tmp_path: Path):
-    ledger = await open_ledger(tmp_path / "bank.db", tmp_path / "pin.key")
+async def test_first_start_creates_key_and_database(any_db: str, tmp_path: Path):
+    ledger = await open_ledger(any_db, tmp_path / "pin.key")
+    assert ledger.opened.db_created and ledger.opened.key_created
     await ledger.aclose()
     key_path = tmp_path / "pin.key"
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     assert key_path.stat().st_size == KEY_BYTES
     key = key_path.read_bytes()
-    ledger = await open_ledger(tmp_path / "bank.db", key_path)
+    ledger = await open_ledger(any_db, key_path)
+    assert not ledger.opened.db_created and not ledger.opened.key_created
     try:
         assert (await ledger.verify_pin("ac-12345", "1324")).result is PinResult.MATCHED
     finally:
@@ -114,9 +127,11 @@ async def test_lock_expiry_follows_the_injected_clock(ledger: BatchLedger, clock
     assert (await ledger.verify_pin("AC-12345", "1324")).result is PinResult.MATCHED
 
 
-async def test_open_ledger_passes_lockout_settings(tmp_path: Path, clock: FakeClock):
+async def test_open_ledger_passes_lockout_settings(
+    any_db: str, tmp_path: Path, clock: FakeClock
+):
     ledger = await open_ledger(
-        tmp_path / "bank.db", tmp_path / "pin.key", pin_tries_max=1, lockout_s=2, clock_ms=clock
+        any_db, tmp_path / "pin.key", pin_tries_max=1, lockout_s=2, clock_ms=clock
     )
     try:
         assert (await ledger.verify_pin("QQ-00000", "0000")).result is PinResult.LOCKED
@@ -127,16 +142,18 @@ async def test_open_ledger_passes_lockout_settings(tmp_path: Path, clock: FakeCl
         await ledger.aclose()
 
 
-async def test_store_runs_in_a_worker_thread(tmp_path: Path):
+async def test_store_runs_in_a_worker_thread(any_db: str):
     threads: list[int] = []
+    store = open_store(any_db, bytes(KEY_BYTES))
+    execute_batch = store.execute_batch
 
-    class RecordingStore(Store):
-        def balance(self, account: str) -> int:
-            threads.append(threading.get_ident())
-            return super().balance(account)
+    def recording(requests: Any, now_ms: int) -> Any:
+        threads.append(threading.get_ident())
+        return execute_batch(requests, now_ms)
 
+    store.execute_batch = recording  # type: ignore[method-assign]
     ledger = BatchLedger(
-        RecordingStore(tmp_path / "bank.db", bytes(KEY_BYTES)),
+        store,
         pin_policy=PinPolicy(tries_max=3, lockout_ms=0),
     )
     try:
@@ -146,17 +163,17 @@ async def test_store_runs_in_a_worker_thread(tmp_path: Path):
     assert threads and threading.get_ident() not in threads
 
 
-async def test_sqlite_error_becomes_storage_error(ledger: BatchLedger, tmp_path: Path):
-    with closing(sqlite3.connect(tmp_path / "bank.db", isolation_level=None)) as conn:
+async def test_a_database_error_becomes_storage_error(ledger: BatchLedger, any_db: str):
+    with raw(any_db) as conn:
         conn.execute("DROP TABLE pin_failures")
     with pytest.raises(StorageError) as caught:
         await ledger.verify_pin("AC-12345", "1324")
-    assert isinstance(caught.value.__cause__, sqlite3.Error)
+    assert isinstance(caught.value.__cause__, sqlite3.Error | psycopg.Error)
     assert await ledger.balance("AC-12345") == 102_432  # the ledger still serves the rest
 
 
-async def test_closed_ledger_raises_storage_error(tmp_path: Path):
-    ledger = await open_ledger(tmp_path / "bank.db", tmp_path / "pin.key")
+async def test_closed_ledger_raises_storage_error(any_db: str, tmp_path: Path):
+    ledger = await open_ledger(any_db, tmp_path / "pin.key")
     await ledger.aclose()
     await ledger.aclose()
     with pytest.raises(StorageError):
@@ -173,7 +190,11 @@ async def test_concurrent_posts_keep_the_invariants(ledger: BatchLedger):
     accounts = {"AC-12345": 102_432, "BC-01373": 4_572}
     rng = random.Random(1)
     requests = [
-        (rng.choice(list(accounts)), rng.choice(list(EntryKind)), rng.randint(1, 50_000))
+        (
+            rng.choice(list(accounts)),
+            rng.choice([kind.entry_kind for kind in MONEY_KINDS]),
+            rng.randint(1, 50_000),
+        )
         for _ in range(300)
     ]
     # Tasks draw from one pool of (id -> request), so the same id often arrives several
@@ -213,3 +234,42 @@ async def test_concurrent_posts_keep_the_invariants(ledger: BatchLedger):
     assert PostResult.REPLAYED in results
     assert PostResult.TXN_ID_REUSED in results
     assert PostResult.INSUFFICIENT_FUNDS in results
+
+
+async def test_transfer_and_change_pin_through_the_ledger(ledger: BatchLedger, any_db: str):
+    if is_postgresql(any_db):  # the source's lease, as the cluster's code writes it
+        with raw(any_db) as conn:
+            conn.execute("INSERT INTO leases (account, fence, holder, expires_at)"
+                         " VALUES ('AC-12345', 7, 'boot-1', now() + interval '1 minute')")
+    moved = await ledger.transfer(
+        account="AC-12345", txn_id=txn(1), to_account="BC-01373", amount_cents=2_432,
+        limit_cents=AMOUNT_CENTS_MAX, fence=7,  # SQLite ignores the fence
+    )
+    assert moved.result is PostResult.BOOKED
+    assert await ledger.balance("AC-12345") == 100_000
+    assert await ledger.balance("BC-01373") == 4_572 + 2_432
+    assert (await ledger.history("BC-01373", 1))[0].kind is EntryKind.TRANSFER_IN
+    changed = await ledger.change_pin("AC-12345", "1324", "2580")
+    assert changed == PinChangeVerdict(PinChangeResult.CHANGED)
+    assert (await ledger.verify_pin("AC-12345", "2580")).result is PinResult.MATCHED
+    assert await ledger.check_invariants() == []
+
+
+async def test_concurrent_opposite_transfers_conserve_money(ledger: BatchLedger):
+    accounts = ["AC-12345", "BC-01373", "WF-14351"]
+    total = sum([await ledger.balance(account) for account in accounts])
+    rng = random.Random(2)
+
+    async def worker(task: int) -> None:
+        for step in range(20):
+            source, destination = rng.sample(accounts, 2)
+            await ledger.transfer(
+                account=source, txn_id=txn(task * 100 + step % 15), to_account=destination,
+                amount_cents=rng.randint(1, 5_000), limit_cents=AMOUNT_CENTS_MAX,
+            )
+
+    async with trio.open_nursery() as nursery:
+        for task in range(10):
+            nursery.start_soon(worker, task)
+    assert sum([await ledger.balance(account) for account in accounts]) == total
+    assert await ledger.check_invariants() == []

@@ -35,7 +35,6 @@ from bank.tools.bench import (
     reply_status,
     turns,
 )
-from tests.pg import pg_cluster, pg_db  # noqa: F401  (fixtures: a throwaway PostgreSQL)
 from wire import (
     HISTORY_ENTRIES_MAX,
     BalanceReply,
@@ -170,7 +169,7 @@ def test_idle_mode_reports_memory_and_latency(tmp_path: Path) -> None:
 
 
 def test_a_postgresql_bank_is_loaded_beside_the_sqlite_one(
-    pg_db: str, tmp_path: Path  # noqa: F811
+    pg_db: str, tmp_path: Path
 ) -> None:
     """issue 14: ``--db URL`` reports the same JSON; with --compare-db, the two in turns."""
     report = run_bench(

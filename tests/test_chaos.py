@@ -24,8 +24,11 @@ from bank.tools.chaos import (
     main,
     read_bank_state,
 )
+from tests.pg import pg_cluster, pg_db
 from wire import EntryKind, Status
 from wire._limits import AMOUNT_CENTS_MAX
+
+__all__ = ["pg_cluster", "pg_db"]
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 60
@@ -93,6 +96,31 @@ async def test_a_short_run_with_crashes_loses_and_duplicates_nothing(tmp_path: P
     assert len(history) == figures["operations"]
     assert "crash 2: kill -9" in stderr
     assert "SIGTERM received" in (workdir / "server-3.log").read_text()  # the clean stop
+
+
+async def test_a_cluster_run_with_crashes_and_a_freeze_loses_and_duplicates_nothing(
+    tmp_path: Path, pg_db: str
+):
+    """Three servers on one PostgreSQL: kill -9s, one SIGSTOP past the leases' expiry,
+    clients failing over with RESUME and replays; stale writes are fenced."""
+    command = [
+        sys.executable, "-m", "bank.chaos", "--db", pg_db, "--servers", "3",
+        "--seconds", "6", "--crashes", "2", "--clients", "4", "--seed", "1",
+        "--keep", str(tmp_path / "run"),
+    ]
+    with trio.fail_after(RUN_TIMEOUT_S):
+        result = await trio.run_process(
+            command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
+        )
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stdout + stderr
+    figures = json.loads(stdout.strip().splitlines()[-1])
+    assert figures["ok"] is True and figures["invariant_ok"] is True
+    assert figures["lost"] == 0 and figures["duplicated"] == 0
+    assert (figures["crashes"], figures["servers"], figures["freezes"]) == (2, 3, 1)
+    assert figures["unknown_unresolved"] == 0 and figures["acknowledged"] > 0
+    assert isinstance(figures["fenced_writes"], int) and figures["fenced_writes"] >= 0
+    assert "freeze: SIGSTOP" in stderr and "thaw: SIGCONT" in stderr
 
 
 def test_the_checker_passes_a_consistent_history():

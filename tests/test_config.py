@@ -11,7 +11,15 @@ from unittest import mock
 import pytest
 
 from bank.__main__ import build_parser
-from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig, add_arguments, from_arguments
+from bank.config import (
+    PIN_LOCKOUT_S_MAX,
+    ServerConfig,
+    add_arguments,
+    from_arguments,
+    hide_password,
+    is_postgresql,
+    redact_db,
+)
 from bank.limits import LOCKOUT_MS_MAX
 
 
@@ -78,3 +86,57 @@ def test_switches_take_flags_and_yes_or_no_env_vars() -> None:
         assert from_arguments(parser.parse_args([])).insecure_plaintext is True
         plain = from_arguments(parser.parse_args(["--no-insecure-plaintext"]))
         assert plain.insecure_plaintext is False
+
+
+# -- --db: an SQLite file or PostgreSQL, and a password never shown -------------------------
+
+@pytest.mark.parametrize(
+    ("db", "postgresql"),
+    [
+        ("bank.db", False),
+        ("/var/lib/bank/bank.db", False),
+        ("weird=name.db", False),
+        ("postgresql://bank@db.example/bank", True),
+        ("postgres://bank@db.example/bank", True),
+        ("host=/run/postgresql dbname=bank", True),
+        ("dbname=bank", True),
+    ],
+)
+def test_one_function_tells_a_file_from_postgresql(db: str, postgresql: bool):
+    assert is_postgresql(db) is postgresql
+    assert is_postgresql(Path(db)) is postgresql or "://" in db  # a Path mangles a URL
+
+
+@pytest.mark.parametrize(
+    ("db", "shown", "password"),
+    [
+        ("postgresql://bank:s3cret@db.example:5432/bank",
+         "postgresql://bank:***@db.example:5432/bank", "s3cret"),
+        ("postgresql://bank:s3%40cret@db.example/bank",
+         "postgresql://bank:***@db.example/bank", "s3@cret"),
+        ("postgresql://bank@db.example/bank?password=s3cret&sslmode=require",
+         "postgresql://bank@db.example/bank?password=***&sslmode=require", "s3cret"),
+        ("host=db.example password=s3cret dbname=bank",
+         "host=db.example password=*** dbname=bank", "s3cret"),
+        ("host=db.example password = 's3 cret' dbname=bank",
+         "host=db.example password = *** dbname=bank", "s3 cret"),
+        ("postgresql://bank@db.example/bank", "postgresql://bank@db.example/bank", None),
+        ("bank.db", "bank.db", None),
+    ],
+)
+def test_a_password_in_db_is_redacted(db: str, shown: str, password: str | None):
+    assert redact_db(db) == shown
+    if password is not None:  # and should a driver quote it, raw or decoded, it goes too
+        message = hide_password(f"cannot reach {db}: password {password!r} refused", db)
+        assert password not in message and shown in message
+
+
+def test_help_never_shows_the_password_of_bank_db(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setenv("BANK_DB", "postgresql://bank:s3cret@db.example/bank")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and "bank:***@db.example" in " ".join(out.split())
+    assert from_arguments(build_parser().parse_args([])).db.endswith("s3cret@db.example/bank")

@@ -6,10 +6,11 @@ refused while the first holds the account and admitted after its logout; three w
 PINs locking the account; the SHUTDOWN notice reaching a connected ATM; and a deposit
 whose reply is lost in the network, retried by the ATM and applied exactly once.
 
-Every scenario but the lost reply runs twice: in plaintext, and inside TLS with terminal
-certificates (``bank`` is parametrized). The lost reply needs a relay that reads frames,
-which TLS exists to prevent; what it proves, the ATM's confirm-by-replay, is the same
-code over either transport.
+Every scenario but the lost reply runs three times: in plaintext, inside TLS with
+terminal certificates, and in plaintext over PostgreSQL (``bank`` is parametrized; the
+PostgreSQL bank is given a URL with a password, which its log must never show). The lost
+reply needs a relay that reads frames, which TLS exists to prevent; what it proves, the
+ATM's confirm-by-replay, is the same code over either transport.
 """
 
 from __future__ import annotations
@@ -32,18 +33,21 @@ from bank.store import read_books
 from bank.tls import init_ca_and_server, issue_terminal
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, OTHER_ACCOUNT, OTHER_PIN, bank_process_args
+from tests.pg import Cluster
 from wire import Decoder, DepositReply, Sender, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESS_TIMEOUT_S = 30
 """Bound on any one process step; generous for a loaded CI machine, never reached when well."""
 
+PG_PASSWORD = "s3cret-never-logged"
+
 MENU = re.escape("[b]alance  [d]eposit  [w]ithdraw  [h]istory  e[x]it: ")
 
 
-def balance_cents(tmp_path: Path, account: str) -> int:
-    """From the books of the bank database in tmp_path, read-only."""
-    return read_books(tmp_path / "bank.db").balance_cents[account]
+def balance_cents(db: str | Path, account: str) -> int:
+    """From the books of the bank database, read-only."""
+    return read_books(db).balance_cents[account]
 
 
 @dataclass(frozen=True)
@@ -52,14 +56,24 @@ class Bank:
 
     server: launcher.Server
     atm_flags: tuple[str, ...]
+    db: str
+    """The bank's --db: its SQLite file, or its PostgreSQL URL."""
 
 
-@pytest.fixture(params=["plaintext", "tls"])
+@pytest.fixture(params=["plaintext", "tls", "postgresql"])
 def bank(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bank]:
     """``python -m bank`` on a fresh database; under TLS with the certificates its own
-    tls-init and tls-terminal commands make, requiring a terminal certificate."""
+    tls-init and tls-terminal commands make, requiring a terminal certificate; or on a
+    fresh PostgreSQL database, named by a URL with a password (trust auth ignores it)."""
     args = bank_process_args(tmp_path)
+    db = str(tmp_path / "bank.db")
     flags: tuple[str, ...] = ()
+    if request.param == "postgresql":
+        cluster: Cluster = request.getfixturevalue("pg_cluster")
+        schema = cluster.new_database().rsplit("search_path=", 1)[1].strip("'")
+        db = (f"postgresql://postgres:{PG_PASSWORD}@127.0.0.1:{cluster.port}/bank"
+              f"?options=-csearch_path%3D{schema}")
+        args[args.index("--db") + 1] = db
     if request.param == "tls":
         tls = tmp_path / "tls"
         files = init_ca_and_server(tls, ["127.0.0.1"])
@@ -69,7 +83,8 @@ def bank(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bank]:
         flags = ("--host", "127.0.0.1", "--tls-ca", str(files.ca),
                  "--tls-cert", str(terminal.cert), "--tls-key", str(terminal.key))
     with launcher.start(args, workdir=tmp_path) as server:
-        yield Bank(server, ("--port", str(server.port), *flags))
+        yield Bank(server, ("--port", str(server.port), *flags), db)
+        assert PG_PASSWORD not in server.log_path.read_text()
 
 
 def atm_piped(bank: Bank, *answers: str) -> subprocess.CompletedProcess[str]:
@@ -132,7 +147,7 @@ def test_full_session_at_a_terminal(bank: Bank, tmp_path: Path):
     atm.expect(pexpect.EOF)
     atm.close()
     assert atm.exitstatus == ExitCode.OK
-    assert balance_cents(tmp_path, DEMO_ACCOUNT) == 1_000_00
+    assert balance_cents(bank.db, DEMO_ACCOUNT) == 1_000_00
 
 
 def test_full_session_through_a_pipe(bank: Bank, tmp_path: Path):
@@ -143,10 +158,10 @@ def test_full_session_through_a_pipe(bank: Bank, tmp_path: Path):
     assert "Your balance is $1,100.00." in result.stdout
     assert result.stdout.count("RECEIPT") == 2
     assert "Logged out." in result.stdout and result.stderr == ""
-    assert balance_cents(tmp_path, DEMO_ACCOUNT) == 1_100_00
+    assert balance_cents(bank.db, DEMO_ACCOUNT) == 1_100_00
     # Under TLS each entry names the terminal that booked it, as does the bank's log.
     terminal = "CN=atm-0001" if "--tls-cert" in bank.atm_flags else None
-    assert {entry.terminal for entry in read_books(tmp_path / "bank.db").entries} == {terminal}
+    assert {entry.terminal for entry in read_books(bank.db).entries} == {terminal}
     if terminal is not None:
         assert f"{terminal}: login AC-***45 APPROVED" in bank.server.log_path.read_text()
 
@@ -162,7 +177,7 @@ def test_an_overdraft_is_refused(bank: Bank, tmp_path: Path):
     assert "Insufficient funds (51)" in result.stdout
     assert "Your balance is $45.72." in result.stdout
     assert result.returncode == ExitCode.OK
-    assert balance_cents(tmp_path, OTHER_ACCOUNT) == 45_72
+    assert balance_cents(bank.db, OTHER_ACCOUNT) == 45_72
 
 
 def test_a_second_atm_is_refused_until_the_first_logs_out(bank: Bank):
@@ -228,7 +243,7 @@ async def test_a_deposit_whose_reply_is_lost_is_applied_exactly_once(
     assert cut.is_set(), "the proxy never saw a deposit reply"
     assert result.returncode == ExitCode.OK, stdout + result.stderr.decode()
     assert "Your balance is $1,036.66." in stdout
-    assert balance_cents(tmp_path, DEMO_ACCOUNT) == 1_024_32 + 12_34
+    assert balance_cents(tmp_path / "bank.db", DEMO_ACCOUNT) == 1_024_32 + 12_34
 
 
 async def relay(atm: trio.SocketStream, *, bank_port: int, cut: trio.Event) -> None:

@@ -1,19 +1,22 @@
 """Batching in BatchLedger: requests that arrive together (posts, PIN checks, balances,
 history) share one transaction and one thread hop, yet each gets exactly its own
-outcome, durably, and no caller can be stranded."""
+outcome, durably, and no caller can be stranded: on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from bank.batch_ledger import BatchLedger
+from bank.batch_ledger import BatchLedger, open_ledger
 from bank.ledger import PinResult, PostResult, StorageError
+from bank.pg_store import PgStore, _Statement
 from bank.store import UnknownAccount
 from wire import EntryKind
 from wire._limits import AMOUNT_CENTS_MAX
@@ -21,6 +24,17 @@ from wire._limits import AMOUNT_CENTS_MAX
 ACCOUNT, OPENING_CENTS = "AC-12345", 1_024_32
 RELEASE_TIMEOUT_S = 10
 """Bound on the gated commit's wait, so a broken test fails instead of hanging."""
+
+
+@pytest.fixture
+async def ledger(any_db: str, tmp_path: Path) -> AsyncIterator[BatchLedger]:
+    """A ledger on each backend in turn (this module's own: the server tests' fixture
+    is SQLite's alone)."""
+    opened = await open_ledger(any_db, tmp_path / "bank.key")
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
 
 
 def count_batches(ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -74,17 +88,31 @@ async def test_one_bad_request_does_not_spoil_its_batch(ledger: BatchLedger):
 async def test_a_storage_failure_fails_the_whole_batch_and_moves_nothing(
     ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
-    real_insert = ledger._store._insert_entry
+    """The second post of the batch fails in the database, after the first wrote."""
     calls = 0
+    if isinstance(ledger._store, PgStore):
+        real_plan = ledger._store._plan_post
 
-    def insert_then_fail(**fields):
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise sqlite3.OperationalError("disk I/O error")
-        return real_insert(**fields)
+        def plan_then_fail(request, now_ms):
+            nonlocal calls
+            calls += 1
+            plan = real_plan(request, now_ms)
+            if calls == 2:  # a statement the server refuses, mid-pipeline
+                return _Statement("SELECT 1 / 0", plan.params, plan.decode)
+            return plan
 
-    monkeypatch.setattr(ledger._store, "_insert_entry", insert_then_fail)
+        monkeypatch.setattr(ledger._store, "_plan_post", plan_then_fail)
+    else:
+        real_insert = ledger._store._insert_entry
+
+        def insert_then_fail(**fields):
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise sqlite3.OperationalError("disk I/O error")
+            return real_insert(**fields)
+
+        monkeypatch.setattr(ledger._store, "_insert_entry", insert_then_fail)
     results: list = []
     async with trio.open_nursery() as nursery:
         for cents in (1_00, 2_00, 3_00):

@@ -11,7 +11,16 @@ from atm.text import TransactionKind
 from bank import store
 from bank.session import POST_STATUS, SERVER_LIMITS
 from wire import MESSAGE_TYPES, PERMITTED, EntryKind, Message, State
-from wire._kinds import DEPOSIT, KIND_OF_ENTRY, KIND_OF_REQUEST, MONEY_KINDS, WITHDRAWAL
+from wire._kinds import (
+    DEPOSIT,
+    ENTRY_SIGN,
+    KIND_OF_ENTRY,
+    KIND_OF_REQUEST,
+    MONEY_KINDS,
+    TRANSFER,
+    WITHDRAWAL,
+    entry_change_cents,
+)
 from wire._messages import MoneyReply, MoneyRequest, reply_type
 
 
@@ -21,9 +30,16 @@ def messages_of(base: type[Message]) -> set[type[Message]]:
 
 
 def test_every_entry_kind_and_money_message_has_exactly_one_row():
-    assert sorted(kind.entry_kind for kind in MONEY_KINDS) == list(EntryKind)
+    transfer_entries = [TRANSFER.debit, TRANSFER.credit]
+    assert sorted([kind.entry_kind for kind in MONEY_KINDS] + transfer_entries) == list(EntryKind)
     assert set(KIND_OF_REQUEST) == messages_of(MoneyRequest)
     assert {kind.reply for kind in MONEY_KINDS} == messages_of(MoneyReply)
+    assert set(ENTRY_SIGN) == set(EntryKind)
+
+
+def test_a_transfer_debits_its_source_and_credits_its_destination_alike():
+    assert entry_change_cents(TRANSFER.debit, 5_00) == -5_00
+    assert entry_change_cents(TRANSFER.credit, 5_00) == 5_00
 
 
 @pytest.mark.parametrize("kind", MONEY_KINDS)

@@ -1,8 +1,12 @@
-"""The synchronous SQLite store: schema, seeding, PINs, lockout, postings, invariants, and
+"""The synchronous stores: schema, seeding, PINs, lockout, postings, invariants, and
 ``read_books``, the read-only view of the ledger from outside a Store.
 
-Each test gets a fresh database in tmp_path. Times are plain integers passed as
-``now_ms``, so lock expiry is tested without waiting.
+Every test that takes ``store`` or ``any_db`` runs twice, on SQLite (``bank.store.Store``,
+a fresh file in tmp_path) and on PostgreSQL (``bank.pg_store.PgStore``, a fresh schema in
+the session's throwaway cluster): one suite, one set of money rules. What only SQLite has
+(pragmas, its migrations, the WAL, its files) takes ``sqlite_store`` or ``db_path``;
+PostgreSQL's own (fencing, migrations, reconnection) is in test_pg_store.py. Times are
+plain integers passed as ``now_ms``, so lock expiry is tested without waiting.
 """
 
 import dataclasses
@@ -10,12 +14,21 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bank.accounts_file import parse_accounts
-from bank.ledger import PinResult, PinVerdict, Posting, PostResult
+from bank.ledger import (
+    PinChangeResult,
+    PinChangeVerdict,
+    PinResult,
+    PinVerdict,
+    Posting,
+    PostResult,
+)
 from bank.limits import LOCKOUT_MS_MAX
+from bank.pg_store import PgStore
 from bank.pins import KEY_BYTES, PIN_HMAC_BYTES, SALT_BYTES, hash_pin
 from bank.store import (
     DEMO_ACCOUNTS,
@@ -31,9 +44,11 @@ from bank.store import (
     PostRequest,
     SchemaError,
     Store,
+    TransferRequest,
     UnknownAccount,
     read_books,
 )
+from tests.pg import open_store, raw
 from wire import EntryKind, HistoryEntry
 from wire._limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
 
@@ -56,18 +71,34 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
+def store(any_db: str) -> Iterator[Store | PgStore]:
+    with open_store(any_db, KEY) as opened:
+        yield opened
+
+
+@pytest.fixture
+def sqlite_store(db_path: Path) -> Iterator[Store]:
     with Store(db_path, KEY) as opened:
         yield opened
 
 
-def raw(db_path: Path) -> closing[sqlite3.Connection]:
+def raw_sqlite(db_path: Path) -> closing[sqlite3.Connection]:
     """A second connection, as a hand edit or another tool would use; closed on exit."""
     return closing(sqlite3.connect(db_path, isolation_level=None))
 
 
+AnyStore = Store | PgStore
+
+
+def select(store: AnyStore, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of a parameterless SELECT on the store's own connection (either driver)."""
+    conn = store._conn
+    assert conn is not None
+    return list(conn.execute(sql).fetchall())
+
+
 def post(
-    store: Store,
+    store: AnyStore,
     n: int,
     kind: EntryKind,
     amount_cents: int,
@@ -81,30 +112,33 @@ def post(
     )
 
 
-def entry_count(store: Store) -> int:
-    return store._conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+def entry_count(store: AnyStore) -> int:
+    return select(store, "SELECT count(*) FROM entries")[0][0]
 
 
 # -- schema, pragmas, seeding -------------------------------------------------------------
 
 
-def test_pragmas(store: Store):
-    conn = store._conn
+def test_pragmas(sqlite_store: Store):
+    conn = sqlite_store._conn
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
     assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 
 
-def test_schema_tables(store: Store):
+def test_schema_tables(sqlite_store: Store):
     tables = {
-        name for (name,) in store._conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")
+        name
+        for (name,) in sqlite_store._conn.execute(
+            "SELECT name FROM sqlite_schema WHERE type='table'"
+        )
     }
     assert {"accounts", "entries", "pin_failures"} <= tables
-    assert store.integrity_ok()
+    assert sqlite_store.integrity_ok()
 
 
-def test_demo_accounts_are_seeded(store: Store):
+def test_demo_accounts_are_seeded(store: AnyStore):
     assert len(DEMO_ACCOUNTS) == 7
     for account, pin, balance_cents in DEMO_ACCOUNTS:
         assert store.balance(account) == balance_cents
@@ -115,18 +149,20 @@ def test_demo_accounts_are_seeded(store: Store):
     assert store.check_invariants() == []
 
 
-def test_reopening_keeps_data_and_does_not_reseed(db_path: Path):
-    with Store(db_path, KEY) as store:
+def test_reopening_keeps_data_and_does_not_reseed(any_db: str):
+    with open_store(any_db, KEY) as store:
         assert post(store, 1, WITHDRAWAL, 432).result is PostResult.BOOKED
         store.reset_pin("AC-12345", "0000")
-    with Store(db_path, KEY) as store:
+    with open_store(any_db, KEY) as store:
+        assert not store.created
         assert store.balance("AC-12345") == 102_000
         assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.MATCHED
         assert store.history("AC-12345", 10)[0].amount_cents == 432
 
 
-def test_empty_database_without_demo_accounts(db_path: Path):
-    with Store(db_path, KEY, seed_demo=False) as store:
+def test_empty_database_without_demo_accounts(any_db: str):
+    with open_store(any_db, KEY, seed_demo=False) as store:
+        assert store.created and store.seeded == ()
         with pytest.raises(UnknownAccount):
             store.balance("AC-12345")
         assert store.check_invariants() == []
@@ -134,15 +170,81 @@ def test_empty_database_without_demo_accounts(db_path: Path):
 
 def test_newer_schema_is_refused(db_path: Path):
     Store(db_path, KEY).close()
-    with raw(db_path) as conn:
+    with raw_sqlite(db_path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(SchemaError):
         Store(db_path, KEY)
 
 
+SCHEMA_3_DOWNGRADE = """
+CREATE TABLE entries_v3 (
+    entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account TEXT NOT NULL REFERENCES accounts (account),
+    txn_id BLOB NOT NULL UNIQUE CHECK (length(txn_id) = 16),
+    kind INTEGER NOT NULL CHECK (kind IN (1, 2)),
+    amount_cents INTEGER NOT NULL CHECK (amount_cents > 0),
+    balance_cents INTEGER NOT NULL CHECK (balance_cents >= 0),
+    time_ms INTEGER NOT NULL CHECK (time_ms >= 0),
+    terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80)
+) STRICT;
+INSERT INTO entries_v3 SELECT entry_id, account, txn_id, kind, amount_cents, balance_cents,
+    time_ms, terminal FROM entries;
+DROP TABLE entries;
+DROP TABLE transactions;
+ALTER TABLE entries_v3 RENAME TO entries;
+CREATE INDEX entries_by_account ON entries (account, entry_id);
+PRAGMA user_version = 3;
+"""
+"""Takes a version 4 database (with deposits and withdrawals only) back to version 3:
+entries as they were, each txn_id unique, and no transactions table."""
+
+
+def test_a_version_3_database_is_migrated_with_every_entry_a_transaction(db_path: Path):
+    with Store(db_path, KEY) as store:
+        deposit = post(store, 1, DEPOSIT, 100)
+        withdrawal = store.post(
+            account="WF-14351", txn_id=txn(2), kind=WITHDRAWAL, amount_cents=300, now_ms=T0 + 1,
+            limit_cents=AMOUNT_CENTS_MAX, terminal="CN=atm-0042",
+        )
+    with raw_sqlite(db_path) as conn:
+        conn.executescript(SCHEMA_3_DOWNGRADE)
+    with raw_sqlite(db_path) as conn:
+        before = conn.execute("SELECT * FROM entries ORDER BY entry_id").fetchall()
+    with pytest.raises(SchemaError, match="older than"):  # readers migrate nothing
+        read_books(db_path)
+    with Store(db_path, KEY) as store:
+        assert store._conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        rows = store._conn.execute(
+            "SELECT txn_id, kind, account, counterparty, amount_cents, time_ms, terminal"
+            " FROM transactions ORDER BY txn_id"
+        ).fetchall()
+        assert rows == [
+            (txn(1), 1, "AC-12345", None, 100, T0, None),
+            (txn(2), 2, "WF-14351", None, 300, T0 + 1, "CN=atm-0042"),
+        ]
+        # Retries of the migrated transactions are still recognised.
+        assert post(store, 1, DEPOSIT, 100) == dataclasses.replace(
+            deposit, result=PostResult.REPLAYED
+        )
+        assert post(store, 2, DEPOSIT, 300).result is PostResult.TXN_ID_REUSED
+        # Entry ids keep rising past the migrated ones, and a transfer books both legs.
+        moved = store.transfer(
+            account="AC-12345", txn_id=txn(3), to_account="WF-14351", amount_cents=50,
+            now_ms=T0, limit_cents=AMOUNT_CENTS_MAX,
+        )
+        assert moved.result is PostResult.BOOKED
+        assert moved.entry_id > withdrawal.entry_id
+        assert store.check_invariants() == []
+        assert store.integrity_ok()
+    with raw_sqlite(db_path) as conn:
+        after = conn.execute("SELECT * FROM entries ORDER BY entry_id").fetchall()
+    assert after[:2] == before
+
+
 def test_a_version_1_database_is_migrated_and_its_locks_kept(db_path: Path):
     Store(db_path, KEY).close()
-    with raw(db_path) as conn:  # back to version 1: pin_failures without its time column
+    with raw_sqlite(db_path) as conn:  # back to version 1: pin_failures without its time column
+        conn.executescript(SCHEMA_3_DOWNGRADE)
         conn.executescript(
             """
             ALTER TABLE entries DROP COLUMN terminal;
@@ -174,7 +276,8 @@ def test_a_version_2_database_is_migrated_and_new_entries_name_their_terminal(
 ):
     with Store(db_path, KEY) as store:
         before = post(store, 1, DEPOSIT, 100)
-    with raw(db_path) as conn:  # back to version 2: entries without their terminal
+    with raw_sqlite(db_path) as conn:  # back to version 2: entries without their terminal
+        conn.executescript(SCHEMA_3_DOWNGRADE)
         conn.executescript("ALTER TABLE entries DROP COLUMN terminal; PRAGMA user_version = 2;")
     with Store(db_path, KEY) as store:
         assert store._conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
@@ -201,8 +304,8 @@ def test_close_checkpoints_the_wal_and_is_idempotent(db_path: Path):
 # -- PINs are never stored in plaintext ---------------------------------------------------
 
 
-def test_pin_columns_hold_salt_and_hmac(store: Store):
-    rows = store._conn.execute("SELECT account, pin_salt, pin_hmac FROM accounts").fetchall()
+def test_pin_columns_hold_salt_and_hmac(store: AnyStore):
+    rows = select(store, "SELECT account, pin_salt, pin_hmac FROM accounts")
     pins = {account: pin for account, pin, _ in DEMO_ACCOUNTS}
     salts = set()
     for account, salt, pin_hmac in rows:
@@ -213,18 +316,27 @@ def test_pin_columns_hold_salt_and_hmac(store: Store):
     assert len(salts) == len(rows)  # one random salt per account
 
 
+def every_cell(store: AnyStore) -> list[object]:
+    tables = ["accounts", "entries", "pin_failures"]
+    return [cell for table in tables for row in select(store, f"SELECT * FROM {table}")
+            for cell in row]
+
+
+def test_no_cell_holds_a_plaintext_pin(store: AnyStore):
+    for account, pin, _ in DEMO_ACCOUNTS:
+        store.verify_pin(account, pin, T0, POLICY)
+        store.verify_pin(account, "0000", T0, POLICY)  # failures are recorded too
+    cells = every_cell(store)
+    for _, pin, _ in DEMO_ACCOUNTS:
+        assert pin not in cells and pin.encode() not in cells and int(pin) not in cells
+
+
 def test_no_cell_and_no_file_byte_holds_a_plaintext_pin(db_path: Path):
     store = Store(db_path, KEY)
     for account, pin, _ in DEMO_ACCOUNTS:
         store.verify_pin(account, pin, T0, POLICY)
         store.verify_pin(account, "0000", T0, POLICY)  # failures are recorded too
-    tables = ["accounts", "entries", "pin_failures"]
-    cells = [
-        cell
-        for table in tables
-        for row in store._conn.execute(f"SELECT * FROM {table}")
-        for cell in row
-    ]
+    cells = every_cell(store)
     store.close()
     contents = b"".join(p.read_bytes() for p in db_path.parent.iterdir())
     for account, _, _ in DEMO_ACCOUNTS:  # "ZZ-99999" contains the PIN "9999"
@@ -234,9 +346,9 @@ def test_no_cell_and_no_file_byte_holds_a_plaintext_pin(db_path: Path):
         assert pin.encode() not in contents
 
 
-def test_a_different_key_fails_every_pin(db_path: Path):
-    Store(db_path, KEY).close()
-    with Store(db_path, OTHER_KEY) as store:
+def test_a_different_key_fails_every_pin(any_db: str):
+    open_store(any_db, KEY).close()
+    with open_store(any_db, OTHER_KEY) as store:
         for account, pin, _ in DEMO_ACCOUNTS:
             assert store.verify_pin(account, pin, T0, POLICY) is PinResult.WRONG
 
@@ -244,7 +356,7 @@ def test_a_different_key_fails_every_pin(db_path: Path):
 # -- PIN failures and lockout --------------------------------------------------------------
 
 
-def test_third_failure_locks_and_even_the_right_pin_is_refused(store: Store):
+def test_third_failure_locks_and_even_the_right_pin_is_refused(store: AnyStore):
     assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
     assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
     assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.LOCKED
@@ -252,20 +364,20 @@ def test_third_failure_locks_and_even_the_right_pin_is_refused(store: Store):
     assert store.verify_pin("WF-14351", "9834", T0, POLICY) is PinResult.MATCHED  # not others
 
 
-def test_success_resets_the_count(store: Store):
+def test_success_resets_the_count(store: AnyStore):
     for _ in range(3):
         assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
         assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
         assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.MATCHED
 
 
-def test_lock_expires(store: Store):
+def test_lock_expires(store: AnyStore):
     for _ in range(3):
         store.verify_pin("AC-12345", "0000", T0, POLICY)
     assert store.verify_pin("AC-12345", "1324", T0 + LOCKOUT_MS, POLICY) is PinResult.MATCHED
 
 
-def test_an_expired_lock_starts_a_fresh_count(store: Store):
+def test_an_expired_lock_starts_a_fresh_count(store: AnyStore):
     for _ in range(3):
         store.verify_pin("AC-12345", "0000", T0, POLICY)
     later = T0 + LOCKOUT_MS
@@ -275,14 +387,14 @@ def test_an_expired_lock_starts_a_fresh_count(store: Store):
     assert store.verify_pin("AC-12345", "1324", later + 1, POLICY) is PinResult.LOCKED
 
 
-def test_the_policy_comes_with_each_check(store: Store):
+def test_the_policy_comes_with_each_check(store: AnyStore):
     policy = PinPolicy(tries_max=1, lockout_ms=10)
     assert store.verify_pin("AC-12345", "0000", T0, policy) is PinResult.LOCKED
     assert store.verify_pin("AC-12345", "1324", T0 + 9, policy) is PinResult.LOCKED
     assert store.verify_pin("AC-12345", "1324", T0 + 10, policy) is PinResult.MATCHED
 
 
-def test_operator_unlock(store: Store):
+def test_operator_unlock(store: AnyStore):
     for _ in range(3):
         store.verify_pin("ac-12345", "0000", T0, POLICY)
     assert store.unlock("ac-12345") == Forgotten(3, T0 + POLICY.lockout_ms)
@@ -292,7 +404,7 @@ def test_operator_unlock(store: Store):
         store.unlock("QQ-00000")
 
 
-def test_reset_pin_replaces_the_pin_and_lifts_the_lock(store: Store):
+def test_reset_pin_replaces_the_pin_and_lifts_the_lock(store: AnyStore):
     for _ in range(3):
         store.verify_pin("AC-12345", "0000", T0, POLICY)
     store.reset_pin("ac-12345", "4321")
@@ -304,7 +416,7 @@ def test_reset_pin_replaces_the_pin_and_lifts_the_lock(store: Store):
         store.reset_pin("AC-12345", "43210")
 
 
-def test_unknown_account_locks_like_a_real_one(store: Store):
+def test_unknown_account_locks_like_a_real_one(store: AnyStore):
     real = [store.verify_pin("AC-12345", "0000", T0, POLICY) for _ in range(4)]
     unknown = [store.verify_pin("qq-00000", "0000", T0, POLICY) for _ in range(4)]
     assert (
@@ -319,8 +431,8 @@ def test_unknown_account_locks_like_a_real_one(store: Store):
     )
     rows = {
         account: (failures, locked, last)
-        for account, failures, locked, last in store._conn.execute(
-            "SELECT account, failures, locked_until_ms, last_failure_ms FROM pin_failures"
+        for account, failures, locked, last in select(
+            store, "SELECT account, failures, locked_until_ms, last_failure_ms FROM pin_failures"
         )
     }
     assert rows == {
@@ -330,7 +442,7 @@ def test_unknown_account_locks_like_a_real_one(store: Store):
     assert store.verify_pin("QQ-00000", "0000", T0 + LOCKOUT_MS, POLICY) is PinResult.WRONG
 
 
-def test_wrong_pins_older_than_the_lockout_period_are_forgotten(store: Store):
+def test_wrong_pins_older_than_the_lockout_period_are_forgotten(store: AnyStore):
     for account in ("AC-12345", "BC-01373"):
         assert store.verify_pin(account, "0000", T0, POLICY) is PinResult.WRONG
         assert store.verify_pin(account, "0000", T0 + 1, POLICY) is PinResult.WRONG
@@ -339,7 +451,7 @@ def test_wrong_pins_older_than_the_lockout_period_are_forgotten(store: Store):
     assert store.verify_pin("BC-01373", "0000", T0 + 1 + LOCKOUT_MS, POLICY) is PinResult.WRONG
 
 
-def test_a_lockout_of_zero_turns_locking_off(store: Store):
+def test_a_lockout_of_zero_turns_locking_off(store: AnyStore):
     policy = PinPolicy(tries_max=3, lockout_ms=0)
     statuses = {store.verify_pin("AC-12345", "0000", T0, policy) for _ in range(5)}
     assert statuses == {PinResult.WRONG}
@@ -355,7 +467,7 @@ def test_impossible_pin_settings_are_refused(tries_max: int, lockout_ms: int):
 
 
 @pytest.mark.parametrize("now_ms", [T0, 253_402_300_799_999])  # now, and the end of year 9999
-def test_the_longest_lockout_still_counts_wrong_pins_and_locks(store: Store, now_ms: int):
+def test_the_longest_lockout_still_counts_wrong_pins_and_locks(store: AnyStore, now_ms: int):
     policy = PinPolicy(tries_max=3, lockout_ms=LOCKOUT_MS_MAX)
     wrong = [PinCheck("AC-12345", "0000", policy)] * 3
     deposit = PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX)
@@ -372,11 +484,11 @@ def test_the_longest_lockout_still_counts_wrong_pins_and_locks(store: Store, now
     assert store.verify_pin("AC-12345", "1324", locked_until, policy) is PinResult.MATCHED
 
 
-def pin_failure_rows(store: Store) -> int:
-    return store._conn.execute("SELECT count(*) FROM pin_failures").fetchone()[0]
+def pin_failure_rows(store: AnyStore) -> int:
+    return select(store, "SELECT count(*) FROM pin_failures")[0][0]
 
 
-def test_guessing_account_numbers_cannot_grow_the_failure_table_without_bound(store: Store):
+def test_guessing_account_numbers_cannot_grow_the_failure_table_without_bound(store: AnyStore):
     guesses_per_period = 50
     for period in range(5):
         now_ms = T0 + period * (LOCKOUT_MS + 1)
@@ -390,7 +502,7 @@ def test_guessing_account_numbers_cannot_grow_the_failure_table_without_bound(st
 # -- postings ---------------------------------------------------------------------------
 
 
-def test_deposit_withdraw_balance_history(store: Store):
+def test_deposit_withdraw_balance_history(store: AnyStore):
     first = post(store, 1, DEPOSIT, 1_000, now_ms=T0)
     second = post(store, 2, WITHDRAWAL, 2_432, account="ac-12345", now_ms=T0 + 5)
     assert first == Posting(PostResult.BOOKED, 103_432, first.entry_id, T0)
@@ -406,7 +518,7 @@ def test_deposit_withdraw_balance_history(store: Store):
     assert store.history("WF-14351", 10) == []
 
 
-def test_history_is_newest_first_and_per_account(store: Store):
+def test_history_is_newest_first_and_per_account(store: AnyStore):
     for n in range(30):
         post(store, n, DEPOSIT, n + 1, account="AC-12345" if n % 2 else "WF-14351")
     history = store.history("AC-12345", 20)
@@ -414,12 +526,12 @@ def test_history_is_newest_first_and_per_account(store: Store):
     assert [e.entry_id for e in history] == sorted((e.entry_id for e in history), reverse=True)
 
 
-def test_withdraw_the_whole_balance(store: Store):
+def test_withdraw_the_whole_balance(store: AnyStore):
     assert post(store, 1, WITHDRAWAL, 4_572, account="BC-01373").balance_cents == 0
     assert store.balance("BC-01373") == 0
 
 
-def test_overdraft_is_refused_and_nothing_is_recorded(store: Store):
+def test_overdraft_is_refused_and_nothing_is_recorded(store: AnyStore):
     before = entry_count(store)
     assert post(store, 1, WITHDRAWAL, 4_573, account="BC-01373") == Posting(
         PostResult.INSUFFICIENT_FUNDS
@@ -431,7 +543,7 @@ def test_overdraft_is_refused_and_nothing_is_recorded(store: Store):
     assert post(store, 1, WITHDRAWAL, 4_573, account="BC-01373").result is PostResult.BOOKED
 
 
-def test_replay_returns_the_original_outcome_and_moves_no_money(store: Store):
+def test_replay_returns_the_original_outcome_and_moves_no_money(store: AnyStore):
     original = post(store, 1, WITHDRAWAL, 2_432, now_ms=T0)
     post(store, 2, DEPOSIT, 5_000, now_ms=T0 + 1)
     before = (store.balance("AC-12345"), entry_count(store))
@@ -446,7 +558,7 @@ def test_replay_returns_the_original_outcome_and_moves_no_money(store: Store):
     [("AC-12345", DEPOSIT, 100), ("AC-12345", WITHDRAWAL, 101), ("WF-14351", WITHDRAWAL, 100)],
 )
 def test_same_id_different_content_is_a_duplicate(
-    store: Store, account: str, kind: EntryKind, amount_cents: int
+    store: AnyStore, account: str, kind: EntryKind, amount_cents: int
 ):
     post(store, 1, WITHDRAWAL, 100)
     before = (store.balance("AC-12345"), store.balance("WF-14351"), entry_count(store))
@@ -456,13 +568,13 @@ def test_same_id_different_content_is_a_duplicate(
 
 
 @pytest.mark.parametrize("amount_cents", [0, -1, AMOUNT_CENTS_MAX + 1, True])
-def test_amount_out_of_range_is_invalid(store: Store, amount_cents: int):
+def test_amount_out_of_range_is_invalid(store: AnyStore, amount_cents: int):
     for kind in EntryKind:
         assert post(store, 1, kind, amount_cents) == Posting(PostResult.AMOUNT_OUT_OF_RANGE)
     assert entry_count(store) == 0
 
 
-def test_a_new_transaction_over_the_callers_limit_is_refused_but_a_replay_is_not(store: Store):
+def test_a_new_transaction_over_the_callers_limit_is_refused_but_a_replay_is_not(store: AnyStore):
     def post_limited(n: int, amount_cents: int, limit_cents: int) -> Posting:
         return store.post(account="AC-12345", txn_id=txn(n), kind=WITHDRAWAL,
                           amount_cents=amount_cents, now_ms=T0, limit_cents=limit_cents)
@@ -476,11 +588,11 @@ def test_a_new_transaction_over_the_callers_limit_is_refused_but_a_replay_is_not
     assert replay == dataclasses.replace(booked, result=PostResult.REPLAYED)
 
 
-def test_largest_amount_is_accepted(store: Store):
+def test_largest_amount_is_accepted(store: AnyStore):
     assert post(store, 1, DEPOSIT, AMOUNT_CENTS_MAX).result is PostResult.BOOKED
 
 
-def test_deposit_past_the_largest_balance_is_refused(store: Store):
+def test_deposit_past_the_largest_balance_is_refused(store: AnyStore):
     store.add_account("RR-00001", "1111", BALANCE_CENTS_MAX - 5)
     refused = post(store, 1, DEPOSIT, 6, account="RR-00001")
     assert refused == Posting(PostResult.BALANCE_FULL)
@@ -488,7 +600,7 @@ def test_deposit_past_the_largest_balance_is_refused(store: Store):
     assert store.check_invariants() == []
 
 
-def test_unknown_account_and_bad_txn_id(store: Store):
+def test_unknown_account_and_bad_txn_id(store: AnyStore):
     with pytest.raises(UnknownAccount):
         post(store, 1, DEPOSIT, 100, account="QQ-00000")
     with pytest.raises(UnknownAccount):
@@ -504,7 +616,7 @@ def test_unknown_account_and_bad_txn_id(store: Store):
 # -- batches ----------------------------------------------------------------------------
 
 
-def test_a_request_refused_before_writing_leaves_the_rest_of_its_batch(store: Store):
+def test_a_request_refused_before_writing_leaves_the_rest_of_its_batch(store: AnyStore):
     outcomes = store.execute_batch(
         [
             PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX),
@@ -521,20 +633,20 @@ def test_a_request_refused_before_writing_leaves_the_rest_of_its_batch(store: St
 
 
 def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
 ):
     """A refusal raised after the balance UPDATE, before the entry (a bug: checks come
     first): committing the others would commit half of this one, so nothing commits."""
-    insert_entry = store._insert_entry
+    insert_entry = sqlite_store._insert_entry
 
     def insert_entry_unless_txn_2(**columns: object) -> int:
         if columns["txn_id"] == txn(2):
             raise ValueError("refused after the balance UPDATE")
         return insert_entry(**columns)
 
-    monkeypatch.setattr(store, "_insert_entry", insert_entry_unless_txn_2)
+    monkeypatch.setattr(sqlite_store, "_insert_entry", insert_entry_unless_txn_2)
     with pytest.raises(BatchAborted, match="PostRequest was refused after it wrote"):
-        store.execute_batch(
+        sqlite_store.execute_batch(
             [
                 PostRequest("WF-14351", txn(1), DEPOSIT, 100, AMOUNT_CENTS_MAX),
                 PostRequest("AC-12345", txn(2), WITHDRAWAL, 500, AMOUNT_CENTS_MAX),
@@ -542,14 +654,14 @@ def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
             ],
             T0,
         )
-    assert store.balance("WF-14351") == 542_822
-    assert store.balance("AC-12345") == 102_432
-    assert entry_count(store) == 0
-    assert pin_failure_rows(store) == 0
-    assert store.check_invariants() == []
+    assert sqlite_store.balance("WF-14351") == 542_822
+    assert sqlite_store.balance("AC-12345") == 102_432
+    assert entry_count(sqlite_store) == 0
+    assert pin_failure_rows(sqlite_store) == 0
+    assert sqlite_store.check_invariants() == []
     monkeypatch.undo()  # nothing of the batch remains: a retry is judged afresh
-    assert post(store, 2, WITHDRAWAL, 500).result is PostResult.BOOKED
-    assert store.balance("AC-12345") == 101_932
+    assert post(sqlite_store, 2, WITHDRAWAL, 500).result is PostResult.BOOKED
+    assert sqlite_store.balance("AC-12345") == 101_932
 
 
 # -- the database's own last line -----------------------------------------------------------
@@ -564,20 +676,20 @@ def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
         "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
         " VALUES ('AC-12345', zeroblob(16), 1, 0, 1, 0)",
         "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
-        " VALUES ('AC-12345', zeroblob(16), 3, 1, 1, 0)",
+        " VALUES ('AC-12345', zeroblob(16), 5, 1, 1, 0)",
         "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
         " VALUES ('AC-12345', zeroblob(15), 1, 1, 1, 0)",
     ],
 )
-def test_constraints_refuse_direct_writes(store: Store, db_path: Path, statement: str):
-    with raw(db_path) as conn, pytest.raises(sqlite3.IntegrityError):
+def test_constraints_refuse_direct_writes(sqlite_store: Store, db_path: Path, statement: str):
+    with raw_sqlite(db_path) as conn, pytest.raises(sqlite3.IntegrityError):
         conn.execute(statement)
-    assert store.balance("AC-12345") == 102_432
+    assert sqlite_store.balance("AC-12345") == 102_432
 
 
-def test_foreign_key_refuses_an_entry_for_no_account(store: Store):
+def test_foreign_key_refuses_an_entry_for_no_account(sqlite_store: Store):
     with pytest.raises(sqlite3.IntegrityError):
-        store._conn.execute(
+        sqlite_store._conn.execute(
             "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
             " VALUES ('QQ-00000', zeroblob(16), 1, 1, 1, 0)"
         )
@@ -586,7 +698,7 @@ def test_foreign_key_refuses_an_entry_for_no_account(store: Store):
 # -- invariants ---------------------------------------------------------------------------
 
 
-def test_invariants_hold_after_a_mix_of_operations(store: Store):
+def test_invariants_hold_after_a_mix_of_operations(store: AnyStore):
     accounts = [account for account, _, _ in DEMO_ACCOUNTS]
     outcomes = set()
     for n in range(300):
@@ -599,22 +711,23 @@ def test_invariants_hold_after_a_mix_of_operations(store: Store):
     assert store.integrity_ok()
 
 
-def test_invariants_report_a_tampered_balance(store: Store, db_path: Path):
+def test_invariants_report_a_tampered_balance(store: AnyStore, any_db: str):
     post(store, 1, DEPOSIT, 100)
-    with raw(db_path) as conn:
+    with raw(any_db) as conn:
         conn.execute(
             "UPDATE accounts SET balance_cents = balance_cents + 1 WHERE account = 'AC-12345'"
         )
         conn.execute("UPDATE entries SET balance_cents = 7")
     problems = store.check_invariants()
-    assert len(problems) == 2
-    assert all(problem.startswith("AC-12345:") for problem in problems)
+    assert len(problems) == 3
+    assert all(problem.startswith("AC-12345:") for problem in problems[:2])
+    assert problems[2].startswith("money not conserved")
 
 
 # -- operator operations --------------------------------------------------------------------
 
 
-def test_add_account(store: Store):
+def test_add_account(store: AnyStore):
     store.add_account("rr-00001", "1111", 0)
     assert store.balance("RR-00001") == 0
     assert store.verify_pin("RR-00001", "1111", T0, POLICY) is PinResult.MATCHED
@@ -635,14 +748,14 @@ def test_add_account(store: Store):
         ("RR-00001", "1111", BALANCE_CENTS_MAX + 1),
     ],
 )
-def test_add_account_validates(store: Store, account: str, pin: str, opening_cents: int):
+def test_add_account_validates(store: AnyStore, account: str, pin: str, opening_cents: int):
     with pytest.raises(ValueError):
         store.add_account(account, pin, opening_cents)
     with pytest.raises(UnknownAccount):
         store.balance("RR-00001")
 
 
-def test_add_accounts_from_an_accounts_file(store: Store):
+def test_add_accounts_from_an_accounts_file(store: AnyStore):
     records = parse_accounts("# new branch\nrr-00001, 1111, 10.00\nRR-00002, 2222, 0.5\n")
     assert store.add_accounts(records) == 2
     assert store.balance("RR-00001") == 1_000
@@ -650,7 +763,7 @@ def test_add_accounts_from_an_accounts_file(store: Store):
     assert store.verify_pin("RR-00002", "2222", T0, POLICY) is PinResult.MATCHED
 
 
-def test_adding_accounts_is_all_or_nothing(store: Store):
+def test_adding_accounts_is_all_or_nothing(store: AnyStore):
     with pytest.raises(AccountExists):
         store.add_accounts(parse_accounts("RR-00001, 1111, 10.00\nAC-12345, 2222, 0.5\n"))
     with pytest.raises(UnknownAccount):
@@ -660,11 +773,11 @@ def test_adding_accounts_is_all_or_nothing(store: Store):
 # -- reading the books from outside -------------------------------------------------------
 
 
-def test_read_books_gives_every_balance_and_entry_as_stored(store: Store, db_path: Path):
+def test_read_books_gives_every_balance_and_entry_as_stored(store: AnyStore, any_db: str):
     deposit = post(store, 1, DEPOSIT, 500)
     withdrawal = post(store, 2, WITHDRAWAL, 200, now_ms=T0 + 1)
     assert post(store, 3, WITHDRAWAL, AMOUNT_CENTS_MAX).result is PostResult.INSUFFICIENT_FUNDS
-    books = read_books(db_path)  # with the Store still open, as with a server running
+    books = read_books(any_db)  # with the Store still open, as with a server running
     assert books.opening_cents == {account: cents for account, _, cents in DEMO_ACCOUNTS}
     assert books.balance_cents == {**books.opening_cents, "AC-12345": 1024_32 + 300}
     assert books.entries == (
@@ -678,3 +791,256 @@ def test_read_books_never_creates_a_database(tmp_path: Path):
     with pytest.raises(sqlite3.OperationalError):
         read_books(tmp_path / "missing.db")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- transfers: one transaction, two entries --------------------------------------------
+
+
+def transfer(
+    store: AnyStore, n: int, amount_cents: int, *, source: str = "AC-12345",
+    destination: str = "WF-14351", limit_cents: int = AMOUNT_CENTS_MAX, now_ms: int = T0,
+) -> Posting:
+    return store.transfer(
+        account=source, txn_id=txn(n), to_account=destination, amount_cents=amount_cents,
+        now_ms=now_ms, limit_cents=limit_cents,
+    )
+
+
+def test_a_transfer_books_both_legs_under_one_id(store: AnyStore, any_db: str):
+    moved = transfer(store, 1, 2_432, destination="wf-14351")
+    assert moved == Posting(PostResult.BOOKED, 100_000, moved.entry_id, T0)
+    assert store.balance("AC-12345") == 100_000
+    assert store.balance("WF-14351") == 542_822 + 2_432
+    books = read_books(any_db)
+    assert [(e.account, e.txn_id, e.kind, e.amount_cents, e.balance_cents)
+            for e in books.entries] == [
+        ("AC-12345", txn(1), EntryKind.TRANSFER_OUT, 2_432, 100_000),
+        ("WF-14351", txn(1), EntryKind.TRANSFER_IN, 2_432, 542_822 + 2_432),
+    ]
+    assert books.entries[0].entry_id == moved.entry_id
+    # Each side's history shows its own leg, with its own balance after it.
+    assert store.history("WF-14351", 5) == [
+        HistoryEntry(moved.entry_id + 1, T0, EntryKind.TRANSFER_IN, 2_432, 545_254)
+    ]
+    assert store.history("AC-12345", 5)[0].kind is EntryKind.TRANSFER_OUT
+    assert store.check_invariants() == []
+
+
+def test_a_transfer_replays_its_source_entry_and_moves_nothing_again(store: AnyStore):
+    moved = transfer(store, 1, 500)
+    later = post(store, 2, DEPOSIT, 100)  # the source's balance moves on meanwhile
+    again = transfer(store, 1, 500, now_ms=T0 + 60_000)
+    assert again == dataclasses.replace(moved, result=PostResult.REPLAYED)
+    assert store.balance("AC-12345") == later.balance_cents
+    assert store.balance("WF-14351") == 542_822 + 500
+    assert entry_count(store) == 3
+
+
+@pytest.mark.parametrize(
+    ("source", "destination", "amount_cents"),
+    [
+        ("AC-12345", "WF-14351", 501),  # another amount
+        ("AC-12345", "TN-13731", 500),  # another destination
+        ("BC-01373", "WF-14351", 500),  # another source
+    ],
+)
+def test_a_transfer_id_reused_with_other_content_is_refused(
+    store: AnyStore, source: str, destination: str, amount_cents: int
+):
+    transfer(store, 1, 500)
+    reused = transfer(store, 1, amount_cents, source=source, destination=destination)
+    assert reused == Posting(PostResult.TXN_ID_REUSED)
+    assert entry_count(store) == 2
+
+
+def test_ids_are_shared_between_kinds(store: AnyStore):
+    """One id space: a deposit's id cannot be a transfer's, nor the other way round."""
+    post(store, 1, DEPOSIT, 500)
+    assert transfer(store, 1, 500).result is PostResult.TXN_ID_REUSED
+    transfer(store, 2, 500)
+    assert post(store, 2, WITHDRAWAL, 500).result is PostResult.TXN_ID_REUSED
+    # Even as the destination's own deposit of the same amount.
+    assert post(store, 2, DEPOSIT, 500, account="WF-14351").result is PostResult.TXN_ID_REUSED
+
+
+@pytest.mark.parametrize(
+    ("amount_cents", "limit_cents", "destination", "result"),
+    [
+        (0, AMOUNT_CENTS_MAX, "WF-14351", PostResult.AMOUNT_OUT_OF_RANGE),
+        (AMOUNT_CENTS_MAX + 1, AMOUNT_CENTS_MAX, "WF-14351", PostResult.AMOUNT_OUT_OF_RANGE),
+        (500, AMOUNT_CENTS_MAX, "AC-12345", PostResult.SAME_ACCOUNT),
+        (500, AMOUNT_CENTS_MAX, "ac-12345", PostResult.SAME_ACCOUNT),
+        (501, 500, "WF-14351", PostResult.OVER_LIMIT),
+        (102_433, AMOUNT_CENTS_MAX, "WF-14351", PostResult.INSUFFICIENT_FUNDS),
+        (500, AMOUNT_CENTS_MAX, "QQ-00000", PostResult.UNKNOWN_DESTINATION),
+        # Checked in order: an unknown destination is not looked up for money one lacks.
+        (102_433, AMOUNT_CENTS_MAX, "QQ-00000", PostResult.INSUFFICIENT_FUNDS),
+        (501, 500, "AC-12345", PostResult.SAME_ACCOUNT),
+    ],
+)
+def test_refused_transfers_record_nothing(
+    store: AnyStore, amount_cents: int, limit_cents: int, destination: str, result: PostResult
+):
+    refused = transfer(store, 1, amount_cents, destination=destination, limit_cents=limit_cents)
+    assert refused == Posting(result)
+    assert store.balance("AC-12345") == 102_432
+    assert store._conn.execute("SELECT count(*) FROM transactions").fetchone() == (0,)
+    assert entry_count(store) == 0
+    # Nothing was recorded, so the same id is judged afresh.
+    assert transfer(store, 1, 500).result is PostResult.BOOKED
+
+
+def test_a_transfer_of_the_whole_balance_is_booked(store: AnyStore):
+    assert transfer(store, 1, 102_432).balance_cents == 0
+    assert store.check_invariants() == []
+
+
+def test_a_transfer_that_would_overfill_the_destination_is_refused(store: AnyStore):
+    store.add_account("RR-00001", "2580", BALANCE_CENTS_MAX - 100)
+    assert transfer(store, 1, 101, destination="RR-00001") == Posting(PostResult.BALANCE_FULL)
+    assert store.balance("AC-12345") == 102_432
+    assert transfer(store, 2, 100, destination="RR-00001").result is PostResult.BOOKED
+    assert store.balance("RR-00001") == BALANCE_CENTS_MAX
+    assert store.check_invariants() == []  # sums past 2**63 are not SQLite's to overflow
+
+
+def test_a_transfer_failing_between_its_legs_writes_nothing(
+    sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+):
+    """Atomic: a failure after the source's debit, before the credit, leaves no leg."""
+    move_money = sqlite_store._move_money
+
+    def fail_the_credit(account: str, change: object, amount_cents: int) -> bool:
+        if account == "WF-14351":
+            raise sqlite3.OperationalError("disk I/O error")
+        return move_money(account, change, amount_cents)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite_store, "_move_money", fail_the_credit)
+    with pytest.raises(sqlite3.OperationalError):
+        transfer(sqlite_store, 1, 500)
+    monkeypatch.undo()
+    balances = (sqlite_store.balance("AC-12345"), sqlite_store.balance("WF-14351"))
+    assert balances == (102_432, 542_822)
+    assert entry_count(sqlite_store) == 0
+    assert transfer(sqlite_store, 1, 500).result is PostResult.BOOKED
+
+
+def test_a_leg_refused_after_its_checks_rolls_back_the_batch(
+    sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+):
+    move_money = sqlite_store._move_money
+    monkeypatch.setattr(
+        sqlite_store, "_move_money",
+        lambda account, change, amount: account != "WF-14351" and move_money(
+            account, change, amount),
+    )
+    with pytest.raises(BatchAborted):
+        sqlite_store.execute_batch(
+            [TransferRequest("AC-12345", txn(1), "WF-14351", 500, AMOUNT_CENTS_MAX)], T0
+        )
+    assert sqlite_store.balance("AC-12345") == 102_432
+
+
+def test_a_transfer_between_many_accounts_conserves_money(store: AnyStore):
+    accounts = [account for account, _, _ in DEMO_ACCOUNTS]
+    total = sum(store.balance(account) for account in accounts)
+    results = set()
+    for n in range(200):
+        source, destination = accounts[n % 7], accounts[(n * 3 + 1) % 7]
+        amount_cents = (n * 7919) % 300_000 + 1
+        results.add(transfer(store, n % 150, amount_cents, source=source,
+                             destination=destination).result)
+    assert {PostResult.BOOKED, PostResult.INSUFFICIENT_FUNDS, PostResult.SAME_ACCOUNT,
+            PostResult.TXN_ID_REUSED} <= results
+    assert sum(store.balance(account) for account in accounts) == total
+    assert store.check_invariants() == []
+    assert store.integrity_ok()
+
+
+def test_invariants_report_a_transfer_missing_a_leg(store: AnyStore, any_db: str):
+    transfer(store, 1, 500)
+    with raw(any_db) as conn:
+        conn.execute("DELETE FROM entries WHERE kind = 4")
+        conn.execute("UPDATE accounts SET balance_cents = 542822 WHERE account = 'WF-14351'")
+    problems = store.check_invariants()
+    assert len(problems) == 2
+    assert problems[0].startswith(f"transaction {txn(1).hex()}: entries")
+    assert problems[1].startswith("money not conserved")
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        # A transfer names a counterparty; nothing else does; never the account itself.
+        "INSERT INTO transactions VALUES (zeroblob(16), 3, 'AC-12345', NULL, 1, 0, NULL)",
+        "INSERT INTO transactions VALUES (zeroblob(16), 1, 'AC-12345', 'WF-14351', 1, 0, NULL)",
+        "INSERT INTO transactions VALUES (zeroblob(16), 3, 'AC-12345', 'AC-12345', 1, 0, NULL)",
+        "INSERT INTO transactions VALUES (zeroblob(16), 4, 'AC-12345', 'WF-14351', 1, 0, NULL)",
+        "INSERT INTO transactions VALUES (zeroblob(16), 1, 'AC-12345', NULL, 0, 0, NULL)",
+    ],
+)
+def test_the_transactions_table_refuses_what_no_kind_books(db_path: Path, statement: str):
+    Store(db_path, KEY).close()
+    with raw_sqlite(db_path) as conn, pytest.raises(sqlite3.IntegrityError):
+        conn.execute(statement)
+
+
+# -- a customer's PIN change --------------------------------------------------------------
+
+
+def change(store: AnyStore, pin: str, new_pin: str, *, now_ms: int = T0) -> PinChangeResult:
+    return store.change_pin("ac-12345", pin, new_pin, now_ms, POLICY).result
+
+
+def test_a_pin_change_stores_a_new_salt_and_keyed_hash(store: AnyStore):
+    (salt_before,) = store._conn.execute(
+        "SELECT pin_salt FROM accounts WHERE account = 'AC-12345'").fetchone()
+    assert change(store, "1324", "2580") is PinChangeResult.CHANGED
+    salt, pin_hmac = store._conn.execute(
+        "SELECT pin_salt, pin_hmac FROM accounts WHERE account = 'AC-12345'").fetchone()
+    assert salt != salt_before
+    assert pin_hmac == hash_pin(KEY, salt, "AC-12345", "2580")
+    assert store.verify_pin("AC-12345", "2580", T0, POLICY) is PinResult.MATCHED
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.WRONG
+
+
+def test_a_wrong_current_pin_counts_toward_the_lockout_like_a_login(store: AnyStore):
+    assert store.verify_pin("AC-12345", "0000", T0, POLICY) is PinResult.WRONG
+    assert change(store, "0001", "2580") is PinChangeResult.WRONG
+    verdict = store.change_pin("AC-12345", "0002", "2580", T0, POLICY)
+    assert verdict == PinChangeVerdict(PinChangeResult.LOCKED, T0 + LOCKOUT_MS)
+    # Locked: the right PIN changes nothing, and LOGIN is locked too.
+    assert change(store, "1324", "2580") is PinChangeResult.LOCKED
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.LOCKED
+    assert change(store, "1324", "2580", now_ms=T0 + LOCKOUT_MS) is PinChangeResult.CHANGED
+
+
+def test_a_pin_change_clears_the_failures(store: AnyStore):
+    assert change(store, "0000", "2580") is PinChangeResult.WRONG
+    assert change(store, "0001", "2580") is PinChangeResult.WRONG
+    assert change(store, "1324", "2580") is PinChangeResult.CHANGED
+    assert pin_failure_rows(store) == 0
+
+
+@pytest.mark.parametrize("new_pin", ["0000", "1234", "0123", "6789", "9876", "3210", "7777"])
+def test_a_trivial_new_pin_is_refused_and_counts_nothing(store: AnyStore, new_pin: str):
+    for _ in range(POLICY.tries_max + 1):  # not even a wrong current PIN counts
+        assert change(store, "0000", new_pin) is PinChangeResult.TRIVIAL
+    assert pin_failure_rows(store) == 0
+    assert store.verify_pin("AC-12345", "1324", T0, POLICY) is PinResult.MATCHED
+
+
+def test_a_retried_pin_change_is_safe(store: AnyStore):
+    """A change whose answer was lost: the retry with the new PIN as both finds it done
+    and clears the one failure that the retry with the old PIN counted."""
+    assert change(store, "1324", "2580") is PinChangeResult.CHANGED
+    assert change(store, "1324", "2580") is PinChangeResult.WRONG  # the retry, as sent
+    assert change(store, "2580", "2580") is PinChangeResult.CHANGED  # confirmation
+    assert pin_failure_rows(store) == 0
+    assert store.verify_pin("AC-12345", "2580", T0, POLICY) is PinResult.MATCHED
+
+
+def test_a_pin_change_for_no_account_is_wrong_and_counts(store: AnyStore):
+    verdict = store.change_pin("QQ-00000", "1324", "2580", T0, POLICY)
+    assert verdict.result is PinChangeResult.WRONG
+    assert pin_failure_rows(store) == 1

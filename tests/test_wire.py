@@ -310,7 +310,7 @@ def test_unknown_status_and_kind_values_are_refused() -> None:
     with pytest.raises(WireError):
         LoginReply(1)
     with pytest.raises(WireError):
-        HistoryEntry(1, 0, 3, 1, 1)
+        HistoryEntry(1, 0, 5, 1, 1)
 
 
 GOOD_ROW = {"entry_id": 7, "time_ms": 1_700_000_000_000, "kind": 1, "amount_cents": 2_500,
@@ -318,7 +318,7 @@ GOOD_ROW = {"entry_id": 7, "time_ms": 1_700_000_000_000, "kind": 1, "amount_cent
 BAD_VALUES = [
     ("entry_id", 0), ("entry_id", 2**63), ("entry_id", 2**64 - 1),
     ("time_ms", 2**63),
-    ("kind", 0), ("kind", 3), ("kind", 255),
+    ("kind", 0), ("kind", 5), ("kind", 255),
     ("amount_cents", 0), ("amount_cents", AMOUNT_CENTS_MAX + 1), ("amount_cents", 2**64 - 1),
     ("balance_cents", 2**63),
 ]

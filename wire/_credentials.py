@@ -39,6 +39,27 @@ def check_pin(pin: str) -> str:
     return pin
 
 
+TRIVIAL_PINS: frozenset[str] = frozenset(
+    {digit * 4 for digit in "0123456789"}
+    | {"0123456789"[start : start + 4] for start in range(7)}
+    | {"9876543210"[start : start + 4] for start in range(7)}
+)
+"""The PINs a customer may not choose (CHANGE_PIN): the 24 that a guesser tries first.
+
+Exactly these: four equal digits (0000, 1111, ... 9999); four digits each one more than
+the one before (0123, 1234, ... 6789); four digits each one less than the one before
+(9876, 8765, ... 3210). No wrap-around (7890 and 8901 are allowed). The rule is the
+customer's: an operator setting a PIN (``python -m bank reset-pin``) and PINs that exist
+already are not held to it, so an account whose PIN is trivial keeps working until its
+customer changes it. The bank and the ATM both check it with ``is_trivial_pin``, the ATM
+so that its customer hears at once, the bank because only its word counts."""
+
+
+def is_trivial_pin(pin: str) -> bool:
+    """Whether ``pin`` (a well-formed PIN, ``check_pin``) is one of ``TRIVIAL_PINS``."""
+    return check_pin(pin) in TRIVIAL_PINS
+
+
 def mask_account(account: str) -> str:
     """``ac-12345`` -> ``AC-***45``: enough to recognise an account, not to use it."""
     prefix, _, digits = canonical_account(account).partition("-")

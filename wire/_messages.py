@@ -67,10 +67,15 @@ class Sender(Enum):
 
 
 class EntryKind(IntEnum):
-    """What a ledger entry in a HISTORY reply did to the balance."""
+    """What a ledger entry in a HISTORY reply did to the balance.
+
+    A transfer books two entries under one transaction id: TRANSFER_OUT on the source
+    account, TRANSFER_IN on the destination."""
 
     DEPOSIT = 1
     WITHDRAWAL = 2
+    TRANSFER_OUT = 3
+    TRANSFER_IN = 4
 
 
 ANY_REQUEST_ID = range(0, REQUEST_ID_MAX + 1)

@@ -14,18 +14,31 @@ money total equal to the opening total plus the acknowledged movements.
 
 kill -9 tests that a process crash cannot lose or tear a committed transaction (the
 page cache survives it); it does not simulate a power cut.
+
+With ``--db URL --servers N`` (PostgreSQL; the database must hold no bank yet) it runs N
+servers on one database: each crash kills -9 a random one and starts it again, and once
+(with two servers or more) one server is frozen (SIGSTOP) past its lease expiry and the
+clients' reply timeout, then thawed (SIGCONT). A client whose server dies or freezes fails
+over to another one, resuming its session there with its token (RESUME) or logging in
+again, and replays its unanswered operation. A thawed server's stale writes must be
+refused by their lease fence: ``fenced_writes`` counts them (from the servers' logs: a
+killed server cannot report otherwise), and the checker must still find nothing lost,
+nothing duplicated and the money conserved.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import enum
 import functools
 import json
+import os
 import random
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 from collections import Counter
@@ -33,8 +46,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import trio
 
+from bank import pg_store
+from bank.config import is_postgresql, redact_db
 from bank.store import DEMO_ACCOUNTS, BookEntry, Books, Store, read_books
 from bank.tools import launcher
 from wire import (
@@ -50,8 +66,11 @@ from wire import (
     Logout,
     Message,
     Request,
+    Resume,
+    ResumeReply,
     Sender,
     SessionExpired,
+    SessionToken,
     Status,
     WireError,
 )
@@ -67,6 +86,23 @@ SECONDS_DEFAULT = 10.0
 SECONDS_MAX = 3600.0
 CRASHES_DEFAULT = 3
 CRASHES_MAX = 1000
+SERVERS_MAX = 8
+
+LEASE_EXPIRY_S = 2
+"""--lease-expiry-s of each cluster server: short, so a frozen one's leases expire soon."""
+
+CLUSTER_REPLY_TIMEOUT_S = 2.0
+"""A cluster client's wait for a reply before it fails over; a frozen server gives none."""
+
+FREEZE_S = max(LEASE_EXPIRY_S, CLUSTER_REPLY_TIMEOUT_S) + 1.0
+"""How long the frozen server stays stopped: past its leases' expiry and past its clients'
+reply timeout, so they fail over and its sessions are taken over before it wakes."""
+
+FREEZE_AT = 0.5
+"""The freeze begins at this fraction of --seconds."""
+
+FENCED_LOG_MARK = "FENCED: the lease was taken over"
+"""What a server logs for each write its fence refused (bank.server)."""
 
 AMOUNT_DRAWN_CENTS_MAX = 60_000
 """Largest random amount: $600, under the server's default withdrawal limit, and large
@@ -126,7 +162,8 @@ REFUSALS = frozenset({
 a storage error may come after the commit) leaves the outcome unknown, to be retried."""
 
 LOGIN_RETRYABLE = frozenset({Status.ACCOUNT_IN_USE, Status.ISSUER_UNAVAILABLE})
-"""A lease not yet released by a dead connection, or a server shutting down: try again."""
+"""A lease not yet released by a dead connection (or, in a cluster, held by a frozen
+server until it expires), or a server shutting down: try again."""
 
 
 class ChaosError(Exception):
@@ -302,9 +339,13 @@ def _name(status: Status | None) -> str:
 # -- Reading the database after the run --------------------------------------------------
 
 
-def read_bank_state(db: Path, key_file: Path) -> BankState:
-    """The books as the server left them (read first, read-only), then the Store's own
-    checks of them; the server has stopped, so nothing changes in between."""
+def read_bank_state(db: Path | str, key_file: Path) -> BankState:
+    """The books as the servers left them (read first, read-only), then the store's own
+    checks of them; the servers have stopped, so nothing changes in between."""
+    if is_postgresql(db):
+        books = pg_store.read_books(db)
+        with pg_store.PgStore(db, key_file.read_bytes(), seed_demo=False, create=False) as pg:
+            return BankState(books, tuple(pg.check_invariants()), True)
     books = read_books(db)
     with Store(db, key_file.read_bytes(), seed_demo=False) as store:
         return BankState(books, tuple(store.check_invariants()), store.integrity_ok())
@@ -314,43 +355,74 @@ def read_bank_state(db: Path, key_file: Path) -> BankState:
 
 
 class Harness:
-    """Starts, kills and restarts the server; clients ask it for the current port.
+    """Starts, kills, freezes and restarts the servers; clients ask it for a port.
 
-    Each start is a new incarnation on the same database, logging to server-N.log.
+    Each start is a new incarnation on the same database, logging to server-N.log; with
+    one server (SQLite) there is one slot, with ``--servers N`` (PostgreSQL) N slots.
     """
 
-    def __init__(self, workdir: Path) -> None:
-        self.db = workdir / "bank.db"
+    def __init__(
+        self, workdir: Path, *, db: str | None = None, servers: int = 1, seed: int = 0
+    ) -> None:
+        self.db: Path | str = workdir / "bank.db" if db is None else db
         self.key_file = workdir / "bank.key"
         self.crashes = 0
+        self.freezes = 0
+        self.resumes = 0
+        """Failovers that resumed their session with its token instead of logging in."""
         self.failures: list[str] = []
         self._workdir = workdir
-        self._server: launcher.Server | None = None
+        self._slots: list[launcher.Server | None] = [None] * servers
+        self._frozen: set[int] = set()
         self._incarnations = 0
         self._answered = trio.Event()
+        self._rng = random.Random(seed)
+
+    @property
+    def cluster(self) -> bool:
+        return len(self._slots) > 1
 
     @property
     def port(self) -> int | None:
-        """The serving port, or None while the server is down (clients back off)."""
-        return None if self._server is None else self._server.port
+        """The first slot's port, or None while it is down (one server: clients back off)."""
+        return self.port_for(0)
+
+    def port_for(self, turn: int) -> int | None:
+        """A serving port, starting from slot ``turn`` (modulo the slots) and skipping
+        those that are down or frozen; None when none serves."""
+        count = len(self._slots)
+        for step in range(count):
+            slot = (turn + step) % count
+            server = self._slots[slot]
+            if server is not None and slot not in self._frozen:
+                return server.port
+        return None
 
     def note_answered(self) -> None:
-        """A client got a definite answer: the current server is serving under load."""
+        """A client got a definite answer: the servers are serving under load."""
         self._answered.set()
 
     async def wait_under_load(self, deadline: float) -> None:
-        """Until the current server has answered an operation (or ``deadline``), so a
-        crash lands amid work and not on a server that has not been reconnected to yet."""
+        """Until a server has answered an operation since the last start (or
+        ``deadline``), so a crash lands amid work and not on a server that has not been
+        reconnected to yet."""
         with trio.move_on_at(deadline):
             await self._answered.wait()
 
-    async def start(self) -> None:
+    async def start_all(self) -> None:
+        for slot in range(len(self._slots)):
+            await self.start(slot)
+
+    async def start(self, slot: int = 0) -> None:
         self._incarnations += 1
         self._answered = trio.Event()
         args = [
             "--db", str(self.db), "--key-file", str(self.key_file),
             "--shutdown-grace-s", str(SERVER_GRACE_S), "--log-level", "INFO",
         ]
+        if self.cluster:
+            args += ["--lease-expiry-s", str(LEASE_EXPIRY_S), "--preauth-per-address-max",
+                     str(len(DEMO_ACCOUNTS) * 2)]
         start = functools.partial(
             launcher.start, args, workdir=self._workdir, name=f"server-{self._incarnations}",
             timeout_s=SERVER_START_TIMEOUT_S,
@@ -359,35 +431,77 @@ class Harness:
             server = await trio.to_thread.run_sync(start)
         except launcher.LaunchError as error:
             raise ChaosError(str(error)) from None
-        self._server = server
+        self._slots[slot] = server
         progress(f"server {self._incarnations} (pid {server.pid}) listening on port "
-                 f"{server.port}")
+                 f"{server.port}" + (f" (slot {slot})" if self.cluster else ""))
 
     async def crash(self) -> None:
-        """kill -9 the server, wait for it to die, and start the next one."""
-        server = self._take_server("crash")
+        """kill -9 a server (with several, a random one not frozen), wait for it to die,
+        and start its next incarnation."""
+        candidates = [
+            slot for slot, server in enumerate(self._slots)
+            if server is not None and slot not in self._frozen
+        ]
+        if not candidates:
+            raise ChaosError("no server to crash")
+        slot = self._rng.choice(candidates)
+        server = self._take_server(slot, "crash")
         await _end_server(server.kill)
         self.crashes += 1
-        progress(f"crash {self.crashes}: kill -9 server {self._incarnations} (pid "
-                 f"{server.pid})")
-        await self.start()
+        progress(f"crash {self.crashes}: kill -9 pid {server.pid}"
+                 + (f" (slot {slot})" if self.cluster else ""))
+        await self.start(slot)
+
+    async def freeze(self, seconds: float) -> None:
+        """SIGSTOP a random server for ``seconds``, then SIGCONT it: its clients time
+        out and fail over, its leases expire and are taken over, and its stale writes
+        must then be fenced."""
+        candidates = [slot for slot, server in enumerate(self._slots) if server is not None]
+        slot = self._rng.choice(candidates)
+        server = self._slots[slot]
+        assert server is not None
+        self._frozen.add(slot)
+        os.kill(server.pid, signal.SIGSTOP)
+        self.freezes += 1
+        progress(f"freeze: SIGSTOP pid {server.pid} (slot {slot}) for {seconds:.1f} s")
+        try:
+            await trio.sleep(seconds)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+            self._frozen.discard(slot)
+            progress(f"thaw: SIGCONT pid {server.pid} (slot {slot})")
 
     async def stop(self) -> int:
-        """SIGTERM, as an operator would; the exit status (0 when graceful)."""
-        server = self._take_server("stop")
-        status = await _end_server(functools.partial(server.stop, SERVER_STOP_TIMEOUT_S))
-        progress(f"server {self._incarnations} stopped with exit status {status}")
-        return status
+        """SIGTERM every server, as an operator would; 0 when every one exited 0."""
+        statuses = []
+        for slot in range(len(self._slots)):
+            server = self._take_server(slot, "stop")
+            status = await _end_server(functools.partial(server.stop, SERVER_STOP_TIMEOUT_S))
+            progress(f"server pid {server.pid} stopped with exit status {status}")
+            statuses.append(status)
+        return next((status for status in statuses if status != 0), 0)
 
     async def kill_if_running(self) -> None:
-        """Cleanup after a failure: never leave a server behind."""
-        server, self._server = self._server, None
-        if server is not None:
-            await _end_server(server.kill)
+        """Cleanup after a failure: never leave a server behind (nor a frozen one)."""
+        for slot, server in enumerate(self._slots):
+            self._slots[slot] = None
+            if server is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server.pid, signal.SIGCONT)
+                await _end_server(server.kill)
 
-    def _take_server(self, action: str) -> launcher.Server:
-        """The running server, now marked down so that clients back off."""
-        server, self._server = self._server, None
+    def fenced_writes(self) -> int:
+        """Writes refused by their lease fence, counted in every server's log (a killed
+        server's too)."""
+        count = 0
+        for log in self._workdir.glob("server-*.log"):
+            with contextlib.suppress(OSError):
+                count += log.read_text(errors="replace").count(FENCED_LOG_MARK)
+        return count
+
+    def _take_server(self, slot: int, action: str) -> launcher.Server:
+        """The slot's running server, now marked down so that clients go elsewhere."""
+        server, self._slots[slot] = self._slots[slot], None
         if server is None:
             raise ChaosError(f"no server to {action}")
         return server
@@ -409,20 +523,36 @@ async def _end_server(end: Callable[[], int]) -> int:
 class AtmLink:
     """One connection, logged in to one account, sending one request at a time."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, reply_timeout_s: float = REPLY_TIMEOUT_S) -> None:
         self._stream = stream
         self._engine = Engine(Sender.CLIENT)
+        self._reply_timeout_s = reply_timeout_s
+        self.token: bytes | None = None
+        """The newest SESSION_TOKEN: what resumes the session from another connection."""
+        self.resumed = False
+        """The session was resumed (RESUME APPROVED), not logged in afresh."""
 
     @classmethod
-    async def open(cls, port: int, account: str, pin: str) -> tuple[AtmLink, Status]:
-        """Connect, read HELLO, LOGIN; the link and the login status."""
+    async def open(
+        cls, port: int, account: str, pin: str, *, token: bytes | None = None,
+        reply_timeout_s: float = REPLY_TIMEOUT_S,
+    ) -> tuple[AtmLink, Status]:
+        """Connect, read HELLO, then RESUME with ``token`` if given (and LOGIN if that
+        is refused UNKNOWN_SESSION) or LOGIN; the link and the last status."""
         with trio.fail_after(CONNECT_TIMEOUT_S):
             stream = await trio.open_tcp_stream(HOST, port)
-        link = cls(stream)
+        link = cls(stream, reply_timeout_s)
         try:
             greeting = await link._receive()
             if link._engine.hello is None:
                 raise LinkBroken(f"expected HELLO, got {greeting.message}")
+            if token is not None:
+                resumed = await link.request(Resume(account, token))
+                if not isinstance(resumed, ResumeReply):
+                    raise LinkBroken(f"expected RESUME_REPLY, got {resumed}")
+                if resumed.status is not Status.UNKNOWN_SESSION:
+                    link.resumed = resumed.status is Status.APPROVED
+                    return link, resumed.status
             reply = await link.request(Login(account, pin))
             if not isinstance(reply, LoginReply):
                 raise LinkBroken(f"expected LOGIN_REPLY, got {reply}")
@@ -446,20 +576,25 @@ class AtmLink:
             event = await self._receive()
             if isinstance(event, Answer):
                 return event.message
+            if isinstance(event.message, SessionToken):
+                self.token = event.message.token
+                continue
             if isinstance(event.message, (Error, SessionExpired)):
+                if isinstance(event.message, SessionExpired):
+                    self.token = None  # the session is over: its token opens nothing
                 raise LinkBroken(f"server sent {event.message}")
             # A SHUTDOWN notice: the reply (or the close) still follows.
 
     async def _receive(self) -> Frame | Answer:
         try:
-            with trio.fail_after(REPLY_TIMEOUT_S):
+            with trio.fail_after(self._reply_timeout_s):
                 while (event := self._engine.next_event()) is None:
                     data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
                     if not data:
                         raise LinkBroken("server closed the connection")
                     self._engine.receive_data(data)
         except trio.TooSlowError as error:
-            raise LinkBroken(f"no reply in {REPLY_TIMEOUT_S} s") from error
+            raise LinkBroken(f"no reply in {self._reply_timeout_s} s") from error
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
             raise LinkBroken(f"receive failed: {error}") from error
         except WireError as error:  # RemoteProtocolError
@@ -478,21 +613,31 @@ class AtmLink:
             await self._stream.aclose()
 
 
-async def connect(harness: Harness, account: str, pin: str) -> AtmLink:
-    """A logged-in link to whichever server is up now: bounded attempts, short backoff."""
+async def connect(
+    harness: Harness, account: str, pin: str, *, home: int = 0, token: bytes | None = None
+) -> AtmLink:
+    """A logged-in link to a server that is up now, from slot ``home`` on, failing over to
+    the next on each failed attempt: RESUME with ``token`` first (once it opens nothing,
+    LOGIN), bounded attempts, short backoff."""
     backoff_s = RECONNECT_BACKOFF_S
     last = "server down"
-    for _attempt in range(RECONNECT_ATTEMPTS_MAX):
-        port = harness.port
+    reply_timeout_s = CLUSTER_REPLY_TIMEOUT_S if harness.cluster else REPLY_TIMEOUT_S
+    for attempt in range(RECONNECT_ATTEMPTS_MAX):
+        port = harness.port_for(home + attempt)
         if port is not None:
             try:
-                link, status = await AtmLink.open(port, account, pin)
+                link, status = await AtmLink.open(
+                    port, account, pin, token=token, reply_timeout_s=reply_timeout_s
+                )
             except (LinkBroken, OSError, trio.TooSlowError) as error:
                 last = f"{type(error).__name__}: {error}"
             else:
                 if status is Status.APPROVED:
+                    if token is not None and link.resumed:
+                        harness.resumes += 1
                     return link
                 await link.aclose()
+                token = None  # whatever it was, it opened nothing: log in from now on
                 if status not in LOGIN_RETRYABLE:
                     raise ChaosError(f"{account}: login refused with {status.name}")
                 last = f"login {status.name}"
@@ -544,6 +689,8 @@ class Client:
     account: str
     pin: str
     rng: random.Random
+    home: int = 0
+    """The server slot it connects to first (clients spread over the servers)."""
 
 
 async def drive_account(
@@ -552,6 +699,7 @@ async def drive_account(
     """One ATM on one account: operations one after another, each retried until answered."""
     account = client.account
     link: AtmLink | None = None
+    token: bytes | None = None
     pending: Operation | None = None
     try:
         with trio.move_on_at(deadlines.drain_at):
@@ -562,7 +710,9 @@ async def drive_account(
                 if pending.attempts >= OPERATION_ATTEMPTS_MAX:
                     raise ChaosError(f"{account}: txn {pending.txn_id.hex()} never answered")
                 if link is None:
-                    link = await connect(harness, account, client.pin)
+                    link = await connect(
+                        harness, account, client.pin, home=client.home, token=token
+                    )
                 operation = pending
                 try:
                     await attempt(link, operation)
@@ -570,8 +720,10 @@ async def drive_account(
                     pending = None
                 except LinkBroken:
                     operation.was_unknown = True
+                    token = link.token  # resumes the session elsewhere, if it still can
                     await link.aclose()
                     link = None
+                    client = dataclasses.replace(client, home=client.home + 1)
     except ChaosError as error:
         harness.failures.append(str(error))
         progress(f"client failed: {error}")
@@ -590,6 +742,9 @@ class Options:
     seconds: float
     seed: int
     workdir: Path
+    db: str | None = None
+    """A PostgreSQL database holding no bank yet; None: SQLite in ``workdir``."""
+    servers: int = 1
 
 
 @dataclass(slots=True)
@@ -599,6 +754,9 @@ class Report:
     options: Options
     history: list[Operation]
     crashes: int = 0
+    freezes: int = 0
+    resumes: int = 0
+    fenced_writes: int = 0
     elapsed_s: float = 0.0
     clean_exit: bool = False
     checked: bool = False
@@ -633,6 +791,10 @@ class Report:
             "refused_applied": self.verdict.refused_applied,
             "unexpected": self.verdict.unexpected,
             "crashes": self.crashes,
+            "servers": self.options.servers,
+            "freezes": self.freezes,
+            "resumes": self.resumes,
+            "fenced_writes": self.fenced_writes,
             "operations": len(self.history),
             "attempts": sum(op.attempts for op in self.history),
             "seconds": round(self.elapsed_s, 2),
@@ -682,10 +844,19 @@ async def drive(harness: Harness, options: Options, history: list[Operation]) ->
         outer.start_soon(report_progress, history, harness, started_at)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(crash_loop, harness, offsets_s, deadlines)
-            for account, pin, _ in accounts_for(options.clients):
-                client = Client(account, pin, random.Random(rng.getrandbits(64)))
+            if harness.cluster:
+                nursery.start_soon(freeze_once, harness, deadlines, options.seconds)
+            for home, (account, pin, _) in enumerate(accounts_for(options.clients)):
+                client = Client(account, pin, random.Random(rng.getrandbits(64)), home)
                 nursery.start_soon(drive_account, harness, client, history, deadlines)
         outer.cancel_scope.cancel()
+
+
+async def freeze_once(harness: Harness, deadlines: Deadlines, seconds: float) -> None:
+    """Halfway through, under load, freeze one server past its leases' expiry."""
+    await trio.sleep_until(deadlines.started_at + FREEZE_AT * seconds)
+    await harness.wait_under_load(deadlines.stop_at)
+    await harness.freeze(FREEZE_S)
 
 
 def accounts_for(clients: int) -> list[tuple[str, str, int]]:
@@ -700,9 +871,11 @@ async def run_chaos(options: Options) -> Report:
     harness: Harness | None = None
     try:
         with trio.fail_after(options.seconds + RUN_ALLOWANCE_S):
-            harness = Harness(options.workdir)
+            harness = Harness(
+                options.workdir, db=options.db, servers=options.servers, seed=options.seed
+            )
             try:
-                await harness.start()
+                await harness.start_all()
                 await drive(harness, options, report.history)
                 report.clean_exit = await harness.stop() == 0
             finally:
@@ -711,7 +884,8 @@ async def run_chaos(options: Options) -> Report:
         # except*: failures inside nurseries arrive wrapped in exception groups.
         report.errors += [f"{type(e).__name__}: {e}" for e in _leaves(group)]
     if harness is not None:
-        report.crashes = harness.crashes
+        report.crashes, report.freezes = harness.crashes, harness.freezes
+        report.resumes, report.fenced_writes = harness.resumes, harness.fenced_writes()
         report.errors += harness.failures
     report.elapsed_s = trio.current_time() - started_at
     await _check(report)
@@ -726,9 +900,13 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 
 async def _check(report: Report) -> None:
-    db, key_file = report.options.workdir / "bank.db", report.options.workdir / "bank.key"
-    if not db.exists() or not key_file.exists():
+    key_file, sqlite_db = report.options.workdir / "bank.key", report.options.workdir / "bank.db"
+    db: Path | str = sqlite_db if report.options.db is None else report.options.db
+    if report.options.db is None and not sqlite_db.exists():
         report.errors.append("no database to check")
+        return
+    if not key_file.exists():
+        report.errors.append("no PIN key: the servers never started")
         return
     state = await trio.to_thread.run_sync(read_bank_state, db, key_file)
     report.verdict = check_history(report.history, state)
@@ -750,7 +928,9 @@ def build_parser() -> argparse.ArgumentParser:
         "to stdout. JSON keys: acknowledged, refused, unknown_resolved (outcome lost to a "
         "crash, then answered by a retry), unknown_applied (of those, APPROVED), "
         "unknown_unresolved, lost, duplicated, mismatched, refused_applied, unexpected, "
-        "crashes, operations, attempts, seconds (measured), seconds_requested, clients, "
+        "crashes, servers, freezes, resumes (failovers that resumed their session with its "
+        "token), fenced_writes (stale writes refused by a lease fence, from the servers' "
+        "logs), operations, attempts, seconds (measured), seconds_requested, clients, "
         "seed, clean_exit, invariant_ok (every database check passed), ok, problems. "
         f"Exit status {EXIT_OK} when every check passed, {EXIT_FAILED} when one failed, "
         f"{EXIT_USAGE} for bad arguments. The run takes at most --seconds plus "
@@ -772,6 +952,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=_bounded_int(0, 2**64 - 1), default=None,
         help="seed for crash times, kinds and amounts (default: random, printed in the JSON)",
+    )
+    parser.add_argument(
+        "--db", default=None, metavar="URL",
+        help="a PostgreSQL database (postgresql:// URL or libpq string) holding no bank "
+        "yet, for the servers to share; default: a fresh SQLite file in the work directory",
+    )
+    parser.add_argument(
+        "--servers", type=_bounded_int(1, SERVERS_MAX), default=1,
+        help=f"server processes on the database, 1..{SERVERS_MAX} (more than 1 needs --db);"
+        " with 2 or more, one is also frozen (SIGSTOP) past its leases' expiry, then "
+        "thawed (default %(default)s)",
     )
     parser.add_argument(
         "--keep", type=Path, metavar="DIR", default=None,
@@ -809,11 +1000,23 @@ def prepare_workdir(keep: Path | None) -> Path:
     return keep
 
 
+def require_fresh_postgresql(db: str) -> None:
+    """The checker judges every entry in the database, so it must hold no bank yet."""
+    with psycopg.connect(db, connect_timeout=int(launcher.START_TIMEOUT_S)) as connection:
+        row = connection.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
+    if row is not None and row[0]:
+        raise ValueError(
+            f"{redact_db(db)} already holds a bank; the checker needs a fresh database"
+        )
+
+
 def print_summary(report: Report) -> None:
     figures = report.summary()
     print(
         f"{figures['operations']} operations by {figures['clients']} clients in "
-        f"{figures['seconds']} s, {figures['crashes']} crashes (seed {figures['seed']}): "
+        f"{figures['seconds']} s, {figures['crashes']} crashes, {figures['servers']} "
+        f"servers, {figures['freezes']} freezes, {figures['fenced_writes']} fenced writes,"
+        f" {figures['resumes']} resumed failovers (seed {figures['seed']}): "
         f"{figures['acknowledged']} acknowledged, {figures['refused']} refused, "
         f"{figures['unknown_resolved']} unknown then resolved by retry "
         f"({figures['unknown_applied']} had been applied), "
@@ -843,14 +1046,23 @@ def progress(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.db is not None and not is_postgresql(args.db):
+        parser.error("--db takes a PostgreSQL database (without it, SQLite is used)")
+    if args.servers > 1 and args.db is None:
+        parser.error("--servers above 1 needs --db: one SQLite file serves one process")
     try:
+        if args.db is not None:
+            require_fresh_postgresql(args.db)
         workdir = prepare_workdir(args.keep)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, psycopg.Error) as error:
         print(f"bank.chaos: {error}", file=sys.stderr)
         return EXIT_USAGE
     seed = secrets.randbits(64) if args.seed is None else args.seed
-    options = Options(args.clients, args.crashes, args.seconds, seed, workdir)
+    options = Options(
+        args.clients, args.crashes, args.seconds, seed, workdir, args.db, args.servers
+    )
     progress(f"working in {workdir}")
     report = trio.run(run_chaos, options)
     print_summary(report)

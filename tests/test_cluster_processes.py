@@ -1,0 +1,314 @@
+"""Real ``python -m bank`` processes on one PostgreSQL: racing logins across three of
+them (one session per account at any instant), takeover of a kill -9'd holder's lease
+without waiting for its expiry, RESUME and replay on a survivor, a SIGSTOPped holder
+taken over only after its expiry and refused by the fence once thawed, and --workers'
+supervision (a killed worker restarted, SIGTERM stops all with exit 0, a killed parent
+takes its workers with it).
+
+Waits are bounded polls of what the servers answer or of /proc, never sleeps standing in
+for an event: another process has no event to wait on."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import secrets
+import signal
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+
+from bank.accounts_file import AccountRecord
+from bank.pg_store import PgStore, read_entry_by_txn_id
+from bank.pins import load_or_create_key
+from bank.tools import launcher
+from tests.helpers import DEMO_ACCOUNT, DEMO_BALANCE_CENTS, DEMO_PIN, WireClient, txn_id
+from tests.pg import pg_cluster, pg_db
+from wire import (
+    Balance,
+    BalanceReply,
+    Deposit,
+    DepositReply,
+    Logout,
+    LogoutReply,
+    Resume,
+    ResumeReply,
+    SessionExpired,
+    Status,
+)
+
+__all__ = ["pg_cluster", "pg_db"]
+
+OTHER_ACCOUNT, OTHER_PIN = "BC-01373", "2947"
+POLL_S = 0.02
+POLLS_MAX = 500
+"""Bounded polls: 10 s at most, far past any lease expiry used here."""
+
+
+class Cluster:
+    """Bank processes started on one database, all killed at the end whatever happens."""
+
+    def __init__(self, db: str, workdir: Path) -> None:
+        self.db = db
+        self.workdir = workdir
+        self.servers: list[launcher.Server] = []
+
+    def args(self, lease_expiry_s: int) -> list[str]:
+        return [
+            "--db", self.db, "--key-file", str(self.workdir / "bank.key"),
+            "--log-level", "INFO", "--shutdown-grace-s", "1",
+            "--lease-expiry-s", str(lease_expiry_s),
+        ]
+
+    def start(self, name: str, *, lease_expiry_s: int = 60, extra: tuple[str, ...] = ()) -> (
+        launcher.Server
+    ):
+        server = launcher.start(
+            [*self.args(lease_expiry_s), *extra], workdir=self.workdir, name=name
+        )
+        self.servers.append(server)
+        return server
+
+    def close(self) -> None:
+        for server in self.servers:
+            if server.process.poll() is None:
+                os.kill(server.pid, signal.SIGCONT)  # a frozen one must hear the stop
+                server.stop()
+
+
+@pytest.fixture
+def cluster(pg_db: str, tmp_path: Path) -> Iterator[Cluster]:
+    PgStore(pg_db, load_or_create_key(tmp_path / "bank.key"), seed_demo=True).close()
+    running = Cluster(pg_db, tmp_path)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+async def connect(server: launcher.Server) -> WireClient:
+    client = await WireClient.connect(server.port)
+    await client.hello()
+    return client
+
+
+async def login_when_free(
+    server: launcher.Server, account: str, pin: str
+) -> tuple[WireClient, int]:
+    """LOGIN until approved; the client and how many ACCOUNT_IN_USE came first."""
+    for refused in range(POLLS_MAX):
+        client = await connect(server)
+        status = await client.login(account, pin)
+        if status is Status.APPROVED:
+            return client, refused
+        assert status is Status.ACCOUNT_IN_USE
+        await client.aclose()
+        await trio.sleep(POLL_S)
+    raise AssertionError(f"{account} never became free on {server.port}")
+
+
+def lease_row(db: str, account: str) -> tuple[int, str | None]:
+    with psycopg.connect(db) as connection:
+        row = connection.execute(
+            "SELECT fence, holder FROM leases WHERE account = %s", (account,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), row[1]
+
+
+async def test_kill_9_holder_taken_over_at_once_and_resumed_with_replay(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.start("a"), cluster.start("b")  # expiry 60 s: a takeover never waits it
+    resumer = await connect(a)
+    assert await resumer.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+    token = resumer.tokens[-1]
+    booked_id = txn_id()
+    booked = await resumer.request(Deposit(booked_id, 2_00))
+    assert isinstance(booked, DepositReply) and booked.status is Status.APPROVED
+    other = await connect(a)
+    assert await other.login(OTHER_ACCOUNT, OTHER_PIN) is Status.APPROVED
+
+    a.kill()  # kill -9; nothing released the leases
+    killed_at = time.monotonic()
+    # An ATM without a token: its LOGIN on B takes the dead holder's lease (liveness),
+    # long before the 60 s expiry.
+    taker, refused = await login_when_free(b, OTHER_ACCOUNT, OTHER_PIN)
+    takeover_s = time.monotonic() - killed_at
+    print(f"takeover after kill -9: {takeover_s * 1000:.0f} ms, {refused} refusals first")
+    assert takeover_s < 60
+    assert lease_row(cluster.db, OTHER_ACCOUNT)[0] == 2
+
+    # The ATM with a token resumes on B, and its replay gets A's original outcome.
+    survivor = await connect(b)
+    resumed = await survivor.request(Resume(DEMO_ACCOUNT, token))
+    assert isinstance(resumed, ResumeReply) and resumed.status is Status.APPROVED
+    await survivor.token()
+    assert await survivor.request(Deposit(booked_id, 2_00)) == booked
+    balance = await survivor.request(Balance())
+    assert balance == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS + 2_00)
+    for client in (taker, survivor):
+        assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+
+
+async def test_sigstop_holder_taken_over_after_expiry_then_fenced(cluster: Cluster) -> None:
+    a, b = cluster.start("a", lease_expiry_s=2), cluster.start("b", lease_expiry_s=2)
+    frozen = await connect(a)
+    assert await frozen.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+    stale_id, fresh_id = txn_id(), txn_id()
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        # Alive (its liveness lock is held) but silent: refused until the lease expires.
+        taker, refused = await login_when_free(b, DEMO_ACCOUNT, DEMO_PIN)
+        assert refused >= 1
+        fresh = await taker.request(Deposit(fresh_id, 3_00))
+        assert isinstance(fresh, DepositReply) and fresh.status is Status.APPROVED
+        await frozen.send(Deposit(stale_id, 50_00))  # waits in A's socket buffer
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    frame = await frozen.receive()
+    assert frame is not None and isinstance(frame.message, SessionExpired)
+    assert await frozen.closed()
+    # Nothing moved for the stale write: the fence refused it, or the thawed server's
+    # first heartbeat found the lease gone and ended the session before reading it.
+    assert read_entry_by_txn_id(cluster.db, stale_id) is None
+    balance = await taker.request(Balance())
+    assert balance == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS + 3_00)
+    log = a.log_path.read_text()
+    assert "FENCED" in log or "lease taken over by another process" in log
+    assert lease_row(cluster.db, DEMO_ACCOUNT)[0] == 2  # one takeover, nothing since
+    assert await taker.request(Logout()) == LogoutReply(Status.APPROVED)
+
+
+RACE_ACCOUNTS = 100
+RACE_ATTEMPTS = 1000
+RACE_CLIENTS = 100
+RACE_PIN = "4826"
+RACE_OPENING_CENTS = 1_000
+
+
+async def test_racing_logins_one_session_per_account_at_any_instant(
+    cluster: Cluster,
+) -> None:
+    accounts = [f"RC-{n:05d}" for n in range(RACE_ACCOUNTS)]
+    key = load_or_create_key(cluster.workdir / "bank.key")
+    with PgStore(cluster.db, key, seed_demo=False) as store:
+        store.add_accounts([AccountRecord(a, RACE_PIN, RACE_OPENING_CENTS) for a in accounts])
+    servers = [  # every client connects from 127.0.0.1
+        cluster.start(f"race-{n}", extra=("--preauth-per-address-max", str(RACE_CLIENTS)))
+        for n in range(3)
+    ]
+    held: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    outcomes: Counter[Status] = Counter()
+    rng = random.Random(secrets.randbits(32))
+    attempts = iter(range(RACE_ATTEMPTS))
+
+    async def one_client() -> None:
+        for _ in attempts:
+            account = rng.choice(accounts)
+            client = await connect(rng.choice(servers))
+            status = await client.login(account, RACE_PIN)
+            outcomes[status] += 1
+            if status is Status.APPROVED:
+                got_it = trio.current_time()  # the lease is ours from here...
+                reply = await client.request(Deposit(txn_id(), 1))
+                assert isinstance(reply, DepositReply) and reply.status is Status.APPROVED
+                held[account].append((got_it, trio.current_time()))  # ...to here at least
+                assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+            await client.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(RACE_CLIENTS):
+            nursery.start_soon(one_client)
+
+    assert sum(outcomes.values()) == RACE_ATTEMPTS
+    assert set(outcomes) <= {Status.APPROVED, Status.ACCOUNT_IN_USE}
+    assert outcomes[Status.ACCOUNT_IN_USE] > 0  # the race was real
+    # Each session held its lease at least from its APPROVED to its last reply: on one
+    # clock, no two such spans of one account may overlap.
+    for account, spans in held.items():
+        spans.sort()
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert end <= start, f"{account}: two sessions at once"
+    # Every acquisition raised the fence by one, and only approved logins acquired.
+    with psycopg.connect(cluster.db) as connection:
+        rows = connection.execute(
+            "SELECT l.account, l.fence, a.balance_cents FROM leases l"
+            " JOIN accounts a USING (account) WHERE l.account LIKE 'RC-%'"
+        ).fetchall()
+    fences = {account: fence for account, fence, _ in rows}
+    assert fences == {account: len(spans) for account, spans in held.items()}
+    assert sum(fences.values()) == outcomes[Status.APPROVED]
+    for _account, fence, balance_cents in rows:
+        assert balance_cents == RACE_OPENING_CENTS + fence  # one cent per session
+    print(f"racing logins: {dict((s.name, n) for s, n in outcomes.items())}")
+
+
+def children(pid: int) -> set[int]:
+    """The live (not zombie) child processes of ``pid``."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # any thread may have spawned one
+        try:
+            text = (task / "children").read_text()
+        except OSError:
+            continue
+        found |= {child for child in map(int, text.split()) if alive(child)}
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def poll_until(condition: object, what: str) -> None:
+    assert callable(condition)
+    for _ in range(POLLS_MAX):
+        if condition():
+            return
+        time.sleep(POLL_S)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_workers_restart_a_dead_worker_and_stop_on_sigterm(cluster: Cluster) -> None:
+    parent = cluster.start("workers", extra=("--workers", "2"))
+    workers = children(parent.pid)
+    assert len(workers) == 2
+    client = await connect(parent)
+    assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+    assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    poll_until(
+        lambda: len(children(parent.pid)) == 2 and victim not in children(parent.pid),
+        "the killed worker replaced",
+    )
+    poll_until(lambda: "2 workers serving" in parent.log_path.read_text(), "start-up logged")
+    poll_until(
+        lambda: parent.log_path.read_text().count("listening on") == 3, "the new one listens"
+    )
+    for _ in range(10):  # whichever worker the kernel picks serves
+        client = await connect(parent)
+        assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+        assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+    survivors = children(parent.pid)
+    assert parent.stop() == 0
+    assert not any(alive(pid) for pid in survivors)
+    assert "restarting it" in parent.log_path.read_text()
+
+
+async def test_workers_end_with_a_killed_parent(cluster: Cluster) -> None:
+    parent = cluster.start("workers", extra=("--workers", "2"))
+    workers = children(parent.pid)
+    assert len(workers) == 2
+    parent.kill()
+    poll_until(lambda: not any(alive(pid) for pid in workers), "the orphaned workers end")
