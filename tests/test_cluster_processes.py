@@ -25,8 +25,9 @@ import pytest
 import trio
 
 from bank.accounts_file import AccountRecord
-from bank.pg_store import PgStore, read_entry_by_txn_id
+from bank.pg_store import PgStore
 from bank.pins import load_or_create_key
+from bank.store import read_entry_by_txn_id
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_BALANCE_CENTS, DEMO_PIN, WireClient, txn_id
 from tests.pg import pg_cluster, pg_db
