@@ -18,17 +18,35 @@ from pathlib import Path
 import pytest
 
 from bank.tools.bench import (
+    APPROVED,
     OPS,
+    REPLY_OPCODES,
     SETUP_CONCURRENCY_MAX,
+    BenchError,
+    RequestTemplates,
     TxnIds,
     bank_args,
-    echo_reply,
+    echo_reply_frame,
+    is_database_url,
     make_request,
+    measure_fsync_ns,
     parse_mix,
     percentile_ns,
+    reply_status,
     turns,
 )
-from wire import encode
+from wire import (
+    HISTORY_ENTRIES_MAX,
+    BalanceReply,
+    Decoder,
+    DepositReply,
+    Error,
+    HistoryReply,
+    Sender,
+    Status,
+    encode,
+    frame_bytes,
+)
 from wire._messages import reply_type
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +81,46 @@ def test_load_mode_reports_bank_echo_and_ratio(tmp_path: Path) -> None:
         assert type(row["refused"]) is int, op
     assert set(report["echo"]["ops"]) == set(report["ops"])
     assert is_number(report["bank_cpu_percent"]) and is_number(report["echo_cpu_percent"])
+    # The generator's CPU beside each server's, their ratios, fsync and load averages.
+    for key in ("bank_cpu_us_per_op", "echo_cpu_us_per_op", "cpu_ratio", "p99_ratio",
+                "generator_cpu_percent", "generator_cpu_us_per_op",
+                "echo_generator_cpu_percent", "echo_generator_cpu_us_per_op",
+                "fsync_p50_ms", "fsync_p90_ms", "loadavg_max_1min", "window_s"):
+        assert is_number(report[key]), key
+    assert type(report["generator_saturated"]) is bool
+    assert type(report["echo_generator_saturated"]) is bool
+    assert len(report["loadavg_first"]) == 3 and len(report["loadavg_last"]) == 3
+    assert report["generators"] == 1 and report["db"] == "sqlite"
+    assert report["workers"] is None and report["compare_ratio"] is None
+    for side in ("bank", "echo"):
+        assert report[side]["generators"] == 1
+        assert is_number(report[side]["generator_cpu_percent_max"]), side
+
+
+def test_generators_share_the_sessions(tmp_path: Path) -> None:
+    report = run_bench("--sessions", "3", "--seconds", "1", "--generators", "2",
+                       tmp_path=tmp_path)
+    assert report["generators"] == 2 and report["bank"]["generators"] == 2
+    assert report["bank_ops_per_s"] > 0 and report["echo_ops_per_s"] > 0
+    assert report["bank"]["count"] == sum(row["count"] for row in report["ops"].values())
+
+
+def test_a_given_database_gets_the_accounts_and_a_second_bank_compares(
+    tmp_path: Path
+) -> None:
+    """--db PATH is the bank's database (the bench adds its accounts); --compare-db
+    starts a second bank, taking turns with the first."""
+    db, other = tmp_path / "given.db", tmp_path / "other.db"
+    report = run_bench(
+        "--sessions", "2", "--seconds", "2", "--no-echo", "--db", str(db),
+        "--compare-db", str(other), "--key-file", str(tmp_path / "bench.key"),
+        tmp_path=tmp_path,
+    )
+    assert db.exists() and other.exists()
+    assert report["db"] == "sqlite" and report["compare_db"] == "sqlite"
+    assert is_number(report["compare_ratio"]) and report["compare_ops_per_s"] > 0
+    assert is_number(report["compare_cpu_us_per_op"])
+    assert report["compare"]["count"] > 0 and report["echo"] is None
 
 
 def test_tls_mode_reports_the_tls_bank_beside_the_plaintext_one(tmp_path: Path) -> None:
@@ -110,6 +168,28 @@ def test_idle_mode_reports_memory_and_latency(tmp_path: Path) -> None:
     assert report["count"] == report["probe_requests"] > 0
 
 
+def test_a_postgresql_bank_is_loaded_beside_the_sqlite_one(
+    pg_db: str, tmp_path: Path
+) -> None:
+    """issue 14: ``--db URL`` reports the same JSON; with --compare-db, the two in turns."""
+    report = run_bench(
+        "--sessions", "2", "--seconds", "2", "--no-echo", "--compare-db", pg_db,
+        "--key-file", str(tmp_path / "bench.key"), tmp_path=tmp_path,
+    )
+    assert report["db"] == "sqlite" and report["compare_db"] == "postgresql"
+    assert report["compare_ops_per_s"] > 0 and is_number(report["compare_ratio"])
+    assert set(report["compare"]["ops"]) == {"balance", "deposit", "withdraw"}
+
+
+def test_workers_and_database_pass_through_to_the_bank(tmp_path: Path) -> None:
+    args = bank_args(tmp_path, 4, db="postgresql://bench@localhost/bank", workers=3)
+    assert args[args.index("--db") + 1] == "postgresql://bench@localhost/bank"
+    assert args[args.index("--workers") + 1] == "3"
+    assert "--workers" not in bank_args(tmp_path, 4)  # a bank without the flag still runs
+    assert is_database_url("postgresql://x/y") and is_database_url("host=/tmp dbname=bank")
+    assert not is_database_url(str(tmp_path / "bank.db"))
+
+
 def test_bank_admits_every_session_logging_in_at_once(tmp_path: Path) -> None:
     """All sessions come from 127.0.0.1, up to SETUP_CONCURRENCY_MAX at once: the bank's
     limit on connections per address that have not logged in must admit them."""
@@ -138,12 +218,83 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentile_ns([], 50) == 0
 
 
+@pytest.mark.parametrize("op", [*OPS, "logout"])
+def test_templates_make_the_frames_the_codec_makes(op: str) -> None:
+    """A template patches request id, transaction id and CRC: the result is exactly
+    what ``wire.encode`` makes of the same message, and the server's decoder takes it."""
+    txn_ids, twin = TxnIds(), TxnIds()
+    twin.prefix = txn_ids.prefix  # the same ids, in the same order
+    templates = RequestTemplates(txn_ids)
+    for request_id in (1, 7, 2**32 - 1):
+        frame = templates.frame(op, request_id)
+        expected = make_request(op, twin)
+        assert frame == encode(expected, request_id)
+        decoder = Decoder(Sender.CLIENT)
+        decoder.receive_data(frame)
+        decoded = decoder.next_frame()
+        assert decoded is not None and decoded.request_id == request_id
+        assert decoded.message == expected
+
+
+def test_money_templates_never_repeat_a_transaction_id() -> None:
+    templates = RequestTemplates(TxnIds())
+    frames = [templates.frame(op, 1) for op in ("deposit", "withdraw") for _ in range(50)]
+    assert len({frame[10:26] for frame in frames}) == 100
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_echo_answers_each_request_with_its_reply_type(op: str) -> None:
     request = make_request(op, TxnIds())
-    reply = echo_reply(request)
-    assert type(reply) is reply_type(request)
-    assert encode(reply, 1)  # a frame the wire codec accepts
+    reply, last = echo_reply_frame(encode(request, 9))
+    decoder = Decoder(Sender.SERVER)
+    decoder.receive_data(reply)
+    frame = decoder.next_frame()
+    assert frame is not None and frame.request_id == 9 and not last
+    assert type(frame.message) is reply_type(request)
+    assert frame.message.status is Status.APPROVED
+    assert reply_status(reply, opcode=REPLY_OPCODES[op], request_id=9) == APPROVED
+
+
+def test_echo_ends_the_conversation_at_logout_and_at_a_foreign_frame() -> None:
+    assert echo_reply_frame(RequestTemplates(TxnIds()).frame("logout", 3))[1]
+    reply, last = echo_reply_frame(frame_bytes(0x81, 3, b"\x00"))  # a reply, not a request
+    assert last and reply[3] == Error.OPCODE
+
+
+def test_reply_check_accepts_refusals_and_a_full_history() -> None:
+    refused = encode(BalanceReply(Status.NOT_LOGGED_IN, 0), 5)
+    assert reply_status(refused, opcode=BalanceReply.OPCODE, request_id=5) == \
+        Status.NOT_LOGGED_IN
+    reply, _ = echo_reply_frame(encode(make_request("history", TxnIds()), 2))
+    assert reply_status(reply, opcode=HistoryReply.OPCODE, request_id=2) == APPROVED
+    empty = encode(HistoryReply(Status.APPROVED, ()), 2)
+    assert reply_status(empty, opcode=HistoryReply.OPCODE, request_id=2) == APPROVED
+    assert HISTORY_ENTRIES_MAX >= 1
+
+
+@pytest.mark.parametrize("damage", ["request id", "opcode", "crc", "error", "status",
+                                    "length"])
+def test_reply_check_refuses_a_reply_that_does_not_answer_the_request(damage: str) -> None:
+    """Cheap, but a check: a reply to another request, of another type, damaged, an
+    ERROR, or with a status its type never carries, ends the run."""
+    good = encode(DepositReply(Status.APPROVED, 100, 1, 1), 4)
+    frames = {
+        "request id": encode(DepositReply(Status.APPROVED, 100, 1, 1), 5),
+        "opcode": encode(BalanceReply(Status.APPROVED, 100), 4),
+        "crc": good[:-1] + bytes([good[-1] ^ 1]),
+        "error": encode(Error(Status.FORMAT_ERROR), 4),
+        "status": frame_bytes(DepositReply.OPCODE, 4, bytes([Status.INCORRECT_PIN]) + good[11:-4]),
+        "length": frame_bytes(DepositReply.OPCODE, 4, good[10:-5]),
+    }
+    with pytest.raises(BenchError):
+        reply_status(frames[damage], opcode=DepositReply.OPCODE, request_id=4)
+    assert reply_status(good, opcode=DepositReply.OPCODE, request_id=4) == APPROVED
+
+
+def test_fsync_is_timed_in_the_given_directory(tmp_path: Path) -> None:
+    durations = measure_fsync_ns(tmp_path, 3)
+    assert len(durations) == 3 and durations == sorted(durations) and durations[0] > 0
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone
 
 
 def test_windows_take_turns_in_a_rotating_order() -> None:

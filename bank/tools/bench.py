@@ -1,79 +1,108 @@
 """``python -m bank.bench``: the bank server's own load tool, in the manner of pgbench.
 
-Load mode (the default) opens ``--sessions`` logged-in ATM sessions and runs a request
-mix for ``--seconds``, each session closed-loop (one request at a time). It does so twice
-in one run: against the bank, then against a bare Trio echo server that frames with the
-same wire codec and answers with frames of the bank's reply sizes. The machine's noise
-moves both figures together, so their ratio is the number to compare between runs. The
-CPU time each server and the load generator used during the mix is reported too (100 %
-is one core): a side near 100 % is the bottleneck, and when it is the load generator,
-the figure is the generator's ceiling, not the server's.
+Load mode (the default) opens ``--sessions`` logged-in ATM sessions on each server it
+measures and runs a request mix, each session closed-loop (one request at a time). The
+servers are the bank and a bare Trio echo server, which answers every request with a
+pre-encoded reply frame of the bank's reply type and size (request id and CRC patched
+in) and does nothing else. They take turns in windows of about WINDOW_S, ``--seconds``
+in all each, the order rotating every round, so that the machine's load while the run
+goes on reaches both alike; their ratio is the number to compare between runs.
+
+The load generator must not be what is measured. It builds each request from a
+pre-encoded template (patching only the request id, the transaction id and the CRC),
+splits replies by their length field and decodes only what its check needs: magic,
+version, opcode, request id, length, CRC and status, which is enough to know that the
+reply is intact and answers the request it was sent for. Plaintext sessions are driven
+by one ``select.epoll`` loop per generator process over the sockets' descriptors, not
+by a task per session. The generator's CPU per operation is reported next to each
+server's (100 % is one core), and ``--generators K`` spreads the sessions over K
+processes. Each server's CPU is read from /proc for its whole process tree (``--workers``
+makes the bank several processes).
 
 With ``--tls`` a second bank serves TLS (1.3, requiring a terminal certificate, as a
-deployment would; the run's CA and certificates are made with ``bank.tls``), and the
-plaintext bank, the TLS bank and the echo server take turns in windows of about
-TLS_WINDOW_S, ``--seconds`` in all each, so that the machine's load while the run goes
-on reaches all three alike; ``tls_ratio`` is TLS over plaintext. Connecting, TLS
-handshakes and logins happen before the first window, as logins always have, and their
-rate is reported apart.
+deployment would; the run's CA and certificates are made with ``bank.tls``), a third
+target taking its turns; ``tls_ratio`` is TLS over plaintext. Its sessions use
+``trio.SSLStream``, as the ATM does, with the same templates and checks. With
+``--compare-db URL`` a second plaintext bank on that database takes turns too;
+``compare_ratio`` is it over the first (``--db``). Connecting, TLS handshakes and logins
+happen before the first window, and their rate is reported apart. Every run also times
+fsync on the database's file system (``fsync_p50_ms``): a durable post waits for one.
 
 Idle mode (``--idle N``) holds N logged-in sessions that send nothing, and measures the
 server's resident memory per session and one more session's round-trip latency while
 they are held.
 
-By default the bank is a real ``python -m bank`` subprocess on a temporary database,
-with its log at WARNING so that logging is not what is measured; ``bank.tools.launcher``
-starts it and the echo server. ``--port`` targets a bank already running on this machine
-instead; its accounts ``BN-00001``.. (one per session, plus one for idle mode's probe)
-must exist with the bench PIN: create them with
+By default the bank is a real ``python -m bank`` subprocess on a temporary SQLite
+database, with its log at WARNING so that logging is not what is measured;
+``bank.tools.launcher`` starts it and the echo server. ``--db`` starts it on that
+database instead (a path, or a ``postgresql://`` URL), after adding the bench accounts
+it lacks; ``--workers N`` is passed to it. ``--port`` targets a bank already running on
+this machine instead; its accounts ``BN-00001``.. (one per session, plus one for idle
+mode's probe) must exist with the bench PIN: create them with
 ``python -m bank.bench --create-accounts N --db bank.db --key-file bank.key``.
 Only loopback addresses are accepted: the echo baseline runs here, so the ratio means
 something only for a bank on the same machine.
 
-The load generator runs in this process (the servers are subprocesses) and speaks the
-wire package directly, not the ATM client, so that the ATM's screen logic is not in the
-figures. The last line printed is JSON, for scripts.
+Logins speak the wire package's protocol engine (``wire.Connection``), so HELLO and the
+login are checked in full; the ATM client is not used, so that its screen logic is not in
+the figures. The last line printed is JSON, for scripts.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
+import bisect
 import contextlib
 import functools
 import ipaddress
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import random
 import resource
+import select
 import ssl
+import struct
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from bank.config import is_postgresql
+from bank.pg_store import PgStore
 from bank.pins import load_or_create_key
 from bank.readiness import listening_addresses, write_ready_file
 from bank.server import raise_open_files_limit
 from bank.store import AccountExists, Store
 from bank.tls import TlsError, client_context, init_ca_and_server, issue_terminal
 from bank.tools import launcher
+from bank.transport import SocketTransport
 from wire import (
     AMOUNT_CENTS_MAX,
     DEPOSIT,
     HISTORY_ENTRIES_MAX,
+    MAGIC,
     MONEY_KINDS,
     PAYLOAD_BYTES_MAX,
+    PROTOCOL_VERSION,
+    REPLY_STATUSES,
+    REQUEST_ID_MAX,
     WITHDRAWAL,
     Answer,
     Balance,
     BalanceReply,
     EntryKind,
+    Error,
     Frame,
     Hello,
     History,
@@ -84,17 +113,21 @@ from wire import (
     Logout,
     LogoutReply,
     MoneyKind,
+    Opcode,
     Ping,
     PingReply,
     Reply,
     Request,
     Sender,
     SessionToken,
-    State,
     Status,
     WireError,
+    encode,
+    frame_bytes,
 )
 from wire import Connection as Engine
+from wire._layout import CRC_BYTES, FAST_CRC, FAST_HEADER, HEADER_BYTES
+from wire._messages import reply_type
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 
@@ -117,11 +150,20 @@ SECONDS_DEFAULT = 10
 SECONDS_MAX = 3_600
 """Longest load run: a bound on the run time, whatever the flags say."""
 
+GENERATORS_MAX = 16
+"""Most load generator processes: beyond the cores of any machine this runs on."""
+
+WORKERS_MAX = 64
+"""Most bank processes ``--workers`` may ask for (the bank has its own limits)."""
+
 SETUP_CONCURRENCY_MAX = 100
 """Sessions connecting and logging in at once; more only queue in the listen backlog."""
 
 REPLY_TIMEOUT_S = 30
 """A reply slower than this aborts the run: the server is stuck, not slow."""
+
+SETUP_TIMEOUT_S = 600
+"""Longest a load generator may take to log its sessions in (or out) on every target."""
 
 IDLE_TIMEOUT_S = 36_000
 """Passed to the bank so that no held session expires during a measurement."""
@@ -135,13 +177,17 @@ FDS_RESERVED = 128
 PROBE_REQUESTS = 200
 """Sequential BALANCE round trips timed while idle sessions are held."""
 
-TLS_WINDOW_S = 2
-"""With --tls each server is measured in windows of about this many seconds, taking turns,
-so that a change in the machine's load while the run goes on reaches every figure alike."""
+WINDOW_S = 2
+"""Each server is measured in windows of about this many seconds, taking turns, so that a
+change in the machine's load while the run goes on reaches every figure alike."""
 
 GENERATOR_SATURATED_PERCENT = 90.0
-"""Load generator CPU (100 = one core) from which a figure is the generator's ceiling,
-a lower bound on what the server could do, rather than the server's own."""
+"""Load generator CPU (100 = one core, for its busiest process) from which a figure is the
+generator's ceiling, a lower bound on what the server could do, rather than the server's."""
+
+FSYNC_SAMPLES = 50
+FSYNC_BLOCK_BYTES = 4096
+"""Each fsync sample appends one page to a file, as a commit appends to SQLite's WAL."""
 
 TERMINAL_NAME = "bench"
 """The one terminal certificate a --tls run issues; every session presents it."""
@@ -169,14 +215,18 @@ def account_names(first: int, count: int) -> list[str]:
     return [account_name(n) for n in range(first, first + count)]
 
 
-def create_accounts(db: Path, key_file: Path, count: int, *, pin: str = BENCH_PIN) -> int:
+def create_accounts(
+    db: Path | str, key_file: Path, count: int, *, pin: str = BENCH_PIN
+) -> int:
     """Add BN-00001..count (skipping those that exist); returns how many were added.
 
-    Through ``Store`` rather than the server, so a bench database is made like an
-    operator's: the same schema, PIN key and checks.
+    Through ``Store`` (or ``PgStore`` for a PostgreSQL ``db``) rather than the server,
+    so a bench database is made like an operator's: the same schema, PIN key and checks.
     """
     added = 0
-    with Store(db, load_or_create_key(key_file)) as store:
+    key = load_or_create_key(key_file)
+    opened = PgStore(db, key) if is_postgresql(db) else Store(Path(db), key)
+    with opened as store:
         for account in account_names(1, count):
             with contextlib.suppress(AccountExists):
                 store.add_account(account, pin, OPENING_CENTS)
@@ -199,7 +249,9 @@ class Mix:
         object.__setattr__(self, "cum_weights", tuple(itertools.accumulate(self.weights)))
 
     def pick(self, rng: random.Random) -> str:
-        return rng.choices(self.names, cum_weights=self.cum_weights)[0]
+        """One draw: ``random.choices`` by cumulative weights, without its per-call setup."""
+        cum = self.cum_weights
+        return self.names[bisect.bisect(cum, rng.random() * cum[-1])]
 
     def as_dict(self) -> dict[str, int]:
         return dict(zip(self.names, self.weights, strict=True))
@@ -224,16 +276,17 @@ def parse_mix(text: str) -> Mix:
 class TxnIds:
     """Unique 16-byte transaction ids: a random run prefix and a counter.
 
-    Random per run, so a second run against the same database is not answered with
-    replays of the first; a counter, so that making one costs no system call.
+    Random per run (and per generator process), so a second run against the same
+    database is not answered with replays of the first; a counter, so that making one
+    costs no system call.
     """
 
     def __init__(self) -> None:
-        self._prefix = os.urandom(8)
-        self._counter = itertools.count()
+        self.prefix = os.urandom(8)
+        self.counter = itertools.count()
 
     def next(self) -> bytes:
-        return self._prefix + next(self._counter).to_bytes(8, "big")
+        return self.prefix + next(self.counter).to_bytes(8, "big")
 
 
 MONEY_OPS: dict[str, MoneyKind] = {"deposit": DEPOSIT, "withdraw": WITHDRAWAL}
@@ -241,13 +294,156 @@ MONEY_OPS: dict[str, MoneyKind] = {"deposit": DEPOSIT, "withdraw": WITHDRAWAL}
 
 
 def make_request(op: str, txn_ids: TxnIds) -> Request:
+    """The message a template of ``op`` encodes (the tests compare the two)."""
     if op in MONEY_OPS:
         return MONEY_OPS[op].request(txn_ids.next(), AMOUNT_CENTS)
     if op == "history":
         return History(HISTORY_COUNT)
     if op == "ping":
         return Ping()
+    if op == "logout":
+        return Logout()
     return Balance()
+
+
+# -- Frames from templates, replies checked by their header ------------------------------
+
+_HEAD = FAST_HEADER.head
+"""magic, version, opcode, request id, payload length: the 10-byte header."""
+_CRC = FAST_CRC
+_NO_ID = bytes(4)
+_FRAME_OVERHEAD_BYTES: int = HEADER_BYTES + CRC_BYTES
+_LEAD = struct.Struct(f">{len(MAGIC)}sBB")
+
+
+def _lead(opcode: int) -> bytes:
+    """A frame's first bytes: magic, version and opcode."""
+    return _LEAD.pack(MAGIC, PROTOCOL_VERSION, opcode)
+
+
+class RequestTemplates:
+    """Every request the generator sends, pre-encoded: ``frame`` patches in the request
+    id, a fresh transaction id (for money requests) and the CRC.
+
+    The payloads come from ``wire.encode`` of the real messages, so a template cannot
+    drift from the codec; ``tests/test_bench.py`` decodes what they make.
+    """
+
+    def __init__(self, txn_ids: TxnIds) -> None:
+        self.txn_ids = txn_ids
+        self._static: dict[str, tuple[struct.Struct, bytes, int, bytes]] = {}
+        for op in (*OPS, "logout"):
+            if op in MONEY_OPS:
+                continue
+            payload = encode(make_request(op, txn_ids), 1)[HEADER_BYTES:-CRC_BYTES]
+            body = struct.Struct(f">4sIH{len(payload)}s")
+            self._static[op] = (body, _lead(make_request(op, txn_ids).OPCODE), len(payload),
+                                payload)
+        self._money = struct.Struct(">4sIH8sQQ")
+        self._money_leads = {op: _lead(kind.request.OPCODE) for op, kind in MONEY_OPS.items()}
+        self._money_bytes = self._money.size - HEADER_BYTES
+
+    def frame(self, op: str, request_id: int) -> bytes:
+        lead = self._money_leads.get(op)
+        if lead is not None:
+            body = self._money.pack(
+                lead, request_id, self._money_bytes, self.txn_ids.prefix,
+                next(self.txn_ids.counter), AMOUNT_CENTS,
+            )
+        else:
+            layout, lead, length, payload = self._static[op]
+            body = layout.pack(lead, request_id, length, payload)
+        return body + _CRC.pack(zlib.crc32(body))
+
+
+_REQUEST_TYPES: dict[str, type[Request]] = {
+    "balance": Balance, "deposit": DEPOSIT.request, "withdraw": WITHDRAWAL.request,
+    "history": History, "ping": Ping, "logout": Logout,
+}
+REPLY_OPCODES: dict[str, int] = {
+    op: reply_type(cls).OPCODE for op, cls in _REQUEST_TYPES.items()  # type: ignore[arg-type]
+}
+"""The reply opcode that must answer each operation's request."""
+
+_PAYLOAD_BYTES: dict[int, int] = {
+    LoginReply.OPCODE: 1, LogoutReply.OPCODE: 1, PingReply.OPCODE: 1,
+    BalanceReply.OPCODE: len(encode(BalanceReply(Status.APPROVED, 0), 1)) - HEADER_BYTES
+    - CRC_BYTES,
+    **{
+        kind.reply.OPCODE: len(encode(kind.reply(Status.APPROVED, 0, 1, 1), 1))
+        - HEADER_BYTES - CRC_BYTES
+        for kind in MONEY_KINDS
+    },
+}
+"""Payload bytes of each fixed-size reply (refused or approved: a reply's fields are
+always there, zero unless APPROVED). HISTORY_REPLY is checked by its entry count."""
+
+_HISTORY_ENTRY_BYTES = (
+    len(encode(HistoryReply(Status.APPROVED, _entries := (
+        HistoryEntry(1, 1, EntryKind.DEPOSIT, 1, 1),
+    )), 1)) - HEADER_BYTES - CRC_BYTES - 2
+)
+_STATUSES: dict[int, frozenset[int]] = {
+    int(opcode): frozenset(int(status) for status in statuses)
+    for opcode, statuses in REPLY_STATUSES.items()
+}
+APPROVED = int(Status.APPROVED)
+
+
+def frame_end(buffer: bytes) -> int:
+    """Where the frame at the start of ``buffer`` ends, from its length field (the buffer
+    holds at least a header). BenchError for bytes that cannot start a frame."""
+    if buffer[:2] != MAGIC:
+        raise BenchError("the server sent bytes that are not a frame (bad magic)")
+    length = (buffer[8] << 8) | buffer[9]
+    if length > PAYLOAD_BYTES_MAX:
+        raise BenchError(f"the server announced a payload of {length} bytes")
+    return _FRAME_OVERHEAD_BYTES + length
+
+
+def reply_status(frame: bytes, *, opcode: int, request_id: int) -> int:
+    """The status byte of ``frame``, once it is shown to be an intact reply of type
+    ``opcode`` to request ``request_id``, of that type's length, with a status that
+    type may carry; BenchError otherwise. Nothing else is decoded."""
+    magic, version, got_opcode, got_id, length = _HEAD.unpack_from(frame)
+    end = len(frame) - CRC_BYTES
+    if magic != MAGIC or version != PROTOCOL_VERSION or end != HEADER_BYTES + length:
+        raise BenchError("the server sent a malformed frame")
+    if zlib.crc32(frame[:end]) != _CRC.unpack_from(frame, end)[0]:
+        raise BenchError(f"CRC mismatch in the reply to request {request_id}")
+    if got_opcode != opcode or got_id != request_id:
+        if got_opcode == Opcode.ERROR and length:
+            raise BenchError(
+                f"request {request_id} answered with ERROR {Status(frame[HEADER_BYTES]).name}"
+            )
+        raise BenchError(
+            f"frame {_opcode_name(got_opcode)} {got_id} does not answer request "
+            f"{request_id} (expected {_opcode_name(opcode)})"
+        )
+    expected = _PAYLOAD_BYTES.get(opcode)
+    if expected is None and length >= 2:  # HISTORY_REPLY: status, count, entries
+        expected = 2 + frame[HEADER_BYTES + 1] * _HISTORY_ENTRY_BYTES
+    if length != expected:
+        raise BenchError(f"{_opcode_name(opcode)} of {length} bytes, not {expected}")
+    status = frame[HEADER_BYTES]
+    if status not in _STATUSES[opcode]:
+        raise BenchError(f"{_opcode_name(opcode)} with status {status}, not one it may carry")
+    return status
+
+
+def _opcode_name(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"opcode 0x{opcode:02X}"
+
+
+def check_notice(frame: bytes) -> None:
+    """A frame with request id 0 amid the replies: a SESSION_TOKEN (sent after a login)
+    is passed over; any other notice (SHUTDOWN, SESSION_EXPIRED, ERROR) ends the run."""
+    opcode = frame[3]
+    if opcode != Opcode.SESSION_TOKEN:
+        raise BenchError(f"the server sent {_opcode_name(opcode)} during the run")
 
 
 # -- Latency statistics ------------------------------------------------------------------
@@ -265,7 +461,7 @@ def ms(ns: int) -> float:
     return round(ns / 1_000_000, 3)
 
 
-def latency_summary(latencies_ns: list[int]) -> dict[str, float | int]:
+def latency_summary(latencies_ns: Sequence[int]) -> dict[str, float | int]:
     """count, then p50/p90/p99/max in milliseconds."""
     ordered = sorted(latencies_ns)
     summary: dict[str, float | int] = {"count": len(ordered)}
@@ -279,7 +475,7 @@ class Recorder:
     """Latencies (ns) and refusals per operation, as the sessions report them."""
 
     def __init__(self, ops: Sequence[str]) -> None:
-        self.latencies_ns: dict[str, list[int]] = {op: [] for op in ops}
+        self.latencies_ns: dict[str, array.array[int]] = {op: array.array("q") for op in ops}
         self.refused: dict[str, int] = dict.fromkeys(ops, 0)
         self.count = 0
 
@@ -288,6 +484,12 @@ class Recorder:
         self.count += 1
         if not approved:
             self.refused[op] += 1
+
+    def merge(self, other: Recorder) -> None:
+        for op, latencies in other.latencies_ns.items():
+            self.latencies_ns[op].extend(latencies)
+            self.refused[op] += other.refused[op]
+        self.count += other.count
 
     def per_op(self) -> dict[str, dict[str, float | int]]:
         return {
@@ -300,7 +502,7 @@ class Recorder:
         return {**latency_summary(every), "refused": sum(self.refused.values())}
 
 
-# -- The load generator's client ---------------------------------------------------------
+# -- Logging in: the protocol engine, checked in full --------------------------------------
 
 
 async def connect(address: Address, tls: ssl.SSLContext | None) -> trio.abc.Stream:
@@ -333,11 +535,11 @@ async def connect(address: Address, tls: ssl.SSLContext | None) -> trio.abc.Stre
 
 
 class BenchSession:
-    """One logged-in connection speaking the wire protocol directly, one request at a time,
-    over TCP or over TLS on TCP."""
+    """One logged-in connection speaking the wire protocol through its engine, one
+    request at a time, over TCP or over TLS on TCP: logins, and idle mode's probe."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
+        self.stream = stream
         self._engine = Engine(Sender.CLIENT)
 
     @classmethod
@@ -362,11 +564,20 @@ class BenchSession:
             raise
         return session
 
+    @property
+    def last_request_id(self) -> int:
+        return self._engine.last_request_id
+
+    @property
+    def unread(self) -> bytes:
+        """Bytes received and not yet made into events (a SESSION_TOKEN, say)."""
+        return self._engine.trailing_data
+
     async def request(self, message: Request) -> Reply:
         """Send one request and return its reply (the engine checks id and type)."""
         try:
             with trio.fail_after(REPLY_TIMEOUT_S):
-                await self._stream.send_all(self._engine.send(message))
+                await self.stream.send_all(self._engine.send(message))
                 event = await self._receive()
         except trio.TooSlowError:
             raise BenchError(f"no reply to {message.OPCODE.name} in {REPLY_TIMEOUT_S} s") from None
@@ -381,7 +592,7 @@ class BenchSession:
             contextlib.suppress(BenchError, WireError, trio.BrokenResourceError, OSError),
         ):
             await self.request(Logout())
-        await self._stream.aclose()
+        await self.stream.aclose()
 
     async def _expect_hello(self) -> None:
         with trio.fail_after(REPLY_TIMEOUT_S):
@@ -399,7 +610,7 @@ class BenchSession:
                 return event  # (the token that follows a login resumes nothing here)
             if event is not None:
                 continue
-            data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+            data = await self.stream.receive_some(RECEIVE_BYTES_MAX)
             if not data:
                 raise BenchError("the server closed the connection")
             self._engine.receive_data(data)
@@ -409,32 +620,37 @@ async def open_sessions(
     address: Address, accounts: Sequence[str], pin: str, opened: list[BenchSession],
     tls: ssl.SSLContext | None = None,
 ) -> None:
-    """Log ``accounts`` in, SETUP_CONCURRENCY_MAX at a time, appending to ``opened``.
-
-    The caller owns ``opened`` so that it can close what did open if this fails.
+    """Log ``accounts`` in, SETUP_CONCURRENCY_MAX at a time, into ``opened`` in the order
+    of ``accounts`` (``opened`` is resized to match; a slot is None until its session is
+    in). The caller owns ``opened`` so that it can close what did open if this fails.
     """
     limiter = trio.CapacityLimiter(SETUP_CONCURRENCY_MAX)
+    slots: list[BenchSession | None] = [None] * len(accounts)
 
-    async def open_one(account: str) -> None:
+    async def open_one(index: int, account: str) -> None:
         async with limiter:
-            opened.append(await BenchSession.open(address, account, pin, tls))
+            session = await BenchSession.open(address, account, pin, tls)
+            slots[index] = session
+            opened.append(session)
 
     async with trio.open_nursery() as nursery:
-        for account in accounts:
-            nursery.start_soon(open_one, account)
+        for index, account in enumerate(accounts):
+            nursery.start_soon(open_one, index, account)
+    opened[:] = [session for session in slots if session is not None]
 
 
-async def close_sessions(sessions: Sequence[BenchSession]) -> None:
+async def close_all(closers: Sequence[Callable[[], Any]]) -> None:
+    """Run every closer (an async callable), SETUP_CONCURRENCY_MAX at a time, shielded."""
     limiter = trio.CapacityLimiter(SETUP_CONCURRENCY_MAX)
 
-    async def close_one(session: BenchSession) -> None:
+    async def close_one(closer: Callable[[], Any]) -> None:
         async with limiter:
-            await session.close()
+            await closer()
 
     with trio.CancelScope(shield=True):
         async with trio.open_nursery() as nursery:
-            for session in sessions:
-                nursery.start_soon(close_one, session)
+            for closer in closers:
+                nursery.start_soon(close_one, closer)
 
 
 @contextlib.asynccontextmanager
@@ -451,7 +667,7 @@ async def logged_in(
             await open_sessions(address, accounts, pin, sessions, tls)
         yield sessions, time.perf_counter_ns() - started_ns
     finally:
-        await close_sessions(sessions)
+        await close_all([session.close for session in sessions])
 
 
 def setup_status(opened: Sequence[BenchSession], wanted: Sequence[str]) -> tuple[float, str]:
@@ -491,15 +707,170 @@ async def progress(label: str, status: Callable[[], tuple[float, str]]) -> Async
             sys.stderr.write("\n")
 
 
-# -- Load mode ---------------------------------------------------------------------------
+# -- The load generator's sessions ---------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class LoadOptions:
-    sessions: int
-    seconds: int
-    mix: Mix
-    pin: str
+class FastSession:
+    """One logged-in session, driven from templates (see the module docstring).
+
+    It takes over the stream ``BenchSession`` logged in on, with the bytes the engine
+    had not used yet and its last request id. Plaintext sessions are read and written
+    through their descriptor by ``drive_epoll``; TLS ones through their stream by
+    ``drive_stream``.
+    """
+
+    __slots__ = ("buffer", "fd", "op", "reply_opcode", "request_id", "rng", "started_ns",
+                 "stream", "templates")
+
+    def __init__(
+        self, session: BenchSession, *, rng: random.Random, templates: RequestTemplates,
+    ) -> None:
+        self.stream = session.stream
+        self.fd = self.stream.socket.fileno() if isinstance(
+            self.stream, trio.SocketStream) else -1
+        self.buffer = session.unread
+        self.request_id = session.last_request_id
+        self.rng = rng
+        self.templates = templates
+        self.op = ""
+        self.reply_opcode = 0
+        self.started_ns = 0
+
+    def next_request(self, op: str) -> bytes:
+        self.op = op
+        self.reply_opcode = REPLY_OPCODES[op]
+        self.request_id = rid = self.request_id % REQUEST_ID_MAX + 1
+        return self.templates.frame(op, rid)
+
+    def take_reply(self, data: bytes) -> int | None:
+        """Add ``data``; the status of the reply to the request in hand once it is whole
+        (checked by ``reply_status``), None while it is not. Notices are checked and
+        passed over."""
+        buffer = self.buffer + data if self.buffer else data
+        while True:
+            if len(buffer) < HEADER_BYTES:
+                self.buffer = buffer
+                return None
+            end = frame_end(buffer)
+            if len(buffer) < end:
+                self.buffer = buffer
+                return None
+            frame, buffer = buffer[:end], buffer[end:]
+            if frame[4:8] == _NO_ID:
+                check_notice(frame)
+                continue
+            self.buffer = buffer
+            return reply_status(frame, opcode=self.reply_opcode, request_id=self.request_id)
+
+    async def close(self) -> None:
+        """LOGOUT (bounded; a failure only means the server closes it for us), then close."""
+        with (
+            trio.move_on_after(REPLY_TIMEOUT_S),
+            contextlib.suppress(BenchError, trio.BrokenResourceError, OSError),
+        ):
+            await self.stream.send_all(self.next_request("logout"))
+            while (data := await self.stream.receive_some(RECEIVE_BYTES_MAX)) and \
+                    self.take_reply(bytes(data)) is None:
+                pass
+        await trio.aclose_forcefully(self.stream)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to a non-blocking descriptor (it nearly always takes it at once)."""
+    sent = os.write(fd, data)
+    while sent < len(data):
+        _, writable, _ = select.select([], [fd], [], REPLY_TIMEOUT_S)
+        if not writable:
+            raise BenchError(f"the server took no request bytes in {REPLY_TIMEOUT_S} s")
+        sent += os.write(fd, data[sent:])
+
+
+def drive_epoll(
+    sessions: Sequence[FastSession], mix: Mix, recorder: Recorder, window_ns: int
+) -> int:
+    """Closed loop over every plaintext session, in this thread: each session's next
+    request goes out when its reply is in, until ``window_ns`` has passed; the ns until
+    the last reply was in.
+
+    One ``epoll`` wait serves every session whose reply has arrived, so a request costs
+    a read, a write and the checks, and no task switch.
+    """
+    perf = time.perf_counter_ns
+    by_fd = {session.fd: session for session in sessions}
+    poller = select.epoll(max(len(by_fd), 1))
+    try:
+        for fd in by_fd:
+            poller.register(fd, select.EPOLLIN)
+        started_ns = perf()
+        deadline_ns = started_ns + window_ns
+        for session in sessions:
+            data = session.next_request(mix.pick(session.rng))
+            session.started_ns = perf()
+            _write_all(session.fd, data)
+        waiting = len(sessions)
+        while waiting:
+            events = poller.poll(REPLY_TIMEOUT_S)
+            if not events:
+                raise BenchError(f"no reply in {REPLY_TIMEOUT_S} s")
+            for fd, _mask in events:
+                session = by_fd[fd]
+                try:
+                    data = os.read(fd, RECEIVE_BYTES_MAX)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    raise BenchError("the server closed the connection")
+                status = session.take_reply(data)
+                if status is None:
+                    continue
+                now_ns = perf()
+                recorder.record(session.op, now_ns - session.started_ns,
+                                approved=status == APPROVED)
+                if now_ns < deadline_ns:
+                    data = session.next_request(mix.pick(session.rng))
+                    session.started_ns = perf()
+                    _write_all(fd, data)
+                else:
+                    waiting -= 1
+        return perf() - started_ns
+    finally:
+        poller.close()
+
+
+async def drive_stream(
+    sessions: Sequence[FastSession], mix: Mix, recorder: Recorder, window_ns: int
+) -> int:
+    """As ``drive_epoll``, for sessions on any Trio stream (TLS): a task per session."""
+    perf = time.perf_counter_ns
+    started_ns = perf()
+    deadline_ns = started_ns + window_ns
+
+    async def drive(session: FastSession) -> None:
+        stream = session.stream
+        while perf() < deadline_ns:
+            data = session.next_request(mix.pick(session.rng))
+            session.started_ns = perf()
+            await stream.send_all(data)
+            status = None
+            while status is None:
+                received = await stream.receive_some(RECEIVE_BYTES_MAX)
+                if not received:
+                    raise BenchError("the server closed the connection")
+                status = session.take_reply(bytes(received))
+            recorder.record(session.op, perf() - session.started_ns,
+                            approved=status == APPROVED)
+
+    try:
+        with trio.fail_after(window_ns / 1e9 + REPLY_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                for session in sessions:
+                    nursery.start_soon(drive, session)
+    except trio.TooSlowError:
+        raise BenchError(f"no reply in {REPLY_TIMEOUT_S} s") from None
+    return perf() - started_ns
+
+
+# -- Load generator processes --------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,6 +885,193 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class GeneratorPlan:
+    """What one generator process does: log ``accounts`` in on every target, its
+    sessions numbered from ``numbers`` (for their random sequences), then run windows."""
+
+    targets: tuple[Target, ...]
+    accounts: tuple[str, ...]
+    numbers: tuple[int, ...]
+    mix: Mix
+    pin: str
+
+
+@dataclass(frozen=True, slots=True)
+class WindowResult:
+    """One generator process's part of one window."""
+
+    recorder: Recorder
+    elapsed_ns: int
+    cpu_s: float
+
+
+class Generator:
+    """The sessions of one generator process, on every target."""
+
+    def __init__(self, plan: GeneratorPlan) -> None:
+        self.plan = plan
+        self.sessions: list[list[FastSession]] = []
+
+    async def open(self) -> list[int]:
+        """Log in on every target, one after another; the ns each took."""
+        plan = self.plan
+        setup_ns = []
+        for target in plan.targets:
+            opened: list[BenchSession] = []
+            started_ns = time.perf_counter_ns()
+            try:
+                await open_sessions(target.address, plan.accounts, plan.pin, opened, target.tls)
+            except BaseException:
+                await close_all([session.close for session in opened])
+                raise
+            setup_ns.append(time.perf_counter_ns() - started_ns)
+            templates = RequestTemplates(TxnIds())
+            self.sessions.append([
+                FastSession(session, rng=random.Random(number), templates=templates)
+                for session, number in zip(opened, plan.numbers, strict=True)
+            ])
+        return setup_ns
+
+    async def window(self, index: int, window_ns: int) -> WindowResult:
+        recorder = Recorder(self.plan.mix.names)
+        sessions = self.sessions[index]
+        cpu_before = own_cpu_s()
+        if self.plan.targets[index].tls is None:
+            elapsed_ns = drive_epoll(sessions, self.plan.mix, recorder, window_ns)
+        else:
+            elapsed_ns = await drive_stream(sessions, self.plan.mix, recorder, window_ns)
+        return WindowResult(recorder, elapsed_ns, own_cpu_s() - cpu_before)
+
+    async def close(self) -> None:
+        await close_all([session.close for target in self.sessions for session in target])
+
+
+def generator_main(pipe: Pipe, plan: GeneratorPlan) -> None:
+    """A generator process: answers ("opened", setup ns), then a WindowResult for each
+    ("window", target index, ns) it is sent, until ("close",); ("error", messages) if
+    anything fails."""
+    try:
+        trio.run(_serve_generator, pipe, plan)
+    except BaseException as error:  # the parent reports it; the process ends here
+        with contextlib.suppress(OSError):
+            pipe.send(("error", list(dict.fromkeys(leaf_messages(error)))))
+    finally:
+        pipe.close()
+
+
+async def _serve_generator(pipe: Pipe, plan: GeneratorPlan) -> None:
+    generator = Generator(plan)
+    try:
+        pipe.send(("opened", await generator.open()))
+        while (command := pipe.recv())[0] == "window":  # blocks: nothing else runs here
+            pipe.send(("window", await generator.window(command[1], command[2])))
+    finally:
+        await generator.close()
+    pipe.send(("closed",))
+
+
+class GeneratorPool:
+    """K generator processes, forked (they inherit the targets, TLS contexts included),
+    each with its share of the sessions. Everything here blocks, each wait bounded."""
+
+    def __init__(self, plans: Sequence[GeneratorPlan]) -> None:
+        context = multiprocessing.get_context("fork")
+        self._pipes: list[Pipe] = []
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        for plan in plans:
+            ours, theirs = context.Pipe()
+            process = context.Process(target=generator_main, args=(theirs, plan), daemon=True)
+            process.start()
+            theirs.close()
+            self._pipes.append(ours)
+            self._processes.append(process)
+
+    def opened(self) -> list[list[int]]:
+        """Each process's login time on each target, once all are logged in."""
+        return [self._receive(pipe, "opened", SETUP_TIMEOUT_S)[1] for pipe in self._pipes]
+
+    def window(self, index: int, window_ns: int, label: str) -> list[WindowResult]:
+        for pipe in self._pipes:
+            pipe.send(("window", index, window_ns))
+        window_s = window_ns / 1e9
+        started = time.monotonic()
+        if sys.stderr.isatty():
+            while not all(pipe.poll(0) for pipe in self._pipes):
+                elapsed = time.monotonic() - started
+                draw_progress(label, elapsed / window_s, f"{elapsed:5.1f}/{window_s:.1f} s")
+                time.sleep(PROGRESS_INTERVAL_S)
+        results = [self._receive(pipe, "window", window_s + REPLY_TIMEOUT_S)[1]
+                   for pipe in self._pipes]
+        draw_progress(label, 1, f"{window_s:.1f} s  {sum(r.recorder.count for r in results)} ops")
+        sys.stderr.write("\n")
+        return results
+
+    def close(self) -> None:
+        """Log every session out and end the processes (killed if they do not end)."""
+        try:
+            for pipe in self._pipes:
+                with contextlib.suppress(OSError):
+                    pipe.send(("close",))
+            for pipe in self._pipes:
+                with contextlib.suppress(BenchError):
+                    self._receive(pipe, "closed", SETUP_TIMEOUT_S)
+        finally:
+            for process in self._processes:
+                process.join(REPLY_TIMEOUT_S)
+                if process.is_alive():
+                    process.kill()
+                    process.join(REPLY_TIMEOUT_S)
+            for pipe in self._pipes:
+                pipe.close()
+
+    @staticmethod
+    def _receive(pipe: Pipe, expected: str, timeout_s: float) -> tuple[Any, ...]:
+        if not pipe.poll(timeout_s):
+            raise BenchError(f"a load generator sent nothing in {timeout_s:.0f} s")
+        try:
+            message: tuple[Any, ...] = pipe.recv()
+        except EOFError:
+            raise BenchError("a load generator process died") from None
+        if message[0] == "error":
+            raise BenchError("; ".join(message[1]))
+        if message[0] != expected:
+            raise BenchError(f"a load generator answered {message[0]!r}, not {expected!r}")
+        return message
+
+    def __enter__(self) -> GeneratorPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def generator_plans(
+    targets: Sequence[Target], options: LoadOptions, generators: int
+) -> list[GeneratorPlan]:
+    """The sessions dealt out in turn, so every process gets the same share (within one)."""
+    accounts = account_names(1, options.sessions)
+    count = min(generators, len(accounts))
+    return [
+        GeneratorPlan(
+            tuple(targets), tuple(accounts[g::count]),
+            tuple(range(g, len(accounts), count)), options.mix, options.pin,
+        )
+        for g in range(count)
+    ]
+
+
+# -- Load mode ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    sessions: int
+    seconds: int
+    mix: Mix
+    pin: str
+
+
+@dataclass(frozen=True, slots=True)
 class LoadResult:
     ops_per_s: float
     logins_per_s: float
@@ -522,6 +1080,9 @@ class LoadResult:
     per_op: dict[str, dict[str, float | int]]
     server_cpu_s: float | None
     generator_cpu_s: float
+    generator_cpu_max_s: float
+    """The busiest generator process's CPU time: the one that saturates first."""
+    generators: int = 1
 
     @property
     def server_cpu_percent(self) -> float | None:
@@ -531,7 +1092,12 @@ class LoadResult:
 
     @property
     def generator_cpu_percent(self) -> float:
+        """All generator processes together (100 = one core)."""
         return cpu_percent(self.generator_cpu_s, round(self.elapsed_s * 1e9))
+
+    @property
+    def generator_cpu_percent_max(self) -> float:
+        return cpu_percent(self.generator_cpu_max_s, round(self.elapsed_s * 1e9))
 
     @property
     def server_cpu_us_per_op(self) -> float | None:
@@ -547,8 +1113,8 @@ class LoadResult:
 
     @property
     def generator_saturated(self) -> bool:
-        """The load generator kept its core busy: the figure may be its ceiling."""
-        return self.generator_cpu_percent >= GENERATOR_SATURATED_PERCENT
+        """A generator process kept its core busy: the figure may be its ceiling."""
+        return self.generator_cpu_percent_max >= GENERATOR_SATURATED_PERCENT
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -557,9 +1123,11 @@ class LoadResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "server_cpu_percent": self.server_cpu_percent,
             "generator_cpu_percent": self.generator_cpu_percent,
+            "generator_cpu_percent_max": self.generator_cpu_percent_max,
             "server_cpu_us_per_op": self.server_cpu_us_per_op,
             "generator_cpu_us_per_op": self.generator_cpu_us_per_op,
             "generator_saturated": self.generator_saturated,
+            "generators": self.generators,
             **self.overall,
             "ops": self.per_op,
         }
@@ -570,13 +1138,20 @@ class Tally:
     """One target's measurement so far, summed over its windows."""
 
     recorder: Recorder
-    rngs: list[random.Random]
-    """One per session, kept across windows: each target gets the same request sequence."""
     setup_ns: int
-    txn_ids: TxnIds = field(default_factory=TxnIds)
+    generator_cpu_s: list[float]
     elapsed_ns: int = 0
     server_cpu_s: float | None = 0.0
-    generator_cpu_s: float = 0.0
+
+    def add(self, results: Sequence[WindowResult], server_cpu_s: float | None) -> None:
+        for result, process in zip(results, itertools.count(), strict=False):
+            self.recorder.merge(result.recorder)
+            self.generator_cpu_s[process] += result.cpu_s
+        self.elapsed_ns += max(result.elapsed_ns for result in results)
+        if self.server_cpu_s is None or server_cpu_s is None:
+            self.server_cpu_s = None
+        else:
+            self.server_cpu_s += server_cpu_s
 
     def result(self, sessions: int) -> LoadResult:
         return LoadResult(
@@ -586,69 +1161,14 @@ class Tally:
             overall=self.recorder.overall(),
             per_op=self.recorder.per_op(),
             server_cpu_s=self.server_cpu_s,
-            generator_cpu_s=self.generator_cpu_s,
+            generator_cpu_s=sum(self.generator_cpu_s),
+            generator_cpu_max_s=max(self.generator_cpu_s),
+            generators=len(self.generator_cpu_s),
         )
 
 
 def per_second(count: int, elapsed_ns: int) -> float:
     return count * 1_000_000_000 / max(elapsed_ns, 1)
-
-
-async def drive(
-    session: BenchSession, *, mix: Mix, rng: random.Random, txn_ids: TxnIds,
-    deadline_ns: int, recorder: Recorder,
-) -> None:
-    """Closed loop: the next request goes out only when the last reply is in."""
-    while time.perf_counter_ns() < deadline_ns:
-        op = mix.pick(rng)
-        message = make_request(op, txn_ids)
-        started_ns = time.perf_counter_ns()
-        reply = await session.request(message)
-        recorder.record(
-            op, time.perf_counter_ns() - started_ns, approved=reply.status is Status.APPROVED
-        )
-
-
-async def run_mix(
-    sessions: Sequence[BenchSession], tally: Tally, mix: Mix, window_ns: int, label: str
-) -> int:
-    """Drive every session for ``window_ns``, recording into ``tally``; the elapsed ns
-    (until the last reply is in)."""
-    recorder = tally.recorder
-    count_before = recorder.count
-    started_ns = time.perf_counter_ns()
-    deadline_ns = started_ns + window_ns
-
-    def status() -> tuple[float, str]:
-        elapsed_ns = time.perf_counter_ns() - started_ns
-        return elapsed_ns / window_ns, (
-            f"{elapsed_ns / 1e9:5.1f}/{window_ns / 1e9:.1f} s  "
-            f"{recorder.count - count_before} ops"
-        )
-
-    async with progress(label, status), trio.open_nursery() as nursery:
-        for session, rng in zip(sessions, tally.rngs, strict=True):
-            nursery.start_soon(functools.partial(
-                drive, session, mix=mix, rng=rng, txn_ids=tally.txn_ids,
-                deadline_ns=deadline_ns, recorder=recorder,
-            ))
-    return time.perf_counter_ns() - started_ns
-
-
-async def measure_window(
-    target: Target, sessions: Sequence[BenchSession], tally: Tally, *, mix: Mix,
-    window_ns: int, label: str,
-) -> None:
-    """One window of the mix on ``target``, its CPU (the server's and ours) counted over
-    the window alone."""
-    server_before, own_before = await process_cpu_s(target.pid), own_cpu_s()
-    tally.elapsed_ns += await run_mix(sessions, tally, mix, window_ns, label)
-    server_after, own_after = await process_cpu_s(target.pid), own_cpu_s()
-    tally.generator_cpu_s += own_after - own_before
-    if tally.server_cpu_s is None or server_before is None or server_after is None:
-        tally.server_cpu_s = None
-    else:
-        tally.server_cpu_s += server_after - server_before
 
 
 def turns(count: int, rounds: int) -> Iterator[tuple[int, int]]:
@@ -660,53 +1180,84 @@ def turns(count: int, rounds: int) -> Iterator[tuple[int, int]]:
             yield round_, (round_ + step) % count
 
 
-async def measure_load(
-    targets: Sequence[Target], options: LoadOptions, rounds: int
-) -> list[LoadResult]:
-    """Log every target's sessions in, run the mix on one target at a time for
-    ``rounds`` windows each (``options.seconds`` in all per target), log out.
+def measure_load(
+    targets: Sequence[Target], options: LoadOptions, rounds: int, generators: int,
+) -> tuple[list[LoadResult], list[list[float]]]:
+    """Log every target's sessions in (in the generator processes), run the mix on one
+    target at a time for ``rounds`` windows each (``options.seconds`` in all per target),
+    log out. Also the load averages (1, 5, 15 min) before each window.
 
     Only the windows are measured: connecting, TLS handshakes and logins come before
     them (their rate is reported apart), and meanwhile the sessions of the targets not
     being measured are held idle.
     """
-    accounts = account_names(1, options.sessions)
     window_ns = options.seconds * 1_000_000_000 // rounds
-    async with contextlib.AsyncExitStack() as stack:
-        held: list[list[BenchSession]] = []
-        tallies: list[Tally] = []
+    plans = generator_plans(targets, options, generators)
+    loads: list[list[float]] = []
+    with GeneratorPool(plans) as pool:
+        setups = pool.opened()
         for target in targets:
-            sessions, setup_ns = await stack.enter_async_context(
-                logged_in(target.address, accounts, options.pin, target.label, target.tls)
-            )
-            held.append(sessions)
-            tallies.append(Tally(
-                Recorder(options.mix.names),
-                [random.Random(index) for index in range(len(sessions))],
-                setup_ns,
-            ))
+            print(f"{target.label}: {options.sessions} sessions logged in", file=sys.stderr)
+        tallies = [
+            Tally(Recorder(options.mix.names), max(setup[index] for setup in setups),
+                  [0.0] * len(plans))
+            for index in range(len(targets))
+        ]
         for round_, index in turns(len(targets), rounds):
-            label = targets[index].label
-            if rounds > 1:
-                label = f"{label} {round_ + 1}/{rounds}"
-            await measure_window(
-                targets[index], held[index], tallies[index],
-                mix=options.mix, window_ns=window_ns, label=label,
-            )
-    return [tally.result(len(accounts)) for tally in tallies]
+            target = targets[index]
+            label = target.label if rounds == 1 else f"{target.label} {round_ + 1}/{rounds}"
+            loads.append([round(load, 2) for load in os.getloadavg()])
+            server_before = process_tree_cpu_s(target.pid)
+            results = pool.window(index, window_ns, label)
+            server_after = process_tree_cpu_s(target.pid)
+            used = (None if server_before is None or server_after is None
+                    else server_after - server_before)
+            tallies[index].add(results, used)
+    return [tally.result(options.sessions) for tally in tallies], loads
 
 
 # -- CPU accounting: which side is the bottleneck -----------------------------------------
 
 
-async def process_cpu_s(pid: int | None) -> float | None:
-    """User plus system CPU seconds of a process, all its threads (Linux /proc)."""
-    if pid is None:
+def process_cpu_s(pid: int) -> float | None:
+    """User plus system CPU seconds of a process, all its threads (Linux /proc); None
+    if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return None
-    text = await trio.Path(f"/proc/{pid}/stat").read_text()
     fields = text.rpartition(")")[2].split()  # after "pid (comm)": field 3 is fields[0]
     utime_ticks, stime_ticks = int(fields[11]), int(fields[12])
     return (utime_ticks + stime_ticks) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (``--workers`` makes the bank a process tree)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        children = parents.get(queue.pop(), [])
+        found += children
+        queue += children
+    return found
+
+
+def process_tree_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds of ``pid`` and its live descendants; None without a pid."""
+    if pid is None:
+        return None
+    own = process_cpu_s(pid)
+    if own is None:
+        return None
+    return own + sum(cpu or 0.0 for cpu in map(process_cpu_s, child_pids(pid)))
 
 
 def own_cpu_s() -> float:
@@ -722,6 +1273,25 @@ def cpu_percent(cpu_s: float, elapsed_ns: int) -> float:
 def cpu_us_per_op(cpu_s: float, count: int) -> float:
     """CPU time per operation, in microseconds."""
     return round(cpu_s * 1e6 / max(count, 1), 1)
+
+
+def measure_fsync_ns(directory: Path, count: int = FSYNC_SAMPLES) -> list[int]:
+    """Durations of ``count`` page appends each made durable with fsync, in ``directory``
+    (the database's file system): what one commit of the bank waits for at least."""
+    path = directory / "fsync-probe"
+    block = bytes(FSYNC_BLOCK_BYTES)
+    durations = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(count):
+            started_ns = time.perf_counter_ns()
+            os.write(fd, block)
+            os.fsync(fd)
+            durations.append(time.perf_counter_ns() - started_ns)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return sorted(durations)
 
 
 # -- Idle mode ---------------------------------------------------------------------------
@@ -789,40 +1359,77 @@ def _history_entries(count: int) -> tuple[HistoryEntry, ...]:
     )
 
 
-_ECHO_REPLIES: dict[type[Request], Reply] = {
-    Login: LoginReply(Status.APPROVED),
-    Logout: LogoutReply(Status.APPROVED),
-    Ping: PingReply(Status.APPROVED),
-    Balance: BalanceReply(Status.APPROVED, OPENING_CENTS),
-    **{kind.request: kind.reply(Status.APPROVED, OPENING_CENTS, 1, 1) for kind in MONEY_KINDS},
+def _payload(message: Reply) -> bytes:
+    return encode(message, 1)[HEADER_BYTES:-CRC_BYTES]
+
+
+_ECHO_PAYLOADS: dict[int, bytes] = {
+    Opcode.LOGIN: _payload(LoginReply(Status.APPROVED)),
+    Opcode.LOGOUT: _payload(LogoutReply(Status.APPROVED)),
+    Opcode.PING: _payload(PingReply(Status.APPROVED)),
+    Opcode.BALANCE: _payload(BalanceReply(Status.APPROVED, OPENING_CENTS)),
+    **{
+        kind.request.OPCODE: _payload(kind.reply(Status.APPROVED, OPENING_CENTS, 1, 1))
+        for kind in MONEY_KINDS
+    },
+    **{
+        # HISTORY: by the count asked for (byte 10), 0 for a request too short to say.
+        0x100 + count: _payload(HistoryReply(Status.APPROVED, _history_entries(count)))
+        for count in range(HISTORY_ENTRIES_MAX + 1)
+    },
 }
-"""Approved replies with every field filled: the size of the bank's approved replies."""
+"""The payload of the approved reply to each request opcode, with every field filled:
+the size of the bank's approved replies."""
+
+_ECHO_LEADS: dict[int, bytes] = {opcode: _lead(opcode | 0x80) for opcode in Opcode if opcode < 0x80}
+_ECHO_REFUSAL = encode(Error(Status.FORMAT_ERROR), 0)
 
 
-def echo_reply(request: Request) -> Reply:
-    """The reply the bank would send, in type and size, without doing the bank's work."""
-    if isinstance(request, History):
-        return HistoryReply(Status.APPROVED, _history_entries(request.count))
-    return _ECHO_REPLIES[type(request)]
+def echo_reply_frame(request: bytes) -> tuple[bytes, bool]:
+    """The reply frame to one request frame (split by its length field), and whether the
+    conversation ends with it (LOGOUT, or a frame that is none of ours).
+
+    Nothing is decoded but the opcode, the request id and a HISTORY's count: the echo
+    server does what any server must (frame and answer) and none of the bank's work."""
+    opcode = request[3]
+    if opcode == Opcode.HISTORY:
+        count = request[HEADER_BYTES] if len(request) > HEADER_BYTES + CRC_BYTES else 0
+        payload = _ECHO_PAYLOADS.get(0x100 + count)
+    else:
+        payload = _ECHO_PAYLOADS.get(opcode)
+    if payload is None:
+        return _ECHO_REFUSAL, True
+    body = b"".join((_ECHO_LEADS[opcode], request[4:8], len(payload).to_bytes(2, "big"), payload))
+    return body + _CRC.pack(zlib.crc32(body)), opcode == Opcode.LOGOUT
 
 
 async def echo_connection(stream: trio.SocketStream) -> None:
-    """Decode each request and answer a same-size reply through the same protocol engine
-    as the bank's, until LOGOUT or EOF: what the bank does minus the bank's own work."""
-    engine = Engine(Sender.SERVER)
+    """Greet, then answer each request frame with ``echo_reply_frame`` until LOGOUT or
+    EOF, reading and writing as the bank does (``bank.transport.SocketTransport``)."""
+    transport = SocketTransport(stream)
+    buffer = b""
     try:
-        await stream.send_all(engine.send(echo_hello()))
-        while data := await stream.receive_some(RECEIVE_BYTES_MAX):
-            engine.receive_data(data)
-            while (frame := engine.next_event()) is not None:
-                assert isinstance(frame.message, Request), "a server's engine yields requests"
-                await stream.send_all(engine.send(echo_reply(frame.message)))
-                if engine.state is State.CLOSED:  # LOGOUT answered
+        await transport.send_all(frame_bytes(Opcode.HELLO, 0, _payload_of_hello()))
+        while data := await transport.receive_some():
+            buffer += data
+            while len(buffer) >= HEADER_BYTES:
+                end = HEADER_BYTES + ((buffer[8] << 8) | buffer[9]) + CRC_BYTES
+                if len(buffer) < end:
+                    break
+                reply, last = echo_reply_frame(buffer[:end])
+                buffer = buffer[end:]
+                await transport.send_all(reply)
+                if last:
                     return
     except Exception:  # one bad connection must not end the server; the bench will see it
         return
     finally:
-        await stream.aclose()
+        await transport.aclose()
+
+
+@functools.cache
+def _payload_of_hello() -> bytes:
+    return encode(echo_hello(), 0)[HEADER_BYTES:-CRC_BYTES]
 
 
 def serve_echo(host: str, port: int, ready_file: Path | None) -> int:
@@ -844,10 +1451,22 @@ async def run_echo_server(host: str, port: int, ready_file: Path | None) -> None
 # -- Server subprocesses -----------------------------------------------------------------
 
 
-def bank_args(workdir: Path, connections: int) -> list[str]:
-    return [
-        "--db", str(workdir / "bank.db"),
-        "--key-file", str(workdir / "bank.key"),
+def is_database_url(db: str) -> bool:
+    """A PostgreSQL URL or libpq connection string rather than a SQLite path: as the
+    bank decides it (``bank.config.is_postgresql``)."""
+    return is_postgresql(db)
+
+
+def bank_args(
+    workdir: Path, connections: int, *, db: str | None = None, key_file: Path | None = None,
+    workers: int | None = None,
+) -> list[str]:
+    """The bank's flags: its database (a temporary SQLite file in ``workdir`` unless
+    ``db``), limits that admit every bench session, and ``--workers`` only if asked
+    for (so that a bank without the flag still runs)."""
+    args = [
+        "--db", db if db is not None else str(workdir / "bank.db"),
+        "--key-file", str(key_file if key_file is not None else workdir / "bank.key"),
         "--log-level", "WARNING",
         "--connections-max", str(connections + CONNECTIONS_SPARE),
         # Every session comes from 127.0.0.1 and up to SETUP_CONCURRENCY_MAX log in at
@@ -856,18 +1475,32 @@ def bank_args(workdir: Path, connections: int) -> list[str]:
         "--idle-timeout-s", str(IDLE_TIMEOUT_S),
         "--shutdown-grace-s", "1",
     ]
+    if workers is not None:
+        args += ["--workers", str(workers)]
+    return args
+
+
+def prepare_database(db: str | None, workdir: Path, key_file: Path, accounts: int,
+                     pin: str) -> None:
+    """Add the bench accounts the database lacks (the temporary SQLite file in
+    ``workdir`` without ``db``)."""
+    create_accounts(db if db else workdir / "bank.db", key_file, accounts, pin=pin)
 
 
 @contextlib.contextmanager
 def bank_target(
-    args: argparse.Namespace, workdir: Path, accounts: int
+    args: argparse.Namespace, workdir: Path, accounts: int, *, db: str | None = None,
 ) -> Iterator[tuple[Address, int | None]]:
-    """(address, server pid or None): the --port bank, or a fresh one on a temp database."""
+    """(address, server pid or None): the --port bank, or a fresh one on ``db`` (a
+    temporary SQLite database without one)."""
     if args.port is not None:
         yield (args.host, args.port), args.server_pid
         return
-    create_accounts(workdir / "bank.db", workdir / "bank.key", accounts, pin=args.pin)
-    with launcher.start(bank_args(workdir, accounts), workdir=workdir, name="bank") as server:
+    workdir.mkdir(mode=0o700, exist_ok=True)
+    key_file = args.key_file if db is not None else workdir / "bank.key"
+    prepare_database(db, workdir, key_file, accounts, args.pin)
+    launch = bank_args(workdir, accounts, db=db, key_file=key_file, workers=args.workers)
+    with launcher.start(launch, workdir=workdir, name="bank") as server:
         yield server.address, server.pid
 
 
@@ -936,7 +1569,8 @@ def op_table(title: str, result: LoadResult) -> str:
         f"{server_percent if server_percent is not None else '?'} % "
         f"({server_us if server_us is not None else '?'} µs/op), "
         f"load generator {result.generator_cpu_percent} % "
-        f"({result.generator_cpu_us_per_op} µs/op) (100 % = one core)",
+        f"({result.generator_cpu_us_per_op} µs/op, {result.generators} "
+        f"process{'es' if result.generators > 1 else ''}) (100 % = one core)",
         f"  {'op':<9} {'count':>8} {'refused':>8} {'p50 ms':>8} {'p90 ms':>8} "
         f"{'p99 ms':>8} {'max ms':>8}",
     ]
@@ -947,8 +1581,9 @@ def op_table(title: str, result: LoadResult) -> str:
         )
     if result.generator_saturated:
         lines.append(
-            f"  the load generator kept its core busy ({result.generator_cpu_percent} %): "
-            f"{title}'s figure is the generator's ceiling, a lower bound for the server"
+            f"  a load generator process kept its core busy "
+            f"({result.generator_cpu_percent_max} %): {title}'s figure is the generator's "
+            "ceiling, a lower bound for the server"
         )
     return "\n".join(lines)
 
@@ -962,32 +1597,91 @@ def latency_keys(result: LoadResult | None, prefix: str) -> dict[str, float | No
     }
 
 
+def ratio(over: float | None, under: float | None) -> float | None:
+    if over is None or not under:
+        return None
+    return round(over / under, 4)
+
+
+def side_keys(result: LoadResult | None, prefix: str) -> dict[str, object]:
+    """A non-default target's figures, prefixed (None without that target)."""
+    return {
+        f"{prefix}_ops_per_s": round(result.ops_per_s, 1) if result else None,
+        f"{prefix}_logins_per_s": round(result.logins_per_s, 1) if result else None,
+        **latency_keys(result, f"{prefix}_"),
+        f"{prefix}_refused": result.overall["refused"] if result else None,
+        f"{prefix}_cpu_percent": result.server_cpu_percent if result else None,
+        f"{prefix}_cpu_us_per_op": result.server_cpu_us_per_op if result else None,
+        f"{prefix}_generator_cpu_percent": result.generator_cpu_percent if result else None,
+        f"{prefix}_generator_cpu_us_per_op": result.generator_cpu_us_per_op if result else None,
+        f"{prefix}_generator_saturated": result.generator_saturated if result else None,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class RunFacts:
+    """What a load run records besides its targets' results."""
+
+    rounds: int
+    generators: int
+    fsync_ns: list[int]
+    loadavg: list[list[float]]
+    db: str
+    compare_db: str | None
+    workers: int | None
+
+
 def load_report(
     options: LoadOptions, bank: LoadResult, echo: LoadResult | None,
-    tls: LoadResult | None = None, rounds: int = 1,
+    tls: LoadResult | None = None, rounds: int = 1, *, facts: RunFacts | None = None,
+    compare: LoadResult | None = None,
 ) -> dict[str, object]:
     """The JSON report: the plaintext bank's keys as they always were, the echo
-    baseline's, and (None without --tls) the TLS bank's, ``tls_ratio`` TLS/plaintext."""
+    baseline's, and (None without --tls) the TLS bank's, ``tls_ratio`` TLS/plaintext;
+    then the generator's CPU beside each server's, their ratios, the fsync time and the
+    load averages of the run."""
+    fsync = facts.fsync_ns if facts else []
+    loads = facts.loadavg if facts else []
     return {
         "mode": "load",
         **machine(),
         "sessions": options.sessions,
         "seconds": options.seconds,
         "windows": rounds,
+        "window_s": round(options.seconds / rounds, 3),
+        "generators": facts.generators if facts else 1,
+        "db": facts.db if facts else "sqlite",
+        "compare_db": facts.compare_db if facts else None,
+        "workers": facts.workers if facts else None,
         "mix": options.mix.as_dict(),
         "bank_ops_per_s": round(bank.ops_per_s, 1),
         "echo_ops_per_s": round(echo.ops_per_s, 1) if echo else None,
-        "ratio": round(bank.ops_per_s / echo.ops_per_s, 4) if echo else None,
+        "ratio": ratio(bank.ops_per_s, echo.ops_per_s if echo else None),
         "bank_logins_per_s": round(bank.logins_per_s, 1),
         "echo_logins_per_s": round(echo.logins_per_s, 1) if echo else None,
         **latency_keys(bank, ""),
         **latency_keys(echo, "echo_"),
+        "p99_ratio": ratio(bank.overall["p99_ms"], echo.overall["p99_ms"] if echo else None),
         "refused": bank.overall["refused"],
         "bank_cpu_percent": bank.server_cpu_percent,
         "echo_cpu_percent": echo.server_cpu_percent if echo else None,
         "bank_cpu_us_per_op": bank.server_cpu_us_per_op,
+        "echo_cpu_us_per_op": echo.server_cpu_us_per_op if echo else None,
+        "cpu_ratio": ratio(bank.server_cpu_us_per_op,
+                           echo.server_cpu_us_per_op if echo else None),
+        "generator_cpu_percent": bank.generator_cpu_percent,
+        "generator_cpu_us_per_op": bank.generator_cpu_us_per_op,
+        "generator_saturated": bank.generator_saturated,
+        "echo_generator_cpu_percent": echo.generator_cpu_percent if echo else None,
+        "echo_generator_cpu_us_per_op": echo.generator_cpu_us_per_op if echo else None,
+        "echo_generator_saturated": echo.generator_saturated if echo else None,
+        "fsync_p50_ms": ms(percentile_ns(fsync, 50)) if fsync else None,
+        "fsync_p90_ms": ms(percentile_ns(fsync, 90)) if fsync else None,
+        "loadavg_first": loads[0] if loads else None,
+        "loadavg_last": loads[-1] if loads else None,
+        "loadavg_max_1min": max(load[0] for load in loads) if loads else None,
         "tls_ops_per_s": round(tls.ops_per_s, 1) if tls else None,
-        "tls_ratio": round(tls.ops_per_s / bank.ops_per_s, 4) if tls else None,
+        "tls_ratio": ratio(tls.ops_per_s, bank.ops_per_s) if tls else None,
         "tls_logins_per_s": round(tls.logins_per_s, 1) if tls else None,
         **latency_keys(tls, "tls_"),
         "tls_refused": tls.overall["refused"] if tls else None,
@@ -996,47 +1690,71 @@ def load_report(
         "tls_generator_cpu_percent": tls.generator_cpu_percent if tls else None,
         "tls_generator_cpu_us_per_op": tls.generator_cpu_us_per_op if tls else None,
         "tls_generator_saturated": tls.generator_saturated if tls else None,
+        **side_keys(compare, "compare"),
+        "compare_ratio": ratio(compare.ops_per_s, bank.ops_per_s) if compare else None,
         "ops": bank.per_op,
         "bank": bank.as_dict(),
         "echo": echo.as_dict() if echo else None,
         "tls": tls.as_dict() if tls else None,
+        "compare": compare.as_dict() if compare else None,
     }
 
 
+def db_kind(db: str | None) -> str:
+    return "postgresql" if db is not None and is_database_url(db) else "sqlite"
+
+
 def run_load(args: argparse.Namespace) -> dict[str, object]:
-    """The bank, then the echo baseline, one window each; with --tls the bank over
-    plaintext, the bank over TLS and the echo baseline, taking turns in windows of about
-    TLS_WINDOW_S. Every server is started before the first login."""
+    """Every target started, then their windows in turns: the bank, the TLS bank (with
+    --tls), the bank on --compare-db (with it) and the echo baseline."""
     options = LoadOptions(args.sessions, args.seconds, args.mix, args.pin)
-    rounds = max(1, options.seconds // TLS_WINDOW_S) if args.tls else 1
-    ensure_open_files(options.sessions * (1 + args.tls + (not args.no_echo)))
+    rounds = max(1, options.seconds // WINDOW_S)
+    servers_count = 1 + args.tls + (args.compare_db is not None) + (not args.no_echo)
+    ensure_open_files(options.sessions * servers_count)
     with (
         tempfile.TemporaryDirectory(prefix="bank-bench-", dir=args.dir) as tmp,
         contextlib.ExitStack() as servers,
     ):
         workdir = Path(tmp)
+        db_dir = Path(args.db).parent if args.db and not is_database_url(args.db) else workdir
+        fsync_ns = measure_fsync_ns(db_dir)
+        print(f"fsync of a {FSYNC_BLOCK_BYTES}-byte append in {db_dir}: p50 "
+              f"{ms(percentile_ns(fsync_ns, 50))} ms, p90 {ms(percentile_ns(fsync_ns, 90))} ms",
+              file=sys.stderr)
         targets = [Target("bank", *servers.enter_context(
-            bank_target(args, workdir, options.sessions)
+            bank_target(args, workdir / "bank", options.sessions, db=args.db)
         ))]
         if args.tls:
             targets.append(Target("tls", *servers.enter_context(
                 tls_bank_target(workdir / "tls-bank", options.sessions, args.pin)
             )))
+        if args.compare_db is not None:
+            targets.append(Target("compare", *servers.enter_context(
+                bank_target(args, workdir / "compare", options.sessions, db=args.compare_db)
+            )))
         if not args.no_echo:
             targets.append(Target("echo", *servers.enter_context(echo_target(workdir))))
-        results = dict(zip(
-            (target.label for target in targets),
-            trio.run(measure_load, targets, options, rounds),
-            strict=True,
-        ))
-    bank, tls, echo = results["bank"], results.get("tls"), results.get("echo")
+        measured, loads = measure_load(targets, options, rounds, args.generators)
+        results = dict(zip((target.label for target in targets), measured, strict=True))
+    bank, echo = results["bank"], results.get("echo")
+    tls, compare = results.get("tls"), results.get("compare")
     for label, result in results.items():
         print(op_table(label, result))
+    facts = RunFacts(rounds, bank.generators, fsync_ns, loads, db_kind(args.db),
+                     db_kind(args.compare_db) if args.compare_db else None, args.workers)
+    report = load_report(options, bank, echo, tls, rounds, facts=facts, compare=compare)
+    print(
+        f"fsync p50 {report['fsync_p50_ms']} ms; load average (1 min) "
+        f"{report['loadavg_first']} at the first window, max {report['loadavg_max_1min']}"
+    )
     if echo:
-        print(f"ratio bank/echo: {bank.ops_per_s / echo.ops_per_s:.4f}")
+        print(f"bank/echo: throughput {report['ratio']}, p99 {report['p99_ratio']}, "
+              f"server CPU per op {report['cpu_ratio']}")
     if tls:
-        print(f"ratio TLS/plaintext: {tls.ops_per_s / bank.ops_per_s:.4f}")
-    return load_report(options, bank, echo, tls, rounds)
+        print(f"ratio TLS/plaintext: {report['tls_ratio']}")
+    if compare:
+        print(f"ratio {report['compare_db']}/{report['db']}: {report['compare_ratio']}")
+    return report
 
 
 def run_idle(args: argparse.Namespace) -> dict[str, object]:
@@ -1044,7 +1762,7 @@ def run_idle(args: argparse.Namespace) -> dict[str, object]:
     ensure_open_files(count + 1)
     with (
         tempfile.TemporaryDirectory(prefix="bank-bench-", dir=args.dir) as tmp,
-        bank_target(args, Path(tmp), count + 1) as (address, pid),
+        bank_target(args, Path(tmp) / "bank", count + 1, db=args.db) as (address, pid),
     ):
         report = trio.run(measure_idle, address, count, args.pin, pid)
     rss = report["rss_kib_per_session"]
@@ -1088,10 +1806,10 @@ def loopback_host(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bank.bench",
-        description=__doc__.split("\n\n")[0],
-        epilog="Without --port a bank is started on a temporary database with its accounts. "
-        "With --port, accounts BN-00001.. (one per session; idle mode one more) must exist "
-        "with --pin: make them with --create-accounts N --db DB --key-file KEY.",
+        description=__doc__.split("\\n\\n")[0],
+        epilog="Without --port a bank is started on a temporary database (or --db) with its "
+        "accounts. With --port, accounts BN-00001.. (one per session; idle mode one more) "
+        "must exist with --pin: make them with --create-accounts N --db DB --key-file KEY.",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--idle", type=bounded_int(1, ACCOUNTS_MAX - 1), metavar="N",
@@ -1103,9 +1821,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sessions", type=bounded_int(1, ACCOUNTS_MAX),
                         default=SESSIONS_DEFAULT, help="concurrent sessions (%(default)s)")
     parser.add_argument("--seconds", type=bounded_int(1, SECONDS_MAX), default=SECONDS_DEFAULT,
-                        help="length of the load run (%(default)s)")
+                        help="length of the load run per server (%(default)s)")
     parser.add_argument("--mix", type=parse_mix, default=parse_mix(DEFAULT_MIX),
                         help=f"operation weights, of {', '.join(OPS)} ({DEFAULT_MIX})")
+    parser.add_argument("--generators", type=bounded_int(1, GENERATORS_MAX), default=1,
+                        metavar="K", help="load generator processes sharing the sessions "
+                        "(%(default)s); more help only with cores to spare for them")
     parser.add_argument("--no-echo", action="store_true", help="skip the echo baseline")
     parser.add_argument("--tls", action="store_true",
                         help="also load a second bank serving TLS with terminal certificates "
@@ -1118,10 +1839,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-pid", type=int,
                         help="pid of the --port bank, for its RSS (idle) and CPU (load) figures")
     parser.add_argument("--pin", default=BENCH_PIN, help="PIN of the bench accounts")
-    parser.add_argument("--db", type=Path, default=Path("bank.db"),
-                        help="database for --create-accounts (%(default)s)")
+    parser.add_argument("--db", metavar="PATH|URL",
+                        help="the bank's database: a SQLite path or a postgresql:// URL "
+                        "(the bench adds its accounts); default: a temporary SQLite file, "
+                        "and bank.db for --create-accounts")
+    parser.add_argument("--compare-db", metavar="PATH|URL",
+                        help="also load a bank on this database, taking turns with the first; "
+                        "reports compare_ratio, it over --db")
+    parser.add_argument("--workers", type=bounded_int(1, WORKERS_MAX), metavar="N",
+                        help="passed to the bank (python -m bank --workers N)")
     parser.add_argument("--key-file", type=Path, default=Path("bank.key"),
-                        help="PIN key file for --create-accounts (%(default)s)")
+                        help="PIN key file for --db and --create-accounts (%(default)s)")
     parser.add_argument("--dir", type=Path,
                         help="where the temporary database goes (default: the system temp dir)")
     return parser
@@ -1141,12 +1869,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tls and (args.idle or args.create_accounts or args.port is not None):
         parser.error("--tls is for load mode, with the banks the bench starts (no --port)")
+    if args.port is not None and (args.db or args.compare_db or args.workers):
+        parser.error("--db, --compare-db and --workers are for the banks the bench starts "
+                     "(no --port)")
     if args.echo_server:
         return serve_echo(args.host, args.port or 0, args.ready_file)
     try:
         if args.create_accounts:
             count = args.create_accounts
-            added = create_accounts(args.db, args.key_file, count, pin=args.pin)
+            db = args.db or "bank.db"
+            added = create_accounts(db, args.key_file, count, pin=args.pin)
             print(f"added {added} accounts; {account_name(1)}..{account_name(count)} exist")
             return EXIT_OK
         report = run_idle(args) if args.idle else run_load(args)
