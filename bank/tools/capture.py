@@ -55,6 +55,8 @@ its own schedule, and packets it has not read when it stops are lost."""
 
 _ACCOUNT, _PIN, _ = DEMO_ACCOUNTS[0]
 _WRONG_PIN = "0000" if _PIN != "0000" else "1111"
+_DESTINATION = DEMO_ACCOUNTS[5][0]
+_NEW_PIN = "2580" if _PIN != "2580" else "3691"
 
 SESSION_INPUT = (
     _ACCOUNT.lower(), _WRONG_PIN,  # INCORRECT_PIN (55); the ATM asks again
@@ -62,6 +64,8 @@ SESSION_INPUT = (
     "b",
     "d", "20",
     "w", "60",
+    "t", _DESTINATION.lower(), "5", "y",  # TRANSFER to another demo account
+    "p", _PIN, _NEW_PIN, _NEW_PIN,  # CHANGE_PIN
     "h",
     "x",
 )
