@@ -987,8 +987,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bank.chaos",
         description="Jepsen-style bank workload: run the real server on a fresh database, "
-        "drive concurrent ATM sessions (one per demo account) with random deposits and "
-        "withdrawals, kill -9 and restart the server at random moments, retry every "
+        "drive concurrent ATM sessions (one per demo account) with random deposits, "
+        "withdrawals and transfers to each other, kill -9 and restart the server at random "
+        "moments (with --servers, fail over to the others), retry every "
         "operation whose outcome was lost with the same transaction id, then stop the "
         "server with SIGTERM and check the database against what the clients were told.",
         epilog="Progress goes to stderr; a summary, then one JSON object as the last line, "
