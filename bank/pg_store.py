@@ -214,12 +214,7 @@ def _named(sql: str) -> str:
     return re.sub(r":(\w+)", r"%(\1)s", sql)
 
 
-def _post_sql(sign: int) -> str:
-    """One deposit or withdrawal as one statement, for a kind's sign: every check and
-    write of ``Store._post_one``, in its order, with the fence after the replay check."""
-    change = _named(_BALANCE_CHANGES[sign].sql)
-    return f"""
-WITH prior AS (
+_PRIOR_AND_FENCED = """WITH prior AS (
     SELECT t.kind, t.account, t.counterparty, t.amount_cents,
            e.entry_id, e.balance_cents, e.time_ms
     FROM transactions t JOIN entries e ON e.txn_id = t.txn_id AND e.account = t.account
@@ -229,7 +224,18 @@ WITH prior AS (
         SELECT 1 FROM leases WHERE account = %(account)s AND fence = %(fence)s::bigint
         AND holder IS NOT NULL AND expires_at > now() FOR SHARE
     ) AS fenced
-), allowed AS (
+)"""
+"""The first two CTEs of a single post's and of a transfer's statement: the transaction
+id's original (source) entry, if booked, and whether a fence was given that the source's
+lease no longer holds (FOR SHARE: a takeover's UPDATE waits for this commit)."""
+
+
+def _post_sql(sign: int) -> str:
+    """One deposit or withdrawal as one statement, for a kind's sign: every check and
+    write of ``Store._post_one``, in its order, with the fence after the replay check."""
+    change = _named(_BALANCE_CHANGES[sign].sql)
+    return f"""
+{_PRIOR_AND_FENCED}, allowed AS (
     SELECT NOT EXISTS (SELECT 1 FROM prior) AND NOT (SELECT fenced FROM fenced)
         AND %(amount)s::bigint <= %(limit)s::bigint AS allowed
 ), moved AS (
@@ -420,17 +426,7 @@ def _transfer_sql() -> str:
     debit = _named(_BALANCE_CHANGES[-1].sql)
     credit = _named(_BALANCE_CHANGES[+1].sql).replace("%(account)s", "%(to)s")
     return f"""
-WITH prior AS (
-    SELECT t.kind, t.account, t.counterparty, t.amount_cents,
-           e.entry_id, e.balance_cents, e.time_ms
-    FROM transactions t JOIN entries e ON e.txn_id = t.txn_id AND e.account = t.account
-    WHERE t.txn_id = %(txn_id)s
-), fenced AS (
-    SELECT %(fence)s::bigint IS NOT NULL AND NOT EXISTS (
-        SELECT 1 FROM leases WHERE account = %(account)s AND fence = %(fence)s::bigint
-        AND holder IS NOT NULL AND expires_at > now() FOR SHARE
-    ) AS fenced
-), source AS (
+{_PRIOR_AND_FENCED}, source AS (
     SELECT balance_cents FROM accounts WHERE account = %(account)s
 ), destination AS (
     SELECT balance_cents FROM accounts WHERE account = %(to)s
