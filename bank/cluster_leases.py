@@ -308,24 +308,8 @@ class ClusterLeases(Leases):
         terminal: str | None = None,
         on_lost: Callable[[], None] = _nothing,
     ) -> Lease | None:
-        if not self._running:
-            raise StorageError("cluster leases are not running")
-        if not self.try_acquire(account):
-            return None
-        params = {
-            **self.holder.params(), "account": account, "expiry_s": self.expiry_s,
-            "token_hash": None if token is None else token_hash(token), "terminal": terminal,
-        }
-        try:
-            fence = await self._pool.run(_acquire_row, params)
-        except BaseException:
-            self.release(account)
-            raise
-        if fence is None:
-            self.release(account)
-            return None
-        self._held[account] = _Held(fence, on_lost)
-        return Lease(account, fence)
+        token_digest = None if token is None else token_hash(token)
+        return await self._lease_row(account, token_digest, terminal, on_lost, _acquire_row)
 
     async def take_over(
         self,
@@ -336,16 +320,33 @@ class ClusterLeases(Leases):
         terminal: str | None,
         on_lost: Callable[[], None] = _nothing,
     ) -> Lease | None:
+        # A session of ours holding it is not another process's (try_acquire refuses).
+        return await self._lease_row(
+            account, token_hash(new_token), terminal, on_lost, _take_over_row, token
+        )
+
+    async def _lease_row(
+        self,
+        account: str,
+        token_digest: bytes | None,
+        terminal: str | None,
+        on_lost: Callable[[], None],
+        statement: Callable[..., int | None],
+        *args: object,
+    ) -> Lease | None:
+        """Behind the in-process lock, run ``statement`` (``_acquire_row`` or
+        ``_take_over_row``) for ``account``'s row: the lease with its new fence, or None
+        (and the local lock released again) when the row is another live process's."""
         if not self._running:
             raise StorageError("cluster leases are not running")
-        if not self.try_acquire(account):  # a session of ours holds it: not another's
+        if not self.try_acquire(account):
             return None
         params = {
             **self.holder.params(), "account": account, "expiry_s": self.expiry_s,
-            "token_hash": token_hash(new_token), "terminal": terminal,
+            "token_hash": token_digest, "terminal": terminal,
         }
         try:
-            fence = await self._pool.run(_take_over_row, params, token)
+            fence = await self._pool.run(statement, params, *args)
         except BaseException:
             self.release(account)
             raise
