@@ -295,6 +295,10 @@ class ClusterLeases(Leases):
         self._liveness_limiter = trio.CapacityLimiter(1)
         self._held: dict[str, _Held] = {}
         self._unreleased: list[Lease] = []
+        # Unbounded on purpose: a session's end (synchronous, in a finally) must never
+        # block or fail to queue its release. What is queued is bounded all the same: at
+        # most one release per lease this process holds (so connections_max) and one event
+        # per LOGOUT waiting for its release to be written.
         self._send, self._receive = trio.open_memory_channel[Lease | trio.Event](math.inf)
         self._running = False
 
