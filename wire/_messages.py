@@ -147,6 +147,9 @@ BALANCE_CENTS = range(0, BALANCE_CENTS_MAX + 1)
 ENTRY_ID = range(1, BALANCE_CENTS_MAX + 1)
 TIME_MS = range(0, BALANCE_CENTS_MAX + 1)
 SECONDS = range(1, SECONDS_MAX + 1)
+FEATURE_BITS = range(0, 0xFF + 1)
+"""A FEATURES byte: any of its 8 bits; bits no Feature names yet are allowed, and a
+server answers only those it serves (spec section 3.16)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +347,7 @@ class Features(Request):
 
     def __post_init__(self) -> None:
         # Any bits: those a server does not know are a later client's, and ignored.
-        _check_int("features", self.features, range(0, 256))
+        _check_int("features", self.features, FEATURE_BITS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,7 +478,7 @@ class FeaturesReply(Reply):
 
     def __post_init__(self) -> None:
         Reply.__post_init__(self)
-        _check_int("features", self.features, range(0, 256))
+        _check_int("features", self.features, FEATURE_BITS)
 
 
 class HistoryEntry(tuple[Any, ...]):
