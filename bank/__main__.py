@@ -356,6 +356,7 @@ async def run_server(config: ServerConfig) -> None:
             pin_tries_max=config.pin_tries_max,
             lockout_s=config.pin_lockout_s,
             seed_demo=config.seeds_demo_accounts,
+            sole_writer=lock.held,
         )
     except BaseException:
         lock.release()
