@@ -8,11 +8,13 @@ must not (a replay, a refusal); a transfer into a cached account in flight while
 account reads, and a BALANCE and such a transfer in one batch in either order; a batch
 that fails, also one whose COMMIT went through unseen; the bound; canonical account
 numbers; a closed ledger; and that it is off by default and refused on PostgreSQL.
-Every value read is checked against the file itself, read apart from the ledger.
+Every value read is checked against the file itself, read apart from the ledger. Last,
+the stateful model of several ATMs (``tests.test_stateful``) runs with the cache on.
 """
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 import uuid
@@ -22,11 +24,13 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from hypothesis.stateful import run_state_machine_as_test
 
 from bank import batch_ledger
 from bank.batch_ledger import BatchLedger, open_ledger
 from bank.ledger import PinResult, Posting, PostResult, StorageError
 from bank.store import BatchRequest, Outcome, read_accounts_summary
+from tests import test_stateful
 from tests.helpers import DEMO_ACCOUNT, DEMO_BALANCE_CENTS, OTHER_ACCOUNT
 from wire import AMOUNT_CENTS_MAX, EntryKind
 
@@ -387,3 +391,16 @@ async def test_postgresql_never_caches(pg_db: str, tmp_path: Path):
         assert shared._balances is None
     finally:
         await shared.aclose()
+
+
+def test_the_bank_against_its_model_with_the_cache_on(monkeypatch: pytest.MonkeyPatch):
+    """``tests.test_stateful``'s model of several ATMs (deposits, withdrawals, transfers
+    between sessions' accounts, retries, disconnects with requests in flight), against a
+    server whose ledger caches, as the serving bank's does; its invariant reads every
+    balance through the ledger after each step, from the cache where it can."""
+    monkeypatch.setattr(
+        test_stateful, "open_ledger", functools.partial(open_ledger, sole_writer=True)
+    )
+    run_state_machine_as_test(
+        test_stateful.BankMachine, settings=test_stateful.BankMachine.TestCase.settings
+    )
