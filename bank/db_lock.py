@@ -84,6 +84,8 @@ class DatabaseLock:
         cannot be opened (a missing directory, no permission, a symlink in its place)."""
         if self._fd is not None or is_postgresql(self._db):
             return
+        if Path(self._db).is_dir():  # no database (--db ""): the store says so itself
+            return
         path = lock_path(self._db)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:

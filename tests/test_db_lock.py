@@ -90,6 +90,17 @@ def test_a_lock_file_that_cannot_be_opened_is_a_sentence(tmp_path: Path):
     assert not (tmp_path / "elsewhere").exists()
 
 
+@pytest.mark.parametrize("db", ["", "."])
+def test_a_directory_named_as_the_database_is_left_for_the_store_to_refuse(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    lock = DatabaseLock(db)
+    lock.acquire()
+    assert not lock.held
+    assert not lock_path(tmp_path).exists()  # no tmp_path.lock beside the directory
+
+
 def test_postgresql_takes_no_lock(pg_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     lock = DatabaseLock(pg_db)
@@ -114,7 +125,7 @@ def test_a_second_server_on_the_same_file_is_refused_in_one_sentence(
     assert second.returncode == 1
     assert second.stderr == (
         f"bank: another bank server is serving the database {db} (it holds"
-        f" {db}.lock): stop it first, or serve another file\n"
+        f" {lock_path(db)}): stop it first, or serve another file\n"
     )
     assert db.read_bytes() == before
     assert bank_process.process.poll() is None  # the first serves on
