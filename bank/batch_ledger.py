@@ -294,15 +294,19 @@ class BatchLedger:
         if batch.failure is not None or len(batch.outcomes) != len(batch.requests):
             balances.clear()
             return
-        for request, outcome in zip(batch.requests, batch.outcomes, strict=True):
-            if type(request) is BalanceQuery:
-                if type(outcome) is int:
-                    _fill(balances, request.account, outcome)
-            elif type(outcome) is Posting and outcome.result is PostResult.BOOKED:
-                # A deposit's or withdrawal's (PostRequest), or a transfer's source's.
-                _fill(balances, request.account, outcome.balance_cents)
-                if type(request) is TransferRequest:  # never the source: SAME_ACCOUNT
-                    balances.pop(canonical_account(request.to_account), None)
+        try:
+            for request, outcome in zip(batch.requests, batch.outcomes, strict=True):
+                if type(request) is BalanceQuery:
+                    if type(outcome) is int:
+                        _fill(balances, request.account, outcome)
+                elif type(outcome) is Posting and outcome.result is PostResult.BOOKED:
+                    # A deposit's or withdrawal's (PostRequest), or a transfer's source's.
+                    _fill(balances, request.account, outcome.balance_cents)
+                    if type(request) is TransferRequest:  # never its source (SAME_ACCOUNT)
+                        balances.pop(canonical_account(request.to_account), None)
+        except BaseException:  # a bug, or no memory: later requests' drops were not done
+            balances.clear()
+            raise
 
     async def check_invariants(self) -> list[str]:
         """The store's money invariants, for tests and health checks."""
