@@ -33,6 +33,7 @@ from bank import config as settings
 from bank.accounts_file import AccountsFileError, read_accounts
 from bank.batch_ledger import Opened, one_line, open_ledger, wall_clock_ms
 from bank.config import ServerConfig, hide_password, is_postgresql, redact_db
+from bank.db_lock import DatabaseLock
 from bank.ledger import StorageError
 from bank.pg_store import PgStore
 from bank.pins import KeyFileError, load_or_create_key
@@ -346,15 +347,19 @@ async def run_server(config: ServerConfig) -> None:
         listeners, admin_listeners = await bind(config, reuse_port=worker is not None)
     except OSError as error:
         raise CannotServe(f"cannot serve on {config.host}:{config.port}: {error}") from None
+    lock = DatabaseLock(config.db)  # this process alone serves an SQLite file (bank.db_lock)
     try:
+        lock.acquire()
         ledger = await open_ledger(
             config.db,
             config.key_file,
             pin_tries_max=config.pin_tries_max,
             lockout_s=config.pin_lockout_s,
             seed_demo=config.seeds_demo_accounts,
+            sole_writer=lock.held,
         )
     except BaseException:
+        lock.release()
         for listener in [*listeners, *admin_listeners]:
             listener.socket.close()
         raise
@@ -379,6 +384,7 @@ async def run_server(config: ServerConfig) -> None:
     finally:
         with trio.CancelScope(shield=True):
             await ledger.aclose()
+        lock.release()
         log.info("database closed")
         for signum, handler in ignored.items():
             signal.signal(signum, handler)
