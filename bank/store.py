@@ -66,6 +66,23 @@ many account numbers a guesser tries."""
 BUSY_TIMEOUT_MS = 5_000
 """How long to wait for another process's write lock before failing with an error."""
 
+WAL_AUTOCHECKPOINT_PAGES = 4_000
+"""WAL pages (4 KiB each by default: about 16 MiB) after which a COMMIT also checkpoints, copying
+the WAL's pages into the database file and fsyncing it, so that the next write starts
+the WAL from its beginning again: what bounds the WAL file, to about this plus one batch
+(as long as no reader holds an old snapshot, as with SQLite's default of 1,000 pages).
+
+A batch of 46 postings writes ~150 pages at 50,000 entries (random transaction ids land
+on random index pages), so the default checkpointed every ~7 batches, each time writing
+again the index pages that every batch touches. Four times the pages rewrite each of them
+a quarter as often: measured (the code with 1,000 beside this one, same process, same
+1,100 batches, 57,200 entries, three runs) COMMIT thread CPU 1.36-1.84 -> 1.11-1.52 ms a
+batch on average (-17 to -19 %), 5 % less CPU and 8-10 % less wall time a request;
+8,000 pages won no more, and cache_size or mmap_size won nothing measurable. Crash safety is unchanged: what a
+COMMIT wrote to the WAL is on disk (synchronous=FULL) whether or not it was checkpointed,
+and recovery reads at most this much WAL. Turning automatic checkpoints off for a PASSIVE
+one every K batches, on this same thread, would run the same work in the same place."""
+
 DEMO_ACCOUNTS: tuple[tuple[str, str, int], ...] = (
     ("AC-12345", "1324", 102_432),
     ("WF-14351", "9834", 542_822),
@@ -1056,6 +1073,7 @@ def _connect(db_path: Path, *, create: bool = True) -> sqlite3.Connection:
         if mode != "wal":
             raise sqlite3.OperationalError(f"could not enable WAL (journal_mode={mode})")
         conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
         conn.execute("PRAGMA foreign_keys = ON")
     except BaseException:
         conn.close()
