@@ -242,3 +242,45 @@ def test_the_wal_stays_within_its_limit_plus_one_batch(
     assert max(size for size, _ in limited) <= limit_pages + max(frames)
     assert len({sequence for _, sequence in limited}) > batches // 4
     assert sum(frames) > 4 * (limit_pages + max(frames))  # a bound the WAL would pass
+
+
+# -- the account check's fast path (SQLite's Store._canonical) ------------------------------
+
+
+def test_account_numbers_are_checked_as_canonical_account_checks_them(tmp_path: Path):
+    """A remembered canonical number is taken as is; any other is checked, so a lower
+    case one is booked under its upper case form and a malformed one is a ValueError,
+    before and after the canonical form was remembered."""
+    with Store(tmp_path / "bank.db", KEY) as store:
+        outcomes = store.execute_batch(
+            [
+                PostRequest("ac-12345", txn(1), DEPOSIT, 1, AMOUNT_CENTS_MAX),
+                PostRequest("AC-12345", txn(2), DEPOSIT, 1, AMOUNT_CENTS_MAX),
+                PostRequest("ac-12345", txn(3), DEPOSIT, 1, AMOUNT_CENTS_MAX),
+                PostRequest("AC-1234", txn(4), DEPOSIT, 1, AMOUNT_CENTS_MAX),
+                PostRequest("AC-12345 ", txn(5), DEPOSIT, 1, AMOUNT_CENTS_MAX),
+                TransferRequest("AC-12345", txn(6), "wf-14351", 1, AMOUNT_CENTS_MAX),
+                TransferRequest("AC-12345", txn(7), "WF-1435", 1, AMOUNT_CENTS_MAX),
+                BalanceQuery("ac-12345"),
+            ],
+            T0,
+        )
+        assert [getattr(o, "result", o) for o in outcomes[:3]] == [PostResult.BOOKED] * 3
+        assert isinstance(outcomes[3], ValueError) and isinstance(outcomes[4], ValueError)
+        assert outcomes[5] == Posting(PostResult.BOOKED, 102_434, 4, T0)
+        assert isinstance(outcomes[6], ValueError)
+        assert outcomes[7] == 102_434
+        assert store._canonical_accounts == {"AC-12345"}  # given in canonical form
+        assert store.check_invariants() == []
+
+
+def test_the_remembered_account_numbers_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(store_module, "CANONICAL_ACCOUNTS_REMEMBERED_MAX", 3)
+    with Store(tmp_path / "bank.db", KEY) as store:
+        for n in range(20):
+            outcome = store.execute_batch([BalanceQuery(f"QQ-{n:05d}")], T0)[0]
+            assert isinstance(outcome, UnknownAccount)
+            assert 1 <= len(store._canonical_accounts) <= 3
+        assert store.balance("AC-12345") == 102_432
