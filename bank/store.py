@@ -66,6 +66,28 @@ many account numbers a guesser tries."""
 BUSY_TIMEOUT_MS = 5_000
 """How long to wait for another process's write lock before failing with an error."""
 
+CANONICAL_ACCOUNTS_REMEMBERED_MAX = 4_096
+"""Account numbers ``Store._canonical`` remembers as checked and canonical (about 300
+KiB at most, strings included); when full it forgets them all and starts again."""
+
+WAL_AUTOCHECKPOINT_PAGES = 4_000
+"""WAL pages (4 KiB each by default: about 16 MiB) after which a COMMIT also checkpoints, copying
+the WAL's pages into the database file and fsyncing it, so that the next write starts
+the WAL from its beginning again: what bounds the WAL file, to about this plus one batch
+(as long as no reader holds an old snapshot, as with SQLite's default of 1,000 pages).
+
+A batch of 46 postings writes ~150 pages at 50,000 entries (random transaction ids land
+on random index pages), so the default checkpointed every ~7 batches, each time writing
+again the index pages that every batch touches. Four times the pages rewrite each of them
+a quarter as often: measured (the code with 1,000 beside this one, same process, same
+1,100 batches, 57,200 entries, three runs) COMMIT thread CPU 1.36-1.84 -> 1.11-1.52 ms a
+batch on average (-17 to -19 %), 5 % less CPU and 8-10 % less wall time a request;
+8,000 pages won no more, and cache_size or mmap_size won nothing measurable. Crash
+safety is unchanged: what a COMMIT wrote to the WAL is on disk (synchronous=FULL)
+whether or not it was checkpointed, and recovery reads at most this much WAL. Turning
+automatic checkpoints off for a PASSIVE one every K batches, on this same thread, would
+run the same work in the same place."""
+
 DEMO_ACCOUNTS: tuple[tuple[str, str, int], ...] = (
     ("AC-12345", "1324", 102_432),
     ("WF-14351", "9834", 542_822),
@@ -321,6 +343,11 @@ class Store:
         self._dummy_salt = new_salt()
         self._dummy_hmac = bytes(PIN_HMAC_BYTES)
         self._conn = _connect(Path(db_path), create=create)
+        self._cursor = self._conn.cursor()
+        """One cursor for the posting path's statements: ``Connection.execute`` makes a
+        new cursor object per call. Each statement's rows are read before the next."""
+        self._canonical_accounts: set[str] = set()
+        """Account numbers already checked and found canonical (``_canonical``)."""
         self.created = False
         """Whether this open created the database (made the schema in an empty file)."""
         self.seeded: tuple[str, ...] = ()
@@ -375,10 +402,8 @@ class Store:
 
     def balance(self, account: str) -> int:
         """The balance in cents; UnknownAccount if there is no such account."""
-        account = canonical_account(account)
-        row = self._conn.execute(
-            "SELECT balance_cents FROM accounts WHERE account = ?", (account,)
-        ).fetchone()
+        account = self._canonical(account)
+        row = self._cursor.execute(_BALANCE_SQL, (account,)).fetchone()
         if row is None:
             raise UnknownAccount(account)
         return int(row[0])
@@ -504,34 +529,53 @@ class Store:
 
     def _post_one(self, request: PostRequest, now_ms: int) -> Posting:
         """One post inside the caller's transaction; every refusal comes before any write
-        (``execute_batch`` rolls back the whole batch if one does not)."""
-        account = canonical_account(request.account)
-        _check_txn_id(request.txn_id)
+        (``execute_batch`` rolls back the whole batch if one does not).
+
+        Five statements when it books (six before): the replay check, the balance
+        UPDATE (its WHERE clause the rule), the balance SELECT and the two INSERTs.
+        Whether the account exists is asked only when the UPDATE changed no row, which
+        is also before any write: so UnknownAccount still comes before the rule's
+        refusal, and a booking pays for one statement less (each ``execute`` is at
+        least ~1 us of SQLite and a GIL hand-off with the event loop's thread).
+        ``UPDATE ... RETURNING`` instead of the SELECT measured slower here (by ~2 us a
+        posting), as did folding the SELECT into the entry's INSERT.
+        """
+        account = self._canonical(request.account)
+        txn_id = request.txn_id
+        _check_txn_id(txn_id)
         amount_cents = request.amount_cents
         if type(amount_cents) is not int or not 1 <= amount_cents <= AMOUNT_CENTS_MAX:
             return Posting(PostResult.AMOUNT_OUT_OF_RANGE)
-        prior = self._prior_transaction(request.txn_id)
+        kind = request.kind
+        prior = self._prior_transaction(txn_id)
         if prior is not None:
-            return _replay(prior, (int(request.kind), account, None, amount_cents))
+            return _replay(prior, (int(kind), account, None, amount_cents))
         if amount_cents > request.limit_cents:
             return Posting(PostResult.OVER_LIMIT)
-        self._require_account(account)
-        change = _BALANCE_CHANGES[KIND_OF_ENTRY[request.kind].sign]
-        if not self._move_money(account, change, amount_cents):
+        post_kind = _POST_KINDS.get(kind)
+        if post_kind is None:  # not a kind of posting: a bug, as KIND_OF_ENTRY says
+            self._require_account(account)
+            raise KeyError(kind)
+        cursor = self._cursor
+        change = post_kind.change
+        if cursor.execute(change.sqlite_sql, (BALANCE_CENTS_MAX, amount_cents, account)
+                          ).rowcount != 1:
+            self._require_account(account)  # an unknown account is refused as such
             return Posting(change.refusal)
-        self._insert_transaction(
-            request.txn_id, int(request.kind), account=account, counterparty=None,
-            amount_cents=amount_cents, now_ms=now_ms, terminal=request.terminal,
+        balance_cents = cursor.execute(_BALANCE_SQL, (account,)).fetchone()[0]
+        terminal = request.terminal
+        cursor.execute(
+            _INSERT_TRANSACTION_SQL,
+            (txn_id, post_kind.txn_kind, account, None, amount_cents, now_ms, terminal),
         )
-        balance_cents = self.balance(account)
         entry_id = self._insert_entry(
             account=account,
-            txn_id=request.txn_id,
-            kind=request.kind,
+            txn_id=txn_id,
+            kind=kind,
             amount_cents=amount_cents,
             balance_cents=balance_cents,
             now_ms=now_ms,
-            terminal=request.terminal,
+            terminal=terminal,
         )
         return Posting(PostResult.BOOKED, balance_cents, entry_id, now_ms)
 
@@ -539,46 +583,63 @@ class Store:
         """One transfer inside the caller's transaction (``transfer`` gives the order of
         its checks); every refusal comes before any write. The two balance updates
         cannot then refuse, and if one did (a bug) it raises after a write, which rolls
-        back the whole batch (``execute_batch``)."""
-        source = canonical_account(request.account)
-        destination = canonical_account(request.to_account)
-        _check_txn_id(request.txn_id)
+        back the whole batch (``execute_batch``).
+
+        Both balances are read once, before the writes: this transaction holds the
+        write lock and the legs move them by exactly ``amount_cents``, so the entries'
+        and the receipt's balances are those plus or minus it, not read again (eight
+        statements a booked transfer, twelve before). The destination's one SELECT
+        answers both whether it exists and whether it has room.
+        """
+        source = self._canonical(request.account)
+        destination = self._canonical(request.to_account)
+        txn_id = request.txn_id
+        _check_txn_id(txn_id)
         amount_cents = request.amount_cents
         if type(amount_cents) is not int or not 1 <= amount_cents <= AMOUNT_CENTS_MAX:
             return Posting(PostResult.AMOUNT_OUT_OF_RANGE)
-        prior = self._prior_transaction(request.txn_id)
+        prior = self._prior_transaction(txn_id)
         if prior is not None:
             return _replay(prior, (TRANSFER_TXN_KIND, source, destination, amount_cents))
         if source == destination:
             return Posting(PostResult.SAME_ACCOUNT)
         if amount_cents > request.limit_cents:
             return Posting(PostResult.OVER_LIMIT)
-        if self.balance(source) < amount_cents:
+        source_cents = self.balance(source)
+        if source_cents < amount_cents:
             return Posting(PostResult.INSUFFICIENT_FUNDS)
-        if not self._account_exists(destination):
+        row = self._cursor.execute(_BALANCE_SQL, (destination,)).fetchone()
+        if row is None:
             return Posting(PostResult.UNKNOWN_DESTINATION)
-        if self.balance(destination) > BALANCE_CENTS_MAX - amount_cents:
+        destination_cents = row[0]
+        if destination_cents > BALANCE_CENTS_MAX - amount_cents:
             return Posting(PostResult.BALANCE_FULL)
-        for account, kind in ((source, TRANSFER.debit), (destination, TRANSFER.credit)):
+        legs = (
+            (source, TRANSFER.debit, source_cents - amount_cents),
+            (destination, TRANSFER.credit, destination_cents + amount_cents),
+        )
+        for account, kind, _ in legs:
             change = _BALANCE_CHANGES[entry_change_cents(kind, 1)]
             if not self._move_money(account, change, amount_cents):
                 raise StoreError(f"the {kind.name} leg was refused after its checks passed")
-        self._insert_transaction(
-            request.txn_id, TRANSFER_TXN_KIND, account=source, counterparty=destination,
-            amount_cents=amount_cents, now_ms=now_ms, terminal=request.terminal,
+        terminal = request.terminal
+        self._cursor.execute(
+            _INSERT_TRANSACTION_SQL,
+            (txn_id, TRANSFER_TXN_KIND, source, destination, amount_cents, now_ms, terminal),
         )
-        entry_ids: dict[str, int] = {}
-        for account, kind in ((source, TRANSFER.debit), (destination, TRANSFER.credit)):
-            entry_ids[account] = self._insert_entry(
+        entry_ids = [
+            self._insert_entry(
                 account=account,
-                txn_id=request.txn_id,
+                txn_id=txn_id,
                 kind=kind,
                 amount_cents=amount_cents,
-                balance_cents=self.balance(account),
+                balance_cents=balance_cents,
                 now_ms=now_ms,
-                terminal=request.terminal,
+                terminal=terminal,
             )
-        return Posting(PostResult.BOOKED, self.balance(source), entry_ids[source], now_ms)
+            for account, kind, balance_cents in legs
+        ]
+        return Posting(PostResult.BOOKED, legs[0][2], entry_ids[0], now_ms)
 
     def _change_pin(self, request: PinChange, now_ms: int) -> PinChangeVerdict:
         """``change_pin`` inside the caller's transaction. The current PIN goes through
@@ -752,6 +813,20 @@ class Store:
             (salt, hash_pin(self._key, salt, account, check_pin(pin)), account),
         )
 
+    def _canonical(self, account: str) -> str:
+        """``canonical_account(account)``, checked exactly as it checks (a ValueError for
+        anything that is not AA-NNNNN), with a set lookup first for an account number
+        already found canonical: the session passes the canonical form, and the regex
+        and ``upper`` cost about 0.6 us a request against 0.05 for the lookup."""
+        if type(account) is str and account in self._canonical_accounts:
+            return account
+        canonical = canonical_account(account)
+        if canonical == account:
+            if len(self._canonical_accounts) >= CANONICAL_ACCOUNTS_REMEMBERED_MAX:
+                self._canonical_accounts.clear()
+            self._canonical_accounts.add(canonical)
+        return canonical
+
     def _account_exists(self, account: str) -> bool:
         row = self._conn.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone()
         return row is not None
@@ -814,33 +889,16 @@ class Store:
 
     def _prior_transaction(self, txn_id: bytes) -> _Prior | None:
         """The transaction booked under ``txn_id``, with its own account's entry."""
-        row = self._conn.execute(
-            "SELECT t.kind, t.account, t.counterparty, t.amount_cents,"
-            " e.entry_id, e.balance_cents, e.time_ms"
-            " FROM transactions AS t JOIN entries AS e"
-            " ON e.txn_id = t.txn_id AND e.account = t.account WHERE t.txn_id = ?",
-            (txn_id,),
-        ).fetchone()
+        row = self._cursor.execute(_PRIOR_TRANSACTION_SQL, (txn_id,)).fetchone()
         if row is None:
             return None
         kind, account, counterparty, amount, entry_id, balance, time_ms = row
         return _Prior((kind, account, counterparty, amount), entry_id, balance, time_ms)
 
-    def _insert_transaction(
-        self, txn_id: bytes, kind: int, *, account: str, counterparty: str | None,
-        amount_cents: int, now_ms: int, terminal: str | None,
-    ) -> None:
-        self._conn.execute(
-            "INSERT INTO transactions"
-            " (txn_id, kind, account, counterparty, amount_cents, time_ms, terminal)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (txn_id, kind, account, counterparty, amount_cents, now_ms, terminal),
-        )
-
     def _move_money(self, account: str, change: _BalanceChange, amount_cents: int) -> bool:
         """Change the balance if ``change``'s rule allows; whether a row changed."""
-        params = {"amount": amount_cents, "account": account, "max": BALANCE_CENTS_MAX}
-        return self._conn.execute(change.sql, params).rowcount == 1
+        params = (BALANCE_CENTS_MAX, amount_cents, account)
+        return self._cursor.execute(change.sqlite_sql, params).rowcount == 1
 
     def _insert_entry(
         self,
@@ -853,14 +911,13 @@ class Store:
         now_ms: int,
         terminal: str | None,
     ) -> int:
-        cursor = self._conn.execute(
-            "INSERT INTO entries"
-            " (account, txn_id, kind, amount_cents, balance_cents, time_ms, terminal)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        cursor = self._cursor.execute(
+            _INSERT_ENTRY_SQL,
             (account, txn_id, int(kind), amount_cents, balance_cents, now_ms, terminal),
         )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        entry_id = cursor.lastrowid
+        assert entry_id is not None
+        return entry_id
 
     def _account_problems(self, account: str, opening_cents: int, balance_cents: int) -> list[str]:
         entries = self._conn.execute(
@@ -956,7 +1013,19 @@ class _BalanceChange:
     rule so that check and change are one statement, and the outcome when it refuses."""
 
     sql: str
+    """With named parameters ``:amount``, ``:account``, ``:max`` (``bank.pg_store``
+    rewrites them for psycopg)."""
     refusal: PostResult
+    sqlite_sql: str = field(init=False, repr=False)
+    """``sql`` with the positional parameters ``?1`` max, ``?2`` amount, ``?3`` account,
+    bound from a tuple: sqlite3 binds a tuple faster than it looks names up in a dict."""
+
+    def __post_init__(self) -> None:
+        positional = (
+            self.sql.replace(":max", "?1").replace(":amount", "?2").replace(":account", "?3")
+        )
+        assert ":" not in positional, positional
+        object.__setattr__(self, "sqlite_sql", positional)
 
 
 _BALANCE_CHANGES: dict[int, _BalanceChange] = {
@@ -977,6 +1046,41 @@ _BALANCE_CHANGES: dict[int, _BalanceChange] = {
 """By a kind's sign (``wire._kinds``): a kind moves money the one way or the other."""
 
 
+@dataclass(frozen=True, slots=True)
+class _PostKind:
+    """What ``Store._post_one`` needs of a kind of posting, looked up once per posting."""
+
+    txn_kind: int
+    """``transactions.kind`` (and ``entries.kind``): the entry kind's number."""
+    change: _BalanceChange
+
+
+_POST_KINDS: dict[EntryKind, _PostKind] = {
+    entry_kind: _PostKind(int(entry_kind), _BALANCE_CHANGES[kind.sign])
+    for entry_kind, kind in KIND_OF_ENTRY.items()
+}
+"""``KIND_OF_ENTRY`` and ``_BALANCE_CHANGES`` in one lookup, by entry kind."""
+
+# The posting path's statements, on ``Store._cursor`` with positional parameters.
+_BALANCE_SQL = "SELECT balance_cents FROM accounts WHERE account = ?"
+_PRIOR_TRANSACTION_SQL = (
+    "SELECT t.kind, t.account, t.counterparty, t.amount_cents,"
+    " e.entry_id, e.balance_cents, e.time_ms"
+    " FROM transactions AS t JOIN entries AS e"
+    " ON e.txn_id = t.txn_id AND e.account = t.account WHERE t.txn_id = ?"
+)
+_INSERT_TRANSACTION_SQL = (
+    "INSERT INTO transactions"
+    " (txn_id, kind, account, counterparty, amount_cents, time_ms, terminal)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_ENTRY_SQL = (
+    "INSERT INTO entries"
+    " (account, txn_id, kind, amount_cents, balance_cents, time_ms, terminal)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 def _connect(db_path: Path, *, create: bool = True) -> sqlite3.Connection:
     """Autocommit mode (we issue BEGIN ourselves), usable from whichever worker thread;
     without ``create``, a missing file is an error rather than a new database."""
@@ -990,6 +1094,7 @@ def _connect(db_path: Path, *, create: bool = True) -> sqlite3.Connection:
         if mode != "wal":
             raise sqlite3.OperationalError(f"could not enable WAL (journal_mode={mode})")
         conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
         conn.execute("PRAGMA foreign_keys = ON")
     except BaseException:
         conn.close()
