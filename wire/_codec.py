@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from itertools import chain
 
 from wire._errors import WireError
 from wire._layout import CRC_BYTES, FAST_CRC, FAST_HEADER, HEADER_BYTES
@@ -38,18 +39,48 @@ class Frame:
     request_id: int
     message: Message
 
+    def __init__(self, request_id: int, message: Message) -> None:
+        # The dataclass's own __init__, but through the slots' setters: a frozen one
+        # goes through object.__setattr__, and every frame decoded makes a Frame
+        # (0.45 -> 0.28 us per Frame, timeit). Still frozen: __setattr__ refuses.
+        _set_request_id(self, request_id)
+        _set_message(self, message)
+
+
+_set_request_id = Frame.__dict__["request_id"].__set__
+_set_message = Frame.__dict__["message"].__set__
+
 
 def encode(message: Message, request_id: int = 0) -> bytes:
-    """One whole frame for ``message``. Raises ``WireError`` if anything does not fit."""
+    """One whole frame for ``message``. Raises ``WireError`` if anything does not fit.
+
+    The bytes are ``frame_bytes(message.OPCODE, request_id, message.FAST.pack(values))``;
+    header and payload are packed with one struct (``FastLayout.framing``).
+    """
     if type(request_id) is not int or request_id not in message.REQUEST_IDS:
         raise WireError(
             Status.FORMAT_ERROR,
             f"request id {request_id!r} not allowed for {message.OPCODE.name}",
         )
-    payload = message.FAST.pack(message.wire_values())
-    if len(payload) > PAYLOAD_BYTES_MAX:
-        raise WireError(Status.FORMAT_ERROR, f"payload of {len(payload)} bytes is over the limit")
-    return frame_bytes(message.OPCODE, request_id, payload)
+    framing = message.FRAMING
+    if framing is not None:  # fixed fields: their size was checked at registration
+        layout, payload_bytes = framing
+        body = layout.pack(
+            MAGIC, PROTOCOL_VERSION, message.OPCODE, request_id, payload_bytes,
+            *message.wire_values(),
+        )
+    else:
+        *head, items = message.wire_values()
+        layout, payload_bytes = message.FAST.framing(len(items))
+        if payload_bytes > PAYLOAD_BYTES_MAX:
+            raise WireError(
+                Status.FORMAT_ERROR, f"payload of {payload_bytes} bytes is over the limit"
+            )
+        body = layout.pack(
+            MAGIC, PROTOCOL_VERSION, message.OPCODE, request_id, payload_bytes,
+            *head, len(items), *chain.from_iterable(items),
+        )
+    return body + FAST_CRC.pack(zlib.crc32(body))
 
 
 def frame_bytes(
@@ -162,7 +193,7 @@ class Decoder:
                 request_id=request_id,
             )
         try:
-            return cls.from_payload(payload)
+            return cls.DECODE(payload)  # cls.from_payload(payload), in fewer calls
         except WireError as error:
             error.request_id = request_id
             raise
