@@ -34,3 +34,16 @@ def test_quick_bench_reports_the_servers_work_for_every_request() -> None:
     assert all(r["codec_us"] > 0 and type(r["target_met"]) is bool for r in served)
     by_label = {r["label"]: r for r in served}
     assert by_label["BALANCE"]["engine_us"] > 0 and by_label["LOGIN"]["engine_us"] is None
+
+
+def test_only_and_server_only_choose_what_is_measured() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "wire.bench", "--quick", "--server-only", "--only", "history",
+         "--only", "PING"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["results"] == []
+    assert {r["label"] for r in report["server"]} == {
+        "HISTORY -> HISTORY_REPLY[1]", "HISTORY -> HISTORY_REPLY[20]", "PING",
+    }

@@ -17,6 +17,7 @@ import enum
 from dataclasses import dataclass
 
 from wire._messages import (
+    MESSAGE_TYPES,
     Balance,
     ChangePin,
     Deposit,
@@ -136,12 +137,56 @@ def next_state(state: State, message: Message) -> State:
     answered. The one rule that is not read off a frame, the server's count of failed
     LOGINs, is kept by ``wire.Connection``.
     """
-    status = getattr(message, "status", None)
+    return _after(state, type(message), getattr(message, "status", None))
+
+
+def _after(state: State, cls: type[Message], status: Status | None) -> State:
+    """``next_state`` for a message of class ``cls`` carrying ``status`` (None: none)."""
     for rule in TRANSITIONS:
         if (
-            isinstance(message, rule.message)
+            issubclass(cls, rule.message)
             and state in rule.before
             and (rule.statuses is None or status in rule.statuses)
         ):
             return rule.after
     return state
+
+
+@dataclass(frozen=True, slots=True)
+class StateRules:
+    """One state's rows of the tables above, as the lookups ``wire.Connection`` makes for
+    every request and every frame the server sends.
+
+    The functions walk the tables: ``next_state`` tries up to seven rules, each an
+    ``isinstance`` and a set test on an enum whose hash is a Python call; ``refusal``
+    looks the state up in two dicts, by that same hash. Through these rows, a
+    request's refusal and a reply's move are one set test and two dict lookups keyed by
+    class and status (both hashed in C). ``RULES`` holds one per state, derived from the
+    tables and tested against the functions for every message class and status.
+    """
+
+    state: State
+    permitted: frozenset[type[Request]]
+    """``PERMITTED[state]``."""
+    refused_with: Status
+    """``REFUSAL[state]``: the answer to a request outside ``permitted``."""
+    moves: dict[type[Message], dict[Status | None, State]]
+    """For every message class: the statuses (None for a message without one) after
+    which ``next_state`` leaves ``state``, and where to. A class not in it (one that
+    ``wire._messages`` does not register) is for ``next_state`` to place."""
+
+
+def _rules_of(state: State) -> StateRules:
+    statuses: list[Status | None] = [*Status, None]
+    moves = {
+        cls: {
+            status: after for status in statuses
+            if (after := _after(state, cls, status)) is not state
+        }
+        for cls in MESSAGE_TYPES.values()
+    }
+    return StateRules(state, PERMITTED[state], REFUSAL[state], moves)
+
+
+RULES: dict[State, StateRules] = {state: _rules_of(state) for state in State}
+"""Each state's ``StateRules``."""

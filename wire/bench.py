@@ -276,12 +276,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=7,
                         help="timed repeats, of which the best counts (%(default)s); on a "
                         "busy machine, many short repeats find its quiet moments")
+    parser.add_argument("--only", action="append", default=[], metavar="OPCODE",
+                        help="measure only the cases of this opcode (a request's name "
+                        "also selects its row of the server table); repeatable")
+    parser.add_argument("--server-only", action="store_true",
+                        help="only the server's table (the 10 us target), not the first")
     args = parser.parse_args(argv)
     number, repeat = (200, 2) if args.quick else (max(1, args.number), max(1, args.repeat))
+    only = {name.upper() for name in args.only}
 
-    results = [measure(*case, number=number, repeat=repeat) for case in cases()]
+    def chosen(message: Message) -> bool:
+        return not only or message.OPCODE.name in only
+
+    results = [] if args.server_only else [
+        measure(*case, number=number, repeat=repeat) for case in cases() if chosen(case[1])
+    ]
     served = [measure_server(*pair, number=number, repeat=repeat)
-              for pair in server_pairs(cases())]
+              for pair in server_pairs(cases()) if chosen(pair[1])]
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, "
           f"{number} iterations, best of {repeat}, load average "
           f"{' '.join(f'{load:.2f}' for load in os.getloadavg())}")
