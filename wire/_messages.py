@@ -7,14 +7,12 @@ Field order follows the wire layout in ``wire._layout`` (checked at import).
 
 from __future__ import annotations
 
-import inspect
 import struct
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum, IntEnum, IntFlag
 from itertools import repeat
 from operator import attrgetter, itemgetter
-from types import MemberDescriptorType
 from typing import Any, ClassVar, TypeVar, cast
 
 from construct import Struct
@@ -739,40 +737,6 @@ def _payload_decoder(cls: type[Message]) -> Callable[[bytes], Message]:
     return lambda payload: cls(*unpack(payload))
 
 
-def _slot_setting_init(cls: type[Message]) -> Callable[..., None] | None:
-    """The ``__init__`` dataclasses writes for ``cls``, but setting each field through its
-    slot's own setter. A frozen dataclass's sets each through ``object.__setattr__``,
-    85 ns more per field (timeit, CPython 3.11): every frame decoded and every reply
-    built pays it. Same parameters, defaults and ``__post_init__``; still frozen, since
-    ``__setattr__`` (which refuses) is not what sets them. Only plain fields (a default
-    or none) are supported: anything else raises at import.
-
-    None for a class without slots: ``dataclass(slots=True)`` makes a new class, and
-    until collected the one it replaced is still among ``Message.__subclasses__()``."""
-    params, body = [], []
-    namespace: dict[str, Any] = {}
-    for f in fields(cls):
-        if not f.init or f.default_factory is not MISSING or f.kw_only:
-            raise TypeError(f"{cls.__name__}.{f.name} is not a plain field")
-        slot = inspect.getattr_static(cls, f.name, None)
-        if not isinstance(slot, MemberDescriptorType):
-            return None
-        namespace[f"_set_{f.name}"] = slot.__set__
-        if f.default is MISSING:
-            params.append(f.name)
-        else:
-            namespace[f"_default_{f.name}"] = f.default
-            params.append(f"{f.name}=_default_{f.name}")
-        body.append(f"    _set_{f.name}(self, {f.name})")
-    if hasattr(cls, "__post_init__"):
-        body.append("    self.__post_init__()")
-    source = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body or ["    pass"])
-    exec(source, namespace)  # our own field names, as dataclasses does
-    init: Callable[..., None] = namespace["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    return init
-
-
 def _register() -> dict[Opcode, type[Message]]:
     by_opcode: dict[Opcode, type[Message]] = {}
     for cls in _leaf_classes(Message):
@@ -787,9 +751,6 @@ def _register() -> dict[Opcode, type[Message]]:
             if cls.FRAMING[1] > PAYLOAD_BYTES_MAX:  # so encode need not check it per frame
                 raise TypeError(f"{cls.__name__}'s payload is over PAYLOAD_BYTES_MAX")
         cls.DECODE = staticmethod(_payload_decoder(cls))
-        init = _slot_setting_init(cls)
-        if init is not None:
-            cls.__init__ = init  # type: ignore[method-assign]
         if issubclass(cls, Reply):
             cls.EMPTY_WHEN_REFUSED = tuple((f.name, f.default) for f in fields(cls)[1:])
         by_opcode[cls.OPCODE] = cls
