@@ -99,7 +99,7 @@ class Metrics:
     """What ``BankServer`` counts as it serves; ``render_metrics`` writes it out."""
 
     def __init__(self, ledger: Ledger | None = None) -> None:
-        self.requests: Counter[tuple[Opcode, Status]] = Counter()
+        self.requests: dict[tuple[Opcode, Status], int] = {}
         """Requests answered, by (opcode, status): the members themselves, whose names
         are looked up when rendered, not on every request (0.2 us each)."""
         self.latency = Histogram(LATENCY_BUCKETS_S)
@@ -116,8 +116,13 @@ class Metrics:
             ledger.on_commit = self.observe_commit
 
     def observe_request(self, opcode: Opcode, status: Status, seconds: float) -> None:
-        self.requests[opcode, status] += 1
-        self.latency.observe(seconds)
+        """One request answered in ``seconds``: on every request, so a plain dict (a
+        Counter's item is slower to update), with Histogram.observe inline."""
+        key = (opcode, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        latency = self.latency
+        latency.counts[bisect.bisect_left(latency.bounds, seconds)] += 1
+        latency.sum += seconds
 
     def observe_commit(self, requests: int, seconds: float) -> None:
         if self.batch_sizes is not None and self.commit_seconds is not None:
