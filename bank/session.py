@@ -49,7 +49,6 @@ from wire import (
     LoginReply,
     Logout,
     LogoutReply,
-    MoneyKind,
     MoneyRequest,
     Ping,
     PingReply,
@@ -397,7 +396,15 @@ class Session:
 
     async def _post(self, request: MoneyRequest) -> Reply:
         kind = KIND_OF_REQUEST[type(request)]
-        posting = await self._posting(request, kind)
+        posting = await self._ledger.post(  # awaited here: a layer less per deposit
+            account=self._account(),
+            txn_id=request.txn_id,
+            kind=kind.entry_kind,
+            amount_cents=request.amount_cents,
+            limit_cents=SERVER_LIMITS[kind.entry_kind].cents_max(self._config),
+            terminal=self.terminal,
+            fence=None if self.lease is None else self.lease.fence,
+        )
         if posting.result is PostResult.FENCED:
             raise LeaseLost(request.txn_id.hex())
         status = POST_STATUS[kind.entry_kind][posting.result]
@@ -418,17 +425,6 @@ class Session:
             format_cents(request.amount_cents), status.name,
             " (replayed)" if result is PostResult.REPLAYED else "", request.txn_id.hex(),
             f" entry {posting.entry_id}" if booked else "",
-        )
-
-    async def _posting(self, request: MoneyRequest, kind: MoneyKind) -> Posting:
-        return await self._ledger.post(
-            account=self._account(),
-            txn_id=request.txn_id,
-            kind=kind.entry_kind,
-            amount_cents=request.amount_cents,
-            limit_cents=SERVER_LIMITS[kind.entry_kind].cents_max(self._config),
-            terminal=self.terminal,
-            fence=None if self.lease is None else self.lease.fence,
         )
 
     async def _transfer(self, request: Transfer) -> Reply:

@@ -217,13 +217,17 @@ class TlsTransport:
                 except ssl.SSLError:
                     self._intact = False
                     raise
-            if not await self._receive_records():
+            data = await self._socket.receive_some()  # _receive_records, a layer less
+            if not data:
                 return b""  # the TCP end of stream, with or without a close_notify
+            self._incoming.write(data)
 
     async def send_all(self, data: bytes) -> None:
         try:
             self._tls.write(data)  # into the memory BIO: never blocks
-            await self._flush()
+            records = self._outgoing.read()  # _flush, a layer less per reply
+            if records:
+                await self._socket.send_all(records)
         except BaseException:
             self._intact = False
             raise
