@@ -505,8 +505,8 @@ class Connection:
         await self._send(self._config.hello())
 
     def _answered(self, request: Request, reply: Reply, started: float) -> None:
-        """``reply`` to ``request`` has been sent: count it, and say why the engine
-        closed the connection if it did (the login attempts are spent)."""
+        """``reply`` to ``request`` has been sent: count it and, if the engine closed the
+        connection after a refusal (the last login attempt, say), note why."""
         self._metrics.observe_request(request.OPCODE, reply.status, time.perf_counter() - started)
         if self._engine.state is _CLOSED and reply.status is not _APPROVED:
             self.ended_because = f"after {reply.OPCODE.name} {reply.status.name}"
