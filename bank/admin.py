@@ -30,7 +30,7 @@ import trio
 
 from bank.batch_ledger import BatchLedger
 from bank.ledger import Ledger
-from wire import mask_account
+from wire import Opcode, Status, mask_account
 
 if TYPE_CHECKING:
     from bank.server import BankServer
@@ -99,8 +99,9 @@ class Metrics:
     """What ``BankServer`` counts as it serves; ``render_metrics`` writes it out."""
 
     def __init__(self, ledger: Ledger | None = None) -> None:
-        self.requests: Counter[tuple[str, str]] = Counter()
-        """Requests answered, by (opcode, status) names."""
+        self.requests: dict[tuple[Opcode, Status], int] = {}
+        """Requests answered, by (opcode, status): the members themselves, whose names
+        are looked up when rendered, not on every request (0.2 us each)."""
         self.latency = Histogram(LATENCY_BUCKETS_S)
         self.refusals: Counter[str] = Counter()
         """Connections refused or evicted, by a reason of REFUSAL_REASONS."""
@@ -114,9 +115,14 @@ class Metrics:
             self.commit_seconds = Histogram(COMMIT_BUCKETS_S)
             ledger.on_commit = self.observe_commit
 
-    def observe_request(self, opcode: str, status: str, seconds: float) -> None:
-        self.requests[opcode, status] += 1
-        self.latency.observe(seconds)
+    def observe_request(self, opcode: Opcode, status: Status, seconds: float) -> None:
+        """One request answered in ``seconds``: on every request, so a plain dict (a
+        Counter's item is slower to update), with Histogram.observe inline."""
+        key = (opcode, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        latency = self.latency
+        latency.counts[bisect.bisect_left(latency.bounds, seconds)] += 1
+        latency.sum += seconds
 
     def observe_commit(self, requests: int, seconds: float) -> None:
         if self.batch_sizes is not None and self.commit_seconds is not None:
@@ -150,7 +156,9 @@ def render_metrics(server: BankServer) -> str:
         "Requests answered, by opcode and reply status (refusals by the state table too).",
         [
             (_labels(opcode=opcode, status=status), count)
-            for (opcode, status), count in sorted(metrics.requests.items())
+            for (opcode, status), count in sorted(
+                ((op.name, st.name), n) for (op, st), n in metrics.requests.items()
+            )
         ],
     )
     _histogram(

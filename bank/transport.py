@@ -73,32 +73,48 @@ class SocketTransport:
     first (the next request has rarely arrived just after a reply), and each checkpoint
     is a trip through the scheduler (BENCHMARKS.md has what this saved). Sends do not
     yield unless the socket's buffer is full. A socket error is an ``OSError``.
+
+    trio is given the descriptor itself to wait on, not the socket (whose ``fileno()``
+    it would call on every wait); the socket stays open as long as this transport
+    waits, since only ``aclose`` or ``abort`` closes it, after the last wait.
     """
+
+    __slots__ = ("_fd", "stream")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self._socket = stream.socket
-        self._fd = self._socket.fileno()
+        self._fd = stream.socket.fileno()
 
     async def handshake(self) -> None:
         return None
 
     async def receive_some(self) -> bytes:
+        fd = self._fd
         while True:
-            await trio.lowlevel.wait_readable(self._socket)
+            await trio.lowlevel.wait_readable(fd)
             try:
-                return os.read(self._fd, RECEIVE_BYTES_MAX)
+                return os.read(fd, RECEIVE_BYTES_MAX)
             except BlockingIOError:  # woken with nothing to read after all: wait again
                 continue
 
     async def send_all(self, data: bytes) -> None:
-        with memoryview(data) as view:
+        try:
+            sent = os.write(self._fd, data)  # a reply nearly always fits at once
+        except BlockingIOError:
             sent = 0
+        if sent < len(data):
+            await self._send_rest(data, sent)
+
+    async def _send_rest(self, data: bytes, sent: int) -> None:
+        """The socket's buffer is full (``sent`` bytes of ``data`` went): wait for room,
+        as often as it takes."""
+        with memoryview(data) as view:
             while sent < len(view):
+                await trio.lowlevel.wait_writable(self._fd)
                 try:
                     sent += os.write(self._fd, view[sent:])
-                except BlockingIOError:  # the peer is not reading: wait for room
-                    await trio.lowlevel.wait_writable(self._socket)
+                except BlockingIOError:  # woken with no room after all: wait again
+                    continue
 
     async def aclose(self) -> None:
         await close_gracefully(self.stream)
@@ -109,6 +125,8 @@ class SocketTransport:
 
 class StreamTransport:
     """Any Trio stream: a memory stream in tests, or ``trio.SSLStream``."""
+
+    __slots__ = ("stream",)
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
@@ -151,6 +169,8 @@ class TlsTransport:
     answer) leaves with the next send, the reply. Sends do not yield unless the socket's
     buffer is full, as on the plaintext path.
     """
+
+    __slots__ = ("_incoming", "_intact", "_outgoing", "_socket", "_tls", "stream")
 
     def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext) -> None:
         self.stream = stream
@@ -197,13 +217,17 @@ class TlsTransport:
                 except ssl.SSLError:
                     self._intact = False
                     raise
-            if not await self._receive_records():
+            data = await self._socket.receive_some()  # _receive_records, a layer less
+            if not data:
                 return b""  # the TCP end of stream, with or without a close_notify
+            self._incoming.write(data)
 
     async def send_all(self, data: bytes) -> None:
         try:
             self._tls.write(data)  # into the memory BIO: never blocks
-            await self._flush()
+            records = self._outgoing.read()  # _flush, a layer less per reply
+            if records:
+                await self._socket.send_all(records)
         except BaseException:
             self._intact = False
             raise

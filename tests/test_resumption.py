@@ -14,7 +14,9 @@ import trio.testing
 
 from bank.batch_ledger import BatchLedger
 from bank.config import ServerConfig
-from bank.session import RESUME_TAKEOVER_S
+from bank.leases import Leases
+from bank.resumption import SessionRegistry
+from bank.session import RESUME_TAKEOVER_S, Session
 from tests.helpers import (
     DEMO_ACCOUNT,
     DEMO_BALANCE_CENTS,
@@ -193,3 +195,29 @@ async def test_a_session_that_never_lets_go_is_not_taken_over(
     assert outcome == [Status.UNKNOWN_SESSION]
     assert bank.server.leases.held() == {DEMO_ACCOUNT}  # still the stuck session's
     nursery.cancel_scope.cancel()
+
+
+async def test_a_successor_waits_for_a_held_session_and_not_for_an_ended_one(
+    config: ServerConfig, ledger: BatchLedger
+):
+    """``wait_released`` (which a RESUME awaits) returns once the session has ended, and
+    at once, after a checkpoint, for a session that ended before anyone waited (its
+    event is made only for a wait)."""
+    session = Session(
+        ledger=ledger, leases=Leases(), config=config, name="test", sessions=SessionRegistry()
+    )
+    released = False
+
+    async def successor() -> None:
+        nonlocal released
+        await session.wait_released()
+        released = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(successor)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not released
+        session.end()
+    assert released
+    with trio.testing.assert_checkpoints():
+        await session.wait_released()

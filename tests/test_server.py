@@ -45,12 +45,15 @@ from wire import (
     DepositReply,
     EntryKind,
     Error,
+    Frame,
     History,
     HistoryReply,
     Logout,
     LogoutReply,
     Ping,
     PingReply,
+    Reply,
+    Request,
     SessionExpired,
     Shutdown,
     Status,
@@ -601,6 +604,35 @@ async def test_a_cancelled_connection_still_closes_its_socket(
         await client.hello()
         nursery.cancel_scope.cancel()
     assert await client.closed()
+
+
+def awaited_locals(coro: object) -> list[object]:
+    """The local variables of every coroutine frame a task waits in, outermost first."""
+    values: list[object] = []
+    while coro is not None and hasattr(coro, "cr_frame"):
+        if coro.cr_frame is not None:
+            values.extend(coro.cr_frame.f_locals.values())
+        coro = coro.cr_await
+    return values
+
+
+async def test_a_waiting_connection_holds_no_request_or_reply(
+    config: ServerConfig, ledger: BatchLedger
+):
+    """Between requests the connection's task keeps nothing of the last one: 10,000 idle
+    sessions would each hold theirs in memory, and after a LOGIN that is its PIN."""
+    connection, client = connection_and_client(config, ledger)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        await client.hello()
+        assert await client.login() is Status.APPROVED
+        assert await client.request(Ping()) == PingReply(Status.APPROVED)
+        await trio.testing.wait_all_tasks_blocked()
+        [task] = nursery.child_tasks
+        held = awaited_locals(task.coro)
+        assert connection in held  # the walk reached the connection's own frames
+        assert [value for value in held if isinstance(value, Frame | Request | Reply)] == []
+        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("refused", [False, True], ids=["answered", "refused"])
