@@ -186,8 +186,8 @@ def render_metrics(server: BankServer) -> str:
         )
         _histogram(
             lines, "bank_ledger_commit_duration_seconds",
-            "Seconds one SQLite group commit took, from its hand-off to the database"
-            " thread to its outcome, the fsync included.",
+            "Seconds one group commit took, from its first statement to its outcome,"
+            " the fsync included.",
             metrics.commit_seconds,
         )
     return "".join(line + "\n" for line in lines)

@@ -1,11 +1,19 @@
-"""The Ledger protocol over a batch store (SQLite's or PostgreSQL's), off the event loop.
+"""The Ledger protocol over a batch store (SQLite's or PostgreSQL's), never blocking the loop.
 
-Database calls block (disk, fsync on commit, locks, the network), so they run in
-``trio.to_thread.run_sync`` behind a CapacityLimiter as large as the store's pool of
-connections (one, for either store). Requests that arrive together run as one batch in
-one transaction (``BatchLedger._submit`` says why), in the order they arrived. A worker
-thread is not abandoned on cancellation, so a commit that started always finishes
-before its caller sees the cancellation.
+Requests that arrive together run as one batch in one transaction (``BatchLedger._submit``
+says why), in the order they arrived. What blocks runs in ``trio.to_thread.run_sync``
+behind a CapacityLimiter as large as the store's pool of connections (one, for either
+store): the whole batch for PostgreSQL, where every statement is a round trip; for
+SQLite, only its COMMIT (the WAL write and its fsync). An SQLite batch's statements are
+in-process work of a few microseconds each, so they run on the event loop, between its
+``BEGIN IMMEDIATE`` (taken there only if the write lock is free at once: an operator
+command's write sends the batch to the thread, which waits for it) and its COMMIT.
+Measured (BENCHMARKS.md), running them in the thread made the batch the server's
+bottleneck: that thread needs the GIL back after every statement and waits for it while
+the loop serves requests (balances from the cache, replies, reads), so a batch of 50
+postings took 15 ms on the thread under load against 4 ms alone. A worker thread is not
+abandoned on cancellation, so a commit that started always finishes before its caller
+sees the cancellation.
 
 Both stores (``bank.store.Store``, ``bank.pg_store.PgStore``) take the same batch
 requests and give the same outcomes; ``open_ledger`` picks one by ``--db``
@@ -80,6 +88,9 @@ class BatchStore(Protocol):
     """The driver's exceptions, which mean the database failed: StorageError to callers."""
     connections: int
     """Connections the store holds: how many threads may use it at once."""
+    statements_on_loop: bool
+    """Whether a batch's statements may run on the event loop, its COMMIT alone in a
+    thread (``LoopBatchStore``); else the whole batch runs in a thread."""
     created: bool
     seeded: tuple[str, ...]
 
@@ -88,6 +99,18 @@ class BatchStore(Protocol):
     def check_invariants(self) -> list[str]: ...
 
     def close(self) -> None: ...
+
+
+class LoopBatchStore(BatchStore, Protocol):
+    """A store whose statements run on the event loop (``statements_on_loop``): SQLite's.
+    ``begin_batch_now`` never waits, ``run_batch`` never blocks on anything but the CPU
+    (and, rarely, a page the OS must read), ``commit_batch`` blocks and runs in a thread."""
+
+    def begin_batch_now(self) -> bool: ...
+
+    def run_batch(self, requests: Sequence[BatchRequest], now_ms: int) -> list[Outcome]: ...
+
+    def commit_batch(self) -> None: ...
 
 
 def wall_clock_ms() -> int:
@@ -134,6 +157,11 @@ class BatchLedger:
         self._pin_policy = pin_policy
         self._clock_ms = clock_ms
         self._limiter = trio.CapacityLimiter(store.connections)
+        """Held by whatever uses the store's connection: a batch (on the loop and in its
+        thread), an invariants check, the close."""
+        self._commit_thread = trio.CapacityLimiter(1)
+        """The thread of a loop batch's COMMIT, run while the batch holds ``_limiter``."""
+        self._loop_store = cast(LoopBatchStore, store) if store.statements_on_loop else None
         self._committer = trio.Lock()
         self._open_batch: _Batch | None = None
         self._closed = False
@@ -143,7 +171,8 @@ class BatchLedger:
         self.opened = Opened(db_created=False, seeded=(), key_created=False)
         """What ``open_ledger`` did; as here, nothing, for a ledger built directly."""
         self.on_commit: Callable[[int, float], None] | None = None
-        """Told each batch's size (requests) and seconds on its thread (``bank.admin``)."""
+        """Told each batch's size (requests) and seconds from its start to its commit's end
+        (``bank.admin``)."""
 
     async def verify_pin(self, account: str, pin: str) -> PinVerdict:
         return cast(PinVerdict, await self._submit(PinCheck(account, pin, self._pin_policy)))
@@ -229,8 +258,8 @@ class BatchLedger:
         database thread (profiled at a fifth of the event loop's time under 100
         sessions, against about 2% for the SQL itself). So a request joins the open
         batch; the first request of a batch is its leader, which waits its turn for the
-        committer, closes the batch and runs all of it in one transaction on the
-        thread, while requests arriving meanwhile gather in the next batch. A batch
+        committer, closes the batch and runs all of it in one transaction
+        (``_execute``), while requests arriving meanwhile gather in the next batch. A batch
         holds at most one request per connection (a session waits for each reply),
         so connections_max bounds it.
         """
@@ -259,9 +288,7 @@ class BatchLedger:
                 self._open_batch = None  # later requests start the next batch
                 started = time.perf_counter()
                 try:
-                    batch.outcomes = await self._to_thread(
-                        self._store.execute_batch, batch.requests, self._clock_ms()
-                    )
+                    batch.outcomes = await self._execute(batch.requests)
                     if self.on_commit is not None:
                         self.on_commit(len(batch.requests), time.perf_counter() - started)
                 except Exception as error:  # every member must see it, not only the leader
@@ -308,6 +335,28 @@ class BatchLedger:
             balances.clear()
             raise
 
+    async def _execute(self, requests: list[BatchRequest]) -> list[Outcome]:
+        """Run one batch and commit it (see the module docstring): its statements on the
+        loop and its COMMIT in a thread where the store allows and the write lock is free
+        at once, else all of it in a thread (which waits for the lock, up to SQLite's busy
+        timeout). Nothing awaits between the BEGIN and the last statement, and the batch
+        holds the connection's limiter from before its BEGIN until after its COMMIT, so no
+        other use of the connection (an invariants check, the close) comes in between."""
+        store, now_ms = self._loop_store, self._clock_ms()
+        if store is None:
+            return await self._to_thread(self._store.execute_batch, requests, now_ms)
+        async with self._limiter:
+            try:
+                if not store.begin_batch_now():
+                    return await trio.to_thread.run_sync(
+                        store.execute_batch, requests, now_ms, limiter=self._commit_thread
+                    )
+                outcomes = store.run_batch(requests, now_ms)
+                await trio.to_thread.run_sync(store.commit_batch, limiter=self._commit_thread)
+            except self._store.driver_errors as error:
+                raise storage_error(error) from error
+        return outcomes
+
     async def check_invariants(self) -> list[str]:
         """The store's money invariants, for tests and health checks."""
         return await self._run(self._store.check_invariants)
@@ -331,7 +380,12 @@ class BatchLedger:
         try:
             return await trio.to_thread.run_sync(function, *args, limiter=self._limiter)
         except self._store.driver_errors as error:
-            raise StorageError(f"{type(error).__name__}: {one_line(error)}") from error
+            raise storage_error(error) from error
+
+
+def storage_error(error: Exception) -> StorageError:
+    """A driver's exception as callers see it: its type and message on one line."""
+    return StorageError(f"{type(error).__name__}: {one_line(error)}")
 
 
 def _fill(balances: OrderedDict[str, int], account: str, balance_cents: int) -> None:

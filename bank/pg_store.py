@@ -536,6 +536,8 @@ class PgStore:
     """What a failing database raises (``bank.batch_ledger`` makes it StorageError)."""
     connections = 1
     """One connection, used by one thread at a time; reopened after it breaks."""
+    statements_on_loop = False
+    """Every statement is a round trip to the server: the whole batch runs in a thread."""
 
     def __init__(
         self, conninfo: str | os.PathLike[str], key: bytes, *, seed_demo: bool = True,

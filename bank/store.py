@@ -330,6 +330,10 @@ class Store:
     """What a failing database raises (``bank.batch_ledger`` makes it StorageError)."""
     connections = 1
     """One connection, so one thread at a time."""
+    statements_on_loop = True
+    """A batch's statements are in-process work of microseconds, so the ledger runs them
+    on the event loop, and only its COMMIT (the fsync) in a thread (``begin_batch_now``,
+    ``run_batch``, ``commit_batch``; ``bank.batch_ledger`` says why)."""
 
     def __init__(
         self, db_path: str | os.PathLike[str], key: bytes, *, seed_demo: bool = True,
@@ -497,18 +501,62 @@ class Store:
         savepoint and its release cost the server 4-9 % of its CPU per request under
         ``python -m bank.bench`` (BENCHMARKS.md), more in GIL hand-offs than in SQLite.
         """
-        outcomes: list[Outcome] = []
         with self._transaction():
-            for request in requests:
-                changes = self._conn.total_changes
-                try:
-                    outcomes.append(self._execute(request, now_ms))
-                except (StoreError, ValueError) as error:
-                    if self._conn.total_changes != changes:
-                        raise BatchAborted(
-                            f"a {type(request).__name__} was refused after it wrote: {error}"
-                        ) from error
-                    outcomes.append(error)
+            return self._run_requests(requests, now_ms)
+
+    # -- a batch in two steps, for the event loop (bank.batch_ledger) ----------------------
+
+    def begin_batch_now(self) -> bool:
+        """BEGIN IMMEDIATE if the write lock is free this instant; False, with nothing
+        begun, if another connection holds it (an operator command's write). Then run
+        the batch with ``execute_batch`` in a thread, which waits for the lock up to
+        BUSY_TIMEOUT_MS: this one never waits, so that it can run on the event loop."""
+        self._conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                return False
+            raise
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return True
+
+    def run_batch(self, requests: Sequence[BatchRequest], now_ms: int) -> list[Outcome]:
+        """``execute_batch``'s work inside the transaction ``begin_batch_now`` began, all
+        but its COMMIT: the outcomes, to be given only once ``commit_batch`` has returned.
+        On any exception the transaction is rolled back and the exception raised."""
+        try:
+            return self._run_requests(requests, now_ms)
+        except BaseException:
+            self._roll_back()
+            raise
+
+    def commit_batch(self) -> None:
+        """COMMIT what ``run_batch`` did: the WAL write and its fsync (synchronous=FULL),
+        and now and then a checkpoint; on failure, roll back (if SQLite has not already)
+        and raise."""
+        try:
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._roll_back()
+            raise
+
+    def _run_requests(self, requests: Sequence[BatchRequest], now_ms: int) -> list[Outcome]:
+        """Each request's outcome in order, inside the caller's transaction (see
+        ``execute_batch``): a refusal before any write is that request's outcome, one
+        after a write raises BatchAborted."""
+        outcomes: list[Outcome] = []
+        for request in requests:
+            changes = self._conn.total_changes
+            try:
+                outcomes.append(self._execute(request, now_ms))
+            except (StoreError, ValueError) as error:
+                if self._conn.total_changes != changes:
+                    raise BatchAborted(
+                        f"a {type(request).__name__} was refused after it wrote: {error}"
+                    ) from error
+                outcomes.append(error)
         return outcomes
 
     def _execute(self, request: BatchRequest, now_ms: int) -> Outcome:
@@ -752,9 +800,13 @@ class Store:
             yield
             self._conn.execute("COMMIT")
         except BaseException:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            self._roll_back()
             raise
+
+    def _roll_back(self) -> None:
+        """ROLLBACK the transaction in progress, if SQLite has not ended it already."""
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
 
     @contextmanager
     def _read_snapshot(self) -> Iterator[None]:

@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import ssl
+import threading
 import uuid
 import zlib
 from collections import deque
@@ -785,3 +786,86 @@ def assert_customer_words(sentence: str) -> None:
     """``sentence`` speaks the customer's language: no protocol words in it."""
     found = PROTOCOL_WORDS.search(sentence)
     assert found is None, f"{found.group()!r} in a customer sentence: {sentence!r}"
+
+
+BATCH_RELEASE_TIMEOUT_S = 10
+"""Bound on a held batch's wait, so that a broken test fails instead of hanging."""
+
+
+class StoreBatches:
+    """Every batch a ``BatchLedger`` hands its store, recorded, whichever way the store
+    runs it: SQLite's statements on the event loop (``run_batch``) and its COMMIT in a
+    thread (``commit_batch``), or the whole batch in a thread (``execute_batch``:
+    PostgreSQL, or SQLite while another connection holds the write lock).
+
+    ``hold`` keeps the next batch in its thread (before its COMMIT, or before it starts)
+    until ``release``, so that a test can act while it is in flight; ``fail`` makes the
+    next batch fail in the database, before its COMMIT (rolled back) or after it (the
+    caller learns only of the failure), with ``error``."""
+
+    def __init__(self, ledger: BatchLedger, monkeypatch: Any) -> None:
+        self.seen: list[list[Any]] = []
+        self._store = store = cast(Any, ledger._store)
+        self._gate: threading.Event | None = None
+        self._release = threading.Event()
+        self._entered = threading.Event()
+        self._failure: tuple[Exception, bool] | None = None
+        self._execute_batch = store.execute_batch
+        monkeypatch.setattr(store, "execute_batch", self._whole_batch)
+        if store.statements_on_loop:
+            self._run_batch, self._commit_batch = store.run_batch, store.commit_batch
+            monkeypatch.setattr(store, "run_batch", self._statements)
+            monkeypatch.setattr(store, "commit_batch", self._commit)
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(requests) for requests in self.seen]
+
+    def hold(self) -> None:
+        self._gate = self._release = threading.Event()
+        self._entered.clear()
+
+    async def held(self) -> None:
+        """Return once the held batch is in its thread, waiting for ``release``."""
+        assert await trio.to_thread.run_sync(self._entered.wait, BATCH_RELEASE_TIMEOUT_S)
+
+    def release(self) -> None:
+        self._release.set()
+
+    def fail(self, error: Exception, *, after_commit: bool) -> None:
+        self._failure = (error, after_commit)
+
+    def _wait_at_gate(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            self._entered.set()
+            assert gate.wait(timeout=BATCH_RELEASE_TIMEOUT_S), "a held batch was never released"
+
+    def _whole_batch(self, requests: Any, now_ms: int) -> Any:
+        self.seen.append(list(requests))
+        self._wait_at_gate()
+        failure, self._failure = self._failure, None
+        if failure is not None and not failure[1]:
+            raise failure[0]
+        outcomes = self._execute_batch(requests, now_ms)
+        if failure is not None:
+            raise failure[0]  # committed, but its caller learns only of the failure
+        return outcomes
+
+    def _statements(self, requests: Any, now_ms: int) -> Any:
+        self.seen.append(list(requests))
+        return self._run_batch(requests, now_ms)
+
+    def _commit(self) -> None:
+        self._wait_at_gate()
+        failure, self._failure = self._failure, None
+        if failure is not None and not failure[1]:
+            self._store._roll_back()
+            raise failure[0]
+        self._commit_batch()
+        if failure is not None:
+            raise failure[0]

@@ -1,8 +1,9 @@
 """The balance cache of a ledger that is its SQLite file's only writer (``sole_writer``).
 
 Each test runs a real ``Store`` in a temporary directory, with every batch the ledger
-sends it recorded, and where it matters held in its thread until the test lets it go, so
-that the interleavings are made on purpose, not hoped for: a hit needs no batch; what
+sends it recorded (``tests.helpers.StoreBatches``), and where it matters held in its
+thread until the test lets it go, so that the interleavings are made on purpose, not
+hoped for: a hit needs no batch; what
 fills the cache (a BALANCE, a BOOKED deposit, withdrawal or transfer's source) and what
 must not (a replay, a refusal); a transfer into a cached account in flight while that
 account reads, and a BALANCE and such a transfer in one batch in either order; a batch
@@ -16,9 +17,8 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -29,63 +29,15 @@ from hypothesis.stateful import run_state_machine_as_test
 from bank import batch_ledger
 from bank.batch_ledger import BatchLedger, open_ledger
 from bank.ledger import PinResult, Posting, PostResult, StorageError
-from bank.store import BatchRequest, Outcome, read_accounts_summary
+from bank.store import read_accounts_summary
 from tests import test_stateful
-from tests.helpers import DEMO_ACCOUNT, DEMO_BALANCE_CENTS, OTHER_ACCOUNT
+from tests.helpers import DEMO_ACCOUNT, DEMO_BALANCE_CENTS, OTHER_ACCOUNT, StoreBatches
 from wire import AMOUNT_CENTS_MAX, EntryKind
 
 OTHER_BALANCE_CENTS = 45_72
 THIRD_ACCOUNT = "ZZ-99999"
 RELEASE_TIMEOUT_S = 10
 """Bound on a held batch's wait, so that a broken test fails instead of hanging."""
-
-
-class Batches:
-    """The store's ``execute_batch``, recorded; ``hold`` keeps the next batch in its
-    thread until ``release``, so that the test can act while it is in flight, and
-    ``fail`` makes the next batch fail in the database, before or after it commits."""
-
-    def __init__(self, ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.seen: list[list[BatchRequest]] = []
-        self._execute = ledger._store.execute_batch
-        self._gate: threading.Event | None = None
-        """The next batch's gate, taken by that batch."""
-        self._release = threading.Event()
-        self._entered = threading.Event()
-        self._failure: tuple[Exception, bool] | None = None
-        monkeypatch.setattr(ledger._store, "execute_batch", self._execute_batch)
-
-    def fail(self, error: Exception, *, after_commit: bool) -> None:
-        self._failure = (error, after_commit)
-
-    def hold(self) -> None:
-        self._gate = self._release = threading.Event()
-        self._entered.clear()
-
-    async def held(self) -> None:
-        """Return once the held batch is in its thread, waiting for ``release``."""
-        assert await trio.to_thread.run_sync(self._entered.wait, RELEASE_TIMEOUT_S)
-
-    def release(self) -> None:
-        self._release.set()
-
-    @property
-    def count(self) -> int:
-        return len(self.seen)
-
-    def _execute_batch(self, requests: Sequence[BatchRequest], now_ms: int) -> list[Outcome]:
-        self.seen.append(list(requests))
-        gate, self._gate = self._gate, None
-        if gate is not None:
-            self._entered.set()
-            assert gate.wait(timeout=RELEASE_TIMEOUT_S), "a held batch was never released"
-        failure, self._failure = self._failure, None
-        if failure is not None and not failure[1]:
-            raise failure[0]
-        outcomes = self._execute(requests, now_ms)
-        if failure is not None:
-            raise failure[0]  # committed, but its caller learns only of the failure
-        return outcomes
 
 
 @pytest.fixture
@@ -103,8 +55,8 @@ async def ledger(db: Path, tmp_path: Path) -> AsyncIterator[BatchLedger]:
 
 
 @pytest.fixture
-def batches(ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch) -> Batches:
-    return Batches(ledger, monkeypatch)
+def batches(ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch) -> StoreBatches:
+    return StoreBatches(ledger, monkeypatch)
 
 
 def in_file(db: Path, account: str) -> int:
@@ -132,7 +84,7 @@ async def transfer(
     )
 
 
-async def hit(ledger: BatchLedger, batches: Batches, account: str) -> int:
+async def hit(ledger: BatchLedger, batches: StoreBatches, account: str) -> int:
     """The balance, which must come from the cache: no batch."""
     before = batches.count
     balance = await ledger.balance(account)
@@ -140,7 +92,7 @@ async def hit(ledger: BatchLedger, batches: Batches, account: str) -> int:
     return balance
 
 
-async def miss(ledger: BatchLedger, batches: Batches, account: str) -> int:
+async def miss(ledger: BatchLedger, batches: StoreBatches, account: str) -> int:
     """The balance, which must be read from the store: one batch."""
     before = batches.count
     balance = await ledger.balance(account)
@@ -149,7 +101,7 @@ async def miss(ledger: BatchLedger, batches: Batches, account: str) -> int:
 
 
 async def test_a_read_balance_is_served_again_without_a_batch(
-    ledger: BatchLedger, batches: Batches
+    ledger: BatchLedger, batches: StoreBatches
 ):
     assert await miss(ledger, batches, DEMO_ACCOUNT) == DEMO_BALANCE_CENTS
     assert await hit(ledger, batches, DEMO_ACCOUNT) == DEMO_BALANCE_CENTS
@@ -157,7 +109,7 @@ async def test_a_read_balance_is_served_again_without_a_batch(
 
 
 async def test_a_booked_deposit_or_withdrawal_fills_the_cache_with_its_balance(
-    ledger: BatchLedger, batches: Batches, db: Path
+    ledger: BatchLedger, batches: StoreBatches, db: Path
 ):
     deposited = await post(ledger, EntryKind.DEPOSIT, 10_00)
     assert deposited.result is PostResult.BOOKED
@@ -168,7 +120,7 @@ async def test_a_booked_deposit_or_withdrawal_fills_the_cache_with_its_balance(
 
 
 async def test_refusals_move_nothing_and_leave_the_cached_balance_right(
-    ledger: BatchLedger, batches: Batches, db: Path
+    ledger: BatchLedger, batches: StoreBatches, db: Path
 ):
     await miss(ledger, batches, OTHER_ACCOUNT)
     overdraft = await post(ledger, EntryKind.WITHDRAWAL, 1_000_00, account=OTHER_ACCOUNT)
@@ -183,7 +135,7 @@ async def test_refusals_move_nothing_and_leave_the_cached_balance_right(
 
 
 async def test_a_replay_never_fills_the_cache_with_its_original_balance(
-    ledger: BatchLedger, batches: Batches, db: Path, tmp_path: Path,
+    ledger: BatchLedger, batches: StoreBatches, db: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ):
     first = uuid.uuid4().bytes
@@ -197,7 +149,7 @@ async def test_a_replay_never_fills_the_cache_with_its_original_balance(
     # A fresh ledger (a restarted server) whose first word of the account is a replay.
     again = await open_ledger(db, tmp_path / "bank.key", sole_writer=True)
     try:
-        restarted = Batches(again, monkeypatch)
+        restarted = StoreBatches(again, monkeypatch)
         assert (await post(again, EntryKind.DEPOSIT, 1_00, txn_id=first)).result is (
             PostResult.REPLAYED
         )
@@ -207,7 +159,7 @@ async def test_a_replay_never_fills_the_cache_with_its_original_balance(
 
 
 async def test_a_transfer_fills_its_source_and_drops_its_destination(
-    ledger: BatchLedger, batches: Batches, db: Path
+    ledger: BatchLedger, batches: StoreBatches, db: Path
 ):
     await miss(ledger, batches, OTHER_ACCOUNT)
     sent = await transfer(ledger, 5_00)
@@ -218,7 +170,7 @@ async def test_a_transfer_fills_its_source_and_drops_its_destination(
 
 
 async def test_a_transfer_to_an_account_spelled_in_lower_case_drops_its_cached_balance(
-    ledger: BatchLedger, batches: Batches
+    ledger: BatchLedger, batches: StoreBatches
 ):
     await miss(ledger, batches, OTHER_ACCOUNT)
     assert (await transfer(ledger, 5_00, to=OTHER_ACCOUNT.lower())).result is PostResult.BOOKED
@@ -229,7 +181,7 @@ async def test_a_transfer_to_an_account_spelled_in_lower_case_drops_its_cached_b
 
 
 async def test_a_transfer_in_flight_into_a_cached_account_is_not_seen_until_answered(
-    ledger: BatchLedger, batches: Batches, db: Path
+    ledger: BatchLedger, batches: StoreBatches, db: Path
 ):
     """The destination's session reads while the transfer into it is in its thread: the
     old balance, at once (the transfer has not been answered); once it is, the new."""
@@ -256,7 +208,7 @@ async def test_a_transfer_in_flight_into_a_cached_account_is_not_seen_until_answ
 
 
 async def one_batch(
-    ledger: BatchLedger, batches: Batches, *calls: Callable[[], Awaitable[object]]
+    ledger: BatchLedger, batches: StoreBatches, *calls: Callable[[], Awaitable[object]]
 ) -> list[object]:
     """Run ``calls`` in one batch, in this order (behind a held batch that gathers
     them), and return what each got."""
@@ -281,7 +233,7 @@ async def one_batch(
 
 
 async def test_a_balance_then_a_transfer_into_it_in_one_batch_leaves_no_stale_value(
-    ledger: BatchLedger, batches: Batches, db: Path
+    ledger: BatchLedger, batches: StoreBatches, db: Path
 ):
     read, sent = await one_batch(
         ledger, batches, lambda: ledger.balance(OTHER_ACCOUNT), lambda: transfer(ledger, 5_00)
@@ -293,7 +245,7 @@ async def test_a_balance_then_a_transfer_into_it_in_one_batch_leaves_no_stale_va
 
 
 async def test_a_transfer_then_a_balance_of_its_destination_in_one_batch_fills_the_new(
-    ledger: BatchLedger, batches: Batches, db: Path
+    ledger: BatchLedger, batches: StoreBatches, db: Path
 ):
     sent, read = await one_batch(
         ledger, batches, lambda: transfer(ledger, 5_00), lambda: ledger.balance(OTHER_ACCOUNT)
@@ -306,7 +258,7 @@ async def test_a_transfer_then_a_balance_of_its_destination_in_one_batch_fills_t
 
 
 async def test_a_deposit_and_balances_in_one_batch_fill_in_request_order(
-    ledger: BatchLedger, batches: Batches
+    ledger: BatchLedger, batches: StoreBatches
 ):
     before, deposited, after = await one_batch(
         ledger, batches, lambda: ledger.balance(DEMO_ACCOUNT),
@@ -318,7 +270,7 @@ async def test_a_deposit_and_balances_in_one_batch_fill_in_request_order(
     assert await hit(ledger, batches, DEMO_ACCOUNT) == DEMO_BALANCE_CENTS + 1_00
 
 
-async def test_a_failed_batch_clears_the_whole_cache(ledger: BatchLedger, batches: Batches):
+async def test_a_failed_batch_clears_the_whole_cache(ledger: BatchLedger, batches: StoreBatches):
     await miss(ledger, batches, DEMO_ACCOUNT)
     await miss(ledger, batches, OTHER_ACCOUNT)
     batches.fail(sqlite3.OperationalError("disk I/O error"), after_commit=False)
@@ -329,7 +281,7 @@ async def test_a_failed_batch_clears_the_whole_cache(ledger: BatchLedger, batche
 
 
 async def test_a_commit_that_went_through_unseen_leaves_no_stale_balance(
-    ledger: BatchLedger, batches: Batches, db: Path
+    ledger: BatchLedger, batches: StoreBatches, db: Path
 ):
     """The deposit committed, but the caller was told StorageError (a COMMIT whose
     outcome is unknown): the cached balance from before it must not be served."""
@@ -342,7 +294,7 @@ async def test_a_commit_that_went_through_unseen_leaves_no_stale_balance(
 
 
 async def test_the_cache_is_bounded_and_forgets_the_oldest_filled_first(
-    ledger: BatchLedger, batches: Batches, monkeypatch: pytest.MonkeyPatch
+    ledger: BatchLedger, batches: StoreBatches, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setattr(batch_ledger, "BALANCE_CACHE_ACCOUNTS_MAX", 2)
     await miss(ledger, batches, DEMO_ACCOUNT)
@@ -355,7 +307,7 @@ async def test_the_cache_is_bounded_and_forgets_the_oldest_filled_first(
     assert await miss(ledger, batches, OTHER_ACCOUNT) == OTHER_BALANCE_CENTS
 
 
-async def test_an_unknown_account_is_not_cached(ledger: BatchLedger, batches: Batches):
+async def test_an_unknown_account_is_not_cached(ledger: BatchLedger, batches: StoreBatches):
     for _ in range(2):
         before = batches.count
         with pytest.raises(LookupError):
@@ -363,7 +315,7 @@ async def test_an_unknown_account_is_not_cached(ledger: BatchLedger, batches: Ba
         assert batches.count == before + 1
 
 
-async def test_a_closed_ledger_serves_no_cached_balance(ledger: BatchLedger, batches: Batches):
+async def test_a_closed_ledger_serves_no_cached_balance(ledger: BatchLedger, batches: StoreBatches):
     await miss(ledger, batches, DEMO_ACCOUNT)
     await ledger.aclose()
     with pytest.raises(StorageError, match="closed"):
@@ -375,7 +327,7 @@ async def test_a_ledger_not_told_it_is_the_only_writer_caches_nothing(
 ):
     shared = await open_ledger(db, tmp_path / "bank.key")
     try:
-        batches = Batches(shared, monkeypatch)
+        batches = StoreBatches(shared, monkeypatch)
         await miss(shared, batches, DEMO_ACCOUNT)
         await post(shared, EntryKind.DEPOSIT, 1_00)
         assert await miss(shared, batches, DEMO_ACCOUNT) == DEMO_BALANCE_CENTS + 1_00

@@ -142,25 +142,36 @@ async def test_open_ledger_passes_lockout_settings(
         await ledger.aclose()
 
 
-async def test_store_runs_in_a_worker_thread(any_db: str):
-    threads: list[int] = []
+async def test_only_what_blocks_runs_in_a_worker_thread(any_db: str):
+    """SQLite: a batch's statements on the event loop's thread, its COMMIT in a worker;
+    PostgreSQL (every statement a round trip): the whole batch in a worker."""
+    threads: dict[str, list[int]] = {}
     store = open_store(any_db, bytes(KEY_BYTES))
-    execute_batch = store.execute_batch
 
-    def recording(requests: Any, now_ms: int) -> Any:
-        threads.append(threading.get_ident())
-        return execute_batch(requests, now_ms)
+    def recording(name: str) -> None:
+        method = getattr(store, name)
 
-    store.execute_batch = recording  # type: ignore[method-assign]
-    ledger = BatchLedger(
-        store,
-        pin_policy=PinPolicy(tries_max=3, lockout_ms=0),
-    )
+        def record(*args: Any) -> Any:
+            threads.setdefault(name, []).append(threading.get_ident())
+            return method(*args)
+
+        setattr(store, name, record)
+
+    for name in ("execute_batch", "begin_batch_now", "run_batch", "commit_batch"):
+        if hasattr(store, name):
+            recording(name)
+    ledger = BatchLedger(store, pin_policy=PinPolicy(tries_max=3, lockout_ms=0))
     try:
         assert await ledger.balance("AC-12345") == 102_432
     finally:
         await ledger.aclose()
-    assert threads and threading.get_ident() not in threads
+    loop = threading.get_ident()
+    if store.statements_on_loop:
+        assert threads.keys() == {"begin_batch_now", "run_batch", "commit_batch"}
+        assert threads["begin_batch_now"] == threads["run_batch"] == [loop]
+        assert loop not in threads["commit_batch"]
+    else:
+        assert threads.keys() == {"execute_batch"} and loop not in threads["execute_batch"]
 
 
 async def test_a_database_error_becomes_storage_error(ledger: BatchLedger, any_db: str):

@@ -5,7 +5,6 @@ outcome, durably, and no caller can be stranded: on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import sqlite3
-import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from bank.batch_ledger import BatchLedger, open_ledger
 from bank.ledger import PinResult, PostResult, StorageError
 from bank.pg_store import PgStore, _Statement
 from bank.store import UnknownAccount
+from tests.helpers import StoreBatches
 from wire import EntryKind
 from wire._limits import AMOUNT_CENTS_MAX
 
@@ -37,19 +37,6 @@ async def ledger(any_db: str, tmp_path: Path) -> AsyncIterator[BatchLedger]:
         await opened.aclose()
 
 
-def count_batches(ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the size of every batch the store is asked to commit."""
-    sizes: list[int] = []
-    execute_batch = ledger._store.execute_batch
-
-    def spy(requests, now_ms):
-        sizes.append(len(requests))
-        return execute_batch(requests, now_ms)
-
-    monkeypatch.setattr(ledger._store, "execute_batch", spy)
-    return sizes
-
-
 async def deposit(ledger: BatchLedger, cents: int, results: list, account: str = ACCOUNT):
     try:
         results.append(await ledger.post(
@@ -63,11 +50,12 @@ async def deposit(ledger: BatchLedger, cents: int, results: list, account: str =
 async def test_concurrent_posts_share_commits_and_each_gets_its_outcome(
     ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
-    sizes = count_batches(ledger, monkeypatch)
+    batches = StoreBatches(ledger, monkeypatch)
     results: list = []
     async with trio.open_nursery() as nursery:
         for cents in range(1, 51):
             nursery.start_soon(deposit, ledger, cents, results)
+    sizes = batches.sizes
     assert sum(sizes) == 50 and len(sizes) < 50  # fewer commits than posts
     assert all(r.result is PostResult.BOOKED for r in results)
     assert len({r.entry_id for r in results}) == 50
@@ -125,18 +113,8 @@ async def test_a_storage_failure_fails_the_whole_batch_and_moves_nothing(
 async def test_a_cancelled_leader_still_commits_for_its_followers(
     ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
-    gate = threading.Event()  # holds the first commit in its thread until the test says
-    real_execute_batch = ledger._store.execute_batch
-    calls = 0
-
-    def gated(requests, now_ms):
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            gate.wait(timeout=RELEASE_TIMEOUT_S)
-        return real_execute_batch(requests, now_ms)
-
-    monkeypatch.setattr(ledger._store, "execute_batch", gated)
+    batches = StoreBatches(ledger, monkeypatch)
+    batches.hold()  # the first commit, in its thread, until the test says
     first: list = []
     leader: list = []
     follower: list = []
@@ -155,8 +133,8 @@ async def test_a_cancelled_leader_still_commits_for_its_followers(
             nursery.start_soon(deposit, ledger, 3_00, follower)  # joins batch 2
             await trio.testing.wait_all_tasks_blocked()
             leader_scope.cancel()
-            gate.set()
-    assert calls == 2  # batch 2 = the cancelled leader's post and its follower's
+            batches.release()
+    assert batches.count == 2  # batch 2 = the cancelled leader's post and its follower's
     assert [r.result for r in first + follower] == [PostResult.BOOKED, PostResult.BOOKED]
     assert await ledger.balance(ACCOUNT) == OPENING_CENTS + 1_00 + 2_00 + 3_00
 
@@ -164,17 +142,8 @@ async def test_a_cancelled_leader_still_commits_for_its_followers(
 async def test_reads_and_writes_share_one_batch_in_arrival_order(
     ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
-    gate = threading.Event()  # holds a first batch so the next one gathers behind it
-    real_execute_batch = ledger._store.execute_batch
-    sizes: list[int] = []
-
-    def gated(requests, now_ms):
-        sizes.append(len(requests))
-        if len(sizes) == 1:
-            gate.wait(timeout=RELEASE_TIMEOUT_S)
-        return real_execute_batch(requests, now_ms)
-
-    monkeypatch.setattr(ledger._store, "execute_batch", gated)
+    batches = StoreBatches(ledger, monkeypatch)
+    batches.hold()  # a first batch, so that the next one gathers behind it
     seen: dict[str, object] = {}
 
     async def call(name: str, request) -> None:
@@ -195,8 +164,8 @@ async def test_reads_and_writes_share_one_batch_in_arrival_order(
                 await trio.testing.wait_all_tasks_blocked()
                 nursery.start_soon(call, name, request)
             await trio.testing.wait_all_tasks_blocked()
-            gate.set()
-    assert sizes == [1, 4]  # two thread hops for five requests
+            batches.release()
+    assert batches.sizes == [1, 4]  # two thread hops for five requests
     assert seen["balance"] == OPENING_CENTS + 5_00  # after the deposit it queued behind
     assert seen["pin"].result is PinResult.MATCHED
     assert [e.amount_cents for e in seen["history"]] == [5_00]
@@ -205,10 +174,9 @@ async def test_reads_and_writes_share_one_batch_in_arrival_order(
 async def test_a_bug_in_a_batch_reaches_every_member_as_itself(
     ledger: BatchLedger, monkeypatch: pytest.MonkeyPatch
 ):
-    def broken(requests, now_ms):
-        raise OverflowError("a bug, not the database")
-
-    monkeypatch.setattr(ledger._store, "execute_batch", broken)
+    StoreBatches(ledger, monkeypatch).fail(
+        OverflowError("a bug, not the database"), after_commit=False
+    )
     results: list = []
     async with trio.open_nursery() as nursery:
         for cents in (1_00, 2_00, 3_00):
