@@ -174,8 +174,8 @@ def render_metrics(server: BankServer) -> str:
     )
     _family(
         lines, "bank_fenced_writes_total", "counter",
-        "Money writes refused because another process had taken the session's lease"
-        " over (nothing moved; the session ended).",
+        "Money writes and PIN changes refused because another process had taken the"
+        " session's lease over (nothing done; the session ended).",
         [("", metrics.fenced_writes)],
     )
     if metrics.batch_sizes is not None and metrics.commit_seconds is not None:

@@ -242,8 +242,10 @@ class BatchLedger:
         )
         return cast(Posting, await self._submit(request))
 
-    async def change_pin(self, account: str, pin: str, new_pin: str) -> PinChangeVerdict:
-        request = PinChange(account, pin, new_pin, self._pin_policy)
+    async def change_pin(
+        self, account: str, pin: str, new_pin: str, *, fence: int | None = None
+    ) -> PinChangeVerdict:
+        request = PinChange(account, pin, new_pin, self._pin_policy, fence)
         return cast(PinChangeVerdict, await self._submit(request))
 
     async def history(self, account: str, count: int) -> list[HistoryEntry]:

@@ -91,6 +91,10 @@ class PinChangeResult(Enum):
     TRIVIAL = auto()
     """The new PIN is one of ``wire._credentials.TRIVIAL_PINS``; refused before the
     current PIN is checked, so it counts nothing and changes nothing."""
+    FENCED = auto()
+    """The session's cluster lease was taken over or expired (PostgreSQL's fence, as
+    ``PostResult.FENCED``): nothing was checked, counted or changed. SQLite, one process,
+    never answers it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,10 +185,13 @@ class Ledger(Protocol):
         """
         ...
 
-    async def change_pin(self, account: str, pin: str, new_pin: str) -> PinChangeVerdict:
+    async def change_pin(
+        self, account: str, pin: str, new_pin: str, *, fence: int | None = None
+    ) -> PinChangeVerdict:
         """Replace the PIN if ``pin`` is the current one, which is checked as a LOGIN's
         is (a wrong one counts toward the lockout); a trivial ``new_pin`` is refused
-        first (TRIVIAL), counting nothing."""
+        first (TRIVIAL), counting nothing. With ``fence`` (the session's cluster lease),
+        FENCED, with nothing checked or counted, unless the lease still holds it."""
         ...
 
     async def history(self, account: str, count: int) -> list[HistoryEntry]:

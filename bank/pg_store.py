@@ -214,20 +214,23 @@ def _named(sql: str) -> str:
     return re.sub(r":(\w+)", r"%(\1)s", sql)
 
 
-_PRIOR_AND_FENCED = """WITH prior AS (
-    SELECT t.kind, t.account, t.counterparty, t.amount_cents,
-           e.entry_id, e.balance_cents, e.time_ms
-    FROM transactions t JOIN entries e ON e.txn_id = t.txn_id AND e.account = t.account
-    WHERE t.txn_id = %(txn_id)s
-), fenced AS (
+_FENCED = """fenced AS (
     SELECT %(fence)s::bigint IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM leases WHERE account = %(account)s AND fence = %(fence)s::bigint
         AND holder IS NOT NULL AND expires_at > now() FOR SHARE
     ) AS fenced
 )"""
+"""A CTE: whether a fence was given that the account's lease no longer holds (FOR SHARE:
+a takeover's UPDATE waits for this commit)."""
+
+_PRIOR_AND_FENCED = f"""WITH prior AS (
+    SELECT t.kind, t.account, t.counterparty, t.amount_cents,
+           e.entry_id, e.balance_cents, e.time_ms
+    FROM transactions t JOIN entries e ON e.txn_id = t.txn_id AND e.account = t.account
+    WHERE t.txn_id = %(txn_id)s
+), {_FENCED}"""
 """The first two CTEs of a single post's and of a transfer's statement: the transaction
-id's original (source) entry, if booked, and whether a fence was given that the source's
-lease no longer holds (FOR SHARE: a takeover's UPDATE waits for this commit)."""
+id's original (source) entry, if booked, and ``_FENCED`` for the source's lease."""
 
 
 def _post_sql(sign: int) -> str:
@@ -375,23 +378,23 @@ _FRESH_COUNT = (
 """A failure's count: one more, or the first if the lock expired or the last is forgotten."""
 
 _PIN_CHECK_SQL = f"""
-WITH locked AS (
+WITH {{fenced}}locked AS (
     SELECT locked_until_ms FROM pin_failures
     WHERE account = %(account)s AND locked_until_ms > %(now)s
 ), cleared AS (
     DELETE FROM pin_failures
-    WHERE account = %(account)s AND %(matches)s AND NOT EXISTS (SELECT 1 FROM locked)
+    WHERE account = %(account)s AND %(matches)s AND NOT EXISTS (SELECT 1 FROM locked){{go}}
 ), pruned AS (
     DELETE FROM pin_failures WHERE account IN (
         SELECT account FROM pin_failures
         WHERE last_failure_ms <= %(forgotten)s AND coalesce(locked_until_ms, 0) <= %(now)s
             AND account <> %(account)s
         ORDER BY last_failure_ms LIMIT %(prune)s FOR UPDATE SKIP LOCKED
-    ) AND NOT %(matches)s AND NOT EXISTS (SELECT 1 FROM locked)
+    ) AND NOT %(matches)s AND NOT EXISTS (SELECT 1 FROM locked){{go}}
 ), failed AS (
     INSERT INTO pin_failures AS p (account, failures, locked_until_ms, last_failure_ms)
     SELECT %(account)s, 1, CASE WHEN 1 >= %(tries)s THEN %(until)s END, %(now)s
-    WHERE NOT %(matches)s AND NOT EXISTS (SELECT 1 FROM locked)
+    WHERE NOT %(matches)s AND NOT EXISTS (SELECT 1 FROM locked){{go}}
     ON CONFLICT (account) DO UPDATE SET
         failures = {_FRESH_COUNT},
         locked_until_ms = CASE WHEN {_FRESH_COUNT} >= %(tries)s THEN %(until)s END,
@@ -400,12 +403,16 @@ WITH locked AS (
     RETURNING locked_until_ms
 ){{changed}}
 SELECT (SELECT locked_until_ms FROM locked), EXISTS (SELECT 1 FROM failed),
-    (SELECT locked_until_ms FROM failed)
+    (SELECT locked_until_ms FROM failed){{fenced_column}}
 """
-_PIN_SQL = _PIN_CHECK_SQL.format(changed="")
-_PIN_CHANGE_SQL = _PIN_CHECK_SQL.format(changed=""", changed AS (
+_PIN_SQL = _PIN_CHECK_SQL.format(fenced="", go="", changed="", fenced_column="")
+_NOT_FENCED = " AND NOT (SELECT fenced FROM fenced)"
+_PIN_CHANGE_SQL = _PIN_CHECK_SQL.format(
+    fenced=_FENCED + ", ", go=_NOT_FENCED, fenced_column=", (SELECT fenced FROM fenced)",
+    changed=f""", changed AS (
     UPDATE accounts SET pin_salt = %(new_salt)s, pin_hmac = %(new_hmac)s
     WHERE account = %(account)s AND %(matches)s AND NOT EXISTS (SELECT 1 FROM locked)
+        {_NOT_FENCED}
 )""")
 """One PIN check's bookkeeping as one statement, given whether the PIN matched (hashed
 in Python with the salt read before the batch: the key never reaches the database).
@@ -413,7 +420,9 @@ Like ``Store._check_pin``: a lock in force answers LOCKED and changes nothing; a
 clears the failures; a miss prunes a few forgotten rows and counts, locking at the
 limit. The upsert counts from the row's latest version, so two processes checking one
 account at once both count. A PIN change (``_PIN_CHANGE_SQL``) is the same check plus,
-on a match, the new salt and keyed hash, made in Python like every hash."""
+on a match, the new salt and keyed hash, made in Python like every hash; and with a
+stale fence (``_FENCED``) it writes nothing at all, not even a failure, and says so in
+a fourth column."""
 
 
 def _transfer_sql() -> str:
@@ -630,10 +639,11 @@ class PgStore:
         return outcome
 
     def change_pin(
-        self, account: str, pin: str, new_pin: str, now_ms: int, policy: PinPolicy
+        self, account: str, pin: str, new_pin: str, now_ms: int, policy: PinPolicy, *,
+        fence: int | None = None,
     ) -> PinChangeVerdict:
-        """As ``Store.change_pin``."""
-        outcome = self._one(PinChange(account, pin, new_pin, policy), now_ms)
+        """As ``Store.change_pin``, and FENCED, writing nothing, for a stale ``fence``."""
+        outcome = self._one(PinChange(account, pin, new_pin, policy, fence), now_ms)
         assert isinstance(outcome, PinChangeVerdict)
         return outcome
 
@@ -829,7 +839,10 @@ class PgStore:
         check = self._plan_pin_check(PinCheck(account, change.pin, change.policy), now_ms, salts)
 
         def decode(rows: list[tuple[Any, ...]]) -> Outcome:
-            verdict = check.decode(rows)
+            ((*checked, fenced),) = rows
+            if fenced:
+                return PinChangeVerdict(PinChangeResult.FENCED)
+            verdict = check.decode([tuple(checked)])
             assert isinstance(verdict, PinVerdict)
             if verdict.result is PinResult.LOCKED:
                 return PinChangeVerdict(PinChangeResult.LOCKED, verdict.locked_until_ms)
@@ -837,7 +850,9 @@ class PgStore:
                 return PinChangeVerdict(PinChangeResult.WRONG)
             return PinChangeVerdict(PinChangeResult.CHANGED)
 
-        params = {**check.params, "new_salt": new_salt, "new_hmac": new_hmac}
+        params = {
+            **check.params, "new_salt": new_salt, "new_hmac": new_hmac, "fence": change.fence,
+        }
         return _Statement(_PIN_CHANGE_SQL, params, decode)
 
     def _plan_pin_check(

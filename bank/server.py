@@ -549,10 +549,11 @@ class Connection:
         self._events.on_login(self)
 
     async def _fenced(self, request: Request) -> NoReturn:
-        """The lease's fence refused ``request``'s money write: the session ends."""
+        """The lease's fence refused ``request``'s write (money, or a PIN change): the
+        session ends."""
         self._metrics.fenced_writes += 1
         log.warning(
-            "%s: %s FENCED: the lease was taken over; nothing moved, the session ends",
+            "%s: %s FENCED: the lease was taken over; nothing was done, the session ends",
             self.name, request.OPCODE.name,
         )
         await self._end_at_deadline(Ending.LEASE_LOST)

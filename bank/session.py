@@ -131,6 +131,7 @@ PIN_CHANGE_STATUS: dict[PinChangeResult, Status] = {
     PinChangeResult.WRONG: Status.INCORRECT_PIN,
     PinChangeResult.LOCKED: Status.PIN_TRIES_EXCEEDED,
     PinChangeResult.TRIVIAL: Status.PIN_NOT_ALLOWED,
+    PinChangeResult.FENCED: Status.ISSUER_UNAVAILABLE,
 }
 """The CHANGE_PIN_REPLY answer to each outcome of a PIN change (spec §3.20)."""
 
@@ -459,7 +460,12 @@ class Session:
         )
 
     async def _change_pin(self, request: ChangePin) -> Reply:
-        verdict = await self._ledger.change_pin(self._account(), request.pin, request.new_pin)
+        verdict = await self._ledger.change_pin(
+            self._account(), request.pin, request.new_pin,
+            fence=None if self.lease is None else self.lease.fence,
+        )
+        if verdict.result is PinChangeResult.FENCED:  # nothing checked, nothing changed
+            raise LeaseLost("CHANGE_PIN")
         status = PIN_CHANGE_STATUS[verdict.result]
         self._log_pin_change(status, verdict)
         return ChangePinReply(status)

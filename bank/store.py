@@ -252,6 +252,9 @@ class PinChange:
     """The current PIN, checked as a LOGIN's is."""
     new_pin: str = field(repr=False)
     policy: PinPolicy
+    fence: int | None = None
+    """As ``PostRequest.fence``: the session's lease fence, for PostgreSQL; SQLite, one
+    process holding every lease, ignores it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -247,7 +247,9 @@ class FakeLedger:
         self._postings[txn_id] = (content, posting)
         return posting
 
-    async def change_pin(self, account: str, pin: str, new_pin: str) -> PinChangeVerdict:
+    async def change_pin(
+        self, account: str, pin: str, new_pin: str, *, fence: int | None = None
+    ) -> PinChangeVerdict:
         if is_trivial_pin(new_pin):
             return PinChangeVerdict(PinChangeResult.TRIVIAL)
         result = self._check_pin(account, pin)

@@ -324,8 +324,13 @@ class FaultyLedger:
     async def transfer(self, **transfer: Any) -> Posting:
         return cast(Posting, await self._call("transfer", **transfer))
 
-    async def change_pin(self, account: str, pin: str, new_pin: str) -> PinChangeVerdict:
-        return cast(PinChangeVerdict, await self._call("change_pin", account, pin, new_pin))
+    async def change_pin(
+        self, account: str, pin: str, new_pin: str, *, fence: int | None = None
+    ) -> PinChangeVerdict:
+        return cast(
+            PinChangeVerdict,
+            await self._call("change_pin", account, pin, new_pin, fence=fence),
+        )
 
     async def history(self, account: str, count: int) -> list[HistoryEntry]:
         return cast(list[HistoryEntry], await self._call("history", account, count))

@@ -2,7 +2,8 @@
 and cluster leases (its own boot id, liveness connection and advisory lock), as two
 processes have: one session per account across them, LOGOUT and disconnect free the
 account for the other at once, RESUME on the other server takes the session over (fence
-+1), the old server's next write is FENCED (nothing moved, SESSION_EXPIRED, counted), a
++1), the old server's next write (money, or a PIN change) is FENCED (nothing done,
+SESSION_EXPIRED, counted), a
 heartbeat ends a session whose lease was taken even if it never writes, and a replay
 lands on either server with the original outcome. The real-process cases (kill -9,
 SIGSTOP, --workers, racing logins) are in test_cluster_processes.py."""
@@ -32,6 +33,7 @@ from tests.pg import pg_cluster, pg_db
 from wire import (
     Balance,
     BalanceReply,
+    ChangePin,
     Deposit,
     DepositReply,
     Logout,
@@ -152,6 +154,30 @@ async def test_resume_on_another_server_fences_the_old_one(
         assert isinstance(again, ResumeReply) and again.status is Status.UNKNOWN_SESSION
         await probe.aclose()
     await new.aclose()
+
+
+async def test_a_session_taken_over_elsewhere_cannot_change_the_pin(
+    servers: tuple[RunningServer, RunningServer],
+) -> None:
+    """Before its heartbeat has told it, A's stale session asks to change the PIN: the
+    fence refuses it (FENCED: nothing checked, nothing counted), A ends the session with
+    SESSION_EXPIRED, and the account's PIN is what it was."""
+    a, b = servers
+    old, _ = await login(a)
+    new = await b.client()
+    resumed = await new.request(Resume(DEMO_ACCOUNT, old.tokens[-1]))
+    assert isinstance(resumed, ResumeReply) and resumed.status is Status.APPROVED
+    await new.token()
+
+    await old.send(ChangePin(DEMO_PIN, "2580"))
+    frame = await old.receive()
+    assert frame is not None and isinstance(frame.message, SessionExpired)
+    assert await old.closed()
+    assert a.server.metrics.fenced_writes == 1
+    assert await new.request(Logout()) == LogoutReply(Status.APPROVED)
+    again, status = await login(b)  # with the PIN the stale session tried to replace
+    assert status is Status.APPROVED
+    await again.aclose()
 
 
 async def test_a_heartbeat_ends_a_session_taken_over_elsewhere(

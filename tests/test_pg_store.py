@@ -23,7 +23,7 @@ from bank import pg_store
 from bank.__main__ import main
 from bank.batch_ledger import open_ledger
 from bank.config import ServerConfig
-from bank.ledger import Posting, PostResult, StorageError
+from bank.ledger import PinChangeResult, PinResult, Posting, PostResult, StorageError
 from bank.pg_store import (
     IDLE_IN_TRANSACTION_TIMEOUT_MS,
     LOCK_TIMEOUT_MS,
@@ -32,13 +32,14 @@ from bank.pg_store import (
 )
 from bank.store import (
     BalanceQuery,
+    PinPolicy,
     PostRequest,
     SchemaError,
     StoreError,
     UnknownAccount,
     read_books,
 )
-from tests.helpers import DEMO_ACCOUNT, logged_in, start_server
+from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, logged_in, start_server
 from tests.pg import Cluster, free_port, raw
 from wire import Deposit, DepositReply, EntryKind, Status
 from wire._limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
@@ -190,6 +191,32 @@ def test_a_replay_is_answered_even_when_fenced(store: PgStore, pg_db: str):
 def test_without_a_fence_leases_are_not_consulted(store: PgStore, pg_db: str):
     lease(pg_db, fence=8, holder=None)
     assert deposit(store, txn(1)).result is PostResult.BOOKED
+
+
+PIN_POLICY = PinPolicy(tries_max=3, lockout_ms=60_000)
+NEW_PIN = "2580"
+
+
+def change_pin(store: PgStore, pin: str, fence: int | None) -> PinChangeResult:
+    return store.change_pin(DEMO_ACCOUNT, pin, NEW_PIN, T0, PIN_POLICY, fence=fence).result
+
+
+def test_the_lease_holders_fence_changes_the_pin(store: PgStore, pg_db: str):
+    lease(pg_db, fence=7)
+    assert change_pin(store, DEMO_PIN, fence=7) is PinChangeResult.CHANGED
+    assert store.verify_pin(DEMO_ACCOUNT, NEW_PIN, T0, PIN_POLICY) is PinResult.MATCHED
+
+
+@pytest.mark.parametrize("pin", [DEMO_PIN, "0000"], ids=["right PIN", "wrong PIN"])
+def test_a_stale_fence_changes_no_pin_and_counts_no_failure(
+    store: PgStore, pg_db: str, pin: str
+):
+    """A session whose lease was taken over cannot change the PIN, nor, with a wrong
+    one, count a failure against the account that the new session holds."""
+    lease(pg_db, fence=8)  # taken over since fence 7 was granted
+    assert change_pin(store, pin, fence=7) is PinChangeResult.FENCED
+    assert one(pg_db, "SELECT count(*) FROM pin_failures") == 0
+    assert store.verify_pin(DEMO_ACCOUNT, DEMO_PIN, T0, PIN_POLICY) is PinResult.MATCHED
 
 
 def wait_until_blocked(db: str) -> None:
