@@ -66,6 +66,10 @@ many account numbers a guesser tries."""
 BUSY_TIMEOUT_MS = 5_000
 """How long to wait for another process's write lock before failing with an error."""
 
+_PRIMARY_CODE_MASK = 0xFF
+"""An SQLite extended result code's low byte is its primary code (SQLITE_BUSY for all
+the SQLITE_BUSY_* kinds)."""
+
 CANONICAL_ACCOUNTS_REMEMBERED_MAX = 4_096
 """Account numbers ``Store._canonical`` remembers as checked and canonical (about 300
 KiB at most, strings included); when full it forgets them all and starts again."""
@@ -518,7 +522,10 @@ class Store:
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+            # The primary code: SQLITE_BUSY_RECOVERY (another connection is recovering
+            # the WAL) and its kin are worth waiting for in the thread, too.
+            code: int | None = getattr(error, "sqlite_errorcode", None)
+            if code is not None and code & _PRIMARY_CODE_MASK == sqlite3.SQLITE_BUSY:
                 return False
             raise
         finally:
