@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -38,7 +38,7 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db: Path) -> AsyncIterator[Store]:
+def store(db: Path) -> Iterator[Store]:
     with Store(db, bytes(KEY_BYTES)) as opened:
         yield opened
 
