@@ -11,11 +11,14 @@ for an event: another process has no event to wait on."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import secrets
 import signal
+import socket
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +33,7 @@ from bank.pins import load_or_create_key
 from bank.store import read_entry_by_txn_id
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_BALANCE_CENTS, DEMO_PIN, WireClient, txn_id
-from tests.pg import pg_cluster, pg_db
+from tests.pg import free_port, pg_cluster, pg_db
 from wire import (
     Balance,
     BalanceReply,
@@ -42,6 +45,7 @@ from wire import (
     ResumeReply,
     SessionExpired,
     Status,
+    mask_account,
 )
 
 __all__ = ["pg_cluster", "pg_db"]
@@ -305,6 +309,52 @@ async def test_workers_restart_a_dead_worker_and_stop_on_sigterm(cluster: Cluste
     assert parent.stop() == 0
     assert not any(alive(pid) for pid in survivors)
     assert "restarting it" in parent.log_path.read_text()
+
+
+ADMIN_PORT_TRIES_MAX = 50
+"""Attempts at finding two consecutive free ports for the workers' admin endpoints."""
+ADMIN_TIMEOUT_S = 10
+"""Bound on one admin request, which a serving worker answers at once."""
+
+
+def free_port_pair() -> int:
+    """A free port P with P + 1 free too (bounded tries): worker k serves P + k."""
+    for _ in range(ADMIN_PORT_TRIES_MAX):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports")
+
+
+def admin_get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=ADMIN_TIMEOUT_S) as r:
+        assert r.status == 200
+        return str(r.read().decode())
+
+
+async def test_each_worker_serves_its_own_admin_endpoint(cluster: Cluster) -> None:
+    """With --admin-port P, worker k answers on P + k, about its own connections only:
+    a logged-in session shows in exactly one worker's /sessions."""
+    port = free_port_pair()
+    parent = cluster.start("workers", extra=("--workers", "2", "--admin-port", str(port)))
+    ports = (port, port + 1)
+    for each in ports:
+        metrics = await trio.to_thread.run_sync(admin_get, each, "/metrics")
+        assert "bank_connections_open" in metrics
+    client = await connect(parent)
+    assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+    seen = []
+    for each in ports:
+        sessions = json.loads(await trio.to_thread.run_sync(admin_get, each, "/sessions"))
+        seen.append([c["account"] for c in sessions["connections"]])
+    assert sorted(len(accounts) for accounts in seen) == [0, 1]
+    assert mask_account(DEMO_ACCOUNT) in seen[0] + seen[1]
+    assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+    assert parent.stop() == 0
 
 
 async def test_workers_end_with_a_killed_parent(cluster: Cluster) -> None:
