@@ -117,12 +117,10 @@ class Metrics:
 
     def observe_request(self, opcode: Opcode, status: Status, seconds: float) -> None:
         """One request answered in ``seconds``: on every request, so a plain dict (a
-        Counter's item is slower to update), with Histogram.observe inline."""
+        Counter's item is slower to update)."""
         key = (opcode, status)
         self.requests[key] = self.requests.get(key, 0) + 1
-        latency = self.latency
-        latency.counts[bisect.bisect_left(latency.bounds, seconds)] += 1
-        latency.sum += seconds
+        self.latency.observe(seconds)
 
     def observe_commit(self, requests: int, seconds: float) -> None:
         if self.batch_sizes is not None and self.commit_seconds is not None:
