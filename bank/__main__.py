@@ -31,7 +31,7 @@ import trio
 
 from bank import config as settings
 from bank.accounts_file import AccountsFileError, read_accounts
-from bank.batch_ledger import Opened, one_line, open_ledger, wall_clock_ms
+from bank.batch_ledger import BatchLedger, Opened, one_line, open_ledger, wall_clock_ms
 from bank.config import ServerConfig, hide_password, is_postgresql, redact_db
 from bank.db_lock import DatabaseLock
 from bank.ledger import StorageError
@@ -350,14 +350,7 @@ async def run_server(config: ServerConfig) -> None:
     lock = DatabaseLock(config.db)  # this process alone serves an SQLite file (bank.db_lock)
     try:
         lock.acquire()
-        ledger = await open_ledger(
-            config.db,
-            config.key_file,
-            pin_tries_max=config.pin_tries_max,
-            lockout_s=config.pin_lockout_s,
-            seed_demo=config.seeds_demo_accounts,
-            sole_writer=lock.held,
-        )
+        ledger = await open_configured_ledger(config, sole_writer=lock.held)
     except BaseException:
         lock.release()
         for listener in [*listeners, *admin_listeners]:
@@ -390,16 +383,25 @@ async def run_server(config: ServerConfig) -> None:
             signal.signal(signum, handler)
 
 
-async def prepare_database(config: ServerConfig) -> None:
-    """Under --workers, the parent creates or migrates (and seeds) the database once,
-    before any worker opens it, and says what it did."""
-    ledger = await open_ledger(
+async def open_configured_ledger(
+    config: ServerConfig, *, sole_writer: bool = False
+) -> BatchLedger:
+    """The ledger on the configured database, with the configured PIN rules and seeding;
+    ``sole_writer`` only for the serving bank that holds its SQLite file's lock."""
+    return await open_ledger(
         config.db,
         config.key_file,
         pin_tries_max=config.pin_tries_max,
         lockout_s=config.pin_lockout_s,
         seed_demo=config.seeds_demo_accounts,
+        sole_writer=sole_writer,
     )
+
+
+async def prepare_database(config: ServerConfig) -> None:
+    """Under --workers, the parent creates or migrates (and seeds) the database once,
+    before any worker opens it, and says what it did."""
+    ledger = await open_configured_ledger(config)
     log_opened(config, ledger.opened)
     await ledger.aclose()
 

@@ -404,7 +404,7 @@ class Session:
             amount_cents=request.amount_cents,
             limit_cents=SERVER_LIMITS[kind.entry_kind].cents_max(self._config),
             terminal=self.terminal,
-            fence=None if self.lease is None else self.lease.fence,
+            fence=self._fence(),
         )
         if posting.result is PostResult.FENCED:
             raise LeaseLost(request.txn_id.hex())
@@ -436,7 +436,7 @@ class Session:
             amount_cents=request.amount_cents,
             limit_cents=SERVER_LIMITS[EntryKind.WITHDRAWAL].cents_max(self._config),
             terminal=self.terminal,
-            fence=None if self.lease is None else self.lease.fence,
+            fence=self._fence(),
         )
         if posting.result is PostResult.FENCED:
             raise LeaseLost(request.txn_id.hex())
@@ -462,7 +462,7 @@ class Session:
     async def _change_pin(self, request: ChangePin) -> Reply:
         verdict = await self._ledger.change_pin(
             self._account(), request.pin, request.new_pin,
-            fence=None if self.lease is None else self.lease.fence,
+            fence=self._fence(),
         )
         if verdict.result is PinChangeResult.FENCED:  # nothing checked, nothing changed
             raise LeaseLost("CHANGE_PIN")
@@ -493,6 +493,10 @@ class Session:
 
     async def _ping(self, _request: Ping) -> Reply:
         return PingReply(Status.APPROVED)
+
+    def _fence(self) -> int | None:
+        """The fence every write of this session carries (``LeaseLost`` when refused)."""
+        return None if self.lease is None else self.lease.fence
 
     def _account(self) -> str:
         if self.account is None:  # the engine's state table makes this unreachable
