@@ -1,15 +1,19 @@
 """Real ``python -m bank`` processes on one PostgreSQL: racing logins across three of
 them (one session per account at any instant), takeover of a kill -9'd holder's lease
 without waiting for its expiry, RESUME and replay on a survivor, a SIGSTOPped holder
-taken over only after its expiry and refused by the fence once thawed, and --workers'
-supervision (a killed worker restarted, SIGTERM stops all with exit 0, a killed parent
-takes its workers with it).
+taken over only after its expiry and refused by the fence once thawed, a frozen holder
+taken over by RESUME whose next write is fenced (counted in bank_fenced_writes_total), a
+restart of PostgreSQL under logged-in sessions (a posting caught in it settled exactly
+once by its replay, the leases still one server's each), and --workers' supervision (a
+killed worker restarted, SIGTERM stops all with exit 0, a killed parent takes its
+workers with it).
 
 Waits are bounded polls of what the servers answer or of /proc, never sleeps standing in
 for an event: another process has no event to wait on."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -20,7 +24,7 @@ import socket
 import time
 import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -28,11 +32,13 @@ import pytest
 import trio
 
 from bank.accounts_file import AccountRecord
-from bank.pg_store import PgStore
+from bank.cluster_leases import LEASE_LOCK_CLASS
+from bank.pg_store import PgStore, read_books, read_entries_by_txn_id
 from bank.pins import load_or_create_key
 from bank.store import read_entry_by_txn_id
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_BALANCE_CENTS, DEMO_PIN, WireClient, txn_id
+from tests.pg import Cluster as PgCluster
 from tests.pg import free_port, pg_cluster, pg_db
 from wire import (
     Balance,
@@ -45,6 +51,7 @@ from wire import (
     ResumeReply,
     SessionExpired,
     Status,
+    entry_change_cents,
     mask_account,
 )
 
@@ -189,6 +196,197 @@ async def test_sigstop_holder_taken_over_after_expiry_then_fenced(cluster: Clust
     assert "FENCED" in log or "lease taken over by another process" in log
     assert lease_row(cluster.db, DEMO_ACCOUNT)[0] == 2  # one takeover, nothing since
     assert await taker.request(Logout()) == LogoutReply(Status.APPROVED)
+
+
+UNHEARD_EXPIRY_S = 3600
+"""A lease expiry whose heartbeat (a third of it) never comes within a test: a holder
+taken over cannot learn so from a heartbeat before its next write, so that write is the
+one that meets the fence."""
+
+
+def admin_metric(port: int, name: str) -> float:
+    """One unlabelled sample from a server's /metrics."""
+    for line in admin_get(port, "/metrics").splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+async def test_a_frozen_holder_taken_over_by_resume_has_its_next_write_fenced(
+    cluster: Cluster,
+) -> None:
+    """The fence, on purpose: A's session is taken over by RESUME on B while A is frozen;
+    the deposit A then finds in its socket is refused by the fence (nothing moves, the
+    session ends SESSION_EXPIRED) and counted in bank_fenced_writes_total."""
+    admin = free_port()
+    a = cluster.start(
+        "a", lease_expiry_s=UNHEARD_EXPIRY_S, extra=("--admin-port", str(admin))
+    )
+    b = cluster.start("b", lease_expiry_s=UNHEARD_EXPIRY_S)
+    stale = await connect(a)
+    assert await stale.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+    token = stale.tokens[-1]
+    before = await stale.request(Deposit(txn_id(), 1_00))
+    assert isinstance(before, DepositReply) and before.status is Status.APPROVED
+    assert await trio.to_thread.run_sync(admin_metric, admin, "bank_fenced_writes_total") == 0
+    stale_id = txn_id()
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        survivor = await connect(b)
+        resumed = await survivor.request(Resume(DEMO_ACCOUNT, token))
+        assert resumed == ResumeReply(Status.APPROVED)  # at once: A's state does not matter
+        await survivor.token()
+        assert lease_row(cluster.db, DEMO_ACCOUNT)[0] == 2
+        fresh = await survivor.request(Deposit(txn_id(), 2_00))
+        assert isinstance(fresh, DepositReply) and fresh.status is Status.APPROVED
+        await stale.send(Deposit(stale_id, 50_00))  # waits in A's socket buffer
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    frame = await stale.receive()
+    assert frame is not None and isinstance(frame.message, SessionExpired)
+    assert await stale.closed()
+    assert read_entry_by_txn_id(cluster.db, stale_id) is None
+    assert await trio.to_thread.run_sync(admin_metric, admin, "bank_fenced_writes_total") == 1
+    assert a.log_path.read_text().count("DEPOSIT FENCED: the lease was taken over") == 1
+    balance = await survivor.request(Balance())
+    assert balance == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS + 1_00 + 2_00)
+    assert lease_row(cluster.db, DEMO_ACCOUNT)[0] == 2  # the fenced write took nothing back
+    assert await survivor.request(Logout()) == LogoutReply(Status.APPROVED)
+    assert_books_balance(cluster)
+
+
+RESTART_LEASE_EXPIRY_S = 6
+"""Heartbeats every 2 s: soon after PostgreSQL is back each server holds its liveness
+lock again (the test waits for that, not for a time)."""
+
+
+def liveness_locks(db: str) -> int:
+    """Bank processes holding their liveness advisory lock on this database now."""
+    with psycopg.connect(db) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND classid = %s::oid AND objsubid = 2"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            (LEASE_LOCK_CLASS,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def held_leases_unexpired(db: str) -> bool:
+    with psycopg.connect(db) as connection:
+        row = connection.execute(
+            "SELECT bool_and(expires_at > now()) FROM leases WHERE holder IS NOT NULL"
+        ).fetchone()
+    return row is not None and row[0] is not False
+
+
+def waiting_for_a_row_lock(db: str) -> bool:
+    with psycopg.connect(db) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return row is not None and int(row[0]) > 0
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` (in a thread: it may query PostgreSQL), bounded."""
+    for _ in range(POLLS_MAX):
+        if await trio.to_thread.run_sync(condition):
+            return
+        await trio.sleep(POLL_S)
+    raise AssertionError(f"never: {what}")
+
+
+def assert_books_balance(cluster: Cluster) -> None:
+    """The store's invariants hold, and every cent is an opening balance or a booked
+    entry: none created, none destroyed."""
+    key = load_or_create_key(cluster.workdir / "bank.key")
+    with PgStore(cluster.db, key, seed_demo=False, create=False) as store:
+        assert store.check_invariants() == []
+    books = read_books(cluster.db)
+    moved = sum(entry_change_cents(e.kind, e.amount_cents) for e in books.entries)
+    assert sum(books.balance_cents.values()) == sum(books.opening_cents.values()) + moved
+
+
+async def money(client: WireClient, request: Deposit) -> DepositReply:
+    reply = await client.request(request)
+    assert isinstance(reply, DepositReply)
+    return reply
+
+
+async def test_a_postgresql_restart_under_cluster_sessions_settles_once_and_keeps_leases(
+    cluster: Cluster, pg_cluster: PgCluster,
+) -> None:
+    """A real restart of PostgreSQL (fast shutdown: every backend ends) under two servers'
+    logged-in sessions. A deposit caught waiting in the database, and requests during the
+    outage, are ISSUER_UNAVAILABLE and the sessions live on; once each server holds its
+    liveness lock again, the replay books the deposit exactly once, A's lease is still
+    A's alone (B's LOGIN is ACCOUNT_IN_USE) until A logs out, and no money appeared or
+    vanished."""
+    a = cluster.start("a", lease_expiry_s=RESTART_LEASE_EXPIRY_S)
+    b = cluster.start("b", lease_expiry_s=RESTART_LEASE_EXPIRY_S)
+    holder = await connect(a)
+    assert await holder.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+    other = await connect(b)
+    assert await other.login(OTHER_ACCOUNT, OTHER_PIN) is Status.APPROVED
+    in_flight, during = Deposit(txn_id(), 5_00), Deposit(txn_id(), 2_00)
+    stopped = False
+    try:
+        # The deposit waits for the account's row in PostgreSQL when the restart begins.
+        blocker = psycopg.connect(cluster.db)
+        try:
+            blocker.execute(
+                "SELECT 1 FROM accounts WHERE account = %s FOR UPDATE", (DEMO_ACCOUNT,)
+            )
+            await holder.send(in_flight)
+            await until(functools.partial(waiting_for_a_row_lock, cluster.db),
+                        "the deposit waits for the row")
+            await trio.to_thread.run_sync(pg_cluster.stop)
+            stopped = True
+        finally:
+            blocker.close()
+        frame = await holder.receive()
+        assert frame is not None and isinstance(frame.message, DepositReply)
+        assert frame.message.status is Status.ISSUER_UNAVAILABLE
+        # While PostgreSQL is down, every store request fails; nobody logs in.
+        assert (await money(holder, in_flight)).status is Status.ISSUER_UNAVAILABLE
+        assert (await money(other, during)).status is Status.ISSUER_UNAVAILABLE
+        newcomer = await connect(b)
+        assert await newcomer.login(DEMO_ACCOUNT, DEMO_PIN) is Status.ISSUER_UNAVAILABLE
+        await newcomer.aclose()
+    finally:
+        if stopped:
+            await trio.to_thread.run_sync(pg_cluster.start)
+    await until(
+        lambda: liveness_locks(cluster.db) == 2 and held_leases_unexpired(cluster.db),
+        "both servers hold their liveness lock again and their leases are renewed",
+    )
+    settled = await money(holder, in_flight)
+    assert settled.status is Status.APPROVED
+    assert settled.balance_cents == DEMO_BALANCE_CENTS + 5_00
+    assert await money(holder, in_flight) == settled  # replayed: the same entry
+    assert len(read_entries_by_txn_id(cluster.db, in_flight.txn_id)) == 1
+    assert (await money(other, during)).status is Status.APPROVED
+    # A's lease outlived the restart as A's alone: the row untouched, B refused.
+    assert lease_row(cluster.db, DEMO_ACCOUNT)[0] == 1
+    rival = await connect(b)
+    assert await rival.login(DEMO_ACCOUNT, DEMO_PIN) is Status.ACCOUNT_IN_USE
+    await rival.aclose()
+    assert await holder.request(Logout()) == LogoutReply(Status.APPROVED)
+    taker, refused = await login_when_free(b, DEMO_ACCOUNT, DEMO_PIN)
+    assert refused == 0  # LOGOUT waited for its release to be written
+    assert lease_row(cluster.db, DEMO_ACCOUNT)[0] == 2
+    after = await money(taker, Deposit(txn_id(), 3_00))
+    assert after.status is Status.APPROVED
+    assert after.balance_cents == DEMO_BALANCE_CENTS + 5_00 + 3_00
+    for client in (taker, other):
+        assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
+    log_a = a.log_path.read_text()
+    assert "cluster liveness lock taken again after a lost connection" in log_a
+    assert "lease taken over by another process" not in log_a + b.log_path.read_text()
+    assert_books_balance(cluster)
 
 
 RACE_ACCOUNTS = 100
