@@ -26,6 +26,12 @@ again, and replays its unanswered operation. A thawed server's stale writes must
 refused by their lease fence: ``fenced_writes`` counts them (from the servers' logs: a
 killed server cannot report otherwise), and the checker must still find nothing lost,
 nothing duplicated and the money conserved.
+
+Whether a thawed server's stale write meets the fence or its first heartbeat (overdue on
+thawing) ends the session first is a race, so ``fenced_writes`` may be 0 in such a run.
+``--fence-probe`` makes one fenced write certain (``FenceProbe``): the frozen server's
+heartbeat is held back, by a row lock, just long enough for a stale deposit left in its
+socket to meet the fence.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import trio
@@ -61,6 +68,8 @@ from wire import (
     TRANSFER,
     TXN_ID_BYTES,
     Answer,
+    Balance,
+    Deposit,
     EntryKind,
     Error,
     Frame,
@@ -182,6 +191,10 @@ class ChaosError(Exception):
 
 class LinkBroken(Exception):
     """The connection died or misbehaved before a reply: the request's outcome is unknown."""
+
+
+class SessionEnded(LinkBroken):
+    """The server ended the session (SESSION_EXPIRED) instead of answering."""
 
 
 # -- The history -------------------------------------------------------------------------
@@ -404,7 +417,8 @@ class Harness:
     """
 
     def __init__(
-        self, workdir: Path, *, db: str | None = None, servers: int = 1, seed: int = 0
+        self, workdir: Path, *, db: str | None = None, servers: int = 1, seed: int = 0,
+        probe: FenceProbe | None = None,
     ) -> None:
         self.db: Path | str = workdir / "bank.db" if db is None else db
         self.key_file = workdir / "bank.key"
@@ -419,6 +433,7 @@ class Harness:
         self._incarnations = 0
         self._answered = trio.Event()
         self._rng = random.Random(seed)
+        self._probe = probe
 
     @property
     def cluster(self) -> bool:
@@ -497,21 +512,35 @@ class Harness:
     async def freeze(self, seconds: float) -> None:
         """SIGSTOP a random server for ``seconds``, then SIGCONT it: its clients time
         out and fail over, its leases expire and are taken over, and its stale writes
-        must then be fenced."""
+        must then be fenced (with a ``FenceProbe``, one certainly is)."""
         candidates = [slot for slot, server in enumerate(self._slots) if server is not None]
         slot = self._rng.choice(candidates)
         server = self._slots[slot]
         assert server is not None
+        probe = self._probe
+        if probe is not None:
+            await probe.arm(self, server.port)
         self._frozen.add(slot)
         os.kill(server.pid, signal.SIGSTOP)
         self.freezes += 1
         progress(f"freeze: SIGSTOP pid {server.pid} (slot {slot}) for {seconds:.1f} s")
         try:
+            if probe is not None:
+                await probe.take_over(self)
             await trio.sleep(seconds)
         finally:
             os.kill(server.pid, signal.SIGCONT)
-            self._frozen.discard(slot)
             progress(f"thaw: SIGCONT pid {server.pid} (slot {slot})")
+            try:
+                if probe is not None:  # the thawed server is not crashed before it is done
+                    await probe.conclude(self)
+            finally:
+                self._frozen.discard(slot)
+
+    @property
+    def fence_probes(self) -> int:
+        """Stale writes the probe made that the fence refused (0 or 1)."""
+        return 0 if self._probe is None else self._probe.fenced
 
     async def stop(self) -> int:
         """SIGTERM every server, as an operator would; 0 when every one exited 0."""
@@ -606,6 +635,11 @@ class AtmLink:
     async def request(self, message: Request) -> Message:
         """Send and return the answer (the engine checks it answers this request);
         LinkBroken if the connection cannot deliver one."""
+        await self.send(message)
+        return await self.answer()
+
+    async def send(self, message: Request) -> None:
+        """Send without waiting for the answer (``answer`` waits)."""
         try:
             data = self._engine.send(message)
         except WireError as error:  # LocalProtocolError: the session has ended
@@ -614,6 +648,10 @@ class AtmLink:
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
             raise LinkBroken(f"send failed: {error}") from error
+
+    async def answer(self) -> Message:
+        """The answer to the request sent last; SessionEnded if the server ended the
+        session instead (SESSION_EXPIRED), LinkBroken if the connection failed."""
         while True:
             event = await self._receive()
             if isinstance(event, Answer):
@@ -621,9 +659,10 @@ class AtmLink:
             if isinstance(event.message, SessionToken):
                 self.token = event.message.token
                 continue
-            if isinstance(event.message, (Error, SessionExpired)):
-                if isinstance(event.message, SessionExpired):
-                    self.token = None  # the session is over: its token opens nothing
+            if isinstance(event.message, SessionExpired):
+                self.token = None  # the session is over: its token opens nothing
+                raise SessionEnded(f"server sent {event.message}")
+            if isinstance(event.message, Error):
                 raise LinkBroken(f"server sent {event.message}")
             # A SHUTDOWN notice: the reply (or the close) still follows.
 
@@ -686,6 +725,106 @@ async def connect(
         await trio.sleep(backoff_s)
         backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_MAX_S)
     raise ChaosError(f"{account}: no connection after {RECONNECT_ATTEMPTS_MAX} tries ({last})")
+
+
+FENCE_PROBE_CENTS = 1
+"""The probe's stale deposit: one cent, which the fence must refuse (it is in no client's
+history, so the checker would also find it booked)."""
+
+
+class FenceProbe:
+    """One write that must meet the fence, made on purpose during the freeze.
+
+    Before the freeze, the server about to freeze logs in two spare demo accounts: the
+    probe and an anchor. While it is frozen, the probe's session is taken over on another
+    server (RESUME, or LOGIN once its lease expired), and a deposit is left in the frozen
+    server's socket. The harness then holds the anchor's lease row FOR SHARE: the thawed
+    server's first heartbeat (one UPDATE over all its leases, the anchor's among them, at
+    its fence) waits for that lock instead of ending the probe's session first, so the
+    deposit is what meets the stale fence: refused, unanswered, SESSION_EXPIRED. Once that
+    is seen the lock goes and the heartbeat proceeds. Without the anchor, the overdue
+    heartbeat and the deposit race, and either one refuses the write.
+    """
+
+    def __init__(self, db: str, probe: tuple[str, str], anchor: tuple[str, str]) -> None:
+        self._db = db
+        self._probe, self._anchor = probe, anchor
+        self._stale: AtmLink | None = None
+        self._anchored: AtmLink | None = None
+        self._lock: psycopg.Connection[Any] | None = None
+        self.fenced = 0
+
+    async def arm(self, harness: Harness, port: int) -> None:
+        """Log both accounts in on the server about to freeze (and read the probe's token)."""
+        try:
+            self._stale = await self._login(port, *self._probe)
+            await self._stale.request(Balance())  # its SESSION_TOKEN comes before the answer
+            self._anchored = await self._login(port, *self._anchor)
+        except (ChaosError, LinkBroken, OSError, trio.TooSlowError) as error:
+            harness.failures.append(f"fence probe: {type(error).__name__}: {error}")
+
+    @staticmethod
+    async def _login(port: int, account: str, pin: str) -> AtmLink:
+        link, status = await AtmLink.open(port, account, pin)
+        if status is not Status.APPROVED:
+            await link.aclose()
+            raise ChaosError(f"{account}: login {status.name}")
+        return link
+
+    async def take_over(self, harness: Harness) -> None:
+        """While the holder is frozen: the probe's session elsewhere (its fence goes up),
+        the anchor's row held, a deposit left in the frozen server's socket."""
+        if self._stale is None or self._anchored is None or self._stale.token is None:
+            return
+        account, pin = self._probe
+        try:
+            elsewhere = await connect(harness, account, pin, token=self._stale.token)
+            await elsewhere.logout_and_close()
+            self._lock = await trio.to_thread.run_sync(self._hold_row, self._anchor[0])
+            txn_id = secrets.token_bytes(TXN_ID_BYTES)
+            await self._stale.send(Deposit(txn_id, FENCE_PROBE_CENTS))
+        except (ChaosError, LinkBroken, OSError, psycopg.Error, trio.TooSlowError) as error:
+            harness.failures.append(f"fence probe: {type(error).__name__}: {error}")
+
+    def _hold_row(self, account: str) -> psycopg.Connection[Any]:
+        connection = psycopg.connect(self._db, connect_timeout=int(CONNECT_TIMEOUT_S))
+        try:
+            row = connection.execute(
+                "SELECT holder FROM leases WHERE account = %s FOR SHARE", (account,)
+            ).fetchone()
+        except BaseException:
+            connection.close()
+            raise
+        if row is None or row[0] is None:
+            connection.close()
+            raise ChaosError(f"the anchor {account} holds no lease")
+        return connection
+
+    async def conclude(self, harness: Harness) -> None:
+        """After the thaw: the deposit must end the session unanswered; then the lock goes
+        and both sessions end (bounded, even in a cancelled run)."""
+        with trio.CancelScope(shield=True):
+            try:
+                if self._stale is not None and self._lock is not None:
+                    await self._expect_fenced(harness, self._stale)
+            finally:
+                if self._lock is not None:
+                    await trio.to_thread.run_sync(self._lock.close)  # rolls back: unlocked
+                for link in (self._stale, self._anchored):
+                    if link is not None:
+                        await link.logout_and_close()
+                self._stale = self._anchored = self._lock = None
+
+    async def _expect_fenced(self, harness: Harness, link: AtmLink) -> None:
+        try:
+            reply = await link.answer()
+        except SessionEnded:
+            self.fenced += 1
+            progress("fence probe: the stale deposit was refused by the fence")
+        except LinkBroken as error:
+            harness.failures.append(f"fence probe: {error}")
+        else:
+            harness.failures.append(f"fence probe: the stale deposit was answered {reply}")
 
 
 TRANSFER_SHARE = 3
@@ -808,6 +947,8 @@ class Options:
     db: str | None = None
     """A PostgreSQL database holding no bank yet; None: SQLite in ``workdir``."""
     servers: int = 1
+    fence_probe: bool = False
+    """Make one fenced write certain during the freeze (``FenceProbe``)."""
 
 
 @dataclass(slots=True)
@@ -820,6 +961,7 @@ class Report:
     freezes: int = 0
     resumes: int = 0
     fenced_writes: int = 0
+    fence_probes: int = 0
     elapsed_s: float = 0.0
     clean_exit: bool = False
     checked: bool = False
@@ -832,6 +974,7 @@ class Report:
         return (
             self.checked and self.verdict.ok and self.clean_exit and not self.errors
             and self.crashes == self.options.crashes and self.count_unresolved() == 0
+            and (not self.options.fence_probe or self.fence_probes == 1)
         )
 
     def count(self, outcome: Outcome) -> int:
@@ -858,6 +1001,7 @@ class Report:
             "freezes": self.freezes,
             "resumes": self.resumes,
             "fenced_writes": self.fenced_writes,
+            "fence_probes": self.fence_probes,
             "operations": len(self.history),
             "attempts": sum(op.attempts for op in self.history),
             "seconds": round(self.elapsed_s, 2),
@@ -939,7 +1083,8 @@ async def run_chaos(options: Options) -> Report:
     try:
         with trio.fail_after(options.seconds + RUN_ALLOWANCE_S):
             harness = Harness(
-                options.workdir, db=options.db, servers=options.servers, seed=options.seed
+                options.workdir, db=options.db, servers=options.servers, seed=options.seed,
+                probe=fence_probe(options),
             )
             try:
                 await harness.start_all()
@@ -953,10 +1098,28 @@ async def run_chaos(options: Options) -> Report:
     if harness is not None:
         report.crashes, report.freezes = harness.crashes, harness.freezes
         report.resumes, report.fenced_writes = harness.resumes, harness.fenced_writes()
+        report.fence_probes = harness.fence_probes
         report.errors += harness.failures
     report.elapsed_s = trio.current_time() - started_at
     await _check(report)
     return report
+
+
+def spare_accounts(clients: int) -> list[tuple[str, str]]:
+    """The demo accounts (with their PINs) that no client drives nor transfers to."""
+    driven = {account for account, _, _ in accounts_for(clients)}
+    return [(account, pin) for account, pin, _ in DEMO_ACCOUNTS if account not in driven]
+
+
+FENCE_PROBE_ACCOUNTS = 2
+"""The probe and its anchor, each a demo account no client uses."""
+
+
+def fence_probe(options: Options) -> FenceProbe | None:
+    if not options.fence_probe or options.db is None:
+        return None
+    probe, anchor = spare_accounts(options.clients)[:FENCE_PROBE_ACCOUNTS]
+    return FenceProbe(options.db, probe, anchor)
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
@@ -998,7 +1161,8 @@ def build_parser() -> argparse.ArgumentParser:
         "unknown_unresolved, lost, duplicated, mismatched, refused_applied, unexpected, "
         "crashes, servers, freezes, resumes (failovers that resumed their session with its "
         "token), fenced_writes (stale writes refused by a lease fence, from the servers' "
-        "logs), operations, attempts, seconds (measured), seconds_requested, clients, "
+        "logs), fence_probes (with --fence-probe: 1 when its stale write was fenced), "
+        "operations, attempts, seconds (measured), seconds_requested, clients, "
         "seed, clean_exit, invariant_ok (every database check passed), ok, problems. "
         f"Exit status {EXIT_OK} when every check passed, {EXIT_FAILED} when one failed, "
         f"{EXIT_USAGE} for bad arguments. The run takes at most --seconds plus "
@@ -1031,6 +1195,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"server processes on the database, 1..{SERVERS_MAX} (more than 1 needs --db);"
         " with 2 or more, one is also frozen (SIGSTOP) past its leases' expiry, then "
         "thawed (default %(default)s)",
+    )
+    parser.add_argument(
+        "--fence-probe", action="store_true",
+        help="during the freeze, make one stale write that must meet the fence: a spare "
+        "account's session on the frozen server is taken over elsewhere and a deposit left "
+        "in its socket, while a row lock holds back that server's heartbeat (needs "
+        f"--servers 2 or more and --clients at most {len(DEMO_ACCOUNTS) - 2})",
     )
     parser.add_argument(
         "--keep", type=Path, metavar="DIR", default=None,
@@ -1120,6 +1291,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--db takes a PostgreSQL database (without it, SQLite is used)")
     if args.servers > 1 and args.db is None:
         parser.error("--servers above 1 needs --db: one SQLite file serves one process")
+    if args.fence_probe and (
+        args.servers < 2 or len(spare_accounts(args.clients)) < FENCE_PROBE_ACCOUNTS
+    ):
+        parser.error("--fence-probe needs --servers 2 or more and two demo accounts no "
+                     f"client uses (--clients at most {len(DEMO_ACCOUNTS) - 2})")
     try:
         if args.db is not None:
             require_fresh_postgresql(args.db)
@@ -1129,7 +1305,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     seed = secrets.randbits(64) if args.seed is None else args.seed
     options = Options(
-        args.clients, args.crashes, args.seconds, seed, workdir, args.db, args.servers
+        args.clients, args.crashes, args.seconds, seed, workdir, args.db, args.servers,
+        args.fence_probe,
     )
     progress(f"working in {workdir}")
     report = trio.run(run_chaos, options)
