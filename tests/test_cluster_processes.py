@@ -291,7 +291,8 @@ def waiting_for_a_row_lock(db: str) -> bool:
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
-    """Poll ``condition`` (in a thread: it may query PostgreSQL), bounded."""
+    """Poll ``condition`` until it holds, at most POLLS_MAX times POLL_S apart; it runs in
+    a thread, since it may query PostgreSQL or read /proc and logs."""
     for _ in range(POLLS_MAX):
         if await trio.to_thread.run_sync(condition):
             return
@@ -473,15 +474,6 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def poll_until(condition: object, what: str) -> None:
-    assert callable(condition)
-    for _ in range(POLLS_MAX):
-        if condition():
-            return
-        time.sleep(POLL_S)
-    raise AssertionError(f"never: {what}")
-
-
 async def test_workers_restart_a_dead_worker_and_stop_on_sigterm(cluster: Cluster) -> None:
     parent = cluster.start("workers", extra=("--workers", "2"))
     workers = children(parent.pid)
@@ -491,12 +483,12 @@ async def test_workers_restart_a_dead_worker_and_stop_on_sigterm(cluster: Cluste
     assert await client.request(Logout()) == LogoutReply(Status.APPROVED)
     victim = min(workers)
     os.kill(victim, signal.SIGKILL)
-    poll_until(
+    await until(
         lambda: len(children(parent.pid)) == 2 and victim not in children(parent.pid),
         "the killed worker replaced",
     )
-    poll_until(lambda: "2 workers serving" in parent.log_path.read_text(), "start-up logged")
-    poll_until(
+    await until(lambda: "2 workers serving" in parent.log_path.read_text(), "start-up logged")
+    await until(
         lambda: parent.log_path.read_text().count("listening on") == 3, "the new one listens"
     )
     for _ in range(10):  # whichever worker the kernel picks serves
@@ -560,4 +552,4 @@ async def test_workers_end_with_a_killed_parent(cluster: Cluster) -> None:
     workers = children(parent.pid)
     assert len(workers) == 2
     parent.kill()
-    poll_until(lambda: not any(alive(pid) for pid in workers), "the orphaned workers end")
+    await until(lambda: not any(alive(pid) for pid in workers), "the orphaned workers end")
