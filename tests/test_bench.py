@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from bank.tools.bench import (
     APPROVED,
+    OPENING_CENTS,
     OPS,
     REPLY_OPCODES,
     SETUP_CONCURRENCY_MAX,
@@ -35,18 +37,27 @@ from bank.tools.bench import (
     reply_status,
     turns,
 )
+from bank.tools.floor import Floor, engine_connection
 from wire import (
     HISTORY_ENTRIES_MAX,
+    Answer,
+    Balance,
     BalanceReply,
     Decoder,
+    Deposit,
     DepositReply,
     Error,
+    Frame,
+    History,
     HistoryReply,
+    Login,
     Sender,
     Status,
+    Withdraw,
     encode,
     frame_bytes,
 )
+from wire import Connection as Engine
 from wire._messages import reply_type
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,3 +317,58 @@ def test_transaction_ids_are_unique_across_runs() -> None:
     first, second = TxnIds(), TxnIds()
     ids = {first.next() for _ in range(100)} | {second.next() for _ in range(100)}
     assert len(ids) == 200 and all(len(i) == 16 for i in ids)
+
+
+def test_the_floor_takes_turns_and_reports_its_ratios(tmp_path: Path) -> None:
+    mix = "balance=1,deposit=1,withdraw=1,history=1,ping=1"
+    report = run_bench("--floor", "--sessions", "2", "--seconds", "1", "--mix", mix,
+                       tmp_path=tmp_path)
+    for key in ("floor_ops_per_s", "floor_cpu_us_per_op", "floor_p99_ms", "floor_ratio",
+                "floor_cpu_ratio", "bank_floor_ratio"):
+        assert is_number(report[key]), key
+    # Every reply was the right one for its request: the floor answers the whole mix.
+    assert report["floor_refused"] == 0
+    assert set(report["floor"]["ops"]) == set(OPS)
+
+
+def test_without_floor_its_keys_are_null(tmp_path: Path) -> None:
+    report = run_bench("--sessions", "1", "--seconds", "1", "--no-echo", tmp_path=tmp_path)
+    assert report["floor"] is None and report["floor_ratio"] is None
+    assert report["bank_floor_ratio"] is None
+
+
+def test_the_floor_books_in_its_dict_and_never_overdraws() -> None:
+    floor, txn = Floor(), TxnIds()
+    account, reply = floor.answer(None, Login("bn-00001", "4321"))
+    assert account == "BN-00001" and reply.status is Status.APPROVED
+    assert floor.balances[account] == OPENING_CENTS
+    floor.balances[account] = 100  # an amount can be no larger than 10,000,000 cents
+    _, deposit = floor.answer(account, Deposit(txn.next(), 250))
+    assert isinstance(deposit, DepositReply) and deposit.balance_cents == 350
+    _, refused = floor.answer(account, Withdraw(txn.next(), 351))
+    assert refused.status is Status.INSUFFICIENT_FUNDS
+    _, balance = floor.answer(account, Balance())
+    assert isinstance(balance, BalanceReply) and balance.balance_cents == 350
+    _, history = floor.answer(account, History(5))
+    assert isinstance(history, HistoryReply)
+    assert [entry.amount_cents for entry in history.entries] == [250]
+
+
+async def test_the_floor_refuses_what_the_state_table_refuses() -> None:
+    ours, theirs = trio.socket.socketpair()
+    client = Engine(Sender.CLIENT)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(engine_connection, Floor(), trio.SocketStream(ours))
+        peer = trio.SocketStream(theirs)
+        client.receive_data(await peer.receive_some(4096))
+        assert isinstance(client.next_event(), Frame)  # HELLO
+        await peer.send_all(client.send(Balance()))
+        answer = None
+        while answer is None:
+            data = await peer.receive_some(4096)
+            assert data, "the floor closed the connection instead of answering"
+            client.receive_data(data)
+            answer = client.next_event()
+        assert isinstance(answer, Answer)
+        assert answer.message.status is Status.NOT_LOGGED_IN
+        await peer.aclose()

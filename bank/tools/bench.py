@@ -28,6 +28,11 @@ target taking its turns; ``tls_ratio`` is TLS over plaintext. Its sessions use
 happen before the first window, and their rate is reported apart. Every run also times
 fsync on the database's file system (``fsync_p50_ms``): a durable post waits for one.
 
+With ``--floor`` the floor (``bank.tools.floor``) takes turns too: a server that answers
+through the same protocol engine as the bank (``wire.Connection``) from a dict, and does
+nothing else. ``floor_ratio`` and ``floor_cpu_ratio`` are it over echo: what the engine
+costs; ``bank_floor_ratio`` is the bank over it: what the banking costs.
+
 Idle mode (``--idle N``) holds N logged-in sessions that send nothing, and measures the
 server's resident memory per session and one more session's round-trip latency while
 they are held.
@@ -1537,6 +1542,12 @@ def echo_target(workdir: Path) -> Iterator[tuple[Address, int]]:
         yield server.address, server.pid
 
 
+@contextlib.contextmanager
+def floor_target(workdir: Path) -> Iterator[tuple[Address, int]]:
+    with launcher.start([], workdir=workdir, name="floor", module="bank.tools.floor") as server:
+        yield server.address, server.pid
+
+
 # -- Open files --------------------------------------------------------------------------
 
 
@@ -1634,7 +1645,7 @@ class RunFacts:
 def load_report(
     options: LoadOptions, bank: LoadResult, echo: LoadResult | None,
     tls: LoadResult | None = None, rounds: int = 1, *, facts: RunFacts | None = None,
-    compare: LoadResult | None = None,
+    compare: LoadResult | None = None, floor: LoadResult | None = None,
 ) -> dict[str, object]:
     """The JSON report: the plaintext bank's keys as they always were, the echo
     baseline's, and (None without --tls) the TLS bank's, ``tls_ratio`` TLS/plaintext;
@@ -1692,11 +1703,17 @@ def load_report(
         "tls_generator_saturated": tls.generator_saturated if tls else None,
         **side_keys(compare, "compare"),
         "compare_ratio": ratio(compare.ops_per_s, bank.ops_per_s) if compare else None,
+        **side_keys(floor, "floor"),
+        "floor_ratio": ratio(floor.ops_per_s, echo.ops_per_s) if floor and echo else None,
+        "floor_cpu_ratio": ratio(floor.server_cpu_us_per_op, echo.server_cpu_us_per_op)
+        if floor and echo else None,
+        "bank_floor_ratio": ratio(bank.ops_per_s, floor.ops_per_s) if floor else None,
         "ops": bank.per_op,
         "bank": bank.as_dict(),
         "echo": echo.as_dict() if echo else None,
         "tls": tls.as_dict() if tls else None,
         "compare": compare.as_dict() if compare else None,
+        "floor": floor.as_dict() if floor else None,
     }
 
 
@@ -1706,10 +1723,13 @@ def db_kind(db: str | None) -> str:
 
 def run_load(args: argparse.Namespace) -> dict[str, object]:
     """Every target started, then their windows in turns: the bank, the TLS bank (with
-    --tls), the bank on --compare-db (with it) and the echo baseline."""
+    --tls), the bank on --compare-db (with it), the floor (with --floor) and the echo
+    baseline."""
     options = LoadOptions(args.sessions, args.seconds, args.mix, args.pin)
     rounds = max(1, options.seconds // WINDOW_S)
-    servers_count = 1 + args.tls + (args.compare_db is not None) + (not args.no_echo)
+    servers_count = (
+        1 + args.tls + (args.compare_db is not None) + args.floor + (not args.no_echo)
+    )
     ensure_open_files(options.sessions * servers_count)
     with (
         tempfile.TemporaryDirectory(prefix="bank-bench-", dir=args.dir) as tmp,
@@ -1732,17 +1752,21 @@ def run_load(args: argparse.Namespace) -> dict[str, object]:
             targets.append(Target("compare", *servers.enter_context(
                 bank_target(args, workdir / "compare", options.sessions, db=args.compare_db)
             )))
+        if args.floor:
+            targets.append(Target("floor", *servers.enter_context(floor_target(workdir))))
         if not args.no_echo:
             targets.append(Target("echo", *servers.enter_context(echo_target(workdir))))
         measured, loads = measure_load(targets, options, rounds, args.generators)
         results = dict(zip((target.label for target in targets), measured, strict=True))
     bank, echo = results["bank"], results.get("echo")
-    tls, compare = results.get("tls"), results.get("compare")
+    tls, compare, floor = results.get("tls"), results.get("compare"), results.get("floor")
     for label, result in results.items():
         print(op_table(label, result))
     facts = RunFacts(rounds, bank.generators, fsync_ns, loads, db_kind(args.db),
                      db_kind(args.compare_db) if args.compare_db else None, args.workers)
-    report = load_report(options, bank, echo, tls, rounds, facts=facts, compare=compare)
+    report = load_report(
+        options, bank, echo, tls, rounds, facts=facts, compare=compare, floor=floor
+    )
     print(
         f"fsync p50 {report['fsync_p50_ms']} ms; load average (1 min) "
         f"{report['loadavg_first']} at the first window, max {report['loadavg_max_1min']}"
@@ -1754,6 +1778,9 @@ def run_load(args: argparse.Namespace) -> dict[str, object]:
         print(f"ratio TLS/plaintext: {report['tls_ratio']}")
     if compare:
         print(f"ratio {report['compare_db']}/{report['db']}: {report['compare_ratio']}")
+    if floor:
+        print(f"floor/echo: throughput {report['floor_ratio']}, server CPU per op "
+              f"{report['floor_cpu_ratio']}; bank/floor: throughput {report['bank_floor_ratio']}")
     return report
 
 
@@ -1832,6 +1859,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also load a second bank serving TLS with terminal certificates "
                         "(made for the run), taking turns with the plaintext one; "
                         "reports tls_ratio, TLS/plaintext")
+    parser.add_argument("--floor", action="store_true",
+                        help="also load the floor (bank.tools.floor: the protocol engine "
+                        "answering from a dict, nothing else), taking turns; reports "
+                        "floor_ratio and floor_cpu_ratio over echo, bank_floor_ratio")
     parser.add_argument("--host", type=loopback_host, default="127.0.0.1",
                         help="address of a running bank, with --port (%(default)s)")
     parser.add_argument("--port", type=bounded_int(0, 65535),
@@ -1869,6 +1900,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tls and (args.idle or args.create_accounts or args.port is not None):
         parser.error("--tls is for load mode, with the banks the bench starts (no --port)")
+    if args.floor and (args.idle or args.create_accounts):
+        parser.error("--floor is for load mode")
     if args.port is not None and (args.db or args.compare_db or args.workers):
         parser.error("--db, --compare-db and --workers are for the banks the bench starts "
                      "(no --port)")
