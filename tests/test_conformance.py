@@ -96,6 +96,9 @@ from wire import (
     Withdraw,
     encode,
 )
+from wire import (
+    Connection as WireConnection,
+)
 from wire import _layout as wire_layout
 from wire import _limits as limits
 from wire._codec import frame_bytes
@@ -1247,6 +1250,102 @@ async def test_a_resume_is_answered_only_once_the_old_connection_has_ended(
             Status.UNKNOWN_SESSION
         )
         assert await new.login() is Status.APPROVED
+
+
+# -- Decoding order and field ranges (§8) ---------------------------------------------
+
+
+def refusal_of(receiver: Sender, data: bytes) -> tuple[Status, bool, int]:
+    """How the decoder of ``receiver``'s side refuses ``data``: status, fatal, request id."""
+    decoder = Decoder(Sender.CLIENT if receiver is Sender.SERVER else Sender.SERVER)
+    decoder.receive_data(data)
+    with pytest.raises(WireError) as refused:
+        decoder.next_frame()
+    return refused.value.status, refused.value.fatal, refused.value.request_id
+
+
+def test_a_fatal_fault_in_a_payload_is_found_before_its_amount() -> None:
+    """Were the fields checked in wire order, the amount (offset 16) would come before
+    the destination (offset 24) and the same bytes would be refused without closing."""
+    assert_spec_says(
+        "then every field's allowed values: a field whose fault is fatal before an amount, so a"
+        " frame with both faults is refused for the fatal one (a TRANSFER with a malformed"
+        " destination and an amount of 0 is FORMAT_ERROR, fatal, not INVALID_AMOUNT).",
+    )
+    both = frame_bytes(Opcode.TRANSFER, 11, bytes(16) + (0).to_bytes(8, "big") + b"WF 14351")
+    assert refusal_of(Sender.SERVER, both) == (Status.FORMAT_ERROR, True, 11)
+    amount_only = frame_bytes(Opcode.TRANSFER, 11, bytes(16) + (0).to_bytes(8, "big") + b"WF-14351")
+    assert refusal_of(Sender.SERVER, amount_only) == (Status.INVALID_AMOUNT, False, 11)
+
+
+def test_every_field_out_of_range_in_a_servers_frame_is_a_format_error() -> None:
+    """The §8 row for reply and notice fields, example by example, on the client's decoder."""
+    assert_spec_says(
+        "| any other field of a reply or notice outside its allowed values (§3): a balance, entry"
+        " id or time over 9223372036854775807, an approved receipt with entry id 0, a history"
+        " entry's amount 0 or over 10000000, a HELLO limit of 0 or over the protocol's |"
+        " FORMAT_ERROR |",
+        "INVALID_AMOUNT concerns a request's amount only; an amount out of range in a server's"
+        " frame (a history entry's) is a fatal FORMAT_ERROR, as above.",
+    )
+    over = BALANCE_CENTS_MAX + 1
+
+    def u64(value: int) -> bytes:
+        return value.to_bytes(8, "big")
+
+    def entry(amount_cents: int) -> bytes:
+        return u64(1) + u64(0) + bytes([EntryKind.DEPOSIT]) + u64(amount_cents) + u64(1)
+
+    hello = encode(ServerConfig().hello())[10:-4]
+    bad = [
+        frame_bytes(Opcode.BALANCE_REPLY, 2, b"\x00" + u64(over)),
+        frame_bytes(Opcode.DEPOSIT_REPLY, 3, b"\x00" + u64(1) + u64(over) + u64(0)),
+        frame_bytes(Opcode.WITHDRAW_REPLY, 3, b"\x00" + u64(1) + u64(1) + u64(over)),
+        frame_bytes(Opcode.TRANSFER_REPLY, 3, b"\x00" + u64(1) + u64(0) + u64(0)),
+        frame_bytes(Opcode.HISTORY_REPLY, 6, b"\x00\x01" + entry(0)),
+        frame_bytes(Opcode.HISTORY_REPLY, 6, b"\x00\x01" + entry(limits.AMOUNT_CENTS_MAX + 1)),
+    ]
+    # Each HELLO limit (offset, size) set to 0, and the three with a protocol maximum over it.
+    def hello_with_field(offset: int, value: bytes) -> bytes:
+        return frame_bytes(Opcode.HELLO, 0, hello[:offset] + value + hello[offset + len(value):])
+
+    for offset, size in ((0, 2), (2, 1), (3, 8), (11, 2), (13, 2), (15, 2)):
+        bad.append(hello_with_field(offset, bytes(size)))
+    for offset, size, maximum in (
+        (0, 2, limits.PAYLOAD_BYTES_MAX),
+        (2, 1, limits.HISTORY_ENTRIES_MAX),
+        (3, 8, limits.AMOUNT_CENTS_MAX),
+    ):
+        bad.append(hello_with_field(offset, (maximum + 1).to_bytes(size, "big")))
+    for data in bad:
+        status, fatal, _ = refusal_of(Sender.CLIENT, data)
+        assert (status, fatal) == (Status.FORMAT_ERROR, True), data.hex()
+
+
+async def test_decoding_comes_before_the_state_table(bank: RunningServer):
+    """A DEPOSIT of 0 cents is answered ERROR INVALID_AMOUNT before login, not
+    NOT_LOGGED_IN; and the engine refuses it so once a shutdown has begun."""
+    assert_spec_says(
+        "Decoding comes before the state table (§5) and the checks of §3.3: a request refused"
+        " here is refused in every state, so a DEPOSIT of 0 cents is answered ERROR"
+        " INVALID_AMOUNT whether or not the session is logged in, and also once SHUTDOWN is"
+        " announced.",
+    )
+    zero = frame_bytes(Opcode.DEPOSIT, 7, bytes(16) + bytes(8))
+    client = await bank.client()
+    await client.send_raw(zero)
+    assert await client.receive() == Frame(7, Error(Status.INVALID_AMOUNT))
+    assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+    await client.send_raw(zero)
+    assert await client.receive() == Frame(7, Error(Status.INVALID_AMOUNT))
+
+    engine = WireConnection(Sender.SERVER)
+    engine.send(ServerConfig().hello())
+    engine.shutting_down = True
+    engine.receive_data(zero)
+    with pytest.raises(WireError) as refused:
+        engine.next_event()
+    assert (refused.value.status, refused.value.fatal) == (Status.INVALID_AMOUNT, False)
 
 
 # -- What each side does with a negative vector ---------------------------------------
