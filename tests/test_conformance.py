@@ -96,14 +96,12 @@ from wire import (
     Withdraw,
     encode,
 )
-from wire import (
-    Connection as WireConnection,
-)
+from wire import Connection as WireConnection
 from wire import _layout as wire_layout
 from wire import _limits as limits
 from wire._codec import frame_bytes
-from wire._messages import REPLY_STATUSES
-from wire._state import LOGIN_FAILURES
+from wire._messages import REPLY_STATUSES, Notice
+from wire._state import LOGIN_FAILURES, State, next_state
 from wire._status import ISO8583_RESPONSE_CODE
 
 PIN_TRIES_MAX = ServerConfig().pin_tries_max
@@ -1346,6 +1344,38 @@ async def test_decoding_comes_before_the_state_table(bank: RunningServer):
     with pytest.raises(WireError) as refused:
         engine.next_event()
     assert (refused.value.status, refused.value.fatal) == (Status.INVALID_AMOUNT, False)
+
+
+def test_a_server_sends_error_only_with_the_five_statuses_of_section_3_12() -> None:
+    """The statuses a server's decoder refuses with (every server-side negative vector),
+    and those the server itself puts in an ERROR, are the five §3.12 names; any other
+    ends the session on the client's side as the transition table says."""
+    assert_spec_says(
+        "After an ERROR with FORMAT_ERROR, UNSUPPORTED_VERSION or SERVER_BUSY the server closes"
+        " the connection; after INVALID_TRANSACTION or INVALID_AMOUNT the session goes on. A"
+        " server sends ERROR with no other status. An ERROR with any other status (but"
+        " APPROVED) is still well-formed, and ends the session as a fatal one does",
+        "Opcodes `0xC0` to `0xFE` are notices: server messages that answer no request. `0xFF`"
+        " is ERROR,",
+    )
+    closing = {Status.FORMAT_ERROR, Status.UNSUPPORTED_VERSION, Status.SERVER_BUSY}
+    going_on = {Status.INVALID_TRANSACTION, Status.INVALID_AMOUNT}
+    decoded = {Status[v["status"]] for v in NEGATIVE if v["receiver"] == "server"}
+    built = {
+        Status[name]
+        for path in (SPEC.parent / "bank").glob("*.py")
+        for name in re.findall(r"\bError\(Status\.(\w+)\)", path.read_text(encoding="utf-8"))
+    }
+    assert decoded == closing - {Status.SERVER_BUSY} | going_on
+    assert built and built <= closing | going_on
+    for op, cls in MESSAGE_TYPES.items():
+        assert (op >= 0xC0) == issubclass(cls, (Notice, Error)), cls
+        assert (op == Opcode.ERROR) == (cls is Error), cls
+    for status in Status:
+        if status is Status.APPROVED:
+            continue
+        after = next_state(State.AUTHENTICATED, Error(status))
+        assert after is (State.AUTHENTICATED if status in going_on else State.CLOSED), status
 
 
 # -- What each side does with a negative vector ---------------------------------------
