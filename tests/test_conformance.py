@@ -1378,6 +1378,45 @@ def test_a_server_sends_error_only_with_the_five_statuses_of_section_3_12() -> N
         assert after is (State.AUTHENTICATED if status in going_on else State.CLOSED), status
 
 
+def test_a_reply_answers_the_oldest_unanswered_request_or_the_client_closes() -> None:
+    assert_spec_says(
+        "Each reply answers the oldest request not yet answered: a reply with another request"
+        " id, with another opcode than that request's reply opcode, or with no request"
+        " unanswered, is treated as a malformed frame (FORMAT_ERROR, fatal, §8): the client"
+        " closes the connection,",
+        "An ERROR answers the oldest request only when it carries that request's id; with"
+        " another id it answers none of them,",
+    )
+
+    def client_with_pings(count: int) -> WireConnection:
+        client = WireConnection(Sender.CLIENT)
+        client.receive_data(encode(ServerConfig().hello()))
+        assert isinstance(client.next_event(), Frame)
+        for _ in range(count):
+            client.send(Ping())
+        return client
+
+    for pings, frame in (
+        (2, encode(PingReply(Status.APPROVED), 2)),  # 1 is the oldest
+        (1, encode(BalanceReply(Status.APPROVED, 5), 1)),  # PING's reply is PING_REPLY
+        (0, encode(PingReply(Status.APPROVED), 1)),  # nothing asked
+    ):
+        client = client_with_pings(pings)
+        client.receive_data(frame)
+        with pytest.raises(WireError) as refused:
+            client.next_event()
+        assert (refused.value.status, refused.value.fatal) == (Status.FORMAT_ERROR, True)
+        assert client.state is State.CLOSED
+
+    client = client_with_pings(2)
+    client.receive_data(encode(Error(Status.INVALID_TRANSACTION), 7))
+    assert client.next_event() == Frame(7, Error(Status.INVALID_TRANSACTION))  # answers none
+    client.receive_data(encode(Error(Status.INVALID_TRANSACTION), 1))
+    answer = client.next_event()
+    assert not isinstance(answer, Frame) and answer is not None
+    assert (answer.request_id, answer.message) == (1, Error(Status.INVALID_TRANSACTION))
+
+
 # -- What each side does with a negative vector ---------------------------------------
 
 EXAMPLES = " ".join((SPEC / "examples.md").read_text(encoding="utf-8").split())
