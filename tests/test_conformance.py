@@ -30,6 +30,7 @@ import trio
 import trio.testing
 from construct import Struct
 
+from atm import session as atm_session
 from atm.connection import Connection as AtmConnection
 from atm.errors import ConnectionLost
 from bank import __main__ as bank_main
@@ -1415,6 +1416,24 @@ def test_a_reply_answers_the_oldest_unanswered_request_or_the_client_closes() ->
     answer = client.next_event()
     assert not isinstance(answer, Frame) and answer is not None
     assert (answer.request_id, answer.message) == (1, Error(Status.INVALID_TRANSACTION))
+
+
+def test_the_answers_that_settle_a_deposit_are_the_reference_atms() -> None:
+    """§6 lists them; atm.session.SETTLED is what the reference ATM judges by, for a reply
+    and an ERROR alike (it compares the status)."""
+    match = re.search(
+        r"A DEPOSIT or WITHDRAW is settled only by an answer for which the server looked its"
+        r" `txn_id` up: ([A-Z_, ]+?) or ([A-Z_]+); or by ERROR INVALID_AMOUNT,",
+        PROSE,
+    )
+    assert match is not None, "§6 no longer lists the answers that settle a deposit"
+    listed = {Status[name] for name in match.group(1).split(", ")} | {Status[match.group(2)]}
+    assert listed == atm_session.SETTLED
+    assert Status.INVALID_AMOUNT in atm_session.SETTLED
+    assert_spec_says(
+        "SYSTEM_MALFUNCTION, an ERROR other than INVALID_AMOUNT), is confirmed by resending it"
+        " with the same `txn_id` (§6, §9).",
+    )
 
 
 # -- What each side does with a negative vector ---------------------------------------
