@@ -69,6 +69,7 @@ from wire import (
     ChangePin,
     Decoder,
     Deposit,
+    DepositReply,
     EntryKind,
     Error,
     Features,
@@ -76,6 +77,7 @@ from wire import (
     Hello,
     History,
     HistoryEntry,
+    HistoryReply,
     Login,
     LoginReply,
     Logout,
@@ -1434,6 +1436,25 @@ def test_the_answers_that_settle_a_deposit_are_the_reference_atms() -> None:
         "SYSTEM_MALFUNCTION, an ERROR other than INVALID_AMOUNT), is confirmed by resending it"
         " with the same `txn_id` (§6, §9).",
     )
+
+
+async def test_an_opening_balance_is_no_history_entry(bank: RunningServer):
+    assert_spec_says(
+        "An account's opening balance, the one the bank gave it when it opened the account, is"
+        " no entry: an account may have a balance and no entries,",
+    )
+    client = await logged_in(bank)
+    balance = await client.request(Balance())
+    assert balance == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS) and DEMO_BALANCE_CENTS > 0
+    history = await client.request(History(20))
+    assert isinstance(history, HistoryReply)
+    assert (history.status, history.entries) == (Status.APPROVED, ())
+    deposit = await client.request(Deposit(txn_id(), 1_00))
+    assert isinstance(deposit, DepositReply) and deposit.status is Status.APPROVED
+    history = await client.request(History(20))
+    assert isinstance(history, HistoryReply)
+    (entry,) = history.entries
+    assert entry.balance_cents == DEMO_BALANCE_CENTS + 1_00 != entry.amount_cents
 
 
 # -- What each side does with a negative vector ---------------------------------------
