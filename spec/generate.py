@@ -213,6 +213,9 @@ def golden_frames() -> list[Golden]:
                "balance $1,234.56"),
         Golden("balance-reply-not-logged-in", BalanceReply(Status.NOT_LOGGED_IN), 2,
                "BALANCE before LOGIN"),
+        Golden("balance-reply-status-outside-its-row", BalanceReply(Status.INSUFFICIENT_FUNDS),
+               2, "a known status outside the reply's row (§4.1): a refusal to decode, not a"
+               " format error"),
         Golden("deposit-reply", _approved_money_reply(DepositReply), 3,
                "receipt: new balance, ledger entry id, time"),
         Golden("deposit-reply-duplicate", DepositReply(Status.DUPLICATE_TRANSMISSION), 3,
