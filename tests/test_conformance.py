@@ -1457,6 +1457,24 @@ async def test_an_opening_balance_is_no_history_entry(bank: RunningServer):
     assert entry.balance_cents == DEMO_BALANCE_CENTS + 1_00 != entry.amount_cents
 
 
+def test_the_refusal_that_reaches_login_attempts_max_is_not_in_the_transition_table() -> None:
+    """The reply is an ordinary refusal, which leaves CONNECTED in the table; only the
+    server's engine, which knows the limit, closes after it."""
+    assert_spec_says(
+        "This count is the one rule the second table cannot show, since the reply that"
+        " reaches it is an ordinary refusal: HELLO does not announce `login_attempts_max`,",
+    )
+    assert "login_attempts_max" not in {f.name for f in dataclasses.fields(Hello)}
+    refused = LoginReply(Status.INCORRECT_PIN)
+    assert next_state(State.CONNECTED, refused) is State.CONNECTED
+    server = WireConnection(Sender.SERVER, login_attempts_max=1)
+    server.send(ServerConfig().hello())
+    server.receive_data(encode(Login(DEMO_ACCOUNT, "0000"), 1))
+    assert isinstance(server.next_event(), Frame)
+    server.send(refused)
+    assert server.state is State.CLOSED
+
+
 # -- What each side does with a negative vector ---------------------------------------
 
 EXAMPLES = " ".join((SPEC / "examples.md").read_text(encoding="utf-8").split())
