@@ -1475,6 +1475,29 @@ def test_the_refusal_that_reaches_login_attempts_max_is_not_in_the_transition_ta
     assert server.state is State.CLOSED
 
 
+def test_a_token_from_another_terminal_opens_nothing_and_is_not_spent() -> None:
+    """§3.13's list of why a token opens nothing names the terminal as §3.15 and §10 do."""
+    assert_spec_says(
+        "If the token opens nothing (it was never sent for this account, or it is spent, or"
+        " its session ended, or under TLS it came over another terminal's certificate than the"
+        " LOGIN's): RESUME_REPLY UNKNOWN_SESSION. Nothing else changes;",
+        "presented over another terminal's certificate it opens nothing (UNKNOWN_SESSION) and"
+        " is not spent,",
+    )
+
+    @dataclasses.dataclass
+    class Opened:
+        terminal: str | None
+
+    registry = SessionRegistry()
+    session = Opened("atm-0001")
+    token = registry.register(DEMO_ACCOUNT, session)  # only .terminal is read
+    assert registry.claim(DEMO_ACCOUNT, token, "atm-0002") is None
+    assert registry.claim(DEMO_ACCOUNT, token, None) is None
+    assert registry.claim(DEMO_ACCOUNT, token, "atm-0001") is session
+    assert registry.claim(DEMO_ACCOUNT, token, "atm-0001") is None  # spent now
+
+
 # -- What each side does with a negative vector ---------------------------------------
 
 EXAMPLES = " ".join((SPEC / "examples.md").read_text(encoding="utf-8").split())
