@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import random
 import re
 import sys
@@ -34,6 +35,7 @@ from atm import session as atm_session
 from atm.connection import Connection as AtmConnection
 from atm.errors import ConnectionLost
 from bank import __main__ as bank_main
+from bank import resumption as bank_resumption
 from bank import session as bank_session
 from bank.batch_ledger import BatchLedger, open_ledger
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
@@ -1496,6 +1498,39 @@ def test_a_token_from_another_terminal_opens_nothing_and_is_not_spent() -> None:
     assert registry.claim(DEMO_ACCOUNT, token, None) is None
     assert registry.claim(DEMO_ACCOUNT, token, "atm-0001") is session
     assert registry.claim(DEMO_ACCOUNT, token, "atm-0001") is None  # spent now
+
+
+async def test_session_tokens_never_reach_the_log_and_are_compared_in_constant_time(
+    bank: RunningServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """Two MUSTs of §3.13 and §3.15 that no wire exchange can show: the whole of a
+    LOGIN, a RESUME that opens the session, and a LOGOUT logged at DEBUG holds neither
+    token in any spelling, and the token is checked with hmac.compare_digest."""
+    assert_spec_says(
+        "A server MUST compare tokens in constant time.",
+        "It MUST draw every token from a cryptographically secure random source and MUST NOT"
+        " log tokens (§10).",
+    )
+    compared: list[bytes] = []
+    real_compare = bank_resumption.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return real_compare(a, b)
+
+    monkeypatch.setattr(bank_resumption.hmac, "compare_digest", spy)
+    caplog.set_level(logging.DEBUG)
+    first = await logged_in(bank)
+    token = first.tokens[-1]
+    second = await bank.client()
+    reply = await second.request(Resume(DEMO_ACCOUNT, token))
+    assert reply == ResumeReply(Status.APPROVED)
+    newer = await second.token()
+    assert await second.request(Logout()) == LogoutReply(Status.APPROVED)
+    assert token in compared
+    for secret in (token, newer):
+        for spelling in (secret.hex(), secret.hex().upper(), repr(secret), str(list(secret))):
+            assert spelling not in caplog.text
 
 
 # -- What each side does with a negative vector ---------------------------------------
