@@ -213,6 +213,9 @@ def golden_frames() -> list[Golden]:
                "balance $1,234.56"),
         Golden("balance-reply-not-logged-in", BalanceReply(Status.NOT_LOGGED_IN), 2,
                "BALANCE before LOGIN"),
+        Golden("balance-reply-status-outside-its-row", BalanceReply(Status.INSUFFICIENT_FUNDS),
+               2, "a known status outside the reply's row (§4.1): a refusal to decode, not a"
+               " format error"),
         Golden("deposit-reply", _approved_money_reply(DepositReply), 3,
                "receipt: new balance, ledger entry id, time"),
         Golden("deposit-reply-duplicate", DepositReply(Status.DUPLICATE_TRANSMISSION), 3,
@@ -404,6 +407,9 @@ def negative_vectors() -> list[Negative]:
         Negative("transfer-zero-amount", server,
                  raw_frame(Opcode.TRANSFER, 11, TXN_TRANSFER + u64(0) + DESTINATION.encode()),
                  amount, False, 11, "amount 0: refused as a deposit's, the connection goes on"),
+        Negative("transfer-bad-destination-zero-amount", server,
+                 raw_frame(Opcode.TRANSFER, 11, TXN_TRANSFER + u64(0) + b"WF 14351"),
+                 fmt, True, 11, "a fatal fault and an amount of 0: refused for the fatal one"),
         Negative("truncated-transfer", server,
                  raw_frame(Opcode.TRANSFER, 11, TXN_TRANSFER + u64(5_000) + b"WF-1435"),
                  fmt, True, 11, "TRANSFER payload of 31 bytes, CRC repaired"),
@@ -458,6 +464,13 @@ def negative_vectors() -> list[Negative]:
         Negative("history-entry-unknown-kind", client,
                  raw_frame(Opcode.HISTORY_REPLY, 6, b"\x00\x01" + entry_bytes(1, TIME_MS, 5, 1, 1)),
                  fmt, True, 6, "entry kind 5 is not assigned"),
+        Negative("history-entry-amount-zero", client,
+                 raw_frame(Opcode.HISTORY_REPLY, 6, b"\x00\x01" + entry_bytes(1, TIME_MS, 1, 0, 1)),
+                 fmt, True, 6, "an entry's amount of 0: in a server's frame FORMAT_ERROR, not"
+                 " INVALID_AMOUNT"),
+        Negative("hello-idle-timeout-zero", client,
+                 raw_frame(Opcode.HELLO, 0, encode(server_hello(), 0)[10:-6] + b"\x00\x00"),
+                 fmt, True, 0, "idle_timeout_s 0: every HELLO limit is 1 or more"),
         Negative("hello-payload-bytes-max-over-limit", client,
                  raw_frame(Opcode.HELLO, 0, (PAYLOAD_BYTES_MAX + 1).to_bytes(2, "big")
                            + encode(server_hello(), 0)[12:-4]), fmt, True, 0,
@@ -694,7 +707,7 @@ def examples_markdown() -> str:
     out += [
         "## Negative vectors",
         "",
-        "Bytes a receiver must refuse with `WireError(status)` naming the request id shown.",
+        "Bytes a receiver must refuse with the status shown, naming the request id shown.",
         "Fatal: a server sends ERROR with that status and request id, then closes the",
         "connection; a client closes the connection without sending anything.",
         "Not fatal: the frame was consumed whole and decoding goes on. A server answers it with",

@@ -477,6 +477,21 @@ async def test_a_first_answer_that_does_not_settle_a_deposit_is_confirmed(
     assert any("RECEIPT" in line and "$120.00" in line for line in console.output)
 
 
+async def test_an_error_invalid_amount_settles_a_deposit_without_a_resend(autojump_clock) -> None:
+    """Spec §6: ERROR INVALID_AMOUNT refused the amount before anything could move, and a
+    resend would only get it again; so it settles, unlike any other ERROR, and the ATM
+    shows the refusal once instead of reconnecting to confirm."""
+
+    def refuse_the_amount(bank: FakeBank) -> None:
+        bank.unsettled_replies.append(Error(Status.INVALID_AMOUNT))
+
+    code, console, bank = await run([*LOGIN_LINES, "d", "20", "x"], bank_setup=refuse_the_amount)
+    assert code is ExitCode.OK
+    assert len(bank.sent(Deposit)) == 1
+    assert not any("reconnecting" in line for line in console.output)
+    assert any("(13)" in line for line in console.output)
+
+
 async def test_a_91_after_a_shutdown_notice_is_confirmed_too(autojump_clock) -> None:
     """A shutting-down bank refuses without booking, but that 91 can reach the ATM before
     the SHUTDOWN notice as well as after it, so the ATM cannot tell it from a 91 after a

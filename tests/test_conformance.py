@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import random
 import re
 import sys
@@ -30,9 +31,11 @@ import trio
 import trio.testing
 from construct import Struct
 
+from atm import session as atm_session
 from atm.connection import Connection as AtmConnection
 from atm.errors import ConnectionLost
 from bank import __main__ as bank_main
+from bank import resumption as bank_resumption
 from bank import session as bank_session
 from bank.batch_ledger import BatchLedger, open_ledger
 from bank.config import PIN_LOCKOUT_S_MAX, ServerConfig
@@ -68,6 +71,7 @@ from wire import (
     ChangePin,
     Decoder,
     Deposit,
+    DepositReply,
     EntryKind,
     Error,
     Features,
@@ -75,6 +79,7 @@ from wire import (
     Hello,
     History,
     HistoryEntry,
+    HistoryReply,
     Login,
     LoginReply,
     Logout,
@@ -96,11 +101,12 @@ from wire import (
     Withdraw,
     encode,
 )
+from wire import Connection as WireConnection
 from wire import _layout as wire_layout
 from wire import _limits as limits
 from wire._codec import frame_bytes
-from wire._messages import REPLY_STATUSES
-from wire._state import LOGIN_FAILURES
+from wire._messages import REPLY_STATUSES, Notice
+from wire._state import LOGIN_FAILURES, State, next_state
 from wire._status import ISO8583_RESPONSE_CODE
 
 PIN_TRIES_MAX = ServerConfig().pin_tries_max
@@ -1247,6 +1253,284 @@ async def test_a_resume_is_answered_only_once_the_old_connection_has_ended(
             Status.UNKNOWN_SESSION
         )
         assert await new.login() is Status.APPROVED
+
+
+# -- Decoding order and field ranges (§8) ---------------------------------------------
+
+
+def refusal_of(receiver: Sender, data: bytes) -> tuple[Status, bool, int]:
+    """How the decoder of ``receiver``'s side refuses ``data``: status, fatal, request id."""
+    decoder = Decoder(Sender.CLIENT if receiver is Sender.SERVER else Sender.SERVER)
+    decoder.receive_data(data)
+    with pytest.raises(WireError) as refused:
+        decoder.next_frame()
+    return refused.value.status, refused.value.fatal, refused.value.request_id
+
+
+def test_a_fatal_fault_in_a_payload_is_found_before_its_amount() -> None:
+    """Were the fields checked in wire order, the amount (offset 16) would come before
+    the destination (offset 24) and the same bytes would be refused without closing."""
+    assert_spec_says(
+        "then every field's allowed values: a field whose fault is fatal before an amount, so a"
+        " frame with both faults is refused for the fatal one (a TRANSFER with a malformed"
+        " destination and an amount of 0 is FORMAT_ERROR, fatal, not INVALID_AMOUNT).",
+    )
+    both = frame_bytes(Opcode.TRANSFER, 11, bytes(16) + (0).to_bytes(8, "big") + b"WF 14351")
+    assert refusal_of(Sender.SERVER, both) == (Status.FORMAT_ERROR, True, 11)
+    amount_only = frame_bytes(Opcode.TRANSFER, 11, bytes(16) + (0).to_bytes(8, "big") + b"WF-14351")
+    assert refusal_of(Sender.SERVER, amount_only) == (Status.INVALID_AMOUNT, False, 11)
+
+
+def test_every_field_out_of_range_in_a_servers_frame_is_a_format_error() -> None:
+    """The §8 row for reply and notice fields, example by example, on the client's decoder."""
+    assert_spec_says(
+        "| any other field of a reply or notice outside its allowed values (§3): a balance, entry"
+        " id or time over 9223372036854775807, an approved receipt with entry id 0, a history"
+        " entry's amount 0 or over 10000000, a HELLO limit of 0 or over the protocol's |"
+        " FORMAT_ERROR |",
+        "INVALID_AMOUNT concerns a request's amount only; an amount out of range in a server's"
+        " frame (a history entry's) is a fatal FORMAT_ERROR, as above.",
+    )
+    over = BALANCE_CENTS_MAX + 1
+
+    def u64(value: int) -> bytes:
+        return value.to_bytes(8, "big")
+
+    def entry(amount_cents: int) -> bytes:
+        return u64(1) + u64(0) + bytes([EntryKind.DEPOSIT]) + u64(amount_cents) + u64(1)
+
+    hello = encode(ServerConfig().hello())[10:-4]
+    bad = [
+        frame_bytes(Opcode.BALANCE_REPLY, 2, b"\x00" + u64(over)),
+        frame_bytes(Opcode.DEPOSIT_REPLY, 3, b"\x00" + u64(1) + u64(over) + u64(0)),
+        frame_bytes(Opcode.WITHDRAW_REPLY, 3, b"\x00" + u64(1) + u64(1) + u64(over)),
+        frame_bytes(Opcode.TRANSFER_REPLY, 3, b"\x00" + u64(1) + u64(0) + u64(0)),
+        frame_bytes(Opcode.HISTORY_REPLY, 6, b"\x00\x01" + entry(0)),
+        frame_bytes(Opcode.HISTORY_REPLY, 6, b"\x00\x01" + entry(limits.AMOUNT_CENTS_MAX + 1)),
+    ]
+    # Each HELLO limit (offset, size) set to 0, and the three with a protocol maximum over it.
+    def hello_with_field(offset: int, value: bytes) -> bytes:
+        return frame_bytes(Opcode.HELLO, 0, hello[:offset] + value + hello[offset + len(value):])
+
+    for offset, size in ((0, 2), (2, 1), (3, 8), (11, 2), (13, 2), (15, 2)):
+        bad.append(hello_with_field(offset, bytes(size)))
+    for offset, size, maximum in (
+        (0, 2, limits.PAYLOAD_BYTES_MAX),
+        (2, 1, limits.HISTORY_ENTRIES_MAX),
+        (3, 8, limits.AMOUNT_CENTS_MAX),
+    ):
+        bad.append(hello_with_field(offset, (maximum + 1).to_bytes(size, "big")))
+    for data in bad:
+        status, fatal, _ = refusal_of(Sender.CLIENT, data)
+        assert (status, fatal) == (Status.FORMAT_ERROR, True), data.hex()
+
+
+async def test_decoding_comes_before_the_state_table(bank: RunningServer):
+    """A DEPOSIT of 0 cents is answered ERROR INVALID_AMOUNT before login, not
+    NOT_LOGGED_IN; and the engine refuses it so once a shutdown has begun."""
+    assert_spec_says(
+        "Decoding comes before the state table (§5) and the checks of §3.3: a request refused"
+        " here is refused in every state, so a DEPOSIT of 0 cents is answered ERROR"
+        " INVALID_AMOUNT whether or not the session is logged in, and also once SHUTDOWN is"
+        " announced.",
+    )
+    zero = frame_bytes(Opcode.DEPOSIT, 7, bytes(16) + bytes(8))
+    client = await bank.client()
+    await client.send_raw(zero)
+    assert await client.receive() == Frame(7, Error(Status.INVALID_AMOUNT))
+    assert await client.login(DEMO_ACCOUNT, DEMO_PIN) is Status.APPROVED
+    await client.send_raw(zero)
+    assert await client.receive() == Frame(7, Error(Status.INVALID_AMOUNT))
+
+    engine = WireConnection(Sender.SERVER)
+    engine.send(ServerConfig().hello())
+    engine.shutting_down = True
+    engine.receive_data(zero)
+    with pytest.raises(WireError) as refused:
+        engine.next_event()
+    assert (refused.value.status, refused.value.fatal) == (Status.INVALID_AMOUNT, False)
+
+
+def test_a_server_sends_error_only_with_the_five_statuses_of_section_3_12() -> None:
+    """The statuses a server's decoder refuses with (every server-side negative vector),
+    and those the server itself puts in an ERROR, are the five §3.12 names; any other
+    ends the session on the client's side as the transition table says."""
+    assert_spec_says(
+        "After an ERROR with FORMAT_ERROR, UNSUPPORTED_VERSION or SERVER_BUSY the server closes"
+        " the connection; after INVALID_TRANSACTION or INVALID_AMOUNT the session goes on. A"
+        " server sends ERROR with no other status. An ERROR with any other status (but"
+        " APPROVED) is still well-formed, and ends the session as a fatal one does",
+        "Opcodes `0xC0` to `0xFE` are notices: server messages that answer no request. `0xFF`"
+        " is ERROR,",
+    )
+    closing = {Status.FORMAT_ERROR, Status.UNSUPPORTED_VERSION, Status.SERVER_BUSY}
+    going_on = {Status.INVALID_TRANSACTION, Status.INVALID_AMOUNT}
+    decoded = {Status[v["status"]] for v in NEGATIVE if v["receiver"] == "server"}
+    built = {
+        Status[name]
+        for path in (SPEC.parent / "bank").glob("*.py")
+        for name in re.findall(r"\bError\(Status\.(\w+)\)", path.read_text(encoding="utf-8"))
+    }
+    assert decoded == closing - {Status.SERVER_BUSY} | going_on
+    assert built and built <= closing | going_on
+    for op, cls in MESSAGE_TYPES.items():
+        assert (op >= 0xC0) == issubclass(cls, (Notice, Error)), cls
+        assert (op == Opcode.ERROR) == (cls is Error), cls
+    for status in Status:
+        if status is Status.APPROVED:
+            continue
+        after = next_state(State.AUTHENTICATED, Error(status))
+        assert after is (State.AUTHENTICATED if status in going_on else State.CLOSED), status
+
+
+def test_a_reply_answers_the_oldest_unanswered_request_or_the_client_closes() -> None:
+    assert_spec_says(
+        "Each reply answers the oldest request not yet answered: a reply with another request"
+        " id, with another opcode than that request's reply opcode, or with no request"
+        " unanswered, is treated as a malformed frame (FORMAT_ERROR, fatal, §8): the client"
+        " closes the connection,",
+        "An ERROR answers the oldest request only when it carries that request's id; with"
+        " another id it answers none of them,",
+    )
+
+    def client_with_pings(count: int) -> WireConnection:
+        client = WireConnection(Sender.CLIENT)
+        client.receive_data(encode(ServerConfig().hello()))
+        assert isinstance(client.next_event(), Frame)
+        for _ in range(count):
+            client.send(Ping())
+        return client
+
+    for pings, frame in (
+        (2, encode(PingReply(Status.APPROVED), 2)),  # 1 is the oldest
+        (1, encode(BalanceReply(Status.APPROVED, 5), 1)),  # PING's reply is PING_REPLY
+        (0, encode(PingReply(Status.APPROVED), 1)),  # nothing asked
+    ):
+        client = client_with_pings(pings)
+        client.receive_data(frame)
+        with pytest.raises(WireError) as refused:
+            client.next_event()
+        assert (refused.value.status, refused.value.fatal) == (Status.FORMAT_ERROR, True)
+        assert client.state is State.CLOSED
+
+    client = client_with_pings(2)
+    client.receive_data(encode(Error(Status.INVALID_TRANSACTION), 7))
+    assert client.next_event() == Frame(7, Error(Status.INVALID_TRANSACTION))  # answers none
+    client.receive_data(encode(Error(Status.INVALID_TRANSACTION), 1))
+    answer = client.next_event()
+    assert not isinstance(answer, Frame) and answer is not None
+    assert (answer.request_id, answer.message) == (1, Error(Status.INVALID_TRANSACTION))
+
+
+def test_the_answers_that_settle_a_deposit_are_the_reference_atms() -> None:
+    """§6 lists them; atm.session.SETTLED is what the reference ATM judges by, for a reply
+    and an ERROR alike (it compares the status)."""
+    match = re.search(
+        r"A DEPOSIT or WITHDRAW is settled only by an answer for which the server looked its"
+        r" `txn_id` up: ([A-Z_, ]+?) or ([A-Z_]+); or by ERROR INVALID_AMOUNT,",
+        PROSE,
+    )
+    assert match is not None, "§6 no longer lists the answers that settle a deposit"
+    listed = {Status[name] for name in match.group(1).split(", ")} | {Status[match.group(2)]}
+    assert listed == atm_session.SETTLED
+    assert Status.INVALID_AMOUNT in atm_session.SETTLED
+    assert_spec_says(
+        "SYSTEM_MALFUNCTION, an ERROR other than INVALID_AMOUNT), is confirmed by resending it"
+        " with the same `txn_id` (§6, §9).",
+    )
+
+
+async def test_an_opening_balance_is_no_history_entry(bank: RunningServer):
+    assert_spec_says(
+        "An account's opening balance, the one the bank gave it when it opened the account, is"
+        " no entry: an account may have a balance and no entries,",
+    )
+    client = await logged_in(bank)
+    balance = await client.request(Balance())
+    assert balance == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS) and DEMO_BALANCE_CENTS > 0
+    history = await client.request(History(20))
+    assert isinstance(history, HistoryReply)
+    assert (history.status, history.entries) == (Status.APPROVED, ())
+    deposit = await client.request(Deposit(txn_id(), 1_00))
+    assert isinstance(deposit, DepositReply) and deposit.status is Status.APPROVED
+    history = await client.request(History(20))
+    assert isinstance(history, HistoryReply)
+    (entry,) = history.entries
+    assert entry.balance_cents == DEMO_BALANCE_CENTS + 1_00 != entry.amount_cents
+
+
+def test_the_refusal_that_reaches_login_attempts_max_is_not_in_the_transition_table() -> None:
+    """The reply is an ordinary refusal, which leaves CONNECTED in the table; only the
+    server's engine, which knows the limit, closes after it."""
+    assert_spec_says(
+        "This count is the one rule the second table cannot show, since the reply that"
+        " reaches it is an ordinary refusal: HELLO does not announce `login_attempts_max`,",
+    )
+    assert "login_attempts_max" not in {f.name for f in dataclasses.fields(Hello)}
+    refused = LoginReply(Status.INCORRECT_PIN)
+    assert next_state(State.CONNECTED, refused) is State.CONNECTED
+    server = WireConnection(Sender.SERVER, login_attempts_max=1)
+    server.send(ServerConfig().hello())
+    server.receive_data(encode(Login(DEMO_ACCOUNT, "0000"), 1))
+    assert isinstance(server.next_event(), Frame)
+    server.send(refused)
+    assert server.state is State.CLOSED
+
+
+def test_a_token_from_another_terminal_opens_nothing_and_is_not_spent() -> None:
+    """§3.13's list of why a token opens nothing names the terminal as §3.15 and §10 do."""
+    assert_spec_says(
+        "If the token opens nothing (it was never sent for this account, or it is spent, or"
+        " its session ended, or under TLS it came over another terminal's certificate than the"
+        " LOGIN's): RESUME_REPLY UNKNOWN_SESSION. Nothing else changes;",
+        "presented over another terminal's certificate it opens nothing (UNKNOWN_SESSION) and"
+        " is not spent,",
+    )
+
+    @dataclasses.dataclass
+    class Opened:
+        terminal: str | None
+
+    registry = SessionRegistry()
+    session = Opened("atm-0001")
+    token = registry.register(DEMO_ACCOUNT, session)  # only .terminal is read
+    assert registry.claim(DEMO_ACCOUNT, token, "atm-0002") is None
+    assert registry.claim(DEMO_ACCOUNT, token, None) is None
+    assert registry.claim(DEMO_ACCOUNT, token, "atm-0001") is session
+    assert registry.claim(DEMO_ACCOUNT, token, "atm-0001") is None  # spent now
+
+
+async def test_session_tokens_never_reach_the_log_and_are_compared_in_constant_time(
+    bank: RunningServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """Two MUSTs of §3.13 and §3.15 that no wire exchange can show: the whole of a
+    LOGIN, a RESUME that opens the session, and a LOGOUT logged at DEBUG holds neither
+    token in any spelling, and the token is checked with hmac.compare_digest."""
+    assert_spec_says(
+        "A server MUST compare tokens in constant time.",
+        "It MUST draw every token from a cryptographically secure random source and MUST NOT"
+        " log tokens (§10).",
+    )
+    compared: list[bytes] = []
+    real_compare = bank_resumption.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return real_compare(a, b)
+
+    monkeypatch.setattr(bank_resumption.hmac, "compare_digest", spy)
+    caplog.set_level(logging.DEBUG)
+    first = await logged_in(bank)
+    token = first.tokens[-1]
+    second = await bank.client()
+    reply = await second.request(Resume(DEMO_ACCOUNT, token))
+    assert reply == ResumeReply(Status.APPROVED)
+    newer = await second.token()
+    assert await second.request(Logout()) == LogoutReply(Status.APPROVED)
+    assert token in compared
+    for secret in (token, newer):
+        for spelling in (secret.hex(), secret.hex().upper(), repr(secret), str(list(secret))):
+            assert spelling not in caplog.text
 
 
 # -- What each side does with a negative vector ---------------------------------------
