@@ -30,6 +30,7 @@ from bank.ledger import Ledger, PinChangeVerdict, PinVerdict, Posting
 from bank.resumption import SessionRegistry
 from bank.server import BankServer
 from bank.session import Session
+from bank.store import DestinationPolicy
 from wire import (
     ALL_FEATURES,
     AMOUNT_CENTS_MAX,
@@ -80,6 +81,11 @@ RECEIVE_TIMEOUT_S = 10
 """Guard against a hung test when the real clock runs; far above any honest wait."""
 
 DEMO_ACCOUNT, DEMO_PIN, DEMO_BALANCE_CENTS = "AC-12345", "1324", 1024_32
+DESTINATIONS = DestinationPolicy(
+    tries_max=ServerConfig().destination_tries_max,
+    lockout_ms=ServerConfig().destination_lockout_s * 1000,
+)
+"""The server's default transfer-lock settings, for tests that call a store directly."""
 OTHER_ACCOUNT, OTHER_PIN = "BC-01373", "2947"
 
 

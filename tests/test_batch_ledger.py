@@ -32,6 +32,7 @@ from bank.ledger import (
 )
 from bank.pins import KEY_BYTES
 from bank.store import PinPolicy
+from tests.helpers import DESTINATIONS
 from tests.pg import open_store, raw
 from wire import EntryKind
 from wire._kinds import KIND_OF_ENTRY, MONEY_KINDS
@@ -160,7 +161,9 @@ async def test_only_what_blocks_runs_in_a_worker_thread(any_db: str):
     for name in ("execute_batch", "begin_batch_now", "run_batch", "commit_batch"):
         if hasattr(store, name):
             recording(name)
-    ledger = BatchLedger(store, pin_policy=PinPolicy(tries_max=3, lockout_ms=0))
+    ledger = BatchLedger(
+        store, pin_policy=PinPolicy(tries_max=3, lockout_ms=0), destination_policy=DESTINATIONS
+    )
     try:
         assert await ledger.balance("AC-12345") == 102_432
     finally:

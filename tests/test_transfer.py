@@ -21,6 +21,7 @@ from tests.helpers import (
     OTHER_ACCOUNT,
     OTHER_PIN,
     RunningServer,
+    WireClient,
     logged_in,
     txn_id,
 )
@@ -36,6 +37,7 @@ from wire import (
     FeaturesReply,
     History,
     HistoryReply,
+    Reply,
     Status,
     Transfer,
     TransferReply,
@@ -95,6 +97,56 @@ async def test_refused_transfers_move_nothing(
     assert reply == TransferReply(status)
     assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS
     assert await ledger.check_invariants() == []
+
+
+TRIES = ServerConfig().destination_tries_max
+"""Transfers to no account that lock (the ``ledger`` fixture opens with the defaults)."""
+
+
+async def probe(client: WireClient, count: int, destination: str = "QQ-00000") -> list[Reply]:
+    """``count`` one-cent transfers to ``destination``: a walk through account numbers."""
+    return [await client.request(Transfer(txn_id(), 1, destination)) for _ in range(count)]
+
+
+async def test_transfers_to_no_account_lock_an_old_clients_transfers_with_a_limit_refusal(
+    bank: RunningServer, ledger: BatchLedger, caplog: pytest.LogCaptureFixture
+):
+    """A client that never announced FREQUENCY_LIMIT cannot decode its status: it is told
+    EXCEEDS_WITHDRAWAL_LIMIT, a limit refusal it knows, which settles the transfer."""
+    client = await logged_in(bank)
+    booked = await client.request(Transfer(txn := txn_id(), 1_00, OTHER_ACCOUNT))
+    answers = await probe(client, TRIES)
+    assert answers == [TransferReply(Status.INVALID_TO_ACCOUNT)] * (TRIES - 1) + [
+        TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)  # the locking miss reveals nothing
+    ]
+    # Locked: a real destination too, before SAME_ACCOUNT; but a replay is still answered.
+    for destination in (OTHER_ACCOUNT, DEMO_ACCOUNT, "QQ-00001"):
+        assert await probe(client, 1, destination) == [
+            TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)
+        ]
+    assert await client.request(Transfer(txn, 1_00, OTHER_ACCOUNT)) == booked
+    assert isinstance(await client.request(Balance()), BalanceReply)  # the session goes on
+    await client.aclose()
+    again = await logged_in(bank)  # a new login does not lift it
+    assert await probe(again, 1, OTHER_ACCOUNT) == [TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)]
+    assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS - 1_00
+    locks = [r for r in caplog.records if "transfers locked until" in r.getMessage()]
+    assert len(locks) == 1 + 3 + 1 and {r.levelno for r in locks} == {logging.WARNING}
+    assert locks[0].getMessage().endswith(" UTC")
+    assert "AC-***45 TRANSFER $0.01 to QQ-***00 EXCEEDS_WITHDRAWAL_LIMIT" in locks[0].getMessage()
+    for secret in (DEMO_ACCOUNT, OTHER_ACCOUNT, "QQ-00000"):
+        assert secret not in caplog.text
+
+
+async def test_a_booked_transfer_does_not_reset_the_count_at_the_atm_either(
+    bank: RunningServer,
+):
+    client = await logged_in(bank)
+    for _ in range(TRIES - 1):
+        assert await probe(client, 1) == [TransferReply(Status.INVALID_TO_ACCOUNT)]
+        booked = await client.request(Transfer(txn_id(), 1, OTHER_ACCOUNT))
+        assert isinstance(booked, TransferReply) and booked.status is Status.APPROVED
+    assert await probe(client, 1) == [TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)]
 
 
 async def test_the_withdrawal_limit_holds_for_transfers(bank: RunningServer):
