@@ -122,11 +122,19 @@ TRANSFER_STATUS: dict[PostResult, Status] = {
     PostResult.OVER_LIMIT: SERVER_LIMITS[EntryKind.WITHDRAWAL].refusal,
     PostResult.UNKNOWN_DESTINATION: Status.INVALID_TO_ACCOUNT,
     PostResult.SAME_ACCOUNT: Status.SAME_ACCOUNT,
-    # A limit refusal: settled, nothing moved, and no status a client cannot decode.
-    PostResult.TRANSFERS_LOCKED: Status.EXCEEDS_WITHDRAWAL_LIMIT,
+    PostResult.TRANSFERS_LOCKED: Status.EXCEEDS_FREQUENCY_LIMIT,
 }
-"""The TRANSFER_REPLY answer to each outcome of a transfer (spec §3.18). A full
-destination is INVALID_AMOUNT, as a deposit into it would be: nothing more is revealed."""
+"""The TRANSFER_REPLY answer to each outcome of a transfer (spec §3.18), for a client
+that announced FREQUENCY_LIMIT. A full destination is INVALID_AMOUNT, as a deposit into
+it would be: nothing more is revealed."""
+
+OLD_CLIENT_TRANSFER_STATUS: dict[PostResult, Status] = {
+    **TRANSFER_STATUS,
+    # A limit refusal it decodes: settled, nothing moved (spec §3.16).
+    PostResult.TRANSFERS_LOCKED: SERVER_LIMITS[EntryKind.WITHDRAWAL].refusal,
+}
+"""``TRANSFER_STATUS`` for a client that did not announce FREQUENCY_LIMIT: it would take
+EXCEEDS_FREQUENCY_LIMIT's unknown byte for a malformed frame (spec §4)."""
 
 PIN_CHANGE_STATUS: dict[PinChangeResult, Status] = {
     PinChangeResult.CHANGED: Status.APPROVED,
@@ -442,7 +450,11 @@ class Session:
         )
         if posting.result is PostResult.FENCED:
             raise LeaseLost(request.txn_id.hex())
-        status = TRANSFER_STATUS[posting.result]
+        statuses = (
+            TRANSFER_STATUS if Feature.FREQUENCY_LIMIT in self.features
+            else OLD_CLIENT_TRANSFER_STATUS
+        )
+        status = statuses[posting.result]
         if posting.locked_until_ms is not None:
             self._log_transfer_lock(request, status, posting.locked_until_ms)
         elif log.isEnabledFor(logging.INFO):

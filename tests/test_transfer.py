@@ -1,7 +1,9 @@
 """TRANSFER, CHANGE_PIN and FEATURES served by the real server over TCP (spec §3.16-3.21).
 
 Covers: a transfer into an account another ATM holds, whose next BALANCE shows it; the
-source-only receipt; replays across a reconnect; the limits and refusals; the history an
+source-only receipt; replays across a reconnect; the limits and refusals; the transfer
+lock that transfers to no account set (65 to a client that announced FREQUENCY_LIMIT, 61
+to one that did not, a replay still answered, a new login not lifting it); the history an
 old client (no FEATURES) is shown versus a new one; a PIN change that the next LOGIN
 uses, a trivial PIN, a wrong current PIN counting toward the lock; and the log lines.
 """
@@ -31,6 +33,8 @@ from wire import (
     BalanceReply,
     ChangePin,
     ChangePinReply,
+    Deposit,
+    DepositReply,
     EntryKind,
     Feature,
     Features,
@@ -136,6 +140,37 @@ async def test_transfers_to_no_account_lock_an_old_clients_transfers_with_a_limi
     assert "AC-***45 TRANSFER $0.01 to QQ-***00 EXCEEDS_WITHDRAWAL_LIMIT" in locks[0].getMessage()
     for secret in (DEMO_ACCOUNT, OTHER_ACCOUNT, "QQ-00000"):
         assert secret not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("announced", "locked"),
+    [
+        (ALL_FEATURES, Status.EXCEEDS_FREQUENCY_LIMIT),
+        (Feature.TRANSFER | Feature.CHANGE_PIN, Status.EXCEEDS_WITHDRAWAL_LIMIT),
+        (Feature.FREQUENCY_LIMIT, Status.EXCEEDS_FREQUENCY_LIMIT),
+    ],
+    ids=["FREQUENCY_LIMIT announced", "not announced", "only FREQUENCY_LIMIT"],
+)
+async def test_a_locked_transfer_is_told_in_the_status_its_client_announced(
+    bank: RunningServer, ledger: BatchLedger, announced: Feature, locked: Status
+):
+    """Status 65 only to a client that said it decodes it (spec §3.16); the same lock, the
+    same refusal, in a status every other client knows."""
+    client = await logged_in(bank)
+    reply = await client.request(Features(int(announced)))
+    assert reply == FeaturesReply(Status.APPROVED, int(announced))
+    answers = await probe(client, TRIES + 1)
+    assert answers == [TransferReply(Status.INVALID_TO_ACCOUNT)] * (TRIES - 1) + [
+        TransferReply(locked)
+    ] * 2
+    assert await probe(client, 1, OTHER_ACCOUNT) == [TransferReply(locked)]
+    # Not fatal, not a failed login: the session goes on, and other money moves.
+    deposited = await client.request(Deposit(txn_id(), 1_00))
+    assert isinstance(deposited, DepositReply) and deposited.status is Status.APPROVED
+    assert await ledger.balance(OTHER_ACCOUNT) == OTHER_BALANCE_CENTS
+    if Feature.FREQUENCY_LIMIT in announced:  # the last FEATURES counts
+        await client.request(Features(int(Feature.TRANSFER)))
+        assert await probe(client, 1) == [TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)]
 
 
 async def test_a_booked_transfer_does_not_reset_the_count_at_the_atm_either(
