@@ -121,7 +121,7 @@ async def test_transfers_to_no_account_lock_an_old_clients_transfers_with_a_limi
     booked = await client.request(Transfer(txn := txn_id(), 1_00, OTHER_ACCOUNT))
     answers = await probe(client, TRIES)
     assert answers == [TransferReply(Status.INVALID_TO_ACCOUNT)] * (TRIES - 1) + [
-        TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)  # the locking miss reveals nothing
+        TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)  # the locking miss: told the lock
     ]
     # Locked: a real destination too, before SAME_ACCOUNT; but a replay is still answered.
     for destination in (OTHER_ACCOUNT, DEMO_ACCOUNT, "QQ-00001"):
