@@ -523,8 +523,8 @@ class Store:
         source; the miss that brings its count to ``policy.tries_max`` (each within
         ``policy.lockout_ms`` of the one before) sets the lock and is already
         TRANSFERS_LOCKED, as the wrong PIN that locks is LOCKED (``verify_pin``): the
-        customer learns at once that retrying is pointless. A booked transfer leaves the count alone;
-        only time (a miss is forgotten ``lockout_ms`` after it, a lock ends
+        customer learns at once that retrying is pointless. A booked transfer leaves the
+        count alone; only time (a miss is forgotten ``lockout_ms`` after it, a lock ends
         ``lockout_ms`` after the miss that set it) or ``unlock`` clears it. The source
         must exist (it is the session's account).
         """
