@@ -110,8 +110,11 @@ declined. That includes the ISSUER_UNAVAILABLE a shutting-down bank gives every 
 it moves nothing, but it can reach the ATM before the SHUTDOWN notice, so it cannot be
 told apart from a storage failure after the commit."""
 
-TRANSFER_SETTLED: frozenset[Status] = SETTLED | {Status.INVALID_TO_ACCOUNT, Status.SAME_ACCOUNT}
-"""Answers that settle a transfer: a withdrawal's, and its own two refusals."""
+TRANSFER_SETTLED: frozenset[Status] = SETTLED | {
+    Status.INVALID_TO_ACCOUNT, Status.SAME_ACCOUNT, Status.EXCEEDS_FREQUENCY_LIMIT,
+}
+"""Answers that settle a transfer: a withdrawal's, and its own three refusals (the bank
+answers EXCEEDS_FREQUENCY_LIMIT only after it looked the id up, spec §3.18)."""
 
 PIN_CHANGE_SETTLED: frozenset[Status] = frozenset({
     Status.APPROVED, Status.INCORRECT_PIN, Status.PIN_TRIES_EXCEEDED, Status.PIN_NOT_ALLOWED,

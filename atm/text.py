@@ -43,6 +43,10 @@ STATUS_SENTENCES: dict[Status, str] = {
     Status.INSUFFICIENT_FUNDS: "Insufficient funds",
     Status.INCORRECT_PIN: "Incorrect PIN",
     Status.EXCEEDS_WITHDRAWAL_LIMIT: "It is over the bank's limit for one withdrawal",
+    Status.EXCEEDS_FREQUENCY_LIMIT: (
+        "Too many transfers to account numbers that do not exist: transfers from this"
+        " account are stopped for a while \N{EM DASH} try again later or ask the bank"
+    ),
     Status.PIN_TRIES_EXCEEDED: (
         "Too many incorrect PINs: the account is locked for a while"
         " \N{EM DASH} try again later or ask the bank"

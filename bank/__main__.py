@@ -187,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reset = command("reset-pin", reset_pin, "set a new PIN for an account (asked for)")
     reset.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
-    unlock = command("unlock", unlock_account, "unlock an account locked by wrong PINs")
+    unlock = command(
+        "unlock", unlock_account,
+        "unlock an account locked by wrong PINs, or whose transfers are locked by transfers"
+        " to no account",
+    )
     unlock.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
     load = command(
         "import", import_accounts, "add accounts from a course accounts.txt file"
@@ -393,6 +397,8 @@ async def open_configured_ledger(
         config.key_file,
         pin_tries_max=config.pin_tries_max,
         lockout_s=config.pin_lockout_s,
+        destination_tries_max=config.destination_tries_max,
+        destination_lockout_s=config.destination_lockout_s,
         seed_demo=config.seeds_demo_accounts,
         sole_writer=sole_writer,
     )
@@ -505,15 +511,18 @@ def print_table(
 def list_accounts(config: ServerConfig, _args: argparse.Namespace) -> int:
     now_ms = wall_clock_ms()
     summaries = read_accounts_summary(require_database(config))
+
+    def in_force(until_ms: int | None) -> str:
+        return utc_time(until_ms) if until_ms is not None and until_ms > now_ms else "-"
+
     print_table(
-        ("account", "balance", "locked until (UTC)"),
+        ("account", "balance", "locked until (UTC)", "transfers locked until (UTC)"),
         [
             (
                 summary.account,
                 format_cents(summary.balance_cents),
-                utc_time(summary.locked_until_ms)
-                if summary.locked_until_ms is not None and summary.locked_until_ms > now_ms
-                else "-",
+                in_force(summary.locked_until_ms),
+                in_force(summary.transfers_locked_until_ms),
             )
             for summary in summaries
         ],
@@ -632,19 +641,52 @@ def unlock_account(config: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def unlocked(account: str, forgotten: Forgotten, *, now: datetime) -> str:
-    """What ``unlock`` did, in a sentence: lifted a lock, or only forgot wrong PINs."""
+    """What ``unlock`` did, in a sentence: lifted a lock (the PIN's, the transfers', or
+    both), or only forgot wrong PINs or transfers to no account, or nothing."""
     masked = mask_account(account)
-    if forgotten.locked_until_ms is not None:
-        until = datetime.fromtimestamp(forgotten.locked_until_ms / 1000, now.tzinfo)
-        if until > now:
-            return f"{masked} was locked until {until:%Y-%m-%d %H:%M:%S %Z}; unlocked"
+    pins = _pin_clause(forgotten, now)
+    transfers = _transfers_clause(forgotten, now)
+    if transfers is None:
+        if pins is None:
+            return f"{masked} was not locked and had no wrong PINs; nothing changed"
+        return f"{masked} {pins}"
+    return f"{masked} {pins or 'had no wrong PINs'}; {transfers}"
+
+
+def _pin_clause(forgotten: Forgotten, now: datetime) -> str | None:
+    """What ``unlock`` did to the wrong PINs, or None if there were none."""
+    until = _in_force(forgotten.locked_until_ms, now)
+    if until is not None:
+        return f"was locked until {until}; unlocked"
     match forgotten.failures:
         case 0:
-            return f"{masked} was not locked and had no wrong PINs; nothing changed"
+            return None
         case 1:
-            return f"{masked} was not locked; its 1 wrong PIN is forgotten"
+            return "was not locked; its 1 wrong PIN is forgotten"
         case failures:
-            return f"{masked} was not locked; its {failures} wrong PINs are forgotten"
+            return f"was not locked; its {failures} wrong PINs are forgotten"
+
+
+def _transfers_clause(forgotten: Forgotten, now: datetime) -> str | None:
+    """What ``unlock`` did to the transfers to no account, or None if there were none."""
+    until = _in_force(forgotten.transfers_locked_until_ms, now)
+    if until is not None:
+        return f"its transfers were locked until {until}; unlocked"
+    match forgotten.destination_misses:
+        case 0:
+            return None
+        case 1:
+            return "its 1 transfer to no account is forgotten"
+        case misses:
+            return f"its {misses} transfers to no account are forgotten"
+
+
+def _in_force(until_ms: int | None, now: datetime) -> str | None:
+    """A lock's end as the operator reads it, if it is still to come."""
+    if until_ms is None:
+        return None
+    until = datetime.fromtimestamp(until_ms / 1000, now.tzinfo)
+    return f"{until:%Y-%m-%d %H:%M:%S %Z}" if until > now else None
 
 
 def import_accounts(config: ServerConfig, args: argparse.Namespace) -> int:

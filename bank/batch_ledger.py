@@ -48,6 +48,7 @@ from bank.pins import open_key
 from bank.store import (
     BalanceQuery,
     BatchRequest,
+    DestinationPolicy,
     HistoryQuery,
     Outcome,
     PinChange,
@@ -149,12 +150,14 @@ class BatchLedger:
 
     def __init__(
         self, store: BatchStore, *, pin_policy: PinPolicy,
+        destination_policy: DestinationPolicy,
         clock_ms: Callable[[], int] = wall_clock_ms, sole_writer: bool = False,
     ) -> None:
         """With ``sole_writer``, balances are cached (see ``balance``): only for a store
         that no other process moves money in (``open_ledger`` says which can be)."""
         self._store = store
         self._pin_policy = pin_policy
+        self._destination_policy = destination_policy
         self._clock_ms = clock_ms
         self._limiter = trio.CapacityLimiter(store.connections)
         """Held by whatever uses the store's connection: a batch (on the loop and in its
@@ -238,7 +241,8 @@ class BatchLedger:
         fence: int | None = None,
     ) -> Posting:
         request = TransferRequest(
-            account, txn_id, to_account, amount_cents, limit_cents, terminal, fence
+            account, txn_id, to_account, amount_cents, limit_cents, self._destination_policy,
+            terminal, fence,
         )
         return cast(Posting, await self._submit(request))
 
@@ -411,6 +415,8 @@ async def open_ledger(
     *,
     pin_tries_max: int = _DEFAULTS.pin_tries_max,
     lockout_s: int = _DEFAULTS.pin_lockout_s,
+    destination_tries_max: int = _DEFAULTS.destination_tries_max,
+    destination_lockout_s: int = _DEFAULTS.destination_lockout_s,
     clock_ms: Callable[[], int] = wall_clock_ms,
     seed_demo: bool = True,
     sole_writer: bool = False,
@@ -425,9 +431,12 @@ async def open_ledger(
 
     KeyFileError (bank.pins) and SchemaError (bank.store) pass through unchanged: they
     are start-up configuration problems for the operator, not request failures; so is
-    a ValueError for PIN settings the storage cannot hold.
+    a ValueError for PIN or transfer-lock settings the storage cannot hold.
     """
     pin_policy = PinPolicy(tries_max=pin_tries_max, lockout_ms=lockout_s * 1000)
+    destination_policy = DestinationPolicy(
+        tries_max=destination_tries_max, lockout_ms=destination_lockout_s * 1000
+    )
     if sole_writer and is_postgresql(db):
         raise ValueError("no process is PostgreSQL's only writer: its balances are not cached")
 
@@ -442,7 +451,8 @@ async def open_ledger(
     except store_class.driver_errors as error:
         raise StorageError(f"cannot open {redact_db(db)}: {one_line(error)}") from error
     ledger = BatchLedger(
-        store, pin_policy=pin_policy, clock_ms=clock_ms, sole_writer=sole_writer
+        store, pin_policy=pin_policy, destination_policy=destination_policy,
+        clock_ms=clock_ms, sole_writer=sole_writer,
     )
     ledger.opened = Opened(
         db_created=store.created, seeded=store.seeded, key_created=key_created

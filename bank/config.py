@@ -38,6 +38,9 @@ A lock's end (now plus the lockout) is a 64-bit database integer, so an unbounde
 setting could overflow it and stop wrong PINs being counted at all; a year is far from
 that, and longer than any timed lock is useful (past it, ``unlock`` is the tool)."""
 
+DESTINATION_LOCKOUT_S_MAX = LOCKOUT_MS_MAX // 1000
+"""Longest ``destination_lockout_s``: one year, for ``PIN_LOCKOUT_S_MAX``'s reasons."""
+
 
 def _setting(default: object, help_text: str, kind: type | None = None) -> Any:
     """A field with its --help text; ``kind`` parses the flag when the default is None."""
@@ -86,6 +89,15 @@ class ServerConfig:
     pin_lockout_s: int = _setting(
         900, "seconds an account stays locked unless unlocked sooner, and a wrong PIN is remembered"
         f" (0: no locking; at most {PIN_LOCKOUT_S_MAX}, one year)"
+    )
+    destination_tries_max: int = _setting(
+        5, "transfers to no account (INVALID_TO_ACCOUNT), each within the destination lockout"
+        " period of the last, that lock the source account's transfers"
+    )
+    destination_lockout_s: int = _setting(
+        900, "seconds an account's transfers stay locked unless unlocked sooner, and a"
+        f" transfer to no account is remembered (0: no locking; at most"
+        f" {DESTINATION_LOCKOUT_S_MAX}, one year)"
     )
     amount_cents_max: int = _setting(
         AMOUNT_CENTS_MAX, "largest deposit or withdrawal in one transaction, in cents"
@@ -143,12 +155,17 @@ class ServerConfig:
                 "withdrawal_cents_max must be at least 1 cent and at most amount_cents_max"
             )
         for name in (
-            "connections_max", "preauth_per_address_max", "login_attempts_max", "pin_tries_max"
+            "connections_max", "preauth_per_address_max", "login_attempts_max", "pin_tries_max",
+            "destination_tries_max",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not 0 <= self.pin_lockout_s <= PIN_LOCKOUT_S_MAX:
             raise ValueError(f"pin_lockout_s must be 0..{PIN_LOCKOUT_S_MAX} seconds (one year)")
+        if not 0 <= self.destination_lockout_s <= DESTINATION_LOCKOUT_S_MAX:
+            raise ValueError(
+                f"destination_lockout_s must be 0..{DESTINATION_LOCKOUT_S_MAX} seconds (one year)"
+            )
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in LOG_FORMATS:

@@ -72,6 +72,11 @@ class PostResult(Enum):
     """A transfer to an account that does not exist."""
     SAME_ACCOUNT = auto()
     """A transfer from an account to itself: it would move nothing, so it is refused."""
+    TRANSFERS_LOCKED = auto()
+    """The source's transfers are locked: ``destination_tries_max`` of its transfers were
+    answered UNKNOWN_DESTINATION, each within ``destination_lockout_s`` of the one before,
+    this one perhaps the last of them (``Posting.locked_until_ms`` says until when). A
+    walk through account numbers is bounded as PIN guessing is; nothing moved."""
     FENCED = auto()
     """The session's lease was taken over or expired (PostgreSQL's fencing check,
     /work/coord/DESIGN.md): nothing moved. SQLite, one process, never answers it."""
@@ -113,13 +118,17 @@ class Posting:
     When ``result`` is BOOKED or REPLAYED, the entry's id, time and the balance right
     after it: the data of a receipt (a replay's are the original entry's; a transfer's
     are its source entry's, never the destination's). Otherwise
-    nothing moved, nothing was recorded, and the other fields are 0.
+    nothing moved, nothing was recorded (but a transfer's miss, ``PostResult``), and the
+    other fields are 0 (``locked_until_ms`` None but for TRANSFERS_LOCKED).
     """
 
     result: PostResult
     balance_cents: int = 0
     entry_id: int = 0
     time_ms: int = 0
+    locked_until_ms: int | None = None
+    """When ``result`` is TRANSFERS_LOCKED: when the lock ends (Unix milliseconds), for
+    the operator's log, as ``PinVerdict.locked_until_ms``."""
 
 
 class Ledger(Protocol):
@@ -178,10 +187,14 @@ class Ledger(Protocol):
 
         Idempotent under ``txn_id`` as ``post`` is (the same source, destination and
         amount is REPLAYED with the source's original entry). A new transfer is refused
+        TRANSFERS_LOCKED (the source's transfers are locked, see ``PostResult``),
         SAME_ACCOUNT, OVER_LIMIT (``limit_cents``), INSUFFICIENT_FUNDS, then
-        UNKNOWN_DESTINATION, then BALANCE_FULL (the destination's), in that order;
-        refusals record nothing. The destination may be leased by another session: a
-        lease stops a second session, not incoming money.
+        UNKNOWN_DESTINATION, then BALANCE_FULL (the destination's), in that order.
+        Refusals record nothing, but for UNKNOWN_DESTINATION, which counts one miss
+        against the source (the ledger's ``destination_tries_max`` and
+        ``destination_lockout_s``), and is TRANSFERS_LOCKED instead when it is the miss
+        that locks. The destination may be leased by another session: a lease stops a
+        second session, not incoming money.
         """
         ...
 

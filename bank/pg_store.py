@@ -75,7 +75,9 @@ from bank.store import (
     _BALANCE_CHANGES,
     _ENTRIES,
     _ENTRY_COLUMNS,
+    ACCOUNTS_SUMMARY_SQL,
     DEMO_ACCOUNTS,
+    DESTINATION_MISSES_PRUNED_MAX,
     PIN_FAILURES_PRUNED_MAX,
     TRANSFER_TXN_KIND,
     AccountExists,
@@ -84,6 +86,7 @@ from bank.store import (
     BatchRequest,
     BookEntry,
     Books,
+    DestinationPolicy,
     Forgotten,
     HistoryQuery,
     Outcome,
@@ -115,11 +118,13 @@ from wire import (
     is_trivial_pin,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The version this program writes, in the ``schema_version`` table: the same numbering
 as SQLite's (``bank.store``), which PostgreSQL joined at version 4 (transactions and
 entries, double entry) plus the cluster's ``leases``; version 5 (PostgreSQL only: SQLite
-has no cluster) adds what cluster leases keep in their row (``bank.cluster_leases``)."""
+has no cluster) adds what cluster leases keep in their row (``bank.cluster_leases``);
+version 6 adds ``destination_misses``, SQLite's version 5 (one step behind it, since
+SQLite has no version 5 of cluster leases)."""
 
 CONNECT_TIMEOUT_S = 5
 """How long connecting may take before PostgreSQL counts as down (libpq connect_timeout)."""
@@ -202,7 +207,20 @@ CREATE TABLE leases (
 );
 """
 
-MIGRATIONS: dict[int, str] = {4: _SCHEMA_4, 5: CLUSTER_LEASES_SQL}
+_DESTINATION_MISSES_6 = """
+CREATE TABLE destination_misses (
+    account text PRIMARY KEY REFERENCES accounts (account),
+    misses integer NOT NULL CHECK (misses > 0),
+    locked_until_ms bigint,
+    last_miss_ms bigint NOT NULL CHECK (last_miss_ms >= 0)
+);
+
+CREATE INDEX destination_misses_by_age ON destination_misses (last_miss_ms);
+"""
+"""Version 6: each transfer source's transfers to no account (``bank.store``'s table of
+the same name), empty: misses before it were not counted."""
+
+MIGRATIONS: dict[int, str] = {4: _SCHEMA_4, 5: CLUSTER_LEASES_SQL, 6: _DESTINATION_MISSES_6}
 """The statements that take a database to version N, from the one before it (or, for
 the first, from nothing), each run in one transaction under MIGRATION_LOCK_ID. A new
 database runs them all in order; later versions add an entry here, never edit one."""
@@ -425,13 +443,27 @@ stale fence (``_FENCED``) it writes nothing at all, not even a failure, and says
 a fourth column."""
 
 
+_FRESH_MISSES = (
+    "CASE WHEN d.locked_until_ms IS NOT NULL"
+    " OR d.last_miss_ms <= %(forgotten)s THEN 1 ELSE d.misses + 1 END"
+)
+"""A transfer miss's count: one more, or the first if the lock expired or the last miss
+is forgotten (``_FRESH_COUNT``'s rule for wrong PINs)."""
+
+
 def _transfer_sql() -> str:
     """One transfer as one statement, after its two account rows were locked in account
     order (``_LOCK_ACCOUNTS_SQL``), so its reads are the latest and cannot change under
     it: every check of ``Store._transfer_one`` in its order, then both legs under
     ``bank.store``'s rules, the transaction and both entries (source first). A leg its
     rule refused after the checks passed (a bug) divides by zero, which rolls the
-    whole batch back rather than commit one leg."""
+    whole batch back rather than commit one leg.
+
+    The source's transfer lock (``destination_misses``) is read after the replay and
+    the fence, and a transfer to no account that passed every earlier check (``missing``)
+    counts one miss, pruning a few forgotten rows, as ``_PIN_CHECK_SQL`` counts a wrong
+    PIN. The source's row lock serialises this with any other transfer from it, in any
+    process, so the count is never lost."""
     debit = _named(_BALANCE_CHANGES[-1].sql)
     credit = _named(_BALANCE_CHANGES[+1].sql).replace("%(account)s", "%(to)s")
     return f"""
@@ -439,8 +471,34 @@ def _transfer_sql() -> str:
     SELECT balance_cents FROM accounts WHERE account = %(account)s
 ), destination AS (
     SELECT balance_cents FROM accounts WHERE account = %(to)s
+), locked AS (
+    SELECT locked_until_ms FROM destination_misses
+    WHERE account = %(account)s AND locked_until_ms > %(now_ms)s
+), missing AS (
+    SELECT coalesce(NOT EXISTS (SELECT 1 FROM prior) AND NOT (SELECT fenced FROM fenced)
+        AND NOT EXISTS (SELECT 1 FROM locked)
+        AND %(account)s <> %(to)s AND %(amount)s::bigint <= %(limit)s::bigint
+        AND (SELECT balance_cents FROM source) >= %(amount)s::bigint
+        AND NOT EXISTS (SELECT 1 FROM destination), false) AS missing
+), pruned AS (
+    DELETE FROM destination_misses WHERE account IN (
+        SELECT account FROM destination_misses
+        WHERE last_miss_ms <= %(forgotten)s AND coalesce(locked_until_ms, 0) <= %(now_ms)s
+            AND account <> %(account)s
+        ORDER BY last_miss_ms LIMIT %(prune)s FOR UPDATE SKIP LOCKED
+    ) AND (SELECT missing FROM missing)
+), missed AS (
+    INSERT INTO destination_misses AS d (account, misses, locked_until_ms, last_miss_ms)
+    SELECT %(account)s, 1, CASE WHEN 1 >= %(tries)s THEN %(until)s::bigint END, %(now_ms)s
+    WHERE (SELECT missing FROM missing)
+    ON CONFLICT (account) DO UPDATE SET
+        misses = {_FRESH_MISSES},
+        locked_until_ms = CASE WHEN {_FRESH_MISSES} >= %(tries)s THEN %(until)s::bigint END,
+        last_miss_ms = %(now_ms)s
+    RETURNING locked_until_ms
 ), allowed AS (
     SELECT coalesce(NOT EXISTS (SELECT 1 FROM prior) AND NOT (SELECT fenced FROM fenced)
+        AND NOT EXISTS (SELECT 1 FROM locked)
         AND %(account)s <> %(to)s AND %(amount)s::bigint <= %(limit)s::bigint
         AND (SELECT balance_cents FROM source) >= %(amount)s::bigint
         AND (SELECT balance_cents FROM destination) <= %(max)s::bigint - %(amount)s::bigint,
@@ -469,9 +527,10 @@ def _transfer_sql() -> str:
     RETURNING entry_id, account, balance_cents
 )
 SELECT p.account, p.kind, p.counterparty, p.amount_cents, p.entry_id, p.balance_cents,
-    p.time_ms, (SELECT fenced FROM fenced), (SELECT balance_cents FROM source),
+    p.time_ms, (SELECT fenced FROM fenced), (SELECT locked_until_ms FROM locked),
+    (SELECT balance_cents FROM source),
     EXISTS (SELECT 1 FROM destination), (SELECT balance_cents FROM destination),
-    e.entry_id, e.balance_cents,
+    (SELECT locked_until_ms FROM missed), e.entry_id, e.balance_cents,
     1 / CASE WHEN (SELECT allowed FROM allowed)
         AND (SELECT count(*) FROM debited) + (SELECT count(*) FROM credited) <> 2
         THEN 0 ELSE 1 END
@@ -627,12 +686,14 @@ class PgStore:
         amount_cents: int,
         now_ms: int,
         limit_cents: int,
+        policy: DestinationPolicy,
         terminal: str | None = None,
         fence: int | None = None,
     ) -> Posting:
-        """As ``Store.transfer``, and FENCED (after the replay check) for a stale fence."""
+        """As ``Store.transfer``, and FENCED (after the replay check, before the transfer
+        lock) for a stale fence, which counts no miss."""
         request = TransferRequest(
-            account, txn_id, to_account, amount_cents, limit_cents, terminal, fence
+            account, txn_id, to_account, amount_cents, limit_cents, policy, terminal, fence
         )
         outcome = self._one(request, now_ms)
         assert isinstance(outcome, Posting)
@@ -789,6 +850,7 @@ class PgStore:
         return _Statement(_POST_SQL[sign], params, decode)
 
     def _plan_transfer(self, request: TransferRequest, now_ms: int) -> _Statement | Outcome:
+        policy = request.policy
         source = canonical_account(request.account)
         destination = canonical_account(request.to_account)
         _check_txn_id(request.txn_id)
@@ -799,16 +861,20 @@ class PgStore:
             "txn_id": request.txn_id, "account": source, "to": destination,
             "amount": amount_cents, "limit": request.limit_cents, "fence": request.fence,
             "now_ms": now_ms, "terminal": request.terminal, "max": BALANCE_CENTS_MAX,
+            "forgotten": now_ms - policy.lockout_ms, "until": now_ms + policy.lockout_ms,
+            "tries": policy.tries_max, "prune": DESTINATION_MISSES_PRUNED_MAX,
         }
 
         def decode(rows: list[tuple[Any, ...]]) -> Outcome:
-            ((*prior, fenced, source_cents, known, destination_cents, entry_id, balance_cents,
-              _),) = rows
+            ((*prior, fenced, locked_until_ms, source_cents, known, destination_cents,
+              missed_until_ms, entry_id, balance_cents, _),) = rows
             if prior[0] is not None:
                 content = (TRANSFER_TXN_KIND, source, destination, amount_cents)
                 return _replay(_prior(prior), content)
             if fenced:
                 return Posting(PostResult.FENCED)
+            if locked_until_ms is not None:
+                return Posting(PostResult.TRANSFERS_LOCKED, locked_until_ms=int(locked_until_ms))
             if source == destination:
                 return Posting(PostResult.SAME_ACCOUNT)
             if amount_cents > request.limit_cents:
@@ -818,6 +884,10 @@ class PgStore:
             if source_cents < amount_cents:
                 return Posting(PostResult.INSUFFICIENT_FUNDS)
             if not known:
+                if missed_until_ms is not None:  # this miss locked
+                    return Posting(
+                        PostResult.TRANSFERS_LOCKED, locked_until_ms=int(missed_until_ms)
+                    )
                 return Posting(PostResult.UNKNOWN_DESTINATION)
             if destination_cents > BALANCE_CENTS_MAX - amount_cents:
                 return Posting(PostResult.BALANCE_FULL)
@@ -911,7 +981,8 @@ class PgStore:
             conn.execute("DELETE FROM pin_failures WHERE account = %s", (account,))
 
     def unlock(self, account: str) -> Forgotten:
-        """Clear the account's PIN failures and lock; returns what was cleared."""
+        """Clear the account's PIN failures and lock, and its transfers to no account
+        and their lock; returns what was cleared."""
         account = canonical_account(account)
         with self._transaction() as conn:
             if conn.execute("SELECT 1 FROM accounts WHERE account = %s", (account,)).fetchone() \
@@ -921,7 +992,14 @@ class PgStore:
                 "DELETE FROM pin_failures WHERE account = %s RETURNING failures, locked_until_ms",
                 (account,),
             ).fetchone()
-        return Forgotten(0, None) if row is None else Forgotten(int(row[0]), row[1])
+            misses = conn.execute(
+                "DELETE FROM destination_misses WHERE account = %s"
+                " RETURNING misses, locked_until_ms",
+                (account,),
+            ).fetchone()
+        failures, locked_until_ms = (0, None) if row is None else (int(row[0]), row[1])
+        missed, transfers_until_ms = (0, None) if misses is None else (int(misses[0]), misses[1])
+        return Forgotten(failures, locked_until_ms, missed, transfers_until_ms)
 
     def close(self) -> None:
         """Close the connection; safe to call twice. Later calls fail (psycopg errors)."""
@@ -1081,8 +1159,9 @@ def _history(rows: list[tuple[Any, ...]], account: str) -> list[HistoryEntry]:
 @contextmanager
 def _read_only(conninfo: str | os.PathLike[str]) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
     """A read-only connection in one snapshot that creates and migrates nothing: a
-    database without the bank's schema is a StoreError, one that cannot be reached a
-    psycopg.OperationalError."""
+    database without the bank's schema is a StoreError, one of another version a
+    SchemaError (an older one lacks what the readers read, ``destination_misses`` since
+    version 6), one that cannot be reached a psycopg.OperationalError."""
     with connect(os.fspath(conninfo)) as conn:
         conn.read_only = True
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -1093,6 +1172,11 @@ def _read_only(conninfo: str | os.PathLike[str]) -> Iterator[psycopg.Connection[
             if version > SCHEMA_VERSION:
                 raise SchemaError(
                     f"database schema version {version} is newer than {SCHEMA_VERSION}"
+                )
+            if version < SCHEMA_VERSION:  # as bank.store's readers: this one only
+                raise SchemaError(
+                    f"database schema version {version} is older than {SCHEMA_VERSION}: start"
+                    " the server (or run any command that writes) once to migrate it"
                 )
             yield conn
 
@@ -1119,14 +1203,13 @@ def read_books(conninfo: str | os.PathLike[str]) -> Books:
 
 def read_accounts_summary(conninfo: str | os.PathLike[str]) -> list[AccountSummary]:
     with _read_only(conninfo) as conn:
-        rows = conn.execute(
-            "SELECT accounts.account, balance_cents, locked_until_ms FROM accounts"
-            " LEFT JOIN pin_failures ON pin_failures.account = accounts.account"
-            " ORDER BY accounts.account"
-        ).fetchall()
+        rows = conn.execute(ACCOUNTS_SUMMARY_SQL).fetchall()
     return [
-        AccountSummary(account, int(balance), None if locked is None else int(locked))
-        for account, balance, locked in rows
+        AccountSummary(
+            account, int(balance), None if locked is None else int(locked),
+            None if transfers is None else int(transfers),
+        )
+        for account, balance, locked, transfers in rows
     ]
 
 

@@ -122,9 +122,19 @@ TRANSFER_STATUS: dict[PostResult, Status] = {
     PostResult.OVER_LIMIT: SERVER_LIMITS[EntryKind.WITHDRAWAL].refusal,
     PostResult.UNKNOWN_DESTINATION: Status.INVALID_TO_ACCOUNT,
     PostResult.SAME_ACCOUNT: Status.SAME_ACCOUNT,
+    PostResult.TRANSFERS_LOCKED: Status.EXCEEDS_FREQUENCY_LIMIT,
 }
-"""The TRANSFER_REPLY answer to each outcome of a transfer (spec §3.18). A full
-destination is INVALID_AMOUNT, as a deposit into it would be: nothing more is revealed."""
+"""The TRANSFER_REPLY answer to each outcome of a transfer (spec §3.18), for a client
+that announced FREQUENCY_LIMIT. A full destination is INVALID_AMOUNT, as a deposit into
+it would be: nothing more is revealed."""
+
+OLD_CLIENT_TRANSFER_STATUS: dict[PostResult, Status] = {
+    **TRANSFER_STATUS,
+    # A limit refusal it decodes: settled, nothing moved (spec §3.16).
+    PostResult.TRANSFERS_LOCKED: SERVER_LIMITS[EntryKind.WITHDRAWAL].refusal,
+}
+"""``TRANSFER_STATUS`` for a client that did not announce FREQUENCY_LIMIT: it would take
+EXCEEDS_FREQUENCY_LIMIT's unknown byte for a malformed frame (spec §4)."""
 
 PIN_CHANGE_STATUS: dict[PinChangeResult, Status] = {
     PinChangeResult.CHANGED: Status.APPROVED,
@@ -440,8 +450,14 @@ class Session:
         )
         if posting.result is PostResult.FENCED:
             raise LeaseLost(request.txn_id.hex())
-        status = TRANSFER_STATUS[posting.result]
-        if log.isEnabledFor(logging.INFO):
+        statuses = (
+            TRANSFER_STATUS if Feature.FREQUENCY_LIMIT in self.features
+            else OLD_CLIENT_TRANSFER_STATUS
+        )
+        status = statuses[posting.result]
+        if posting.locked_until_ms is not None:
+            self._log_transfer_lock(request, status, posting.locked_until_ms)
+        elif log.isEnabledFor(logging.INFO):
             self._log_transfer(request, status, posting)
         return TransferReply(status, posting.balance_cents, posting.entry_id, posting.time_ms)
 
@@ -457,6 +473,16 @@ class Session:
             mask_account(request.to_account), status.name,
             " (replayed)" if result is PostResult.REPLAYED else "", request.txn_id.hex(),
             f" entry {posting.entry_id}" if booked else "",
+        )
+
+    def _log_transfer_lock(self, request: Transfer, status: Status, locked_until_ms: int) -> None:
+        """A transfer refused by the source's transfer lock, or the miss that set it: a
+        warning with until when, as a LOGIN's PIN lock is; the destination masked."""
+        log.warning(
+            "%s: %s TRANSFER %s to %s %s txn %s: transfers locked until %s", self._name,
+            mask_account(self._account()), format_cents(request.amount_cents),
+            mask_account(request.to_account), status.name, request.txn_id.hex(),
+            format_time_ms(locked_until_ms),
         )
 
     async def _change_pin(self, request: ChangePin) -> Reply:

@@ -16,6 +16,8 @@ Every entry belongs to a transaction record (double entry, as TigerBeetle's tran
 a deposit or withdrawal is one transaction with one entry, a transfer one transaction
 with two (TRANSFER_OUT on its source, TRANSFER_IN on its destination). The transaction
 id is the idempotency key, so a transfer's two legs share one id; schema version 4.
+Version 5 counts each source account's transfers to no account (``destination_misses``),
+which lock its transfers as wrong PINs lock a LOGIN (``Store.transfer``).
 """
 
 from __future__ import annotations
@@ -55,13 +57,18 @@ from wire import (
     mask_account,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Stored in ``PRAGMA user_version``; 0 means a new database, to be created and seeded."""
 
 PIN_FAILURES_PRUNED_MAX = 2
 """Forgotten PIN-failure rows deleted with each new failure: more than the one row a
 failure can add, so the table holds about the failures of one lockout period, however
 many account numbers a guesser tries."""
+
+DESTINATION_MISSES_PRUNED_MAX = PIN_FAILURES_PRUNED_MAX
+"""Forgotten destination-miss rows deleted with each new miss, as for PIN failures: the
+table then holds about one lockout period's misses (it is keyed by source accounts, which
+exist, so the number of accounts bounds it too)."""
 
 BUSY_TIMEOUT_MS = 5_000
 """How long to wait for another process's write lock before failing with an error."""
@@ -149,6 +156,18 @@ CREATE TABLE pin_failures (
 ) STRICT;
 
 CREATE INDEX pin_failures_by_age ON pin_failures (last_failure_ms);
+
+-- A source account's TRANSFERs answered INVALID_TO_ACCOUNT: destination_tries_max of them,
+-- each within destination_lockout_s of the last, lock its transfers until locked_until_ms.
+-- A row is forgotten one lockout period after its last miss (see Store._transfer_one).
+CREATE TABLE destination_misses (
+    account TEXT PRIMARY KEY REFERENCES accounts (account),
+    misses INTEGER NOT NULL CHECK (misses > 0),
+    locked_until_ms INTEGER,
+    last_miss_ms INTEGER NOT NULL CHECK (last_miss_ms >= 0)
+) STRICT;
+
+CREATE INDEX destination_misses_by_age ON destination_misses (last_miss_ms);
 """
 
 _MIGRATIONS: dict[int, str] = {
@@ -179,6 +198,7 @@ DROP TABLE entries;
 ALTER TABLE entries_v4 RENAME TO entries;
 CREATE INDEX entries_by_account ON entries (account, entry_id);
 """,
+    4: _SCHEMA[_SCHEMA.index("CREATE TABLE destination_misses") :],
 }
 """Statements that take a database from version N to N + 1, run in one transaction.
 
@@ -190,7 +210,9 @@ NULL for entries booked without one, as all earlier entries were.
 id): each existing entry gets a transaction row with its own kind, account, amount, time
 and terminal and no counterparty, and ``entries`` is rebuilt (SQLite cannot drop a
 constraint in place) with UNIQUE (txn_id, account) instead of UNIQUE (txn_id), keeping
-every entry's id and the AUTOINCREMENT counter."""
+every entry's id and the AUTOINCREMENT counter.
+4 -> 5: ``destination_misses``, empty: transfers to no account before it were not
+counted, so every account starts with none."""
 
 TRANSFER_TXN_KIND = int(TRANSFER.debit)
 """``transactions.kind`` of a transfer, 3. A transaction's kind is the kind of its entry
@@ -211,6 +233,29 @@ class PinPolicy:
     def __post_init__(self) -> None:
         if self.tries_max < 1:
             raise ValueError("pin_tries_max must be at least 1")
+        if not 0 <= self.lockout_ms <= LOCKOUT_MS_MAX:
+            raise ValueError(f"lockout_ms must be 0..{LOCKOUT_MS_MAX} milliseconds (one year)")
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationPolicy:
+    """When transfers to no account lock a source's TRANSFERs: the server's settings
+    (``destination_tries_max``, ``destination_lockout_s``), given with every transfer and
+    held to what the storage can keep, as ``PinPolicy`` is for wrong PINs. INVALID_TO_ACCOUNT
+    tells a customer that no account has a number (spec §3.18); this bounds how many
+    numbers one card can try to ``tries_max`` per ``lockout_ms``."""
+
+    tries_max: int
+    """Transfers to no account that lock, each within ``lockout_ms`` of the last. A
+    transfer that is booked does not reset the count: interleaving good transfers would
+    otherwise make the limit worthless."""
+    lockout_ms: int
+    """How long a lock lasts (an operator can lift it earlier with ``unlock``), and how
+    long a miss is remembered; 0 turns locking off."""
+
+    def __post_init__(self) -> None:
+        if self.tries_max < 1:
+            raise ValueError("destination_tries_max must be at least 1")
         if not 0 <= self.lockout_ms <= LOCKOUT_MS_MAX:
             raise ValueError(f"lockout_ms must be 0..{LOCKOUT_MS_MAX} milliseconds (one year)")
 
@@ -242,6 +287,8 @@ class TransferRequest:
     amount_cents: int
     limit_cents: int
     """The server's own limit for a new transfer (its withdrawal limit)."""
+    policy: DestinationPolicy
+    """When transfers to no account lock the source's transfers."""
     terminal: str | None = None
     fence: int | None = None
     """As ``PostRequest.fence``: the source's lease fence; SQLite ignores it."""
@@ -289,10 +336,12 @@ BatchRequest = (
 @dataclass(frozen=True, slots=True)
 class Forgotten:
     """What ``Store.unlock`` cleared: the wrong PINs it counted, and when the lock they
-    set ends (or ended), if they set one."""
+    set ends (or ended), if they set one; and the same of its transfers to no account."""
 
     failures: int
     locked_until_ms: int | None
+    destination_misses: int = 0
+    transfers_locked_until_ms: int | None = None
 
 
 class StoreError(Exception):
@@ -454,6 +503,7 @@ class Store:
         amount_cents: int,
         now_ms: int,
         limit_cents: int,
+        policy: DestinationPolicy,
         terminal: str | None = None,
     ) -> Posting:
         """Move money from ``account`` to ``to_account`` once, in one committed
@@ -462,14 +512,24 @@ class Store:
         Judged in this order, the first that holds answering: a malformed account or id
         is a ValueError; AMOUNT_OUT_OF_RANGE; a known ``txn_id`` is REPLAYED with the
         source's original entry if source, destination and amount match (TXN_ID_REUSED
-        otherwise); SAME_ACCOUNT; OVER_LIMIT (``limit_cents``); INSUFFICIENT_FUNDS;
-        UNKNOWN_DESTINATION; BALANCE_FULL (the destination's). The destination is looked
-        up only once the source could pay, so a customer learns whether an account
-        exists only by offering money they have, as a deposit slip would tell them.
-        Refusals record nothing. The source must exist (it is the session's account).
+        otherwise), so an ATM confirming a transfer learns the truth even once locked;
+        TRANSFERS_LOCKED while the source's transfers are locked; SAME_ACCOUNT;
+        OVER_LIMIT (``limit_cents``); INSUFFICIENT_FUNDS; UNKNOWN_DESTINATION;
+        BALANCE_FULL (the destination's). The destination is looked up only once the
+        source could pay, so a customer learns whether an account exists only by
+        offering money they have, as a deposit slip would tell them.
+
+        Refusals record nothing but UNKNOWN_DESTINATION, which counts one miss for the
+        source; the miss that brings its count to ``policy.tries_max`` (each within
+        ``policy.lockout_ms`` of the one before) sets the lock and is already
+        TRANSFERS_LOCKED, as the wrong PIN that locks is LOCKED (``verify_pin``): the
+        customer learns at once that retrying is pointless. A booked transfer leaves the
+        count alone; only time (a miss is forgotten ``lockout_ms`` after it, a lock ends
+        ``lockout_ms`` after the miss that set it) or ``unlock`` clears it. The source
+        must exist (it is the session's account).
         """
         request = TransferRequest(
-            account, txn_id, to_account, amount_cents, limit_cents, terminal
+            account, txn_id, to_account, amount_cents, limit_cents, policy, terminal
         )
         return self._posting_alone(request, now_ms)
 
@@ -659,6 +719,9 @@ class Store:
         prior = self._prior_transaction(txn_id)
         if prior is not None:
             return _replay(prior, (TRANSFER_TXN_KIND, source, destination, amount_cents))
+        misses, locked_until_ms, last_miss_ms = self._destination_misses(source)
+        if locked_until_ms is not None and locked_until_ms > now_ms:
+            return Posting(PostResult.TRANSFERS_LOCKED, locked_until_ms=int(locked_until_ms))
         if source == destination:
             return Posting(PostResult.SAME_ACCOUNT)
         if amount_cents > request.limit_cents:
@@ -668,7 +731,10 @@ class Store:
             return Posting(PostResult.INSUFFICIENT_FUNDS)
         row = self._cursor.execute(_BALANCE_SQL, (destination,)).fetchone()
         if row is None:
-            return Posting(PostResult.UNKNOWN_DESTINATION)
+            policy = request.policy
+            if locked_until_ms is not None or last_miss_ms <= now_ms - policy.lockout_ms:
+                misses = 0  # the lock expired, or the last miss is forgotten: a fresh start
+            return self._record_destination_miss(source, misses + 1, now_ms, policy)
         destination_cents = row[0]
         if destination_cents > BALANCE_CENTS_MAX - amount_cents:
             return Posting(PostResult.BALANCE_FULL)
@@ -751,13 +817,16 @@ class Store:
             self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
 
     def unlock(self, account: str) -> Forgotten:
-        """Clear the account's PIN failures and lock; returns what was cleared."""
+        """Clear the account's PIN failures and lock, and its transfers to no account
+        and their lock; returns what was cleared."""
         account = canonical_account(account)
         with self._transaction():
             self._require_account(account)
             failures, locked_until_ms, _ = self._pin_failures(account)
+            misses, transfers_locked_until_ms, _ = self._destination_misses(account)
             self._conn.execute("DELETE FROM pin_failures WHERE account = ?", (account,))
-        return Forgotten(failures, locked_until_ms)
+            self._conn.execute("DELETE FROM destination_misses WHERE account = ?", (account,))
+        return Forgotten(failures, locked_until_ms, misses, transfers_locked_until_ms)
 
     def close(self) -> None:
         """Fold the WAL back into the database file and close; safe to call twice.
@@ -949,6 +1018,41 @@ class Store:
             },
         )
 
+    def _destination_misses(self, account: str) -> tuple[int, int | None, int]:
+        """(misses, locked_until_ms, last_miss_ms) of a transfer source; (0, None, 0) if
+        none are recorded."""
+        row = self._cursor.execute(_DESTINATION_MISSES_SQL, (account,)).fetchone()
+        return (0, None, 0) if row is None else (int(row[0]), row[1], int(row[2]))
+
+    def _record_destination_miss(
+        self, account: str, misses: int, now_ms: int, policy: DestinationPolicy
+    ) -> Posting:
+        """Count a transfer to no account against its source, pruning forgotten rows as
+        ``_record_pin_failure`` does; TRANSFERS_LOCKED if this miss locks."""
+        self._conn.execute(
+            "DELETE FROM destination_misses WHERE account IN ("
+            " SELECT account FROM destination_misses"
+            " WHERE last_miss_ms <= :forgotten AND coalesce(locked_until_ms, 0) <= :now"
+            " ORDER BY last_miss_ms LIMIT :limit)",
+            {
+                "forgotten": now_ms - policy.lockout_ms,
+                "now": now_ms,
+                "limit": DESTINATION_MISSES_PRUNED_MAX,
+            },
+        )
+        locked_until_ms = now_ms + policy.lockout_ms if misses >= policy.tries_max else None
+        self._conn.execute(
+            "INSERT INTO destination_misses (account, misses, locked_until_ms, last_miss_ms)"
+            " VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (account) DO UPDATE"
+            " SET misses = excluded.misses, locked_until_ms = excluded.locked_until_ms,"
+            " last_miss_ms = excluded.last_miss_ms",
+            (account, misses, locked_until_ms, now_ms),
+        )
+        if locked_until_ms is None:
+            return Posting(PostResult.UNKNOWN_DESTINATION)
+        return Posting(PostResult.TRANSFERS_LOCKED, locked_until_ms=locked_until_ms)
+
     def _prior_transaction(self, txn_id: bytes) -> _Prior | None:
         """The transaction booked under ``txn_id``, with its own account's entry."""
         row = self._cursor.execute(_PRIOR_TRANSACTION_SQL, (txn_id,)).fetchone()
@@ -1125,6 +1229,9 @@ _POST_KINDS: dict[EntryKind, _PostKind] = {
 
 # The posting path's statements, on ``Store._cursor`` with positional parameters.
 _BALANCE_SQL = "SELECT balance_cents FROM accounts WHERE account = ?"
+_DESTINATION_MISSES_SQL = (
+    "SELECT misses, locked_until_ms, last_miss_ms FROM destination_misses WHERE account = ?"
+)
 _PRIOR_TRANSACTION_SQL = (
     "SELECT t.kind, t.account, t.counterparty, t.amount_cents,"
     " e.entry_id, e.balance_cents, e.time_ms"
@@ -1239,6 +1346,19 @@ class AccountSummary:
     balance_cents: int
     locked_until_ms: int | None
     """When its wrong-PIN lock ends (or ended); None if wrong PINs never locked it."""
+    transfers_locked_until_ms: int | None = None
+    """When the lock on its transfers ends (or ended); None if transfers to no account
+    never locked them."""
+
+
+ACCOUNTS_SUMMARY_SQL = (
+    "SELECT accounts.account, balance_cents, pin_failures.locked_until_ms,"
+    " destination_misses.locked_until_ms FROM accounts"
+    " LEFT JOIN pin_failures ON pin_failures.account = accounts.account"
+    " LEFT JOIN destination_misses ON destination_misses.account = accounts.account"
+    " ORDER BY accounts.account"
+)
+"""``read_accounts_summary``'s one query, the same for both stores."""
 
 
 @contextmanager
@@ -1285,18 +1405,18 @@ def _book_entry(
 
 
 def read_accounts_summary(db_path: str | os.PathLike[str]) -> list[AccountSummary]:
-    """Every account in account order, with its balance and wrong-PIN lock, read-only."""
+    """Every account in account order, with its balance, wrong-PIN lock and transfer
+    lock, read-only."""
     if is_postgresql(db_path):
         from bank import pg_store  # noqa: PLC0415 (it imports this module)
 
         return pg_store.read_accounts_summary(db_path)
     with _read_only(db_path) as conn:
-        rows = conn.execute(
-            "SELECT accounts.account, balance_cents, locked_until_ms FROM accounts"
-            " LEFT JOIN pin_failures ON pin_failures.account = accounts.account"
-            " ORDER BY accounts.account"
-        ).fetchall()
-    return [AccountSummary(account, balance, locked) for account, balance, locked in rows]
+        rows = conn.execute(ACCOUNTS_SUMMARY_SQL).fetchall()
+    return [
+        AccountSummary(account, balance, locked, transfers)
+        for account, balance, locked, transfers in rows
+    ]
 
 
 def read_statement(

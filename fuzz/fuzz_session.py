@@ -127,13 +127,20 @@ class FakeLedger:
     runs deterministic, which libFuzzer needs to reproduce a crash.
     """
 
-    def __init__(self, *, pin_tries_max: int = CONFIG.pin_tries_max) -> None:
+    def __init__(
+        self, *, pin_tries_max: int = CONFIG.pin_tries_max,
+        destination_tries_max: int = CONFIG.destination_tries_max,
+    ) -> None:
         self.accounts = {
             account: FakeAccount(pin, cents, cents)
             for account, (pin, cents) in OPENING_BALANCES.items()
         }
         self._pin_tries_max = pin_tries_max
         self._failures: dict[str, int] = {}
+        self._destination_tries_max = destination_tries_max
+        self._misses: dict[str, int] = {}
+        """Transfers to no account per source; at the limit its transfers lock (no clock
+        here: a lock lasts the run)."""
         self._postings: dict[bytes, tuple[tuple[object, ...], Posting]] = {}
         self._entry_ids = itertools.count(1)
         self._time_ms = itertools.count(TIME_MS_START)
@@ -220,6 +227,9 @@ class FakeLedger:
             if earlier[0] == content:
                 return dataclasses.replace(earlier[1], result=PostResult.REPLAYED)
             return Posting(PostResult.TXN_ID_REUSED)
+        misses = self._misses.get(account, 0)
+        if misses >= self._destination_tries_max:
+            return Posting(PostResult.TRANSFERS_LOCKED, locked_until_ms=TIME_MS_START)
         source = self.accounts[account]
         destination = self.accounts.get(to_account)
         if to_account == account:
@@ -229,6 +239,9 @@ class FakeLedger:
         if source.balance_cents < amount_cents:
             return Posting(PostResult.INSUFFICIENT_FUNDS)
         if destination is None:
+            self._misses[account] = misses + 1
+            if misses + 1 >= self._destination_tries_max:
+                return Posting(PostResult.TRANSFERS_LOCKED, locked_until_ms=TIME_MS_START)
             return Posting(PostResult.UNKNOWN_DESTINATION)
         if destination.balance_cents > BALANCE_CENTS_MAX - amount_cents:
             return Posting(PostResult.BALANCE_FULL)
@@ -524,6 +537,10 @@ def seeds() -> list[bytes]:
                 Transfer(_txn(11), 500, OTHER_ACCOUNT), Transfer(_txn(11), 501, OTHER_ACCOUNT),
                 Transfer(_txn(12), 500, "AB-12345"), Transfer(_txn(13), 500, "ZZ-00000"),
                 Transfer(_txn(14), 100_001, OTHER_ACCOUNT), History(5), Features(0), History(5)),
+        _stream(Features(7), login, *[
+            Transfer(_txn(20 + n), 1, f"ZZ-0000{n}") for n in range(CONFIG.destination_tries_max)
+        ], Transfer(_txn(30), 1, OTHER_ACCOUNT), Transfer(_txn(11), 1, OTHER_ACCOUNT),
+                Features(3), Transfer(_txn(31), 1, OTHER_ACCOUNT), Deposit(_txn(32), 1)),
         _stream(login, ChangePin("0000", "2580"), ChangePin("1234", "1111"),
                 ChangePin("1234", "2580"), Balance(), Logout(), Login("AB-12345", "2580")),
         _stream(Transfer(_txn(15), 1, OTHER_ACCOUNT), ChangePin("1234", "2580"), login,

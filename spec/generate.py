@@ -43,6 +43,7 @@ from wire import (
     DepositReply,
     EntryKind,
     Error,
+    Feature,
     Features,
     FeaturesReply,
     Hello,
@@ -168,6 +169,7 @@ ERROR_REQUEST_IDS: dict[Status, tuple[int, str]] = {
     Status.INVALID_TO_ACCOUNT: (25, "every status can travel in an ERROR frame"),
     Status.SAME_ACCOUNT: (26, "every status can travel in an ERROR frame"),
     Status.PIN_NOT_ALLOWED: (27, "every status can travel in an ERROR frame"),
+    Status.EXCEEDS_FREQUENCY_LIMIT: (28, "every status can travel in an ERROR frame"),
 }
 
 
@@ -248,9 +250,14 @@ def golden_frames() -> list[Golden]:
                "the token opens no session of this account: log in with LOGIN instead"),
         # The optional requests (section 3.16 on): FEATURES first, then what it offers.
         Golden("features", Features(int(ALL_FEATURES)), 1,
-               "right after HELLO: this client speaks TRANSFER and CHANGE_PIN"),
+               "right after HELLO: this client speaks TRANSFER, CHANGE_PIN and"
+               " FREQUENCY_LIMIT"),
         Golden("features-reply", FeaturesReply(Status.APPROVED, int(ALL_FEATURES)), 1,
-               "the server serves both; HISTORY may now carry entry kinds 3 and 4"),
+               "the server serves all three; HISTORY may now carry entry kinds 3 and 4,"
+               " TRANSFER_REPLY status 65"),
+        Golden("features-transfer-and-change-pin",
+               Features(int(Feature.TRANSFER | Feature.CHANGE_PIN)), 1,
+               "a client from before FREQUENCY_LIMIT: a locked TRANSFER is answered 61"),
         Golden("transfer", Transfer(TXN_TRANSFER, 5_000, DESTINATION), 11,
                "move $50.00 from the session's account to WF-14351"),
         Golden("transfer-reply", _approved_money_reply(TransferReply), 11,
@@ -259,6 +266,10 @@ def golden_frames() -> list[Golden]:
                "no account has the destination's number; nothing moved"),
         Golden("transfer-reply-same-account", TransferReply(Status.SAME_ACCOUNT), 11,
                "the destination is the session's own account"),
+        Golden("transfer-reply-exceeds-frequency-limit",
+               TransferReply(Status.EXCEEDS_FREQUENCY_LIMIT), 11,
+               "the source's transfers are locked by too many to no account (to a client"
+               " that announced FREQUENCY_LIMIT); nothing moved"),
         Golden("change-pin", ChangePin(PIN, NEW_PIN), 12, "current PIN, then the new one"),
         Golden("change-pin-reply", ChangePinReply(Status.APPROVED), 12,
                "the new PIN is stored; the session goes on"),

@@ -30,6 +30,7 @@ from bank.ledger import Ledger, PinChangeVerdict, PinVerdict, Posting
 from bank.resumption import SessionRegistry
 from bank.server import BankServer
 from bank.session import Session
+from bank.store import DestinationPolicy
 from wire import (
     ALL_FEATURES,
     AMOUNT_CENTS_MAX,
@@ -43,6 +44,7 @@ from wire import (
     Deposit,
     EntryKind,
     Error,
+    Feature,
     Features,
     FeaturesReply,
     Frame,
@@ -80,6 +82,11 @@ RECEIVE_TIMEOUT_S = 10
 """Guard against a hung test when the real clock runs; far above any honest wait."""
 
 DEMO_ACCOUNT, DEMO_PIN, DEMO_BALANCE_CENTS = "AC-12345", "1324", 1024_32
+DESTINATIONS = DestinationPolicy(
+    tries_max=ServerConfig().destination_tries_max,
+    lockout_ms=ServerConfig().destination_lockout_s * 1000,
+)
+"""The server's default transfer-lock settings, for tests that call a store directly."""
 OTHER_ACCOUNT, OTHER_PIN = "BC-01373", "2947"
 
 
@@ -433,9 +440,14 @@ class FakeBank:
         """Answer every RESUME UNKNOWN_SESSION, as a bank that lost its sessions would."""
         self.outcomes: dict[bytes, MoneyReply] = {}
         self.transfers: dict[bytes, TransferReply] = {}
+        self.transfers_locked = False
+        """Refuse every new transfer as the bank's transfer lock does (spec §3.18): 65 if
+        the connection announced FREQUENCY_LIMIT, else 61."""
         self.served_features = int(ALL_FEATURES)
         """What FEATURES is answered with (of what was asked): 0 plays a bank that has none."""
         self.features_seen = False
+        self.features_announced = 0
+        """The bits of the last FEATURES (one fake serves one ATM at a time)."""
         self.requests: list[Frame] = []
         self.connections = 0
         self.busy_after_connections: int | None = None
@@ -612,9 +624,16 @@ class FakeBank:
                 return self._move_money(request, self._account(session))
             case Features(features=features):
                 self.features_seen = True
+                self.features_announced = features
                 return FeaturesReply(Status.APPROVED, features & self.served_features)
             case Transfer():
                 assert session.account is not None
+                if self.transfers_locked and request.txn_id not in self.transfers:
+                    told = self.features_announced & self.served_features
+                    return TransferReply(
+                        Status.EXCEEDS_FREQUENCY_LIMIT if told & Feature.FREQUENCY_LIMIT
+                        else Status.EXCEEDS_WITHDRAWAL_LIMIT
+                    )
                 return self._transfer(request, session.account)
             case ChangePin():
                 return ChangePinReply(self._change_pin(request, self._account(session)))

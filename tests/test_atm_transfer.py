@@ -16,7 +16,7 @@ from atm import text
 from atm.errors import ExitCode
 from atm.session import run_atm
 from tests.helpers import ACCOUNT, PIN, START_BALANCE_CENTS, FakeAccount, FakeBank, ScriptedConsole
-from wire import ChangePin, Features, History, Status, Transfer
+from wire import ChangePin, Feature, Features, History, Status, Transfer
 
 OTHER = "WF-14351"
 OTHER_BALANCE_CENTS = 5_00
@@ -81,6 +81,21 @@ async def test_history_names_transfers() -> None:
     _, console, bank = await run([*LOGIN_LINES, "t", OTHER, "1", "y", "h", "x"])
     assert bank.sent(History)
     assert any("Transfer out" in line and "-$1.00" in line for line in console.output)
+
+
+async def test_a_transfer_lock_is_said_in_plain_words_and_settles_the_transfer() -> None:
+    def locked(bank: FakeBank) -> None:
+        bank.transfers_locked = True
+
+    code, console, bank = await run([*LOGIN_LINES, "t", OTHER, "5", "y", "b", "x"], locked)
+    assert code is ExitCode.OK
+    assert bank.sent(Features)[0].features & Feature.FREQUENCY_LIMIT  # the ATM announces it
+    assert text.refused(text.TRANSFER_NOUN, Status.EXCEEDS_FREQUENCY_LIMIT) in console.output
+    assert "try again later or ask the bank (65)" in text.status_sentence(
+        Status.EXCEEDS_FREQUENCY_LIMIT
+    )
+    assert len(bank.sent(Transfer)) == 1  # settled: not resent to confirm it
+    assert bank.accounts[OTHER].balance_cents == OTHER_BALANCE_CENTS
 
 
 async def test_a_bank_without_the_optional_requests_is_not_asked_them() -> None:

@@ -29,13 +29,13 @@ from bank.__main__ import (
 )
 from bank.batch_ledger import open_ledger
 from bank.config import ServerConfig, from_arguments
-from bank.ledger import PinResult
+from bank.ledger import PinResult, PostResult
 from bank.pins import load_or_create_key
 from bank.readiness import Ready, read_ready_file, write_ready_file
 from bank.server import open_files_needed, raise_open_files_limit
 from bank.store import DEMO_ACCOUNTS, PinPolicy, Store, UnknownAccount
 from bank.tools import launcher
-from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, RECEIVE_TIMEOUT_S, WireClient
+from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, DESTINATIONS, RECEIVE_TIMEOUT_S, WireClient
 from tests.pg import open_store as bank_store
 from wire import Balance, BalanceReply, EntryKind, Shutdown, Status, mask_account
 
@@ -381,6 +381,49 @@ def test_unlock_says_whether_it_lifted_a_lock_or_only_forgot_wrong_pins(
     )
 
 
+def test_unlock_says_what_it_did_to_a_transfer_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    masked = mask_account(DEMO_ACCOUNT)
+    operator(tmp_path, "unlock", DEMO_ACCOUNT)  # makes the bank
+    capsys.readouterr()
+
+    def unlock_after(*, misses: int, wrong_pins: int = 0) -> str:
+        now_ms = int(time.time() * 1000)
+        with open_store(tmp_path) as store:
+            for n in range(misses):
+                store.transfer(account=DEMO_ACCOUNT, txn_id=bytes([n + 1]) * 16,
+                               to_account="QQ-00000", amount_cents=1, now_ms=now_ms,
+                               limit_cents=10**6, policy=DESTINATIONS)
+            for _ in range(wrong_pins):
+                store.verify_pin(DEMO_ACCOUNT, "0000", now_ms, POLICY)
+        assert operator(tmp_path, "unlock", DEMO_ACCOUNT) == 0
+        return capsys.readouterr().out
+
+    locked = DESTINATIONS.tries_max
+    assert re.fullmatch(
+        rf"{re.escape(masked)} had no wrong PINs; its transfers were locked until 20\d\d-.+;"
+        r" unlocked\n", unlock_after(misses=locked),
+    )
+    assert unlock_after(misses=2, wrong_pins=1) == (
+        f"{masked} was not locked; its 1 wrong PIN is forgotten;"
+        " its 2 transfers to no account are forgotten\n"
+    )
+    assert re.fullmatch(
+        rf"{re.escape(masked)} was locked until 20\d\d-.+; unlocked; its transfers were"
+        r" locked until 20\d\d-.+; unlocked\n", unlock_after(misses=locked, wrong_pins=3),
+    )
+    assert unlock_after(misses=1) == (
+        f"{masked} had no wrong PINs; its 1 transfer to no account is forgotten\n"
+    )
+    with open_store(tmp_path) as store:  # lifted: a transfer goes through
+        moved = store.transfer(account=DEMO_ACCOUNT, txn_id=bytes([99]) * 16,
+                               to_account="WF-14351", amount_cents=1,
+                               now_ms=int(time.time() * 1000), limit_cents=10**6,
+                               policy=DESTINATIONS)
+    assert moved.result is PostResult.BOOKED
+
+
 def test_import_of_a_course_accounts_file(tmp_path: Path):
     accounts = tmp_path / "accounts.txt"
     accounts.write_text("# course accounts\nqq-11111, 1111, 10.50\n\nqq-22222,2222,0\n")
@@ -504,14 +547,21 @@ def test_accounts_lists_every_balance_in_dollars_and_the_locks_in_force(
         for _ in range(POLICY.tries_max):
             store.verify_pin("WF-14351", "0000", now_ms=far_future_ms, policy=POLICY)
         store.verify_pin("TN-13731", "0000", now_ms=0, policy=POLICY)  # not locked
+        for n in range(DESTINATIONS.tries_max):  # KH-10406's transfers, to no account
+            store.transfer(account="KH-10406", txn_id=bytes([n + 1]) * 16,
+                           to_account="QQ-00000", amount_cents=1, now_ms=far_future_ms,
+                           limit_cents=10**6, policy=DESTINATIONS)
     assert reader(tmp_path, "accounts") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["account", "balance", "locked", "until", "(UTC)"]
+    assert lines[0].split() == [
+        "account", "balance", "locked", "until", "(UTC)", "transfers", "locked", "until", "(UTC)"
+    ]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     assert len(rows) == 7
-    assert rows["AC-12345"] == ["$1,024.32", "-"]
-    assert rows["TN-13731"] == ["$6,462.75", "-"]
-    assert rows["WF-14351"] == ["$5,428.22", "2100-01-01", "00:15:00"]
+    assert rows["AC-12345"] == ["$1,024.32", "-", "-"]
+    assert rows["TN-13731"] == ["$6,462.75", "-", "-"]
+    assert rows["WF-14351"] == ["$5,428.22", "2100-01-01", "00:15:00", "-"]
+    assert rows["KH-10406"] == ["$15,327.89", "-", "2100-01-01", "00:15:00"]
 
 
 def test_statement_shows_the_newest_entries_first_with_their_details(
@@ -569,7 +619,8 @@ def test_statement_and_txn_show_both_legs_of_a_transfer(
     reader(tmp_path, "accounts")
     with open_store(tmp_path) as store:
         store.transfer(account=DEMO_ACCOUNT, txn_id=TXN_A, to_account="WF-14351",
-                       amount_cents=20_00, now_ms=1_700_000_000_000, limit_cents=10**9)
+                       amount_cents=20_00, now_ms=1_700_000_000_000, limit_cents=10**9,
+                       policy=DESTINATIONS)
     capsys.readouterr()
     assert reader(tmp_path, "statement", "WF-14351") == 0
     _, row = (line.split() for line in capsys.readouterr().out.splitlines())
@@ -737,13 +788,18 @@ def test_every_operator_command_works_on_either_backend(
             store.verify_pin("XY-00001", "0000", now_ms=4_102_444_800_000, policy=POLICY)
         store.post(account="XY-00001", txn_id=TXN_A, kind=EntryKind.WITHDRAWAL,
                    amount_cents=2_34, now_ms=1_700_000_000_000, limit_cents=10**9)
+        for n in range(DESTINATIONS.tries_max):
+            store.transfer(account="XY-00001", txn_id=bytes([n + 1]) * 16,
+                           to_account="QQ-00000", amount_cents=1, now_ms=4_102_444_800_000,
+                           limit_cents=10**9, policy=DESTINATIONS)
     status, out = run("accounts")
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
     assert status == 0 and len(rows) == 7 + 3
-    assert rows["XY-00001"] == ["$10.00", "2100-01-01", "00:15:00"]
-    assert rows["QQ-11111"] == ["$10.50", "-"]
+    assert rows["XY-00001"] == ["$10.00", *["2100-01-01", "00:15:00"] * 2]
+    assert rows["QQ-11111"] == ["$10.50", "-", "-"]
     status, out = run("unlock", "XY-00001", *keyed)
     assert status == 0 and out.startswith("XY-***01 was locked until 2100-01-01")
+    assert "; its transfers were locked until 2100-01-01" in out
     assert run("reset-pin", "XY-00001", *keyed, stdin="5555\n") == (0, "PIN reset for XY-***01\n")
     status, out = run("statement", "XY-00001")
     assert status == 0 and out.splitlines()[1].split()[3:6] == ["withdrawal", "$2.34", "$10.00"]

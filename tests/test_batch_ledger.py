@@ -32,6 +32,7 @@ from bank.ledger import (
 )
 from bank.pins import KEY_BYTES
 from bank.store import PinPolicy
+from tests.helpers import DESTINATIONS
 from tests.pg import open_store, raw
 from wire import EntryKind
 from wire._kinds import KIND_OF_ENTRY, MONEY_KINDS
@@ -127,6 +128,51 @@ async def test_lock_expiry_follows_the_injected_clock(ledger: BatchLedger, clock
     assert (await ledger.verify_pin("AC-12345", "1324")).result is PinResult.MATCHED
 
 
+async def miss(ledger: BatchLedger, n: int, destination: str = "QQ-00000") -> Posting:
+    return await ledger.transfer(account="AC-12345", txn_id=txn(n), to_account=destination,
+                                 amount_cents=1, limit_cents=AMOUNT_CENTS_MAX)
+
+
+async def test_a_transfer_lock_follows_the_injected_clock(
+    ledger: BatchLedger, clock: FakeClock
+):
+    defaults = ServerConfig()  # the ledger fixture opens with them
+    tries, lockout_ms = defaults.destination_tries_max, defaults.destination_lockout_s * 1000
+    for n in range(1, tries):  # each within the period of the one before: they add up
+        assert (await miss(ledger, n)).result is PostResult.UNKNOWN_DESTINATION
+        clock.now_ms += lockout_ms - 1
+    locking = await miss(ledger, tries)
+    until = clock.now_ms + lockout_ms
+    assert locking == Posting(PostResult.TRANSFERS_LOCKED, locked_until_ms=until)
+    clock.now_ms += lockout_ms - 1
+    assert (await miss(ledger, 100, "WF-14351")).result is PostResult.TRANSFERS_LOCKED
+    clock.now_ms += 1
+    assert (await miss(ledger, 101, "WF-14351")).result is PostResult.BOOKED
+    clock.now_ms += lockout_ms  # the last miss long forgotten: a fresh count
+    assert (await miss(ledger, 102)).result is PostResult.UNKNOWN_DESTINATION
+
+
+async def test_a_transfer_lock_survives_a_restart_of_the_ledger(
+    any_db: str, tmp_path: Path, clock: FakeClock
+):
+    first = await open_ledger(any_db, tmp_path / "pin.key", clock_ms=clock,
+                              destination_tries_max=2, destination_lockout_s=60)
+    try:
+        assert (await miss(first, 1)).result is PostResult.UNKNOWN_DESTINATION
+        assert (await miss(first, 2)).result is PostResult.TRANSFERS_LOCKED
+    finally:
+        await first.aclose()
+    clock.now_ms += 59_999
+    restarted = await open_ledger(any_db, tmp_path / "pin.key", clock_ms=clock,
+                                  destination_tries_max=2, destination_lockout_s=60)
+    try:
+        assert (await miss(restarted, 3, "WF-14351")).result is PostResult.TRANSFERS_LOCKED
+        clock.now_ms += 1
+        assert (await miss(restarted, 4, "WF-14351")).result is PostResult.BOOKED
+    finally:
+        await restarted.aclose()
+
+
 async def test_open_ledger_passes_lockout_settings(
     any_db: str, tmp_path: Path, clock: FakeClock
 ):
@@ -160,7 +206,9 @@ async def test_only_what_blocks_runs_in_a_worker_thread(any_db: str):
     for name in ("execute_batch", "begin_batch_now", "run_batch", "commit_batch"):
         if hasattr(store, name):
             recording(name)
-    ledger = BatchLedger(store, pin_policy=PinPolicy(tries_max=3, lockout_ms=0))
+    ledger = BatchLedger(
+        store, pin_policy=PinPolicy(tries_max=3, lockout_ms=0), destination_policy=DESTINATIONS
+    )
     try:
         assert await ledger.balance("AC-12345") == 102_432
     finally:

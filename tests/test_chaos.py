@@ -25,6 +25,7 @@ from bank.tools.chaos import (
     main,
     read_bank_state,
 )
+from tests.helpers import DESTINATIONS
 from tests.pg import pg_cluster, pg_db
 from wire import EntryKind, Status
 from wire._limits import AMOUNT_CENTS_MAX
@@ -212,7 +213,8 @@ def test_keep_refuses_a_directory_with_a_database(tmp_path: Path, capsys):
 def test_the_checker_judges_both_legs_of_a_transfer(tmp_path: Path):
     with Store(tmp_path / "bank.db", bytes(32)) as store:
         moved = store.transfer(account=ACCOUNT, txn_id=txn(1), to_account="WF-14351",
-                               amount_cents=500, now_ms=0, limit_cents=10**6)
+                               amount_cents=500, now_ms=0, limit_cents=10**6,
+                               policy=DESTINATIONS)
     books = read_books(tmp_path / "bank.db")
     op = Operation(txn(1), ACCOUNT, EntryKind.TRANSFER_OUT, 500, Outcome.ACKNOWLEDGED,
                    Status.APPROVED, moved.entry_id, moved.balance_cents, attempts=1,

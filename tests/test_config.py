@@ -12,6 +12,7 @@ import pytest
 
 from bank.__main__ import build_parser
 from bank.config import (
+    DESTINATION_LOCKOUT_S_MAX,
     PIN_LOCKOUT_S_MAX,
     ServerConfig,
     add_arguments,
@@ -46,6 +47,27 @@ def test_the_flag_and_the_env_var_are_held_to_the_limit(monkeypatch: pytest.Monk
         from_arguments(build_parser().parse_args(["--pin-lockout-s", past_the_limit]))
     monkeypatch.setenv("BANK_PIN_LOCKOUT_S", past_the_limit)
     with pytest.raises(ValueError, match="pin_lockout_s"):
+        from_arguments(build_parser().parse_args([]))
+
+
+def test_the_transfer_lock_settings_are_bounded_as_the_pin_lock_settings_are(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    defaults = ServerConfig()
+    assert (defaults.destination_tries_max, defaults.destination_lockout_s) == (5, 900)
+    assert DESTINATION_LOCKOUT_S_MAX == PIN_LOCKOUT_S_MAX
+    for seconds in (0, DESTINATION_LOCKOUT_S_MAX):
+        assert ServerConfig(destination_lockout_s=seconds).destination_lockout_s == seconds
+    for seconds in (-1, DESTINATION_LOCKOUT_S_MAX + 1):
+        limit = rf"destination_lockout_s must be 0\.\.{DESTINATION_LOCKOUT_S_MAX} "
+        with pytest.raises(ValueError, match=limit):
+            ServerConfig(destination_lockout_s=seconds)
+    with pytest.raises(ValueError, match="destination_tries_max must be at least 1"):
+        ServerConfig(destination_tries_max=0)
+    parsed = build_parser().parse_args(["--destination-tries-max", "2"])
+    assert from_arguments(parsed).destination_tries_max == 2
+    monkeypatch.setenv("BANK_DESTINATION_LOCKOUT_S", str(DESTINATION_LOCKOUT_S_MAX + 1))
+    with pytest.raises(ValueError, match="destination_lockout_s"):
         from_arguments(build_parser().parse_args([]))
 
 

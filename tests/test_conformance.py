@@ -1049,6 +1049,11 @@ async def test_the_server_answers_each_request_only_with_its_rows_statuses(
     locker = session()
     await ask(locker, Login("WF-14351", "9834"), *[ChangePin("0000", "2580")] * PIN_TRIES_MAX)
     locker.end()
+    prober = session()  # transfers to no account until its transfers lock
+    await ask(prober, Login("TN-13731", "2435"), Features(int(ALL_FEATURES)), *[
+        Transfer(txn_id(), 1, f"QQ-{n:05d}") for n in range(ServerConfig().destination_tries_max)
+    ])
+    prober.end()
     # Its connection lost, the ATM resumes the session on a new one with the session's
     # token; the old connection, waiting for its client, ends at once when superseded.
     atm.session.on_supersede = atm.end

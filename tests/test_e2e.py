@@ -3,7 +3,8 @@
 Through a pipe (scripted input, exit statuses) and through a pseudo-terminal with
 pexpect (prompts, hidden PIN): a full session; an overdraft refused; a second ATM
 refused while the first holds the account and admitted after its logout; three wrong
-PINs locking the account; the SHUTDOWN notice reaching a connected ATM; and a deposit
+PINs locking the account; transfers to no account locking the account's transfers until
+the operator unlocks them; the SHUTDOWN notice reaching a connected ATM; and a deposit
 whose reply is lost in the network, retried by the ATM and applied exactly once.
 
 Every scenario but the lost reply runs three times: in plaintext, inside TLS with
@@ -30,12 +31,13 @@ import trio
 
 from atm import text
 from atm.errors import ExitCode
+from bank.config import ServerConfig
 from bank.store import read_books
 from bank.tls import init_ca_and_server, issue_terminal
 from bank.tools import launcher
 from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, OTHER_ACCOUNT, OTHER_PIN, bank_process_args
 from tests.pg import Cluster
-from wire import Decoder, DepositReply, Sender, encode
+from wire import Decoder, DepositReply, Sender, Status, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCESS_TIMEOUT_S = 30
@@ -293,3 +295,31 @@ def test_a_transfer_and_a_pin_change_with_the_real_programs(bank: Bank):
     assert balance_cents(bank.db, OTHER_ACCOUNT) == 45_72 + 24_32
     again = atm_piped(bank, DEMO_ACCOUNT, "2580", "b", "x")
     assert "Your balance is $1,000.00." in again.stdout
+
+
+def test_transfers_to_no_account_lock_the_atms_transfers_until_the_operator_unlocks(
+    bank: Bank, tmp_path: Path
+):
+    """Walking account numbers with one-cent transfers through ``python -m atm``: the
+    ATM shows the lock in words (it announced FREQUENCY_LIMIT, so the bank says 65), takes
+    it as settled, and ``python -m bank unlock`` lifts it."""
+    tries = ServerConfig().destination_tries_max
+    walk = [line for n in range(tries) for line in ("t", f"QQ-{n:05d}", "0.01", "y")]
+    done = atm_piped(bank, DEMO_ACCOUNT, DEMO_PIN, *walk, "t", OTHER_ACCOUNT, "1", "y", "x")
+    assert done.returncode == ExitCode.OK, done.stdout + done.stderr
+    refused = functools.partial(text.refused, text.TRANSFER_NOUN)
+    assert done.stdout.count(refused(Status.INVALID_TO_ACCOUNT)) == tries - 1
+    assert done.stdout.count(refused(Status.EXCEEDS_FREQUENCY_LIMIT)) == 2  # settled, said
+    assert balance_cents(bank.db, DEMO_ACCOUNT) == 1_024_32
+    log = bank.server.log_path.read_text()
+    assert log.count("transfers locked until") == 2 and DEMO_ACCOUNT not in log
+    unlock = subprocess.run(
+        [sys.executable, "-m", "bank", "--db", bank.db, "--key-file", str(tmp_path / "bank.key"),
+         "unlock", DEMO_ACCOUNT],
+        capture_output=True, text=True, cwd=ROOT, timeout=PROCESS_TIMEOUT_S, check=False,
+    )
+    assert unlock.returncode == 0, unlock.stderr
+    assert re.fullmatch(r"AC-\*\*\*45 had no wrong PINs; its transfers were locked until .+;"
+                        r" unlocked\n", unlock.stdout)
+    again = atm_piped(bank, DEMO_ACCOUNT, DEMO_PIN, "t", OTHER_ACCOUNT, "1", "y", "x")
+    assert again.returncode == ExitCode.OK and "$1,023.32" in again.stdout

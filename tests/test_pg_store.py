@@ -32,14 +32,16 @@ from bank.pg_store import (
 )
 from bank.store import (
     BalanceQuery,
+    DestinationPolicy,
     PinPolicy,
     PostRequest,
     SchemaError,
     StoreError,
     UnknownAccount,
+    read_accounts_summary,
     read_books,
 )
-from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, logged_in, start_server
+from tests.helpers import DEMO_ACCOUNT, DEMO_PIN, DESTINATIONS, logged_in, start_server
 from tests.pg import Cluster, free_port, raw
 from wire import Deposit, DepositReply, EntryKind, Status
 from wire._limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
@@ -86,6 +88,35 @@ def test_a_newer_schema_is_refused_by_the_store_and_the_readers(store: PgStore, 
         PgStore(pg_db, KEY)
     with pytest.raises(SchemaError):
         read_books(pg_db)
+
+
+def test_a_version_5_database_is_migrated_and_starts_counting_transfer_misses(pg_db: str):
+    policy = DestinationPolicy(tries_max=2, lockout_ms=60_000)
+    with PgStore(pg_db, KEY) as store:
+        moved = store.transfer(account=DEMO_ACCOUNT, txn_id=txn(1), to_account="WF-14351",
+                               amount_cents=100, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX,
+                               policy=policy)
+    with raw(pg_db) as conn:  # back to version 5: no count of transfers to no account
+        conn.execute("DROP TABLE destination_misses")
+        conn.execute("UPDATE schema_version SET version = 5")
+    with pytest.raises(SchemaError, match="older than"):  # readers migrate nothing
+        read_books(pg_db)
+    with PgStore(pg_db, KEY) as store:
+        assert one(pg_db, "SELECT version FROM schema_version") == SCHEMA_VERSION == 6
+        replay = store.transfer(account=DEMO_ACCOUNT, txn_id=txn(1), to_account="WF-14351",
+                                amount_cents=100, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX,
+                                policy=policy)
+        assert replay.result is PostResult.REPLAYED and replay.entry_id == moved.entry_id
+        results = [
+            store.transfer(account=DEMO_ACCOUNT, txn_id=txn(n), to_account="QQ-00000",
+                           amount_cents=1, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX,
+                           policy=policy).result
+            for n in (2, 3)
+        ]
+        assert results == [PostResult.UNKNOWN_DESTINATION, PostResult.TRANSFERS_LOCKED]
+        assert store.check_invariants() == []
+    summary = {s.account: s.transfers_locked_until_ms for s in read_accounts_summary(pg_db)}
+    assert summary[DEMO_ACCOUNT] == T0 + 60_000 and summary["WF-14351"] is None
 
 
 def test_operator_commands_never_create_a_bank(pg_db: str):
@@ -464,14 +495,17 @@ def test_a_transfer_is_fenced_by_its_source_lease_not_its_destinations(
     lease(pg_db, fence=5)  # the source's
     lease(pg_db, fence=9, account="WF-14351")  # the destination is another session's
     moved = store.transfer(account=DEMO_ACCOUNT, txn_id=txn(1), to_account="WF-14351",
-                           amount_cents=100, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX, fence=5)
+                           amount_cents=100, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX, fence=5,
+                           policy=DESTINATIONS)
     assert moved.result is PostResult.BOOKED
     lease(pg_db, fence=6)  # taken over
     stale = store.transfer(account=DEMO_ACCOUNT, txn_id=txn(2), to_account="WF-14351",
-                           amount_cents=100, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX, fence=5)
+                           amount_cents=100, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX, fence=5,
+                           policy=DESTINATIONS)
     assert stale == Posting(PostResult.FENCED)
     replay = store.transfer(account=DEMO_ACCOUNT, txn_id=txn(1), to_account="WF-14351",
-                            amount_cents=100, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX, fence=5)
+                            amount_cents=100, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX, fence=5,
+                           policy=DESTINATIONS)
     assert replay.result is PostResult.REPLAYED and replay.entry_id == moved.entry_id
     assert store.balance(DEMO_ACCOUNT) == OPENING_CENTS - 100
     assert store.check_invariants() == []
@@ -487,7 +521,8 @@ def test_opposite_transfers_from_two_processes_conserve_money(pg_db: str):
         def shuttle(store: PgStore, source: str, destination: str, base: int) -> None:
             for n in range(30):
                 store.transfer(account=source, txn_id=txn(base + n), to_account=destination,
-                               amount_cents=1_00 + n, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX)
+                               amount_cents=1_00 + n, now_ms=T0, limit_cents=AMOUNT_CENTS_MAX,
+                               policy=DESTINATIONS)
 
         threads = [
             threading.Thread(target=shuttle, args=(first, DEMO_ACCOUNT, "WF-14351", 1_000)),

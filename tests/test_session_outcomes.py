@@ -75,7 +75,9 @@ def test_every_pin_outcome_has_the_status_the_spec_gives_it():
     assert set(PIN_STATUS) == set(PinResult)
 
 
-NOT_A_POST_OUTCOME = frozenset({PostResult.UNKNOWN_DESTINATION, PostResult.SAME_ACCOUNT})
+NOT_A_POST_OUTCOME = frozenset(
+    {PostResult.UNKNOWN_DESTINATION, PostResult.SAME_ACCOUNT, PostResult.TRANSFERS_LOCKED}
+)
 """A transfer's own outcomes, which a deposit or withdrawal never has."""
 
 @pytest.mark.parametrize("kind", [kind.entry_kind for kind in MONEY_KINDS])

@@ -7,7 +7,8 @@ PIN, deposit, withdraw (overdrafts and over-limit amounts included), balance, hi
 logout, abrupt disconnects (FIN or RST, also with a money request in flight), retries
 of the last money request with the same transaction id, transfers between the accounts
 (to itself and to no account too, and their retries) and PIN changes (right or wrong
-current PIN, trivial new ones), modelled with the lockout they count toward. Every rule
+current PIN, trivial new ones), modelled with the lockout they count toward, and
+transfers to no account with the transfer lock they count toward. Every rule
 works in any state: a request before login expects NOT_LOGGED_IN, a second login
 ALREADY_LOGGED_IN.
 
@@ -81,7 +82,8 @@ ACCOUNTS = sorted(PINS)
 WRONG_PIN = "0000"
 ATMS = 3
 
-CONFIG = ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=0)
+CONFIG = ServerConfig(host="127.0.0.1", port=0, shutdown_grace_s=0, destination_tries_max=2)
+"""Two transfers to no account lock a source's transfers, so that runs reach the lock."""
 
 SOCKET_TIMEOUT_S = 10
 """Guard against a hung test on a blocking socket; far above any honest wait."""
@@ -124,6 +126,8 @@ class ServerThread:
             ledger = await open_ledger(
                 directory / "bank.db", directory / "bank.key",
                 pin_tries_max=CONFIG.pin_tries_max, lockout_s=CONFIG.pin_lockout_s,
+                destination_tries_max=CONFIG.destination_tries_max,
+                destination_lockout_s=CONFIG.destination_lockout_s,
             )
         except BaseException as error:
             self._started.put(error)
@@ -250,6 +254,9 @@ class BankMachine(RuleBasedStateMachine):
         self.txns: dict[bytes, Txn] = {}
         self.pin_failures = dict.fromkeys(ACCOUNTS, 0)
         self.locked: set[str] = set()
+        self.destination_misses = dict.fromkeys(ACCOUNTS, 0)
+        """Transfers to no account, per source; a booked transfer does not reset them."""
+        self.transfers_locked: set[str] = set()
         self.last_entry_id = 0
         self.pins = dict(PINS)
         self.transfers: dict[bytes, tuple[str, str, int, Entry]] = {}
@@ -433,6 +440,8 @@ class BankMachine(RuleBasedStateMachine):
             return Status.APPROVED, prior[3]
         if key in self.txns:
             return Status.DUPLICATE_TRANSMISSION, None
+        if source in self.transfers_locked:  # a client without FREQUENCY_LIMIT is told 61
+            return Status.EXCEEDS_WITHDRAWAL_LIMIT, None
         if destination == source:
             return Status.SAME_ACCOUNT, None
         if amount > CONFIG.withdrawal_cents_max:
@@ -440,6 +449,10 @@ class BankMachine(RuleBasedStateMachine):
         if amount > self.balances[source]:
             return Status.INSUFFICIENT_FUNDS, None
         if destination not in self.balances:
+            self.destination_misses[source] += 1
+            if self.destination_misses[source] >= CONFIG.destination_tries_max:
+                self.transfers_locked.add(source)
+                return Status.EXCEEDS_WITHDRAWAL_LIMIT, None  # the miss that locks
             return Status.INVALID_TO_ACCOUNT, None
         return Status.APPROVED, None
 

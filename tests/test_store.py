@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bank.accounts_file import parse_accounts
+from bank.accounts_file import AccountRecord, parse_accounts
 from bank.ledger import (
     PinChangeResult,
     PinChangeVerdict,
@@ -38,6 +38,7 @@ from bank.store import (
     BalanceQuery,
     BatchAborted,
     BookEntry,
+    DestinationPolicy,
     Forgotten,
     PinCheck,
     PinPolicy,
@@ -46,8 +47,10 @@ from bank.store import (
     Store,
     TransferRequest,
     UnknownAccount,
+    read_accounts_summary,
     read_books,
 )
+from tests.helpers import DESTINATIONS
 from tests.pg import open_store, raw
 from wire import EntryKind, HistoryEntry
 from wire._limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
@@ -176,7 +179,34 @@ def test_newer_schema_is_refused(db_path: Path):
         Store(db_path, KEY)
 
 
-SCHEMA_3_DOWNGRADE = """
+SCHEMA_4_DOWNGRADE = """
+DROP INDEX destination_misses_by_age;
+DROP TABLE destination_misses;
+PRAGMA user_version = 4;
+"""
+"""Takes a version 5 database back to version 4: no count of transfers to no account."""
+
+
+def test_a_version_4_database_is_migrated_and_starts_counting_transfer_misses(db_path: Path):
+    with Store(db_path, KEY) as store:
+        moved = transfer(store, 1, 500)
+    with raw_sqlite(db_path) as conn:
+        conn.executescript(SCHEMA_4_DOWNGRADE)
+    with pytest.raises(SchemaError, match="older than"):  # readers migrate nothing
+        read_books(db_path)
+    policy = DestinationPolicy(tries_max=2, lockout_ms=LOCKOUT_MS)
+    with Store(db_path, KEY) as store:
+        assert store._conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert transfer(store, 1, 500) == dataclasses.replace(moved, result=PostResult.REPLAYED)
+        assert miss(store, 2, policy=policy).result is PostResult.UNKNOWN_DESTINATION
+        assert miss(store, 3, policy=policy).result is PostResult.TRANSFERS_LOCKED
+        assert store.check_invariants() == []
+        assert store.integrity_ok()
+    assert [s.transfers_locked_until_ms for s in read_accounts_summary(db_path)
+            if s.account == "AC-12345"] == [T0 + LOCKOUT_MS]
+
+
+SCHEMA_3_DOWNGRADE = SCHEMA_4_DOWNGRADE.replace("PRAGMA user_version = 4;", "") + """
 CREATE TABLE entries_v3 (
     entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
     account TEXT NOT NULL REFERENCES accounts (account),
@@ -195,7 +225,7 @@ ALTER TABLE entries_v3 RENAME TO entries;
 CREATE INDEX entries_by_account ON entries (account, entry_id);
 PRAGMA user_version = 3;
 """
-"""Takes a version 4 database (with deposits and withdrawals only) back to version 3:
+"""Takes a version 5 database (with deposits and withdrawals only) back to version 3:
 entries as they were, each txn_id unique, and no transactions table."""
 
 
@@ -230,7 +260,7 @@ def test_a_version_3_database_is_migrated_with_every_entry_a_transaction(db_path
         # Entry ids keep rising past the migrated ones, and a transfer books both legs.
         moved = store.transfer(
             account="AC-12345", txn_id=txn(3), to_account="WF-14351", amount_cents=50,
-            now_ms=T0, limit_cents=AMOUNT_CENTS_MAX,
+            now_ms=T0, limit_cents=AMOUNT_CENTS_MAX, policy=DESTINATIONS,
         )
         assert moved.result is PostResult.BOOKED
         assert moved.entry_id > withdrawal.entry_id
@@ -799,10 +829,11 @@ def test_read_books_never_creates_a_database(tmp_path: Path):
 def transfer(
     store: AnyStore, n: int, amount_cents: int, *, source: str = "AC-12345",
     destination: str = "WF-14351", limit_cents: int = AMOUNT_CENTS_MAX, now_ms: int = T0,
+    policy: DestinationPolicy = DESTINATIONS,
 ) -> Posting:
     return store.transfer(
         account=source, txn_id=txn(n), to_account=destination, amount_cents=amount_cents,
-        now_ms=now_ms, limit_cents=limit_cents,
+        now_ms=now_ms, limit_cents=limit_cents, policy=policy,
     )
 
 
@@ -851,6 +882,171 @@ def test_a_transfer_id_reused_with_other_content_is_refused(
     reused = transfer(store, 1, amount_cents, source=source, destination=destination)
     assert reused == Posting(PostResult.TXN_ID_REUSED)
     assert entry_count(store) == 2
+
+
+# -- transfers to no account: the transfer lock ------------------------------------------
+
+TRIES = DestinationPolicy(tries_max=3, lockout_ms=LOCKOUT_MS)
+
+
+def miss(
+    store: AnyStore, n: int, *, now_ms: int = T0, policy: DestinationPolicy = TRIES,
+    source: str = "AC-12345", destination: str = "QQ-00000", amount_cents: int = 1,
+) -> Posting:
+    """A transfer to no account (unless ``destination`` is one): what an enumerator sends."""
+    return transfer(store, n, amount_cents, source=source, destination=destination,
+                    now_ms=now_ms, policy=policy)
+
+
+def miss_rows(store: AnyStore) -> dict[str, tuple[int, int | None, int]]:
+    return {
+        account: (misses, locked, last)
+        for account, misses, locked, last in select(
+            store, "SELECT account, misses, locked_until_ms, last_miss_ms FROM destination_misses"
+        )
+    }
+
+
+def test_the_miss_that_reaches_the_limit_locks_and_is_answered_locked(store: AnyStore):
+    until = T0 + LOCKOUT_MS
+    assert miss(store, 1).result is PostResult.UNKNOWN_DESTINATION
+    assert miss(store, 2, source="ac-12345").result is PostResult.UNKNOWN_DESTINATION
+    assert miss(store, 3, destination="ZZ-00001") == Posting(
+        PostResult.TRANSFERS_LOCKED, locked_until_ms=until
+    )
+    assert miss_rows(store) == {"AC-12345": (3, until, T0)}
+    # While locked, every new transfer is refused before anything else is judged: a real
+    # destination, its own account, an amount over the limit or the balance, no account.
+    for n, destination, amount, limit in [
+        (4, "WF-14351", 1, AMOUNT_CENTS_MAX), (5, "AC-12345", 1, AMOUNT_CENTS_MAX),
+        (6, "WF-14351", 500, 100), (7, "WF-14351", 10**6, AMOUNT_CENTS_MAX),
+        (8, "QQ-00000", 1, AMOUNT_CENTS_MAX),
+    ]:
+        refused = transfer(store, n, amount, destination=destination, limit_cents=limit,
+                           now_ms=until - 1)
+        assert refused == Posting(PostResult.TRANSFERS_LOCKED, locked_until_ms=until), n
+    assert miss_rows(store) == {"AC-12345": (3, until, T0)}  # counted nothing, not extended
+    assert store.balance("AC-12345") == 102_432 and store.balance("WF-14351") == 542_822
+    # Only this source is locked; the lock ends lockout_ms after the miss that set it.
+    assert miss(store, 9, source="WF-14351").result is PostResult.UNKNOWN_DESTINATION
+    assert transfer(store, 10, 1, now_ms=until).result is PostResult.BOOKED
+    assert miss(store, 11, now_ms=until).result is PostResult.UNKNOWN_DESTINATION
+    assert miss_rows(store)["AC-12345"] == (1, None, until)  # an expired lock: a fresh count
+    assert store.check_invariants() == []
+
+
+def test_a_booked_transfer_does_not_reset_the_count(store: AnyStore):
+    assert miss(store, 1).result is PostResult.UNKNOWN_DESTINATION
+    assert transfer(store, 2, 1).result is PostResult.BOOKED
+    assert miss(store, 3).result is PostResult.UNKNOWN_DESTINATION
+    assert transfer(store, 4, 1).result is PostResult.BOOKED
+    assert miss(store, 5).result is PostResult.TRANSFERS_LOCKED
+
+
+def test_misses_are_forgotten_a_lockout_period_after_the_last(store: AnyStore):
+    # Each within the period of the one before: a chain longer than one period locks.
+    assert miss(store, 1, now_ms=T0).result is PostResult.UNKNOWN_DESTINATION
+    assert miss(store, 2, now_ms=T0 + LOCKOUT_MS - 1).result is PostResult.UNKNOWN_DESTINATION
+    assert miss(store, 3, now_ms=T0 + 2 * LOCKOUT_MS - 2).result is PostResult.TRANSFERS_LOCKED
+    # A period after the last miss, the next is a first one.
+    source = "WF-14351"
+    assert miss(store, 4, source=source, now_ms=T0).result is PostResult.UNKNOWN_DESTINATION
+    assert miss(store, 5, source=source, now_ms=T0 + 1).result is PostResult.UNKNOWN_DESTINATION
+    later = T0 + 1 + LOCKOUT_MS
+    assert miss(store, 6, source=source, now_ms=later).result is PostResult.UNKNOWN_DESTINATION
+    assert miss_rows(store)[source] == (1, None, later)
+
+
+def test_a_replay_beats_the_transfer_lock(store: AnyStore):
+    moved = transfer(store, 1, 500)
+    for n in range(2, 5):
+        miss(store, n)
+    assert transfer(store, 5, 1).result is PostResult.TRANSFERS_LOCKED
+    # An ATM confirming the booked transfer learns the truth; a reused id is still told so.
+    assert transfer(store, 1, 500) == dataclasses.replace(moved, result=PostResult.REPLAYED)
+    assert transfer(store, 1, 501).result is PostResult.TXN_ID_REUSED
+    assert miss_rows(store)["AC-12345"][0] == 3
+
+
+def test_only_a_transfer_answered_unknown_destination_counts(store: AnyStore):
+    store.add_account("RR-00001", "4321", BALANCE_CENTS_MAX)
+    refusals = [
+        (1, "AC-12345", 1, AMOUNT_CENTS_MAX, PostResult.SAME_ACCOUNT),
+        (2, "QQ-00000", 500, 100, PostResult.OVER_LIMIT),
+        (3, "QQ-00000", 102_433, AMOUNT_CENTS_MAX, PostResult.INSUFFICIENT_FUNDS),
+        (4, "RR-00001", 1, AMOUNT_CENTS_MAX, PostResult.BALANCE_FULL),
+        (5, "QQ-00000", 0, AMOUNT_CENTS_MAX, PostResult.AMOUNT_OUT_OF_RANGE),
+    ]
+    for _ in range(TRIES.tries_max):
+        for n, destination, amount, limit, result in refusals:
+            refused = transfer(store, n, amount, destination=destination, limit_cents=limit)
+            assert refused.result is result
+    assert miss_rows(store) == {}
+
+
+def test_unlock_lifts_a_transfer_lock_and_forgets_its_misses(store: AnyStore):
+    for n in range(1, 4):
+        miss(store, n)
+    store.verify_pin("AC-12345", "0000", T0, POLICY)
+    assert store.unlock("ac-12345") == Forgotten(1, None, 3, T0 + LOCKOUT_MS)
+    assert transfer(store, 4, 1).result is PostResult.BOOKED
+    assert miss(store, 5).result is PostResult.UNKNOWN_DESTINATION  # counting from zero
+    assert store.unlock("AC-12345") == Forgotten(0, None, 1, None)
+    assert store.unlock("AC-12345") == Forgotten(0, None, 0, None)
+
+
+def test_the_transfer_lock_is_kept_in_the_database(any_db: str):
+    """A new login is a new session on the same store; a restart a new store on the same
+    database; another process a second store: none of them starts the count again."""
+    with open_store(any_db, KEY) as first:
+        miss(first, 1)
+        with open_store(any_db, KEY) as second:  # another process, or the restarted one
+            assert miss(second, 2).result is PostResult.UNKNOWN_DESTINATION
+            assert miss(first, 3).result is PostResult.TRANSFERS_LOCKED
+    with open_store(any_db, KEY) as restarted:
+        assert transfer(restarted, 4, 1, now_ms=T0 + 1).result is PostResult.TRANSFERS_LOCKED
+
+
+def test_a_destination_lockout_of_zero_turns_locking_off(store: AnyStore):
+    policy = DestinationPolicy(tries_max=3, lockout_ms=0)
+    results = {miss(store, n, policy=policy).result for n in range(5)}
+    assert results == {PostResult.UNKNOWN_DESTINATION}
+    assert transfer(store, 6, 1, policy=policy).result is PostResult.BOOKED
+
+
+def test_the_destination_policy_comes_with_each_transfer(store: AnyStore):
+    strict = DestinationPolicy(tries_max=1, lockout_ms=10)
+    assert miss(store, 1, policy=strict) == Posting(
+        PostResult.TRANSFERS_LOCKED, locked_until_ms=T0 + 10
+    )
+    assert transfer(store, 2, 1, now_ms=T0 + 9).result is PostResult.TRANSFERS_LOCKED
+    assert transfer(store, 3, 1, now_ms=T0 + 10).result is PostResult.BOOKED
+
+
+@pytest.mark.parametrize(
+    ("tries_max", "lockout_ms"), [(0, LOCKOUT_MS), (3, -1), (3, LOCKOUT_MS_MAX + 1)]
+)
+def test_impossible_destination_settings_are_refused(tries_max: int, lockout_ms: int):
+    with pytest.raises(ValueError, match=r"destination_tries_max|lockout_ms"):
+        DestinationPolicy(tries_max=tries_max, lockout_ms=lockout_ms)
+
+
+def test_transfer_misses_cannot_grow_their_table_without_bound(store: AnyStore):
+    sources_per_period, periods = 4, 5
+    records = [
+        AccountRecord(f"RR-{n:05d}", "4321", 100)
+        for n in range(sources_per_period * periods)
+    ]
+    store.add_accounts(records)
+    for period in range(periods):
+        now_ms = T0 + period * (LOCKOUT_MS + 1)
+        for index in range(sources_per_period):
+            source = records[period * sources_per_period + index].account
+            n = 100 + period * sources_per_period + index
+            assert miss(store, n, source=source, now_ms=now_ms).result \
+                is PostResult.UNKNOWN_DESTINATION
+        # Only the current period's misses are remembered; the earlier rows are gone.
+        assert len(miss_rows(store)) == sources_per_period
 
 
 def test_ids_are_shared_between_kinds(store: AnyStore):
@@ -936,7 +1132,9 @@ def test_a_leg_refused_after_its_checks_rolls_back_the_batch(
     )
     with pytest.raises(BatchAborted):
         sqlite_store.execute_batch(
-            [TransferRequest("AC-12345", txn(1), "WF-14351", 500, AMOUNT_CENTS_MAX)], T0
+            [TransferRequest("AC-12345", txn(1), "WF-14351", 500, AMOUNT_CENTS_MAX,
+                             DESTINATIONS)],
+            T0,
         )
     assert sqlite_store.balance("AC-12345") == 102_432
 

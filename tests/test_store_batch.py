@@ -28,9 +28,13 @@ from bank.store import (
     TransferRequest,
     UnknownAccount,
 )
+from tests.helpers import DESTINATIONS
 from tests.pg import open_store
 from wire import EntryKind
 from wire._limits import AMOUNT_CENTS_MAX, BALANCE_CENTS_MAX
+
+MAX = AMOUNT_CENTS_MAX
+"""A transfer request's limit when the limit is not what is tested."""
 
 KEY = bytes(range(KEY_BYTES))
 T0 = 1_700_000_000_000
@@ -129,11 +133,11 @@ def test_transfers_in_a_batch_see_the_postings_before_them(store: AnyStore):
     outcomes = store.execute_batch(
         [
             PostRequest("BC-01373", txn(1), DEPOSIT, 10_000, AMOUNT_CENTS_MAX),
-            TransferRequest("BC-01373", txn(2), "AC-12345", 14_000, AMOUNT_CENTS_MAX),
-            TransferRequest("AC-12345", txn(3), "BC-01373", 116_432, AMOUNT_CENTS_MAX),
-            TransferRequest("BC-01373", txn(4), "AC-12345", 117_005, AMOUNT_CENTS_MAX),
+            TransferRequest("BC-01373", txn(2), "AC-12345", 14_000, MAX, DESTINATIONS),
+            TransferRequest("AC-12345", txn(3), "BC-01373", 116_432, MAX, DESTINATIONS),
+            TransferRequest("BC-01373", txn(4), "AC-12345", 117_005, MAX, DESTINATIONS),
             PostRequest("AC-12345", txn(5), WITHDRAWAL, 1, AMOUNT_CENTS_MAX),
-            TransferRequest("BC-01373", txn(2), "AC-12345", 14_000, AMOUNT_CENTS_MAX),
+            TransferRequest("BC-01373", txn(2), "AC-12345", 14_000, MAX, DESTINATIONS),
             BalanceQuery("BC-01373"),
             BalanceQuery("AC-12345"),
         ],
@@ -162,9 +166,9 @@ def test_a_transfer_to_a_full_destination_in_a_batch(store: AnyStore):
     outcomes = store.execute_batch(
         [
             PostRequest("RR-00001", txn(1), DEPOSIT, 50, AMOUNT_CENTS_MAX),
-            TransferRequest("AC-12345", txn(2), "RR-00001", 51, AMOUNT_CENTS_MAX),
-            TransferRequest("AC-12345", txn(3), "RR-00001", 50, AMOUNT_CENTS_MAX),
-            TransferRequest("AC-12345", txn(4), "QQ-00000", 50, AMOUNT_CENTS_MAX),
+            TransferRequest("AC-12345", txn(2), "RR-00001", 51, MAX, DESTINATIONS),
+            TransferRequest("AC-12345", txn(3), "RR-00001", 50, MAX, DESTINATIONS),
+            TransferRequest("AC-12345", txn(4), "QQ-00000", 50, MAX, DESTINATIONS),
         ],
         T0,
     )
@@ -259,8 +263,8 @@ def test_account_numbers_are_checked_as_canonical_account_checks_them(tmp_path: 
                 PostRequest("ac-12345", txn(3), DEPOSIT, 1, AMOUNT_CENTS_MAX),
                 PostRequest("AC-1234", txn(4), DEPOSIT, 1, AMOUNT_CENTS_MAX),
                 PostRequest("AC-12345 ", txn(5), DEPOSIT, 1, AMOUNT_CENTS_MAX),
-                TransferRequest("AC-12345", txn(6), "wf-14351", 1, AMOUNT_CENTS_MAX),
-                TransferRequest("AC-12345", txn(7), "WF-1435", 1, AMOUNT_CENTS_MAX),
+                TransferRequest("AC-12345", txn(6), "wf-14351", 1, MAX, DESTINATIONS),
+                TransferRequest("AC-12345", txn(7), "WF-1435", 1, MAX, DESTINATIONS),
                 BalanceQuery("ac-12345"),
             ],
             T0,

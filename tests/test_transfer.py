@@ -1,7 +1,9 @@
 """TRANSFER, CHANGE_PIN and FEATURES served by the real server over TCP (spec §3.16-3.21).
 
 Covers: a transfer into an account another ATM holds, whose next BALANCE shows it; the
-source-only receipt; replays across a reconnect; the limits and refusals; the history an
+source-only receipt; replays across a reconnect; the limits and refusals; the transfer
+lock that transfers to no account set (65 to a client that announced FREQUENCY_LIMIT, 61
+to one that did not, a replay still answered, a new login not lifting it); the history an
 old client (no FEATURES) is shown versus a new one; a PIN change that the next LOGIN
 uses, a trivial PIN, a wrong current PIN counting toward the lock; and the log lines.
 """
@@ -21,6 +23,7 @@ from tests.helpers import (
     OTHER_ACCOUNT,
     OTHER_PIN,
     RunningServer,
+    WireClient,
     logged_in,
     txn_id,
 )
@@ -30,12 +33,15 @@ from wire import (
     BalanceReply,
     ChangePin,
     ChangePinReply,
+    Deposit,
+    DepositReply,
     EntryKind,
     Feature,
     Features,
     FeaturesReply,
     History,
     HistoryReply,
+    Reply,
     Status,
     Transfer,
     TransferReply,
@@ -95,6 +101,87 @@ async def test_refused_transfers_move_nothing(
     assert reply == TransferReply(status)
     assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS
     assert await ledger.check_invariants() == []
+
+
+TRIES = ServerConfig().destination_tries_max
+"""Transfers to no account that lock (the ``ledger`` fixture opens with the defaults)."""
+
+
+async def probe(client: WireClient, count: int, destination: str = "QQ-00000") -> list[Reply]:
+    """``count`` one-cent transfers to ``destination``: a walk through account numbers."""
+    return [await client.request(Transfer(txn_id(), 1, destination)) for _ in range(count)]
+
+
+async def test_transfers_to_no_account_lock_an_old_clients_transfers_with_a_limit_refusal(
+    bank: RunningServer, ledger: BatchLedger, caplog: pytest.LogCaptureFixture
+):
+    """A client that never announced FREQUENCY_LIMIT cannot decode its status: it is told
+    EXCEEDS_WITHDRAWAL_LIMIT, a limit refusal it knows, which settles the transfer."""
+    client = await logged_in(bank)
+    booked = await client.request(Transfer(txn := txn_id(), 1_00, OTHER_ACCOUNT))
+    answers = await probe(client, TRIES)
+    assert answers == [TransferReply(Status.INVALID_TO_ACCOUNT)] * (TRIES - 1) + [
+        TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)  # the locking miss: told the lock
+    ]
+    # Locked: a real destination too, before SAME_ACCOUNT; but a replay is still answered.
+    for destination in (OTHER_ACCOUNT, DEMO_ACCOUNT, "QQ-00001"):
+        assert await probe(client, 1, destination) == [
+            TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)
+        ]
+    assert await client.request(Transfer(txn, 1_00, OTHER_ACCOUNT)) == booked
+    assert isinstance(await client.request(Balance()), BalanceReply)  # the session goes on
+    await client.aclose()
+    again = await logged_in(bank)  # a new login does not lift it
+    assert await probe(again, 1, OTHER_ACCOUNT) == [TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)]
+    assert await ledger.balance(DEMO_ACCOUNT) == DEMO_BALANCE_CENTS - 1_00
+    locks = [r for r in caplog.records if "transfers locked until" in r.getMessage()]
+    assert len(locks) == 1 + 3 + 1 and {r.levelno for r in locks} == {logging.WARNING}
+    assert locks[0].getMessage().endswith(" UTC")
+    assert "AC-***45 TRANSFER $0.01 to QQ-***00 EXCEEDS_WITHDRAWAL_LIMIT" in locks[0].getMessage()
+    for secret in (DEMO_ACCOUNT, OTHER_ACCOUNT, "QQ-00000"):
+        assert secret not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("announced", "locked"),
+    [
+        (ALL_FEATURES, Status.EXCEEDS_FREQUENCY_LIMIT),
+        (Feature.TRANSFER | Feature.CHANGE_PIN, Status.EXCEEDS_WITHDRAWAL_LIMIT),
+        (Feature.FREQUENCY_LIMIT, Status.EXCEEDS_FREQUENCY_LIMIT),
+    ],
+    ids=["FREQUENCY_LIMIT announced", "not announced", "only FREQUENCY_LIMIT"],
+)
+async def test_a_locked_transfer_is_told_in_the_status_its_client_announced(
+    bank: RunningServer, ledger: BatchLedger, announced: Feature, locked: Status
+):
+    """Status 65 only to a client that said it decodes it (spec §3.16); the same lock, the
+    same refusal, in a status every other client knows."""
+    client = await logged_in(bank)
+    reply = await client.request(Features(int(announced)))
+    assert reply == FeaturesReply(Status.APPROVED, int(announced))
+    answers = await probe(client, TRIES + 1)
+    assert answers == [TransferReply(Status.INVALID_TO_ACCOUNT)] * (TRIES - 1) + [
+        TransferReply(locked)
+    ] * 2
+    assert await probe(client, 1, OTHER_ACCOUNT) == [TransferReply(locked)]
+    # Not fatal, not a failed login: the session goes on, and other money moves.
+    deposited = await client.request(Deposit(txn_id(), 1_00))
+    assert isinstance(deposited, DepositReply) and deposited.status is Status.APPROVED
+    assert await ledger.balance(OTHER_ACCOUNT) == OTHER_BALANCE_CENTS
+    if Feature.FREQUENCY_LIMIT in announced:  # the last FEATURES counts
+        await client.request(Features(int(Feature.TRANSFER)))
+        assert await probe(client, 1) == [TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)]
+
+
+async def test_a_booked_transfer_does_not_reset_the_count_at_the_atm_either(
+    bank: RunningServer,
+):
+    client = await logged_in(bank)
+    for _ in range(TRIES - 1):
+        assert await probe(client, 1) == [TransferReply(Status.INVALID_TO_ACCOUNT)]
+        booked = await client.request(Transfer(txn_id(), 1, OTHER_ACCOUNT))
+        assert isinstance(booked, TransferReply) and booked.status is Status.APPROVED
+    assert await probe(client, 1) == [TransferReply(Status.EXCEEDS_WITHDRAWAL_LIMIT)]
 
 
 async def test_the_withdrawal_limit_holds_for_transfers(bank: RunningServer):

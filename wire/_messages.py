@@ -96,9 +96,13 @@ class Feature(IntFlag):
     """TRANSFER, and entry kinds TRANSFER_OUT and TRANSFER_IN in HISTORY_REPLY."""
     CHANGE_PIN = 0x02
     """CHANGE_PIN."""
+    FREQUENCY_LIMIT = 0x04
+    """Status EXCEEDS_FREQUENCY_LIMIT (65) in TRANSFER_REPLY: a strict client from before
+    it would take the unknown status byte for a malformed frame (spec §4), so a server
+    tells a client that did not announce it EXCEEDS_WITHDRAWAL_LIMIT instead."""
 
 
-ALL_FEATURES = Feature.TRANSFER | Feature.CHANGE_PIN
+ALL_FEATURES = Feature.TRANSFER | Feature.CHANGE_PIN | Feature.FREQUENCY_LIMIT
 
 ANY_REQUEST_ID = range(0, REQUEST_ID_MAX + 1)
 NONZERO_REQUEST_ID = range(1, REQUEST_ID_MAX + 1)
@@ -825,7 +829,7 @@ REPLY_STATUSES: dict[Opcode, frozenset[Status]] = {
     Opcode.TRANSFER_REPLY: frozenset({
         Status.APPROVED, Status.INVALID_AMOUNT, Status.INSUFFICIENT_FUNDS,
         Status.EXCEEDS_WITHDRAWAL_LIMIT, Status.INVALID_TO_ACCOUNT, Status.SAME_ACCOUNT,
-        Status.DUPLICATE_TRANSMISSION,
+        Status.EXCEEDS_FREQUENCY_LIMIT, Status.DUPLICATE_TRANSMISSION,
         Status.NOT_LOGGED_IN, Status.ISSUER_UNAVAILABLE, Status.SYSTEM_MALFUNCTION,
     }),
     Opcode.CHANGE_PIN_REPLY: frozenset({

@@ -16,6 +16,10 @@ class Status(IntEnum):
     INSUFFICIENT_FUNDS = 51
     INCORRECT_PIN = 55
     EXCEEDS_WITHDRAWAL_LIMIT = 61
+    EXCEEDS_FREQUENCY_LIMIT = 65
+    """ISO's "exceeds withdrawal frequency limit", the code processors use for velocity
+    limits: here, a source account's transfers locked by transfers to no account (spec
+    §3.18). Sent only to a client that announced ``Feature.FREQUENCY_LIMIT``."""
     PIN_TRIES_EXCEEDED = 75
     INVALID_TO_ACCOUNT = 76
     ISSUER_UNAVAILABLE = 91
@@ -39,6 +43,7 @@ ISO8583_RESPONSE_CODE: dict[Status, str] = {
     Status.INSUFFICIENT_FUNDS: "51",
     Status.INCORRECT_PIN: "55",
     Status.EXCEEDS_WITHDRAWAL_LIMIT: "61",
+    Status.EXCEEDS_FREQUENCY_LIMIT: "65",
     Status.PIN_TRIES_EXCEEDED: "75",
     Status.INVALID_TO_ACCOUNT: "76",
     Status.ISSUER_UNAVAILABLE: "91",

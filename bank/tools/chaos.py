@@ -175,6 +175,7 @@ REFUSALS = frozenset({
     Status.DUPLICATE_TRANSMISSION,
     Status.INVALID_TO_ACCOUNT,
     Status.SAME_ACCOUNT,
+    Status.EXCEEDS_FREQUENCY_LIMIT,
 })
 """Definite answers that moved nothing. Any other non-APPROVED status (ISSUER_UNAVAILABLE:
 a storage error may come after the commit) leaves the outcome unknown, to be retried."""
