@@ -213,6 +213,21 @@ async def test_only_a_client_that_announced_transfers_sees_their_entry_kinds(
     assert incoming.entries[0].balance_cents == OTHER_BALANCE_CENTS + 5_00
 
 
+async def test_transfer_and_change_pin_are_served_whatever_the_client_announced(
+    bank: RunningServer,
+):
+    """Spec §3.16: the announced bits decide what the server may send, never which
+    requests it answers: without FEATURES, and after FEATURES 0, both are served."""
+    silent = await logged_in(bank)  # never sends FEATURES
+    moved = await silent.request(Transfer(txn_id(), 1_00, OTHER_ACCOUNT))
+    assert isinstance(moved, TransferReply) and moved.status is Status.APPROVED
+    assert moved.balance_cents == DEMO_BALANCE_CENTS - 1_00
+    assert await silent.request(Features(0)) == FeaturesReply(Status.APPROVED, 0)
+    again = await silent.request(Transfer(txn_id(), 1_00, OTHER_ACCOUNT))
+    assert isinstance(again, TransferReply) and again.status is Status.APPROVED
+    assert await silent.request(ChangePin(DEMO_PIN, "2580")) == ChangePinReply(Status.APPROVED)
+
+
 async def test_features_before_login_are_kept_for_the_session(bank: RunningServer):
     client = await bank.client()
     assert await client.request(Features(int(Feature.CHANGE_PIN))) == FeaturesReply(
