@@ -584,8 +584,12 @@ def show_txn(config: ServerConfig, args: argparse.Namespace) -> int:
 def read_new_pin() -> str:
     """A PIN from the terminal (hidden, asked twice) or one line of piped input."""
     if sys.stdin.isatty():
-        pin = getpass.getpass("New PIN (4 digits): ")
-        if getpass.getpass("Repeat the PIN: ") != pin:
+        try:
+            pin = getpass.getpass("New PIN (4 digits): ")
+            repeated = getpass.getpass("Repeat the PIN: ")
+        except EOFError:  # Ctrl-D at the prompt: the operator gave up
+            raise StoreError("no PIN given (input ended); nothing changed") from None
+        if repeated != pin:
             raise StoreError("the two PINs differ")
     else:
         pin = sys.stdin.readline().strip()

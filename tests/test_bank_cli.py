@@ -753,3 +753,33 @@ def test_every_operator_command_works_on_either_backend(
     with bank_store(any_db, key.read_bytes()) as store:
         assert store.verify_pin("XY-00001", "5555", now_ms=0, policy=POLICY) is PinResult.MATCHED
         assert store.balance("QQ-11111") == 10_50
+
+
+class _Terminal(io.StringIO):
+    """Standard input that says it is a terminal, so that the PIN is asked with getpass."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("command", ["add-account", "reset-pin"])
+def test_ctrl_d_at_a_pin_prompt_is_a_sentence_and_changes_nothing(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    def end_of_input(prompt: str = "") -> str:
+        raise EOFError
+
+    monkeypatch.setattr("getpass.getpass", end_of_input)
+    account = "XY-00001" if command == "add-account" else DEMO_ACCOUNT
+    operator(tmp_path, "unlock", DEMO_ACCOUNT)  # makes the bank
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    db, key = str(tmp_path / "bank.db"), str(tmp_path / "bank.key")
+    assert main([command, account, "--db", db, "--key-file", key]) == 1
+    err = capsys.readouterr().err
+    assert err == "bank: no PIN given (input ended); nothing changed\n"
+    with open_store(tmp_path) as store:
+        with pytest.raises(UnknownAccount):
+            store.balance("XY-00001")
+        assert store.verify_pin(DEMO_ACCOUNT, DEMO_PIN, now_ms=0,
+                                policy=POLICY) is PinResult.MATCHED
