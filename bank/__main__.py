@@ -65,6 +65,9 @@ from wire import (
 log = logging.getLogger("bank")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT) before the server serves, or at an operator command's prompt: the
+shell's convention, 128 + SIGINT."""
 OPERATOR_SETTINGS = ["db", "key_file", "log_level"]
 """The settings an operator command takes, before or after its name; given in both
 places, the one after the name wins."""
@@ -98,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     command: Callable[[ServerConfig, argparse.Namespace], int] = args.run
     try:
         return command(config, args)
+    except KeyboardInterrupt:
+        # Serving, the server turns SIGINT into a graceful shutdown; before that (opening
+        # the database) and at a PIN prompt it is the operator giving up: a sentence, not
+        # a traceback. A database write it cut short was rolled back by the database.
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # a ^C at a prompt leaves the cursor on its line
+        print("bank: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (
         StoreError, StorageError, KeyFileError, AccountsFileError, SchemaError, TlsError
     ) as error:

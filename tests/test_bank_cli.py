@@ -783,3 +783,31 @@ def test_ctrl_d_at_a_pin_prompt_is_a_sentence_and_changes_nothing(
             store.balance("XY-00001")
         assert store.verify_pin(DEMO_ACCOUNT, DEMO_PIN, now_ms=0,
                                 policy=POLICY) is PinResult.MATCHED
+
+
+def test_ctrl_c_at_a_pin_prompt_is_a_sentence_and_status_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+):
+    def interrupted(prompt: str = "") -> str:
+        raise KeyboardInterrupt
+
+    operator(tmp_path, "unlock", DEMO_ACCOUNT)  # makes the bank
+    monkeypatch.setattr("getpass.getpass", interrupted)
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    db, key = str(tmp_path / "bank.db"), str(tmp_path / "bank.key")
+    assert main(["reset-pin", DEMO_ACCOUNT, "--db", db, "--key-file", key]) == 130
+    assert capsys.readouterr().err == "bank: interrupted\n"
+
+
+def test_sigint_while_the_server_opens_its_database_is_a_sentence_and_status_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+):
+    """A PostgreSQL connect that hangs is where an operator presses Ctrl-C; the
+    KeyboardInterrupt then comes out of trio.run."""
+    async def interrupted_open(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bank.__main__.open_configured_ledger", interrupted_open)
+    db, key = str(tmp_path / "bank.db"), str(tmp_path / "bank.key")
+    assert main(["--db", db, "--key-file", key, "--port", "0"]) == 130
+    assert capsys.readouterr().err.endswith("bank: interrupted\n")
