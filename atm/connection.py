@@ -338,7 +338,12 @@ def _describe(error: BaseException) -> str:
 
     From the errno where there is one: trio words a failed connect as "Error connecting
     to ('127.0.0.1', 47399): Connection refused", a Python tuple a customer need not read.
+    A broken stream is the OS's error too: trio raises BrokenResourceError("socket
+    connection broken: [Errno 104] Connection reset by peer") from the OSError, so its
+    cause is described.
     """
+    if not isinstance(error, OSError) and isinstance(error.__cause__, OSError):
+        error = error.__cause__
     if isinstance(error, OSError) and error.errno is not None and error.errno > 0:
         return os.strerror(error.errno)
     if isinstance(error, OSError) and error.strerror:

@@ -252,6 +252,18 @@ def test_an_os_error_is_described_in_the_oss_words_only() -> None:
     assert _describe(error) == "Connection refused"
 
 
+def test_a_broken_stream_is_described_in_the_oss_words_only() -> None:
+    """trio words a reset connection as "socket connection broken: [Errno 104] ...",
+    raised from the OSError; the customer reads the OS's words alone."""
+    try:
+        try:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        except OSError as reset:
+            raise trio.BrokenResourceError(f"socket connection broken: {reset}") from reset
+    except trio.BrokenResourceError as error:
+        assert _describe(error) == "Connection reset by peer"
+
+
 @pytest.mark.parametrize("host", ["a" * 64 + ".example", "bank..example"])
 async def test_open_reports_a_host_name_that_cannot_be_looked_up(host: str) -> None:
     with pytest.raises(ConnectFailed, match="not a valid host name") as raised:
