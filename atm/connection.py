@@ -71,6 +71,15 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 ReplyT = TypeVar("ReplyT", bound=Reply)
 
+PLAINTEXT_SILENCE_HINT = "if the bank serves TLS, start this ATM with --tls-ca"
+"""Added to a plaintext connection's silent greeting: a TLS bank waits for a TLS hello
+that a plaintext ATM never sends, while this ATM waits for the bank's HELLO, so the
+mismatch shows as silence only (the other way round the ATM can name it)."""
+
+
+class _NoGreeting(ConnectFailed):
+    """The bank accepted the connection and said nothing within the greeting's time."""
+
 
 class Connection:
     """A greeted connection: ``hello`` holds the bank's limits.
@@ -117,10 +126,15 @@ class Connection:
                 secure = await _secure(stream, tls, host)
         if scope.cancelled_caught:
             raise ConnectFailed(f"could not reach {host}:{port} within {connect_timeout_s} s")
-        return await cls.handshake(
-            secure if tls is not None else stream,
-            hello_timeout_s=hello_timeout_s, reply_timeout_s=reply_timeout_s,
-        )
+        try:
+            return await cls.handshake(
+                secure if tls is not None else stream,
+                hello_timeout_s=hello_timeout_s, reply_timeout_s=reply_timeout_s,
+            )
+        except _NoGreeting as silent:
+            if tls is not None:
+                raise
+            raise ConnectFailed(f"{silent.reason} ({PLAINTEXT_SILENCE_HINT})") from None
 
     @classmethod
     async def handshake(
@@ -154,7 +168,7 @@ class Connection:
             if isinstance(message, Error):
                 raise ConnectFailed("the bank refused the connection", status=message.status)
             return
-        raise ConnectFailed(f"the bank did not answer within {timeout_s} s")
+        raise _NoGreeting(f"the bank did not answer within {timeout_s} s")
 
     @property
     def session_token(self) -> bytes | None:

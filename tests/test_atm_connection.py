@@ -188,6 +188,28 @@ async def test_hello_timeout(autojump_clock: trio.abc.Clock) -> None:
     assert trio.current_time() == pytest.approx(HELLO_TIMEOUT_S)
 
 
+async def test_a_silent_plaintext_greeting_suggests_tls() -> None:
+    """A bank serving TLS accepts a plaintext ATM and waits for a TLS hello that never
+    comes: silence is all the ATM sees, so the sentence names the likely cause."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, _say_nothing, listeners)
+        with pytest.raises(ConnectFailed) as raised:
+            await Connection.open("127.0.0.1", port, hello_timeout_s=0.2)
+        nursery.cancel_scope.cancel()
+    assert raised.value.reason == (
+        "the bank did not answer within 0.2 s (if the bank serves TLS, start this ATM"
+        " with --tls-ca)"
+    )
+    assert_customer_words(text.ending(raised.value))
+
+
+async def _say_nothing(stream: trio.SocketStream) -> None:
+    async with stream:
+        await trio.sleep_forever()
+
+
 async def test_busy_bank_refuses_the_connection() -> None:
     client, server = trio.testing.memory_stream_pair()
     await server.send_all(encode(Error(Status.SERVER_BUSY)))
