@@ -196,13 +196,18 @@ class AtmSession:
     async def _connect_riding_out_cuts(self) -> Connection:
         """A greeted connection; a connection cut before or during HELLO is tried again
         (``CONNECT_ATTEMPTS_MAX`` times, a second apart), so that one bad moment of the
-        network is not the end of a visit. A bank that is really down ends it still."""
+        network is not the end of a visit. A bank that is really down ends it still.
+        Each failed try is said: a silent greeting takes its whole timeout, and three of
+        them in silence look like a hung ATM."""
         for attempt in range(1, CONNECT_ATTEMPTS_MAX + 1):
             try:
                 return await self._connect()
-            except ConnectionLost:
+            except ConnectionLost as failure:
                 if attempt == CONNECT_ATTEMPTS_MAX:
                     raise
+                self._console.write(
+                    text.retry_failed(attempt, failure, retry_in_s=RECONNECT_BACKOFF_S)
+                )
                 await trio.sleep(RECONNECT_BACKOFF_S)
         raise AssertionError("unreachable: the last attempt returns or raises")
 

@@ -17,7 +17,7 @@ import trio.testing
 
 from atm import text
 from atm.connection import Connection
-from atm.errors import ConnectionLost, ExitCode, TransactionUnconfirmed
+from atm.errors import ConnectFailed, ConnectionLost, ExitCode, TransactionUnconfirmed
 from atm.session import (
     RECONNECT_BACKOFF_S,
     RECONNECT_MARGIN_S,
@@ -69,6 +69,29 @@ async def run(
 
 
 # -- Login ----------------------------------------------------------------------------
+
+
+async def test_each_failed_connect_is_said_before_the_next_try(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Three tries of up to 10 s each must not pass in silence."""
+    console = ScriptedConsole(["x"])
+    silent = ConnectFailed("the bank did not answer within 10 s")
+
+    async def never_greets() -> Connection:
+        raise silent
+
+    code = await run_atm(console, never_greets, tz=UTC)
+    assert code is ExitCode.CONNECTION_LOST
+    assert console.output == [
+        text.retry_failed(1, silent, retry_in_s=RECONNECT_BACKOFF_S),
+        text.retry_failed(2, silent, retry_in_s=RECONNECT_BACKOFF_S),
+        text.ending(silent),
+    ]
+    assert console.output[0] == (
+        "Attempt 1 failed: the bank did not answer within 10 s; trying again in 1 s."
+    )
+
 
 
 async def test_balance_then_exit() -> None:
