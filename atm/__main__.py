@@ -21,7 +21,7 @@ from atm.connection import CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, Connection
 from atm.console import TerminalConsole
 from atm.errors import ExitCode
 from atm.session import run_atm
-from bank.tls import TlsError, client_context
+from bank.tls import TlsError, check_in_date, client_context
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 65432
@@ -132,6 +132,8 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS settings as a context; None for plaintext. Raises TlsError, naming the file."""
     if args.tls_ca is None:
         return None
+    if args.tls_cert is not None:
+        check_in_date(args.tls_cert)
     return client_context(args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 

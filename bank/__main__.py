@@ -50,7 +50,13 @@ from bank.store import (
     read_entries_by_txn_id,
     read_statement,
 )
-from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
+from bank.tls import (
+    TlsError,
+    check_in_date,
+    init_ca_and_server,
+    issue_terminal,
+    server_context,
+)
 from bank.workers import exit_when_parent_ends, supervise, worker_index
 from wire import (
     BALANCE_CENTS_MAX,
@@ -309,6 +315,7 @@ def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     """The server's TLS context, if it serves TLS; raises ``TlsError`` naming the file."""
     if config.tls_cert is None or config.tls_key is None:
         return None
+    check_in_date(config.tls_cert)
     return server_context(
         config.tls_cert, config.tls_key, client_ca=config.tls_client_ca, tls12=config.tls12
     )

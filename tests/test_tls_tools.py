@@ -31,6 +31,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from atm.__main__ import main as atm_main
+from atm.errors import ExitCode
+from bank.__main__ import main as bank_main
 from bank.tls import (
     CA_CERT_FILE,
     CA_KEY_FILE,
@@ -44,6 +47,7 @@ from bank.tls import (
     TlsFailure,
     TlsFileExists,
     TlsFiles,
+    check_in_date,
     client_context,
     describe_verification_error,
     init_ca_and_server,
@@ -763,6 +767,43 @@ def test_an_expired_terminal_certificate(pki: TlsFiles):
     )
     assert ends.kinds() == (TlsFailure.EXPIRED, TlsFailure.CERTIFICATE_REFUSED)
     assert "expired" in described(ends.client)[1]
+
+
+def test_the_bank_will_not_start_with_an_expired_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """Every ATM would fail its handshake; the operator hears why at once, not from them."""
+    expired = init_ca_and_server(tmp_path / "tls", HOSTS, now=LONG_AGO)
+    db = tmp_path / "bank.db"
+    assert bank_main([
+        "--db", str(db), "--key-file", str(tmp_path / "bank.key"), "--port", "0",
+        "--tls-cert", str(expired.cert), "--tls-key", str(expired.key),
+    ]) == 1
+    until = load_certificate(expired.cert).not_valid_after_utc
+    assert capsys.readouterr().err == (
+        f"bank: the certificate {expired.cert} expired on {until:%Y-%m-%d}; issue a new one"
+        " (python -m bank tls-init, tls-terminal)\n"
+    )
+    assert not db.exists()
+
+
+def test_an_atm_will_not_start_with_an_expired_terminal_certificate(
+    pki: TlsFiles, capsys: pytest.CaptureFixture[str]
+):
+    """Under TLS 1.3 the bank's refusal reaches the ATM only as a closed connection."""
+    expired = issue_terminal(pki.ca.parent, TERMINAL, now=LONG_AGO)
+    assert atm_main([
+        "--port", "1", "--tls-ca", str(pki.ca),
+        "--tls-cert", str(expired.cert), "--tls-key", str(expired.key),
+    ]) == ExitCode.USAGE
+    assert f"atm: the certificate {expired.cert} expired on " in capsys.readouterr().err
+
+
+def test_a_certificate_not_valid_yet_names_the_clock(tmp_path: Path):
+    early = init_ca_and_server(tmp_path, HOSTS, now=NOW + datetime.timedelta(days=1))
+    with pytest.raises(TlsError, match=r"is not valid until .* UTC; check this machine's clock"):
+        check_in_date(early.cert)
+    check_in_date(early.cert, now=NOW + datetime.timedelta(days=1))
 
 
 def test_a_terminal_certificate_cannot_serve_as_the_banks(pki: TlsFiles, terminal: TlsFiles):
