@@ -29,7 +29,8 @@ PORT_MAX = 65535
 
 DESCRIPTION = """\
 A thin ATM: log in with an account number (AA-NNNNN) and a 4-digit PIN, then
-  b  balance      d  deposit      w  withdraw      h  history      x  exit (log out)
+  b  balance      d  deposit      w  withdraw      t  transfer to another account
+  h  history      p  change PIN   x  exit (log out)
 Amounts are dollars with at most two decimals: 20, 20.5, 20.50, $1,000.00.
 
 Input may be piped: answers are read one per line in the order a person types them,

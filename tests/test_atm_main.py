@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from atm import text
 from atm.__main__ import DEFAULT_HOST, DEFAULT_PORT, parse_args
 from atm.console import LINE_BYTES_MAX, LineReader, TerminalConsole
 from atm.errors import ExitCode
+from atm.inputs import Choice
 from tests.helpers import ACCOUNT, PIN, START_BALANCE_CENTS, FakeBank, listen_on_loopback
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,3 +310,12 @@ async def test_a_cancelled_read_is_not_lost() -> None:
     assert await console.read_line("more? ") is None
     assert out.getvalue() == "first? answer\nmore? \n"
     os.close(read_fd)
+
+
+def test_help_names_every_menu_key(capsys: pytest.CaptureFixture[str]) -> None:
+    """The menu grew t and p after --help was written; each key must be in it."""
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    shown = capsys.readouterr().out
+    for choice in Choice:
+        assert re.search(rf"^\s.*\b{choice.value}  [a-z]", shown, re.MULTILINE), choice
