@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         name: str, run: Callable[..., int], help_text: str, names: list[str] = OPERATOR_SETTINGS
     ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        settings.add_arguments(sub, names)
+        settings.add_arguments(sub, names, operator=True)
         sub.set_defaults(run=run, command=name, settings=names)
         return sub
 

@@ -811,3 +811,17 @@ def test_sigint_while_the_server_opens_its_database_is_a_sentence_and_status_130
     db, key = str(tmp_path / "bank.db"), str(tmp_path / "bank.key")
     assert main(["--db", db, "--key-file", key, "--port", "0"]) == 130
     assert capsys.readouterr().err.endswith("bank: interrupted\n")
+
+
+@pytest.mark.parametrize("command", ["add-account", "unlock", "accounts"])
+def test_an_operator_commands_help_does_not_promise_to_create_the_database(
+    command: str, capsys: pytest.CaptureFixture[str]
+):
+    """Operator commands never create the database or the key (a mistyped path is an
+    error, not a new bank); their --help must not borrow the server's words."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "created and seeded if missing" not in shown
+    assert "creates it" not in shown
+    assert "which the server made on its first start (never created here)" in shown
