@@ -364,7 +364,9 @@ async def run_server(config: ServerConfig) -> None:
     try:  # before the database too, so that a port in use creates nothing either
         listeners, admin_listeners = await bind(config, reuse_port=worker is not None)
     except OSError as error:
-        raise CannotServe(f"cannot serve on {config.host}:{config.port}: {error}") from None
+        # The OS's words, without Python's "[Errno 98]" in front of them.
+        words = error.strerror or str(error)
+        raise CannotServe(f"cannot serve on {config.host}:{config.port}: {words}") from None
     lock = DatabaseLock(config.db)  # this process alone serves an SQLite file (bank.db_lock)
     try:
         lock.acquire()

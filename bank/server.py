@@ -915,7 +915,8 @@ async def bind(
         try:
             admin = await open_admin_listeners(config.admin_port)
         except OSError as error:
-            raise OSError(f"admin port {config.admin_port}: {error}") from None
+            words = error.strerror or str(error)
+            raise OSError(error.errno, f"admin port {config.admin_port}: {words}") from None
     try:
         if reuse_port:
             return await open_reuse_port_listeners(config.port, config.host), admin

@@ -97,7 +97,20 @@ def test_a_port_in_use_is_a_clear_message_not_a_traceback(
                        "--key-file", str(tmp_path / "bank.key")])
     assert status == 1
     err = capsys.readouterr().err
-    assert f"cannot serve on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert err == f"bank: cannot serve on 127.0.0.1:{port}: Address already in use\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_admin_port_in_use_is_named_in_the_oss_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        status = main(["--port", "0", "--admin-port", str(port),
+                       "--db", str(tmp_path / "bank.db"), "--key-file", str(tmp_path / "bank.key")])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f": admin port {port}: Address already in use\n"), err
     assert list(tmp_path.iterdir()) == []
 
 
