@@ -7,8 +7,10 @@ the terminal); the session itself is ``atm.session.run_atm``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
+import signal
 import ssl
 import sys
 from collections.abc import Mapping, Sequence
@@ -18,9 +20,9 @@ import trio
 
 from atm import text
 from atm.connection import CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, Connection
-from atm.console import TerminalConsole
+from atm.console import Console, TerminalConsole
 from atm.errors import ExitCode
-from atm.session import run_atm
+from atm.session import Connector, run_atm
 from bank.tls import TlsError, check_in_date, client_context
 
 DEFAULT_HOST = "127.0.0.1"
@@ -138,6 +140,30 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return client_context(args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""Signals that end a visit as Ctrl-C does: a supervisor stopping the ATM, or its terminal
+closing. Their default action, instant death, left a hidden PIN prompt's terminal with
+echo off for whoever typed next, and a deposit in flight without its transaction id."""
+
+
+async def run_until_signalled(console: Console, connect: Connector) -> ExitCode | None:
+    """``run_atm``'s exit status; None if an ``ENDING_SIGNALS`` signal cancelled it, which
+    runs the session's cleanup (a transaction in flight is told, the connection closed)."""
+    code: ExitCode | None = None
+    with trio.open_signal_receiver(*ENDING_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def end_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(end_on_signal)
+            code = await run_atm(console, connect)
+            nursery.cancel_scope.cancel()
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -151,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         with console.terminal_restored():
-            return trio.run(run_atm, console, connect)
+            code = trio.run(run_until_signalled, console, connect)
+        if code is not None:
+            return code
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:
@@ -161,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return output_closed()
         if group.subgroup(KeyboardInterrupt) is None:
             raise
-    console.write("\n" + text.INTERRUPTED)
+    with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+        console.write("\n" + text.INTERRUPTED)
     return ExitCode.INTERRUPTED
 
 
