@@ -177,6 +177,9 @@ class AtmSession:
         self._lost: ConnectionLost | None = None
         """Why the connection dropped while the customer was choosing: the next request
         goes out on a new connection."""
+        self._gone_before_login = False
+        """The bank ended the connection (its login deadline) or it dropped while the
+        customer typed the account or PIN: the LOGIN goes out on a new one, unworded."""
 
     @property
     def _conn(self) -> Connection:
@@ -240,9 +243,12 @@ class AtmSession:
                     if logged_in:
                         self._lost = lost
                         self._console.write(text.connection_dropped(lost))
+                    else:
+                        self._gone_before_login = True
                     return  # keep reading the customer's answer
                 except SessionExpired as expired:
                     if not logged_in:
+                        self._gone_before_login = True
                         return
                     notice = expired
                 except SessionEnded as ended:
@@ -310,11 +316,14 @@ class AtmSession:
         on a new connection (``CONNECT_ATTEMPTS_MAX`` tries): logging in twice moves
         nothing. Should the lost LOGIN have been approved, the bank holds our session:
         ACCOUNT_IN_USE is then waited out as when confirming (``LOGIN_RETRYABLE``)."""
-        try:
-            return await self._send_login(credentials)
-        except (SessionExpired, ConnectionLost) as lost:
-            if isinstance(lost, ConnectionLost):
-                self._console.write(text.reconnecting(text.LOGGING_IN, lost))
+        if self._gone_before_login:  # while the customer typed: nothing to say
+            self._gone_before_login = False
+        else:
+            try:
+                return await self._send_login(credentials)
+            except (SessionExpired, ConnectionLost) as lost:
+                if isinstance(lost, ConnectionLost):
+                    self._console.write(text.reconnecting(text.LOGGING_IN, lost))
         deadline: float | None = None
         for attempt in range(1, CONNECT_ATTEMPTS_MAX + 1):
             await self._drop_connection()

@@ -382,6 +382,46 @@ async def test_a_slow_typist_is_logged_in_on_a_fresh_connection() -> None:
     assert text.balance(START_BALANCE_CENTS) in console.output
 
 
+class GatedConsole(ScriptedConsole):
+    """Holds the answer to ``prompt`` until ``gate`` is set: a customer still typing."""
+
+    def __init__(self, lines: list[str | WaitFor], *, prompt: str) -> None:
+        super().__init__(lines)
+        self.prompt = prompt
+        self.asked = trio.Event()
+        self.gate = trio.Event()
+
+    async def read_line(self, prompt: str, *, secret: bool = False) -> str | None:
+        if prompt == self.prompt and not self.gate.is_set():
+            self.asked.set()
+            await self.gate.wait()
+        return await super().read_line(prompt, secret=secret)
+
+
+async def test_the_banks_login_deadline_passing_while_the_customer_types_is_not_worded(
+) -> None:
+    """The bank's login deadline runs from connect, so an ATM left waiting for a customer
+    has its connection expired (notice, then close) before anyone types: that is no drop
+    the customer should hear of; the LOGIN simply goes out on a new connection."""
+    console = GatedConsole([*LOGIN_LINES, "x"], prompt=text.PIN_PROMPT)
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+
+        async def expire_while_typing() -> None:
+            await console.asked.wait()
+            await bank.send_notice(SessionExpired())
+            await bank.streams[-1].aclose()
+            await trio.testing.wait_all_tasks_blocked()  # the ATM has read the notice
+            console.gate.set()
+
+        nursery.start_soon(expire_while_typing)
+        code = await run_atm(console, bank.connect, tz=UTC)
+        nursery.cancel_scope.cancel()
+    assert code is ExitCode.OK
+    assert bank.connections == 2 and len(bank.sent(Login)) == 1
+    assert console.output == [text.WELCOME, text.logged_in(ACCOUNT), text.GOODBYE]
+
+
 async def test_an_unavailable_bank_while_confirming_is_not_a_refusal(autojump_clock) -> None:
     """A 91 to the resent deposit says nothing about the first attempt, which went
     through: the ATM must try again, never tell the customer it was declined."""
