@@ -19,6 +19,7 @@ import re
 import signal
 import sqlite3
 import ssl
+import stat
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import fields
@@ -316,9 +317,25 @@ def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
     check_in_date(config.tls_cert)
+    warn_if_key_shared(config.tls_key)
     return server_context(
         config.tls_cert, config.tls_key, client_ca=config.tls_client_ca, tls12=config.tls12
     )
+
+
+def warn_if_key_shared(key: Path) -> None:
+    """A TLS key others can read is warned of, not refused as the PIN key is: a group
+    such as Debian's ssl-cert may be meant to read it (mode 0640), and only the operator
+    knows. An unreadable file is left for server_context to name."""
+    try:
+        mode = stat.S_IMODE(key.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning(
+            "the TLS private key %s is accessible by group or others (mode %04o): anyone"
+            " who can read it can pose as this bank; run: chmod 600 %s", key, mode, key,
+        )
 
 
 def log_security(config: ServerConfig) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import logging
 import os
 import shutil
 import socket
@@ -34,6 +35,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from atm.__main__ import main as atm_main
 from atm.errors import ExitCode
 from bank.__main__ import main as bank_main
+from bank.__main__ import tls_context as bank_tls_context
+from bank.config import ServerConfig
 from bank.tls import (
     CA_CERT_FILE,
     CA_KEY_FILE,
@@ -964,3 +967,17 @@ def test_an_ssl_error_of_an_unlisted_reason_is_other_and_named():
 
 def test_every_kind_is_a_plain_word_for_an_exit_code():
     assert all(kind.value.isidentifier() and kind.value.islower() for kind in TlsFailure)
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o640, True), (0o644, True)])
+def test_a_tls_key_others_can_read_is_warned_of_at_start(
+    pki: TlsFiles, mode: int, warned: bool, caplog: pytest.LogCaptureFixture
+):
+    """Refused for the PIN key; for the TLS key, a group may be meant to read it."""
+    pki.key.chmod(mode)
+    with caplog.at_level(logging.WARNING, logger="bank"):
+        assert bank_tls_context(ServerConfig(tls_cert=pki.cert, tls_key=pki.key)) is not None
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == ([f"the TLS private key {pki.key} is accessible by group or others"
+                     f" (mode {mode:04o}): anyone who can read it can pose as this bank;"
+                     f" run: chmod 600 {pki.key}"] if warned else [])
