@@ -23,7 +23,7 @@ from atm.connection import CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, Connection
 from atm.console import Console, TerminalConsole
 from atm.errors import ExitCode
 from atm.session import Connector, run_atm
-from bank.tls import TlsError, check_in_date, client_context
+from bank.tls import TlsError, check_in_date, check_purpose, client_context
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 65432
@@ -137,6 +137,7 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
         return None
     if args.tls_cert is not None:
         check_in_date(args.tls_cert)
+        check_purpose(args.tls_cert, server=False)
     return client_context(args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 

@@ -54,6 +54,7 @@ from bank.store import (
 from bank.tls import (
     TlsError,
     check_in_date,
+    check_purpose,
     init_ca_and_server,
     issue_terminal,
     server_context,
@@ -317,6 +318,7 @@ def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
     check_in_date(config.tls_cert)
+    check_purpose(config.tls_cert, server=True)
     warn_if_key_shared(config.tls_key)
     return server_context(
         config.tls_cert, config.tls_key, client_ca=config.tls_client_ca, tls12=config.tls12

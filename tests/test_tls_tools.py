@@ -981,3 +981,24 @@ def test_a_tls_key_others_can_read_is_warned_of_at_start(
     assert said == ([f"the TLS private key {pki.key} is accessible by group or others"
                      f" (mode {mode:04o}): anyone who can read it can pose as this bank;"
                      f" run: chmod 600 {pki.key}"] if warned else [])
+
+
+def test_the_bank_will_not_serve_with_a_certificate_that_is_not_a_servers(
+    pki: TlsFiles, terminal: TlsFiles
+):
+    """Every ATM would refuse it ('unsuitable certificate purpose')."""
+    with pytest.raises(TlsError, match=r"ca\.pem is a CA's certificate, not a server"):
+        bank_tls_context(ServerConfig(tls_cert=pki.ca, tls_key=pki.ca.parent / CA_KEY_FILE))
+    with pytest.raises(TlsError, match=r"is not a server certificate \(a terminal's"):
+        bank_tls_context(ServerConfig(tls_cert=terminal.cert, tls_key=terminal.key))
+    assert bank_tls_context(ServerConfig(tls_cert=pki.cert, tls_key=pki.key)) is not None
+
+
+def test_an_atm_will_not_start_with_the_banks_certificate_as_its_own(
+    pki: TlsFiles, capsys: pytest.CaptureFixture[str]
+):
+    assert atm_main(["--port", "1", "--tls-ca", str(pki.ca), "--tls-cert", str(pki.cert),
+                     "--tls-key", str(pki.key)]) == ExitCode.USAGE
+    assert capsys.readouterr().err == (
+        f"atm: {pki.cert} is not a terminal certificate (a server's, perhaps)\n"
+    )
