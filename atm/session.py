@@ -138,6 +138,11 @@ class EndOfInput(Exception):
     """Input ended (Ctrl-D, or the end of a pipe): the customer has walked away."""
 
 
+class _NeverSent(ConnectionLost):
+    """The connection had dropped before the request was sent (the customer was told):
+    its first sending is on a new connection, so nothing about it needs confirming."""
+
+
 class _NotLoggedInYet(ConnectionLost):
     """On reconnect the bank could not log us in yet (``LOGIN_RETRYABLE``): worth another
     try within the window."""
@@ -578,12 +583,16 @@ class AtmSession:
             if settles(first):
                 return first.status
             cause = first.status
-        self._console.write(text.reconnecting(text.CONFIRMING_PIN_CHANGE, cause))
+        never_sent = isinstance(cause, _NeverSent)
+        if not never_sent:
+            self._console.write(text.reconnecting(text.CONFIRMING_PIN_CHANGE, cause))
         window_s = self._reconnect_window_s()
         try:
             again = await self._resend_until_settled(request, ChangePinReply, window_s,
                                                      settles=settles)
-            if again.status is not Status.INCORRECT_PIN:
+            # Sent for the first time, INCORRECT_PIN is the answer: probing with the new
+            # PIN would only count a second wrong PIN toward the lock.
+            if never_sent or again.status is not Status.INCORRECT_PIN:
                 return again.status
             done = ChangePin(request.new_pin, request.new_pin)
             reply = await self._request(done, ChangePinReply)
@@ -635,7 +644,9 @@ class AtmSession:
             if settles(reply):
                 return reply, False
             cause = reply.status  # 91, 96, an ERROR...: it may have gone through
-        self._console.write(text.reconnecting(text.confirming(kind), cause))
+        never_sent = isinstance(cause, _NeverSent)
+        if not never_sent:  # else the customer already knows, and nothing is unsure yet
+            self._console.write(text.reconnecting(text.confirming(kind), cause))
         window_s = self._reconnect_window_s()
         try:
             reply = await self._resend_until_settled(request, reply_type, window_s,
@@ -643,7 +654,7 @@ class AtmSession:
         except SessionEnded:
             raise TransactionUnconfirmed(kind=text.noun(kind), amount_cents=request.amount_cents,
                                          txn_id=request.txn_id) from None
-        return reply, True
+        return reply, not never_sent
 
     async def _read(self, request: Request, reply_type: type[ReplyT], *,
                     purpose: str) -> ReplyT | Error:
@@ -662,7 +673,7 @@ class AtmSession:
         connection."""
         if self._lost is not None:
             lost, self._lost = self._lost, None
-            raise lost
+            raise _NeverSent(lost.reason, status=lost.status, detail=lost.detail) from lost
         return await self._request(request, reply_type)
 
     async def _resume_for_logout(self) -> None:

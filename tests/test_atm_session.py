@@ -35,6 +35,7 @@ from tests.helpers import (
 )
 from wire import (
     Balance,
+    ChangePin,
     Deposit,
     Error,
     Hello,
@@ -307,6 +308,42 @@ async def test_a_connection_lost_at_the_menu_is_resumed_for_the_next_choice() ->
     assert console.output[-1] == text.GOODBYE
     assert len(bank.sent(Login)) == 1 and len(bank.sent(Resume)) == 1
     assert [prompt for prompt, _ in console.prompts].count(text.PIN_PROMPT) == 1
+
+
+@pytest.mark.parametrize(("key", "kind"), [("d", "deposit"), ("w", "withdrawal")])
+async def test_money_chosen_after_a_drop_is_sent_once_and_not_called_a_confirmation(
+    key: str, kind: str,
+) -> None:
+    """The customer was told the connection dropped before choosing: the request goes out
+    for the first time on a new connection, so nothing is 'confirmed' or 'went through
+    once' (the words of a resend); it gets its receipt like any other."""
+    async def hang_up(bank: FakeBank) -> None:
+        await bank.logged_in.wait()
+        await bank.streams[-1].aclose()
+
+    lines = [*LOGIN_LINES, WaitFor("The connection to the bank dropped"), key, "20", "x"]
+    code, console, bank = await run(lines, during=hang_up)
+    assert code is ExitCode.OK
+    assert len(bank.money_requests()) == 1
+    assert not any("confirm" in line for line in console.output), console.output
+    assert any("RECEIPT" in line for line in console.output)
+    assert bank.connections == 2
+
+
+async def test_a_pin_change_chosen_after_a_drop_is_sent_once_even_when_refused() -> None:
+    """Sent for the first time on the new connection, a wrong current PIN is simply
+    refused: no 'confirming', and no probe with the new PIN (a second wrong PIN)."""
+    async def hang_up(bank: FakeBank) -> None:
+        await bank.logged_in.wait()
+        await bank.streams[-1].aclose()
+
+    lines = [*LOGIN_LINES, WaitFor("The connection to the bank dropped"),
+             "p", "0000", "4826", "4826", "x"]
+    code, console, bank = await run(lines, during=hang_up)
+    assert code is ExitCode.OK
+    assert bank.sent(ChangePin) == [ChangePin("0000", "4826")]
+    assert text.pin_change_refused(Status.INCORRECT_PIN) in console.output
+    assert not any("confirm" in line for line in console.output), console.output
 
 
 async def test_without_a_resumable_session_the_next_choice_logs_in_again() -> None:
