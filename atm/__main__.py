@@ -7,8 +7,10 @@ the terminal); the session itself is ``atm.session.run_atm``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
+import signal
 import ssl
 import sys
 from collections.abc import Mapping, Sequence
@@ -18,10 +20,10 @@ import trio
 
 from atm import text
 from atm.connection import CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S, Connection
-from atm.console import TerminalConsole
+from atm.console import Console, TerminalConsole
 from atm.errors import ExitCode
-from atm.session import run_atm
-from bank.tls import TlsError, client_context
+from atm.session import Connector, run_atm
+from bank.tls import TlsError, check_in_date, check_purpose, client_context
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 65432
@@ -29,7 +31,8 @@ PORT_MAX = 65535
 
 DESCRIPTION = """\
 A thin ATM: log in with an account number (AA-NNNNN) and a 4-digit PIN, then
-  b  balance      d  deposit      w  withdraw      h  history      x  exit (log out)
+  b  balance      d  deposit      w  withdraw      t  transfer to another account
+  h  history      p  change PIN   x  exit (log out)
 Amounts are dollars with at most two decimals: 20, 20.5, 20.50, $1,000.00.
 
 Input may be piped: answers are read one per line in the order a person types them,
@@ -132,7 +135,34 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS settings as a context; None for plaintext. Raises TlsError, naming the file."""
     if args.tls_ca is None:
         return None
+    if args.tls_cert is not None:
+        check_in_date(args.tls_cert)
+        check_purpose(args.tls_cert, server=False)
     return client_context(args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+
+
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""Signals that end a visit as Ctrl-C does: a supervisor stopping the ATM, or its terminal
+closing. Their default action, instant death, left a hidden PIN prompt's terminal with
+echo off for whoever typed next, and a deposit in flight without its transaction id."""
+
+
+async def run_until_signalled(console: Console, connect: Connector) -> ExitCode | None:
+    """``run_atm``'s exit status; None if an ``ENDING_SIGNALS`` signal cancelled it, which
+    runs the session's cleanup (a transaction in flight is told, the connection closed)."""
+    code: ExitCode | None = None
+    with trio.open_signal_receiver(*ENDING_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def end_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(end_on_signal)
+            code = await run_atm(console, connect)
+            nursery.cancel_scope.cancel()
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         with console.terminal_restored():
-            return trio.run(run_atm, console, connect)
+            code = trio.run(run_until_signalled, console, connect)
+        if code is not None:
+            return code
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:
@@ -158,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return output_closed()
         if group.subgroup(KeyboardInterrupt) is None:
             raise
-    console.write("\n" + text.INTERRUPTED)
+    with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+        console.write("\n" + text.INTERRUPTED)
     return ExitCode.INTERRUPTED
 
 

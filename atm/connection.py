@@ -71,6 +71,15 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 ReplyT = TypeVar("ReplyT", bound=Reply)
 
+PLAINTEXT_SILENCE_HINT = "if the bank serves TLS, start this ATM with --tls-ca"
+"""Added to a plaintext connection's silent greeting: a TLS bank waits for a TLS hello
+that a plaintext ATM never sends, while this ATM waits for the bank's HELLO, so the
+mismatch shows as silence only (the other way round the ATM can name it)."""
+
+
+class _NoGreeting(ConnectFailed):
+    """The bank accepted the connection and said nothing within the greeting's time."""
+
 
 class Connection:
     """A greeted connection: ``hello`` holds the bank's limits.
@@ -117,10 +126,15 @@ class Connection:
                 secure = await _secure(stream, tls, host)
         if scope.cancelled_caught:
             raise ConnectFailed(f"could not reach {host}:{port} within {connect_timeout_s} s")
-        return await cls.handshake(
-            secure if tls is not None else stream,
-            hello_timeout_s=hello_timeout_s, reply_timeout_s=reply_timeout_s,
-        )
+        try:
+            return await cls.handshake(
+                secure if tls is not None else stream,
+                hello_timeout_s=hello_timeout_s, reply_timeout_s=reply_timeout_s,
+            )
+        except _NoGreeting as silent:
+            if tls is not None:
+                raise
+            raise ConnectFailed(f"{silent.reason} ({PLAINTEXT_SILENCE_HINT})") from None
 
     @classmethod
     async def handshake(
@@ -154,7 +168,7 @@ class Connection:
             if isinstance(message, Error):
                 raise ConnectFailed("the bank refused the connection", status=message.status)
             return
-        raise ConnectFailed(f"the bank did not answer within {timeout_s} s")
+        raise _NoGreeting(f"the bank did not answer within {timeout_s} s")
 
     @property
     def session_token(self) -> bytes | None:
@@ -338,7 +352,12 @@ def _describe(error: BaseException) -> str:
 
     From the errno where there is one: trio words a failed connect as "Error connecting
     to ('127.0.0.1', 47399): Connection refused", a Python tuple a customer need not read.
+    A broken stream is the OS's error too: trio raises BrokenResourceError("socket
+    connection broken: [Errno 104] Connection reset by peer") from the OSError, so its
+    cause is described.
     """
+    if not isinstance(error, OSError) and isinstance(error.__cause__, OSError):
+        error = error.__cause__
     if isinstance(error, OSError) and error.errno is not None and error.errno > 0:
         return os.strerror(error.errno)
     if isinstance(error, OSError) and error.strerror:

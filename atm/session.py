@@ -141,6 +141,11 @@ class EndOfInput(Exception):
     """Input ended (Ctrl-D, or the end of a pipe): the customer has walked away."""
 
 
+class _NeverSent(ConnectionLost):
+    """The connection had dropped before the request was sent (the customer was told):
+    its first sending is on a new connection, so nothing about it needs confirming."""
+
+
 class _NotLoggedInYet(ConnectionLost):
     """On reconnect the bank could not log us in yet (``LOGIN_RETRYABLE``): worth another
     try within the window."""
@@ -180,6 +185,9 @@ class AtmSession:
         self._lost: ConnectionLost | None = None
         """Why the connection dropped while the customer was choosing: the next request
         goes out on a new connection."""
+        self._gone_before_login = False
+        """The bank ended the connection (its login deadline) or it dropped while the
+        customer typed the account or PIN: the LOGIN goes out on a new one, unworded."""
 
     @property
     def _conn(self) -> Connection:
@@ -199,13 +207,18 @@ class AtmSession:
     async def _connect_riding_out_cuts(self) -> Connection:
         """A greeted connection; a connection cut before or during HELLO is tried again
         (``CONNECT_ATTEMPTS_MAX`` times, a second apart), so that one bad moment of the
-        network is not the end of a visit. A bank that is really down ends it still."""
+        network is not the end of a visit. A bank that is really down ends it still.
+        Each failed try is said: a silent greeting takes its whole timeout, and three of
+        them in silence look like a hung ATM."""
         for attempt in range(1, CONNECT_ATTEMPTS_MAX + 1):
             try:
                 return await self._connect()
-            except ConnectionLost:
+            except ConnectionLost as failure:
                 if attempt == CONNECT_ATTEMPTS_MAX:
                     raise
+                self._console.write(
+                    text.retry_failed(attempt, failure, retry_in_s=RECONNECT_BACKOFF_S)
+                )
                 await trio.sleep(RECONNECT_BACKOFF_S)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -238,9 +251,12 @@ class AtmSession:
                     if logged_in:
                         self._lost = lost
                         self._console.write(text.connection_dropped(lost))
+                    else:
+                        self._gone_before_login = True
                     return  # keep reading the customer's answer
                 except SessionExpired as expired:
                     if not logged_in:
+                        self._gone_before_login = True
                         return
                     notice = expired
                 except SessionEnded as ended:
@@ -308,11 +324,14 @@ class AtmSession:
         on a new connection (``CONNECT_ATTEMPTS_MAX`` tries): logging in twice moves
         nothing. Should the lost LOGIN have been approved, the bank holds our session:
         ACCOUNT_IN_USE is then waited out as when confirming (``LOGIN_RETRYABLE``)."""
-        try:
-            return await self._send_login(credentials)
-        except (SessionExpired, ConnectionLost) as lost:
-            if isinstance(lost, ConnectionLost):
-                self._console.write(text.reconnecting(text.LOGGING_IN, lost))
+        if self._gone_before_login:  # while the customer typed: nothing to say
+            self._gone_before_login = False
+        else:
+            try:
+                return await self._send_login(credentials)
+            except (SessionExpired, ConnectionLost) as lost:
+                if isinstance(lost, ConnectionLost):
+                    self._console.write(text.reconnecting(text.LOGGING_IN, lost))
         deadline: float | None = None
         for attempt in range(1, CONNECT_ATTEMPTS_MAX + 1):
             await self._drop_connection()
@@ -567,12 +586,16 @@ class AtmSession:
             if settles(first):
                 return first.status
             cause = first.status
-        self._console.write(text.reconnecting(text.CONFIRMING_PIN_CHANGE, cause))
+        never_sent = isinstance(cause, _NeverSent)
+        if not never_sent:
+            self._console.write(text.reconnecting(text.CONFIRMING_PIN_CHANGE, cause))
         window_s = self._reconnect_window_s()
         try:
             again = await self._resend_until_settled(request, ChangePinReply, window_s,
                                                      settles=settles)
-            if again.status is not Status.INCORRECT_PIN:
+            # Sent for the first time, INCORRECT_PIN is the answer: probing with the new
+            # PIN would only count a second wrong PIN toward the lock.
+            if never_sent or again.status is not Status.INCORRECT_PIN:
                 return again.status
             done = ChangePin(request.new_pin, request.new_pin)
             reply = await self._request(done, ChangePinReply)
@@ -624,7 +647,9 @@ class AtmSession:
             if settles(reply):
                 return reply, False
             cause = reply.status  # 91, 96, an ERROR...: it may have gone through
-        self._console.write(text.reconnecting(text.confirming(kind), cause))
+        never_sent = isinstance(cause, _NeverSent)
+        if not never_sent:  # else the customer already knows, and nothing is unsure yet
+            self._console.write(text.reconnecting(text.confirming(kind), cause))
         window_s = self._reconnect_window_s()
         try:
             reply = await self._resend_until_settled(request, reply_type, window_s,
@@ -632,7 +657,7 @@ class AtmSession:
         except SessionEnded:
             raise TransactionUnconfirmed(kind=text.noun(kind), amount_cents=request.amount_cents,
                                          txn_id=request.txn_id) from None
-        return reply, True
+        return reply, not never_sent
 
     async def _read(self, request: Request, reply_type: type[ReplyT], *,
                     purpose: str) -> ReplyT | Error:
@@ -651,7 +676,7 @@ class AtmSession:
         connection."""
         if self._lost is not None:
             lost, self._lost = self._lost, None
-            raise lost
+            raise _NeverSent(lost.reason, status=lost.status, detail=lost.detail) from lost
         return await self._request(request, reply_type)
 
     async def _resume_for_logout(self) -> None:

@@ -409,7 +409,7 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.UNCONFIRMED_TRANSACTION: "a deposit, withdrawal or transfer could not be confirmed",
     ExitCode.TLS_FAILED: "no secure connection: a certificate problem (unknown CA, wrong host"
     " name, expired, no terminal certificate) or no TLS at the other end",
-    ExitCode.INTERRUPTED: "interrupted with Ctrl-C",
+    ExitCode.INTERRUPTED: "interrupted with Ctrl-C, or stopped by SIGTERM or SIGHUP",
     ExitCode.OUTPUT_CLOSED: "the screen went away (output was piped into a program that quit)",
 }
 

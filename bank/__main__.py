@@ -19,6 +19,7 @@ import re
 import signal
 import sqlite3
 import ssl
+import stat
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import fields
@@ -50,7 +51,14 @@ from bank.store import (
     read_entries_by_txn_id,
     read_statement,
 )
-from bank.tls import TlsError, init_ca_and_server, issue_terminal, server_context
+from bank.tls import (
+    TlsError,
+    check_in_date,
+    check_purpose,
+    init_ca_and_server,
+    issue_terminal,
+    server_context,
+)
 from bank.workers import exit_when_parent_ends, supervise, worker_index
 from wire import (
     BALANCE_CENTS_MAX,
@@ -65,6 +73,9 @@ from wire import (
 log = logging.getLogger("bank")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT) before the server serves, or at an operator command's prompt: the
+shell's convention, 128 + SIGINT."""
 OPERATOR_SETTINGS = ["db", "key_file", "log_level"]
 """The settings an operator command takes, before or after its name; given in both
 places, the one after the name wins."""
@@ -98,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     command: Callable[[ServerConfig, argparse.Namespace], int] = args.run
     try:
         return command(config, args)
+    except KeyboardInterrupt:
+        # Serving, the server turns SIGINT into a graceful shutdown; before that (opening
+        # the database) and at a PIN prompt it is the operator giving up: a sentence, not
+        # a traceback. A database write it cut short was rolled back by the database.
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # a ^C at a prompt leaves the cursor on its line
+        print("bank: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (
         StoreError, StorageError, KeyFileError, AccountsFileError, SchemaError, TlsError
     ) as error:
@@ -174,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         name: str, run: Callable[..., int], help_text: str, names: list[str] = OPERATOR_SETTINGS
     ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        settings.add_arguments(sub, names)
+        settings.add_arguments(sub, names, operator=True)
         sub.set_defaults(run=run, command=name, settings=names)
         return sub
 
@@ -302,9 +321,27 @@ def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     """The server's TLS context, if it serves TLS; raises ``TlsError`` naming the file."""
     if config.tls_cert is None or config.tls_key is None:
         return None
+    check_in_date(config.tls_cert)
+    check_purpose(config.tls_cert, server=True)
+    warn_if_key_shared(config.tls_key)
     return server_context(
         config.tls_cert, config.tls_key, client_ca=config.tls_client_ca, tls12=config.tls12
     )
+
+
+def warn_if_key_shared(key: Path) -> None:
+    """A TLS key others can read is warned of, not refused as the PIN key is: a group
+    such as Debian's ssl-cert may be meant to read it (mode 0640), and only the operator
+    knows. An unreadable file is left for server_context to name."""
+    try:
+        mode = stat.S_IMODE(key.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning(
+            "the TLS private key %s is accessible by group or others (mode %04o): anyone"
+            " who can read it can pose as this bank; run: chmod 600 %s", key, mode, key,
+        )
 
 
 def log_security(config: ServerConfig) -> None:
@@ -350,7 +387,9 @@ async def run_server(config: ServerConfig) -> None:
     try:  # before the database too, so that a port in use creates nothing either
         listeners, admin_listeners = await bind(config, reuse_port=worker is not None)
     except OSError as error:
-        raise CannotServe(f"cannot serve on {config.host}:{config.port}: {error}") from None
+        # The OS's words, without Python's "[Errno 98]" in front of them.
+        words = error.strerror or str(error)
+        raise CannotServe(f"cannot serve on {config.host}:{config.port}: {words}") from None
     lock = DatabaseLock(config.db)  # this process alone serves an SQLite file (bank.db_lock)
     try:
         lock.acquire()
@@ -593,8 +632,12 @@ def show_txn(config: ServerConfig, args: argparse.Namespace) -> int:
 def read_new_pin() -> str:
     """A PIN from the terminal (hidden, asked twice) or one line of piped input."""
     if sys.stdin.isatty():
-        pin = getpass.getpass("New PIN (4 digits): ")
-        if getpass.getpass("Repeat the PIN: ") != pin:
+        try:
+            pin = getpass.getpass("New PIN (4 digits): ")
+            repeated = getpass.getpass("Repeat the PIN: ")
+        except EOFError:  # Ctrl-D at the prompt: the operator gave up
+            raise StoreError("no PIN given (input ended); nothing changed") from None
+        if repeated != pin:
             raise StoreError("the two PINs differ")
     else:
         pin = sys.stdin.readline().strip()

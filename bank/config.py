@@ -42,9 +42,15 @@ DESTINATION_LOCKOUT_S_MAX = LOCKOUT_MS_MAX // 1000
 """Longest ``destination_lockout_s``: one year, for ``PIN_LOCKOUT_S_MAX``'s reasons."""
 
 
-def _setting(default: object, help_text: str, kind: type | None = None) -> Any:
-    """A field with its --help text; ``kind`` parses the flag when the default is None."""
-    return field(default=default, metadata={"help": help_text, "kind": kind or type(default)})
+def _setting(default: object, help_text: str, kind: type | None = None, *,
+             operator_help: str | None = None) -> Any:
+    """A field with its --help text; ``kind`` parses the flag when the default is None.
+    ``operator_help`` replaces the text in an operator command's --help, where the server's
+    words would be wrong (operator commands create neither database nor key)."""
+    return field(default=default, metadata={
+        "help": help_text, "kind": kind or type(default),
+        "operator_help": operator_help or help_text,
+    })
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +60,15 @@ class ServerConfig:
     db: str = _setting(
         "bank.db", "the database: an SQLite file (created and seeded if missing), or a"
         " PostgreSQL postgresql:// URL or libpq key=value string (schema created and"
-        " migrated on start)"
+        " migrated on start)",
+        operator_help="the bank's database, which the server made on its first start (never"
+        " created here): an SQLite file, or a PostgreSQL postgresql:// URL or libpq"
+        " key=value string",
     )
     key_file: Path = _setting(
-        Path("bank.key"), "secret PIN key file; the server creates it (mode 0600) if missing"
+        Path("bank.key"), "secret PIN key file; the server creates it (mode 0600) if missing",
+        operator_help="the bank's secret PIN key file, which the server made on its first"
+        " start (never created here)",
     )
     log_level: str = _setting("INFO", "operator log level: DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting(
@@ -310,10 +321,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None, *,
+                  operator: bool = False) -> None:
     """Add a flag per setting (or the named ones). A flag not given leaves no attribute
     (``argparse.SUPPRESS``), so a flag given before a subcommand is not undone by the
-    subcommand's own copy of it; ``from_arguments`` fills in the env var, then default."""
+    subcommand's own copy of it; ``from_arguments`` fills in the env var, then default.
+    ``operator``: for an operator command, with its own words where they differ."""
     defaults = _defaults(parser)
     for f in fields(ServerConfig):
         if names is not None and f.name not in names:
@@ -321,7 +334,8 @@ def add_arguments(parser: argparse.ArgumentParser, names: list[str] | None = Non
         kind = f.metadata["kind"]
         env = ENV_PREFIX + f.name.upper()
         now = redact_db(defaults[f.name]) if f.name == "db" else defaults[f.name]
-        help_text = f"{f.metadata['help']} (env {env}; now {now})".replace("%", "%%")
+        words = f.metadata["operator_help" if operator else "help"]
+        help_text = f"{words} (env {env}; now {now})".replace("%", "%%")
         if kind is bool:  # a switch: --tls12, or --no-tls12 over the env var
             parser.add_argument(
                 flag(f.name), action=argparse.BooleanOptionalAction,

@@ -110,6 +110,7 @@ class Ending(enum.Enum):
 
     PEER_CLOSED = "peer closed the connection"
     IDLE = "idle timeout"
+    LOGIN_TIMEOUT = "login timeout: not logged in in time"
     FRAME_TIMEOUT = "frame not completed in time"
     GRACE_OVER = "shutdown grace period over"
     SEND_TIMEOUT = "peer did not read a reply in time"
@@ -566,9 +567,10 @@ class Connection:
         """
         if self._engine.state is _AUTHENTICATED:
             deadline = self._last_reply_at + self._config.idle_timeout_s
+            ending = Ending.IDLE
         else:  # counted from connect, so pinging cannot hold a slot without logging in
             deadline = self._connected_at + self._config.login_timeout_s
-        ending = Ending.IDLE
+            ending = Ending.LOGIN_TIMEOUT
         if self._engine.buffered_bytes:
             frame_deadline = self._frame_started_at + self._config.frame_timeout_s
             if frame_deadline < deadline:
@@ -594,7 +596,8 @@ class Connection:
         does not get it.
         """
         notice: Message | None = None
-        if ending in {Ending.IDLE, Ending.EVICTED, Ending.SUPERSEDED, Ending.LEASE_LOST}:
+        if ending in {Ending.IDLE, Ending.LOGIN_TIMEOUT, Ending.EVICTED, Ending.SUPERSEDED,
+                      Ending.LEASE_LOST}:
             notice = SessionExpired()
         elif ending is Ending.FRAME_TIMEOUT:
             notice = Error(Status.FORMAT_ERROR)
@@ -915,7 +918,8 @@ async def bind(
         try:
             admin = await open_admin_listeners(config.admin_port)
         except OSError as error:
-            raise OSError(f"admin port {config.admin_port}: {error}") from None
+            words = error.strerror or str(error)
+            raise OSError(error.errno, f"admin port {config.admin_port}: {words}") from None
     try:
         if reuse_port:
             return await open_reuse_port_listeners(config.port, config.host), admin

@@ -440,6 +440,50 @@ def _read_key_pair(cert: Path, key: Path) -> tuple[x509.Certificate, PrivateKeyT
     return certificate, private_key
 
 
+def check_in_date(path: Path, *, now: datetime.datetime | None = None) -> None:
+    """Refuse a certificate of our own that no peer would accept today.
+
+    Serving with an expired certificate, every ATM's handshake fails; an ATM with an
+    expired terminal certificate hears, under TLS 1.3, only that the bank closed the
+    connection. Said at start, it names the file and the date. (The contexts themselves
+    do not refuse: the tests build them with expired certificates on purpose.)
+    """
+    certificate = _read_certificate(path)
+    now = _timestamp(now)
+    if now >= certificate.not_valid_after_utc:
+        raise TlsError(
+            f"the certificate {path} expired on {certificate.not_valid_after_utc:%Y-%m-%d};"
+            " issue a new one (python -m bank tls-init, tls-terminal)"
+        )
+    if now < certificate.not_valid_before_utc:
+        raise TlsError(
+            f"the certificate {path} is not valid until"
+            f" {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock"
+        )
+
+
+def check_purpose(path: Path, *, server: bool) -> None:
+    """Refuse a certificate of our own that is not for our end of the connection: a CA's
+    (ca.pem given as --tls-cert) or the other end's (a terminal's to the bank, the bank's
+    to an ATM). The peer refuses it in every handshake, with 'unsuitable certificate
+    purpose' on its side and nothing clear on ours. One without extended key usage is
+    for any purpose, and passes."""
+    certificate = _read_certificate(path)
+    role, other = ("server", "terminal") if server else ("terminal", "server")
+    try:
+        if certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise TlsError(f"{path} is a CA's certificate, not a {role} certificate")
+    except x509.ExtensionNotFound:
+        pass
+    wanted = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if wanted not in usages:
+        raise TlsError(f"{path} is not a {role} certificate (a {other}'s, perhaps)")
+
+
 def _read_certificate(path: Path) -> x509.Certificate:
     data = _read_file(path, "certificate")
     try:

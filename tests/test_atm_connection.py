@@ -188,6 +188,28 @@ async def test_hello_timeout(autojump_clock: trio.abc.Clock) -> None:
     assert trio.current_time() == pytest.approx(HELLO_TIMEOUT_S)
 
 
+async def test_a_silent_plaintext_greeting_suggests_tls() -> None:
+    """A bank serving TLS accepts a plaintext ATM and waits for a TLS hello that never
+    comes: silence is all the ATM sees, so the sentence names the likely cause."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, _say_nothing, listeners)
+        with pytest.raises(ConnectFailed) as raised:
+            await Connection.open("127.0.0.1", port, hello_timeout_s=0.2)
+        nursery.cancel_scope.cancel()
+    assert raised.value.reason == (
+        "the bank did not answer within 0.2 s (if the bank serves TLS, start this ATM"
+        " with --tls-ca)"
+    )
+    assert_customer_words(text.ending(raised.value))
+
+
+async def _say_nothing(stream: trio.SocketStream) -> None:
+    async with stream:
+        await trio.sleep_forever()
+
+
 async def test_busy_bank_refuses_the_connection() -> None:
     client, server = trio.testing.memory_stream_pair()
     await server.send_all(encode(Error(Status.SERVER_BUSY)))
@@ -250,6 +272,18 @@ def test_an_os_error_is_described_in_the_oss_words_only() -> None:
     error = OSError(errno.ECONNREFUSED,
                     "Error connecting to ('127.0.0.1', 47399): Connection refused")
     assert _describe(error) == "Connection refused"
+
+
+def test_a_broken_stream_is_described_in_the_oss_words_only() -> None:
+    """trio words a reset connection as "socket connection broken: [Errno 104] ...",
+    raised from the OSError; the customer reads the OS's words alone."""
+    try:
+        try:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        except OSError as reset:
+            raise trio.BrokenResourceError(f"socket connection broken: {reset}") from reset
+    except trio.BrokenResourceError as error:
+        assert _describe(error) == "Connection reset by peer"
 
 
 @pytest.mark.parametrize("host", ["a" * 64 + ".example", "bank..example"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -18,10 +20,18 @@ import trio
 import trio.testing
 
 from atm import text
-from atm.__main__ import DEFAULT_HOST, DEFAULT_PORT, parse_args
+from atm.__main__ import DEFAULT_HOST, DEFAULT_PORT, parse_args, run_until_signalled
 from atm.console import LINE_BYTES_MAX, LineReader, TerminalConsole
-from atm.errors import ExitCode
-from tests.helpers import ACCOUNT, PIN, START_BALANCE_CENTS, FakeBank, listen_on_loopback
+from atm.errors import ExitCode, TransactionUnconfirmed
+from atm.inputs import Choice
+from tests.helpers import (
+    ACCOUNT,
+    PIN,
+    START_BALANCE_CENTS,
+    FakeBank,
+    ScriptedConsole,
+    listen_on_loopback,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +118,8 @@ async def test_a_host_name_that_cannot_be_looked_up_exits_1_without_a_traceback(
             capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
         )
     assert done.returncode == ExitCode.CONNECTION_LOST
-    assert done.stdout.decode().startswith(f"Could not connect to the bank: could not reach {host}")
+    last = done.stdout.decode().splitlines()[-1]  # after the tries it says it made
+    assert last.startswith(f"Could not connect to the bank: could not reach {host}")
     assert b"not a valid host name" in done.stdout
     assert done.stderr == b""
 
@@ -307,3 +318,79 @@ async def test_a_cancelled_read_is_not_lost() -> None:
     assert await console.read_line("more? ") is None
     assert out.getvalue() == "first? answer\nmore? \n"
     os.close(read_fd)
+
+
+def test_help_names_every_menu_key(capsys: pytest.CaptureFixture[str]) -> None:
+    """The menu grew t and p after --help was written; each key must be in it."""
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    shown = capsys.readouterr().out
+    for choice in Choice:
+        assert re.search(rf"^\s.*\b{choice.value}  [a-z]", shown, re.MULTILINE), choice
+
+
+SIGNAL_WAITS_MAX = 100
+"""Bound on the scheduler rounds a test waits for the ATM to send its deposit."""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+async def test_sigterm_or_sighup_mid_deposit_ends_the_visit_telling_its_transaction_id(
+    signum: int,
+) -> None:
+    """A supervisor's SIGTERM (or the terminal's SIGHUP) ends the session as Ctrl-C does:
+    the deposit in flight may have gone through, so its id is shown, not lost."""
+    console = ScriptedConsole([ACCOUNT, PIN, "d", "5"], then_wait=True)
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        bank.hang_replies = 1
+
+        async def signal_once_sent() -> None:
+            for _ in range(SIGNAL_WAITS_MAX):
+                await trio.testing.wait_all_tasks_blocked()
+                if bank.money_requests():
+                    os.kill(os.getpid(), signum)
+                    return
+            raise AssertionError("the deposit was never sent")
+
+        nursery.start_soon(signal_once_sent)
+        code = await run_until_signalled(console, bank.connect)
+        nursery.cancel_scope.cancel()
+    assert code is None  # main then says the session was interrupted, status 130
+    [deposit] = bank.money_requests()
+    assert console.output[-1] == text.ending(TransactionUnconfirmed(
+        kind="deposit", amount_cents=5_00, txn_id=deposit.txn_id,
+    ))
+
+
+ECHO_REPORTER = """\
+import subprocess, sys, termios
+atm = subprocess.Popen([sys.executable, "-m", "atm", *sys.argv[1:]])
+print(f"PID={atm.pid}", flush=True)
+status = atm.wait()
+echo = termios.tcgetattr(0)[3] & termios.ECHO
+print(f"STATUS={status} ECHO={'on' if echo else 'off'}", flush=True)
+"""
+"""Runs the ATM on its own terminal and says, once it has exited, whether that terminal
+echoes: a test cannot ask the terminal of a process that is gone."""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+async def test_a_signal_at_the_hidden_pin_prompt_gives_the_terminal_its_echo_back(
+    signum: int,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+        port = await listen_on_loopback(nursery, bank)
+        atm = pexpect.spawn(sys.executable, ["-c", ECHO_REPORTER, "--port", str(port)],
+                            cwd=str(ROOT), encoding="utf-8", timeout=ATM_PROCESS_TIMEOUT_S)
+        await trio.to_thread.run_sync(atm.expect, r"PID=(\d+)")
+        pid = int(atm.match.group(1))
+        await trio.to_thread.run_sync(atm.expect_exact, text.ACCOUNT_PROMPT)
+        atm.sendline(ACCOUNT)
+        await trio.to_thread.run_sync(atm.expect_exact, text.PIN_PROMPT)
+        os.kill(pid, signum)
+        await trio.to_thread.run_sync(atm.expect, r"STATUS=(-?\d+) ECHO=(\w+)")
+        nursery.cancel_scope.cancel()
+    atm.close()
+    assert text.INTERRUPTED in atm.before
+    assert (int(atm.match.group(1)), atm.match.group(2)) == (ExitCode.INTERRUPTED, "on")

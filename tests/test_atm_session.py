@@ -17,7 +17,7 @@ import trio.testing
 
 from atm import text
 from atm.connection import Connection
-from atm.errors import ConnectionLost, ExitCode, TransactionUnconfirmed
+from atm.errors import ConnectFailed, ConnectionLost, ExitCode, TransactionUnconfirmed
 from atm.session import (
     RECONNECT_BACKOFF_S,
     RECONNECT_MARGIN_S,
@@ -35,6 +35,7 @@ from tests.helpers import (
 )
 from wire import (
     Balance,
+    ChangePin,
     Deposit,
     Error,
     Hello,
@@ -69,6 +70,29 @@ async def run(
 
 
 # -- Login ----------------------------------------------------------------------------
+
+
+async def test_each_failed_connect_is_said_before_the_next_try(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Three tries of up to 10 s each must not pass in silence."""
+    console = ScriptedConsole(["x"])
+    silent = ConnectFailed("the bank did not answer within 10 s")
+
+    async def never_greets() -> Connection:
+        raise silent
+
+    code = await run_atm(console, never_greets, tz=UTC)
+    assert code is ExitCode.CONNECTION_LOST
+    assert console.output == [
+        text.retry_failed(1, silent, retry_in_s=RECONNECT_BACKOFF_S),
+        text.retry_failed(2, silent, retry_in_s=RECONNECT_BACKOFF_S),
+        text.ending(silent),
+    ]
+    assert console.output[0] == (
+        "Attempt 1 failed: the bank did not answer within 10 s; trying again in 1 s."
+    )
+
 
 
 async def test_balance_then_exit() -> None:
@@ -286,6 +310,42 @@ async def test_a_connection_lost_at_the_menu_is_resumed_for_the_next_choice() ->
     assert [prompt for prompt, _ in console.prompts].count(text.PIN_PROMPT) == 1
 
 
+@pytest.mark.parametrize(("key", "kind"), [("d", "deposit"), ("w", "withdrawal")])
+async def test_money_chosen_after_a_drop_is_sent_once_and_not_called_a_confirmation(
+    key: str, kind: str,
+) -> None:
+    """The customer was told the connection dropped before choosing: the request goes out
+    for the first time on a new connection, so nothing is 'confirmed' or 'went through
+    once' (the words of a resend); it gets its receipt like any other."""
+    async def hang_up(bank: FakeBank) -> None:
+        await bank.logged_in.wait()
+        await bank.streams[-1].aclose()
+
+    lines = [*LOGIN_LINES, WaitFor("The connection to the bank dropped"), key, "20", "x"]
+    code, console, bank = await run(lines, during=hang_up)
+    assert code is ExitCode.OK
+    assert len(bank.money_requests()) == 1
+    assert not any("confirm" in line for line in console.output), console.output
+    assert any("RECEIPT" in line for line in console.output)
+    assert bank.connections == 2
+
+
+async def test_a_pin_change_chosen_after_a_drop_is_sent_once_even_when_refused() -> None:
+    """Sent for the first time on the new connection, a wrong current PIN is simply
+    refused: no 'confirming', and no probe with the new PIN (a second wrong PIN)."""
+    async def hang_up(bank: FakeBank) -> None:
+        await bank.logged_in.wait()
+        await bank.streams[-1].aclose()
+
+    lines = [*LOGIN_LINES, WaitFor("The connection to the bank dropped"),
+             "p", "0000", "4826", "4826", "x"]
+    code, console, bank = await run(lines, during=hang_up)
+    assert code is ExitCode.OK
+    assert bank.sent(ChangePin) == [ChangePin("0000", "4826")]
+    assert text.pin_change_refused(Status.INCORRECT_PIN) in console.output
+    assert not any("confirm" in line for line in console.output), console.output
+
+
 async def test_without_a_resumable_session_the_next_choice_logs_in_again() -> None:
     """The bank saw the connection close and ended the session: RESUME finds nothing,
     and the ATM logs in again with the credentials it holds."""
@@ -357,6 +417,46 @@ async def test_a_slow_typist_is_logged_in_on_a_fresh_connection() -> None:
     assert code is ExitCode.OK
     assert bank.connections == 2 and len(bank.sent(Login)) == 2
     assert text.balance(START_BALANCE_CENTS) in console.output
+
+
+class GatedConsole(ScriptedConsole):
+    """Holds the answer to ``prompt`` until ``gate`` is set: a customer still typing."""
+
+    def __init__(self, lines: list[str | WaitFor], *, prompt: str) -> None:
+        super().__init__(lines)
+        self.prompt = prompt
+        self.asked = trio.Event()
+        self.gate = trio.Event()
+
+    async def read_line(self, prompt: str, *, secret: bool = False) -> str | None:
+        if prompt == self.prompt and not self.gate.is_set():
+            self.asked.set()
+            await self.gate.wait()
+        return await super().read_line(prompt, secret=secret)
+
+
+async def test_the_banks_login_deadline_passing_while_the_customer_types_is_not_worded(
+) -> None:
+    """The bank's login deadline runs from connect, so an ATM left waiting for a customer
+    has its connection expired (notice, then close) before anyone types: that is no drop
+    the customer should hear of; the LOGIN simply goes out on a new connection."""
+    console = GatedConsole([*LOGIN_LINES, "x"], prompt=text.PIN_PROMPT)
+    async with trio.open_nursery() as nursery:
+        bank = FakeBank(nursery)
+
+        async def expire_while_typing() -> None:
+            await console.asked.wait()
+            await bank.send_notice(SessionExpired())
+            await bank.streams[-1].aclose()
+            await trio.testing.wait_all_tasks_blocked()  # the ATM has read the notice
+            console.gate.set()
+
+        nursery.start_soon(expire_while_typing)
+        code = await run_atm(console, bank.connect, tz=UTC)
+        nursery.cancel_scope.cancel()
+    assert code is ExitCode.OK
+    assert bank.connections == 2 and len(bank.sent(Login)) == 1
+    assert console.output == [text.WELCOME, text.logged_in(ACCOUNT), text.GOODBYE]
 
 
 async def test_an_unavailable_bank_while_confirming_is_not_a_refusal(autojump_clock) -> None:

@@ -97,7 +97,20 @@ def test_a_port_in_use_is_a_clear_message_not_a_traceback(
                        "--key-file", str(tmp_path / "bank.key")])
     assert status == 1
     err = capsys.readouterr().err
-    assert f"cannot serve on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert err == f"bank: cannot serve on 127.0.0.1:{port}: Address already in use\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_admin_port_in_use_is_named_in_the_oss_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        status = main(["--port", "0", "--admin-port", str(port),
+                       "--db", str(tmp_path / "bank.db"), "--key-file", str(tmp_path / "bank.key")])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f": admin port {port}: Address already in use\n"), err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -809,3 +822,75 @@ def test_every_operator_command_works_on_either_backend(
     with bank_store(any_db, key.read_bytes()) as store:
         assert store.verify_pin("XY-00001", "5555", now_ms=0, policy=POLICY) is PinResult.MATCHED
         assert store.balance("QQ-11111") == 10_50
+
+
+class _Terminal(io.StringIO):
+    """Standard input that says it is a terminal, so that the PIN is asked with getpass."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("command", ["add-account", "reset-pin"])
+def test_ctrl_d_at_a_pin_prompt_is_a_sentence_and_changes_nothing(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    def end_of_input(prompt: str = "") -> str:
+        raise EOFError
+
+    monkeypatch.setattr("getpass.getpass", end_of_input)
+    account = "XY-00001" if command == "add-account" else DEMO_ACCOUNT
+    operator(tmp_path, "unlock", DEMO_ACCOUNT)  # makes the bank
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    db, key = str(tmp_path / "bank.db"), str(tmp_path / "bank.key")
+    assert main([command, account, "--db", db, "--key-file", key]) == 1
+    err = capsys.readouterr().err
+    assert err == "bank: no PIN given (input ended); nothing changed\n"
+    with open_store(tmp_path) as store:
+        with pytest.raises(UnknownAccount):
+            store.balance("XY-00001")
+        assert store.verify_pin(DEMO_ACCOUNT, DEMO_PIN, now_ms=0,
+                                policy=POLICY) is PinResult.MATCHED
+
+
+def test_ctrl_c_at_a_pin_prompt_is_a_sentence_and_status_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+):
+    def interrupted(prompt: str = "") -> str:
+        raise KeyboardInterrupt
+
+    operator(tmp_path, "unlock", DEMO_ACCOUNT)  # makes the bank
+    monkeypatch.setattr("getpass.getpass", interrupted)
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    db, key = str(tmp_path / "bank.db"), str(tmp_path / "bank.key")
+    assert main(["reset-pin", DEMO_ACCOUNT, "--db", db, "--key-file", key]) == 130
+    assert capsys.readouterr().err == "bank: interrupted\n"
+
+
+def test_sigint_while_the_server_opens_its_database_is_a_sentence_and_status_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+):
+    """A PostgreSQL connect that hangs is where an operator presses Ctrl-C; the
+    KeyboardInterrupt then comes out of trio.run."""
+    async def interrupted_open(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bank.__main__.open_configured_ledger", interrupted_open)
+    db, key = str(tmp_path / "bank.db"), str(tmp_path / "bank.key")
+    assert main(["--db", db, "--key-file", key, "--port", "0"]) == 130
+    assert capsys.readouterr().err.endswith("bank: interrupted\n")
+
+
+@pytest.mark.parametrize("command", ["add-account", "unlock", "accounts"])
+def test_an_operator_commands_help_does_not_promise_to_create_the_database(
+    command: str, capsys: pytest.CaptureFixture[str]
+):
+    """Operator commands never create the database or the key (a mistyped path is an
+    error, not a new bank); their --help must not borrow the server's words."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "created and seeded if missing" not in shown
+    assert "creates it" not in shown
+    assert "which the server made on its first start (never created here)" in shown

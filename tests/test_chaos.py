@@ -13,10 +13,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from bank.pins import load_or_create_key
 from bank.store import BookEntry, Books, Store, read_books
+from bank.tools import chaos
 from bank.tools.chaos import (
     BankState,
     Operation,
@@ -225,3 +227,19 @@ def test_the_checker_judges_both_legs_of_a_transfer(tmp_path: Path):
     assert any("one leg" in p for p in check_history([op], BankState(one_leg)).problems)
     elsewhere = dataclasses.replace(op, to_account="TN-13731")
     assert check_history([elsewhere], BankState(books)).problems
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [("--seconds", "abc", "not a number of seconds: 'abc'"),
+     ("--servers", "abc", "not a whole number: 'abc'"),
+     ("--seed", "x", "not a whole number: 'x'")],
+)
+def test_a_malformed_number_is_refused_in_a_sentence(
+    flag: str, value: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        chaos.build_parser().parse_args([flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {said}" in err and "invalid" not in err

@@ -10,6 +10,7 @@ while SQLite works in its thread.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
@@ -404,8 +405,10 @@ async def test_idle_session_expires_and_releases_its_lease(
 
 
 async def test_a_connection_that_never_logs_in_is_closed(
-    mock_clock: trio.testing.MockClock, bank: RunningServer, config: ServerConfig
+    mock_clock: trio.testing.MockClock, bank: RunningServer, config: ServerConfig,
+    caplog: pytest.LogCaptureFixture,
 ):
+    caplog.set_level(logging.INFO, logger="bank.server")
     client = await bank.client()
     await trio.testing.wait_all_tasks_blocked()
     mock_clock.jump(config.login_timeout_s)
@@ -413,6 +416,18 @@ async def test_a_connection_that_never_logs_in_is_closed(
     frame = await client.receive()
     assert frame is not None and frame.message == SessionExpired()
     assert await client.closed()
+    # The operator reads the login deadline, not the idle timeout of a logged-in session.
+    said = ": closed: login timeout: not logged in in time"
+    for _ in range(CLOSE_LOG_WAITS_MAX):  # the server logs once its closing is done
+        if any(r.getMessage().endswith(said) for r in caplog.records):
+            break
+        mock_clock.jump(1)
+        await trio.testing.wait_all_tasks_blocked()
+    assert any(r.getMessage().endswith(said) for r in caplog.records)
+
+
+CLOSE_LOG_WAITS_MAX = 30
+"""Bound on the clock's one-second steps until a closed connection's log line appears."""
 
 
 async def test_pinging_does_not_extend_the_login_deadline(

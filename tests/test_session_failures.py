@@ -15,6 +15,7 @@ chosen call raise, once. Waiting is on replies and closes only; nothing sleeps.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import pytest
@@ -237,3 +238,19 @@ async def test_account_in_use_counts_toward_the_login_limit(
     assert await holder.request(Balance()) == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)
     assert bank.server.leases.held() == {DEMO_ACCOUNT}
     await holder.aclose()
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+async def test_a_storage_failure_is_one_log_line_with_its_stack_only_at_debug(
+    bank: RunningServer, faulty: FaultyLedger, caplog: pytest.LogCaptureFixture, level: int
+):
+    """In an outage every request fails alike: one ERROR line each, saying why."""
+    caplog.set_level(level, logger="bank")
+    client = await logged_in(bank)
+    faulty.fail_next("balance", StorageError("OperationalError: connection refused"))
+    assert await client.request(Balance()) == BalanceReply(Status.ISSUER_UNAVAILABLE)
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.getMessage().endswith(
+        ": storage unavailable during BALANCE: OperationalError: connection refused"
+    )
+    assert bool(record.exc_info) == (level == logging.DEBUG)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import logging
 import os
 import shutil
 import socket
@@ -31,6 +32,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from atm.__main__ import main as atm_main
+from atm.errors import ExitCode
+from bank.__main__ import main as bank_main
+from bank.__main__ import tls_context as bank_tls_context
+from bank.config import ServerConfig
 from bank.tls import (
     CA_CERT_FILE,
     CA_KEY_FILE,
@@ -44,6 +50,7 @@ from bank.tls import (
     TlsFailure,
     TlsFileExists,
     TlsFiles,
+    check_in_date,
     client_context,
     describe_verification_error,
     init_ca_and_server,
@@ -765,6 +772,43 @@ def test_an_expired_terminal_certificate(pki: TlsFiles):
     assert "expired" in described(ends.client)[1]
 
 
+def test_the_bank_will_not_start_with_an_expired_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """Every ATM would fail its handshake; the operator hears why at once, not from them."""
+    expired = init_ca_and_server(tmp_path / "tls", HOSTS, now=LONG_AGO)
+    db = tmp_path / "bank.db"
+    assert bank_main([
+        "--db", str(db), "--key-file", str(tmp_path / "bank.key"), "--port", "0",
+        "--tls-cert", str(expired.cert), "--tls-key", str(expired.key),
+    ]) == 1
+    until = load_certificate(expired.cert).not_valid_after_utc
+    assert capsys.readouterr().err == (
+        f"bank: the certificate {expired.cert} expired on {until:%Y-%m-%d}; issue a new one"
+        " (python -m bank tls-init, tls-terminal)\n"
+    )
+    assert not db.exists()
+
+
+def test_an_atm_will_not_start_with_an_expired_terminal_certificate(
+    pki: TlsFiles, capsys: pytest.CaptureFixture[str]
+):
+    """Under TLS 1.3 the bank's refusal reaches the ATM only as a closed connection."""
+    expired = issue_terminal(pki.ca.parent, TERMINAL, now=LONG_AGO)
+    assert atm_main([
+        "--port", "1", "--tls-ca", str(pki.ca),
+        "--tls-cert", str(expired.cert), "--tls-key", str(expired.key),
+    ]) == ExitCode.USAGE
+    assert f"atm: the certificate {expired.cert} expired on " in capsys.readouterr().err
+
+
+def test_a_certificate_not_valid_yet_names_the_clock(tmp_path: Path):
+    early = init_ca_and_server(tmp_path, HOSTS, now=NOW + datetime.timedelta(days=1))
+    with pytest.raises(TlsError, match=r"is not valid until .* UTC; check this machine's clock"):
+        check_in_date(early.cert)
+    check_in_date(early.cert, now=NOW + datetime.timedelta(days=1))
+
+
 def test_a_terminal_certificate_cannot_serve_as_the_banks(pki: TlsFiles, terminal: TlsFiles):
     ends = handshake(tls_bank(bank_context(terminal)), tls_atm(atm_context(pki.ca)))
     assert ends.kinds() == (TlsFailure.CERTIFICATE_REFUSED, TlsFailure.BAD_CERTIFICATE)
@@ -923,3 +967,38 @@ def test_an_ssl_error_of_an_unlisted_reason_is_other_and_named():
 
 def test_every_kind_is_a_plain_word_for_an_exit_code():
     assert all(kind.value.isidentifier() and kind.value.islower() for kind in TlsFailure)
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o640, True), (0o644, True)])
+def test_a_tls_key_others_can_read_is_warned_of_at_start(
+    pki: TlsFiles, mode: int, warned: bool, caplog: pytest.LogCaptureFixture
+):
+    """Refused for the PIN key; for the TLS key, a group may be meant to read it."""
+    pki.key.chmod(mode)
+    with caplog.at_level(logging.WARNING, logger="bank"):
+        assert bank_tls_context(ServerConfig(tls_cert=pki.cert, tls_key=pki.key)) is not None
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == ([f"the TLS private key {pki.key} is accessible by group or others"
+                     f" (mode {mode:04o}): anyone who can read it can pose as this bank;"
+                     f" run: chmod 600 {pki.key}"] if warned else [])
+
+
+def test_the_bank_will_not_serve_with_a_certificate_that_is_not_a_servers(
+    pki: TlsFiles, terminal: TlsFiles
+):
+    """Every ATM would refuse it ('unsuitable certificate purpose')."""
+    with pytest.raises(TlsError, match=r"ca\.pem is a CA's certificate, not a server"):
+        bank_tls_context(ServerConfig(tls_cert=pki.ca, tls_key=pki.ca.parent / CA_KEY_FILE))
+    with pytest.raises(TlsError, match=r"is not a server certificate \(a terminal's"):
+        bank_tls_context(ServerConfig(tls_cert=terminal.cert, tls_key=terminal.key))
+    assert bank_tls_context(ServerConfig(tls_cert=pki.cert, tls_key=pki.key)) is not None
+
+
+def test_an_atm_will_not_start_with_the_banks_certificate_as_its_own(
+    pki: TlsFiles, capsys: pytest.CaptureFixture[str]
+):
+    assert atm_main(["--port", "1", "--tls-ca", str(pki.ca), "--tls-cert", str(pki.cert),
+                     "--tls-key", str(pki.key)]) == ExitCode.USAGE
+    assert capsys.readouterr().err == (
+        f"atm: {pki.cert} is not a terminal certificate (a server's, perhaps)\n"
+    )

@@ -1216,7 +1216,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _bounded_int(low: int, high: int) -> type[int]:
     def parse(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:  # argparse would name this function: "invalid parse value"
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be {low}..{high}")
         return value
@@ -1225,7 +1228,10 @@ def _bounded_int(low: int, high: int) -> type[int]:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)  # a duration in seconds, never money
+    try:
+        value = float(text)  # a duration in seconds, never money
+    except ValueError:  # argparse would name this function: "invalid _seconds value"
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 < value <= SECONDS_MAX:
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most {SECONDS_MAX:.0f}")
     return value
