@@ -290,8 +290,11 @@ class Session:
             # One line per request: in an outage every ATM's every request fails alike,
             # and the same forty-line stack each time would bury the log. The error says
             # what the driver said; the stack is there for whoever debugs, at DEBUG.
+            # ``storage_error`` on the record says which failure it was to a handler that
+            # must tell these lines from a bug's (the session fuzzer's log check).
             log.error("%s: storage unavailable during %s: %s", self._name,
-                      request.OPCODE.name, error, exc_info=log.isEnabledFor(logging.DEBUG))
+                      request.OPCODE.name, error, exc_info=log.isEnabledFor(logging.DEBUG),
+                      extra={"storage_error": error})
             return reply_type(request)(Status.ISSUER_UNAVAILABLE)
         log.exception("%s: internal error during %s", self._name, request.OPCODE.name)
         self.end()
