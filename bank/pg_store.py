@@ -12,10 +12,14 @@ the accounts whose PINs it checks (only if it checks any), then its statements, 
 together in psycopg's pipeline mode between BEGIN and COMMIT. Its posts are ONE
 statement over arrays (``unnest``) when they cannot see each other (distinct accounts
 and transaction ids, no balance or history read of a posted account in the batch: the
-common case, since a lease gives each account one session); otherwise, and for every
-other request, each request is one self-contained statement (a data-modifying CTE: look
-up the transaction id, check the fence, move the money under its rule, write the
-transaction and its entry, say what happened), run in arrival order. Refusals are
+common case, since a lease gives each account one session). Its BALANCE reads are ONE
+statement over an array of accounts too, for every read of an account that no earlier
+request of the batch writes (each then reads what it would read at its own place), run
+at the first one's place; a read after a post or transfer of its account stays at its
+place. Otherwise, and for every other request, each request is one self-contained
+statement (a data-modifying CTE: look up the transaction id, check the fence, move the
+money under its rule, write the transaction and its entry, say what happened), run in
+arrival order. Refusals are
 results, never errors, so one customer's overdraft cannot abort the others' batch.
 
 Measured here (2 cores shared with PostgreSQL and four other jobs, load average 2-5,
@@ -389,6 +393,54 @@ def _grouped_posts(
 def _split_among_posts(rows: list[tuple[Any, ...]]) -> Outcome:
     raise AssertionError("a grouped statement's rows are decoded by each post's own plan")
 
+
+_GROUPED_BALANCE_SQL = """
+SELECT a.balance_cents
+FROM unnest(%(account)s::text[]) WITH ORDINALITY AS r(acct, ord)
+LEFT JOIN accounts a ON a.account = r.acct
+ORDER BY r.ord
+"""
+"""Many BALANCE reads as ONE statement: a row per account asked for, in the order
+asked, NULL for an account that does not exist (``balance_cents`` is NOT NULL)."""
+
+GROUPED_BALANCES_MIN = 2
+"""BALANCE reads in a batch worth one statement over an array instead of one each."""
+
+
+def _grouped_balances(
+    requests: Sequence[BatchRequest], plans: Sequence[_Statement | Outcome]
+) -> tuple[list[int], _Statement] | None:
+    """The batch's BALANCE reads that no earlier request of the batch writes (a post's
+    account, a transfer's two), as one statement to run at the first one's place, and
+    their indices in order; None if there are fewer than GROUPED_BALANCES_MIN.
+
+    Such a read sees, at any place up to its own, what it would see at its own: nothing
+    of the batch before it moves its balance. A read after a write of its account (a
+    BALANCE after a DEPOSIT to it) must see that write, so it stays a statement of its
+    own at its place. Posts grouped by ``_grouped_posts`` never share an account with a
+    read, so moving them to the first post's place changes none of this. A request
+    whose plan is already its outcome (a malformed amount) writes nothing."""
+    written: set[object] = set()
+    members: list[int] = []
+    for index, (request, plan) in enumerate(zip(requests, plans, strict=True)):
+        if not isinstance(plan, _Statement):
+            continue
+        if isinstance(request, BalanceQuery):
+            if plan.params["account"] not in written:
+                members.append(index)
+        elif isinstance(request, PostRequest):
+            written.add(plan.params["account"])
+        elif isinstance(request, TransferRequest):
+            written.update((plan.params["account"], plan.params["to"]))
+    if len(members) < GROUPED_BALANCES_MIN:
+        return None
+    accounts = [cast(_Statement, plans[index]).params["account"] for index in members]
+    return members, _Statement(_GROUPED_BALANCE_SQL, {"account": accounts}, _split_among_reads)
+
+
+def _split_among_reads(rows: list[tuple[Any, ...]]) -> Outcome:
+    raise AssertionError("a grouped statement's rows are decoded by each read's own plan")
+
 _FRESH_COUNT = (
     "CASE WHEN p.locked_until_ms IS NOT NULL"
     " OR p.last_failure_ms <= %(forgotten)s THEN 1 ELSE p.failures + 1 END"
@@ -748,6 +800,12 @@ class PgStore:
                     if not isinstance(requests[index], PostRequest)
                 }
                 statements[first] = statement
+            balances = _grouped_balances(requests, plans)
+            if balances is not None:  # one statement at the first read's place, for them
+                readers, statement = balances
+                for index in readers:
+                    del statements[index]
+                statements[readers[0]] = statement
             conn = self._connection()
             cursors = {}
             with conn.pipeline(), conn.transaction():
@@ -762,6 +820,10 @@ class PgStore:
         if grouped is not None:  # each post's row, decoded as its own statement's would be
             for index, *row in results.pop(grouped[0]):
                 results[index] = [tuple(row)]
+        if balances is not None:  # each read's row, or none for an unknown account
+            readers = balances[0]
+            for index, (balance_cents,) in zip(readers, results.pop(readers[0]), strict=True):
+                results[index] = [] if balance_cents is None else [(balance_cents,)]
         outcomes: list[Outcome] = []
         for index, plan in enumerate(plans):
             if isinstance(plan, _Statement):

@@ -37,6 +37,7 @@ from bank.store import (
     PostRequest,
     SchemaError,
     StoreError,
+    TransferRequest,
     UnknownAccount,
     read_accounts_summary,
     read_books,
@@ -487,6 +488,115 @@ def test_posts_that_see_each_other_run_in_order(
     outcomes = store.execute_batch([first, second, BalanceQuery("WF-14351")], T0)
     assert [outcomes[0].result, outcomes[1].result] == [PostResult.BOOKED, expected]
     assert store.check_invariants() == []
+
+
+# -- a batch's balance reads as one statement over an array --------------------------------
+
+
+def statements_of(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """Every statement the stores send from now on, with its parameters."""
+    sent: list[tuple[str, Any]] = []
+    execute = psycopg.Connection.execute
+
+    def recording(conn: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        sent.append((str(query), params))
+        return execute(conn, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", recording)
+    return sent
+
+
+def grouped_reads(sent: list[tuple[str, Any]]) -> list[list[str]]:
+    """The account arrays of the grouped BALANCE statements among ``sent``."""
+    return [params["account"] for sql, params in sent if "WITH ORDINALITY" in sql]
+
+
+def test_balances_read_together_each_see_the_batch_at_their_own_place(
+    pg_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+):
+    """Reads of accounts that nothing earlier in the batch writes go in one statement;
+    a read after a post or a transfer of its account sees it, one before does not. The
+    same batch with every read its own statement answers the same."""
+    limit = AMOUNT_CENTS_MAX
+    batch = [
+        BalanceQuery("AC-12345"),  # before the deposit to it
+        BalanceQuery("WF-14351"),  # before the transfer to it
+        PostRequest("AC-12345", txn(1), EntryKind.DEPOSIT, 5_00, limit),
+        BalanceQuery("AC-12345"),  # after the deposit
+        TransferRequest("TN-13731", txn(2), "WF-14351", 1_00, limit),
+        BalanceQuery("WF-14351"),  # after the transfer in
+        BalanceQuery("TN-13731"),  # after the transfer out
+        BalanceQuery("FE-63912"),  # after writes of other accounts only
+        PostRequest("AC-12345", txn(3), EntryKind.WITHDRAWAL, 2_00, limit),
+        BalanceQuery("AC-12345"),  # after the withdrawal too
+        BalanceQuery("KH-10406"),
+    ]
+    sent = statements_of(monkeypatch)
+    with PgStore(pg_cluster.new_database(), KEY) as store:
+        together = store.execute_batch(batch, T0)
+        assert store.check_invariants() == []
+    assert together == [
+        102_432,
+        542_822,
+        Posting(PostResult.BOOKED, 102_932, 1, T0),
+        102_932,
+        Posting(PostResult.BOOKED, 646_175, 2, T0),  # entries 2 (source) and 3
+        542_922,
+        646_175,
+        249_912,
+        Posting(PostResult.BOOKED, 102_732, 4, T0),
+        102_732,
+        1_532_789,
+    ]
+    assert grouped_reads(sent) == [["AC-12345", "WF-14351", "FE-63912", "KH-10406"]]
+    monkeypatch.setattr(pg_store, "GROUPED_BALANCES_MIN", len(batch) + 1)
+    sent.clear()
+    with PgStore(pg_cluster.new_database(), KEY) as store:
+        one_each = store.execute_batch(batch, T0)
+    assert grouped_reads(sent) == []
+    assert one_each == together
+
+
+def test_an_unknown_account_among_balances_read_together_is_answered_as_alone(
+    pg_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+):
+    """An account that does not exist, among known ones read in one statement (beside
+    posts in one statement too, as the bench's mix makes them), is UnknownAccount, and
+    a malformed number a ValueError, as when each read is its own statement."""
+    limit = AMOUNT_CENTS_MAX
+    batch = [
+        BalanceQuery("AC-12345"),
+        PostRequest("WF-14351", txn(1), EntryKind.DEPOSIT, 1_00, limit),
+        BalanceQuery("QQ-00000"),  # no such account
+        PostRequest("TN-13731", txn(2), EntryKind.WITHDRAWAL, 1_00, limit),
+        BalanceQuery("not an account"),
+        BalanceQuery("BC-01373"),
+        BalanceQuery("QQ-00000"),
+        BalanceQuery("ZZ-99999"),
+    ]
+
+    def run(db: str) -> list[Any]:
+        with PgStore(db, KEY) as store:
+            outcomes = store.execute_batch(batch, T0)
+            assert store.check_invariants() == []
+        return outcomes
+
+    sent = statements_of(monkeypatch)
+    together = run(pg_cluster.new_database())
+    assert grouped_reads(sent) == [["AC-12345", "QQ-00000", "BC-01373", "QQ-00000", "ZZ-99999"]]
+    assert sum("unnest" in sql for sql, _ in sent) == 2  # the posts' and the reads'
+    monkeypatch.setattr(pg_store, "GROUPED_BALANCES_MIN", len(batch) + 1)
+    monkeypatch.setattr(pg_store, "GROUPED_POSTS_MIN", len(batch) + 1)
+    sent.clear()
+    one_each = run(pg_cluster.new_database())
+    assert not any("unnest" in sql for sql, _ in sent)
+    for outcome in (together, one_each):
+        assert [outcome[i] for i in (0, 5, 7)] == [102_432, 4_572, 65_535]
+        assert [outcome[i].result for i in (1, 3)] == [PostResult.BOOKED, PostResult.BOOKED]
+        assert isinstance(outcome[4], ValueError)
+        for i in (2, 6):
+            assert isinstance(outcome[i], UnknownAccount) and outcome[i].account == "QQ-00000"
+    assert [(type(o), str(o)) for o in together] == [(type(o), str(o)) for o in one_each]
 
 
 def test_a_transfer_is_fenced_by_its_source_lease_not_its_destinations(
