@@ -523,7 +523,7 @@ def test_balances_read_together_each_see_the_batch_at_their_own_place(
         BalanceQuery("WF-14351"),  # before the transfer to it
         PostRequest("AC-12345", txn(1), EntryKind.DEPOSIT, 5_00, limit),
         BalanceQuery("AC-12345"),  # after the deposit
-        TransferRequest("TN-13731", txn(2), "WF-14351", 1_00, limit),
+        TransferRequest("TN-13731", txn(2), "WF-14351", 1_00, limit, DESTINATIONS),
         BalanceQuery("WF-14351"),  # after the transfer in
         BalanceQuery("TN-13731"),  # after the transfer out
         BalanceQuery("FE-63912"),  # after writes of other accounts only
