@@ -60,6 +60,7 @@ import psycopg
 import psycopg.errors
 import trio
 
+from bank.config import ServerConfig
 from bank.leases import Lease, Leases, _nothing
 from bank.ledger import StorageError
 from wire import mask_account
@@ -67,6 +68,10 @@ from wire import mask_account
 log = logging.getLogger("bank.leases")
 
 T = TypeVar("T")
+
+_DEFAULTS = ServerConfig()
+"""The settings leases made without them (by a test or a tool) run with: the server's
+own defaults, which ``ServerConfig`` alone defines."""
 
 LEASE_LOCK_CLASS = 0x42414E4B
 """The first key of every process's liveness advisory lock ("BANK"), so that the bank's
@@ -148,8 +153,12 @@ RETURNING l.fence
 expired, or its holder is dead; no row comes back if another live process holds it."""
 
 TAKE_OVER_SELECT_SQL = """
-SELECT fence, holder, token_hash, token_terminal FROM leases WHERE account = %s FOR UPDATE
+SELECT fence, holder, token_hash, token_terminal,
+    expires_at + make_interval(secs => %(session_idle_s)s) > now()
+FROM leases WHERE account = %(account)s FOR UPDATE
 """
+"""The row a RESUME would take over, and whether its session may still be alive: no
+session outlives its lease's expiry by more than the idle timeout (``take_over``)."""
 
 TAKE_OVER_UPDATE_SQL = """
 UPDATE leases SET fence = fence + 1, holder = %(boot)s, holder_host = %(host)s,
@@ -282,10 +291,17 @@ class ClusterLeases(Leases):
     takes the liveness lock, then renews leases and writes releases until cancelled.
     """
 
-    def __init__(self, conninfo: str, *, expiry_s: int, holder: Holder | None = None) -> None:
+    def __init__(
+        self, conninfo: str, *, expiry_s: int, session_idle_s: int = _DEFAULTS.idle_timeout_s,
+        holder: Holder | None = None,
+    ) -> None:
         super().__init__()
         self.holder = holder or Holder.this_process()
         self.expiry_s = expiry_s
+        self.session_idle_s = session_idle_s
+        """The sessions' idle timeout (``idle_timeout_s``): how long after its lease's
+        expiry a dead or frozen holder's session could still have been alive, and so
+        how long its token may still take it over (``take_over``)."""
         self.heartbeat_s = expiry_s / HEARTBEATS_PER_EXPIRY
         self.lost_count = 0
         """Leases found taken over by another process at a heartbeat."""
@@ -324,6 +340,12 @@ class ClusterLeases(Leases):
         terminal: str | None,
         on_lost: Callable[[], None] = _nothing,
     ) -> Lease | None:
+        """A session another process holds, or held when it died or froze, if ``token``
+        is its newest. Not once the row's lease expired more than ``session_idle_s``
+        ago: nothing releases a dead process's rows, but each of its sessions would have
+        ended within the idle timeout of its last request, which came before the last
+        renewal; without this bound the token would open the session until the account's
+        next LOGIN, however long that is (spec §10: a token lives for one session)."""
         # A session of ours holding it is not another process's (try_acquire refuses).
         return await self._lease_row(
             account, token_hash(new_token), terminal, on_lost, _take_over_row, token
@@ -348,6 +370,7 @@ class ClusterLeases(Leases):
         params = {
             **self.holder.params(), "account": account, "expiry_s": self.expiry_s,
             "token_hash": token_digest, "terminal": terminal,
+            "session_idle_s": self.session_idle_s,
         }
         try:
             fence = await self._pool.run(statement, params, *args)
@@ -544,12 +567,14 @@ def _take_over_checked(
     connection: psycopg.Connection[Any], params: dict[str, Any], token: bytes
 ) -> int | None:
     with connection.transaction():
-        row = connection.execute(TAKE_OVER_SELECT_SQL, (params["account"],)).fetchone()
+        row = connection.execute(TAKE_OVER_SELECT_SQL, params).fetchone()
         if row is None:
             return None
-        fence, holder, stored_hash, terminal = row
+        fence, holder, stored_hash, terminal, session_may_live = row
         if holder is None or holder == params["boot"] or stored_hash is None:
             return None  # released, or ours (this process's registry resumes its own)
+        if not session_may_live:
+            return None  # its holder died or froze longer ago than any session idles
         if not hmac.compare_digest(bytes(stored_hash), token_hash(token)):
             return None
         if terminal != params["terminal"]:
