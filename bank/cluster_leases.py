@@ -145,12 +145,17 @@ ON CONFLICT (account) DO UPDATE SET
     holder_pid = EXCLUDED.holder_pid, holder_lock = EXCLUDED.holder_lock,
     expires_at = EXCLUDED.expires_at, token_hash = EXCLUDED.token_hash,
     token_terminal = EXCLUDED.token_terminal
-WHERE l.holder IS NULL OR l.holder = EXCLUDED.holder OR l.expires_at <= now()
-   OR {_HOLDER_DEAD}
+WHERE (l.holder IS NULL OR l.holder = EXCLUDED.holder OR l.expires_at <= now()
+   OR {_HOLDER_DEAD})
+  AND (%(succeeds)s::bigint IS NULL OR l.fence = %(succeeds)s::bigint)
 RETURNING l.fence
 """
 """Take the account's lease if it is free, ours already (a release not yet written),
-expired, or its holder is dead; no row comes back if another live process holds it."""
+expired, or its holder is dead; no row comes back if another live process holds it.
+With ``succeeds`` (a RESUME of this process's own session, at that session's fence),
+only while the fence is still that session's: a row taken over since, by a RESUME or
+a LOGIN elsewhere, is that other session's even once it was released, and the token
+that found the old session in this process's registry was spent there."""
 
 TAKE_OVER_SELECT_SQL = """
 SELECT fence, holder, token_hash, token_terminal,
@@ -327,9 +332,13 @@ class ClusterLeases(Leases):
         token: bytes | None = None,
         terminal: str | None = None,
         on_lost: Callable[[], None] = _nothing,
+        succeeding: Lease | None = None,
     ) -> Lease | None:
         token_digest = None if token is None else token_hash(token)
-        return await self._lease_row(account, token_digest, terminal, on_lost, _acquire_row)
+        succeeds = None if succeeding is None else succeeding.fence
+        return await self._lease_row(
+            account, token_digest, terminal, on_lost, _acquire_row, succeeds=succeeds
+        )
 
     async def take_over(
         self,
@@ -359,6 +368,7 @@ class ClusterLeases(Leases):
         on_lost: Callable[[], None],
         statement: Callable[..., int | None],
         *args: object,
+        succeeds: int | None = None,
     ) -> Lease | None:
         """Behind the in-process lock, run ``statement`` (``_acquire_row`` or
         ``_take_over_row``) for ``account``'s row: the lease with its new fence, or None
@@ -370,7 +380,7 @@ class ClusterLeases(Leases):
         params = {
             **self.holder.params(), "account": account, "expiry_s": self.expiry_s,
             "token_hash": token_digest, "terminal": terminal,
-            "session_idle_s": self.session_idle_s,
+            "session_idle_s": self.session_idle_s, "succeeds": succeeds,
         }
         try:
             fence = await self._pool.run(statement, params, *args)

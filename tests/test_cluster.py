@@ -213,3 +213,34 @@ def test_sqlite_refuses_more_than_one_worker(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a PostgreSQL db"):
         ServerConfig(db=str(tmp_path / "bank.db"), workers=2)
     assert dataclasses.replace(ServerConfig(), workers=1).workers == 1
+
+
+async def test_a_token_spent_on_another_server_opens_nothing_where_it_was_issued(
+    servers: tuple[RunningServer, RunningServer],
+) -> None:
+    """A keeps its sessions' tokens in its own registry too, and learns that B took one
+    over only at its next heartbeat or write (a frozen A, only once thawed). Until then
+    the spent token still finds A's old session there; A must not take the account's
+    lease back for it once B's session has ended (its LOGOUT left the row free): the
+    token was spent at B and its session is over (spec §3.15)."""
+    a, b = servers
+    old, status = await login(a)
+    assert status is Status.APPROVED
+    token = old.tokens[-1]
+    new = await b.client()
+    assert await new.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(Status.APPROVED)
+    await new.token()
+    assert await new.request(Logout()) == LogoutReply(Status.APPROVED)  # the row is free
+    thief = await a.client()  # A has had no heartbeat: its old session is still registered
+    assert await thief.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+        Status.UNKNOWN_SESSION
+    )
+    # Superseded all the same (the token was claimed): its lease was lost anyway.
+    frame = await old.receive()
+    assert frame is not None and isinstance(frame.message, SessionExpired)
+    assert await old.closed()
+    assert cluster_leases(a).fences() == {}
+    owner = await login_when_free(a)  # the customer, with the PIN, is served as ever
+    assert cluster_leases(a).fences() == {DEMO_ACCOUNT: 3}
+    for client in (thief, owner):
+        await client.aclose()
