@@ -157,13 +157,16 @@ only while the fence is still that session's: a row taken over since, by a RESUM
 a LOGIN elsewhere, is that other session's even once it was released, and the token
 that found the old session in this process's registry was spent there."""
 
-TAKE_OVER_SELECT_SQL = """
+TAKE_OVER_LOOK_SQL = """
 SELECT fence, holder, token_hash, token_terminal,
     expires_at + make_interval(secs => %(session_idle_s)s) > now()
-FROM leases WHERE account = %(account)s FOR UPDATE
+FROM leases WHERE account = %(account)s
 """
 """The row a RESUME would take over, and whether its session may still be alive: no
 session outlives its lease's expiry by more than the idle timeout (``take_over``)."""
+
+TAKE_OVER_SELECT_SQL = TAKE_OVER_LOOK_SQL + "FOR UPDATE\n"
+"""``TAKE_OVER_LOOK_SQL``, the row locked until the takeover's transaction ends."""
 
 TAKE_OVER_UPDATE_SQL = """
 UPDATE leases SET fence = fence + 1, holder = %(boot)s, holder_host = %(host)s,
@@ -355,7 +358,19 @@ class ClusterLeases(Leases):
         ended within the idle timeout of its last request, which came before the last
         renewal; without this bound the token would open the session until the account's
         next LOGIN, however long that is (spec §10: a token lives for one session)."""
-        # A session of ours holding it is not another process's (try_acquire refuses).
+        if not self._running:
+            raise StorageError("cluster leases are not running")
+        # First a look at the row, outside the account's in-process lock and whether or
+        # not a session here holds it: a guessed token then never holds the lock (which
+        # would turn the customer's own LOGIN here away as ACCOUNT_IN_USE meanwhile), and
+        # a guess costs the same one query for an account in use here as for any other,
+        # so its speed does not tell which accounts are in use (spec §10).
+        look = {"account": account, "boot": self.holder.boot_id, "terminal": terminal,
+                "session_idle_s": self.session_idle_s}
+        if not await self._pool.run(_token_opens_row, look, token):
+            return None
+        # The token opens the row: take it over, checked again in its own transaction. A
+        # session of ours holding it is not another process's (try_acquire refuses).
         return await self._lease_row(
             account, token_hash(new_token), terminal, on_lost, _take_over_row, token
         )
@@ -578,19 +593,40 @@ def _take_over_checked(
 ) -> int | None:
     with connection.transaction():
         row = connection.execute(TAKE_OVER_SELECT_SQL, params).fetchone()
-        if row is None:
-            return None
-        fence, holder, stored_hash, terminal, session_may_live = row
-        if holder is None or holder == params["boot"] or stored_hash is None:
-            return None  # released, or ours (this process's registry resumes its own)
-        if not session_may_live:
-            return None  # its holder died or froze longer ago than any session idles
-        if not hmac.compare_digest(bytes(stored_hash), token_hash(token)):
-            return None
-        if terminal != params["terminal"]:
+        fence = _opened_fence(row, params, token)
+        if fence is None:
             return None
         taken = connection.execute(TAKE_OVER_UPDATE_SQL, {**params, "fence": fence}).fetchone()
         return None if taken is None else int(taken[0])
+
+
+def _token_opens_row(
+    connection: psycopg.Connection[Any], params: dict[str, Any], token: bytes
+) -> bool:
+    """Whether ``token`` opens the account's row now (``_opened_fence``), read without
+    locking anything: the takeover checks again in its own transaction."""
+    row = connection.execute(TAKE_OVER_LOOK_SQL, params).fetchone()
+    return _opened_fence(row, params, token) is not None
+
+
+def _opened_fence(
+    row: tuple[Any, ...] | None, params: dict[str, Any], token: bytes
+) -> int | None:
+    """The fence of the lease row ``row`` (``TAKE_OVER_LOOK_SQL``'s) if ``token`` opens
+    it: held by another process, with this token's hash, for this terminal, and its
+    session may still be alive; else None."""
+    if row is None:
+        return None
+    fence, holder, stored_hash, terminal, session_may_live = row
+    if holder is None or holder == params["boot"] or stored_hash is None:
+        return None  # released, or ours (this process's registry resumes its own)
+    if not session_may_live:
+        return None  # its holder died or froze longer ago than any session idles
+    if not hmac.compare_digest(bytes(stored_hash), token_hash(token)):
+        return None
+    if terminal != params["terminal"]:
+        return None
+    return int(fence)
 
 
 def _renew_rows(
