@@ -5,7 +5,9 @@ Prometheus text exposition format 0.0.4 and ``GET /sessions`` as JSON (each
 connection's masked account, peer, times and terminal). HTTP is ``h11`` (sans-IO, as
 ``wire``): one task per admin connection, one request per connection, every read
 bounded in bytes and time, and at most ``ADMIN_CONNECTIONS_MAX`` at once. It listens on
-127.0.0.1 alone and has no authentication: whoever can reach it is already on the host.
+127.0.0.1 alone and has no authentication: whoever can reach it is already on the host;
+and it answers only requests that name a loopback host, so that a web page cannot make a
+browser on that host read it for the page (DNS rebinding).
 
 ``Metrics`` is what the serving path updates: a dict increment and a histogram observe
 per request, a counter per refusal, and per SQLite group commit its size and duration.
@@ -39,6 +41,11 @@ log = logging.getLogger("bank.admin")
 
 ADMIN_HOST = "127.0.0.1"
 """The only address the admin endpoint listens on: it has no authentication."""
+
+ADMIN_HOST_NAMES = frozenset({b"127.0.0.1", b"localhost", b"::1"})
+"""The only host names a request's Host header may give (any port): loopback's. A
+browser on the bank's host sends its page's own name there, so a page whose name an
+attacker re-pointed at 127.0.0.1 (DNS rebinding) is refused, not read the sessions."""
 
 ADMIN_REQUEST_BYTES_MAX = 8192
 """Bytes a request's line and headers may take; beyond it 431 and close. Nothing past
@@ -356,6 +363,9 @@ async def _read_and_answer(
 def _answer(server: BankServer, request: h11.Request) -> tuple[int, str, bytes]:
     if len(request.headers) > ADMIN_HEADERS_MAX:
         return _error(431, f"more than {ADMIN_HEADERS_MAX} header fields")
+    host = next((value for name, value in request.headers if name == b"host"), b"")
+    if _host_name(host) not in ADMIN_HOST_NAMES:
+        return _error(421, "not this host: ask for 127.0.0.1 or localhost")
     path = request.target.split(b"?", 1)[0]
     if path not in _PAGES:
         return _error(404, "not found: try /metrics or /sessions")
@@ -363,6 +373,15 @@ def _answer(server: BankServer, request: h11.Request) -> tuple[int, str, bytes]:
         return _error(405, "only GET")
     content_type, render = _PAGES[path]
     return 200, content_type, render(server).encode()
+
+
+def _host_name(host: bytes) -> bytes:
+    """A Host header's name, without its port or an IPv6 address's brackets, in lower
+    case: ``[::1]:9100`` -> ``::1``, ``LocalHost`` -> ``localhost``."""
+    host = host.strip().lower()
+    if host.startswith(b"["):
+        return host[1:].partition(b"]")[0]
+    return host.rpartition(b":")[0] if b":" in host else host
 
 
 def _error(status: int, message: str) -> tuple[int, str, bytes]:

@@ -60,6 +60,7 @@ import psycopg
 import psycopg.errors
 import trio
 
+from bank.config import ServerConfig
 from bank.leases import Lease, Leases, _nothing
 from bank.ledger import StorageError
 from wire import mask_account
@@ -67,6 +68,10 @@ from wire import mask_account
 log = logging.getLogger("bank.leases")
 
 T = TypeVar("T")
+
+_DEFAULTS = ServerConfig()
+"""The settings leases made without them (by a test or a tool) run with: the server's
+own defaults, which ``ServerConfig`` alone defines."""
 
 LEASE_LOCK_CLASS = 0x42414E4B
 """The first key of every process's liveness advisory lock ("BANK"), so that the bank's
@@ -140,16 +145,28 @@ ON CONFLICT (account) DO UPDATE SET
     holder_pid = EXCLUDED.holder_pid, holder_lock = EXCLUDED.holder_lock,
     expires_at = EXCLUDED.expires_at, token_hash = EXCLUDED.token_hash,
     token_terminal = EXCLUDED.token_terminal
-WHERE l.holder IS NULL OR l.holder = EXCLUDED.holder OR l.expires_at <= now()
-   OR {_HOLDER_DEAD}
+WHERE (l.holder IS NULL OR l.holder = EXCLUDED.holder OR l.expires_at <= now()
+   OR {_HOLDER_DEAD})
+  AND (%(succeeds)s::bigint IS NULL OR l.fence = %(succeeds)s::bigint)
 RETURNING l.fence
 """
 """Take the account's lease if it is free, ours already (a release not yet written),
-expired, or its holder is dead; no row comes back if another live process holds it."""
+expired, or its holder is dead; no row comes back if another live process holds it.
+With ``succeeds`` (a RESUME of this process's own session, at that session's fence),
+only while the fence is still that session's: a row taken over since, by a RESUME or
+a LOGIN elsewhere, is that other session's even once it was released, and the token
+that found the old session in this process's registry was spent there."""
 
-TAKE_OVER_SELECT_SQL = """
-SELECT fence, holder, token_hash, token_terminal FROM leases WHERE account = %s FOR UPDATE
+TAKE_OVER_LOOK_SQL = """
+SELECT fence, holder, token_hash, token_terminal,
+    expires_at + make_interval(secs => %(session_idle_s)s) > now()
+FROM leases WHERE account = %(account)s
 """
+"""The row a RESUME would take over, and whether its session may still be alive: no
+session outlives its lease's expiry by more than the idle timeout (``take_over``)."""
+
+TAKE_OVER_SELECT_SQL = TAKE_OVER_LOOK_SQL + "FOR UPDATE\n"
+"""``TAKE_OVER_LOOK_SQL``, the row locked until the takeover's transaction ends."""
 
 TAKE_OVER_UPDATE_SQL = """
 UPDATE leases SET fence = fence + 1, holder = %(boot)s, holder_host = %(host)s,
@@ -282,10 +299,17 @@ class ClusterLeases(Leases):
     takes the liveness lock, then renews leases and writes releases until cancelled.
     """
 
-    def __init__(self, conninfo: str, *, expiry_s: int, holder: Holder | None = None) -> None:
+    def __init__(
+        self, conninfo: str, *, expiry_s: int, session_idle_s: int = _DEFAULTS.idle_timeout_s,
+        holder: Holder | None = None,
+    ) -> None:
         super().__init__()
         self.holder = holder or Holder.this_process()
         self.expiry_s = expiry_s
+        self.session_idle_s = session_idle_s
+        """The sessions' idle timeout (``idle_timeout_s``): how long after its lease's
+        expiry a dead or frozen holder's session could still have been alive, and so
+        how long its token may still take it over (``take_over``)."""
         self.heartbeat_s = expiry_s / HEARTBEATS_PER_EXPIRY
         self.lost_count = 0
         """Leases found taken over by another process at a heartbeat."""
@@ -311,9 +335,13 @@ class ClusterLeases(Leases):
         token: bytes | None = None,
         terminal: str | None = None,
         on_lost: Callable[[], None] = _nothing,
+        succeeding: Lease | None = None,
     ) -> Lease | None:
         token_digest = None if token is None else token_hash(token)
-        return await self._lease_row(account, token_digest, terminal, on_lost, _acquire_row)
+        succeeds = None if succeeding is None else succeeding.fence
+        return await self._lease_row(
+            account, token_digest, terminal, on_lost, _acquire_row, succeeds=succeeds
+        )
 
     async def take_over(
         self,
@@ -324,7 +352,25 @@ class ClusterLeases(Leases):
         terminal: str | None,
         on_lost: Callable[[], None] = _nothing,
     ) -> Lease | None:
-        # A session of ours holding it is not another process's (try_acquire refuses).
+        """A session another process holds, or held when it died or froze, if ``token``
+        is its newest. Not once the row's lease expired more than ``session_idle_s``
+        ago: nothing releases a dead process's rows, but each of its sessions would have
+        ended within the idle timeout of its last request, which came before the last
+        renewal; without this bound the token would open the session until the account's
+        next LOGIN, however long that is (spec §10: a token lives for one session)."""
+        if not self._running:
+            raise StorageError("cluster leases are not running")
+        # First a look at the row, outside the account's in-process lock and whether or
+        # not a session here holds it: a guessed token then never holds the lock (which
+        # would turn the customer's own LOGIN here away as ACCOUNT_IN_USE meanwhile), and
+        # a guess costs the same one query for an account in use here as for any other,
+        # so its speed does not tell which accounts are in use (spec §10).
+        look = {"account": account, "boot": self.holder.boot_id, "terminal": terminal,
+                "session_idle_s": self.session_idle_s}
+        if not await self._pool.run(_token_opens_row, look, token):
+            return None
+        # The token opens the row: take it over, checked again in its own transaction. A
+        # session of ours holding it is not another process's (try_acquire refuses).
         return await self._lease_row(
             account, token_hash(new_token), terminal, on_lost, _take_over_row, token
         )
@@ -337,6 +383,7 @@ class ClusterLeases(Leases):
         on_lost: Callable[[], None],
         statement: Callable[..., int | None],
         *args: object,
+        succeeds: int | None = None,
     ) -> Lease | None:
         """Behind the in-process lock, run ``statement`` (``_acquire_row`` or
         ``_take_over_row``) for ``account``'s row: the lease with its new fence, or None
@@ -348,6 +395,7 @@ class ClusterLeases(Leases):
         params = {
             **self.holder.params(), "account": account, "expiry_s": self.expiry_s,
             "token_hash": token_digest, "terminal": terminal,
+            "session_idle_s": self.session_idle_s, "succeeds": succeeds,
         }
         try:
             fence = await self._pool.run(statement, params, *args)
@@ -544,18 +592,41 @@ def _take_over_checked(
     connection: psycopg.Connection[Any], params: dict[str, Any], token: bytes
 ) -> int | None:
     with connection.transaction():
-        row = connection.execute(TAKE_OVER_SELECT_SQL, (params["account"],)).fetchone()
-        if row is None:
-            return None
-        fence, holder, stored_hash, terminal = row
-        if holder is None or holder == params["boot"] or stored_hash is None:
-            return None  # released, or ours (this process's registry resumes its own)
-        if not hmac.compare_digest(bytes(stored_hash), token_hash(token)):
-            return None
-        if terminal != params["terminal"]:
+        row = connection.execute(TAKE_OVER_SELECT_SQL, params).fetchone()
+        fence = _opened_fence(row, params, token)
+        if fence is None:
             return None
         taken = connection.execute(TAKE_OVER_UPDATE_SQL, {**params, "fence": fence}).fetchone()
         return None if taken is None else int(taken[0])
+
+
+def _token_opens_row(
+    connection: psycopg.Connection[Any], params: dict[str, Any], token: bytes
+) -> bool:
+    """Whether ``token`` opens the account's row now (``_opened_fence``), read without
+    locking anything: the takeover checks again in its own transaction."""
+    row = connection.execute(TAKE_OVER_LOOK_SQL, params).fetchone()
+    return _opened_fence(row, params, token) is not None
+
+
+def _opened_fence(
+    row: tuple[Any, ...] | None, params: dict[str, Any], token: bytes
+) -> int | None:
+    """The fence of the lease row ``row`` (``TAKE_OVER_LOOK_SQL``'s) if ``token`` opens
+    it: held by another process, with this token's hash, for this terminal, and its
+    session may still be alive; else None."""
+    if row is None:
+        return None
+    fence, holder, stored_hash, terminal, session_may_live = row
+    if holder is None or holder == params["boot"] or stored_hash is None:
+        return None  # released, or ours (this process's registry resumes its own)
+    if not session_may_live:
+        return None  # its holder died or froze longer ago than any session idles
+    if not hmac.compare_digest(bytes(stored_hash), token_hash(token)):
+        return None
+    if terminal != params["terminal"]:
+        return None
+    return int(fence)
 
 
 def _renew_rows(

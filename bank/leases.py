@@ -64,11 +64,14 @@ class Leases:
         token: bytes | None = None,
         terminal: str | None = None,
         on_lost: Callable[[], None] = _nothing,
+        succeeding: Lease | None = None,
     ) -> Lease | None:
         """The lease on ``account`` for a LOGIN whose PIN matched, or None if another
         session holds it. ``token`` (the session's resumption token, if any), ``terminal``
         and ``on_lost`` (called if another process takes the lease over) matter only to a
-        cluster lease."""
+        cluster lease; so does ``succeeding``, the lease of this process's session that a
+        RESUME supersedes, which a cluster lease takes back only if no other process took
+        it since (within one process the session registry alone decides)."""
         return Lease(account) if self.try_acquire(account) else None
 
     async def take_over(

@@ -24,6 +24,7 @@ import hmac
 import secrets
 from typing import Protocol
 
+from bank.leases import Lease
 from wire import SESSION_TOKEN_BYTES
 
 
@@ -33,6 +34,9 @@ class Resumable(Protocol):
 
     terminal: str | None
     """The TLS terminal certificate's identity the session was opened with, if any."""
+    lease: Lease | None
+    """The session's lease while it holds one: what its successor takes the account's
+    lease back after (``Leases.acquire(succeeding=...)``)."""
 
     def supersede(self) -> None:
         """End this session's connection now (or as soon as its request in hand is

@@ -888,7 +888,9 @@ def cluster_or_local_leases(config: ServerConfig) -> Leases:
     """Over PostgreSQL the account leases are the cluster's (any number of processes may
     share the database); over SQLite, this process's lock is the whole lease."""
     if config.uses_postgresql:
-        return ClusterLeases(config.db, expiry_s=config.lease_expiry_s)
+        return ClusterLeases(
+            config.db, expiry_s=config.lease_expiry_s, session_idle_s=config.idle_timeout_s
+        )
     return Leases()
 
 

@@ -336,9 +336,12 @@ class Session:
         log.warning("%s: lease taken over by another process: ending", self._name)
         self.on_lease_lost()
 
-    async def _acquire(self, account: str, token: bytes | None) -> Lease | None:
+    async def _acquire(
+        self, account: str, token: bytes | None, succeeding: Lease | None = None
+    ) -> Lease | None:
         return await self._leases.acquire(
-            account, token=token, terminal=self.terminal, on_lost=self._lease_lost
+            account, token=token, terminal=self.terminal, on_lost=self._lease_lost,
+            succeeding=succeeding,
         )
 
     def _new_token(self) -> bytes | None:
@@ -390,11 +393,15 @@ class Session:
                 log.info("%s: resume %s refused: no such session", self._name, masked)
                 return ResumeReply(Status.UNKNOWN_SESSION)
         else:
+            # Its lease before it ends: in a cluster, the row is taken back only at that
+            # fence, so that a session another process took over since (this registry
+            # learns of it only at a heartbeat) is not reopened by the token it spent.
+            succeeding = predecessor.lease
             predecessor.supersede()
             with trio.move_on_after(RESUME_TAKEOVER_S):
                 await predecessor.wait_released()
-            lease = await self._acquire(request.account, token)
-            if lease is None:  # still held, or taken meanwhile
+            lease = await self._acquire(request.account, token, succeeding)
+            if lease is None:  # still held, taken meanwhile, or taken over elsewhere
                 log.info("%s: resume %s refused: the lease was not freed", self._name, masked)
                 return ResumeReply(Status.UNKNOWN_SESSION)
         self._hold(lease, token)

@@ -322,6 +322,22 @@ async def raw_exchange(port: int, data: bytes) -> bytes:
     return response
 
 
+async def test_a_page_served_by_another_host_name_is_refused(admin: int) -> None:
+    """DNS rebinding: a web page from attacker.example, whose name the attacker then
+    points at 127.0.0.1, may have a browser on the bank's host fetch /sessions from its
+    own origin and read the answer. The browser still names attacker.example in Host,
+    so only loopback's own names are answered; a scraper of 127.0.0.1 (or localhost,
+    through a tunnel) names one of those."""
+    for host in (b"attacker.example:%d" % admin, b"attacker.example", b"10.0.0.5"):
+        head = b"GET /sessions HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        response = await raw_exchange(admin, head)
+        assert response.startswith(b"HTTP/1.1 421 "), response
+        assert b"connections" not in response
+    for host in (b"127.0.0.1:%d" % admin, b"localhost", b"LocalHost:1", b"[::1]:9"):
+        head = b"GET /sessions HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        assert (await raw_exchange(admin, head)).startswith(b"HTTP/1.1 200 "), host
+
+
 async def test_oversized_request_is_refused(admin: int) -> None:
     huge = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * ADMIN_REQUEST_BYTES_MAX
     response = await raw_exchange(admin, huge + b"\r\n\r\n")

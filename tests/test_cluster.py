@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -213,3 +214,77 @@ def test_sqlite_refuses_more_than_one_worker(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a PostgreSQL db"):
         ServerConfig(db=str(tmp_path / "bank.db"), workers=2)
     assert dataclasses.replace(ServerConfig(), workers=1).workers == 1
+
+
+async def test_a_token_spent_on_another_server_opens_nothing_where_it_was_issued(
+    servers: tuple[RunningServer, RunningServer],
+) -> None:
+    """A keeps its sessions' tokens in its own registry too, and learns that B took one
+    over only at its next heartbeat or write (a frozen A, only once thawed). Until then
+    the spent token still finds A's old session there; A must not take the account's
+    lease back for it once B's session has ended (its LOGOUT left the row free): the
+    token was spent at B and its session is over (spec §3.15)."""
+    a, b = servers
+    old, status = await login(a)
+    assert status is Status.APPROVED
+    token = old.tokens[-1]
+    new = await b.client()
+    assert await new.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(Status.APPROVED)
+    await new.token()
+    assert await new.request(Logout()) == LogoutReply(Status.APPROVED)  # the row is free
+    thief = await a.client()  # A has had no heartbeat: its old session is still registered
+    assert await thief.request(Resume(DEMO_ACCOUNT, token)) == ResumeReply(
+        Status.UNKNOWN_SESSION
+    )
+    # Superseded all the same (the token was claimed): its lease was lost anyway.
+    frame = await old.receive()
+    assert frame is not None and isinstance(frame.message, SessionExpired)
+    assert await old.closed()
+    assert cluster_leases(a).fences() == {}
+    owner = await login_when_free(a)  # the customer, with the PIN, is served as ever
+    assert cluster_leases(a).fences() == {DEMO_ACCOUNT: 3}
+    for client in (thief, owner):
+        await client.aclose()
+
+
+async def test_guessed_resumes_neither_hold_an_account_nor_tell_it_is_in_use(
+    servers: tuple[RunningServer, RunningServer], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A RESUME with a guessed token looks at the account's lease row; while it does, the
+    customer's own LOGIN on that server must not be told ACCOUNT_IN_USE (a guesser
+    without any PIN could otherwise keep an account out by RESUMEs alone), and a guess
+    for an account in use on that server must cost the same query as one for an account
+    that is not (else its speed would tell which accounts are in use, spec §10)."""
+    a, _ = servers
+    leases = cluster_leases(a)
+    real_run = leases._pool.run
+    looked = trio.Event()
+    gate = trio.Event()
+    statements: list[str] = []
+
+    async def gated(function: Any, *args: object) -> Any:
+        if function.__name__ != "_acquire_row":  # a RESUME's look at the row waits
+            statements.append(function.__name__)
+            looked.set()
+            await gate.wait()
+        return await real_run(function, *args)
+
+    monkeypatch.setattr(leases._pool, "run", gated)
+    guesser = await a.client()
+    reply_to = await guesser.send(Resume(DEMO_ACCOUNT, bytes(16)))
+    await looked.wait()  # the guess is at the database now
+    owner, status = await login(a)
+    assert status is Status.APPROVED
+    gate.set()
+    frame = await guesser.receive()
+    assert frame is not None and frame.request_id == reply_to
+    assert frame.message == ResumeReply(Status.UNKNOWN_SESSION)
+    # The account is in use here now: a guess for it still goes to the row.
+    asked = len(statements)
+    assert await guesser.request(Resume(DEMO_ACCOUNT, bytes(16))) == ResumeReply(
+        Status.UNKNOWN_SESSION
+    )
+    assert len(statements) == asked + 1
+    assert await owner.request(Balance()) == BalanceReply(Status.APPROVED, DEMO_BALANCE_CENTS)
+    for client in (guesser, owner):
+        await client.aclose()

@@ -221,3 +221,33 @@ async def test_a_restarted_postgresql_costs_no_lease(
     await a.leases.settle()
     taken = await b.leases.acquire(ACCOUNT)
     assert taken is not None and taken.fence == 2
+
+
+async def test_a_dead_holders_session_token_dies_with_its_idle_timeout(
+    start: Any, bank_db: str
+) -> None:
+    """A process killed with its sessions leaves their rows, tokens and all: nothing
+    releases them. Had it lived, each session would have ended within idle_timeout_s of
+    its last request, and its last request came before the lease's last renewal; so a
+    token opens its session only until the lease's expiry plus the idle timeout, not
+    for as long as nobody logs in to the account (spec §3.15, §10: a stolen token's
+    life is one session)."""
+    a, b = await start(), await start()
+    tokens = [secrets.token_bytes(16) for _ in ACCOUNTS]
+    for account, token in zip(ACCOUNTS, tokens, strict=True):
+        assert await a.leases.acquire(account, token=token, terminal="atm-1") is not None
+    a.crash()
+    idle_s = b.leases.session_idle_s
+    with psycopg.connect(bank_db) as connection:  # the first one died that long ago
+        connection.execute(
+            "UPDATE leases SET expires_at = now() - make_interval(secs => %s) WHERE account = %s",
+            (idle_s + 1, ACCOUNTS[0]),
+        )
+    assert await b.leases.take_over(
+        ACCOUNTS[0], token=tokens[0], new_token=tokens[1], terminal="atm-1"
+    ) is None
+    # The other one died just now: its ATM resumes on another process at once, as ever.
+    taken = await b.leases.take_over(
+        ACCOUNTS[1], token=tokens[1], new_token=tokens[0], terminal="atm-1"
+    )
+    assert taken is not None and taken.fence == 2
