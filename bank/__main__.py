@@ -47,6 +47,7 @@ from bank.store import (
     SchemaError,
     Store,
     StoreError,
+    UnknownAccount,
     read_accounts_summary,
     read_entries_by_txn_id,
     read_statement,
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             print(file=sys.stderr)  # a ^C at a prompt leaves the cursor on its line
         print("bank: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (UnknownAccount, AccountExists) as error:
+        print(f"bank: {in_full(error)}", file=sys.stderr)
+        return EXIT_FAILURE
     except (
         StoreError, StorageError, KeyFileError, AccountsFileError, SchemaError, TlsError
     ) as error:
@@ -127,6 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bank: cannot use the database {redact_db(config.db)}: {message}",
               file=sys.stderr)
         return EXIT_FAILURE
+
+
+def in_full(error: UnknownAccount | AccountExists) -> str:
+    """The store's refusal as the operator's terminal says it: with the account in full.
+
+    The store masks the account in the exception's own text, since the server may log
+    it; an operator command's output is no log, and echoes the number its operator
+    typed (or owns, in the file being imported)."""
+    if isinstance(error, UnknownAccount):
+        return f"no account {error.account}"
+    return f"account {error.account} exists already"
 
 
 def flag_names(message: str) -> str:
@@ -672,7 +687,7 @@ def reset_pin(config: ServerConfig, args: argparse.Namespace) -> int:
     pin = read_new_pin()
     with open_store(config) as store:
         store.reset_pin(args.account, pin)
-    print(f"PIN reset for {mask_account(args.account)}")
+    print(f"PIN reset for {args.account}")
     return EXIT_OK
 
 
@@ -686,14 +701,13 @@ def unlock_account(config: ServerConfig, args: argparse.Namespace) -> int:
 def unlocked(account: str, forgotten: Forgotten, *, now: datetime) -> str:
     """What ``unlock`` did, in a sentence: lifted a lock (the PIN's, the transfers', or
     both), or only forgot wrong PINs or transfers to no account, or nothing."""
-    masked = mask_account(account)
     pins = _pin_clause(forgotten, now)
     transfers = _transfers_clause(forgotten, now)
     if transfers is None:
         if pins is None:
-            return f"{masked} was not locked and had no wrong PINs; nothing changed"
-        return f"{masked} {pins}"
-    return f"{masked} {pins or 'had no wrong PINs'}; {transfers}"
+            return f"{account} was not locked and had no wrong PINs; nothing changed"
+        return f"{account} {pins}"
+    return f"{account} {pins or 'had no wrong PINs'}; {transfers}"
 
 
 def _pin_clause(forgotten: Forgotten, now: datetime) -> str | None:
@@ -738,7 +752,9 @@ def import_accounts(config: ServerConfig, args: argparse.Namespace) -> int:
         try:
             count = store.add_accounts(records)
         except AccountExists as error:
-            raise StoreError(f"{error}: nothing was imported from {args.path}") from None
+            raise StoreError(
+                f"{in_full(error)}: nothing was imported from {args.path}"
+            ) from None
     print(f"imported {count} accounts from {args.path}")
     return EXIT_OK
 
