@@ -68,6 +68,7 @@ from wire import (
     canonical_account,
     check_pin,
     format_cents,
+    is_trivial_pin,
     mask_account,
 )
 
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             print(file=sys.stderr)  # a ^C at a prompt leaves the cursor on its line
         print("bank: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except PinNotAllowed as error:
+        print(f"bank: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (UnknownAccount, AccountExists) as error:
         print(f"bank: {in_full(error)}", file=sys.stderr)
         return EXIT_FAILURE
@@ -212,14 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run, command=name, settings=names)
         return sub
 
-    add = command("add-account", add_account, "add an account; the PIN is asked for")
+    add = command(
+        "add-account", add_account,
+        "add an account; the PIN is asked for, and one a customer could not choose (four"
+        " equal digits, or four in a row such as 1234) is refused with exit status 2",
+    )
     add.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
     add.add_argument(
         "--balance-cents", default="0", metavar="CENTS",
         help="opening balance in cents, e.g. 2500 for $25.00 (every money flag takes"
         " cents, as its name says)",
     )
-    reset = command("reset-pin", reset_pin, "set a new PIN for an account (asked for)")
+    reset = command(
+        "reset-pin", reset_pin,
+        "set a new PIN for an account (asked for); one a customer could not choose (four"
+        " equal digits, or four in a row such as 1234) is refused with exit status 2",
+    )
     reset.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
     unlock = command(
         "unlock", unlock_account,
@@ -228,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     unlock.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
     load = command(
-        "import", import_accounts, "add accounts from a course accounts.txt file"
+        "import", import_accounts,
+        "add accounts from a course accounts.txt file; PINs a customer could not choose"
+        " (four equal digits, or four in a row) are kept, with a WARNING naming their"
+        " accounts, to give them new ones with reset-pin",
     )
     load.add_argument("path", help="file of 'account, pin, balance' lines; # comments")
     command(
@@ -644,8 +659,24 @@ def show_txn(config: ServerConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+PIN_RULE = (
+    "a PIN of four equal digits (such as 7777) or four digits in a row (such as 1234 or"
+    " 9876) is too easy to guess"
+)
+"""The customer's rule (``wire.TRIVIAL_PINS``, what CHANGE_PIN refuses) in words."""
+WEAK_PINS_LISTED_MAX = 20
+"""Accounts named in import's warning about PINs too easy to guess; the rest counted."""
+
+
+class PinNotAllowed(Exception):
+    """The operator chose a PIN the customer could not have (``wire.TRIVIAL_PINS``):
+    refused with exit status 2, like a bad command line. An operator choosing a PIN has
+    no reason to choose a weak one, and the customer would otherwise keep it."""
+
+
 def read_new_pin() -> str:
-    """A PIN from the terminal (hidden, asked twice) or one line of piped input."""
+    """A PIN from the terminal (hidden, asked twice) or one line of piped input, held to
+    the rule a customer's PIN change is held to (``PinNotAllowed``)."""
     if sys.stdin.isatty():
         try:
             pin = getpass.getpass("New PIN (4 digits): ")
@@ -657,9 +688,12 @@ def read_new_pin() -> str:
     else:
         pin = sys.stdin.readline().strip()
     try:
-        return check_pin(pin)
+        check_pin(pin)
     except ValueError:
         raise StoreError("a PIN is exactly four digits") from None
+    if is_trivial_pin(pin):
+        raise PinNotAllowed(f"{PIN_RULE}, and a customer could not choose it; nothing changed")
+    return pin
 
 
 def cents_argument(text: str) -> int:
@@ -756,7 +790,23 @@ def import_accounts(config: ServerConfig, args: argparse.Namespace) -> int:
                 f"{in_full(error)}: nothing was imported from {args.path}"
             ) from None
     print(f"imported {count} accounts from {args.path}")
+    weak = [record.account for record in records if is_trivial_pin(record.pin)]
+    if weak:
+        print(f"bank: WARNING: {weak_pins(weak)}", file=sys.stderr)
     return EXIT_OK
+
+
+def weak_pins(accounts: list[str]) -> str:
+    """import's warning: the migrated PINs a customer could not have chosen are kept
+    (their customers know them), but the operator is told which, to reset them."""
+    listed = ", ".join(accounts[:WEAK_PINS_LISTED_MAX])
+    if len(accounts) > WEAK_PINS_LISTED_MAX:
+        listed += f" and {len(accounts) - WEAK_PINS_LISTED_MAX} more"
+    have = "account has" if len(accounts) == 1 else "accounts have"
+    return (
+        f"{len(accounts)} imported {have} a PIN a customer could not choose ({PIN_RULE}):"
+        f" {listed}; give them new ones with reset-pin"
+    )
 
 
 
