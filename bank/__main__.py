@@ -410,7 +410,32 @@ def log_opened(config: ServerConfig, opened: Opened) -> None:
 
 
 async def run_server(config: ServerConfig) -> None:
-    """Serve until a signal, then shut down gracefully and close the database."""
+    """Serve until a signal, then shut down gracefully and close the database.
+
+    A SIGTERM while starting up is remembered (``_remembering_sigterm``) until start-up
+    is done, then ends it as serving would: said in the log, the database closed, exit
+    status 0. Python's default for it, instant death, said nothing and could cut a
+    database's creation short. Each start-up step is bounded (PostgreSQL's connect by
+    ``bank.pg_store.CONNECT_TIMEOUT_S``), so the wait is short; SIGINT stays
+    KeyboardInterrupt (status 130, ``main``)."""
+    with _remembering_sigterm() as sigterm_received:
+        await _start_and_serve(config, sigterm_received)
+
+
+@contextlib.contextmanager
+def _remembering_sigterm() -> Iterator[list[int]]:
+    """While the body runs, a SIGTERM only lands in the list yielded. Trio's receiver
+    takes the signal over while it is open, and gives it back to this on closing, so a
+    SIGTERM after serving (while the database closes) is ignored too."""
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def _start_and_serve(config: ServerConfig, sigterm_received: list[int]) -> None:
     tls = tls_context(config)  # before the database: a bad certificate creates nothing
     log_security(config)
     worker = worker_index()
@@ -432,21 +457,20 @@ async def run_server(config: ServerConfig) -> None:
     log_opened(config, ledger.opened)
     ignored: dict[int, Any] = {}
     try:
-        server = BankServer(config, ledger, tls=tls)
-        server.adopt_admin_listeners(admin_listeners)
         # Once the receiver below closes, serving is over and the database closes next:
-        # a signal then (or one left pending in the receiver) is ignored, not our death.
-        ignored = _ignore_signals(SHUTDOWN_SIGNALS)
-        with (
-            trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals,
-            announced(config.ready_file, listeners),
-        ):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_shutdown_on_signal, signals, server)
-                if worker is not None:
-                    nursery.start_soon(exit_when_parent_ends, server.shutdown)
-                await server.serve(listeners)
-                nursery.cancel_scope.cancel()
+        # a signal then (or one left pending in the receiver) is ignored, not our death
+        # (SIGTERM goes back to _remembering_sigterm's handler, which ignores it).
+        ignored = _ignore_signals((signal.SIGINT,))
+        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+            if sigterm_received:  # checked once the receiver has the signal: none lost
+                log.info("SIGTERM received while starting up: stopping before serving")
+                for listener in [*listeners, *admin_listeners]:
+                    listener.socket.close()
+                return
+            server = BankServer(config, ledger, tls=tls)
+            server.adopt_admin_listeners(admin_listeners)
+            with announced(config.ready_file, listeners):
+                await _serve_until_done(server, listeners, signals)
     finally:
         with trio.CancelScope(shield=True):
             await ledger.aclose()
@@ -454,6 +478,17 @@ async def run_server(config: ServerConfig) -> None:
         log.info("database closed")
         for signum, handler in ignored.items():
             signal.signal(signum, handler)
+
+
+async def _serve_until_done(
+    server: BankServer, listeners: list[trio.SocketListener], signals: AsyncIterator[int]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_shutdown_on_signal, signals, server)
+        if worker_index() is not None:
+            nursery.start_soon(exit_when_parent_ends, server.shutdown)
+        await server.serve(listeners)
+        nursery.cancel_scope.cancel()
 
 
 async def open_configured_ledger(
