@@ -837,10 +837,12 @@ def weak_pins(accounts: list[str]) -> str:
     listed = ", ".join(accounts[:WEAK_PINS_LISTED_MAX])
     if len(accounts) > WEAK_PINS_LISTED_MAX:
         listed += f" and {len(accounts) - WEAK_PINS_LISTED_MAX} more"
-    have = "account has" if len(accounts) == 1 else "accounts have"
+    one = len(accounts) == 1
     return (
-        f"{len(accounts)} imported {have} a PIN a customer could not choose ({PIN_RULE}):"
-        f" {listed}; give them new ones with reset-pin"
+        f"{len(accounts)} imported {'account has' if one else 'accounts have'} a PIN too"
+        " easy to guess, which a customer could not choose (four equal digits, or four"
+        f" digits in a row): {listed}; give {'it a new one' if one else 'them new ones'}"
+        " with reset-pin"
     )
 
 

@@ -496,10 +496,9 @@ def test_import_keeps_trivial_pins_and_warns_naming_the_accounts(
     out, err = capsys.readouterr()
     assert out == f"imported 3 accounts from {accounts}\n"
     assert err == (
-        "bank: WARNING: 2 imported accounts have a PIN a customer could not choose (a PIN"
-        " of four equal digits (such as 7777) or four digits in a row (such as 1234 or"
-        " 9876) is too easy to guess): QQ-11111, QQ-33333; give them new ones with"
-        " reset-pin\n"
+        "bank: WARNING: 2 imported accounts have a PIN too easy to guess, which a customer"
+        " could not choose (four equal digits, or four digits in a row): QQ-11111,"
+        " QQ-33333; give them new ones with reset-pin\n"
     )
     with open_store(tmp_path) as store:  # kept: their customers know them
         assert store.verify_pin("QQ-11111", "1111", now_ms=0, policy=POLICY) is PinResult.MATCHED
@@ -516,6 +515,17 @@ def test_imports_warning_lists_at_most_its_limit_and_counts_the_rest(
     assert err.startswith(f"bank: WARNING: {listed + 3} imported accounts have")
     assert f"QQ-{listed - 1:05} and 3 more; give them new ones" in err
     assert f"QQ-{listed:05}" not in err
+
+
+def test_imports_warning_of_one_account_says_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    accounts = tmp_path / "accounts.txt"
+    accounts.write_text("qq-11111, 9876, 1\nqq-22222, 2580, 1\n")
+    assert operator(tmp_path, "import", str(accounts)) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("bank: WARNING: 1 imported account has a PIN too easy to guess")
+    assert err.endswith(": QQ-11111; give it a new one with reset-pin\n")
 
 
 def test_import_without_trivial_pins_warns_of_nothing(
