@@ -47,6 +47,7 @@ from bank.store import (
     SchemaError,
     Store,
     StoreError,
+    UnknownAccount,
     read_accounts_summary,
     read_entries_by_txn_id,
     read_statement,
@@ -67,6 +68,7 @@ from wire import (
     canonical_account,
     check_pin,
     format_cents,
+    is_trivial_pin,
     mask_account,
 )
 
@@ -117,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             print(file=sys.stderr)  # a ^C at a prompt leaves the cursor on its line
         print("bank: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except PinNotAllowed as error:
+        print(f"bank: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (UnknownAccount, AccountExists) as error:
+        print(f"bank: {in_full(error)}", file=sys.stderr)
+        return EXIT_FAILURE
     except (
         StoreError, StorageError, KeyFileError, AccountsFileError, SchemaError, TlsError
     ) as error:
@@ -127,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bank: cannot use the database {redact_db(config.db)}: {message}",
               file=sys.stderr)
         return EXIT_FAILURE
+
+
+def in_full(error: UnknownAccount | AccountExists) -> str:
+    """The store's refusal as the operator's terminal says it: with the account in full.
+
+    The store masks the account in the exception's own text, since the server may log
+    it; an operator command's output is no log, and echoes the number its operator
+    typed (or owns, in the file being imported)."""
+    if isinstance(error, UnknownAccount):
+        return f"no account {error.account}"
+    return f"account {error.account} exists already"
 
 
 def flag_names(message: str) -> str:
@@ -197,14 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run, command=name, settings=names)
         return sub
 
-    add = command("add-account", add_account, "add an account; the PIN is asked for")
+    add = command(
+        "add-account", add_account,
+        "add an account; the PIN is asked for, and one a customer could not choose (four"
+        " equal digits, or four in a row such as 1234) is refused with exit status 2",
+    )
     add.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
     add.add_argument(
         "--balance-cents", default="0", metavar="CENTS",
         help="opening balance in cents, e.g. 2500 for $25.00 (every money flag takes"
         " cents, as its name says)",
     )
-    reset = command("reset-pin", reset_pin, "set a new PIN for an account (asked for)")
+    reset = command(
+        "reset-pin", reset_pin,
+        "set a new PIN for an account (asked for); one a customer could not choose (four"
+        " equal digits, or four in a row such as 1234) is refused with exit status 2",
+    )
     reset.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
     unlock = command(
         "unlock", unlock_account,
@@ -213,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     unlock.add_argument("account", type=account_argument, help="account number, AA-NNNNN")
     load = command(
-        "import", import_accounts, "add accounts from a course accounts.txt file"
+        "import", import_accounts,
+        "add accounts from a course accounts.txt file; PINs a customer could not choose"
+        " (four equal digits, or four in a row) are kept, with a WARNING naming their"
+        " accounts, to give them new ones with reset-pin",
     )
     load.add_argument("path", help="file of 'account, pin, balance' lines; # comments")
     command(
@@ -380,7 +410,32 @@ def log_opened(config: ServerConfig, opened: Opened) -> None:
 
 
 async def run_server(config: ServerConfig) -> None:
-    """Serve until a signal, then shut down gracefully and close the database."""
+    """Serve until a signal, then shut down gracefully and close the database.
+
+    A SIGTERM while starting up is remembered (``_remembering_sigterm``) until start-up
+    is done, then ends it as serving would: said in the log, the database closed, exit
+    status 0. Python's default for it, instant death, said nothing and could cut a
+    database's creation short. Each start-up step is bounded (PostgreSQL's connect by
+    ``bank.pg_store.CONNECT_TIMEOUT_S``), so the wait is short; SIGINT stays
+    KeyboardInterrupt (status 130, ``main``)."""
+    with _remembering_sigterm() as sigterm_received:
+        await _start_and_serve(config, sigterm_received)
+
+
+@contextlib.contextmanager
+def _remembering_sigterm() -> Iterator[list[int]]:
+    """While the body runs, a SIGTERM only lands in the list yielded. Trio's receiver
+    takes the signal over while it is open, and gives it back to this on closing, so a
+    SIGTERM after serving (while the database closes) is ignored too."""
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def _start_and_serve(config: ServerConfig, sigterm_received: list[int]) -> None:
     tls = tls_context(config)  # before the database: a bad certificate creates nothing
     log_security(config)
     worker = worker_index()
@@ -402,21 +457,20 @@ async def run_server(config: ServerConfig) -> None:
     log_opened(config, ledger.opened)
     ignored: dict[int, Any] = {}
     try:
-        server = BankServer(config, ledger, tls=tls)
-        server.adopt_admin_listeners(admin_listeners)
         # Once the receiver below closes, serving is over and the database closes next:
-        # a signal then (or one left pending in the receiver) is ignored, not our death.
-        ignored = _ignore_signals(SHUTDOWN_SIGNALS)
-        with (
-            trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals,
-            announced(config.ready_file, listeners),
-        ):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_shutdown_on_signal, signals, server)
-                if worker is not None:
-                    nursery.start_soon(exit_when_parent_ends, server.shutdown)
-                await server.serve(listeners)
-                nursery.cancel_scope.cancel()
+        # a signal then (or one left pending in the receiver) is ignored, not our death
+        # (SIGTERM goes back to _remembering_sigterm's handler, which ignores it).
+        ignored = _ignore_signals((signal.SIGINT,))
+        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+            if sigterm_received:  # checked once the receiver has the signal: none lost
+                log.info("SIGTERM received while starting up: stopping before serving")
+                for listener in [*listeners, *admin_listeners]:
+                    listener.socket.close()
+                return
+            server = BankServer(config, ledger, tls=tls)
+            server.adopt_admin_listeners(admin_listeners)
+            with announced(config.ready_file, listeners):
+                await _serve_until_done(server, listeners, signals)
     finally:
         with trio.CancelScope(shield=True):
             await ledger.aclose()
@@ -424,6 +478,17 @@ async def run_server(config: ServerConfig) -> None:
         log.info("database closed")
         for signum, handler in ignored.items():
             signal.signal(signum, handler)
+
+
+async def _serve_until_done(
+    server: BankServer, listeners: list[trio.SocketListener], signals: AsyncIterator[int]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_shutdown_on_signal, signals, server)
+        if worker_index() is not None:
+            nursery.start_soon(exit_when_parent_ends, server.shutdown)
+        await server.serve(listeners)
+        nursery.cancel_scope.cancel()
 
 
 async def open_configured_ledger(
@@ -629,8 +694,24 @@ def show_txn(config: ServerConfig, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+PIN_RULE = (
+    "a PIN of four equal digits (such as 7777) or four digits in a row (such as 1234 or"
+    " 9876) is too easy to guess"
+)
+"""The customer's rule (``wire.TRIVIAL_PINS``, what CHANGE_PIN refuses) in words."""
+WEAK_PINS_LISTED_MAX = 20
+"""Accounts named in import's warning about PINs too easy to guess; the rest counted."""
+
+
+class PinNotAllowed(Exception):
+    """The operator chose a PIN the customer could not have (``wire.TRIVIAL_PINS``):
+    refused with exit status 2, like a bad command line. An operator choosing a PIN has
+    no reason to choose a weak one, and the customer would otherwise keep it."""
+
+
 def read_new_pin() -> str:
-    """A PIN from the terminal (hidden, asked twice) or one line of piped input."""
+    """A PIN from the terminal (hidden, asked twice) or one line of piped input, held to
+    the rule a customer's PIN change is held to (``PinNotAllowed``)."""
     if sys.stdin.isatty():
         try:
             pin = getpass.getpass("New PIN (4 digits): ")
@@ -642,9 +723,12 @@ def read_new_pin() -> str:
     else:
         pin = sys.stdin.readline().strip()
     try:
-        return check_pin(pin)
+        check_pin(pin)
     except ValueError:
         raise StoreError("a PIN is exactly four digits") from None
+    if is_trivial_pin(pin):
+        raise PinNotAllowed(f"{PIN_RULE}, and a customer could not choose it; nothing changed")
+    return pin
 
 
 def cents_argument(text: str) -> int:
@@ -672,7 +756,7 @@ def reset_pin(config: ServerConfig, args: argparse.Namespace) -> int:
     pin = read_new_pin()
     with open_store(config) as store:
         store.reset_pin(args.account, pin)
-    print(f"PIN reset for {mask_account(args.account)}")
+    print(f"PIN reset for {args.account}")
     return EXIT_OK
 
 
@@ -686,14 +770,13 @@ def unlock_account(config: ServerConfig, args: argparse.Namespace) -> int:
 def unlocked(account: str, forgotten: Forgotten, *, now: datetime) -> str:
     """What ``unlock`` did, in a sentence: lifted a lock (the PIN's, the transfers', or
     both), or only forgot wrong PINs or transfers to no account, or nothing."""
-    masked = mask_account(account)
     pins = _pin_clause(forgotten, now)
     transfers = _transfers_clause(forgotten, now)
     if transfers is None:
         if pins is None:
-            return f"{masked} was not locked and had no wrong PINs; nothing changed"
-        return f"{masked} {pins}"
-    return f"{masked} {pins or 'had no wrong PINs'}; {transfers}"
+            return f"{account} was not locked and had no wrong PINs; nothing changed"
+        return f"{account} {pins}"
+    return f"{account} {pins or 'had no wrong PINs'}; {transfers}"
 
 
 def _pin_clause(forgotten: Forgotten, now: datetime) -> str | None:
@@ -738,9 +821,29 @@ def import_accounts(config: ServerConfig, args: argparse.Namespace) -> int:
         try:
             count = store.add_accounts(records)
         except AccountExists as error:
-            raise StoreError(f"{error}: nothing was imported from {args.path}") from None
+            raise StoreError(
+                f"{in_full(error)}: nothing was imported from {args.path}"
+            ) from None
     print(f"imported {count} accounts from {args.path}")
+    weak = [record.account for record in records if is_trivial_pin(record.pin)]
+    if weak:
+        print(f"bank: WARNING: {weak_pins(weak)}", file=sys.stderr)
     return EXIT_OK
+
+
+def weak_pins(accounts: list[str]) -> str:
+    """import's warning: the migrated PINs a customer could not have chosen are kept
+    (their customers know them), but the operator is told which, to reset them."""
+    listed = ", ".join(accounts[:WEAK_PINS_LISTED_MAX])
+    if len(accounts) > WEAK_PINS_LISTED_MAX:
+        listed += f" and {len(accounts) - WEAK_PINS_LISTED_MAX} more"
+    one = len(accounts) == 1
+    return (
+        f"{len(accounts)} imported {'account has' if one else 'accounts have'} a PIN too"
+        " easy to guess, which a customer could not choose (four equal digits, or four"
+        f" digits in a row): {listed}; give {'it a new one' if one else 'them new ones'}"
+        " with reset-pin"
+    )
 
 
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from bank.limits import LOCKOUT_MS_MAX
 from wire import (
     AMOUNT_CENTS_MAX,
@@ -154,6 +157,8 @@ class ServerConfig:
     )
 
     def __post_init__(self) -> None:
+        if is_postgresql(self.db):
+            check_connection_string(self.db)
         for name in ("frame_timeout_s", "login_timeout_s", "idle_timeout_s"):
             if not 1 <= getattr(self, name) <= SECONDS_MAX:
                 raise ValueError(f"{name} must be 1..{SECONDS_MAX} seconds")
@@ -269,10 +274,53 @@ def redact_db(db: str | os.PathLike[str]) -> str:
     text = os.fspath(db)
     if not is_postgresql(text):
         return text
+    if not is_readable_connection_string(text):  # where its password ends is anyone's guess
+        return UNREADABLE_DB
     if text.startswith(POSTGRESQL_URL_SCHEMES):
         text = _URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
         return _QUERY_PASSWORD.sub(rf"\g<1>{REDACTED}", text)
     return _KEYWORD_PASSWORD.sub(rf"\g<1>{REDACTED}", text)
+
+
+_UNREADABLE_BECAUSE = (
+    ("unterminated quoted string", "a quoted value is not closed"),
+    ('missing "=" after', "a word in it is not followed by ="),
+    ("invalid connection option", "it names a setting libpq does not know"),
+    ("unexpected spaces", "a URL may not hold a space: write it as %20"),
+    ("missing key/value separator", "a URL query parameter has no ="),
+    ("IPv6 host address", "an IPv6 address in it lacks its closing ]"),
+)
+"""libpq's complaints about a connection string it cannot parse, in our words. libpq's
+own quote the text around the fault (``missing "=" after "def"``), which may be part of a
+password that the redaction, parsing the same broken string, could not find."""
+
+
+UNREADABLE_DB = "(a PostgreSQL connection string libpq cannot read, not shown)"
+
+
+def is_readable_connection_string(db: str) -> bool:
+    try:
+        check_connection_string(db)
+    except ValueError:
+        return False
+    return True
+
+
+def check_connection_string(db: str) -> None:
+    """A ValueError in one plain sentence, echoing nothing of ``db``, if libpq cannot
+    parse it (so before anything connects, or logs ``db``)."""
+    try:
+        conninfo_to_dict(db)
+    except psycopg.Error as error:
+        complaint = str(error)
+        reason = next(
+            (ours for theirs, ours in _UNREADABLE_BECAUSE if theirs in complaint),
+            "libpq cannot parse it",
+        )
+        raise ValueError(
+            f"db is not a PostgreSQL connection string libpq can read ({reason}); it is"
+            " not repeated here, since it may hold a password"
+        ) from None
 
 
 def hide_password(text: str, db: str | os.PathLike[str]) -> str:

@@ -53,6 +53,7 @@ session settings below and, later, the cluster's session-level advisory locks.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -129,6 +130,29 @@ entries, double entry) plus the cluster's ``leases``; version 5 (PostgreSQL only
 has no cluster) adds what cluster leases keep in their row (``bank.cluster_leases``);
 version 6 adds ``destination_misses``, SQLite's version 5 (one step behind it, since
 SQLite has no version 5 of cluster leases)."""
+
+class _LostConnectionEcho(logging.Filter):
+    """Drops psycopg's "error ignored terminating <Pipeline>" warning when what it ignored
+    is the connection being lost (an OperationalError).
+
+    A batch runs in ``conn.pipeline()``; when the connection dies inside it, psycopg
+    raises the failure from the block and, leaving the pipeline, meets the dead
+    connection again and logs that second error as a WARNING (twice: the transaction's
+    pipeline and ours) rather than raise it. The first error still propagates: the batch
+    fails with it, and the session logs the one ERROR line of a storage failure. So only
+    this echo goes; any other record, and this one for any other error, is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            record.msg == "error ignored terminating %r: %s"
+            and isinstance(args, tuple)
+            and len(args) == 2
+            and isinstance(args[1], psycopg.OperationalError)
+        )
+
+
+logging.getLogger("psycopg").addFilter(_LostConnectionEcho())
 
 CONNECT_TIMEOUT_S = 5
 """How long connecting may take before PostgreSQL counts as down (libpq connect_timeout)."""

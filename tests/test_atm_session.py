@@ -268,6 +268,22 @@ async def test_a_shutdown_notice_before_login_is_shown_at_once(
     assert not bank.sent(Login)
 
 
+@pytest.mark.parametrize("typed", [["x"], []], ids=["exit", "end of input"])
+async def test_a_shutdown_met_while_logging_out_is_not_announced(typed: list[str]) -> None:
+    """The bank announces SHUTDOWN to every connection in any state (spec §3.10), so it
+    can cross the ATM's LOGOUT and arrive just before its LOGOUT_REPLY. The customer is
+    leaving: the visit ends with the goodbye, exit status 0, not 'shutting down'. (After
+    the LOGOUT_REPLY the ATM reads nothing more, and the bank closes; §5.)"""
+    def announce(bank: FakeBank) -> None:
+        bank.notice_before_reply[Logout] = Shutdown(3)
+
+    code, console, bank = await run([*LOGIN_LINES, *typed], bank_setup=announce)
+    assert code is ExitCode.OK
+    assert console.output[-1] == text.GOODBYE
+    assert not any("shutting down" in line for line in console.output)
+    assert bank.notice_before_reply == {}  # the notice was sent, and read
+
+
 async def test_session_expired_notice_ends_the_session() -> None:
     async def expire(bank: FakeBank) -> None:
         await notify_after_login(bank, SessionExpired())

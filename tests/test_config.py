@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 
-from bank.__main__ import build_parser
+from bank.__main__ import build_parser, main
 from bank.config import (
     DESTINATION_LOCKOUT_S_MAX,
     PIN_LOCKOUT_S_MAX,
@@ -162,3 +162,51 @@ def test_help_never_shows_the_password_of_bank_db(
     out = capsys.readouterr().out
     assert "s3cret" not in out and "bank:***@db.example" in " ".join(out.split())
     assert from_arguments(build_parser().parse_args([])).db.endswith("s3cret@db.example/bank")
+
+
+MALFORMED_WITH_PASSWORDS = [
+    # (connection string, the password its writer meant, as it is spelled in it)
+    ("host=db.example password='s3cr etXQ dbname=bank", "s3cr etXQ"),  # quote not closed
+    ("host=db.example password=hunter zebra42 dbname=bank", "hunter zebra42"),  # no quotes
+    ("host=db.example password=hunter zebra42=1", "hunter zebra42"),
+    ("host=db.example password='a\\'b\\'c", "a'b'c"),
+    ("host=db.example PASSWORD=Upp3rCase! port", "Upp3rCase!"),
+    ("host=db.example passwd=typ0dw0rd", "typ0dw0rd"),
+    ("postgresql://bank:spa ced42@db.example/bank", "spa ced42"),
+    ("postgresql://bank:s3cret77@[::1/bank", "s3cret77"),
+    ("postgresql://bank@db.example/bank?pass word=sec77ret", "sec77ret"),
+    ("postgresql://bank@db.example/bank?sslmode=require&password", "password"),
+]
+
+
+def fragments(password: str) -> set[str]:
+    """Every run of 4 or more of the password's characters: none may be shown."""
+    return {password[i:j] for i in range(len(password)) for j in range(i + 4, len(password) + 1)}
+
+
+@pytest.mark.parametrize(("db", "password"), MALFORMED_WITH_PASSWORDS)
+@pytest.mark.parametrize("command", [["accounts"], ["unlock", "AC-12345"], []])
+def test_a_malformed_connection_string_is_a_plain_sentence_showing_none_of_it(
+    db: str, password: str, command: list[str], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.delenv("BANK_DB", raising=False)
+    assert main([*command, "--db", db]) == 2  # a bad command line: nothing was tried
+    err = capsys.readouterr().err
+    assert err.startswith("bank: --db is not a PostgreSQL connection string libpq can read (")
+    assert err.endswith("; it is not repeated here, since it may hold a password\n")
+    assert err.count("\n") == 1
+    if password != "password":
+        shown = [fragment for fragment in fragments(password) if fragment in err]
+        assert shown == []
+    assert "db.example" not in err and "bank@" not in err  # none of the string at all
+
+
+@pytest.mark.parametrize(("db", "password"), MALFORMED_WITH_PASSWORDS)
+def test_a_malformed_connection_string_is_never_echoed_by_redact_db(db: str, password: str):
+    shown = redact_db(db)
+    assert [fragment for fragment in fragments(password) if fragment in shown] == [] or (
+        password == "password"
+    )
+    assert "db.example" not in shown
+

@@ -136,7 +136,7 @@ def test_operator_commands_work_while_the_server_holds_the_lock(
 ):
     flags = ["--db", str(tmp_path / "bank.db"), "--key-file", str(tmp_path / "bank.key")]
     added = run_bank("add-account", "QX-00001", "--balance-cents", "500", *flags,
-                     stdin="4321\n")
+                     stdin="4932\n")
     assert added.returncode == 0, added.stderr
     listed = run_bank("accounts", "--db", str(tmp_path / "bank.db"))
     assert listed.returncode == 0 and "QX-00001" in listed.stdout

@@ -8,6 +8,7 @@ test_batch_ledger.py, test_group_commit.py, parametrised by ``any_db``).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.errors
 import pytest
 import trio
 
@@ -346,8 +348,10 @@ def test_operator_commands_with_postgresql_down_say_so_in_one_line(
 
 
 async def test_a_restart_of_postgresql_is_an_outage_the_session_survives(
-    pg_cluster: Cluster, pg_db: str, tmp_path: Path, nursery: trio.Nursery
+    pg_cluster: Cluster, pg_db: str, tmp_path: Path, nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
 ):
+    caplog.set_level(logging.WARNING)
     ledger = await open_ledger(pg_db, tmp_path / "bank.key")
     try:
         bank = await start_server(nursery, ServerConfig(host="127.0.0.1", port=0), ledger)
@@ -361,6 +365,11 @@ async def test_a_restart_of_postgresql_is_an_outage_the_session_survives(
             assert during.status is Status.ISSUER_UNAVAILABLE
         finally:
             await trio.to_thread.run_sync(pg_cluster.start)
+        # The outage's one failure is the project's one ERROR line, no driver warnings.
+        said = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+        assert len(said) == 1, said
+        assert said[0][:2] == ("bank.session", "ERROR")
+        assert "storage unavailable during DEPOSIT" in said[0][2]
         # The same session goes on, on a new connection the store opened by itself.
         assert await client.request(before) == booked  # replayed, not booked twice
         after = await client.request(Deposit(uuid.uuid4().bytes, 3_00))
@@ -373,7 +382,7 @@ async def test_a_restart_of_postgresql_is_an_outage_the_session_survives(
 
 
 async def test_a_batch_whose_connection_broke_fails_and_the_next_reconnects(
-    pg_db: str, tmp_path: Path
+    pg_db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     """A connection killed under the store (as a restart or a failover does): that batch
     is StorageError, whatever it held; the next opens a connection and serves."""
@@ -382,15 +391,37 @@ async def test_a_batch_whose_connection_broke_fails_and_the_next_reconnects(
         assert await ledger.balance(DEMO_ACCOUNT) == OPENING_CENTS
         one(pg_db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                    " WHERE application_name = 'bank'")
-        with pytest.raises(StorageError):
+        with caplog.at_level(logging.DEBUG, logger="psycopg"), pytest.raises(StorageError):
             await ledger.post(account=DEMO_ACCOUNT, txn_id=txn(1), kind=EntryKind.DEPOSIT,
                               amount_cents=100, limit_cents=AMOUNT_CENTS_MAX)
+        # psycopg's "error ignored terminating <Pipeline>" echo of the failure is gone;
+        # the failure itself is the StorageError above.
+        assert [r.getMessage() for r in caplog.records if r.name == "psycopg"] == []
         posting = await ledger.post(account=DEMO_ACCOUNT, txn_id=txn(1),
                                     kind=EntryKind.DEPOSIT, amount_cents=100,
                                     limit_cents=AMOUNT_CENTS_MAX)
         assert posting.result is PostResult.BOOKED  # the lost batch had not committed
     finally:
         await ledger.aclose()
+
+
+def test_only_psycopgs_echo_of_a_lost_connection_is_dropped(
+    caplog: pytest.LogCaptureFixture,
+):
+    """The filter drops the pipeline's 'error ignored' warning for a lost connection,
+    never another error it ignored, nor any other psycopg record."""
+    psycopg_log = logging.getLogger("psycopg")
+    with caplog.at_level(logging.WARNING, logger="psycopg"):
+        psycopg_log.warning("error ignored terminating %r: %s", "<Pipeline>",
+                            psycopg.OperationalError("the connection is lost"))
+        psycopg_log.warning("error ignored terminating %r: %s", "<Pipeline>",
+                            psycopg.errors.UniqueViolation("duplicate key"))
+        psycopg_log.warning("some other warning: %s",
+                            psycopg.OperationalError("the connection is lost"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "error ignored terminating '<Pipeline>': duplicate key",
+        "some other warning: the connection is lost",
+    ]
 
 
 def test_a_batch_request_carries_its_fence(store: PgStore, pg_db: str):

@@ -48,11 +48,12 @@ TRIVIAL_PINS: frozenset[str] = frozenset(
 
 Exactly these: four equal digits (0000, 1111, ... 9999); four digits each one more than
 the one before (0123, 1234, ... 6789); four digits each one less than the one before
-(9876, 8765, ... 3210). No wrap-around (7890 and 8901 are allowed). The rule is the
-customer's: an operator setting a PIN (``python -m bank reset-pin``) and PINs that exist
-already are not held to it, so an account whose PIN is trivial keeps working until its
-customer changes it. The bank and the ATM both check it with ``is_trivial_pin``, the ATM
-so that its customer hears at once, the bank because only its word counts."""
+(9876, 8765, ... 3210). No wrap-around (7890 and 8901 are allowed). An operator choosing
+a PIN (``python -m bank add-account``, ``reset-pin``) is held to it too; PINs that exist
+already are not (``import`` migrates them with a warning, and the demo account ZZ-99999
+has 9999), so an account whose PIN is trivial keeps working until it is changed. The bank
+and the ATM both check it with ``is_trivial_pin``, the ATM so that its customer hears at
+once, the bank because only its word counts."""
 
 
 def is_trivial_pin(pin: str) -> bool:
