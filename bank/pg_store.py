@@ -78,7 +78,6 @@ from bank.ledger import (
 from bank.pins import PIN_HMAC_BYTES, new_salt, verify
 from bank.store import (
     _BALANCE_CHANGES,
-    _ENTRIES,
     _ENTRY_COLUMNS,
     ACCOUNTS_SUMMARY_SQL,
     DEMO_ACCOUNTS,
@@ -633,6 +632,13 @@ LEFT JOIN LATERAL (
 """
 
 T = TypeVar("T")
+
+_ENTRY_OF_TRANSACTION = "e.txn_id = t.txn_id"
+"""How an entry ``e`` names its transaction ``t`` in this schema: by the id (SQLite's
+names it by ``txn_no``; ``bank.store``'s schema says why there)."""
+
+_ENTRIES = f"entries AS e JOIN transactions AS t ON {_ENTRY_OF_TRANSACTION}"
+"""Entries with their transaction, for ``bank.store._ENTRY_COLUMNS``'s id and counterparty."""
 Decode = Callable[[list[tuple[Any, ...]]], Outcome]
 
 
@@ -1106,7 +1112,7 @@ class PgStore:
     def check_invariants(self) -> list[str]:
         """As ``Store.check_invariants``, in one snapshot (REPEATABLE READ)."""
         books, transactions = self._read(
-            lambda conn: (_read_books(conn), transaction_problems(conn))
+            lambda conn: (_read_books(conn), transaction_problems(conn, _ENTRY_OF_TRANSACTION))
         )
         problems: list[str] = []
         by_account: dict[str, list[tuple[int, EntryKind, int, int]]] = {}

@@ -57,7 +57,7 @@ from wire import (
     mask_account,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Stored in ``PRAGMA user_version``; 0 means a new database, to be created and seeded."""
 
 PIN_FAILURES_PRUNED_MAX = 2
@@ -119,8 +119,13 @@ CREATE TABLE accounts (
     balance_cents INTEGER NOT NULL CHECK (balance_cents >= 0)
 ) STRICT;
 
+-- A transaction's 16-byte id is random: its UNIQUE index takes one random page per
+-- posting in every COMMIT, which idempotency needs. Entries name their transaction by
+-- the ascending txn_no instead, so that their own uniqueness costs no second random page
+-- (BENCHMARKS.md: about 185 pages a batch of 50 postings fell to about 125).
 CREATE TABLE transactions (
-    txn_id BLOB PRIMARY KEY CHECK (length(txn_id) = 16),
+    txn_no INTEGER PRIMARY KEY,
+    txn_id BLOB NOT NULL UNIQUE CHECK (length(txn_id) = 16),
     kind INTEGER NOT NULL CHECK (kind IN (1, 2, 3)),
     account TEXT NOT NULL REFERENCES accounts (account),
     counterparty TEXT REFERENCES accounts (account),
@@ -134,13 +139,13 @@ CREATE TABLE transactions (
 CREATE TABLE entries (
     entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
     account TEXT NOT NULL REFERENCES accounts (account),
-    txn_id BLOB NOT NULL REFERENCES transactions (txn_id) CHECK (length(txn_id) = 16),
+    txn_no INTEGER NOT NULL REFERENCES transactions (txn_no),
     kind INTEGER NOT NULL CHECK (kind IN (1, 2, 3, 4)),
     amount_cents INTEGER NOT NULL CHECK (amount_cents > 0),
     balance_cents INTEGER NOT NULL CHECK (balance_cents >= 0),
     time_ms INTEGER NOT NULL CHECK (time_ms >= 0),
     terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80),
-    UNIQUE (txn_id, account)
+    UNIQUE (txn_no, account)
 ) STRICT;
 
 CREATE INDEX entries_by_account ON entries (account, entry_id);
@@ -170,6 +175,38 @@ CREATE TABLE destination_misses (
 CREATE INDEX destination_misses_by_age ON destination_misses (last_miss_ms);
 """
 
+_TRANSACTIONS_V4 = """
+CREATE TABLE transactions (
+    txn_id BLOB PRIMARY KEY CHECK (length(txn_id) = 16),
+    kind INTEGER NOT NULL CHECK (kind IN (1, 2, 3)),
+    account TEXT NOT NULL REFERENCES accounts (account),
+    counterparty TEXT REFERENCES accounts (account),
+    amount_cents INTEGER NOT NULL CHECK (amount_cents > 0),
+    time_ms INTEGER NOT NULL CHECK (time_ms >= 0),
+    terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80),
+    CHECK ((kind = 3) = (counterparty IS NOT NULL)),
+    CHECK (counterparty <> account)
+) STRICT;
+
+"""
+"""``transactions`` as schema versions 4 and 5 made it (migration 3 creates it so)."""
+
+_ENTRIES_V4 = """
+CREATE TABLE entries (
+    entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account TEXT NOT NULL REFERENCES accounts (account),
+    txn_id BLOB NOT NULL REFERENCES transactions (txn_id) CHECK (length(txn_id) = 16),
+    kind INTEGER NOT NULL CHECK (kind IN (1, 2, 3, 4)),
+    amount_cents INTEGER NOT NULL CHECK (amount_cents > 0),
+    balance_cents INTEGER NOT NULL CHECK (balance_cents >= 0),
+    time_ms INTEGER NOT NULL CHECK (time_ms >= 0),
+    terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80),
+    UNIQUE (txn_id, account)
+) STRICT;
+
+"""
+"""``entries`` as schema versions 4 and 5 made it (migration 3 creates it so)."""
+
 _MIGRATIONS: dict[int, str] = {
     1: """
 ALTER TABLE pin_failures
@@ -180,13 +217,12 @@ CREATE INDEX pin_failures_by_age ON pin_failures (last_failure_ms);
 ALTER TABLE entries
     ADD COLUMN terminal TEXT CHECK (terminal IS NULL OR length(terminal) <= 80);
 """,
-    3: _SCHEMA[_SCHEMA.index("CREATE TABLE transactions") : _SCHEMA.index("CREATE TABLE entries")]
+    3: _TRANSACTIONS_V4
     + """
 INSERT INTO transactions (txn_id, kind, account, counterparty, amount_cents, time_ms, terminal)
     SELECT txn_id, kind, account, NULL, amount_cents, time_ms, terminal FROM entries;
 """
-    + _SCHEMA[_SCHEMA.index("CREATE TABLE entries") : _SCHEMA.index("CREATE INDEX entries_by")]
-    .replace("CREATE TABLE entries (", "CREATE TABLE entries_v4 (")
+    + _ENTRIES_V4.replace("CREATE TABLE entries (", "CREATE TABLE entries_v4 (")
     + """
 INSERT INTO entries_v4
     (entry_id, account, txn_id, kind, amount_cents, balance_cents, time_ms, terminal)
@@ -199,6 +235,30 @@ ALTER TABLE entries_v4 RENAME TO entries;
 CREATE INDEX entries_by_account ON entries (account, entry_id);
 """,
     4: _SCHEMA[_SCHEMA.index("CREATE TABLE destination_misses") :],
+    5: """
+ALTER TABLE transactions RENAME TO transactions_v5;
+"""
+    + _SCHEMA[_SCHEMA.index("CREATE TABLE transactions") : _SCHEMA.index("CREATE TABLE entries")]
+    + """
+INSERT INTO transactions
+    (txn_no, txn_id, kind, account, counterparty, amount_cents, time_ms, terminal)
+    SELECT rowid, txn_id, kind, account, counterparty, amount_cents, time_ms, terminal
+    FROM transactions_v5 ORDER BY rowid;
+ALTER TABLE entries RENAME TO entries_v5;
+"""
+    + _SCHEMA[_SCHEMA.index("CREATE TABLE entries") : _SCHEMA.index("CREATE INDEX entries_by")]
+    + """
+INSERT INTO entries
+    (entry_id, account, txn_no, kind, amount_cents, balance_cents, time_ms, terminal)
+    SELECT e.entry_id, e.account, t.txn_no, e.kind, e.amount_cents, e.balance_cents,
+        e.time_ms, e.terminal
+    FROM entries_v5 AS e JOIN transactions AS t ON t.txn_id = e.txn_id ORDER BY e.entry_id;
+UPDATE sqlite_sequence SET seq = (SELECT seq FROM sqlite_sequence WHERE name = 'entries_v5')
+    WHERE name = 'entries';
+DROP TABLE entries_v5;
+DROP TABLE transactions_v5;
+CREATE INDEX entries_by_account ON entries (account, entry_id);
+""",
 }
 """Statements that take a database from version N to N + 1, run in one transaction.
 
@@ -212,7 +272,13 @@ and terminal and no counterparty, and ``entries`` is rebuilt (SQLite cannot drop
 constraint in place) with UNIQUE (txn_id, account) instead of UNIQUE (txn_id), keeping
 every entry's id and the AUTOINCREMENT counter.
 4 -> 5: ``destination_misses``, empty: transfers to no account before it were not
-counted, so every account starts with none."""
+counted, so every account starts with none.
+5 -> 6: an entry names its transaction by ``transactions.txn_no`` (the transaction's
+rowid, now declared) instead of its 16-byte id, so that ``UNIQUE (txn_no, account)``
+grows at its right edge instead of on a random page per posting (see ``_SCHEMA``). Both
+tables are rebuilt, every transaction keeping its rowid as its number and every entry its
+id and the AUTOINCREMENT counter. ``ALTER TABLE ... RENAME`` carries the foreign keys of
+the old entries over to the renamed transactions, so both old tables drop cleanly."""
 
 TRANSFER_TXN_KIND = int(TRANSFER.debit)
 """``transactions.kind`` of a transfer, 3. A transaction's kind is the kind of its entry
@@ -682,13 +748,13 @@ class Store:
             return Posting(change.refusal)
         balance_cents = cursor.execute(_BALANCE_SQL, (account,)).fetchone()[0]
         terminal = request.terminal
-        cursor.execute(
+        txn_no = cursor.execute(
             _INSERT_TRANSACTION_SQL,
             (txn_id, post_kind.txn_kind, account, None, amount_cents, now_ms, terminal),
-        )
+        ).lastrowid
         entry_id = self._insert_entry(
             account=account,
-            txn_id=txn_id,
+            txn_no=txn_no,
             kind=kind,
             amount_cents=amount_cents,
             balance_cents=balance_cents,
@@ -747,14 +813,14 @@ class Store:
             if not self._move_money(account, change, amount_cents):
                 raise StoreError(f"the {kind.name} leg was refused after its checks passed")
         terminal = request.terminal
-        self._cursor.execute(
+        txn_no = self._cursor.execute(
             _INSERT_TRANSACTION_SQL,
             (txn_id, TRANSFER_TXN_KIND, source, destination, amount_cents, now_ms, terminal),
-        )
+        ).lastrowid
         entry_ids = [
             self._insert_entry(
                 account=account,
-                txn_id=txn_id,
+                txn_no=txn_no,
                 kind=kind,
                 amount_cents=amount_cents,
                 balance_cents=balance_cents,
@@ -866,7 +932,7 @@ class Store:
             ).fetchall()
             for account, opening_cents, balance_cents in accounts:
                 problems += self._account_problems(account, opening_cents, balance_cents)
-            problems += transaction_problems(self._conn)
+            problems += transaction_problems(self._conn, _ENTRY_OF_TRANSACTION)
         return problems
 
     # -- internals -----------------------------------------------------------------------
@@ -1070,16 +1136,19 @@ class Store:
         self,
         *,
         account: str,
-        txn_id: bytes,
+        txn_no: int | None,
         kind: EntryKind,
         amount_cents: int,
         balance_cents: int,
         now_ms: int,
         terminal: str | None,
     ) -> int:
+        """The entry of ``account`` in transaction ``txn_no`` (the ``lastrowid`` of its
+        INSERT, which SQLite always gives for a rowid table); its entry id."""
+        assert txn_no is not None
         cursor = self._cursor.execute(
             _INSERT_ENTRY_SQL,
-            (account, txn_id, int(kind), amount_cents, balance_cents, now_ms, terminal),
+            (account, txn_no, int(kind), amount_cents, balance_cents, now_ms, terminal),
         )
         entry_id = cursor.lastrowid
         assert entry_id is not None
@@ -1121,7 +1190,7 @@ def account_problems(
     return problems
 
 
-def transaction_problems(conn: sqlite3.Connection | Any) -> list[str]:
+def transaction_problems(conn: sqlite3.Connection | Any, entry_of_transaction: str) -> list[str]:
     """Every transaction whose entries are not what its kind books, and money that is
     not conserved across all accounts, as text; empty when all is well.
 
@@ -1130,13 +1199,14 @@ def transaction_problems(conn: sqlite3.Connection | Any) -> list[str]:
     counterparty, both for its amount; every entry belongs to a transaction (a foreign
     key). Then, transfers netting to zero, the balances of all accounts sum to their
     openings plus every deposit minus every withdrawal. Its SQL takes no parameters, so
-    either store's connection (sqlite3's or psycopg's) runs it.
+    either store's connection (sqlite3's or psycopg's) runs it, given the condition
+    that joins an entry ``e`` to its transaction ``t`` in that store's schema.
     """
     problems: list[str] = []
     rows = conn.execute(
         "SELECT t.txn_id, t.kind, t.account, t.counterparty, t.amount_cents,"
         " e.account, e.kind, e.amount_cents"
-        " FROM transactions AS t LEFT JOIN entries AS e ON e.txn_id = t.txn_id"
+        f" FROM transactions AS t LEFT JOIN entries AS e ON {entry_of_transaction}"
         " ORDER BY t.txn_id, e.entry_id"
     ).fetchall()
     booked: dict[bytes, tuple[tuple[str, int, int], ...]] = {}
@@ -1236,7 +1306,7 @@ _PRIOR_TRANSACTION_SQL = (
     "SELECT t.kind, t.account, t.counterparty, t.amount_cents,"
     " e.entry_id, e.balance_cents, e.time_ms"
     " FROM transactions AS t JOIN entries AS e"
-    " ON e.txn_id = t.txn_id AND e.account = t.account WHERE t.txn_id = ?"
+    " ON e.txn_no = t.txn_no AND e.account = t.account WHERE t.txn_id = ?"
 )
 _INSERT_TRANSACTION_SQL = (
     "INSERT INTO transactions"
@@ -1245,7 +1315,7 @@ _INSERT_TRANSACTION_SQL = (
 )
 _INSERT_ENTRY_SQL = (
     "INSERT INTO entries"
-    " (account, txn_id, kind, amount_cents, balance_cents, time_ms, terminal)"
+    " (account, txn_no, kind, amount_cents, balance_cents, time_ms, terminal)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 
@@ -1387,11 +1457,15 @@ def _read_only(db_path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection]:
 
 
 _ENTRY_COLUMNS = (
-    "e.entry_id, e.account, e.txn_id, e.kind, e.amount_cents, e.balance_cents, e.time_ms,"
+    "e.entry_id, e.account, t.txn_id, e.kind, e.amount_cents, e.balance_cents, e.time_ms,"
     " e.terminal, CASE WHEN e.account = t.account THEN t.counterparty ELSE t.account END"
 )
-_ENTRIES = "entries AS e JOIN transactions AS t ON t.txn_id = e.txn_id"
-"""Entries with their transaction, for ``_ENTRY_COLUMNS``'s counterparty."""
+_ENTRY_OF_TRANSACTION = "e.txn_no = t.txn_no"
+"""How an entry ``e`` names its transaction ``t`` here (``transaction_problems``)."""
+
+_ENTRIES = "entries AS e JOIN transactions AS t ON t.txn_no = e.txn_no"
+"""Entries with their transaction, for ``_ENTRY_COLUMNS``'s id and counterparty (SQLite's
+schema; ``bank.pg_store`` joins its own by the id)."""
 
 
 def _book_entry(
@@ -1454,7 +1528,7 @@ def read_entries_by_txn_id(
     _check_txn_id(txn_id)
     with _read_only(db_path) as conn:
         rows = conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM {_ENTRIES} WHERE e.txn_id = ? ORDER BY e.entry_id",
+            f"SELECT {_ENTRY_COLUMNS} FROM {_ENTRIES} WHERE t.txn_id = ? ORDER BY e.entry_id",
             (txn_id,),
         ).fetchall()
     return tuple(_book_entry(row) for row in rows)

@@ -79,8 +79,8 @@ def test_a_failed_commit_rolls_back_and_the_next_batch_starts_clean(store: Store
     store.run_batch([deposit_request(1_00)], T0)
     store._conn.execute("PRAGMA defer_foreign_keys = ON")
     store._conn.execute(  # an entry of no account: refused at COMMIT, not now
-        "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
-        " VALUES ('QQ-00000', ?, 1, 1, 1, 1)", (uuid.uuid4().bytes,),
+        "INSERT INTO entries (account, txn_no, kind, amount_cents, balance_cents, time_ms)"
+        " SELECT 'QQ-00000', max(txn_no), 1, 1, 1, 1 FROM transactions",
     )
     with pytest.raises(sqlite3.IntegrityError):
         store.commit_batch()

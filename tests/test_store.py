@@ -31,6 +31,8 @@ from bank.limits import LOCKOUT_MS_MAX
 from bank.pg_store import PgStore
 from bank.pins import KEY_BYTES, PIN_HMAC_BYTES, SALT_BYTES, hash_pin
 from bank.store import (
+    _ENTRIES_V4,
+    _TRANSACTIONS_V4,
     DEMO_ACCOUNTS,
     PIN_FAILURES_PRUNED_MAX,
     SCHEMA_VERSION,
@@ -179,12 +181,82 @@ def test_newer_schema_is_refused(db_path: Path):
         Store(db_path, KEY)
 
 
-SCHEMA_4_DOWNGRADE = """
+SCHEMA_5_DOWNGRADE = f"""
+ALTER TABLE transactions RENAME TO transactions_v6;
+{_TRANSACTIONS_V4};
+INSERT INTO transactions
+    (rowid, txn_id, kind, account, counterparty, amount_cents, time_ms, terminal)
+    SELECT txn_no, txn_id, kind, account, counterparty, amount_cents, time_ms, terminal
+    FROM transactions_v6;
+ALTER TABLE entries RENAME TO entries_v6;
+{_ENTRIES_V4.replace("CREATE TABLE entries (", "CREATE TABLE entries_v5 (")};
+INSERT INTO entries_v5
+    SELECT e.entry_id, e.account, t.txn_id, e.kind, e.amount_cents, e.balance_cents,
+        e.time_ms, e.terminal
+    FROM entries_v6 AS e JOIN transactions_v6 AS t ON t.txn_no = e.txn_no;
+UPDATE sqlite_sequence SET seq = (SELECT seq FROM sqlite_sequence WHERE name = 'entries_v6')
+    WHERE name = 'entries_v5';
+DROP TABLE entries_v6;
+DROP TABLE transactions_v6;
+ALTER TABLE entries_v5 RENAME TO entries;
+CREATE INDEX entries_by_account ON entries (account, entry_id);
+PRAGMA user_version = 5;
+"""
+"""Takes a version 6 database back to version 5: entries name their transaction by its
+16-byte id, and a transaction's number is only its rowid (a plain connection, as a tool's,
+has foreign keys off, so the tables can be dropped in any order)."""
+
+
+def test_a_version_5_database_is_migrated_and_keeps_every_transaction_and_entry(
+    db_path: Path,
+):
+    with Store(db_path, KEY) as store:
+        deposit = post(store, 1, DEPOSIT, 100)
+        withdrawal = store.post(
+            account="WF-14351", txn_id=txn(2), kind=WITHDRAWAL, amount_cents=300,
+            now_ms=T0 + 1, limit_cents=AMOUNT_CENTS_MAX, terminal="CN=atm-0042",
+        )
+        moved = transfer(store, 3, 500)
+    books = read_books(db_path)
+    with raw_sqlite(db_path) as conn:
+        conn.executescript(SCHEMA_5_DOWNGRADE)
+        numbers = conn.execute("SELECT rowid, txn_id FROM transactions ORDER BY rowid").fetchall()
+    with pytest.raises(SchemaError, match="older than"):  # readers migrate nothing
+        read_books(db_path)
+    with Store(db_path, KEY) as store:
+        conn = store._conn
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("SELECT txn_no, txn_id FROM transactions ORDER BY txn_no"
+                            ).fetchall() == numbers
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert store.integrity_ok() and store.check_invariants() == []
+        # Retries of the migrated transactions are still recognised, with their receipts.
+        assert post(store, 1, DEPOSIT, 100) == dataclasses.replace(
+            deposit, result=PostResult.REPLAYED
+        )
+        assert store.post(
+            account="WF-14351", txn_id=txn(2), kind=WITHDRAWAL, amount_cents=300,
+            now_ms=T0 + 2, limit_cents=AMOUNT_CENTS_MAX,
+        ) == dataclasses.replace(withdrawal, result=PostResult.REPLAYED)
+        assert transfer(store, 3, 500) == dataclasses.replace(moved, result=PostResult.REPLAYED)
+        # Entries are unique per transaction and account on the number, not the id.
+        unique = [
+            [column for _, _, column in conn.execute(f"PRAGMA index_info('{name}')")]
+            for _, name, is_unique, *_ in conn.execute("PRAGMA index_list('entries')")
+            if is_unique
+        ]
+        assert unique == [["txn_no", "account"]]
+        # Entry ids keep rising past the migrated ones.
+        assert post(store, 4, DEPOSIT, 100).entry_id > moved.entry_id + 1
+    assert read_books(db_path).entries[: len(books.entries)] == books.entries
+
+
+SCHEMA_4_DOWNGRADE = SCHEMA_5_DOWNGRADE.replace("PRAGMA user_version = 5;", "") + """
 DROP INDEX destination_misses_by_age;
 DROP TABLE destination_misses;
 PRAGMA user_version = 4;
 """
-"""Takes a version 5 database back to version 4: no count of transfers to no account."""
+"""Takes a version 6 database back to version 4: no count of transfers to no account."""
 
 
 def test_a_version_4_database_is_migrated_and_starts_counting_transfer_misses(db_path: Path):
@@ -225,7 +297,7 @@ ALTER TABLE entries_v3 RENAME TO entries;
 CREATE INDEX entries_by_account ON entries (account, entry_id);
 PRAGMA user_version = 3;
 """
-"""Takes a version 5 database (with deposits and withdrawals only) back to version 3:
+"""Takes a version 6 database (with deposits and withdrawals only) back to version 3:
 entries as they were, each txn_id unique, and no transactions table."""
 
 
@@ -266,8 +338,12 @@ def test_a_version_3_database_is_migrated_with_every_entry_a_transaction(db_path
         assert moved.entry_id > withdrawal.entry_id
         assert store.check_invariants() == []
         assert store.integrity_ok()
-    with raw_sqlite(db_path) as conn:
-        after = conn.execute("SELECT * FROM entries ORDER BY entry_id").fetchall()
+    with raw_sqlite(db_path) as conn:  # the entries of version 3, their ids now by number
+        after = conn.execute(
+            "SELECT e.entry_id, e.account, t.txn_id, e.kind, e.amount_cents, e.balance_cents,"
+            " e.time_ms, e.terminal FROM entries AS e JOIN transactions AS t"
+            " ON t.txn_no = e.txn_no ORDER BY e.entry_id"
+        ).fetchall()
     assert after[:2] == before
 
 
@@ -670,7 +746,7 @@ def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
     insert_entry = sqlite_store._insert_entry
 
     def insert_entry_unless_txn_2(**columns: object) -> int:
-        if columns["txn_id"] == txn(2):
+        if columns["account"] == "AC-12345":  # txn(2)'s
             raise ValueError("refused after the balance UPDATE")
         return insert_entry(**columns)
 
@@ -703,12 +779,14 @@ def test_a_request_refused_after_its_first_write_rolls_back_its_whole_batch(
         "UPDATE accounts SET balance_cents = -1 WHERE account = 'AC-12345'",
         "UPDATE accounts SET balance_cents = balance_cents - 200000 WHERE account = 'AC-12345'",
         "UPDATE accounts SET balance_cents = 1.5 WHERE account = 'AC-12345'",
-        "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
-        " VALUES ('AC-12345', zeroblob(16), 1, 0, 1, 0)",
-        "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
-        " VALUES ('AC-12345', zeroblob(16), 5, 1, 1, 0)",
-        "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
-        " VALUES ('AC-12345', zeroblob(15), 1, 1, 1, 0)",
+        "INSERT INTO entries (account, txn_no, kind, amount_cents, balance_cents, time_ms)"
+        " VALUES ('AC-12345', 1, 1, 0, 1, 0)",
+        "INSERT INTO entries (account, txn_no, kind, amount_cents, balance_cents, time_ms)"
+        " VALUES ('AC-12345', 1, 5, 1, 1, 0)",
+        "INSERT INTO entries (account, txn_no, kind, amount_cents, balance_cents, time_ms)"
+        " VALUES ('AC-12345', zeroblob(16), 1, 1, 1, 0)",  # a number, not an id
+        "INSERT INTO transactions (txn_id, kind, account, amount_cents, time_ms)"
+        " VALUES (zeroblob(15), 1, 'AC-12345', 1, 0)",
     ],
 )
 def test_constraints_refuse_direct_writes(sqlite_store: Store, db_path: Path, statement: str):
@@ -717,12 +795,17 @@ def test_constraints_refuse_direct_writes(sqlite_store: Store, db_path: Path, st
     assert sqlite_store.balance("AC-12345") == 102_432
 
 
-def test_foreign_key_refuses_an_entry_for_no_account(sqlite_store: Store):
+def test_foreign_keys_refuse_an_entry_for_no_account_or_no_transaction(sqlite_store: Store):
+    booked = post(sqlite_store, 1, DEPOSIT, 100)
+    (txn_no,) = sqlite_store._conn.execute("SELECT txn_no FROM entries WHERE entry_id = ?",
+                                           (booked.entry_id,)).fetchone()
+    insert = ("INSERT INTO entries (account, txn_no, kind, amount_cents, balance_cents, time_ms)"
+              " VALUES (?, ?, 1, 1, 1, 0)")
     with pytest.raises(sqlite3.IntegrityError):
-        sqlite_store._conn.execute(
-            "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
-            " VALUES ('QQ-00000', zeroblob(16), 1, 1, 1, 0)"
-        )
+        sqlite_store._conn.execute(insert, ("QQ-00000", txn_no))
+    with pytest.raises(sqlite3.IntegrityError):
+        sqlite_store._conn.execute(insert, ("WF-14351", txn_no + 1))
+    sqlite_store._conn.execute(insert, ("WF-14351", txn_no))  # both exist: only the FKs refused
 
 
 # -- invariants ---------------------------------------------------------------------------
@@ -1170,11 +1253,16 @@ def test_invariants_report_a_transfer_missing_a_leg(store: AnyStore, any_db: str
     "statement",
     [
         # A transfer names a counterparty; nothing else does; never the account itself.
-        "INSERT INTO transactions VALUES (zeroblob(16), 3, 'AC-12345', NULL, 1, 0, NULL)",
-        "INSERT INTO transactions VALUES (zeroblob(16), 1, 'AC-12345', 'WF-14351', 1, 0, NULL)",
-        "INSERT INTO transactions VALUES (zeroblob(16), 3, 'AC-12345', 'AC-12345', 1, 0, NULL)",
-        "INSERT INTO transactions VALUES (zeroblob(16), 4, 'AC-12345', 'WF-14351', 1, 0, NULL)",
-        "INSERT INTO transactions VALUES (zeroblob(16), 1, 'AC-12345', NULL, 0, 0, NULL)",
+        "INSERT INTO transactions VALUES"
+        " (NULL, zeroblob(16), 3, 'AC-12345', NULL, 1, 0, NULL)",
+        "INSERT INTO transactions VALUES"
+        " (NULL, zeroblob(16), 1, 'AC-12345', 'WF-14351', 1, 0, NULL)",
+        "INSERT INTO transactions VALUES"
+        " (NULL, zeroblob(16), 3, 'AC-12345', 'AC-12345', 1, 0, NULL)",
+        "INSERT INTO transactions VALUES"
+        " (NULL, zeroblob(16), 4, 'AC-12345', 'WF-14351', 1, 0, NULL)",
+        "INSERT INTO transactions VALUES"
+        " (NULL, zeroblob(16), 1, 'AC-12345', NULL, 0, 0, NULL)",
     ],
 )
 def test_the_transactions_table_refuses_what_no_kind_books(db_path: Path, statement: str):
