@@ -252,7 +252,7 @@ INSERT INTO entries
     (entry_id, account, txn_no, kind, amount_cents, balance_cents, time_ms, terminal)
     SELECT e.entry_id, e.account, t.txn_no, e.kind, e.amount_cents, e.balance_cents,
         e.time_ms, e.terminal
-    FROM entries_v5 AS e JOIN transactions AS t ON t.txn_id = e.txn_id ORDER BY e.entry_id;
+    FROM entries_v5 AS e LEFT JOIN transactions AS t ON t.txn_id = e.txn_id ORDER BY e.entry_id;
 UPDATE sqlite_sequence SET seq = (SELECT seq FROM sqlite_sequence WHERE name = 'entries_v5')
     WHERE name = 'entries';
 DROP TABLE entries_v5;
@@ -278,7 +278,13 @@ rowid, now declared) instead of its 16-byte id, so that ``UNIQUE (txn_no, accoun
 grows at its right edge instead of on a random page per posting (see ``_SCHEMA``). Both
 tables are rebuilt, every transaction keeping its rowid as its number and every entry its
 id and the AUTOINCREMENT counter. ``ALTER TABLE ... RENAME`` carries the foreign keys of
-the old entries over to the renamed transactions, so both old tables drop cleanly."""
+the old entries over to the renamed transactions, so both old tables drop cleanly. An entry
+of no transaction (possible only by a hand edit with foreign keys off) is not dropped: its
+NULL number fails the migration, which changes nothing.
+
+A migration that takes a table's text from ``_SCHEMA`` (4 and 5 do) must be given a frozen
+copy of it, as 3 was (``_TRANSACTIONS_V4``, ``_ENTRIES_V4``), when a later version changes
+that table: it must build the tables of its own version."""
 
 TRANSFER_TXN_KIND = int(TRANSFER.debit)
 """``transactions.kind`` of a transfer, 3. A transaction's kind is the kind of its entry

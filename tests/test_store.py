@@ -251,6 +251,25 @@ def test_a_version_5_database_is_migrated_and_keeps_every_transaction_and_entry(
     assert read_books(db_path).entries[: len(books.entries)] == books.entries
 
 
+def test_a_version_5_entry_of_no_transaction_stops_the_migration_and_changes_nothing(
+    db_path: Path,
+):
+    with Store(db_path, KEY) as store:
+        post(store, 1, DEPOSIT, 100)
+    with raw_sqlite(db_path) as conn:  # a hand edit, foreign keys off: an entry of no txn
+        conn.executescript(SCHEMA_5_DOWNGRADE)
+        conn.execute(
+            "INSERT INTO entries (account, txn_id, kind, amount_cents, balance_cents, time_ms)"
+            " VALUES ('AC-12345', ?, 1, 1, 102533, 0)", (txn(9),),
+        )
+        before = conn.execute("SELECT * FROM entries ORDER BY entry_id").fetchall()
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
+        Store(db_path, KEY)
+    with raw_sqlite(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("SELECT * FROM entries ORDER BY entry_id").fetchall() == before
+
+
 SCHEMA_4_DOWNGRADE = SCHEMA_5_DOWNGRADE.replace("PRAGMA user_version = 5;", "") + """
 DROP INDEX destination_misses_by_age;
 DROP TABLE destination_misses;
